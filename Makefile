@@ -1,0 +1,43 @@
+# Understudy: `make demo` and `make test` are the two commands (see README.md).
+CARGO ?= cargo
+GUEST_DIR := testbed/guest
+GUEST_ELF := target/guest/understudy-guest
+
+.PHONY: all deps guest build test test-quick demo bench fuzz clean lint
+
+all: build guest
+
+# Debian packages the tests use (QEMU as the peer VMM, memcached clients). Idempotent.
+deps:
+	testbed/scripts/install-deps.sh
+
+guest: $(GUEST_ELF)
+
+$(GUEST_ELF): $(shell find $(GUEST_DIR)/src $(GUEST_DIR)/Cargo.toml $(GUEST_DIR)/link.ld $(GUEST_DIR)/build.rs $(GUEST_DIR)/.cargo 2>/dev/null) $(shell find testbed/guest-kv/src 2>/dev/null)
+	cd $(GUEST_DIR) && $(CARGO) build --release
+	mkdir -p target/guest
+	cp $(GUEST_DIR)/target/x86_64-unknown-linux-gnu/release/understudy-guest $(GUEST_ELF)
+
+build:
+	$(CARGO) build --release --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+test: deps guest build
+	$(CARGO) test --release --workspace
+
+demo: guest
+	$(CARGO) build --release -p understudy
+	testbed/scripts/demo.sh
+
+bench: guest
+	$(CARGO) bench --workspace
+
+fuzz:
+	@echo "fuzz targets: see replication-proto/fuzz"
+
+clean:
+	$(CARGO) clean
+	rm -rf $(GUEST_DIR)/target
