@@ -1,1 +1,3 @@
 //! Emulated devices.
+
+pub mod virtio;
