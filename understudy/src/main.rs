@@ -1,1 +1,194 @@
-fn main(){}
+//! `understudy`: hot-standby replication for KVM virtual machines. This binary is thin: it
+//! parses, wires and reports; the logic lives in the library crates.
+
+mod api;
+mod runtime;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use api::{AfterSnapshot, Request};
+use runtime::{Origin, Runtime, SerialTarget};
+
+#[derive(Parser)]
+#[command(name = "understudy", version, about = "Hot-standby replication for KVM virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM from a kernel and run it until it stops or is told to.
+    Run {
+        /// ELF kernel with a PVH entry (e.g. target/guest/understudy-guest).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Guest memory: bytes, or with a K/M/G suffix.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        memory: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// COM1 output: `stdout`, `none` or a file path (appended).
+        #[arg(long, default_value = "stdout")]
+        serial: SerialTarget,
+        /// Admin API socket (created with mode 0600).
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
+    /// Write a snapshot (memory + state) of a running VM into a directory.
+    Snapshot {
+        /// The VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// What the VM does afterwards.
+        #[arg(long, value_enum, default_value = "resume")]
+        then: AfterSnapshot,
+        /// Target directory.
+        dir: PathBuf,
+    },
+    /// Bring a snapshot back to life in this process.
+    Restore {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// COM1 output: `stdout`, `none` or a file path (appended).
+        #[arg(long, default_value = "stdout")]
+        serial: SerialTarget,
+        /// Admin API socket (created with mode 0600).
+        #[arg(long)]
+        api: Option<PathBuf>,
+        /// Stay paused after restoring (resume through the API).
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Show what a VM is doing.
+    Status {
+        /// The VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause, resume, stop a VM or digest its memory (for tests and operators).
+    Ctl {
+        /// The VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// pause | resume | shutdown | memory-digest
+        action: String,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional K/M/G suffix"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    runtime::block_termination_signals();
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = real_main(cli) {
+        eprintln!("understudy: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let t0 = Instant::now();
+    match cli.command {
+        Command::Run { kernel, cmdline, memory, vcpus, serial, api } => {
+            if !kernel.exists() {
+                bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
+            }
+            let vm = vmm::vm::Vm::boot(vmm::vm::VmConfig {
+                kernel: kernel.clone(),
+                cmdline,
+                memory_bytes: memory,
+                vcpus,
+                serial: serial.open()?,
+            })
+            .context("boot vm")?;
+            let rt = Runtime::new(vm, Origin::Booted { kernel }, memory);
+            rt.run_until_exit(api.as_deref())
+        }
+        Command::Restore { dir, serial, api, paused } => {
+            let (mem, state, info) =
+                vmm::snapshot::read(&dir).with_context(|| format!("read snapshot {}", dir.display()))?;
+            let memory_bytes = info.memory_bytes;
+            let mut vm = vmm::vm::Vm::restore(mem, &state, serial.open()?).context("restore vm")?;
+            if !paused {
+                vm.resume();
+            }
+            let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let digest = format!("{:016x}", info.memory_digest);
+            tracing::info!(from = %dir.display(), digest = %digest, restore_ms, "vm restored");
+            let origin = Origin::Restored { from: dir, memory_digest: digest, restore_ms };
+            let rt = Runtime::new(vm, origin, memory_bytes);
+            rt.run_until_exit(api.as_deref())
+        }
+        Command::Snapshot { api, then, dir } => {
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let v = api::call(&api, &Request::Snapshot { dir, then }, Duration::from_secs(300))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Status { api, json } => {
+            let v = api::call(&api, &Request::Status, Duration::from_secs(10))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(obj) = v.as_object() {
+                for (k, val) in obj {
+                    println!("{k:>16}: {}", val.as_str().map(str::to_string).unwrap_or_else(|| val.to_string()));
+                }
+            }
+            Ok(())
+        }
+        Command::Ctl { api, action } => {
+            let req = match action.as_str() {
+                "pause" => Request::Pause,
+                "resume" => Request::Resume,
+                "shutdown" => Request::Shutdown,
+                "memory-digest" => Request::MemoryDigest,
+                other => bail!("unknown action {other:?}; use pause, resume, shutdown or memory-digest"),
+            };
+            let v = api::call(&api, &req, Duration::from_secs(60))?;
+            println!("{}", serde_json::to_string(&v)?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").unwrap_err().contains("not a number"));
+    }
+}

@@ -4,13 +4,37 @@
 //! (vm-memory, with a dirty bitmap for the VMM's own writes), a KVM VM with the in-kernel
 //! irqchip and PIT, vCPU threads that can be paused and resumed reliably, ELF/PVH boot, an
 //! 8250 serial port and virtio-mmio devices. Every stateful part implements [`Persist`], and
-//! [`VmState`](state::VmState) gathers all of it so that a VM can be captured at an instant and
-//! restored in another process. The crate knows nothing of replication.
+//! [`VmState`] gathers all of it so that a VM can be captured at an instant and restored in
+//! another process. The crate knows nothing of replication.
+//!
+//! ```no_run
+//! use vmm::vm::{Vm, VmConfig};
+//! let mut vm = Vm::boot(VmConfig {
+//!     kernel: "target/guest/understudy-guest".into(),
+//!     cmdline: "workload=counter".into(),
+//!     memory_bytes: 256 << 20,
+//!     vcpus: 1,
+//!     serial: Box::new(std::io::stdout()),
+//! })?;
+//! vm.pause()?;
+//! let state = vm.save_state()?;
+//! vm.resume();
+//! # let _ = state;
+//! # Ok::<(), vmm::vm::VmError>(())
+//! ```
 #![allow(unsafe_code)]
 
+pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod dirty;
+pub mod layout;
 pub mod memory;
 pub mod persist;
+pub mod snapshot;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
 
 pub use persist::Persist;
+pub use state::VmState;

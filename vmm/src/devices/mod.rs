@@ -1,3 +1,4 @@
 //! Emulated devices.
 
+pub mod serial;
 pub mod virtio;

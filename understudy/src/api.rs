@@ -1,0 +1,146 @@
+//! The admin API: one JSON request per line on a Unix socket, one JSON response line back.
+//!
+//! The socket is created with mode 0600 in a directory the admin chooses: only its owner
+//! (root) can talk to the VM. The CLI's `snapshot`, `status`, ... are clients of it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Largest request line accepted.
+const MAX_REQUEST: u64 = 64 << 10;
+
+/// A request to a running `understudy` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// What the VM is doing.
+    Status,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Write a snapshot into `dir`, then do `then`.
+    Snapshot {
+        /// Target directory.
+        dir: PathBuf,
+        /// What the VM does afterwards.
+        #[serde(default)]
+        then: AfterSnapshot,
+    },
+    /// Digest of guest memory (pauses for the time it takes).
+    MemoryDigest,
+    /// Stop the VM and the process.
+    Shutdown,
+}
+
+/// What a VM does after a snapshot.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSnapshot {
+    /// Keep running.
+    #[default]
+    Resume,
+    /// Stay paused.
+    Pause,
+    /// Stop the VM and exit the process.
+    Exit,
+}
+
+/// A response: `ok` and either `result` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, when ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The error chain, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(v: impl Serialize) -> Self {
+        Self { ok: true, result: Some(serde_json::to_value(v).unwrap_or(serde_json::Value::Null)), error: None }
+    }
+
+    /// A failure.
+    pub fn err(e: &anyhow::Error) -> Self {
+        Self { ok: false, result: None, error: Some(format!("{e:#}")) }
+    }
+}
+
+/// Binds the API socket with mode 0600, replacing a stale socket file.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("api socket {} is in use by another process", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale api socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind api socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod api socket {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves requests until the listener fails; `handle` runs one request.
+pub fn serve(listener: UnixListener, handle: impl Fn(Request) -> Response + Send + Sync + 'static) {
+    let handle = std::sync::Arc::new(handle);
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let handle = std::sync::Arc::clone(&handle);
+        let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+            let _ = serve_conn(conn, &*handle);
+        });
+    }
+}
+
+fn serve_conn(conn: UnixStream, handle: &dyn Fn(Request) -> Response) -> std::io::Result<()> {
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(std::io::Read::take(conn, MAX_REQUEST));
+    let mut line = String::new();
+    while {
+        line.clear();
+        reader.read_line(&mut line)? > 0
+    } {
+        let resp = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => handle(req),
+            Err(e) => Response::err(&anyhow::anyhow!("bad api request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        writer.write_all(&out)?;
+    }
+    Ok(())
+}
+
+/// Sends one request and waits for its response.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
+    let conn = UnixStream::connect(path)
+        .with_context(|| format!("connect to api socket {} (is `understudy run` running?)", path.display()))?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut w = conn.try_clone()?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    let mut reader = BufReader::new(conn);
+    let mut resp = String::new();
+    reader.read_line(&mut resp).with_context(|| format!("read response from {}", path.display()))?;
+    if resp.is_empty() {
+        bail!("api socket {} closed without answering", path.display());
+    }
+    let resp: Response = serde_json::from_str(&resp).context("malformed api response")?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        bail!("{}", resp.error.unwrap_or_else(|| "unknown error".into()))
+    }
+}

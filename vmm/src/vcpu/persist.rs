@@ -1,0 +1,190 @@
+//! vCPU state: capture and restore of everything KVM keeps for a vCPU.
+
+use kvm_bindings::{
+    CpuId, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{PodSizeError, pod_bytes, pod_from_bytes};
+
+/// MSR numbers with ordering constraints on restore.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Errors capturing or restoring vCPU state; each names the ioctl that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vcpu {vcpu}: {what}")]
+    Ioctl {
+        /// vCPU index.
+        vcpu: u8,
+        /// The operation, e.g. `get sregs`.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only part of the MSRs.
+    #[error("vcpu {vcpu}: kvm set {set} of {total} msrs, stopped at msr {msr:#x}")]
+    MsrsPartial {
+        /// vCPU index.
+        vcpu: u8,
+        /// How many were set.
+        set: usize,
+        /// How many were given.
+        total: usize,
+        /// The first MSR KVM refused.
+        msr: u32,
+    },
+    /// A FAM structure could not be built.
+    #[error("vcpu {vcpu}: {what}: too many entries")]
+    Fam {
+        /// vCPU index.
+        vcpu: u8,
+        /// Which list.
+        what: &'static str,
+    },
+    /// A saved raw structure has the wrong size.
+    #[error("vcpu {vcpu}")]
+    Size {
+        /// vCPU index.
+        vcpu: u8,
+        /// What is wrong.
+        #[source]
+        source: PodSizeError,
+    },
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VcpuState {
+    /// vCPU index.
+    pub id: u8,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// Legacy FPU state as raw bytes (superseded by `xsave` on restore, kept for inspection).
+    #[serde(with = "serde_bytes")]
+    pub fpu: Vec<u8>,
+    /// Extended state (FPU, SSE, AVX, ...): the raw 4 KiB `kvm_xsave` area.
+    #[serde(with = "serde_bytes")]
+    pub xsave: Vec<u8>,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Every MSR KVM lists that can be read, as (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// The local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Multiprocessing state (runnable, halted, ...).
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs, SMIs.
+    pub events: kvm_vcpu_events,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// TSC frequency in kHz, when KVM reports one.
+    pub tsc_khz: Option<u32>,
+    /// The CPUID table given to the vCPU.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+/// The MSRs of `fd` that can be read, out of those KVM lists. KVM_GET_MSRS stops at the first
+/// MSR it cannot read; we drop that one and go on.
+pub fn readable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, VcpuStateError> {
+    let listed = kvm.get_msr_index_list().map_err(|source| VcpuStateError::Ioctl {
+        vcpu: 0,
+        what: "get msr index list",
+        source,
+    })?;
+    let mut candidates: Vec<u32> = listed.as_slice().to_vec();
+    let mut good = Vec::with_capacity(candidates.len());
+    while !candidates.is_empty() {
+        let entries: Vec<kvm_msr_entry> =
+            candidates.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Fam { vcpu: 0, what: "msrs" })?;
+        let n = fd.get_msrs(&mut msrs).map_err(|source| VcpuStateError::Ioctl { vcpu: 0, what: "get msrs", source })?;
+        good.extend_from_slice(&candidates[..n]);
+        if n < candidates.len() {
+            tracing::debug!("msr {:#x} is listed but not readable; left out of vcpu state", candidates[n]);
+            candidates.drain(..=n);
+        } else {
+            break;
+        }
+    }
+    Ok(good)
+}
+
+/// Captures the state of a paused vCPU.
+pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
+    let io = |what: &'static str| move |source| VcpuStateError::Ioctl { vcpu: id, what, source };
+    let entries: Vec<kvm_msr_entry> =
+        msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Fam { vcpu: id, what: "msrs" })?;
+    let n = fd.get_msrs(&mut msrs).map_err(io("get msrs"))?;
+    if n < entries.len() {
+        return Err(VcpuStateError::MsrsPartial { vcpu: id, set: n, total: entries.len(), msr: entries[n].index });
+    }
+    let cpuid = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(io("get cpuid"))?;
+    Ok(VcpuState {
+        id,
+        regs: fd.get_regs().map_err(io("get regs"))?,
+        sregs: fd.get_sregs().map_err(io("get sregs"))?,
+        fpu: pod_bytes(&fd.get_fpu().map_err(io("get fpu"))?),
+        xsave: pod_bytes(&fd.get_xsave().map_err(io("get xsave"))?),
+        xcrs: fd.get_xcrs().map_err(io("get xcrs"))?,
+        msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+        lapic: fd.get_lapic().map_err(io("get lapic"))?,
+        mp_state: fd.get_mp_state().map_err(io("get mp state"))?,
+        events: fd.get_vcpu_events().map_err(io("get vcpu events"))?,
+        debugregs: fd.get_debug_regs().map_err(io("get debug regs"))?,
+        tsc_khz: fd.get_tsc_khz().ok(),
+        cpuid: cpuid.as_slice().to_vec(),
+    })
+}
+
+/// Restores a vCPU's state into a freshly created vCPU fd, in an order KVM accepts: CPUID
+/// and TSC frequency first, the TSC before the TSC deadline, the LAPIC before MSRs that
+/// depend on its mode, events last.
+pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
+    let id = state.id;
+    let io = |what: &'static str| move |source| VcpuStateError::Ioctl { vcpu: id, what, source };
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuStateError::Fam { vcpu: id, what: "cpuid" })?;
+    fd.set_cpuid2(&cpuid).map_err(io("set cpuid"))?;
+    if let Some(khz) = state.tsc_khz {
+        match fd.get_tsc_khz() {
+            Ok(cur) if cur == khz => {}
+            _ => fd.set_tsc_khz(khz).map_err(io("set tsc khz"))?,
+        }
+    }
+    fd.set_sregs(&state.sregs).map_err(io("set sregs"))?;
+    fd.set_regs(&state.regs).map_err(io("set regs"))?;
+    let size = |source| VcpuStateError::Size { vcpu: id, source };
+    let fpu: kvm_fpu = pod_from_bytes("fpu", &state.fpu).map_err(size)?;
+    fd.set_fpu(&fpu).map_err(io("set fpu"))?;
+    let xsave: kvm_xsave = pod_from_bytes("xsave", &state.xsave).map_err(size)?;
+    // SAFETY: `xsave` is a whole legacy 4 KiB kvm_xsave (size checked by pod_from_bytes);
+    // KVM_SET_XSAVE reads exactly that much.
+    unsafe { fd.set_xsave(&xsave) }.map_err(io("set xsave"))?;
+    fd.set_xcrs(&state.xcrs).map_err(io("set xcrs"))?;
+    fd.set_debug_regs(&state.debugregs).map_err(io("set debug regs"))?;
+    fd.set_lapic(&state.lapic).map_err(io("set lapic"))?;
+    let mut ordered: Vec<(u32, u64)> = state.msrs.clone();
+    ordered.sort_by_key(|&(i, _)| match i {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    let entries: Vec<kvm_msr_entry> =
+        ordered.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::Fam { vcpu: id, what: "msrs" })?;
+    let n = fd.set_msrs(&msrs).map_err(io("set msrs"))?;
+    if n < entries.len() {
+        return Err(VcpuStateError::MsrsPartial { vcpu: id, set: n, total: entries.len(), msr: entries[n].index });
+    }
+    fd.set_mp_state(state.mp_state).map_err(io("set mp state"))?;
+    fd.set_vcpu_events(&state.events).map_err(io("set vcpu events"))?;
+    Ok(())
+}

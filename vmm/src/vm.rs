@@ -1,0 +1,393 @@
+//! A KVM virtual machine: memory, in-kernel irqchip and PIT, vCPUs, devices.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusError};
+use crate::devices::serial::{SerialDevice, SerialError, SerialOut};
+use crate::dirty::{DirtyPages, or_into};
+use crate::layout;
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::persist::{Persist, pod_bytes, pod_from_bytes};
+use crate::state::{VmState, VmStateVersion};
+use crate::vcpu::persist::{self as vcpu_persist, VcpuStateError};
+use crate::vcpu::{StopReason, VcpuError, VcpuHandle, Vcpus};
+
+/// Errors creating, running, capturing or restoring a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM VM ioctl failed.
+    #[error("kvm: {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The configuration is unusable.
+    #[error("bad vm config: {0}")]
+    Config(String),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Booting the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A device range clashes.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// vCPU thread management failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// vCPU state capture or restore failed.
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    /// Serial state restore failed.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// An eventfd could not be created.
+    #[error("create eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The operation needs the VM paused.
+    #[error("vm must be paused for {0}")]
+    NotPaused(&'static str),
+    /// Saved state does not fit this VM.
+    #[error("vm state: {0}")]
+    State(String),
+}
+
+/// What to boot.
+pub struct VmConfig {
+    /// ELF kernel with a PVH entry note.
+    pub kernel: PathBuf,
+    /// Kernel command line (device entries are appended by the VMM).
+    pub cmdline: String,
+    /// Guest memory in bytes (a multiple of 4 KiB).
+    pub memory_bytes: u64,
+    /// Number of vCPUs (1..=64).
+    pub vcpus: u8,
+    /// Where COM1's output goes.
+    pub serial: SerialOut,
+}
+
+/// A running (or paused) VM.
+pub struct Vm {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    vcpus: Vcpus,
+    msr_list: Vec<u32>,
+    serial: Arc<Mutex<SerialDevice>>,
+    dirty_logging: bool,
+    paused: bool,
+    cmdline: String,
+}
+
+fn region_bitmap(region: &crate::memory::GuestRegion) -> &crate::memory::Bitmap {
+    let mapping: &vm_memory::mmap::MmapRegion<crate::memory::Bitmap> = region;
+    mapping.bitmap()
+}
+
+fn check_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(VmError::OpenKvm)
+}
+
+/// The parts every VM has, before vCPUs or devices are configured.
+struct Skeleton {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    handles: Vec<VcpuHandle>,
+    msr_list: Vec<u32>,
+}
+
+fn build_skeleton(memory: &GuestMemory, vcpus: u8) -> Result<Skeleton, VmError> {
+    if vcpus == 0 || vcpus > 64 {
+        return Err(VmError::Config(format!("{vcpus} vcpus; use 1 to 64")));
+    }
+    let kvm = check_kvm()?;
+    let vm_fd = kvm.create_vm().map_err(|e| VmError::Kvm("create vm", e))?;
+    vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(|e| VmError::Kvm("set tss address", e))?;
+    vm_fd
+        .set_identity_map_address(layout::KVM_IDENTITY_MAP)
+        .map_err(|e| VmError::Kvm("set identity map address", e))?;
+    vm_fd.create_irq_chip().map_err(|e| VmError::Kvm("create irqchip", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm_fd.create_pit2(pit).map_err(|e| VmError::Kvm("create pit", e))?;
+    set_memory_slots(&vm_fd, memory, false)?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("get supported cpuid", e))?;
+    let mut handles = Vec::new();
+    let mut msr_list = Vec::new();
+    for id in 0..vcpus {
+        let fd = vm_fd.create_vcpu(u64::from(id)).map_err(|e| VmError::Kvm("create vcpu", e))?;
+        let mut cpuid = supported.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
+                0xb | 0x1f => e.edx = u32::from(id),
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(|e| VmError::Kvm("set cpuid", e))?;
+        if id == 0 {
+            msr_list = vcpu_persist::readable_msrs(&kvm, &fd)?;
+        }
+        handles.push(VcpuHandle::new(id, fd));
+    }
+    Ok(Skeleton { kvm, vm_fd: Arc::new(vm_fd), handles, msr_list })
+}
+
+fn set_memory_slots(vm_fd: &VmFd, memory: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region.as_ptr() as u64;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        };
+        // SAFETY: the region's mapping lives as long as `memory`, which the Vm owns and keeps
+        // until after the VM fd (and with it the memslots) is closed.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|e| VmError::Kvm("set memory region", e))?;
+    }
+    Ok(())
+}
+
+fn build_buses(vm_fd: &VmFd, serial: Arc<Mutex<SerialDevice>>) -> Result<(Bus, Bus), VmError> {
+    let mut pio = Bus::new();
+    pio.insert(serial, layout::COM1_PORT, 8)?;
+    let mmio = Bus::new();
+    let _ = vm_fd;
+    Ok((pio, mmio))
+}
+
+fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd.register_irqfd(&evt, layout::COM1_GSI).map_err(|e| VmError::Kvm("register serial irqfd", e))?;
+    Ok(evt)
+}
+
+impl Vm {
+    /// Creates a VM, loads the kernel and starts the vCPUs.
+    pub fn boot(config: VmConfig) -> Result<Self, VmError> {
+        if config.memory_bytes < (16 << 20) || !config.memory_bytes.is_multiple_of(memory::PAGE_SIZE as u64) {
+            return Err(VmError::Config(format!(
+                "memory of {} bytes; use at least 16 MiB, a multiple of 4 KiB",
+                config.memory_bytes
+            )));
+        }
+        let memory = memory::create_anonymous(config.memory_bytes)?;
+        let sk = build_skeleton(&memory, config.vcpus)?;
+        let entry = boot::load_pvh(&memory, &config.kernel, &config.cmdline)?;
+        for h in &sk.handles {
+            h.with_fd(|fd| -> Result<(), VmError> {
+                let sregs = fd.get_sregs().map_err(|e| VmError::Kvm("get sregs", e))?;
+                fd.set_sregs(&boot::entry_sregs(sregs)).map_err(|e| VmError::Kvm("set sregs", e))?;
+                fd.set_regs(&boot::entry_regs(&entry)).map_err(|e| VmError::Kvm("set regs", e))?;
+                Ok(())
+            })?;
+        }
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq(&sk.vm_fd)?, config.serial)));
+        let (pio, mmio) = build_buses(&sk.vm_fd, Arc::clone(&serial))?;
+        let mut vcpus = Vcpus::new(sk.handles);
+        vcpus.start(pio, mmio, false)?;
+        tracing::info!(
+            memory_mib = config.memory_bytes >> 20,
+            vcpus = config.vcpus,
+            entry = format_args!("{:#x}", entry.entry.raw_value()),
+            "vm booted"
+        );
+        Ok(Self {
+            kvm: sk.kvm,
+            vm_fd: sk.vm_fd,
+            memory,
+            vcpus,
+            msr_list: sk.msr_list,
+            serial,
+            dirty_logging: false,
+            paused: false,
+            cmdline: config.cmdline,
+        })
+    }
+
+    /// Builds a VM over `memory` (already holding the guest's pages) from saved state and
+    /// leaves it paused: call [`Vm::resume`] to run it.
+    pub fn restore(memory: GuestMemory, state: &VmState, serial_out: SerialOut) -> Result<Self, VmError> {
+        let layout_now: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+        if layout_now != state.memory {
+            return Err(VmError::State(format!(
+                "memory layout {:x?} does not match the saved {:x?}",
+                layout_now, state.memory
+            )));
+        }
+        if state.vcpus.is_empty() {
+            return Err(VmError::State("no vcpus saved".into()));
+        }
+        let sk = build_skeleton(&memory, state.vcpus.len() as u8)?;
+        let vm_fd = &sk.vm_fd;
+        vm_fd.set_pit2(&state.pit).map_err(|e| VmError::Kvm("set pit", e))?;
+        let mut clock = state.clock;
+        clock.flags = 0;
+        vm_fd.set_clock(&clock).map_err(|e| VmError::Kvm("set clock", e))?;
+        for (what, bytes) in
+            [("pic master", &state.pic_master), ("pic slave", &state.pic_slave), ("ioapic", &state.ioapic)]
+        {
+            let chip: kvm_irqchip = pod_from_bytes(what, bytes).map_err(|e| VmError::State(e.to_string()))?;
+            vm_fd.set_irqchip(&chip).map_err(|e| VmError::Kvm("set irqchip", e))?;
+        }
+        for (h, vs) in sk.handles.iter().zip(&state.vcpus) {
+            h.with_fd(|fd| vcpu_persist::restore(fd, vs))?;
+        }
+        let serial = SerialDevice::restore((serial_irq(vm_fd)?, serial_out), &state.serial)?;
+        let serial = Arc::new(Mutex::new(serial));
+        let (pio, mmio) = build_buses(vm_fd, Arc::clone(&serial))?;
+        let mut vcpus = Vcpus::new(sk.handles);
+        vcpus.start(pio, mmio, true)?;
+        tracing::info!(vcpus = state.vcpus.len(), "vm restored (paused)");
+        Ok(Self {
+            kvm: sk.kvm,
+            vm_fd: sk.vm_fd,
+            memory,
+            vcpus,
+            msr_list: sk.msr_list,
+            serial,
+            dirty_logging: false,
+            paused: true,
+            cmdline: state.cmdline.clone(),
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM VM fd (for device wiring: irqfds, ioeventfds).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// The kernel command line the VM booted with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Whether the vCPUs are parked.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops all vCPUs at an instruction boundary and quiesces devices.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if !self.paused {
+            self.vcpus.pause()?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    /// Lets the guest run again.
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.vcpus.resume();
+            self.paused = false;
+        }
+    }
+
+    /// Captures the whole VM state; the VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused("state capture"));
+        }
+        let mut vcpus = Vec::new();
+        for h in self.vcpus.handles() {
+            vcpus.push(h.with_fd(|fd| vcpu_persist::save(h.id, fd, &self.msr_list))?);
+        }
+        let chip = |chip_id: u32| -> Result<Vec<u8>, VmError> {
+            let mut c = kvm_irqchip { chip_id, ..Default::default() };
+            self.vm_fd.get_irqchip(&mut c).map_err(|e| VmError::Kvm("get irqchip", e))?;
+            Ok(pod_bytes(&c))
+        };
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        Ok(VmState {
+            version: VmStateVersion::CURRENT,
+            memory: self.memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect(),
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm_fd.get_pit2().map_err(|e| VmError::Kvm("get pit", e))?,
+            clock: self.vm_fd.get_clock().map_err(|e| VmError::Kvm("get clock", e))?,
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            cmdline: self.cmdline.clone(),
+        })
+    }
+
+    /// Turns KVM dirty logging on for all guest memory and clears both dirty sources, so the
+    /// next [`Vm::harvest_dirty`] returns what was written from now on.
+    pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {
+        set_memory_slots(&self.vm_fd, &self.memory, true)?;
+        self.dirty_logging = true;
+        for r in self.memory.iter() {
+            region_bitmap(r).reset();
+        }
+        tracing::info!("dirty logging on");
+        Ok(())
+    }
+
+    /// Fetches and clears the pages dirtied since the last harvest: the KVM dirty log OR the
+    /// VMM's own writes. Call while paused for a consistent checkpoint.
+    pub fn harvest_dirty(&self) -> Result<DirtyPages, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::Config("dirty logging is off".into()));
+        }
+        let mut out = DirtyPages::default();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut words = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| VmError::Kvm("get dirty log", e))?;
+            or_into(&mut words, &region_bitmap(region).get_and_reset());
+            let base = region.start_addr().raw_value() / memory::PAGE_SIZE as u64;
+            out.add_bitmap(base, &words, region.len() / memory::PAGE_SIZE as u64);
+        }
+        Ok(out)
+    }
+
+    /// Blocks until the VM stops by itself (or `timeout`); returns why.
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        self.vcpus.wait_stopped(timeout)
+    }
+
+    /// Why the VM stopped, if it did.
+    pub fn stopped(&self) -> Option<StopReason> {
+        self.vcpus.stopped()
+    }
+
+    /// Stops every vCPU thread and releases the VM.
+    pub fn shutdown(&mut self) {
+        self.vcpus.shutdown();
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        tracing::info!("vm shut down");
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The guest address of the first RAM byte past the boot structures (for tests).
+    pub fn himem_start() -> GuestAddress {
+        GuestAddress(layout::HIMEM_START)
+    }
+}
