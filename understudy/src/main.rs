@@ -42,6 +42,12 @@ enum Command {
         /// Admin API socket (created with mode 0600).
         #[arg(long)]
         api: Option<PathBuf>,
+        /// Attach a virtio-net device backed by this TAP device (created if missing).
+        #[arg(long)]
+        tap: Option<String>,
+        /// The guest's MAC address (with --tap), e.g. 02:55:44:00:00:01.
+        #[arg(long, value_parser = parse_mac)]
+        mac: Option<[u8; 6]>,
     },
     /// Write a snapshot (memory + state) of a running VM into a directory.
     Snapshot {
@@ -67,6 +73,9 @@ enum Command {
         /// Stay paused after restoring (resume through the API).
         #[arg(long)]
         paused: bool,
+        /// TAP device for the saved virtio-net device.
+        #[arg(long)]
+        tap: Option<String>,
     },
     /// Show what a VM is doing.
     Status {
@@ -99,6 +108,22 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("mac {s:?} is not six hex bytes like 02:55:44:00:00:01");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("mac {s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -118,7 +143,7 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     match cli.command {
-        Command::Run { kernel, cmdline, memory, vcpus, serial, api } => {
+        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac } => {
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
             }
@@ -128,16 +153,18 @@ fn real_main(cli: Cli) -> Result<()> {
                 memory_bytes: memory,
                 vcpus,
                 serial: serial.open()?,
+                net: tap.map(|tap| vmm::vm::NetSpec { tap, mac }),
             })
             .context("boot vm")?;
             let rt = Runtime::new(vm, Origin::Booted { kernel }, memory);
             rt.run_until_exit(api.as_deref())
         }
-        Command::Restore { dir, serial, api, paused } => {
+        Command::Restore { dir, serial, api, paused, tap } => {
             let (mem, state, info) =
                 vmm::snapshot::read(&dir).with_context(|| format!("read snapshot {}", dir.display()))?;
             let memory_bytes = info.memory_bytes;
-            let mut vm = vmm::vm::Vm::restore(mem, &state, serial.open()?).context("restore vm")?;
+            let opts = vmm::vm::RestoreOptions { serial: serial.open()?, tap };
+            let mut vm = vmm::vm::Vm::restore(mem, &state, opts).context("restore vm")?;
             if !paused {
                 vm.resume();
             }
@@ -190,5 +217,8 @@ mod tests {
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").unwrap_err().contains("not a number"));
+        assert_eq!(parse_mac("02:55:44:00:00:0a").unwrap(), [2, 0x55, 0x44, 0, 0, 10]);
+        assert!(parse_mac("01:00:00:00:00:00").unwrap_err().contains("multicast"));
+        assert!(parse_mac("nope").is_err());
     }
 }

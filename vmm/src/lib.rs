@@ -15,6 +15,7 @@
 //!     memory_bytes: 256 << 20,
 //!     vcpus: 1,
 //!     serial: Box::new(std::io::stdout()),
+//!     net: None,
 //! })?;
 //! vm.pause()?;
 //! let state = vm.save_state()?;

@@ -51,6 +51,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// COM1.
     pub serial: SerialState,
+    /// The virtio-net device, if the VM has one.
+    #[serde(default)]
+    pub net: Option<crate::devices::virtio::net::NetState>,
     /// The kernel command line (informational).
     #[serde(default)]
     pub cmdline: String,
@@ -196,6 +199,7 @@ pub(crate) mod tests {
             pit: Default::default(),
             clock: Default::default(),
             serial: Default::default(),
+            net: None,
             cmdline: "workload=counter".into(),
         }
     }

@@ -13,8 +13,12 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
-use crate::bus::{Bus, BusError};
+use crate::bus::{Bus, BusDevice, BusError};
 use crate::devices::serial::{SerialDevice, SerialError, SerialOut};
+use crate::devices::tap::Tap;
+use crate::devices::virtio::VirtioMmio;
+use crate::devices::virtio::mmio_cmdline_entry;
+use crate::devices::virtio::net::{Net, NetConfig, NetRestoreArgs, TapSink};
 use crate::dirty::{DirtyPages, or_into};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -53,6 +57,9 @@ pub enum VmError {
     /// Serial state restore failed.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// The network device could not be set up.
+    #[error("virtio-net: {0}")]
+    Net(String),
     /// An eventfd could not be created.
     #[error("create eventfd")]
     EventFd(#[source] std::io::Error),
@@ -76,7 +83,29 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Where COM1's output goes.
     pub serial: SerialOut,
+    /// A virtio-net device backed by a TAP, if any.
+    pub net: Option<NetSpec>,
 }
+
+/// A virtio-net device to attach.
+#[derive(Clone, Debug)]
+pub struct NetSpec {
+    /// Name of an existing TAP device on this host (or a pattern like `tap%d` to create one).
+    pub tap: String,
+    /// The guest's MAC address (default 02:55:44:00:00:01).
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Host resources a restored VM needs.
+pub struct RestoreOptions {
+    /// Where COM1's output goes.
+    pub serial: SerialOut,
+    /// The TAP for the saved virtio-net device, if it had one.
+    pub tap: Option<String>,
+}
+
+/// The VM's virtio-net device.
+pub type NetDevice = Arc<Mutex<VirtioMmio<Net>>>;
 
 /// A running (or paused) VM.
 pub struct Vm {
@@ -86,6 +115,7 @@ pub struct Vm {
     vcpus: Vcpus,
     msr_list: Vec<u32>,
     serial: Arc<Mutex<SerialDevice>>,
+    net: Option<NetDevice>,
     dirty_logging: bool,
     paused: bool,
     cmdline: String,
@@ -94,6 +124,10 @@ pub struct Vm {
 fn region_bitmap(region: &crate::memory::GuestRegion) -> &crate::memory::Bitmap {
     let mapping: &vm_memory::mmap::MmapRegion<crate::memory::Bitmap> = region;
     mapping.bitmap()
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn check_kvm() -> Result<Kvm, VmError> {
@@ -163,12 +197,28 @@ fn set_memory_slots(vm_fd: &VmFd, memory: &GuestMemory, log_dirty: bool) -> Resu
     Ok(())
 }
 
-fn build_buses(vm_fd: &VmFd, serial: Arc<Mutex<SerialDevice>>) -> Result<(Bus, Bus), VmError> {
+fn build_buses(serial: Arc<Mutex<SerialDevice>>, net: Option<&NetDevice>) -> Result<(Bus, Bus), VmError> {
     let mut pio = Bus::new();
     pio.insert(serial, layout::COM1_PORT, 8)?;
-    let mmio = Bus::new();
-    let _ = vm_fd;
+    let mut mmio = Bus::new();
+    if let Some(net) = net {
+        mmio.insert(Arc::clone(net) as Arc<Mutex<dyn BusDevice>>, layout::VIRTIO_MMIO_BASE, layout::VIRTIO_MMIO_SIZE)?;
+    }
     Ok((pio, mmio))
+}
+
+fn virtio_irq(vm_fd: &VmFd, index: u32) -> Result<EventFd, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&evt, layout::VIRTIO_GSI_BASE + index)
+        .map_err(|e| VmError::Kvm("register virtio irqfd", e))?;
+    Ok(evt)
+}
+
+fn open_tap(name: &str) -> Result<Arc<Tap>, VmError> {
+    let tap = Tap::open(name).map_err(|e| VmError::Net(format!("open tap {name}: {e}")))?;
+    tap.set_up().map_err(|e| VmError::Net(format!("bring tap {name} up: {e}")))?;
+    Ok(Arc::new(tap))
 }
 
 fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
@@ -188,7 +238,24 @@ impl Vm {
         }
         let memory = memory::create_anonymous(config.memory_bytes)?;
         let sk = build_skeleton(&memory, config.vcpus)?;
-        let entry = boot::load_pvh(&memory, &config.kernel, &config.cmdline)?;
+        let mut cmdline = config.cmdline.clone();
+        let net = match &config.net {
+            Some(spec) => {
+                let tap = open_tap(&spec.tap)?;
+                let mut cfg = NetConfig::default();
+                if let Some(mac) = spec.mac {
+                    cfg.mac = mac;
+                }
+                let dev = Net::new(memory.clone(), Arc::clone(&tap), Box::new(TapSink::new(tap)), cfg)
+                    .map_err(|e| VmError::Net(e.to_string()))?;
+                let mmio = VirtioMmio::new(dev, virtio_irq(&sk.vm_fd, 0)?).map_err(|e| VmError::Net(e.to_string()))?;
+                let entry = mmio_cmdline_entry(layout::VIRTIO_MMIO_BASE, layout::VIRTIO_GSI_BASE);
+                cmdline = if cmdline.is_empty() { entry } else { format!("{cmdline} {entry}") };
+                Some(Arc::new(Mutex::new(mmio)))
+            }
+            None => None,
+        };
+        let entry = boot::load_pvh(&memory, &config.kernel, &cmdline)?;
         for h in &sk.handles {
             h.with_fd(|fd| -> Result<(), VmError> {
                 let sregs = fd.get_sregs().map_err(|e| VmError::Kvm("get sregs", e))?;
@@ -198,7 +265,7 @@ impl Vm {
             })?;
         }
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq(&sk.vm_fd)?, config.serial)));
-        let (pio, mmio) = build_buses(&sk.vm_fd, Arc::clone(&serial))?;
+        let (pio, mmio) = build_buses(Arc::clone(&serial), net.as_ref())?;
         let mut vcpus = Vcpus::new(sk.handles);
         vcpus.start(pio, mmio, false)?;
         tracing::info!(
@@ -214,15 +281,16 @@ impl Vm {
             vcpus,
             msr_list: sk.msr_list,
             serial,
+            net,
             dirty_logging: false,
             paused: false,
-            cmdline: config.cmdline,
+            cmdline,
         })
     }
 
     /// Builds a VM over `memory` (already holding the guest's pages) from saved state and
     /// leaves it paused: call [`Vm::resume`] to run it.
-    pub fn restore(memory: GuestMemory, state: &VmState, serial_out: SerialOut) -> Result<Self, VmError> {
+    pub fn restore(memory: GuestMemory, state: &VmState, opts: RestoreOptions) -> Result<Self, VmError> {
         let layout_now: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
         if layout_now != state.memory {
             return Err(VmError::State(format!(
@@ -248,9 +316,27 @@ impl Vm {
         for (h, vs) in sk.handles.iter().zip(&state.vcpus) {
             h.with_fd(|fd| vcpu_persist::restore(fd, vs))?;
         }
-        let serial = SerialDevice::restore((serial_irq(vm_fd)?, serial_out), &state.serial)?;
+        let serial = SerialDevice::restore((serial_irq(vm_fd)?, opts.serial), &state.serial)?;
         let serial = Arc::new(Mutex::new(serial));
-        let (pio, mmio) = build_buses(vm_fd, Arc::clone(&serial))?;
+        let net = match (&state.net, &opts.tap) {
+            (Some(ns), Some(tap_name)) => {
+                let tap = open_tap(tap_name)?;
+                let args = NetRestoreArgs {
+                    mem: memory.clone(),
+                    irq: virtio_irq(vm_fd, 0)?,
+                    tap: Arc::clone(&tap),
+                    sink: Box::new(TapSink::new(tap)),
+                    paused: true,
+                };
+                let dev = VirtioMmio::<Net>::restore(args, ns).map_err(|e| VmError::Net(e.to_string()))?;
+                Some(Arc::new(Mutex::new(dev)))
+            }
+            (Some(_), None) => {
+                return Err(VmError::Config("the saved vm has a virtio-net device: give a tap to restore it".into()));
+            }
+            (None, _) => None,
+        };
+        let (pio, mmio) = build_buses(Arc::clone(&serial), net.as_ref())?;
         let mut vcpus = Vcpus::new(sk.handles);
         vcpus.start(pio, mmio, true)?;
         tracing::info!(vcpus = state.vcpus.len(), "vm restored (paused)");
@@ -261,10 +347,16 @@ impl Vm {
             vcpus,
             msr_list: sk.msr_list,
             serial,
+            net,
             dirty_logging: false,
             paused: true,
             cmdline: state.cmdline.clone(),
         })
+    }
+
+    /// The virtio-net device, if any (for swapping its transmit sink).
+    pub fn net(&self) -> Option<&NetDevice> {
+        self.net.as_ref()
     }
 
     /// Guest memory.
@@ -291,6 +383,9 @@ impl Vm {
     pub fn pause(&mut self) -> Result<(), VmError> {
         if !self.paused {
             self.vcpus.pause()?;
+            if let Some(net) = &self.net {
+                lock(net).pause();
+            }
             self.paused = true;
         }
         Ok(())
@@ -299,6 +394,9 @@ impl Vm {
     /// Lets the guest run again.
     pub fn resume(&mut self) {
         if self.paused {
+            if let Some(net) = &self.net {
+                lock(net).resume();
+            }
             self.vcpus.resume();
             self.paused = false;
         }
@@ -329,6 +427,7 @@ impl Vm {
             pit: self.vm_fd.get_pit2().map_err(|e| VmError::Kvm("get pit", e))?,
             clock: self.vm_fd.get_clock().map_err(|e| VmError::Kvm("get clock", e))?,
             serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            net: self.net.as_ref().map(|n| lock(n).save()),
             cmdline: self.cmdline.clone(),
         })
     }
@@ -377,6 +476,7 @@ impl Vm {
     /// Stops every vCPU thread and releases the VM.
     pub fn shutdown(&mut self) {
         self.vcpus.shutdown();
+        self.net = None;
         self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
         tracing::info!("vm shut down");
     }

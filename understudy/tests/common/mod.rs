@@ -157,3 +157,82 @@ pub fn last_seq(text: &str) -> u64 {
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
 }
+
+/// A network namespace with a TAP device for the guest, deleted on drop. The host side of the
+/// TAP gets `host_ip`; the guest is told `guest_ip` on its command line.
+pub struct NetNs {
+    pub name: String,
+    pub tap: String,
+    pub host_ip: String,
+    pub guest_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl NetNs {
+    /// Creates namespace `us-<tag>-<pid>` holding `tap0` at 10.<subnet>.0.1/24; None (with a
+    /// loud SKIP line) when namespaces or TAP devices cannot be made here.
+    pub fn new(test: &str, tag: &str, subnet: u8) -> Option<Self> {
+        let name = format!("us-{tag}-{}", std::process::id());
+        let tap = "tap0".to_string();
+        let host_ip = format!("10.{subnet}.0.1");
+        let guest_ip = format!("10.{subnet}.0.2");
+        let _ = ip(&["netns", "del", &name]);
+        let setup = || -> Result<(), String> {
+            ip(&["netns", "add", &name])?;
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &name, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+            ip(&["-n", &name, "addr", "add", &format!("{host_ip}/24"), "dev", &tap])?;
+            ip(&["-n", &name, "link", "set", &tap, "up"])?;
+            Ok(())
+        };
+        match setup() {
+            Ok(()) => Some(Self { name, tap, host_ip, guest_ip }),
+            Err(e) => {
+                let _ = ip(&["netns", "del", &name]);
+                eprintln!(
+                    "\n*** SKIP: {test}: cannot create a network namespace with a TAP device ({e}); needs root ***\n"
+                );
+                None
+            }
+        }
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+impl Proc {
+    /// Spawns `understudy args...` inside a network namespace.
+    pub fn spawn_in(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Self {
+        let stderr_path = dir.join(format!("{name}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = ns
+            .command(bin().to_str().expect("utf-8 path"))
+            .args(args)
+            .env("UNDERSTUDY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn understudy");
+        Self { child, name: name.into(), stderr_path }
+    }
+}

@@ -1,4 +1,5 @@
 //! Emulated devices.
 
 pub mod serial;
+pub mod tap;
 pub mod virtio;
