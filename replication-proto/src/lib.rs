@@ -1,1 +1,137 @@
-//! Placeholder: being written.
+//! Understudy's wire protocol, sans-IO: frames, messages, page codecs, and the [`Sender`] and
+//! [`Receiver`] state machines that primary and backup (or migration source and destination)
+//! run. No sockets, no clock reads, no async runtime: the caller feeds received bytes and the
+//! current time in, and takes bytes to send, timer deadlines and events out (the shape of
+//! quinn-proto). `docs/protocol.md` is the specification.
+//!
+//! ```
+//! use replication_proto::{
+//!     Endpoint, MemoryImage, MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role,
+//!     Sender, SenderConfig, SenderEvent, VmIdentity,
+//! };
+//! use std::time::Instant;
+//!
+//! let vm = VmIdentity { uuid: [7; 16], name: "demo".into() };
+//! let layout = MemoryLayout::flat(4096, 16 * 4096);
+//! let mut primary = Sender::new(SenderConfig::new(Role::Primary, vm.clone(), layout.clone(), 1));
+//! let mut backup = Receiver::new(ReceiverConfig::new(Role::Backup, vm, layout.clone(), 2));
+//! let mut replica = MemoryImage::new(&layout);
+//! let now = Instant::now();
+//!
+//! // A transport moves bytes both ways; here, a loop over two in-memory "connections".
+//! fn pump(s: &mut Sender, r: &mut Receiver, now: Instant) {
+//!     loop {
+//!         let mut moved = false;
+//!         while let Some(t) = s.poll_transmit(now) { r.handle_input(now, &t); moved = true; }
+//!         while let Some(t) = r.poll_transmit(now) { s.handle_input(now, &t); moved = true; }
+//!         if !moved { break; }
+//!     }
+//! }
+//! primary.connect(now);
+//! backup.connect(now);
+//! pump(&mut primary, &mut backup, now);
+//!
+//! // Epoch 1 is a baseline: every non-zero page and the device state.
+//! let page = vec![0xab; 4096];
+//! let epoch = primary.submit_baseline(now, [(3u64, &page[..])], b"vcpu state").unwrap();
+//! pump(&mut primary, &mut backup, now);
+//!
+//! // The backup gets the whole checked checkpoint, applies it, commits, and the ack flows back.
+//! while let Some(ev) = backup.poll_event() {
+//!     if let ReceiverEvent::Checkpoint(cp) = ev {
+//!         cp.apply(&mut replica).unwrap();
+//!         assert_eq!(cp.state(), b"vcpu state");
+//!         backup.committed(now, cp.epoch()).unwrap();
+//!     }
+//! }
+//! pump(&mut primary, &mut backup, now);
+//! assert!(std::iter::from_fn(|| primary.poll_event())
+//!     .any(|e| matches!(e, SenderEvent::Acked { epoch: e, .. } if e == epoch)));
+//! assert_eq!(&replica.as_bytes()[3 * 4096..4 * 4096], &page[..]);
+//! ```
+//!
+//! # One epoch
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant P as Primary (Sender)
+//!     participant B as Backup (Receiver)
+//!     participant O as Backup owner (replica)
+//!     Note over P,B: connect: both send Hello (version, role, VM, layout, committed/delivered, high water)
+//!     P->>B: Hello
+//!     B->>P: Hello
+//!     Note over P: resume from the backup's delivered epoch, or require a baseline
+//!     P->>B: EpochBegin{N, lineage, baseline?, page_count, state_len}
+//!     loop page batches and state chunks (seq 0, 1, ...)
+//!         P->>B: PageBatch{N, seq, range table, records}
+//!         P->>B: StateChunk{N, seq, offset, bytes}
+//!     end
+//!     P->>B: EpochEnd{N, frames, page_count, state_len, checksum, digest}
+//!     Note over B: counts and crc32 hold: N is whole
+//!     B->>O: ReceiverEvent::Checkpoint(N)
+//!     O->>O: verify digest against replica, apply
+//!     O->>B: committed(N)
+//!     B->>P: Ack(N)
+//!     Note over P: SenderEvent::Acked(N): release output up to N
+//!     B-->>P: ResendRequest{from N} (gap, bad checksum, stall)
+//!     B-->>P: ResyncRequest (owner rejected N): P needs a baseline
+//! ```
+//!
+//! # The receiver
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> AwaitBaseline
+//!     AwaitBaseline --> Staging: EpochBegin(baseline, N > high water)
+//!     Idle --> Staging: EpochBegin(N = delivered+1, same lineage) or baseline
+//!     Staging --> Staging: next PageBatch / StateChunk (seq = expected)
+//!     Staging --> Delivered: EpochEnd, counts and checksum hold
+//!     Staging --> Idle: gap, mismatch or later epoch (abort, ResendRequest)
+//!     Delivered --> Idle: Checkpoint event queued (delivered = N)
+//!     Idle --> Idle: committed(N) / Ack(N)
+//!     Idle --> AwaitBaseline: reject(N) / ResyncRequest
+//! ```
+//!
+//! Duplicated and stale frames (epoch at or below the high water, sequence already staged) are
+//! dropped; a corrupted payload drops one frame (the epoch then aborts and is asked for again); a
+//! corrupted header breaks the stream and the connection is reset, then resumed.
+//!
+//! # Modules
+//! - [`frame`]: the 16-byte frame header, crc32s, the stream decoder;
+//! - [`message`]: every message and its payload layout;
+//! - [`pageset`]: range table plus encoded page records;
+//! - [`codec`]: zero, unchanged, delta, lz4 and raw page encodings;
+//! - [`hash`]: XXH64, zero test and content digest;
+//! - [`cache`]: the sender's bounded cache of last-sent pages;
+//! - [`checkpoint`]: what the owner gets and how it applies it;
+//! - [`sender`], [`receiver`]: the state machines; [`session`]: what they share;
+//! - [`limits`], [`version`]: the numbers and the versioning rule.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod checkpoint;
+pub mod codec;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod hash;
+pub mod limits;
+pub mod message;
+pub mod pageset;
+pub mod receiver;
+pub mod sender;
+pub mod session;
+pub mod version;
+pub mod wire;
+
+pub use checkpoint::{ApplyError, Checkpoint, MemoryImage, PageContent, PageRef, ReplicaMemory};
+pub use codec::CodecConfig;
+pub use message::{
+    GoodbyeReason, GuestRange, Hello, Lineage, MemoryLayout, Message, Position, ResyncReason, Role, VmIdentity,
+};
+pub use pageset::PageEncoding;
+pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
+pub use sender::{BaselineReason, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError};
+pub use session::{Channel, Endpoint, LinkState, SessionError, Timing, Transmit};
+pub use version::{PROTOCOL_VERSION, VersionError};

@@ -37,6 +37,14 @@ pub enum Request {
     MemoryDigest,
     /// Stop the VM and the process.
     Shutdown,
+    /// Start protecting the VM to a backup.
+    Protect(crate::protect::ProtectRequest),
+    /// Stop protecting.
+    Unprotect,
+    /// Verification points recorded (memory digest and state crc per sampled epoch).
+    VerifyJournal,
+    /// Backup: turn the replica into a running VM.
+    Promote,
 }
 
 /// What a VM does after a snapshot.

@@ -2,6 +2,7 @@
 //! parses, wires and reports; the logic lives in the library crates.
 
 mod api;
+mod protect;
 mod runtime;
 
 use std::path::PathBuf;
@@ -86,13 +87,101 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Pause, resume, stop a VM or digest its memory (for tests and operators).
+    /// Pause, resume, stop a VM, digest its memory or read its verification journal.
     Ctl {
         /// The VM's admin API socket.
         #[arg(long)]
         api: PathBuf,
-        /// pause | resume | shutdown | memory-digest
+        /// pause | resume | shutdown | memory-digest | verify-journal
         action: String,
+    },
+    /// Start protecting a running VM: checkpoint it to a backup every epoch, hold its output
+    /// until the backup has the state that produced it.
+    Protect {
+        /// The VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// The backup's address (host:port).
+        #[arg(long)]
+        backup: std::net::SocketAddr,
+        /// The backup's certificate name.
+        #[arg(long, default_value = "backup")]
+        backup_name: String,
+        /// Directory with ca.pem and this host's certificate and key (`understudy certs`).
+        #[arg(long)]
+        certs: PathBuf,
+        /// This host's certificate name.
+        #[arg(long, default_value = "primary")]
+        name: String,
+        /// The VM's name; the backup must be started with the same `--vm`.
+        #[arg(long, default_value = "vm")]
+        vm: String,
+        /// Fixed epoch length in ms (default: adaptive between --epoch-min-ms and --epoch-max-ms).
+        #[arg(long, default_value_t = 0)]
+        epoch_ms: u64,
+        /// Shortest adaptive epoch, ms.
+        #[arg(long, default_value_t = 10)]
+        epoch_min_ms: u64,
+        /// Longest adaptive epoch, ms.
+        #[arg(long, default_value_t = 50)]
+        epoch_max_ms: u64,
+        /// How long the backup may be unreachable before running degraded, ms.
+        #[arg(long, default_value_t = 500)]
+        degrade_after_ms: u64,
+        /// Digest guest memory every N checkpoints for `ctl verify-journal` (tests; 0 = off).
+        #[arg(long, default_value_t = 0)]
+        verify_every: u64,
+    },
+    /// Stop protecting a VM.
+    Unprotect {
+        /// The VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Run a backup: receive a protected VM's checkpoints into a replica.
+    Backup {
+        /// Address to listen on (UDP, QUIC).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Directory with ca.pem and this host's certificate and key.
+        #[arg(long)]
+        certs: PathBuf,
+        /// This host's certificate name.
+        #[arg(long, default_value = "backup")]
+        name: String,
+        /// The protected VM's name (as given to `protect --vm`).
+        #[arg(long, default_value = "vm")]
+        vm: String,
+        /// The protected VM's memory size.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        memory: u64,
+        /// Admin API socket (created with mode 0600).
+        #[arg(long)]
+        api: Option<PathBuf>,
+        /// TAP device for the VM once promoted.
+        #[arg(long)]
+        tap: Option<String>,
+        /// COM1 output of the VM once promoted.
+        #[arg(long, default_value = "stdout")]
+        serial: SerialTarget,
+        /// Digest the replica after every consistent commit (tests).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Turn a backup's replica into the running VM (by hand).
+    Promote {
+        /// The backup's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Make a CA and certificates for the hosts (mutual TLS between primary and backup).
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// A host name to issue a certificate for (repeat).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
     },
 }
 
@@ -156,7 +245,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 net: tap.map(|tap| vmm::vm::NetSpec { tap, mac }),
             })
             .context("boot vm")?;
-            let rt = Runtime::new(vm, Origin::Booted { kernel }, memory);
+            let rt = Runtime::new(vm, Origin::Booted { kernel }, memory)?;
             rt.run_until_exit(api.as_deref())
         }
         Command::Restore { dir, serial, api, paused, tap } => {
@@ -172,7 +261,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let digest = format!("{:016x}", info.memory_digest);
             tracing::info!(from = %dir.display(), digest = %digest, restore_ms, "vm restored");
             let origin = Origin::Restored { from: dir, memory_digest: digest, restore_ms };
-            let rt = Runtime::new(vm, origin, memory_bytes);
+            let rt = Runtime::new(vm, origin, memory_bytes)?;
             rt.run_until_exit(api.as_deref())
         }
         Command::Snapshot { api, then, dir } => {
@@ -198,10 +287,76 @@ fn real_main(cli: Cli) -> Result<()> {
                 "resume" => Request::Resume,
                 "shutdown" => Request::Shutdown,
                 "memory-digest" => Request::MemoryDigest,
-                other => bail!("unknown action {other:?}; use pause, resume, shutdown or memory-digest"),
+                "verify-journal" => Request::VerifyJournal,
+                other => {
+                    bail!("unknown action {other:?}; use pause, resume, shutdown, memory-digest or verify-journal")
+                }
             };
             let v = api::call(&api, &req, Duration::from_secs(60))?;
             println!("{}", serde_json::to_string(&v)?);
+            Ok(())
+        }
+        Command::Protect {
+            api,
+            backup,
+            backup_name,
+            certs,
+            name,
+            vm,
+            epoch_ms,
+            epoch_min_ms,
+            epoch_max_ms,
+            degrade_after_ms,
+            verify_every,
+        } => {
+            let certs = std::path::absolute(&certs).unwrap_or(certs);
+            let req = protect::ProtectRequest {
+                backup,
+                backup_name,
+                certs,
+                name,
+                vm_name: vm,
+                epoch_ms,
+                epoch_min_ms,
+                epoch_max_ms,
+                verify_every,
+                degrade_after_ms,
+            };
+            let v = api::call(&api, &Request::Protect(req), Duration::from_secs(30))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Unprotect { api } => {
+            let v = api::call(&api, &Request::Unprotect, Duration::from_secs(30))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Promote { api } => {
+            let v = api::call(&api, &Request::Promote, Duration::from_secs(60))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Backup { listen, certs, name, vm, memory, api, tap, serial, verify } => {
+            let identity = transport::Identity::load(&certs, &name)
+                .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
+            let cfg = backup::server::BackupConfig {
+                listen,
+                identity,
+                tuning: transport::Tuning::default(),
+                vm: backup::server::vm_identity(&vm),
+                layout: vmm::layout::ram_regions(memory),
+                verify,
+            };
+            let rt = Runtime::new_backup(cfg, tap, serial, memory)?;
+            rt.run_until_exit(api.as_deref())
+        }
+        Command::Certs { out, hosts } => {
+            let specs: Vec<transport::certs::HostSpec> =
+                hosts.iter().map(|h| transport::certs::HostSpec::new(h.clone())).collect();
+            let generated = transport::certs::generate(&out, &specs)
+                .with_context(|| format!("generate certificates in {}", out.display()))?;
+            println!("certificates for {} written to {}", hosts.join(", "), out.display());
+            let _ = generated;
             Ok(())
         }
     }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use vmm::vcpu::StopReason;
 use vmm::vm::Vm;
@@ -54,6 +54,20 @@ impl SerialTarget {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Origin {
+    /// A backup holding a replica; no VM runs yet.
+    Backup {
+        /// Listening address.
+        listen: String,
+    },
+    /// Promoted from a backup's replica.
+    Promoted {
+        /// The epoch the replica held.
+        epoch: u64,
+        /// Digest of the replica memory when promoted.
+        memory_digest: String,
+        /// Milliseconds from the promote request to the guest running.
+        promote_ms: f64,
+    },
     /// Booted from a kernel.
     Booted {
         /// The kernel.
@@ -70,13 +84,28 @@ pub enum Origin {
     },
 }
 
-/// A running VM and what the API reports about it.
+/// What a backup process needs to promote its replica.
+pub struct BackupRole {
+    /// The node (replica, status).
+    pub node: Arc<backup::server::BackupNode>,
+    /// Stops the server task.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// TAP for the promoted VM's net device.
+    pub tap: Option<String>,
+    /// Where the promoted VM's serial output goes.
+    pub serial: SerialTarget,
+}
+
+/// A running VM (or a backup waiting to become one) and what the API reports about it.
 pub struct Runtime {
-    vm: Mutex<Vm>,
-    origin: Origin,
+    vm: Mutex<Option<Arc<Mutex<Vm>>>>,
+    origin: Mutex<Origin>,
     started: Instant,
     memory_bytes: u64,
     exit: (Mutex<Option<String>>, Condvar),
+    protection: Mutex<Option<crate::protect::Protection>>,
+    backup: Mutex<Option<BackupRole>>,
+    tokio: tokio::runtime::Runtime,
 }
 
 #[derive(Serialize)]
@@ -99,20 +128,65 @@ struct SnapshotReport {
     then: AfterSnapshot,
 }
 
+fn new_tokio() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("understudy-io")
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Runtime {
     /// Wraps a VM.
-    pub fn new(vm: Vm, origin: Origin, memory_bytes: u64) -> Arc<Self> {
-        Arc::new(Self {
-            vm: Mutex::new(vm),
-            origin,
+    pub fn new(vm: Vm, origin: Origin, memory_bytes: u64) -> Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            vm: Mutex::new(Some(Arc::new(Mutex::new(vm)))),
+            origin: Mutex::new(origin),
             started: Instant::now(),
             memory_bytes,
             exit: (Mutex::new(None), Condvar::new()),
-        })
+            protection: Mutex::new(None),
+            backup: Mutex::new(None),
+            tokio: new_tokio()?,
+        }))
     }
 
-    fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
-        self.vm.lock().unwrap_or_else(|e| e.into_inner())
+    /// A backup process: serves the primary until promoted.
+    pub fn new_backup(
+        cfg: backup::server::BackupConfig,
+        tap: Option<String>,
+        serial: SerialTarget,
+        memory_bytes: u64,
+    ) -> Result<Arc<Self>> {
+        let node = backup::server::BackupNode::new(&cfg.layout)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let tokio = new_tokio()?;
+        let listen = cfg.listen.to_string();
+        let n2 = Arc::clone(&node);
+        tokio.spawn(async move {
+            if let Err(e) = backup::server::serve(cfg, n2, stop_rx).await {
+                tracing::error!("backup server: {e:#}");
+            }
+        });
+        Ok(Arc::new(Self {
+            vm: Mutex::new(None),
+            origin: Mutex::new(Origin::Backup { listen }),
+            started: Instant::now(),
+            memory_bytes,
+            exit: (Mutex::new(None), Condvar::new()),
+            protection: Mutex::new(None),
+            backup: Mutex::new(Some(BackupRole { node, stop, tap, serial })),
+            tokio,
+        }))
+    }
+
+    fn vm_arc(&self) -> Result<Arc<Mutex<Vm>>> {
+        lock(&self.vm).clone().ok_or_else(|| anyhow!("this process holds a backup replica, not a running vm"))
     }
 
     fn request_exit(&self, why: String) {
@@ -127,11 +201,12 @@ impl Runtime {
     pub fn handle(&self, req: Request) -> Response {
         let r = match req {
             Request::Status => self.status(),
-            Request::Pause => self.vm().pause().map(|_| serde_json::json!({"state": "paused"})).map_err(Into::into),
-            Request::Resume => {
-                self.vm().resume();
-                Ok(serde_json::json!({"state": "running"}))
-            }
+            Request::Pause => self.pause(),
+            Request::Resume => self.resume(),
+            Request::Protect(req) => self.protect(req),
+            Request::Unprotect => self.unprotect(),
+            Request::VerifyJournal => self.verify_journal(),
+            Request::Promote => self.promote(),
             Request::Snapshot { dir, then } => self.snapshot(&dir, then),
             Request::MemoryDigest => self.digest(),
             Request::Shutdown => {
@@ -145,8 +220,91 @@ impl Runtime {
         }
     }
 
+    fn pause(&self) -> Result<serde_json::Value> {
+        let vm = self.vm_arc()?;
+        lock(&vm).pause()?;
+        Ok(serde_json::json!({"state": "paused"}))
+    }
+
+    fn resume(&self) -> Result<serde_json::Value> {
+        let vm = self.vm_arc()?;
+        lock(&vm).resume();
+        Ok(serde_json::json!({"state": "running"}))
+    }
+
+    fn protect(&self, req: crate::protect::ProtectRequest) -> Result<serde_json::Value> {
+        crate::protect::validate(&req)?;
+        let vm = self.vm_arc()?;
+        let mut p = lock(&self.protection);
+        if p.is_some() {
+            bail!("the vm is already protected (unprotect first)");
+        }
+        *p = Some(crate::protect::Protection::start(&vm, &req, self.tokio.handle()).context("start protection")?);
+        Ok(serde_json::json!({"state": "syncing", "backup": req.backup.to_string()}))
+    }
+
+    fn unprotect(&self) -> Result<serde_json::Value> {
+        let vm = self.vm_arc()?;
+        let p = lock(&self.protection).take().ok_or_else(|| anyhow!("the vm is not protected"))?;
+        p.stop(&vm, self.tokio.handle())?;
+        Ok(serde_json::json!({"state": "unprotected"}))
+    }
+
+    fn verify_journal(&self) -> Result<serde_json::Value> {
+        if let Some(p) = lock(&self.protection).as_ref() {
+            return Ok(serde_json::to_value(&*lock(&p.journal))?);
+        }
+        if let Some(b) = lock(&self.backup).as_ref() {
+            return Ok(serde_json::to_value(b.node.journal())?);
+        }
+        bail!("no protection or backup here: nothing was verified")
+    }
+
+    fn promote(&self) -> Result<serde_json::Value> {
+        let t0 = Instant::now();
+        let role = lock(&self.backup)
+            .take()
+            .ok_or_else(|| anyhow!("this process is not a backup (or was promoted already)"))?;
+        let replica = match role.node.take_replica() {
+            Ok(r) => r,
+            Err(e) => {
+                *lock(&self.backup) = Some(role);
+                return Err(e).context("promote");
+            }
+        };
+        let _ = role.stop.send(true);
+        let digest = format!("{:016x}", replica.digest());
+        let (mem, state, epoch) = replica.into_parts()?;
+        let opts = vmm::vm::RestoreOptions { serial: role.serial.open()?, tap: role.tap.clone() };
+        let mut vm = Vm::restore(mem, &state, opts).context("build the vm from the replica")?;
+        if let Some(net) = vm.net() {
+            let dev = lock(net);
+            if let Err(e) = dev.device().announce() {
+                tracing::warn!("announce after promotion: {e}");
+            }
+        }
+        vm.resume();
+        let promote_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(epoch, digest = %digest, promote_ms, "PROMOTED: the replica runs as the active vm");
+        *lock(&self.vm) = Some(Arc::new(Mutex::new(vm)));
+        *lock(&self.origin) = Origin::Promoted { epoch, memory_digest: digest.clone(), promote_ms };
+        Ok(serde_json::json!({"state": "running", "epoch": epoch, "memory_digest": digest, "promote_ms": promote_ms}))
+    }
+
     fn status(&self) -> Result<serde_json::Value> {
-        let vm = self.vm();
+        let Some(vm) = lock(&self.vm).clone() else {
+            let b = lock(&self.backup);
+            let status = b.as_ref().map(|b| b.node.status());
+            return Ok(serde_json::json!({
+                "role": "backup",
+                "uptime_s": self.started.elapsed().as_secs_f64(),
+                "memory_bytes": self.memory_bytes,
+                "origin": &*lock(&self.origin),
+                "backup": status,
+            }));
+        };
+        let protection = lock(&self.protection).as_ref().map(|p| p.report());
+        let vm = lock(&vm);
         let stopped = vm.stopped().map(|r| match r {
             StopReason::Requested => "stopped by request".to_string(),
             StopReason::Failed(why) => why,
@@ -158,18 +316,23 @@ impl Runtime {
         } else {
             "running"
         };
-        Ok(serde_json::to_value(Status {
+        let origin = lock(&self.origin).clone();
+        let mut v = serde_json::to_value(Status {
             state,
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory_bytes: self.memory_bytes,
             cmdline: vm.cmdline(),
-            origin: &self.origin,
+            origin: &origin,
             stopped_reason: stopped,
-        })?)
+        })?;
+        v["role"] = "primary".into();
+        v["protection"] = serde_json::to_value(protection)?;
+        Ok(v)
     }
 
     fn snapshot(&self, dir: &Path, then: AfterSnapshot) -> Result<serde_json::Value> {
-        let mut vm = self.vm();
+        let vm = self.vm_arc()?;
+        let mut vm = lock(&vm);
         let was_paused = vm.is_paused();
         let t0 = Instant::now();
         vm.pause()?;
@@ -210,7 +373,14 @@ impl Runtime {
     }
 
     fn digest(&self) -> Result<serde_json::Value> {
-        let mut vm = self.vm();
+        if lock(&self.vm).is_none() {
+            let b = lock(&self.backup);
+            let node = &b.as_ref().ok_or_else(|| anyhow!("no vm and no replica"))?.node;
+            let _ = node;
+            bail!("a backup's replica digest is in `verify-journal`");
+        }
+        let vm = self.vm_arc()?;
+        let mut vm = lock(&vm);
         let was_paused = vm.is_paused();
         vm.pause()?;
         // SAFETY: paused: nothing writes guest memory.
@@ -251,14 +421,27 @@ impl Runtime {
                     break Ok(());
                 }
             }
-            if let Some(reason) = self.vm().stopped() {
+            let vm = lock(&self.vm).clone();
+            if let Some(vm) = vm
+                && let Some(reason) = lock(&vm).stopped()
+            {
                 break match reason {
                     StopReason::Requested => Ok(()),
                     StopReason::Failed(why) => Err(anyhow!("vm failed: {why}")),
                 };
             }
         };
-        self.vm().shutdown();
+        if let Some(p) = lock(&self.protection).take()
+            && let Some(vm) = lock(&self.vm).clone()
+        {
+            let _ = p.stop(&vm, self.tokio.handle());
+        }
+        if let Some(b) = lock(&self.backup).take() {
+            let _ = b.stop.send(true);
+        }
+        if let Some(vm) = lock(&self.vm).clone() {
+            lock(&vm).shutdown();
+        }
         if let Some(path) = api_socket {
             let _ = std::fs::remove_file(path);
         }

@@ -120,3 +120,121 @@ pub unsafe fn host_slice(region: &GuestRegion) -> &[u8] {
     // caller guarantees there are no concurrent writers, and any byte pattern is a valid u8.
     unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
 }
+
+/// Guest memory owned by one party and not (yet) given to any VM or device: a backup's
+/// replica. Because nothing else can reach it, plain page slices are safe here. Turn it into a
+/// VM's memory with [`OwnedMemory::into_inner`] (promotion builds the VM over it in place).
+pub struct OwnedMemory {
+    mem: GuestMemory,
+    /// (first pfn, page count, region index), sorted.
+    spans: Vec<(u64, u64, usize)>,
+}
+
+impl OwnedMemory {
+    /// Fresh zeroed anonymous memory with the given `(guest-physical start, size)` layout.
+    pub fn new(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
+        let regions = layout.iter().map(|&(gpa, len)| new_region(gpa, len, None)).collect::<Result<Vec<_>, _>>()?;
+        let mem = GuestMemory::from_regions(regions).map_err(MemoryError::Regions)?;
+        let spans = mem
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.start_addr().raw_value() / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64, i))
+            .collect();
+        Ok(Self { mem, spans })
+    }
+
+    /// The memory layout.
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        layout_of(&self.mem)
+    }
+
+    fn locate(&self, pfn: u64) -> Option<(usize, usize)> {
+        let i = self.spans.partition_point(|&(first, _, _)| first <= pfn).checked_sub(1)?;
+        let (first, count, region) = self.spans[i];
+        (pfn < first + count).then(|| (region, ((pfn - first) as usize) * PAGE_SIZE))
+    }
+
+    /// The page with frame number `pfn`.
+    pub fn page(&self, pfn: u64) -> Option<&[u8]> {
+        let (region, offset) = self.locate(pfn)?;
+        let r = self.mem.iter().nth(region)?;
+        // SAFETY: `self` owns the only handle to this memory (it is never cloned out while
+        // `self` lives), so no VM, device or other thread writes it; `offset + PAGE_SIZE` is
+        // inside the region (checked by `locate`); the borrow of `self` keeps the mapping alive.
+        Some(unsafe { std::slice::from_raw_parts(r.as_ptr().add(offset), PAGE_SIZE) })
+    }
+
+    /// The page with frame number `pfn`, writable.
+    pub fn page_mut(&mut self, pfn: u64) -> Option<&mut [u8]> {
+        let (region, offset) = self.locate(pfn)?;
+        let r = self.mem.iter().nth(region)?;
+        // SAFETY: as in `page`, and `&mut self` makes this the only live slice into the memory.
+        Some(unsafe { std::slice::from_raw_parts_mut(r.as_ptr().add(offset), PAGE_SIZE) })
+    }
+
+    /// Zeroes all memory (drops the pages and maps fresh zero pages).
+    pub fn zero_all(&mut self) {
+        for r in self.mem.iter() {
+            // SAFETY: MADV_DONTNEED on our own private anonymous mapping: its pages read back
+            // as zeros; no one else holds references into it (see `page`).
+            let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                // SAFETY: as above; the region is `len` writable bytes we exclusively own.
+                unsafe { std::ptr::write_bytes(r.as_ptr(), 0, r.len() as usize) };
+            }
+        }
+    }
+
+    /// The digest of all pages (see [`digest`]).
+    pub fn digest(&self) -> u64 {
+        // SAFETY: nothing else writes this memory (see `page`).
+        unsafe { digest(&self.mem) }
+    }
+
+    /// Gives the memory up, to build a VM over it without a copy.
+    pub fn into_inner(self) -> GuestMemory {
+        self.mem
+    }
+}
+
+/// Copies the pages `pfns` (ascending or not) of `mem` into `out`, one 4 KiB page after the
+/// other, through vm-memory's volatile accessors (safe while the guest runs; a page being
+/// written concurrently may be copied half old, half new: callers resend it later).
+pub fn copy_pages(
+    mem: &GuestMemory,
+    pfns: impl Iterator<Item = u64>,
+    out: &mut Vec<u8>,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::Bytes;
+    for pfn in pfns {
+        let at = out.len();
+        out.resize(at + PAGE_SIZE, 0);
+        mem.read_slice(&mut out[at..], GuestAddress(pfn * PAGE_SIZE as u64))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod owned_tests {
+    use super::*;
+
+    #[test]
+    fn owned_pages_and_zeroing() {
+        let mut m = OwnedMemory::new(&[(0, 1 << 20), (0x1_0000_0000, 1 << 20)]).unwrap();
+        assert!(m.page(256).is_none());
+        m.page_mut(3).unwrap().fill(7);
+        m.page_mut(0x10_0000 + 5).unwrap().fill(9);
+        assert_eq!(m.page(3).unwrap()[100], 7);
+        assert_eq!(m.page(0x10_0000 + 5).unwrap()[4095], 9);
+        let d = m.digest();
+        let mut out = Vec::new();
+        let mem = m.into_inner();
+        copy_pages(&mem, [3u64, 0x10_0005].into_iter(), &mut out).unwrap();
+        assert_eq!(out.len(), 8192);
+        assert!(out[..4096].iter().all(|&b| b == 7) && out[4096..].iter().all(|&b| b == 9));
+        let mut m = OwnedMemory { spans: vec![(0, 256, 0), (0x10_0000, 256, 1)], mem };
+        assert_eq!(m.digest(), d);
+        m.zero_all();
+        assert!(m.page(3).unwrap().iter().all(|&b| b == 0));
+    }
+}

@@ -432,6 +432,15 @@ impl Vm {
         })
     }
 
+    /// The digest of all guest memory ([`memory::digest`]); the VM must be paused.
+    pub fn memory_digest(&self) -> Result<u64, VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused("memory digest"));
+        }
+        // SAFETY: the vCPUs and devices are paused (checked above): nothing writes guest memory.
+        Ok(unsafe { memory::digest(&self.memory) })
+    }
+
     /// Turns KVM dirty logging on for all guest memory and clears both dirty sources, so the
     /// next [`Vm::harvest_dirty`] returns what was written from now on.
     pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {

@@ -142,8 +142,8 @@ mod tests {
         assert!(dirty_check(&page, 7, 3));
         assert!(!dirty_check(&page, 7, 2));
         assert!(!dirty_check(&page, 8, 3));
-        for k in 0..PAGE_WORDS {
-            assert_eq!(page[k], dirty_word(7, 3, k));
+        for (k, w) in page.iter().enumerate() {
+            assert_eq!(*w, dirty_word(7, 3, k));
         }
         page[100] ^= 1;
         assert!(!dirty_check(&page, 7, 3));

@@ -25,7 +25,7 @@ pub const DEFAULT_RATE: u64 = 1000;
 /// Default `kv` address.
 pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr { addr: [10, 0, 0, 2], prefix: 24 };
 /// Default number of `kv` TCP sockets (concurrent connections).
-pub const DEFAULT_CONNS: usize = 32;
+pub const DEFAULT_CONNS: usize = 64;
 /// Most `virtio_mmio.device` words taken.
 pub const MAX_VIRTIO_DEVICES: usize = 16;
 
@@ -246,10 +246,8 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError> {
     };
     let mut virtio_mmio = Vec::new();
     for v in get_all(cmdline, "virtio_mmio.device") {
-        let dev = parse_virtio_mmio(v).ok_or(CmdlineError {
-            key: "virtio_mmio.device",
-            what: "not <size>@<base>:<irq>",
-        })?;
+        let dev =
+            parse_virtio_mmio(v).ok_or(CmdlineError { key: "virtio_mmio.device", what: "not <size>@<base>:<irq>" })?;
         if virtio_mmio.len() == MAX_VIRTIO_DEVICES {
             return Err(CmdlineError { key: "virtio_mmio.device", what: "too many" });
         }
@@ -366,10 +364,7 @@ mod tests {
 
     #[test]
     fn counter_and_errors() {
-        assert_eq!(
-            parse("workload=counter period_ms=0x10").unwrap().workload,
-            Workload::Counter { period_ms: 16 }
-        );
+        assert_eq!(parse("workload=counter period_ms=0x10").unwrap().workload, Workload::Counter { period_ms: 16 });
         assert_eq!(parse("workload=nope").unwrap_err().key, "workload");
         assert_eq!(parse("hz=0").unwrap_err(), CmdlineError { key: "hz", what: "out of range" });
         assert_eq!(parse("hz=10000").unwrap_err().key, "hz");

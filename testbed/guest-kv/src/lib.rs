@@ -16,3 +16,5 @@ extern crate alloc;
 
 pub mod checksum;
 pub mod cmdline;
+pub mod protocol;
+pub mod store;

@@ -1,0 +1,5 @@
+//! The Understudy backup: receives checkpoints, commits each atomically into the replica,
+//! acknowledges it, and promotes the replica to a running VM when told to.
+
+pub mod replica;
+pub mod server;

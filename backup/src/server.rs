@@ -1,0 +1,309 @@
+//! The backup's server: accepts the primary over QUIC (mutual TLS), runs
+//! `replication-proto`'s [`Receiver`], commits each whole checkpoint into the [`Replica`] and
+//! acknowledges it. One primary at a time; after a disconnect the same receiver (and replica)
+//! serves the next connection, so the primary can resume from the committed epoch.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use replication_proto::{MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, VmIdentity};
+use serde::Serialize;
+use tokio::sync::watch;
+use transport::session::StreamCommand;
+use transport::{Endpoint, Identity, Tuning};
+
+use crate::replica::Replica;
+
+/// What the backup serves.
+#[derive(Clone)]
+pub struct BackupConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Our certificates.
+    pub identity: Identity,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+    /// The protected VM.
+    pub vm: VmIdentity,
+    /// Its memory layout as `(guest-physical start, size)` pairs.
+    pub layout: Vec<(u64, u64)>,
+    /// Record memory digests of every consistent commit (for verification tests).
+    pub verify: bool,
+}
+
+/// A verification point: replica digest and state checksum after a commit.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct VerifyPoint {
+    /// Wire epoch.
+    pub epoch: u64,
+    /// Replica memory digest.
+    pub memory_digest: u64,
+    /// crc32 of the encoded `VmState`.
+    pub state_crc: u32,
+}
+
+/// What `understudy status` shows for a backup.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BackupStatus {
+    /// `waiting`, `syncing`, `consistent` or `promoted`.
+    pub state: String,
+    /// Whether a primary is connected.
+    pub connected: bool,
+    /// The primary's certificate name.
+    pub primary: Option<String>,
+    /// Last committed epoch.
+    pub committed_epoch: Option<u64>,
+    /// Last consistent (promotable) epoch.
+    pub consistent_epoch: Option<u64>,
+    /// Checkpoints committed.
+    pub commits: u64,
+    /// Checkpoints refused (did not apply; replica unchanged).
+    pub rejected: u64,
+    /// Pages written into the replica.
+    pub pages: u64,
+    /// Mean commit time, µs.
+    pub commit_us_mean: f64,
+    /// Seconds since the last commit.
+    pub since_last_commit_s: Option<f64>,
+    /// The last error seen.
+    pub last_error: Option<String>,
+}
+
+/// State shared between the server task and the admin API.
+pub struct BackupNode {
+    replica: Mutex<Option<Replica>>,
+    status: Mutex<BackupStatus>,
+    last_commit: Mutex<Option<Instant>>,
+    journal: Mutex<Vec<VerifyPoint>>,
+    commit_us_total: Mutex<f64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Errors of the backup node.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The endpoint could not be set up.
+    #[error("backup: listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<transport::EndpointError>,
+    },
+    /// The replica could not be set up or promoted.
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
+    /// The replica was already promoted.
+    #[error("the replica was already promoted")]
+    Promoted,
+    /// The memory layout is unusable.
+    #[error("backup: {0}")]
+    Layout(String),
+}
+
+impl BackupNode {
+    /// A node with an empty replica of `layout`.
+    pub fn new(layout: &[(u64, u64)]) -> Result<Arc<Self>, BackupError> {
+        let replica = Replica::new(layout)?;
+        Ok(Arc::new(Self {
+            replica: Mutex::new(Some(replica)),
+            status: Mutex::new(BackupStatus { state: "waiting".into(), ..Default::default() }),
+            last_commit: Mutex::new(None),
+            journal: Mutex::new(Vec::new()),
+            commit_us_total: Mutex::new(0.0),
+        }))
+    }
+
+    /// The status now.
+    pub fn status(&self) -> BackupStatus {
+        let mut s = lock(&self.status).clone();
+        s.since_last_commit_s = lock(&self.last_commit).map(|t| t.elapsed().as_secs_f64());
+        s
+    }
+
+    /// Verification points recorded so far.
+    pub fn journal(&self) -> Vec<VerifyPoint> {
+        lock(&self.journal).clone()
+    }
+
+    /// Takes the replica for promotion; the server stops committing.
+    pub fn take_replica(&self) -> Result<Replica, BackupError> {
+        let r = lock(&self.replica).take().ok_or(BackupError::Promoted)?;
+        if r.consistent_epoch().is_none() {
+            let e = crate::replica::ReplicaError::NotConsistent;
+            *lock(&self.replica) = Some(r);
+            return Err(e.into());
+        }
+        lock(&self.status).state = "promoted".into();
+        Ok(r)
+    }
+
+    fn commit(&self, cp: &replication_proto::Checkpoint, verify: bool) -> Result<(), String> {
+        let t0 = Instant::now();
+        let mut guard = lock(&self.replica);
+        let Some(replica) = guard.as_mut() else { return Err("replica was promoted".into()) };
+        match replica.commit(cp) {
+            Ok(c) => {
+                let us = t0.elapsed().as_secs_f64() * 1e6;
+                if verify && c.consistent {
+                    let p = VerifyPoint {
+                        epoch: c.epoch,
+                        memory_digest: replica.digest(),
+                        state_crc: crc32fast::hash(cp.state()),
+                    };
+                    lock(&self.journal).push(p);
+                }
+                *lock(&self.last_commit) = Some(Instant::now());
+                let mut total = lock(&self.commit_us_total);
+                *total += us;
+                let mut s = lock(&self.status);
+                s.commits += 1;
+                s.pages += c.pages as u64;
+                s.commit_us_mean = *total / s.commits as f64;
+                s.committed_epoch = Some(c.epoch);
+                s.consistent_epoch = replica.consistent_epoch();
+                let state = if c.consistent { "consistent" } else { "syncing" };
+                if s.state != state {
+                    tracing::info!(epoch = c.epoch, "backup replica: {} -> {state}", s.state);
+                    s.state = state.into();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut s = lock(&self.status);
+                s.rejected += 1;
+                let msg = error_chain(&e);
+                s.last_error = Some(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// Builds the protocol layout from `(start, size)` pairs.
+pub fn proto_layout(layout: &[(u64, u64)]) -> Result<MemoryLayout, BackupError> {
+    let l = MemoryLayout {
+        page_size: vmm::memory::PAGE_SIZE as u32,
+        ranges: layout.iter().map(|&(start, len)| replication_proto::GuestRange { start, len }).collect(),
+    };
+    l.validate().map_err(|e| BackupError::Layout(e.to_string()))?;
+    Ok(l)
+}
+
+/// Serves primaries until `stop` turns true.
+pub async fn serve(
+    cfg: BackupConfig,
+    node: Arc<BackupNode>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BackupError> {
+    let endpoint = Endpoint::bind(cfg.listen, &cfg.identity, transport::proto::protocol_versions(), cfg.tuning.clone())
+        .map_err(|source| BackupError::Bind { addr: cfg.listen, source: Box::new(source) })?;
+    tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, "backup listening");
+    let layout = proto_layout(&cfg.layout)?;
+    let instance = u64::from(std::process::id()) << 32 ^ Instant::now().elapsed().subsec_nanos() as u64;
+    let mut receiver = Some(Receiver::new(ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout, instance)));
+    loop {
+        let conn = tokio::select! {
+            c = endpoint.accept() => c,
+            _ = stop.changed() => break,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("backup: refused a peer: {}", error_chain(&e));
+                lock(&node.status).last_error = Some(error_chain(&e));
+                continue;
+            }
+        };
+        let peer = conn.peer_name().map(str::to_string);
+        tracing::info!(peer = ?peer, addr = %conn.remote_address(), "backup: primary connected");
+        {
+            let mut s = lock(&node.status);
+            s.connected = true;
+            s.primary = peer;
+        }
+        let mut session = transport::proto::receiver_session(conn, receiver.take().expect("receiver"));
+        loop {
+            let ev = tokio::select! {
+                ev = session.next_event() => ev,
+                _ = stop.changed() => break,
+            };
+            let Some(ev) = ev else { break };
+            match ev {
+                ReceiverEvent::Connected { peer } => tracing::info!(vm = %peer.vm.name, "backup: session established"),
+                ReceiverEvent::Checkpoint(cp) => {
+                    let epoch = cp.epoch();
+                    let node2 = Arc::clone(&node);
+                    let verify = cfg.verify;
+                    let result = tokio::task::spawn_blocking(move || node2.commit(&cp, verify)).await;
+                    let cmd = match result {
+                        Ok(Ok(())) => StreamCommand::with(move |r: &mut Receiver, now| {
+                            if let Err(e) = r.committed(now, epoch) {
+                                tracing::error!("backup: committed({epoch}): {e}");
+                            }
+                        }),
+                        Ok(Err(why)) => {
+                            tracing::error!("backup: checkpoint {epoch} refused, replica unchanged: {why}");
+                            StreamCommand::with(move |r: &mut Receiver, now| {
+                                let _ = r.reject(now, epoch);
+                            })
+                        }
+                        Err(e) => {
+                            tracing::error!("backup: commit task failed: {e}");
+                            break;
+                        }
+                    };
+                    if session.command(cmd).await.is_err() {
+                        break;
+                    }
+                }
+                ReceiverEvent::Pages { .. } => {}
+                ReceiverEvent::Disconnected { error } => {
+                    tracing::warn!("backup: primary disconnected: {error}");
+                    lock(&node.status).last_error = Some(error.to_string());
+                    break;
+                }
+            }
+        }
+        lock(&node.status).connected = false;
+        match session.finish().await {
+            Ok(f) => receiver = Some(f.core.into_endpoint()),
+            Err(e) => {
+                tracing::error!("backup: session task failed: {e}");
+                return Ok(());
+            }
+        }
+    }
+    endpoint.shutdown().await;
+    Ok(())
+}
+
+/// A VM identity from its name (the uuid is derived from the name; both sides use the same).
+pub fn vm_identity(name: &str) -> VmIdentity {
+    let a = crc32fast::hash(name.as_bytes());
+    let b = crc32fast::hash(format!("understudy:{name}").as_bytes());
+    let c = crc32fast::hash(format!("{name}:vm").as_bytes());
+    let d = crc32fast::hash(format!("vm:{name}:uuid").as_bytes());
+    let mut uuid = [0u8; 16];
+    uuid[0..4].copy_from_slice(&a.to_le_bytes());
+    uuid[4..8].copy_from_slice(&b.to_le_bytes());
+    uuid[8..12].copy_from_slice(&c.to_le_bytes());
+    uuid[12..16].copy_from_slice(&d.to_le_bytes());
+    VmIdentity { uuid, name: name.to_string() }
+}

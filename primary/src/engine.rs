@@ -1,0 +1,437 @@
+//! The epoch engine: pre-copy sync, then pause, harvest, resume, hand off, epoch after epoch.
+//!
+//! It runs on its own thread. Each protected epoch it takes the VM lock, pauses the vCPUs and
+//! the net device, fetches and clears the dirty log (OR the VMM's own writes), copies those
+//! pages into a staging buffer, captures `VmState`, moves the output-commit boundary, and
+//! resumes; the pause is exactly that. Encoding and shipping happen on the link task while the
+//! next epoch runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::memory::{PAGE_SIZE, copy_pages};
+use vmm::vm::Vm;
+
+use crate::output::OutputBuffer;
+use crate::stats::{ProtectionState, Stats, SyncProgress};
+
+/// Epoch length policy.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochTiming {
+    /// Shortest epoch.
+    pub min: Duration,
+    /// Longest epoch.
+    pub max: Duration,
+    /// Fixed length (overrides the adaptive policy).
+    pub fixed: Option<Duration>,
+}
+
+impl Default for EpochTiming {
+    fn default() -> Self {
+        Self { min: Duration::from_millis(10), max: Duration::from_millis(50), fixed: None }
+    }
+}
+
+impl EpochTiming {
+    /// The next epoch's length: a fixed length, or long enough that the last pause costs at
+    /// most 2% of the guest's time, short when output is waiting, within the bounds.
+    pub fn next(&self, last_pause: Duration, output_waiting: bool) -> Duration {
+        if let Some(f) = self.fixed {
+            return f;
+        }
+        if output_waiting {
+            return self.min;
+        }
+        (last_pause * 50).clamp(self.min, self.max)
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Epoch length policy.
+    pub timing: EpochTiming,
+    /// Checkpoints in flight (shipped, not acknowledged) before the engine waits.
+    pub window: usize,
+    /// Most pre-copy rounds after the full copy.
+    pub precopy_max_rounds: u32,
+    /// Stop pre-copying once a round dirtied fewer pages than this.
+    pub precopy_stop_pages: u64,
+    /// Every this many checkpoints, digest guest memory while paused (for verification; 0 = off).
+    pub verify_every: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            timing: EpochTiming::default(),
+            window: 4,
+            precopy_max_rounds: 8,
+            precopy_stop_pages: 4096,
+            verify_every: 0,
+        }
+    }
+}
+
+/// What a harvest is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HarvestKind {
+    /// The full copy that starts a sync (all non-zero pages, taken while the guest runs).
+    Baseline,
+    /// A pre-copy round (dirty pages, taken while the guest runs): no consistent state.
+    Precopy,
+    /// A consistent checkpoint: pages and state taken while paused.
+    Checkpoint,
+}
+
+/// One harvest, handed from the engine to the link.
+pub struct Harvest {
+    /// Harvest sequence number (1, 2, ...): output is tagged with it.
+    pub seq: u64,
+    /// What it is.
+    pub kind: HarvestKind,
+    /// Page frame numbers, ascending.
+    pub pfns: Vec<u64>,
+    /// The pages, `PAGE_SIZE` bytes each, in `pfns` order.
+    pub data: Vec<u8>,
+    /// Encoded `VmState` (empty unless a checkpoint).
+    pub state: Vec<u8>,
+    /// Memory digest at this checkpoint, when sampled for verification.
+    pub digest: Option<u64>,
+    /// When it was taken.
+    pub taken_at: Instant,
+}
+
+impl Harvest {
+    /// `(pfn, page)` pairs.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8])> + Clone {
+        self.pfns.iter().copied().zip(self.data.chunks(PAGE_SIZE))
+    }
+}
+
+/// State shared between the engine thread and the link task.
+pub struct LinkShared {
+    in_flight: Mutex<usize>,
+    cv: Condvar,
+    /// The link needs a new baseline (reconnect without resume, or the backup asked).
+    pub need_baseline: AtomicBool,
+    /// A session with the backup is established.
+    pub up: AtomicBool,
+    /// The engine should stop.
+    pub stop: AtomicBool,
+    /// Highest harvest sequence acknowledged.
+    pub acked_seq: Mutex<u64>,
+}
+
+impl Default for LinkShared {
+    fn default() -> Self {
+        Self {
+            in_flight: Mutex::new(0),
+            cv: Condvar::new(),
+            need_baseline: AtomicBool::new(false),
+            up: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            acked_seq: Mutex::new(0),
+        }
+    }
+}
+
+impl LinkShared {
+    /// The link finished with `n` harvests (acked or dropped).
+    pub fn done(&self, n: usize) {
+        let mut g = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *g = g.saturating_sub(n);
+        self.cv.notify_all();
+    }
+
+    /// Everything in flight was dropped (resync).
+    pub fn reset_in_flight(&self) {
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        self.cv.notify_all();
+    }
+
+    /// Records an acknowledged harvest sequence.
+    pub fn acked(&self, seq: u64) {
+        let mut a = self.acked_seq.lock().unwrap_or_else(|e| e.into_inner());
+        *a = (*a).max(seq);
+        self.cv.notify_all();
+    }
+
+    fn started(&self) {
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    /// Wakes the engine (state change).
+    pub fn wake(&self) {
+        self.cv.notify_all();
+    }
+
+    /// Waits until fewer than `limit` are in flight, or `timeout`, or stop. True if room.
+    fn wait_room(&self, limit: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        while *g >= limit && !self.stop.load(Ordering::SeqCst) && !self.need_baseline.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self.cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *g < limit
+    }
+}
+
+/// Errors that end the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The VM failed during a harvest.
+    #[error("harvest {seq}")]
+    Vm {
+        /// Harvest sequence.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: vmm::vm::VmError,
+    },
+    /// Encoding the state failed.
+    #[error("harvest {seq}: encode vm state")]
+    State {
+        /// Harvest sequence.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: vmm::state::StateError,
+    },
+    /// Reading guest memory failed.
+    #[error("harvest {seq}: read guest memory")]
+    Memory {
+        /// Harvest sequence.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The link went away for good.
+    #[error("link to the backup closed")]
+    LinkClosed,
+}
+
+/// The engine's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Sync { round: u32 },
+    Protected,
+    Degraded,
+}
+
+/// The epoch engine of one protected VM.
+pub struct Engine {
+    vm: Arc<Mutex<Vm>>,
+    output: Option<Arc<OutputBuffer>>,
+    stats: Arc<Stats>,
+    link: Arc<LinkShared>,
+    cfg: EngineConfig,
+    tx: tokio::sync::mpsc::Sender<Harvest>,
+    seq: u64,
+    last_pause: Duration,
+    degrade_after: Duration,
+}
+
+impl Engine {
+    /// An engine for `vm`, handing harvests to `tx`.
+    pub fn new(
+        vm: Arc<Mutex<Vm>>,
+        output: Option<Arc<OutputBuffer>>,
+        stats: Arc<Stats>,
+        link: Arc<LinkShared>,
+        cfg: EngineConfig,
+        tx: tokio::sync::mpsc::Sender<Harvest>,
+        degrade_after: Duration,
+    ) -> Self {
+        Self { vm, output, stats, link, cfg, tx, seq: 0, last_pause: Duration::ZERO, degrade_after }
+    }
+
+    fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&mut self, h: Harvest) -> Result<(), EngineError> {
+        self.link.started();
+        self.tx.blocking_send(h).map_err(|_| EngineError::LinkClosed)
+    }
+
+    fn stopping(&self) -> bool {
+        self.link.stop.load(Ordering::SeqCst)
+    }
+
+    /// Runs until stopped. The first phase is a full sync.
+    pub fn run(mut self) -> Result<(), EngineError> {
+        let mut phase = Phase::Sync { round: 0 };
+        self.stats.set_state(ProtectionState::Syncing, "protection started");
+        let mut link_down_since: Option<Instant> = None;
+        while !self.stopping() {
+            // Link health: degrade when the backup has been unreachable too long.
+            if self.link.up.load(Ordering::SeqCst) {
+                link_down_since = None;
+                if phase == Phase::Degraded {
+                    phase = Phase::Sync { round: 0 };
+                    self.stats.set_state(ProtectionState::Syncing, "backup reachable again: re-syncing");
+                }
+            } else {
+                let since = *link_down_since.get_or_insert_with(Instant::now);
+                if phase != Phase::Degraded && since.elapsed() >= self.degrade_after {
+                    phase = Phase::Degraded;
+                    if let Some(o) = &self.output {
+                        o.set_passthrough(true);
+                    }
+                    self.link.reset_in_flight();
+                    self.stats.set_state(
+                        ProtectionState::Degraded,
+                        &format!("backup unreachable for {} ms", since.elapsed().as_millis()),
+                    );
+                }
+                if phase != Phase::Protected {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            }
+            if self.link.need_baseline.swap(false, Ordering::SeqCst) {
+                tracing::warn!("backup needs a new baseline: re-syncing");
+                self.link.reset_in_flight();
+                phase = Phase::Sync { round: 0 };
+                self.stats.set_state(ProtectionState::Syncing, "backup asked for a baseline");
+            }
+            phase = match phase {
+                Phase::Sync { round } => self.sync_round(round)?,
+                Phase::Protected => {
+                    self.checkpoint()?;
+                    Phase::Protected
+                }
+                Phase::Degraded => Phase::Degraded,
+            };
+        }
+        self.stats.set_state(ProtectionState::Stopping, "protection stopped");
+        if let Some(o) = &self.output {
+            o.set_passthrough(true);
+        }
+        Ok(())
+    }
+
+    /// One pre-copy round; returns the next phase.
+    fn sync_round(&mut self, round: u32) -> Result<Phase, EngineError> {
+        if let Some(o) = &self.output {
+            // Until the replica is consistent nothing can be held for it.
+            o.set_passthrough(true);
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let t0 = Instant::now();
+        let (kind, pfns, data, total_pages) = {
+            let mut vm = self.vm();
+            let total_pages: u64 = vmm::memory::layout_of(vm.memory()).iter().map(|r| r.1 / PAGE_SIZE as u64).sum();
+            if round == 0 {
+                // Start dirty tracking now, then copy everything: later rounds resend what
+                // changed meanwhile.
+                vm.enable_dirty_log().map_err(|source| EngineError::Vm { seq, source })?;
+                let mut pfns = Vec::new();
+                let mut data = Vec::new();
+                for (gpa, size) in vmm::memory::layout_of(vm.memory()) {
+                    let first = gpa / PAGE_SIZE as u64;
+                    for pfn in first..first + size / PAGE_SIZE as u64 {
+                        let at = data.len();
+                        copy_pages(vm.memory(), std::iter::once(pfn), &mut data)
+                            .map_err(|source| EngineError::Memory { seq, source })?;
+                        if data[at..].iter().all(|&b| b == 0) {
+                            data.truncate(at);
+                        } else {
+                            pfns.push(pfn);
+                        }
+                    }
+                }
+                (HarvestKind::Baseline, pfns, data, total_pages)
+            } else {
+                let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+                let pfns: Vec<u64> = dirty.pages().collect();
+                let mut data = Vec::with_capacity(pfns.len() * PAGE_SIZE);
+                copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
+                    .map_err(|source| EngineError::Memory { seq, source })?;
+                (HarvestKind::Precopy, pfns, data, total_pages)
+            }
+        };
+        let pages = pfns.len() as u64;
+        self.stats.lock().sync = Some(SyncProgress { round, pages, total_pages });
+        tracing::info!(round, pages, total_pages, ms = t0.elapsed().as_millis() as u64, "sync round copied");
+        self.send(Harvest { seq, kind, pfns, data, state: Vec::new(), digest: None, taken_at: t0 })?;
+        // Let this round land before measuring the next: the dirty set then reflects the
+        // time the round took on the wire.
+        while !self.link.wait_room(1, Duration::from_millis(100)) {
+            if self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
+            {
+                return Ok(Phase::Sync { round: 0 });
+            }
+        }
+        let converged = round > 0 && pages < self.cfg.precopy_stop_pages;
+        if converged || round >= self.cfg.precopy_max_rounds {
+            // The first consistent checkpoint ends the sync.
+            if let Some(o) = &self.output {
+                o.begin(self.seq + 1);
+                o.set_passthrough(false);
+            }
+            self.checkpoint()?;
+            self.stats.lock().sync = None;
+            return Ok(Phase::Protected);
+        }
+        Ok(Phase::Sync { round: round + 1 })
+    }
+
+    /// One protected epoch: wait, pause, harvest, resume, hand off.
+    fn checkpoint(&mut self) -> Result<(), EngineError> {
+        let waiting = self.output.as_ref().is_some_and(|o| o.held().0 > 0);
+        let len = self.cfg.timing.next(self.last_pause, waiting);
+        let epoch_start = Instant::now();
+        std::thread::sleep(len);
+        if !self.link.wait_room(self.cfg.window, Duration::from_millis(200)) {
+            return Ok(());
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let verify = self.cfg.verify_every > 0 && seq.is_multiple_of(self.cfg.verify_every);
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        vm.pause().map_err(|source| EngineError::Vm { seq, source })?;
+        let result = (|| {
+            let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+            let pfns: Vec<u64> = dirty.pages().collect();
+            let mut data = Vec::with_capacity(pfns.len() * PAGE_SIZE);
+            copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
+                .map_err(|source| EngineError::Memory { seq, source })?;
+            let state = vm.save_state().map_err(|source| EngineError::Vm { seq, source })?;
+            let digest =
+                if verify { Some(vm.memory_digest().map_err(|source| EngineError::Vm { seq, source })?) } else { None };
+            if let Some(o) = &self.output {
+                o.begin(seq + 1);
+            }
+            Ok::<_, EngineError>((pfns, data, state, digest))
+        })();
+        vm.resume();
+        let pause = t0.elapsed();
+        drop(vm);
+        let (pfns, data, state, digest) = result?;
+        let state = state.encode().map_err(|source| EngineError::State { seq, source })?;
+        self.last_pause = pause;
+        {
+            let mut s = self.stats.lock();
+            s.epochs += 1;
+            s.last_submitted = seq;
+            s.pause_us.push(pause.as_secs_f64() * 1e6);
+            s.dirty_pages.push(pfns.len() as f64);
+            s.epoch_us.push(epoch_start.elapsed().as_secs_f64() * 1e6);
+            s.harvest_times.push_back(t0);
+            while s.harvest_times.len() > 4096 {
+                s.harvest_times.pop_front();
+            }
+        }
+        self.send(Harvest { seq, kind: HarvestKind::Checkpoint, pfns, data, state, digest, taken_at: t0 })
+    }
+}

@@ -1,0 +1,232 @@
+//! The link to the backup: a tokio task that connects over QUIC (mutual TLS), runs
+//! `replication-proto`'s [`Sender`] on the connection, submits the engine's harvests, and on
+//! each acknowledgement releases the held output and tells the engine. It reconnects after a
+//! failure; the sender resumes from the backup's committed epoch when it can, otherwise it asks
+//! the engine for a new baseline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replication_proto::{Sender, SenderEvent, SubmitError};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use transport::session::{Session, StreamCommand, StreamCore};
+use transport::{Endpoint, Identity, Tuning};
+
+use crate::engine::{Harvest, HarvestKind, LinkShared};
+use crate::output::OutputBuffer;
+use crate::stats::{ProtectionState, Stats};
+
+/// Where the backup is and who we are.
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// The backup's address.
+    pub backup: SocketAddr,
+    /// The backup's certificate name.
+    pub backup_name: String,
+    /// Our certificates.
+    pub identity: Identity,
+    /// Local address to bind (port 0 for any).
+    pub bind: SocketAddr,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+}
+
+/// A sampled verification point: memory digest and state checksum at a committed epoch.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct VerifyPoint {
+    /// Wire epoch.
+    pub epoch: u64,
+    /// Memory digest.
+    pub memory_digest: u64,
+    /// crc32 of the encoded `VmState`.
+    pub state_crc: u32,
+}
+
+/// Verification points recorded by the primary.
+pub type Journal = Arc<Mutex<Vec<VerifyPoint>>>;
+
+struct InFlight {
+    seq: u64,
+    kind: HarvestKind,
+}
+
+/// Runs the link until the harvest channel closes.
+pub async fn run(
+    cfg: LinkConfig,
+    mut sender: Sender,
+    mut harvests: mpsc::Receiver<Harvest>,
+    shared: Arc<LinkShared>,
+    output: Option<Arc<OutputBuffer>>,
+    stats: Arc<Stats>,
+    journal: Journal,
+) {
+    let versions = transport::proto::protocol_versions();
+    let endpoint = match Endpoint::bind(cfg.bind, &cfg.identity, versions, cfg.tuning.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("link: bind {}: {e}", cfg.bind);
+            stats.set_state(ProtectionState::Degraded, &format!("cannot bind {}: {e}", cfg.bind));
+            return;
+        }
+    };
+    let mut pending: Option<Harvest> = None;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let conn = match endpoint.connect(cfg.backup, &cfg.backup_name).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("link: connect to backup {} ({}): {e}", cfg.backup, cfg.backup_name);
+                shared.up.store(false, Ordering::SeqCst);
+                shared.wake();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                // Keep the engine from blocking on a full channel while we are away.
+                while let Ok(h) = harvests.try_recv() {
+                    pending = Some(h);
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let mut session = transport::proto::sender_session(conn, sender);
+        let mut in_flight: BTreeMap<u64, InFlight> = BTreeMap::new();
+        let mut closed = false;
+        loop {
+            tokio::select! {
+                h = async { match pending.take() { Some(h) => Some(h), None => harvests.recv().await } } => {
+                    let Some(h) = h else { closed = true; break };
+                    match submit(&session, h).await {
+                        Ok((epoch, h)) => {
+                            if let Some(d) = h.digest {
+                                journal.lock().unwrap_or_else(|e| e.into_inner()).push(VerifyPoint {
+                                    epoch, memory_digest: d, state_crc: crc32(&h.state),
+                                });
+                            }
+                            in_flight.insert(epoch, InFlight { seq: h.seq, kind: h.kind });
+                            let mut s = stats.lock();
+                            s.bytes_sent += h.data.len() as u64 + h.state.len() as u64;
+                            s.wire_bytes.push((h.data.len() + h.state.len()) as f64);
+                        }
+                        Err(SubmitOutcome::Retry(h)) => { pending = Some(h); tokio::time::sleep(Duration::from_millis(1)).await; }
+                        Err(SubmitOutcome::Baseline) => {
+                            in_flight.clear();
+                            shared.need_baseline.store(true, Ordering::SeqCst);
+                            shared.reset_in_flight();
+                        }
+                        Err(SubmitOutcome::Dropped(why)) => {
+                            tracing::error!("link: harvest dropped: {why}");
+                            shared.done(1);
+                        }
+                        Err(SubmitOutcome::Gone) => break,
+                    }
+                }
+                ev = session.next_event() => {
+                    let Some(ev) = ev else { break };
+                    match ev {
+                        SenderEvent::Connected { resumed_from, .. } => {
+                            tracing::info!(?resumed_from, backup = %cfg.backup, "link: session established");
+                            shared.up.store(true, Ordering::SeqCst);
+                            shared.wake();
+                        }
+                        SenderEvent::Acked { epoch, latency } => {
+                            let done: Vec<u64> = in_flight.range(..=epoch).map(|(k, _)| *k).collect();
+                            let mut top: Option<InFlight> = None;
+                            for k in &done {
+                                top = in_flight.remove(k);
+                            }
+                            if let Some(t) = top {
+                                shared.acked(t.seq);
+                                shared.done(done.len());
+                                if let Some(o) = &output {
+                                    o.release(t.seq);
+                                }
+                                {
+                                    let mut s = stats.lock();
+                                    s.last_acked = t.seq;
+                                    s.last_acked_wire_epoch = epoch;
+                                    if let Some(l) = latency {
+                                        s.ack_us.push(l.as_secs_f64() * 1e6);
+                                    }
+                                }
+                                if t.kind == HarvestKind::Checkpoint && stats.state() == ProtectionState::Syncing {
+                                    stats.set_state(ProtectionState::Protected, &format!("backup committed consistent epoch {epoch}"));
+                                }
+                            }
+                        }
+                        SenderEvent::BaselineRequired { reason } => {
+                            tracing::warn!(?reason, "link: backup needs a baseline");
+                            if !matches!(reason, replication_proto::BaselineReason::Initial) {
+                                in_flight.clear();
+                                shared.need_baseline.store(true, Ordering::SeqCst);
+                                shared.reset_in_flight();
+                            }
+                        }
+                        SenderEvent::PagesRequested { .. } => {}
+                        SenderEvent::Disconnected { error } => {
+                            tracing::warn!("link: disconnected from backup: {error}");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        shared.up.store(false, Ordering::SeqCst);
+        shared.wake();
+        match session.finish().await {
+            Ok(f) => sender = f.core.into_endpoint(),
+            Err(e) => {
+                tracing::error!("link: session task failed: {e}");
+                return;
+            }
+        }
+        if closed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    endpoint.shutdown().await;
+}
+
+enum SubmitOutcome {
+    Retry(Harvest),
+    Baseline,
+    Dropped(String),
+    Gone,
+}
+
+async fn submit(session: &Session<StreamCore<Sender>>, h: Harvest) -> Result<(u64, Harvest), SubmitOutcome> {
+    let (tx, rx) = oneshot::channel();
+    let cmd = StreamCommand::with(move |ep: &mut Sender, now: Instant| {
+        let r = if h.kind == HarvestKind::Baseline {
+            ep.submit_baseline(now, h.pages(), &h.state)
+        } else {
+            ep.submit(now, h.pages(), &h.state)
+        };
+        let _ = tx.send((r, h));
+    });
+    if session.command(cmd).await.is_err() {
+        return Err(SubmitOutcome::Gone);
+    }
+    match rx.await {
+        Ok((Ok(epoch), h)) => Ok((epoch, h)),
+        Ok((Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. }), h)) => Err(SubmitOutcome::Retry(h)),
+        Ok((Err(SubmitError::BaselineRequired { .. }), h)) if h.kind != HarvestKind::Baseline => {
+            Err(SubmitOutcome::Baseline)
+        }
+        Ok((Err(e), _)) => Err(SubmitOutcome::Dropped(e.to_string())),
+        Err(_) => Err(SubmitOutcome::Gone),
+    }
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(b);
+    h.finalize()
+}

@@ -1,0 +1,188 @@
+//! Output commit: the guest's transmitted frames are held per epoch and released to the TAP
+//! only once the backup acknowledged the epoch that produced them.
+//!
+//! The virtio-net worker pushes frames through [`HoldingSink`]; each frame is tagged with the
+//! harvest sequence number of the epoch running when it was sent (set by [`OutputBuffer::begin`]
+//! while the VM is paused, so the boundary is exact). [`OutputBuffer::release`] writes every
+//! frame of epochs up to the acknowledged one, in order. When held bytes would exceed the cap
+//! a new frame is dropped, as a congested link would (TCP resends), and counted.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use vmm::devices::tap::Tap;
+use vmm::devices::virtio::net::TxSink;
+
+/// Default cap on held bytes.
+pub const DEFAULT_HOLD_CAP: usize = 64 << 20;
+
+struct Held {
+    epoch: u64,
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+struct Inner {
+    /// Harvest sequence of the epoch now running: frames sent now belong to it.
+    current: u64,
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    released_upto: u64,
+    passthrough: bool,
+}
+
+/// A record of one release, for tests that prove output commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseRecord {
+    /// Epoch (harvest sequence) that produced the frame.
+    pub epoch: u64,
+    /// When the frame was released.
+    pub at: Instant,
+}
+
+/// Counters of the output buffer.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    /// Frames released to the TAP.
+    pub released_frames: AtomicU64,
+    /// Bytes released.
+    pub released_bytes: AtomicU64,
+    /// Frames dropped because the buffer was full.
+    pub dropped_frames: AtomicU64,
+    /// Frames written straight through while degraded or unprotected.
+    pub passthrough_frames: AtomicU64,
+    /// Sum of hold times of released frames, in microseconds.
+    pub hold_us_total: AtomicU64,
+}
+
+/// Frames held until their epoch is acknowledged.
+pub struct OutputBuffer {
+    inner: Mutex<Inner>,
+    tap: Arc<Tap>,
+    cap: usize,
+    stats: OutputStats,
+}
+
+impl OutputBuffer {
+    /// A buffer releasing to `tap`, holding at most `cap` bytes. Starts holding (not
+    /// passthrough) with epoch 0 running.
+    pub fn new(tap: Arc<Tap>, cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                current: 0,
+                held: VecDeque::new(),
+                held_bytes: 0,
+                released_upto: 0,
+                passthrough: false,
+            }),
+            tap,
+            cap,
+            stats: OutputStats::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sink to install in the virtio-net device.
+    pub fn sink(self: &Arc<Self>) -> Box<dyn TxSink> {
+        Box::new(HoldingSink(Arc::clone(self)))
+    }
+
+    /// Frames sent from now on belong to harvest `epoch`. Call while the VM is paused.
+    pub fn begin(&self, epoch: u64) {
+        self.lock().current = epoch;
+    }
+
+    /// Releases every frame of epochs up to and including `epoch`; returns how many.
+    pub fn release(&self, epoch: u64) -> usize {
+        let mut out = Vec::new();
+        {
+            let mut g = self.lock();
+            if epoch > g.released_upto {
+                g.released_upto = epoch;
+            }
+            while g.held.front().is_some_and(|h| h.epoch <= epoch) {
+                let h = g.held.pop_front().expect("front exists");
+                g.held_bytes -= h.frame.len();
+                out.push(h);
+            }
+        }
+        let now = Instant::now();
+        for h in &out {
+            self.write(&h.frame);
+            self.stats.hold_us_total.fetch_add(now.duration_since(h.at).as_micros() as u64, Ordering::Relaxed);
+        }
+        self.stats.released_frames.fetch_add(out.len() as u64, Ordering::Relaxed);
+        out.len()
+    }
+
+    /// Stops holding: releases everything held and passes frames straight through from now on
+    /// (unprotected or degraded operation), or starts holding again.
+    pub fn set_passthrough(&self, on: bool) {
+        let held: Vec<Held> = {
+            let mut g = self.lock();
+            g.passthrough = on;
+            if !on {
+                return;
+            }
+            g.held_bytes = 0;
+            g.held.drain(..).collect()
+        };
+        for h in &held {
+            self.write(&h.frame);
+        }
+        self.stats.passthrough_frames.fetch_add(held.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Frames and bytes held now.
+    pub fn held(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.held.len(), g.held_bytes)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &OutputStats {
+        &self.stats
+    }
+
+    fn write(&self, frame: &[u8]) {
+        match self.tap.write_frame(frame) {
+            Ok(_) => {
+                self.stats.released_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!("tap write failed: {e}"),
+        }
+    }
+
+    fn push(&self, frame: &[u8]) -> io::Result<()> {
+        let mut g = self.lock();
+        if g.passthrough {
+            drop(g);
+            self.write(frame);
+            self.stats.passthrough_frames.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if g.held_bytes + frame.len() > self.cap {
+            self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::other("output buffer full"));
+        }
+        let epoch = g.current;
+        g.held_bytes += frame.len();
+        g.held.push_back(Held { epoch, at: Instant::now(), frame: frame.to_vec() });
+        Ok(())
+    }
+}
+
+/// The [`TxSink`] that feeds an [`OutputBuffer`].
+pub struct HoldingSink(Arc<OutputBuffer>);
+
+impl TxSink for HoldingSink {
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.0.push(frame)
+    }
+}

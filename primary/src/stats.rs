@@ -1,0 +1,266 @@
+//! What the primary reports: protection state, epoch rate, pause times, dirty pages, ack
+//! latency, held output, replica lag. Shared between the epoch thread, the link task and the
+//! admin API.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Protection states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtectionState {
+    /// Not protected (no backup configured).
+    Unprotected,
+    /// Copying memory to the backup; the replica is not yet consistent.
+    Syncing,
+    /// Every epoch is checkpointed to the backup; output is held until acknowledged.
+    Protected,
+    /// The backup is lost: the guest runs unprotected, output flows at once.
+    Degraded,
+    /// Protection is being turned off.
+    Stopping,
+}
+
+impl std::fmt::Display for ProtectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::Unprotected => "unprotected",
+            Self::Syncing => "syncing",
+            Self::Protected => "protected",
+            Self::Degraded => "degraded",
+            Self::Stopping => "stopping",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A bounded window of recent samples.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    v: VecDeque<f64>,
+}
+
+impl Samples {
+    const CAP: usize = 2048;
+
+    /// Adds a sample.
+    pub fn push(&mut self, x: f64) {
+        if self.v.len() == Self::CAP {
+            self.v.pop_front();
+        }
+        self.v.push_back(x);
+    }
+
+    /// The `p` quantile (0..=1) of the window, or 0 when empty.
+    pub fn quantile(&self, p: f64) -> f64 {
+        if self.v.is_empty() {
+            return 0.0;
+        }
+        let mut s: Vec<f64> = self.v.iter().copied().collect();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        s[((s.len() - 1) as f64 * p).round() as usize]
+    }
+
+    /// Mean of the window.
+    pub fn mean(&self) -> f64 {
+        if self.v.is_empty() { 0.0 } else { self.v.iter().sum::<f64>() / self.v.len() as f64 }
+    }
+
+    /// Number of samples in the window.
+    pub fn len(&self) -> usize {
+        self.v.len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.v.is_empty()
+    }
+}
+
+/// Everything the status command shows.
+#[derive(Debug)]
+pub struct Stats {
+    inner: Mutex<StatsInner>,
+}
+
+/// The mutable part of [`Stats`].
+#[derive(Debug)]
+pub struct StatsInner {
+    /// Current protection state.
+    pub state: ProtectionState,
+    /// When the state last changed.
+    pub since: Instant,
+    /// Why (for degraded and stopping).
+    pub reason: String,
+    /// Backup address.
+    pub backup: String,
+    /// Harvests shipped.
+    pub epochs: u64,
+    /// Harvest sequence of the last epoch submitted.
+    pub last_submitted: u64,
+    /// Last harvest sequence acknowledged by the backup.
+    pub last_acked: u64,
+    /// Protocol epoch number of the last acknowledged checkpoint.
+    pub last_acked_wire_epoch: u64,
+    /// Pause times, microseconds.
+    pub pause_us: Samples,
+    /// Dirty pages per epoch.
+    pub dirty_pages: Samples,
+    /// Encoded bytes on the wire per epoch.
+    pub wire_bytes: Samples,
+    /// Ack latency (submit to ack), microseconds.
+    pub ack_us: Samples,
+    /// Epoch lengths, microseconds.
+    pub epoch_us: Samples,
+    /// Times of recent harvests, for the epoch rate.
+    pub harvest_times: VecDeque<Instant>,
+    /// Initial sync progress: (pages sent, pages total) of the current round, and round.
+    pub sync: Option<SyncProgress>,
+    /// Total bytes sent.
+    pub bytes_sent: u64,
+}
+
+/// Progress of the initial sync.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SyncProgress {
+    /// Pre-copy round (0 is the full copy).
+    pub round: u32,
+    /// Pages sent in this round.
+    pub pages: u64,
+    /// Pages of guest memory.
+    pub total_pages: u64,
+}
+
+impl Stats {
+    /// Fresh stats for a primary protecting towards `backup`.
+    pub fn new(backup: String) -> Self {
+        Self {
+            inner: Mutex::new(StatsInner {
+                state: ProtectionState::Unprotected,
+                since: Instant::now(),
+                reason: String::new(),
+                backup,
+                epochs: 0,
+                last_submitted: 0,
+                last_acked: 0,
+                last_acked_wire_epoch: 0,
+                pause_us: Samples::default(),
+                dirty_pages: Samples::default(),
+                wire_bytes: Samples::default(),
+                ack_us: Samples::default(),
+                epoch_us: Samples::default(),
+                harvest_times: VecDeque::new(),
+                sync: None,
+                bytes_sent: 0,
+            }),
+        }
+    }
+
+    /// Locks the stats for update.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the protection state, logging the transition.
+    pub fn set_state(&self, state: ProtectionState, reason: &str) {
+        let mut g = self.lock();
+        if g.state != state {
+            let was = g.state;
+            g.state = state;
+            g.since = Instant::now();
+            g.reason = reason.to_string();
+            match state {
+                ProtectionState::Degraded => {
+                    tracing::error!(from = %was, to = %state, reason, "protection state: DEGRADED, the guest runs unprotected")
+                }
+                _ => tracing::info!(from = %was, to = %state, reason, "protection state"),
+            }
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ProtectionState {
+        self.lock().state
+    }
+
+    /// A serialisable report.
+    pub fn report(&self, held: (usize, usize)) -> StatusReport {
+        let g = self.lock();
+        let now = Instant::now();
+        let window = Duration::from_secs(2);
+        let recent = g.harvest_times.iter().filter(|t| now.duration_since(**t) <= window).count();
+        StatusReport {
+            state: g.state,
+            state_for_s: now.duration_since(g.since).as_secs_f64(),
+            reason: g.reason.clone(),
+            backup: g.backup.clone(),
+            epochs: g.epochs,
+            epoch_rate_per_s: recent as f64 / window.as_secs_f64(),
+            last_submitted_epoch: g.last_submitted,
+            last_acked_epoch: g.last_acked,
+            replica_lag_epochs: g.last_submitted.saturating_sub(g.last_acked),
+            pause_us_p50: g.pause_us.quantile(0.5),
+            pause_us_p99: g.pause_us.quantile(0.99),
+            epoch_ms_mean: g.epoch_us.mean() / 1e3,
+            dirty_pages_per_epoch_mean: g.dirty_pages.mean(),
+            dirty_pages_per_epoch_p99: g.dirty_pages.quantile(0.99),
+            wire_bytes_per_epoch_mean: g.wire_bytes.mean(),
+            ack_latency_us_p50: g.ack_us.quantile(0.5),
+            ack_latency_us_p99: g.ack_us.quantile(0.99),
+            held_output_frames: held.0,
+            held_output_bytes: held.1,
+            bytes_sent: g.bytes_sent,
+            sync: g.sync,
+        }
+    }
+}
+
+/// The status the admin API returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Protection state.
+    pub state: ProtectionState,
+    /// Seconds in that state.
+    pub state_for_s: f64,
+    /// Why the last transition happened.
+    pub reason: String,
+    /// Backup address.
+    pub backup: String,
+    /// Epochs checkpointed.
+    pub epochs: u64,
+    /// Epochs per second over the last 2 s.
+    pub epoch_rate_per_s: f64,
+    /// Last epoch shipped.
+    pub last_submitted_epoch: u64,
+    /// Last epoch the backup committed.
+    pub last_acked_epoch: u64,
+    /// Epochs shipped but not yet committed.
+    pub replica_lag_epochs: u64,
+    /// Pause time p50, µs.
+    pub pause_us_p50: f64,
+    /// Pause time p99, µs.
+    pub pause_us_p99: f64,
+    /// Mean epoch length, ms.
+    pub epoch_ms_mean: f64,
+    /// Mean dirty pages per epoch.
+    pub dirty_pages_per_epoch_mean: f64,
+    /// p99 dirty pages per epoch.
+    pub dirty_pages_per_epoch_p99: f64,
+    /// Mean bytes on the wire per epoch.
+    pub wire_bytes_per_epoch_mean: f64,
+    /// Ack latency p50, µs.
+    pub ack_latency_us_p50: f64,
+    /// Ack latency p99, µs.
+    pub ack_latency_us_p99: f64,
+    /// Frames held for output commit.
+    pub held_output_frames: usize,
+    /// Bytes held for output commit.
+    pub held_output_bytes: usize,
+    /// Bytes sent to the backup.
+    pub bytes_sent: u64,
+    /// Initial sync progress, while syncing.
+    pub sync: Option<SyncProgress>,
+}

@@ -1,0 +1,453 @@
+//! Codec and pipeline throughput, and bytes on the wire per dirty byte.
+//!
+//! `cargo bench -p replication-proto` (a plain harness: prints markdown tables for
+//! `docs/benchmarks.md`). One thread: every number is per core.
+//!
+//! - **Per page kind**: an epoch of 2,048 dirty 4 KiB pages (8 MiB) that are all of one kind, with
+//!   the sender's cache primed by a baseline as it would be. *encode* is `Sender::submit` (zero
+//!   test, hash, cache lookup, codec, framing, crc32s); *receive* is `Receiver::handle_input` of
+//!   the epoch's frames (crc32s, parsing, lz4 decompression, staging); *apply* is
+//!   `Checkpoint::apply` into a replica (digest verification, then the writes). GB/s are of dirty
+//!   page bytes (1 GB = 10^9 bytes); the median of 7 runs.
+//! - **Primitives**: the building blocks alone.
+//! - **Mix**: 20 epochs of a realistic dirty-page mix on a 64 MiB guest, bytes on the wire per
+//!   dirty byte, with and without lz4 (see the table's legend for the mix).
+
+use replication_proto::codec::{CodecConfig, encode_delta};
+use replication_proto::hash::{is_zero, xxh64};
+use replication_proto::{
+    Endpoint, MemoryImage, MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig, Transmit,
+    VmIdentity,
+};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const PS: usize = 4096;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn vm() -> VmIdentity {
+    VmIdentity { uuid: [9; 16], name: "bench".into() }
+}
+
+fn text_page(rng: &mut Rng) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "the ",
+        "replica ",
+        "commits ",
+        "epoch ",
+        "of ",
+        "guest ",
+        "memory ",
+        "and ",
+        "state ",
+        "0x7f3a ",
+        "ok\n",
+        "{\"key\": ",
+    ];
+    let mut p = Vec::with_capacity(PS + 16);
+    while p.len() < PS {
+        p.extend_from_slice(WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes());
+    }
+    p.truncate(PS);
+    p
+}
+
+fn random_page(rng: &mut Rng) -> Vec<u8> {
+    (0..PS / 8).flat_map(|_| rng.next().to_le_bytes()).collect()
+}
+
+/// A page of structured binary data (pointers, counters, small integers, padding).
+fn struct_page(rng: &mut Rng) -> Vec<u8> {
+    let mut p = vec![0u8; PS];
+    for rec in p.chunks_exact_mut(64) {
+        rec[0..8].copy_from_slice(&(0xffff_8880_0000_0000u64 + rng.below(1 << 30) * 64).to_le_bytes());
+        rec[8..12].copy_from_slice(&(rng.below(1000) as u32).to_le_bytes());
+        rec[16..24].copy_from_slice(&rng.next().to_le_bytes());
+    }
+    p
+}
+
+/// `page` with a few small edits (a counter bumped, a pointer changed, a short string written).
+fn touch(rng: &mut Rng, page: &[u8]) -> Vec<u8> {
+    let mut p = page.to_vec();
+    for _ in 0..1 + rng.below(3) {
+        let at = rng.below(PS as u64 - 16) as usize;
+        let n = 1 + rng.below(12) as usize;
+        for b in &mut p[at..at + n] {
+            *b = b.wrapping_add(1 + rng.below(200) as u8);
+        }
+    }
+    p
+}
+
+struct Pair {
+    s: Sender,
+    r: Receiver,
+    replica: MemoryImage,
+    now: Instant,
+}
+
+fn pump(s: &mut Sender, r: &mut Receiver, now: Instant) {
+    loop {
+        let mut moved = false;
+        while let Some(t) = s.poll_transmit(now) {
+            r.handle_input(now, &t);
+            moved = true;
+        }
+        while let Some(t) = r.poll_transmit(now) {
+            s.handle_input(now, &t);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn apply_all(r: &mut Receiver, replica: &mut MemoryImage, now: Instant) -> Duration {
+    let mut spent = Duration::ZERO;
+    while let Some(ev) = r.poll_event() {
+        if let ReceiverEvent::Checkpoint(cp) = ev {
+            let t = Instant::now();
+            cp.apply(replica).expect("applies");
+            spent += t.elapsed();
+            r.committed(now, cp.epoch()).unwrap();
+        }
+    }
+    spent
+}
+
+/// A connected pair whose replica holds `base` (sent as the baseline).
+fn pair(base: &[Vec<u8>], codecs: CodecConfig, cache_bytes: u64) -> Pair {
+    let layout = MemoryLayout::flat(PS as u32, base.len() as u64 * PS as u64);
+    let mut cfg = SenderConfig::new(Role::Primary, vm(), layout.clone(), 1);
+    cfg.codecs = codecs;
+    cfg.cache_bytes = cache_bytes;
+    let mut s = Sender::new(cfg);
+    let mut r = Receiver::new(ReceiverConfig::new(Role::Backup, vm(), layout.clone(), 2));
+    let mut replica = MemoryImage::new(&layout);
+    let now = Instant::now();
+    s.connect(now);
+    r.connect(now);
+    pump(&mut s, &mut r, now);
+    s.submit_baseline(now, base.iter().enumerate().map(|(i, p)| (i as u64, &p[..])), b"").unwrap();
+    pump(&mut s, &mut r, now);
+    apply_all(&mut r, &mut replica, now);
+    pump(&mut s, &mut r, now);
+    Pair { s, r, replica, now }
+}
+
+struct Run {
+    encode: Duration,
+    receive: Duration,
+    apply: Duration,
+    wire: u64,
+}
+
+impl Pair {
+    /// Sends one epoch of `pages` (pfns 0..), timing each stage.
+    fn epoch(&mut self, pages: &[Vec<u8>]) -> Run {
+        let now = self.now;
+        let t = Instant::now();
+        self.s.submit(now, pages.iter().enumerate().map(|(i, p)| (i as u64, &p[..])), b"").unwrap();
+        let encode = t.elapsed();
+        let frames: Vec<Transmit> = std::iter::from_fn(|| self.s.poll_transmit(now)).collect();
+        let wire = frames.iter().map(|f| f.len() as u64).sum();
+        let t = Instant::now();
+        for f in &frames {
+            self.r.handle_input(now, f);
+        }
+        let receive = t.elapsed();
+        let apply = apply_all(&mut self.r, &mut self.replica, now);
+        pump(&mut self.s, &mut self.r, now);
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(&self.replica.as_bytes()[i * PS..(i + 1) * PS], &p[..]);
+        }
+        Run { encode, receive, apply, wire }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn per_kind() {
+    const N: usize = 2048;
+    const REPS: usize = 9;
+    let mut rng = Rng(0x1234_5678);
+    let zero = vec![vec![0u8; PS]; N];
+    let randoms: Vec<_> = (0..N).map(|_| random_page(&mut rng)).collect();
+    let texts: Vec<_> = (0..N).map(|_| text_page(&mut rng)).collect();
+    // Each rep's epoch: unchanged resends the same pages; delta edits the previous version;
+    // lz4 and raw send new content (with no cached copies, as for pages sent the first time).
+    let mut chain = vec![randoms.clone()];
+    for _ in 0..REPS {
+        let next = chain.last().unwrap().iter().map(|p| touch(&mut rng, p)).collect();
+        chain.push(next);
+    }
+    let fresh_texts: Vec<Vec<Vec<u8>>> = (0..REPS).map(|_| (0..N).map(|_| text_page(&mut rng)).collect()).collect();
+    let fresh_randoms: Vec<Vec<Vec<u8>>> = (0..REPS).map(|_| (0..N).map(|_| random_page(&mut rng)).collect()).collect();
+    let all = CodecConfig::default();
+    let big = 1u64 << 30;
+    println!("## Per page kind: epochs of {N} dirty 4 KiB pages (8 MiB), one core, steady state\n");
+    println!("| page kind | encode GB/s | receive GB/s | apply GB/s | wire bytes / page |");
+    println!("|---|---:|---:|---:|---:|");
+    type Epochs<'a> = Box<dyn Fn(usize) -> &'a [Vec<u8>] + 'a>;
+    let cases: Vec<(&str, &[Vec<u8>], Epochs, u64)> = vec![
+        ("zero", &randoms, Box::new(|_| &zero[..]), big),
+        ("unchanged", &randoms, Box::new(|_| &randoms[..]), big),
+        ("delta (1-3 edits of 1-12 bytes)", &randoms, Box::new(|i| &chain[i + 1][..]), big),
+        ("lz4 (text, no cached copy)", &texts, Box::new(|i| &fresh_texts[i][..]), 0),
+        ("raw (random, no cached copy)", &randoms, Box::new(|i| &fresh_randoms[i][..]), 0),
+        ("lz4 (text rewritten, copy cached: delta tried first)", &texts, Box::new(|i| &fresh_texts[i][..]), big),
+    ];
+    for (name, base, epochs, cache) in cases {
+        let mut p = pair(base, all, cache);
+        let runs: Vec<Run> = (0..REPS).map(|i| p.epoch(epochs(i))).collect();
+        let dirty = (N * PS) as u64;
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            gbps(dirty, median(runs.iter().map(|r| r.encode).collect())),
+            gbps(dirty, median(runs.iter().map(|r| r.receive).collect())),
+            gbps(dirty, median(runs.iter().map(|r| r.apply).collect())),
+            runs[0].wire as f64 / N as f64
+        );
+    }
+    println!();
+}
+
+fn time_it(bytes: u64, mut f: impl FnMut()) -> f64 {
+    let mut v = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed());
+    }
+    gbps(bytes, median(v))
+}
+
+fn primitives() {
+    let mut rng = Rng(42);
+    let n = 4096usize;
+    let pages: Vec<Vec<u8>> = (0..n).map(|_| random_page(&mut rng)).collect();
+    let copies = pages.clone();
+    let touched: Vec<Vec<u8>> = pages.iter().map(|p| touch(&mut rng, p)).collect();
+    let texts: Vec<Vec<u8>> = (0..n).map(|_| text_page(&mut rng)).collect();
+    let bytes = (n * PS) as u64;
+    let zero = vec![0u8; PS];
+    let mut out = vec![0u8; PS];
+    let mut buf = Vec::with_capacity(PS);
+    let mut lz = vec![0u8; lz4_flex::block::get_maximum_output_size(PS)];
+    let compressed: Vec<Vec<u8>> = texts.iter().map(|p| lz4_flex::block::compress(p)).collect();
+    println!("## Primitives, one core (GB/s of page bytes)\n");
+    println!("| primitive | GB/s |");
+    println!("|---|---:|");
+    let rows: Vec<(&str, f64)> = vec![
+        (
+            "zero test, zero page",
+            time_it(bytes, || {
+                for _ in 0..n {
+                    black_box(is_zero(black_box(&zero)));
+                }
+            }),
+        ),
+        (
+            "xxh64 (content hash)",
+            time_it(bytes, || {
+                for p in &pages {
+                    black_box(xxh64(p));
+                }
+            }),
+        ),
+        (
+            "compare with cached copy (equal)",
+            time_it(bytes, || {
+                for (a, b) in pages.iter().zip(&copies) {
+                    black_box(a == b);
+                }
+            }),
+        ),
+        (
+            "crc32 (crc32fast)",
+            time_it(bytes, || {
+                for p in &pages {
+                    black_box(crc32fast::hash(p));
+                }
+            }),
+        ),
+        (
+            "delta encode, 1-3 small edits",
+            time_it(bytes, || {
+                for (a, b) in pages.iter().zip(&touched) {
+                    buf.clear();
+                    black_box(encode_delta(a, b, &mut buf, PS / 2));
+                }
+            }),
+        ),
+        (
+            "delta encode, page rewritten (gives up at 1/2 page)",
+            time_it(bytes, || {
+                for (a, b) in pages.iter().zip(&texts) {
+                    buf.clear();
+                    black_box(encode_delta(a, b, &mut buf, PS / 2));
+                }
+            }),
+        ),
+        (
+            "lz4 compress, text",
+            time_it(bytes, || {
+                for p in &texts {
+                    black_box(lz4_flex::block::compress_into(p, &mut lz).unwrap());
+                }
+            }),
+        ),
+        (
+            "lz4 compress, random",
+            time_it(bytes, || {
+                for p in &pages {
+                    black_box(lz4_flex::block::compress_into(p, &mut lz).unwrap());
+                }
+            }),
+        ),
+        (
+            "lz4 decompress, text",
+            time_it(bytes, || {
+                for c in &compressed {
+                    black_box(lz4_flex::block::decompress_into(c, &mut out).unwrap());
+                }
+            }),
+        ),
+        (
+            "memcpy",
+            time_it(bytes, || {
+                for p in &pages {
+                    out.copy_from_slice(p);
+                    black_box(&out);
+                }
+            }),
+        ),
+    ];
+    for (name, v) in rows {
+        println!("| {name} | {v:.2} |");
+    }
+    println!();
+}
+
+/// The mix: see the printed legend.
+fn mix() {
+    const PAGES: u64 = 16384; // 64 MiB guest
+    const HOT: u64 = 2048; // 8 MiB working set
+    const DIRTY: usize = 2000;
+    const EPOCHS: usize = 20;
+    println!("## Bytes on the wire per dirty byte, realistic mix\n");
+    println!(
+        "Guest of 64 MiB (a quarter each zero, text, structured binary and random pages at the \
+         baseline), sender cache 16 MiB, {EPOCHS} epochs of {DIRTY} dirty pages. 80% of the dirty \
+         pages fall in an 8 MiB working set (their copies stay cached), 20% anywhere in the guest \
+         (copies mostly evicted). Each dirty page is: zeroed (20%), rewritten with the same bytes \
+         (15%), edited in 1-3 runs of 1-12 bytes (45%), rewritten as text (12%), rewritten with \
+         random bytes (8%). Encode GB/s is dirty bytes per second of `Sender::submit`, one core; \
+         the last columns are the share of pages per encoding.\n"
+    );
+    println!("| codecs | wire bytes / dirty byte | encode GB/s | zero | unchanged | raw | lz4 | delta |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let on = CodecConfig::default();
+    for (name, codecs, trust_hash) in [
+        ("all (default)", on, false),
+        ("all, trust_hash", on, true),
+        ("no lz4", CodecConfig { lz4: false, delta: true }, false),
+        ("no delta", CodecConfig { lz4: true, delta: false }, false),
+        ("neither (zero and unchanged still apply)", CodecConfig { lz4: false, delta: false }, false),
+    ] {
+        let mut rng = Rng(0xfeed);
+        let layout = MemoryLayout::flat(PS as u32, PAGES * PS as u64);
+        let mut cfg = SenderConfig::new(Role::Primary, vm(), layout, 1);
+        cfg.codecs = codecs;
+        cfg.trust_hash = trust_hash;
+        cfg.cache_bytes = 16 << 20;
+        cfg.window = 64;
+        cfg.max_retained_bytes = 4 << 30;
+        let mut s = Sender::new(cfg);
+        let now = Instant::now();
+        let mut mem: Vec<Vec<u8>> = (0..PAGES)
+            .map(|i| match i % 4 {
+                0 => vec![0; PS],
+                1 => text_page(&mut rng),
+                2 => struct_page(&mut rng),
+                _ => random_page(&mut rng),
+            })
+            .collect();
+        s.submit_baseline(now, mem.iter().enumerate().map(|(i, p)| (i as u64, &p[..])), b"").unwrap();
+        let before = s.stats();
+        let mut spent = Duration::ZERO;
+        for _ in 0..EPOCHS {
+            let mut dirty = std::collections::BTreeSet::new();
+            while dirty.len() < DIRTY {
+                dirty.insert(if rng.below(100) < 80 { rng.below(HOT) } else { HOT + rng.below(PAGES - HOT) });
+            }
+            for &pfn in &dirty {
+                let p = &mut mem[pfn as usize];
+                *p = match rng.below(100) {
+                    0..20 => vec![0; PS],
+                    20..35 => p.clone(),
+                    35..80 => touch(&mut rng, p),
+                    80..92 => text_page(&mut rng),
+                    _ => random_page(&mut rng),
+                };
+            }
+            let t = Instant::now();
+            s.submit(now, dirty.iter().map(|&pfn| (pfn, &mem[pfn as usize][..])), b"").unwrap();
+            spent += t.elapsed();
+        }
+        let after = s.stats();
+        let wire = after.epoch_bytes - before.epoch_bytes;
+        let pages = after.pages - before.pages;
+        let dirty_bytes = pages * PS as u64;
+        let kinds: Vec<String> = (0..5)
+            .map(|k| {
+                let n = after.pages_by_encoding[k] - before.pages_by_encoding[k];
+                format!("{:.0}%", 100.0 * n as f64 / pages as f64)
+            })
+            .collect();
+        println!(
+            "| {name} | {:.3} | {:.2} | {} |",
+            wire as f64 / dirty_bytes as f64,
+            gbps(dirty_bytes, spent),
+            kinds.join(" | ")
+        );
+    }
+    println!();
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument picks one table.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    if want("kinds") {
+        per_kind();
+    }
+    if want("primitives") {
+        primitives();
+    }
+    if want("mix") {
+        mix();
+    }
+}

@@ -1,0 +1,386 @@
+//! A whole, verified checkpoint as the receiver hands it to its owner, and how the owner applies
+//! it to the replica.
+//!
+//! The receiver has already checked every frame crc, the epoch's sequence, counts and checksum,
+//! and decoded every raw and lz4 page. What it cannot check alone is the content digest, because
+//! deltas and unchanged pages are relative to the replica, which the owner holds. So the owner
+//! calls [`Checkpoint::apply`] (or [`Checkpoint::verify`] then its own write path): it recomputes
+//! the digest of every page as it will be after the checkpoint, refuses the checkpoint whole if it
+//! does not match, and only then writes. A refused checkpoint goes back to the receiver with
+//! [`crate::Receiver::reject`], which asks the sender for a new baseline.
+
+use crate::codec::{CodecError, apply_delta, decompress_lz4, validate_delta};
+use crate::hash::{Digest, xxh64, zero_page_hash};
+use crate::message::{Lineage, MemoryLayout, PageIndex};
+use crate::pageset::{PageEncoding, PageRecord};
+use thiserror::Error;
+
+/// Guest memory as the owner of a replica sees it, page by page.
+pub trait ReplicaMemory {
+    /// The page with frame number `pfn`, if the replica has it.
+    fn page(&self, pfn: u64) -> Option<&[u8]>;
+    /// The page with frame number `pfn`, writable.
+    fn page_mut(&mut self, pfn: u64) -> Option<&mut [u8]>;
+    /// Sets every page to zero (a baseline replaces the whole replica).
+    fn zero_all(&mut self);
+}
+
+/// A checkpoint that does not apply to the replica.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The replica has no such page.
+    #[error("checkpoint {epoch}: page {pfn:#x} is not in the replica")]
+    MissingPage {
+        /// The epoch.
+        epoch: u64,
+        /// The page frame number.
+        pfn: u64,
+    },
+    /// A page failed to decode against the replica.
+    #[error("checkpoint {epoch}: page {pfn:#x} does not decode")]
+    Decode {
+        /// The epoch.
+        epoch: u64,
+        /// The page frame number.
+        pfn: u64,
+        /// Why.
+        source: CodecError,
+    },
+    /// The pages do not match the sender's content digest: the replica is not the base the sender
+    /// encoded against. Nothing was written.
+    #[error("checkpoint {epoch}: content digest {found:#018x}, sender sent {expected:#018x}")]
+    Digest {
+        /// The epoch.
+        epoch: u64,
+        /// The sender's digest.
+        expected: u64,
+        /// The digest of the pages as they would be.
+        found: u64,
+    },
+}
+
+/// One page of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageContent<'a> {
+    /// The page is all zero.
+    Zero,
+    /// The page keeps the bytes the replica holds.
+    Unchanged,
+    /// The page's new bytes (raw and lz4 pages arrive decoded).
+    Full(&'a [u8]),
+    /// A delta to apply in place to the replica's page (see [`crate::codec`]).
+    Delta(&'a [u8]),
+}
+
+/// A page of a checkpoint with its frame number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef<'a> {
+    /// Guest page frame number.
+    pub pfn: u64,
+    /// The content.
+    pub content: PageContent<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    pfn: u64,
+    kind: u8,
+    offset: usize,
+    len: usize,
+}
+
+const K_ZERO: u8 = 0;
+const K_UNCHANGED: u8 = 1;
+const K_FULL: u8 = 2;
+const K_DELTA: u8 = 3;
+
+/// A whole, staged and checked epoch: every page and the device/vCPU state.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    epoch: u64,
+    lineage: Lineage,
+    baseline: bool,
+    page_size: usize,
+    entries: Vec<Entry>,
+    data: Vec<u8>,
+    state: Vec<u8>,
+    digest: u64,
+}
+
+impl Checkpoint {
+    /// The epoch number.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The series it belongs to.
+    pub fn lineage(&self) -> Lineage {
+        self.lineage
+    }
+
+    /// Whether this is a baseline: the replica is reset to zero before the pages are written.
+    pub fn is_baseline(&self) -> bool {
+        self.baseline
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Pages in the checkpoint.
+    pub fn page_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The device/vCPU state blob (opaque: the VMM's encoding of `VmState`).
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    /// The sender's content digest.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// Bytes the checkpoint holds in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len() + self.state.len() + self.entries.len() * std::mem::size_of::<Entry>()
+    }
+
+    /// The pages, ascending pfns.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = PageRef<'_>> + '_ {
+        self.entries.iter().map(|e| PageRef {
+            pfn: e.pfn,
+            content: match e.kind {
+                K_ZERO => PageContent::Zero,
+                K_UNCHANGED => PageContent::Unchanged,
+                K_FULL => PageContent::Full(&self.data[e.offset..e.offset + e.len]),
+                _ => PageContent::Delta(&self.data[e.offset..e.offset + e.len]),
+            },
+        })
+    }
+
+    /// Checks, without writing, that applying this checkpoint to `mem` gives exactly the pages
+    /// the sender had: recomputes the content digest against the replica's current pages.
+    pub fn verify<M: ReplicaMemory + ?Sized>(&self, mem: &M) -> Result<(), ApplyError> {
+        let epoch = self.epoch;
+        let zero_hash = zero_page_hash(self.page_size);
+        let mut scratch = vec![0u8; self.page_size];
+        let mut digest = Digest::default();
+        for p in self.pages() {
+            // Every page must exist in the replica, whatever its encoding, so that `apply` cannot
+            // fail half way.
+            let base = match mem.page(p.pfn) {
+                Some(b) if b.len() == self.page_size => b,
+                _ => return Err(ApplyError::MissingPage { epoch, pfn: p.pfn }),
+            };
+            let hash = match p.content {
+                PageContent::Zero => zero_hash,
+                PageContent::Full(bytes) => xxh64(bytes),
+                PageContent::Unchanged => xxh64(base),
+                PageContent::Delta(d) => {
+                    scratch.copy_from_slice(base);
+                    apply_delta(d, &mut scratch).map_err(|source| ApplyError::Decode { epoch, pfn: p.pfn, source })?;
+                    xxh64(&scratch)
+                }
+            };
+            digest.add(p.pfn, hash);
+        }
+        let found = digest.finish();
+        if found != self.digest {
+            return Err(ApplyError::Digest { epoch, expected: self.digest, found });
+        }
+        Ok(())
+    }
+
+    /// Verifies (see [`Checkpoint::verify`]) and then writes every page into `mem` (after zeroing
+    /// it, for a baseline). On error nothing has been written.
+    pub fn apply<M: ReplicaMemory + ?Sized>(&self, mem: &mut M) -> Result<(), ApplyError> {
+        // A baseline holds only self-contained pages, so verifying it reads no base.
+        self.verify(mem)?;
+        if self.baseline {
+            mem.zero_all();
+        }
+        let epoch = self.epoch;
+        for p in self.pages() {
+            let page = mem.page_mut(p.pfn).ok_or(ApplyError::MissingPage { epoch, pfn: p.pfn })?;
+            match p.content {
+                PageContent::Zero => page.fill(0),
+                PageContent::Unchanged => {}
+                PageContent::Full(bytes) => page.copy_from_slice(bytes),
+                PageContent::Delta(d) => {
+                    apply_delta(d, page).map_err(|source| ApplyError::Decode { epoch, pfn: p.pfn, source })?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A problem with a page record while staging (the receiver aborts the epoch).
+#[derive(Debug, Error)]
+pub(crate) enum StageError {
+    #[error("page {pfn:#x}: {source}")]
+    Codec { pfn: u64, source: CodecError },
+    #[error("page {pfn:#x}: {encoding} page in a baseline")]
+    NotSelfContained { pfn: u64, encoding: &'static str },
+    #[error("page {pfn:#x}: not in the memory layout")]
+    OutOfLayout { pfn: u64 },
+    #[error("page {pfn:#x}: not above the previous page {prev:#x}")]
+    Order { pfn: u64, prev: u64 },
+}
+
+/// Builds a checkpoint page by page as batches arrive.
+#[derive(Debug)]
+pub(crate) struct CheckpointBuilder {
+    cp: Checkpoint,
+    last_pfn: Option<u64>,
+}
+
+impl CheckpointBuilder {
+    pub(crate) fn new(epoch: u64, lineage: Lineage, baseline: bool, page_size: usize) -> Self {
+        Self {
+            cp: Checkpoint {
+                epoch,
+                lineage,
+                baseline,
+                page_size,
+                entries: Vec::new(),
+                data: Vec::new(),
+                state: Vec::new(),
+                digest: 0,
+            },
+            last_pfn: None,
+        }
+    }
+
+    pub(crate) fn pages(&self) -> usize {
+        self.cp.entries.len()
+    }
+
+    pub(crate) fn data_bytes(&self) -> usize {
+        self.cp.data.len() + self.cp.state.len()
+    }
+
+    pub(crate) fn state_len(&self) -> usize {
+        self.cp.state.len()
+    }
+
+    /// Decodes (raw, lz4) or checks (delta) one record and appends it.
+    pub(crate) fn push(&mut self, rec: &PageRecord<'_>, index: &PageIndex) -> Result<(), StageError> {
+        let pfn = rec.pfn;
+        if index.index(pfn).is_none() {
+            return Err(StageError::OutOfLayout { pfn });
+        }
+        if let Some(prev) = self.last_pfn
+            && pfn <= prev
+        {
+            return Err(StageError::Order { pfn, prev });
+        }
+        if self.cp.baseline && !rec.encoding.is_self_contained() {
+            return Err(StageError::NotSelfContained { pfn, encoding: rec.encoding.name() });
+        }
+        let ps = self.cp.page_size;
+        let codec = |source| StageError::Codec { pfn, source };
+        let offset = self.cp.data.len();
+        let (kind, len) = match rec.encoding {
+            PageEncoding::Zero | PageEncoding::Unchanged => {
+                if !rec.data.is_empty() {
+                    return Err(codec(CodecError::UnexpectedPayload {
+                        encoding: rec.encoding.name(),
+                        len: rec.data.len(),
+                    }));
+                }
+                let kind = if rec.encoding == PageEncoding::Zero { K_ZERO } else { K_UNCHANGED };
+                (kind, 0)
+            }
+            PageEncoding::Raw => {
+                if rec.data.len() != ps {
+                    return Err(codec(CodecError::RawLength { len: rec.data.len(), page_size: ps }));
+                }
+                self.cp.data.extend_from_slice(rec.data);
+                (K_FULL, ps)
+            }
+            PageEncoding::Lz4 => {
+                self.cp.data.resize(offset + ps, 0);
+                if let Err(e) = decompress_lz4(rec.data, &mut self.cp.data[offset..]) {
+                    self.cp.data.truncate(offset);
+                    return Err(codec(e));
+                }
+                (K_FULL, ps)
+            }
+            PageEncoding::Delta => {
+                validate_delta(rec.data, ps).map_err(codec)?;
+                self.cp.data.extend_from_slice(rec.data);
+                (K_DELTA, rec.data.len())
+            }
+        };
+        self.cp.entries.push(Entry { pfn, kind, offset, len });
+        self.last_pfn = Some(pfn);
+        Ok(())
+    }
+
+    pub(crate) fn push_state(&mut self, data: &[u8]) {
+        self.cp.state.extend_from_slice(data);
+    }
+
+    pub(crate) fn finish(mut self, digest: u64) -> Checkpoint {
+        self.cp.digest = digest;
+        self.cp
+    }
+}
+
+/// A whole guest memory in one buffer, zero-initialised: a simple [`ReplicaMemory`] for tests,
+/// tools and small guests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryImage {
+    page_size: usize,
+    index: Vec<(u64, u64, u64)>,
+    bytes: Vec<u8>,
+}
+
+impl MemoryImage {
+    /// A zeroed image of `layout` (which must be valid).
+    pub fn new(layout: &MemoryLayout) -> Self {
+        let ps = u64::from(layout.page_size);
+        let mut base = 0;
+        let index = layout
+            .ranges
+            .iter()
+            .map(|r| {
+                let e = (r.start / ps, r.len / ps, base);
+                base += r.len / ps;
+                e
+            })
+            .collect();
+        Self { page_size: layout.page_size as usize, index, bytes: vec![0; (base * ps) as usize] }
+    }
+
+    fn offset(&self, pfn: u64) -> Option<usize> {
+        let i = self.index.partition_point(|&(first, _, _)| first <= pfn);
+        let &(first, count, base) = self.index.get(i.checked_sub(1)?)?;
+        (pfn - first < count).then(|| (base + pfn - first) as usize * self.page_size)
+    }
+
+    /// The whole image.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl ReplicaMemory for MemoryImage {
+    fn page(&self, pfn: u64) -> Option<&[u8]> {
+        let at = self.offset(pfn)?;
+        Some(&self.bytes[at..at + self.page_size])
+    }
+
+    fn page_mut(&mut self, pfn: u64) -> Option<&mut [u8]> {
+        let at = self.offset(pfn)?;
+        Some(&mut self.bytes[at..at + self.page_size])
+    }
+
+    fn zero_all(&mut self) {
+        self.bytes.fill(0);
+    }
+}

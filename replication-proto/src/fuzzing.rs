@@ -1,0 +1,226 @@
+//! Fuzz entry points, shared by the `cargo fuzz` targets in `replication-proto/fuzz` and by the
+//! deterministic smoke test in `tests/fuzz_smoke.rs`. Each takes arbitrary bytes and must neither
+//! panic nor allocate without bound; they check a few invariants on the way.
+
+use crate::codec::{apply_delta, decode_page, validate_delta};
+use crate::frame::{FrameDecoder, MessageKind, begin_frame, decode_datagram, finish_frame};
+use crate::message::{EpochBegin, EpochEnd, Hello, Lineage, MemoryLayout, Message, Role, VmIdentity};
+use crate::pageset::{PageEncoding, parse_page_set};
+use crate::session::Endpoint;
+use crate::version::{PROTOCOL_VERSION, oldest_accepted};
+use crate::wire::{Reader, put_u32, put_u64};
+use crate::{Receiver, ReceiverConfig, ReceiverEvent};
+use std::time::Instant;
+
+/// Frames and messages: the stream decoder (fed in pieces), the datagram decoder, and every
+/// message decoder; whatever decodes must re-encode to the same payload.
+pub fn frames(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let mut d = FrameDecoder::new();
+    let step = usize::from(split % 64) + 1;
+    for piece in rest.chunks(step) {
+        d.push(piece);
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => check_message(f.kind, &f.payload),
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => break,
+                Err(_) => {}
+            }
+        }
+        if d.is_broken() {
+            break;
+        }
+    }
+    if let Ok(f) = decode_datagram(rest) {
+        check_message(f.kind, &f.payload);
+    }
+    if let Some(kind) = MessageKind::from_code(split % 13) {
+        check_message(kind, rest);
+    }
+}
+
+fn check_message(kind: MessageKind, payload: &[u8]) {
+    if let Ok(m) = Message::decode(kind, payload) {
+        let mut again = Vec::new();
+        m.encode_payload(&mut again);
+        // Hello may carry an extension tail we do not keep; everything else is canonical,
+        // except page request ranges (we merge adjacent ones) and page sets' range tables.
+        if !matches!(
+            kind,
+            MessageKind::Hello | MessageKind::PageRequest | MessageKind::PageBatch | MessageKind::PageResponse
+        ) {
+            assert_eq!(again, payload, "{kind:?} decodes but does not re-encode the same");
+        }
+        assert_eq!(Message::decode(kind, &again).as_ref(), Ok(&m), "{kind:?} re-encoding does not decode the same");
+    }
+}
+
+/// Page sets and page codecs: range table parsing, every record decoded into a page, and the
+/// raw codec decoders on the bytes directly.
+pub fn pages(data: &[u8]) {
+    let [a, b, rest @ ..] = data else {
+        return;
+    };
+    let page_size = 512usize << (a % 4);
+    let mut page = vec![0x5au8; page_size];
+    if let Ok(records) = parse_page_set(&mut Reader::new(rest)) {
+        let mut prev = None;
+        for r in records {
+            assert!(prev.is_none_or(|p| r.pfn > p), "page set pfns ascend");
+            prev = Some(r.pfn);
+            let _ = decode_page(r.encoding, r.data, &mut page);
+            assert_eq!(page.len(), page_size);
+        }
+    }
+    let encoding = PageEncoding::ALL[usize::from(*b % 5)];
+    let _ = decode_page(encoding, rest, &mut page);
+    assert_eq!(page.len(), page_size);
+    let valid = validate_delta(rest, page_size).is_ok();
+    assert_eq!(apply_delta(rest, &mut page).is_ok(), valid);
+}
+
+const FUZZ_PAGES: u64 = 64;
+
+fn fuzz_layout() -> MemoryLayout {
+    MemoryLayout::flat(4096, FUZZ_PAGES * 4096)
+}
+
+fn fuzz_vm() -> VmIdentity {
+    VmIdentity { uuid: *b"fuzzing-fuzzing!", name: "fuzz".into() }
+}
+
+/// A receiver that has completed its handshake with a (pretend) primary.
+fn connected_receiver(now: Instant) -> Receiver {
+    let mut r = Receiver::new(ReceiverConfig::new(Role::Backup, fuzz_vm(), fuzz_layout(), 2));
+    r.connect(now);
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        min_version: oldest_accepted(PROTOCOL_VERSION),
+        role: Role::Primary,
+        instance: 1,
+        vm: fuzz_vm(),
+        layout: fuzz_layout(),
+        window: 4,
+        committed: None,
+        delivered: None,
+        high_water: 0,
+    };
+    let mut bytes = Vec::new();
+    Message::Hello(hello).encode_frame(&mut bytes);
+    r.handle_input(now, &bytes);
+    while r.poll_transmit(now).is_some() {}
+    r
+}
+
+fn drain(r: &mut Receiver, now: Instant) {
+    while r.poll_transmit(now).is_some() {}
+    while let Some(ev) = r.poll_event() {
+        if let ReceiverEvent::Checkpoint(cp) = ev {
+            assert!(cp.page_count() as u64 <= FUZZ_PAGES);
+            let _ = r.committed(now, cp.epoch());
+        }
+    }
+}
+
+/// The receiver's epoch assembly around the state blob: a baseline whose state arrives in chunks
+/// cut, ordered and checksummed as the input says. When the input plays by the rules the epoch
+/// must come out whole with exactly that state.
+pub fn state(data: &[u8]) {
+    let [cuts, flags, rest @ ..] = data else {
+        return;
+    };
+    let now = Instant::now();
+    let mut r = connected_receiver(now);
+    let lineage = Lineage { origin: 1, baseline: 1 };
+    let mut bytes = Vec::new();
+    Message::EpochBegin(EpochBegin { epoch: 1, lineage, baseline: true, page_count: 0, state_len: rest.len() as u64 })
+        .encode_frame(&mut bytes);
+    let chunk = usize::from(*cuts) + 1;
+    let mut crc = crc32fast::Hasher::new();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for (seq, (i, c)) in rest.chunks(chunk).enumerate().enumerate() {
+        let mut f = Vec::new();
+        let at = begin_frame(&mut f, MessageKind::StateChunk);
+        put_u64(&mut f, 1);
+        put_u32(&mut f, seq as u32);
+        let offset = (i * chunk) as u64;
+        // Flag bit 0: lie about one offset.
+        put_u64(&mut f, if flags & 1 != 0 && seq == 1 { offset + 1 } else { offset });
+        f.extend_from_slice(c);
+        finish_frame(&mut f, at);
+        crc.update(&f[crate::limits::FRAME_HEADER_LEN..]);
+        frames.push(f);
+    }
+    // Flag bit 1: send the chunks in reverse order (the receiver holds them until the gap fills).
+    if flags & 2 != 0 {
+        frames.reverse();
+    }
+    // Flag bit 2: drop the last one.
+    if flags & 4 != 0 {
+        frames.pop();
+    }
+    for f in &frames {
+        bytes.extend_from_slice(f);
+    }
+    let frames_sent = rest.chunks(chunk).count() as u32;
+    Message::EpochEnd(EpochEnd {
+        epoch: 1,
+        frames: frames_sent,
+        page_count: 0,
+        state_len: rest.len() as u64,
+        // Flag bit 3: a wrong checksum.
+        checksum: crc.finalize() ^ u32::from(flags & 8),
+        digest: crate::hash::Digest::default().finish(),
+    })
+    .encode_frame(&mut bytes);
+    r.handle_input(now, &bytes);
+    let mut got = None;
+    while let Some(ev) = r.poll_event() {
+        if let ReceiverEvent::Checkpoint(cp) = ev {
+            got = Some(cp);
+        }
+    }
+    let lied = flags & 1 != 0 && frames_sent >= 2;
+    let dropped = flags & 4 != 0 && frames_sent >= 1;
+    let honest = !lied && !dropped && flags & 8 == 0;
+    // Reversed, more frames than the receiver holds ahead of a gap: it waits for a resend.
+    let too_many_held = flags & 2 != 0 && frames_sent as usize > 4096;
+    match got {
+        Some(cp) => {
+            assert!(honest, "a dishonest epoch came out");
+            assert_eq!(cp.state(), rest);
+        }
+        None => assert!(!honest || too_many_held, "an honest epoch did not come out"),
+    }
+}
+
+/// The receiver against arbitrary frames with valid crcs: the input is a list of
+/// `(kind u8, len u16, payload)`; the frame around each is made valid so the bytes reach the
+/// message decoders and the state machine.
+pub fn receiver(data: &[u8]) {
+    let now = Instant::now();
+    let mut r = connected_receiver(now);
+    let mut rd = Reader::new(data);
+    let mut stream = Vec::new();
+    while let (Ok(kind), Ok(len)) = (rd.u8("kind"), rd.u16("len")) {
+        let payload = rd.bytes(usize::from(len).min(rd.remaining()), "payload").unwrap_or(&[]);
+        let Some(kind) = MessageKind::from_code(kind % 13) else {
+            stream.extend_from_slice(payload);
+            continue;
+        };
+        let at = begin_frame(&mut stream, kind);
+        stream.extend_from_slice(payload);
+        if stream.len() - at - crate::limits::FRAME_HEADER_LEN <= kind.max_payload() {
+            finish_frame(&mut stream, at);
+        }
+    }
+    for piece in stream.chunks(997) {
+        r.handle_input(now, piece);
+        drain(&mut r, now);
+    }
+    r.handle_timeout(now + std::time::Duration::from_millis(60));
+    drain(&mut r, now);
+}

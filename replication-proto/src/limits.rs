@@ -1,0 +1,40 @@
+//! Every length a peer can choose is capped here; `docs/protocol.md` lists the same numbers.
+//!
+//! Decoders check these before they allocate, so no input, however hostile, makes this crate
+//! allocate more than a frame's worth of memory at a time, or stage more than one checkpoint's
+//! worth of guest memory.
+
+/// Bytes in a frame header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Largest payload of any frame (page batches, page responses).
+pub const MAX_PAYLOAD_LEN: usize = 4 << 20;
+/// Largest `Hello` payload.
+pub const MAX_HELLO_LEN: usize = 64 << 10;
+/// Largest payload of the small control messages (acks, heartbeats, requests).
+pub const MAX_CONTROL_LEN: usize = 64;
+/// Largest `Goodbye` payload.
+pub const MAX_GOODBYE_LEN: usize = 1 << 10;
+/// Longest VM name, in bytes of UTF-8.
+pub const MAX_VM_NAME_LEN: usize = 255;
+/// Longest `Goodbye` detail text, in bytes of UTF-8.
+pub const MAX_DETAIL_LEN: usize = 512;
+/// Most guest-physical ranges in a memory layout.
+pub const MAX_GUEST_RANGES: usize = 1024;
+/// Smallest page size a layout may declare.
+pub const MIN_PAGE_SIZE: u32 = 512;
+/// Largest page size a layout may declare.
+pub const MAX_PAGE_SIZE: u32 = 64 << 10;
+/// Most pages in a memory layout (16 TiB of 4 KiB pages).
+pub const MAX_GUEST_PAGES: u64 = 1 << 32;
+/// Most pages in one page batch or page response.
+pub const MAX_BATCH_PAGES: usize = 16 << 10;
+/// Largest payload of one state chunk.
+pub const MAX_STATE_CHUNK: usize = 1 << 20;
+/// Largest device/vCPU state blob of one checkpoint.
+pub const MAX_STATE_LEN: u64 = 64 << 20;
+/// Most frames (batches plus state chunks) in one epoch.
+pub const MAX_EPOCH_FRAMES: u32 = 1 << 24;
+/// Most pages one page request may ask for.
+pub const MAX_REQUEST_PAGES: usize = 4 << 10;
+/// Most epochs a sender may have in flight (submitted, not acknowledged).
+pub const MAX_WINDOW: u16 = 256;

@@ -1,0 +1,881 @@
+//! The sending side (primary, migration source): encodes checkpoints into frames, keeps them until
+//! acknowledged, resends on request or reconnect, and starts over with a baseline when the
+//! receiver cannot continue the series.
+
+use crate::cache::{Cached, PageCache};
+use crate::codec::{CodecConfig, PageEncoder};
+use crate::frame::{MessageKind, begin_frame, finish_frame};
+use crate::hash::{Digest, is_zero, xxh64, zero_page_hash};
+use crate::limits::{FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_STATE_LEN, MAX_WINDOW};
+use crate::message::{
+    EpochBegin, EpochEnd, Heartbeat, Hello, Lineage, MemoryLayout, Message, PageIndex, Position, ResendRequest,
+    ResyncReason, ResyncRequest, Role, VmIdentity,
+};
+use crate::pageset::{PageEncoding, PageSetWriter};
+use crate::session::{Endpoint, Input, Link, LinkState, Local, SessionError, Timing, Transmit};
+use crate::version::{PROTOCOL_VERSION, oldest_accepted};
+use crate::wire::{put_u32, put_u64};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How a [`Sender`] behaves. [`SenderConfig::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// [`Role::Primary`] or [`Role::MigrationSource`].
+    pub role: Role,
+    /// The VM.
+    pub vm: VmIdentity,
+    /// Its memory layout.
+    pub layout: MemoryLayout,
+    /// This sender's incarnation number: must differ between runs (use a random number). It names
+    /// the checkpoint series this sender starts.
+    pub instance: u64,
+    /// Most epochs in flight (submitted, not acknowledged); also limited by the receiver's window.
+    /// Default 4.
+    pub window: u16,
+    /// Encoded bytes kept for resending: a new epoch is refused while more than this is retained
+    /// (one epoch may exceed it on its own). Default 256 MiB.
+    pub max_retained_bytes: u64,
+    /// Bytes of last-sent page copies kept for deltas and exact "unchanged" checks. Default
+    /// 64 MiB.
+    pub cache_bytes: u64,
+    /// Which codecs to use.
+    pub codecs: CodecConfig,
+    /// Treat a page as unchanged on a hash match alone when its copy was evicted (collision
+    /// probability 2^-64 per page; see `docs/protocol.md`). Default false.
+    pub trust_hash: bool,
+    /// Target payload of one page batch frame. Default 256 KiB (clamped to 16 KiB..=2 MiB).
+    pub batch_bytes: usize,
+    /// Largest state chunk. Default 256 KiB (clamped to 1 KiB..=1 MiB).
+    pub state_chunk: usize,
+    /// Heartbeats and idle detection.
+    pub timing: Timing,
+}
+
+impl SenderConfig {
+    /// A configuration with the defaults.
+    pub fn new(role: Role, vm: VmIdentity, layout: MemoryLayout, instance: u64) -> Self {
+        Self {
+            role,
+            vm,
+            layout,
+            instance,
+            window: 4,
+            max_retained_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
+            codecs: CodecConfig::default(),
+            trust_hash: false,
+            batch_bytes: 256 << 10,
+            state_chunk: 256 << 10,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Why the sender needs a baseline before it can send more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaselineReason {
+    /// Nothing was ever sent.
+    Initial,
+    /// On reconnect, the receiver does not hold a point of this sender's series that the
+    /// retained epochs continue.
+    CannotResume,
+    /// The receiver asked for one.
+    Requested(ResyncReason),
+}
+
+/// What a [`Sender`] reports to its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// The session is established. `resumed_from` is the first epoch being resent (`None` when a
+    /// baseline is needed first).
+    Connected {
+        /// The receiver's Hello.
+        peer: Box<Hello>,
+        /// First epoch (re)sent on this connection.
+        resumed_from: Option<u64>,
+    },
+    /// The receiver committed every epoch up to `epoch`: output produced up to the end of that
+    /// epoch may be released.
+    Acked {
+        /// The epoch.
+        epoch: u64,
+        /// Time from submit to ack, when the epoch was still retained.
+        latency: Option<Duration>,
+    },
+    /// The next checkpoint must be a baseline ([`Sender::submit_baseline`]): every non-zero page.
+    /// Epochs not yet acknowledged were dropped; the baseline's ack covers them.
+    BaselineRequired {
+        /// Why.
+        reason: BaselineReason,
+    },
+    /// Post-copy: the receiver asks for pages; answer with [`Sender::send_pages`].
+    PagesRequested {
+        /// Request id.
+        id: u64,
+        /// Pages wanted, ascending.
+        pfns: Vec<u64>,
+    },
+    /// The connection ended; reconnect unless `error` [`SessionError::is_permanent`].
+    Disconnected {
+        /// Why.
+        error: SessionError,
+    },
+}
+
+/// A checkpoint that cannot be submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubmitError {
+    /// The series has to restart: submit a baseline.
+    #[error("a baseline is required before epoch {next}")]
+    BaselineRequired {
+        /// The epoch number the baseline will get.
+        next: u64,
+    },
+    /// Too many epochs in flight.
+    #[error("window full: {in_flight} epochs in flight, limit {limit}")]
+    WindowFull {
+        /// Epochs in flight.
+        in_flight: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Too many bytes retained for resending.
+    #[error("retained data full: {bytes} bytes retained, limit {limit}")]
+    RetainedFull {
+        /// Bytes retained.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A page is not in the memory layout.
+    #[error("page {pfn:#x} is not in the memory layout")]
+    OutOfLayout {
+        /// The page frame number.
+        pfn: u64,
+    },
+    /// Pages must come in strictly ascending pfn order.
+    #[error("page {pfn:#x} does not follow page {prev:#x}")]
+    Order {
+        /// The page frame number.
+        pfn: u64,
+        /// The previous one.
+        prev: u64,
+    },
+    /// A page's length is not the page size.
+    #[error("page {pfn:#x}: {len} bytes, page size is {page_size}")]
+    PageLength {
+        /// The page frame number.
+        pfn: u64,
+        /// Its length.
+        len: usize,
+        /// The page size.
+        page_size: usize,
+    },
+    /// The state blob is too large.
+    #[error("state of {len} bytes over the limit of {max}")]
+    StateTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: u64,
+    },
+    /// A page request answer holds too many pages.
+    #[error("page response of {count} pages over the limit of {max}")]
+    TooManyPages {
+        /// Pages given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Counters for monitoring and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    /// Epochs submitted.
+    pub epochs: u64,
+    /// Pages submitted (dirty pages).
+    pub pages: u64,
+    /// Pages per encoding, indexed by `PageEncoding as usize`.
+    pub pages_by_encoding: [u64; 5],
+    /// Payload bytes per encoding.
+    pub payload_by_encoding: [u64; 5],
+    /// Bytes of all frames encoded for epochs (first transmission).
+    pub epoch_bytes: u64,
+    /// Frames handed to the transport.
+    pub frames_sent: u64,
+    /// Bytes handed to the transport.
+    pub bytes_sent: u64,
+    /// Epoch frames sent again (resend requests, reconnects).
+    pub frames_resent: u64,
+    /// Baselines required.
+    pub resyncs: u64,
+}
+
+struct OutEpoch {
+    epoch: u64,
+    lineage: Lineage,
+    baseline: bool,
+    frames: Vec<Arc<Vec<u8>>>,
+    bytes: u64,
+    submitted: Instant,
+    high_sent: usize,
+}
+
+/// The sans-IO sending state machine. See the crate docs for the protocol and [`Endpoint`] for
+/// how a transport drives it.
+pub struct Sender {
+    cfg: SenderConfig,
+    local: Local,
+    index: PageIndex,
+    link: Link,
+    cache: PageCache,
+    encoder: PageEncoder,
+    zero_page: Vec<u8>,
+    window: VecDeque<OutEpoch>,
+    retained: u64,
+    send_epoch: u64,
+    send_frame: usize,
+    ready: bool,
+    next_epoch: u64,
+    last_submitted: u64,
+    acked: u64,
+    lineage: Option<Lineage>,
+    needs_baseline: bool,
+    peer_window: u16,
+    peer_instance: Option<u64>,
+    last_request: Option<u32>,
+    last_sent: u64,
+    responses: VecDeque<Transmit>,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("state", &self.link.state)
+            .field("acked", &self.acked)
+            .field("last_submitted", &self.last_submitted)
+            .field("in_flight", &self.window.len())
+            .field("needs_baseline", &self.needs_baseline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sender {
+    /// A sender with no connection; the first checkpoint must be a baseline.
+    ///
+    /// # Panics
+    /// If `config.layout` is invalid or `config.role` is not a sending role (programming errors).
+    pub fn new(mut config: SenderConfig) -> Self {
+        config.layout.validate().expect("sender memory layout is valid");
+        assert!(config.role.is_sender(), "a Sender needs a sending role");
+        config.window = config.window.clamp(1, MAX_WINDOW);
+        config.batch_bytes = config.batch_bytes.clamp(16 << 10, 2 << 20);
+        config.state_chunk = config.state_chunk.clamp(1 << 10, 1 << 20);
+        let index = PageIndex::new(&config.layout);
+        let page_size = config.layout.page_size as usize;
+        let cache = PageCache::new(index.pages() as usize, page_size, config.cache_bytes);
+        let local = Local { role: config.role, vm: config.vm.clone(), layout: config.layout.clone() };
+        let mut events = VecDeque::new();
+        events.push_back(SenderEvent::BaselineRequired { reason: BaselineReason::Initial });
+        Self {
+            link: Link::new(config.timing),
+            encoder: PageEncoder::new(config.codecs),
+            zero_page: vec![0; page_size],
+            cfg: config,
+            local,
+            index,
+            cache,
+            window: VecDeque::new(),
+            retained: 0,
+            send_epoch: 1,
+            send_frame: 0,
+            ready: false,
+            next_epoch: 1,
+            last_submitted: 0,
+            acked: 0,
+            lineage: None,
+            needs_baseline: true,
+            peer_window: MAX_WINDOW,
+            peer_instance: None,
+            last_request: None,
+            last_sent: 0,
+            responses: VecDeque::new(),
+            events,
+            stats: SenderStats::default(),
+        }
+    }
+
+    /// Whether the next checkpoint must be a baseline.
+    pub fn needs_baseline(&self) -> bool {
+        self.needs_baseline
+    }
+
+    /// The number the next submitted epoch gets.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// The last epoch acknowledged (0 for none).
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// The last epoch submitted (0 for none).
+    pub fn last_submitted(&self) -> u64 {
+        self.last_submitted
+    }
+
+    /// Epochs submitted and not acknowledged that are still retained.
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Whether another epoch would be accepted now (window and retained bytes).
+    pub fn can_submit(&self) -> bool {
+        self.window.len() < self.window_limit()
+            && (self.window.is_empty() || self.retained < self.cfg.max_retained_bytes)
+    }
+
+    /// The current series, once a baseline was submitted.
+    pub fn lineage(&self) -> Option<Lineage> {
+        self.lineage
+    }
+
+    /// Where the connection stands.
+    pub fn link_state(&self) -> LinkState {
+        self.link.state
+    }
+
+    /// The negotiated protocol version (0 before the handshake).
+    pub fn version(&self) -> u16 {
+        self.link.version
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    /// `(copies held, copy capacity, evictions)` of the last-sent page cache.
+    pub fn cache_stats(&self) -> (usize, usize, u64) {
+        (self.cache.copies(), self.cache.capacity(), self.cache.evictions())
+    }
+
+    fn window_limit(&self) -> usize {
+        usize::from(self.cfg.window.min(self.peer_window.max(1)))
+    }
+
+    /// Submits the checkpoint of the next epoch: the pages dirtied in it (strictly ascending pfns,
+    /// each exactly one page) and the device/vCPU state blob. Encodes it at once (the caller may
+    /// reuse its buffers when this returns) and returns the epoch number.
+    pub fn submit<'a, I>(&mut self, now: Instant, pages: I, state: &[u8]) -> Result<u64, SubmitError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+        I::IntoIter: Clone,
+    {
+        self.submit_inner(now, pages.into_iter(), state, false)
+    }
+
+    /// Submits a baseline: every non-zero page of the guest (zero pages may be left out: the
+    /// receiver starts from an all-zero replica) and the state. Starts a new series; always
+    /// allowed (also when not required).
+    pub fn submit_baseline<'a, I>(&mut self, now: Instant, pages: I, state: &[u8]) -> Result<u64, SubmitError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+        I::IntoIter: Clone,
+    {
+        self.submit_inner(now, pages.into_iter(), state, true)
+    }
+
+    fn submit_inner<'a, I>(&mut self, now: Instant, pages: I, state: &[u8], baseline: bool) -> Result<u64, SubmitError>
+    where
+        I: Iterator<Item = (u64, &'a [u8])> + Clone,
+    {
+        if !baseline && self.needs_baseline {
+            return Err(SubmitError::BaselineRequired { next: self.next_epoch });
+        }
+        let limit = self.window_limit();
+        if self.window.len() >= limit {
+            return Err(SubmitError::WindowFull { in_flight: self.window.len(), limit });
+        }
+        if !self.window.is_empty() && self.retained >= self.cfg.max_retained_bytes {
+            return Err(SubmitError::RetainedFull { bytes: self.retained, limit: self.cfg.max_retained_bytes });
+        }
+        if state.len() as u64 > MAX_STATE_LEN {
+            return Err(SubmitError::StateTooLarge { len: state.len(), max: MAX_STATE_LEN });
+        }
+        let page_size = self.zero_page.len();
+        let mut count = 0u64;
+        let mut prev: Option<u64> = None;
+        for (pfn, page) in pages.clone() {
+            if self.index.index(pfn).is_none() {
+                return Err(SubmitError::OutOfLayout { pfn });
+            }
+            if let Some(prev) = prev
+                && pfn <= prev
+            {
+                return Err(SubmitError::Order { pfn, prev });
+            }
+            if page.len() != page_size {
+                return Err(SubmitError::PageLength { pfn, len: page.len(), page_size });
+            }
+            prev = Some(pfn);
+            count += 1;
+        }
+        let epoch = self.next_epoch;
+        if baseline {
+            self.cache.clear();
+            self.lineage = Some(Lineage { origin: self.cfg.instance, baseline: epoch });
+            self.needs_baseline = false;
+        }
+        let lineage = self.lineage.expect("a lineage exists once a baseline was submitted");
+        let begin = EpochBegin { epoch, lineage, baseline, page_count: count, state_len: state.len() as u64 };
+        let frames = self.encode_epoch(begin, pages, state);
+        let bytes = frames.iter().map(|f| f.len() as u64).sum();
+        self.next_epoch += 1;
+        self.last_submitted = epoch;
+        self.retained += bytes;
+        self.stats.epochs += 1;
+        self.stats.pages += count;
+        self.stats.epoch_bytes += bytes;
+        self.window.push_back(OutEpoch { epoch, lineage, baseline, frames, bytes, submitted: now, high_sent: 0 });
+        Ok(epoch)
+    }
+
+    fn encode_epoch<'a>(
+        &mut self,
+        begin: EpochBegin,
+        pages: impl Iterator<Item = (u64, &'a [u8])>,
+        state: &[u8],
+    ) -> Vec<Arc<Vec<u8>>> {
+        let epoch = begin.epoch;
+        let baseline = begin.baseline;
+        let mut frames = Vec::new();
+        let mut one = Vec::new();
+        Message::EpochBegin(begin).encode_frame(&mut one);
+        frames.push(Arc::new(one));
+
+        let mut crc = crc32fast::Hasher::new();
+        let mut digest = Digest::default();
+        let mut seq = 0u32;
+        let page_size = self.zero_page.len();
+        let zero_hash = zero_page_hash(page_size);
+        let batch_bytes = self.cfg.batch_bytes;
+        let capacity = batch_bytes + 2 * page_size + 1024;
+        let start_batch = |buf: &mut Vec<u8>, seq: u32| {
+            let at = begin_frame(buf, MessageKind::PageBatch);
+            put_u64(buf, epoch);
+            put_u32(buf, seq);
+            (at, PageSetWriter::begin(buf))
+        };
+        let mut buf = Vec::with_capacity(capacity);
+        let (mut at, mut w) = start_batch(&mut buf, seq);
+        for (pfn, page) in pages {
+            let index = self.index.index(pfn).expect("checked before encoding");
+            let (encoding, data, hash): (PageEncoding, &[u8], u64) = if is_zero(page) {
+                self.cache.put_zero(index);
+                (PageEncoding::Zero, &[], zero_hash)
+            } else {
+                let cached = self.cache.get(index);
+                // A cached copy is compared first: equal means unchanged, and its hash is the
+                // one remembered (no need to hash the page again).
+                if let Cached::Copy(h, copy) = cached
+                    && !baseline
+                    && copy == page
+                {
+                    (PageEncoding::Unchanged, &[][..], h)
+                } else {
+                    let hash = xxh64(page);
+                    let (encoding, data) = match cached {
+                        Cached::Hash(h) if !baseline && self.cfg.trust_hash && h == hash => {
+                            (PageEncoding::Unchanged, &[][..])
+                        }
+                        Cached::Copy(_, copy) if !baseline => self.encoder.encode(page, Some(copy)),
+                        Cached::Zero if !baseline => self.encoder.encode(page, Some(&self.zero_page)),
+                        _ => self.encoder.encode(page, None),
+                    };
+                    (encoding, data, hash)
+                }
+            };
+            self.stats.pages_by_encoding[encoding as usize] += 1;
+            self.stats.payload_by_encoding[encoding as usize] += data.len() as u64;
+            w.push(&mut buf, pfn, encoding, data);
+            if encoding.has_payload() {
+                self.cache.put(index, hash, page);
+            }
+            digest.add(pfn, hash);
+            if buf.len() - at >= batch_bytes || w.pages() as usize >= MAX_BATCH_PAGES {
+                w.finish(&mut buf);
+                finish_frame(&mut buf, at);
+                crc.update(&buf[at + FRAME_HEADER_LEN..]);
+                frames.push(Arc::new(std::mem::replace(&mut buf, Vec::with_capacity(capacity))));
+                seq += 1;
+                (at, w) = start_batch(&mut buf, seq);
+            }
+        }
+        if w.pages() > 0 {
+            w.finish(&mut buf);
+            finish_frame(&mut buf, at);
+            crc.update(&buf[at + FRAME_HEADER_LEN..]);
+            frames.push(Arc::new(buf));
+            seq += 1;
+        }
+        let mut offset = 0u64;
+        for chunk in state.chunks(self.cfg.state_chunk) {
+            let mut out = Vec::with_capacity(chunk.len() + 64);
+            let at = begin_frame(&mut out, MessageKind::StateChunk);
+            put_u64(&mut out, epoch);
+            put_u32(&mut out, seq);
+            put_u64(&mut out, offset);
+            out.extend_from_slice(chunk);
+            finish_frame(&mut out, at);
+            crc.update(&out[FRAME_HEADER_LEN..]);
+            frames.push(Arc::new(out));
+            offset += chunk.len() as u64;
+            seq += 1;
+        }
+        let mut out = Vec::new();
+        Message::EpochEnd(EpochEnd {
+            epoch,
+            frames: seq,
+            page_count: begin.page_count,
+            state_len: begin.state_len,
+            checksum: crc.finalize(),
+            digest: digest.finish(),
+        })
+        .encode_frame(&mut out);
+        frames.push(Arc::new(out));
+        frames
+    }
+
+    /// Post-copy: answers page request `id` with `pages` (ascending pfns, each one page). Pages go
+    /// self-contained (zero, lz4 or raw) and ahead of checkpoint data.
+    pub fn send_pages<'a, I>(&mut self, id: u64, pages: I) -> Result<(), SubmitError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+    {
+        let page_size = self.zero_page.len();
+        let mut prev: Option<u64> = None;
+        let mut out = Vec::new();
+        let mut at = begin_frame(&mut out, MessageKind::PageResponse);
+        put_u64(&mut out, id);
+        let mut w = PageSetWriter::begin(&mut out);
+        let mut frames = Vec::new();
+        for (pfn, page) in pages {
+            if self.index.index(pfn).is_none() {
+                return Err(SubmitError::OutOfLayout { pfn });
+            }
+            if let Some(prev) = prev
+                && pfn <= prev
+            {
+                return Err(SubmitError::Order { pfn, prev });
+            }
+            if page.len() != page_size {
+                return Err(SubmitError::PageLength { pfn, len: page.len(), page_size });
+            }
+            prev = Some(pfn);
+            let (encoding, data) =
+                if is_zero(page) { (PageEncoding::Zero, &[][..]) } else { self.encoder.encode(page, None) };
+            w.push(&mut out, pfn, encoding, data);
+            if out.len() - at >= self.cfg.batch_bytes || w.pages() as usize >= MAX_BATCH_PAGES {
+                w.finish(&mut out);
+                finish_frame(&mut out, at);
+                frames.push(std::mem::take(&mut out));
+                at = begin_frame(&mut out, MessageKind::PageResponse);
+                put_u64(&mut out, id);
+                w = PageSetWriter::begin(&mut out);
+            }
+        }
+        if w.pages() > 0 || frames.is_empty() {
+            w.finish(&mut out);
+            finish_frame(&mut out, at);
+            frames.push(out);
+        }
+        for f in frames {
+            self.responses.push_back(Transmit::new(Arc::new(f), crate::session::Channel::Stream));
+        }
+        Ok(())
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            min_version: oldest_accepted(PROTOCOL_VERSION),
+            role: self.cfg.role,
+            instance: self.cfg.instance,
+            vm: self.cfg.vm.clone(),
+            layout: self.cfg.layout.clone(),
+            window: self.cfg.window,
+            committed: self.lineage.filter(|_| self.acked > 0).map(|lineage| Position { lineage, epoch: self.acked }),
+            delivered: self
+                .lineage
+                .filter(|_| self.last_submitted > 0)
+                .map(|lineage| Position { lineage, epoch: self.last_submitted }),
+            high_water: self.last_submitted,
+        }
+    }
+
+    fn fail(&mut self, error: SessionError) {
+        self.link.fail(&error);
+        self.ready = false;
+        self.events.push_back(SenderEvent::Disconnected { error });
+    }
+
+    fn resync(&mut self, reason: BaselineReason) {
+        if self.needs_baseline {
+            return;
+        }
+        self.window.clear();
+        self.retained = 0;
+        self.cache.clear();
+        self.needs_baseline = true;
+        self.stats.resyncs += 1;
+        self.events.push_back(SenderEvent::BaselineRequired { reason });
+    }
+
+    fn on_ack(&mut self, now: Instant, epoch: u64) {
+        if epoch <= self.acked || epoch > self.last_submitted {
+            return;
+        }
+        self.acked = epoch;
+        let mut latency = None;
+        while let Some(front) = self.window.front() {
+            if front.epoch > epoch {
+                break;
+            }
+            if front.epoch == epoch {
+                latency = Some(now.saturating_duration_since(front.submitted));
+            }
+            self.retained -= front.bytes;
+            self.window.pop_front();
+        }
+        self.events.push_back(SenderEvent::Acked { epoch, latency });
+    }
+
+    fn epoch_at(&self, epoch: u64) -> Option<&OutEpoch> {
+        let front = self.window.front()?.epoch;
+        self.window.get(usize::try_from(epoch.checked_sub(front)?).ok()?)
+    }
+
+    /// Where to start sending on a new connection, or `None` when the series must restart.
+    fn resume_point(&self, h: &Hello) -> Option<u64> {
+        if let Some(d) = h.delivered
+            && d.epoch >= self.acked
+            && d.epoch <= self.last_submitted
+        {
+            let next = d.epoch + 1;
+            match self.epoch_at(next) {
+                None if next > self.last_submitted && Some(d.lineage) == self.lineage => {
+                    return Some(next);
+                }
+                Some(ep) if (!ep.baseline && ep.lineage == d.lineage) || (ep.baseline && ep.epoch > h.high_water) => {
+                    return Some(next);
+                }
+                _ => {}
+            }
+        }
+        match self.window.front() {
+            Some(front) if front.baseline && front.epoch > h.high_water => Some(front.epoch),
+            _ => None,
+        }
+    }
+
+    fn established(&mut self, now: Instant, h: Hello) {
+        self.peer_window = h.window.max(1);
+        if self.peer_instance != Some(h.instance) {
+            self.peer_instance = Some(h.instance);
+            self.last_request = None;
+        }
+        if let Some(c) = h.committed
+            && c.lineage.origin == self.cfg.instance
+        {
+            self.on_ack(now, c.epoch);
+        }
+        self.next_epoch = self.next_epoch.max(h.high_water + 1);
+        self.last_sent = 0;
+        let resumed_from = if self.needs_baseline {
+            None
+        } else {
+            let r = self.resume_point(&h);
+            if r.is_none() {
+                self.resync(BaselineReason::CannotResume);
+            }
+            r
+        };
+        if let Some(from) = resumed_from {
+            self.send_epoch = from;
+            self.send_frame = 0;
+        }
+        self.ready = true;
+        self.events.push_back(SenderEvent::Connected { peer: Box::new(h), resumed_from });
+    }
+
+    fn on_input(&mut self, now: Instant, input: Input) -> Result<(), SessionError> {
+        match input {
+            Input::Established(h) => self.established(now, *h),
+            Input::Corrupt | Input::EpochData(..) => {}
+            Input::Message(msg) => match msg {
+                Message::Ack { epoch } => self.on_ack(now, epoch),
+                Message::Heartbeat(hb) if hb.committed > 0 => self.on_ack(now, hb.committed),
+                Message::ResendRequest(r) => self.on_resend(r),
+                Message::ResyncRequest(r) => self.on_resync_request(r),
+                Message::PageRequest(r) => {
+                    if let Some(&pfn) = r.pfns.iter().find(|&&p| self.index.index(p).is_none()) {
+                        return Err(SessionError::Protocol {
+                            what: "page request outside the memory layout",
+                            epoch: pfn,
+                        });
+                    }
+                    self.events.push_back(SenderEvent::PagesRequested { id: r.id, pfns: r.pfns });
+                }
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    fn on_resend(&mut self, r: ResendRequest) {
+        if self.last_request.is_some_and(|last| r.request <= last) {
+            return;
+        }
+        self.last_request = Some(r.request);
+        let Some(front) = self.window.front() else {
+            return;
+        };
+        let target = r.from_epoch.max(front.epoch);
+        if target > self.last_submitted {
+            return;
+        }
+        if (self.send_epoch, self.send_frame) > (target, 0) {
+            self.send_epoch = target;
+            self.send_frame = 0;
+        }
+    }
+
+    fn on_resync_request(&mut self, r: ResyncRequest) {
+        if self.needs_baseline {
+            return;
+        }
+        if let Some(l) = self.lineage
+            && l.baseline > r.delivered
+        {
+            // Asked before our current baseline reached the receiver: stale.
+            return;
+        }
+        self.resync(BaselineReason::Requested(r.reason));
+    }
+
+    fn next_epoch_frame(&mut self) -> Option<Transmit> {
+        let front = self.window.front()?.epoch;
+        if self.send_epoch < front {
+            self.send_epoch = front;
+            self.send_frame = 0;
+        }
+        let i = usize::try_from(self.send_epoch - front).ok()?;
+        let ep = self.window.get_mut(i)?;
+        let frame = ep.frames.get(self.send_frame)?.clone();
+        if self.send_frame < ep.high_sent {
+            self.stats.frames_resent += 1;
+        }
+        self.send_frame += 1;
+        ep.high_sent = ep.high_sent.max(self.send_frame);
+        if self.send_frame == ep.frames.len() {
+            self.last_sent = self.last_sent.max(ep.epoch);
+            self.send_epoch += 1;
+            self.send_frame = 0;
+        }
+        Some(Transmit::new(frame, crate::session::Channel::Stream))
+    }
+}
+
+impl Endpoint for Sender {
+    type Event = SenderEvent;
+
+    fn connect(&mut self, now: Instant) {
+        self.responses.clear();
+        self.ready = false;
+        let hello = self.hello();
+        self.link.connect(now, hello);
+    }
+
+    fn disconnect(&mut self, _now: Instant) {
+        if self.link.state != LinkState::Down {
+            self.fail(SessionError::ConnectionLost);
+        }
+    }
+
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        let mut inputs = Vec::new();
+        let local = self.local.clone();
+        let r = self.link.input(now, data, &local, &mut |i| {
+            inputs.push(i);
+            Ok(())
+        });
+        self.process(now, inputs, r);
+    }
+
+    fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        let mut inputs = Vec::new();
+        let local = self.local.clone();
+        let r = self.link.datagram(now, datagram, &local, &mut |i| {
+            inputs.push(i);
+            Ok(())
+        });
+        self.process(now, inputs, r);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        let beat = Heartbeat { last_sent: self.last_sent, committed: 0 };
+        if let Err(e) = self.link.on_timeout(now, beat) {
+            self.fail(e);
+        }
+    }
+
+    fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let t = self.link.pop_control().or_else(|| {
+            if !self.ready || self.link.state != LinkState::Established {
+                return None;
+            }
+            self.responses.pop_front().or_else(|| self.next_epoch_frame())
+        })?;
+        self.link.sent(now);
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += t.len() as u64;
+        Some(t)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout()
+    }
+
+    fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    fn close(&mut self, _now: Instant, detail: &str) {
+        self.fail(SessionError::Closed { detail: detail.to_owned() });
+    }
+}
+
+impl Sender {
+    fn process(&mut self, now: Instant, inputs: Vec<Input>, r: Result<(), SessionError>) {
+        for input in inputs {
+            if self.link.state == LinkState::Down {
+                return;
+            }
+            if let Err(e) = self.on_input(now, input) {
+                self.fail(e);
+                return;
+            }
+        }
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+}

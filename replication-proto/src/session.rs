@@ -1,0 +1,494 @@
+//! What the sender and the receiver share: the bytes they hand to the transport, the errors that
+//! end a connection, the [`Endpoint`] interface, and the connection plumbing (framing, `Hello`
+//! exchange, heartbeats, idle detection, goodbye).
+
+use crate::frame::{FrameDecoder, FrameError, MessageKind};
+use crate::message::{Goodbye, GoodbyeReason, Heartbeat, Hello, Message, MessageError, Role};
+use crate::version::{VersionError, negotiate};
+use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Which transport channel a [`Transmit`] should go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// The session's ordered byte stream (one QUIC stream per direction).
+    Stream,
+    /// May go as an unreliable datagram (heartbeats): losing or reordering it is harmless. It
+    /// is also a whole valid frame, so a transport without datagrams writes it to the stream.
+    Datagram,
+}
+
+/// Bytes to send: exactly one whole frame.
+///
+/// Cheap to clone (shared, immutable), `Send + Sync + 'static` and `AsRef<[u8]>`, so a tokio
+/// transport can hand it to `bytes::Bytes::from_owner` without copying.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Transmit {
+    data: Arc<Vec<u8>>,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Transmit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transmit").field("len", &self.data.len()).field("channel", &self.channel).finish()
+    }
+}
+
+impl Transmit {
+    pub(crate) fn new(data: Arc<Vec<u8>>, channel: Channel) -> Self {
+        Self { data, channel }
+    }
+
+    /// Where to send it.
+    pub fn channel(&self) -> Channel {
+        self.channel
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The bytes as an owned vector (copies only if the frame is still retained for resending).
+    pub fn into_vec(self) -> Vec<u8> {
+        Arc::try_unwrap(self.data).unwrap_or_else(|shared| (*shared).clone())
+    }
+}
+
+impl AsRef<[u8]> for Transmit {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Deref for Transmit {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Why a connection ended. [`SessionError::is_permanent`] tells a transport whether reconnecting
+/// can help.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SessionError {
+    /// No common protocol version.
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    /// The peer's role does not pair with ours.
+    #[error("peer role {peer:?} does not pair with our role {ours:?}")]
+    Role {
+        /// Our role.
+        ours: Role,
+        /// The peer's role.
+        peer: Role,
+    },
+    /// The peer is about another VM.
+    #[error("peer vm {peer} is not our vm {ours}")]
+    Vm {
+        /// Our VM's UUID (hex).
+        ours: String,
+        /// The peer's VM's UUID (hex).
+        peer: String,
+    },
+    /// The peer's memory layout differs from ours.
+    #[error(
+        "peer memory layout ({peer_pages} pages of {peer_page_size}) differs from ours ({pages} pages of {page_size})"
+    )]
+    Layout {
+        /// Our page count.
+        pages: u64,
+        /// Our page size.
+        page_size: u32,
+        /// The peer's page count.
+        peer_pages: u64,
+        /// The peer's page size.
+        peer_page_size: u32,
+    },
+    /// The byte stream lost its framing.
+    #[error("frame stream broken")]
+    Frame(#[source] FrameError),
+    /// A frame with a valid crc did not decode.
+    #[error("bad message")]
+    Message(#[source] MessageError),
+    /// The peer broke a protocol rule.
+    #[error("protocol violation: {what} (epoch {epoch})")]
+    Protocol {
+        /// The rule broken.
+        what: &'static str,
+        /// The epoch concerned (0 if none).
+        epoch: u64,
+    },
+    /// The peer sent a message its role may not send.
+    #[error("peer sent {kind:?}, which a {role:?} never sends")]
+    Unexpected {
+        /// The message kind.
+        kind: MessageKind,
+        /// The peer's role.
+        role: Role,
+    },
+    /// Nothing arrived for too long.
+    #[error("peer silent for {idle_ms} ms")]
+    Idle {
+        /// How long, in milliseconds.
+        idle_ms: u64,
+    },
+    /// The peer ended the session.
+    #[error("peer said goodbye ({reason:?}): {detail}")]
+    PeerGoodbye {
+        /// The peer's reason.
+        reason: GoodbyeReason,
+        /// The peer's explanation.
+        detail: String,
+    },
+    /// The transport reported the connection gone ([`Endpoint::disconnect`]).
+    #[error("connection lost")]
+    ConnectionLost,
+    /// We closed the session ([`Endpoint::close`]).
+    #[error("closed locally: {detail}")]
+    Closed {
+        /// The explanation given.
+        detail: String,
+    },
+}
+
+impl SessionError {
+    /// Whether reconnecting cannot help (incompatible peer, or an orderly goodbye).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Version(_) | Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => true,
+            Self::Closed { .. } => true,
+            Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
+            _ => false,
+        }
+    }
+
+    fn goodbye_reason(&self) -> GoodbyeReason {
+        match self {
+            Self::Version(_) => GoodbyeReason::Version,
+            Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => GoodbyeReason::Mismatch,
+            Self::Closed { .. } => GoodbyeReason::Normal,
+            _ => GoodbyeReason::ProtocolError,
+        }
+    }
+}
+
+/// The sans-IO interface both [`crate::Sender`] and [`crate::Receiver`] implement, so a
+/// transport can drive either with the same loop:
+///
+/// 1. on a new connection: [`Endpoint::connect`];
+/// 2. bytes from the stream: [`Endpoint::handle_input`]; a datagram: [`Endpoint::handle_datagram`];
+/// 3. after any call: drain [`Endpoint::poll_transmit`] (write each in order; a
+///    [`Channel::Datagram`] one may go as a datagram), drain [`Endpoint::poll_event`], and arm a
+///    timer for [`Endpoint::poll_timeout`], calling [`Endpoint::handle_timeout`] when it fires;
+/// 4. when the connection breaks: [`Endpoint::disconnect`]; on an `Disconnected` event, close
+///    the connection, and reconnect unless the error [`SessionError::is_permanent`].
+pub trait Endpoint {
+    /// What the endpoint reports to its owner.
+    type Event;
+    /// A new connection is up: start a session on it (sends `Hello`).
+    fn connect(&mut self, now: Instant);
+    /// The connection is gone (the transport noticed): stop using it.
+    fn disconnect(&mut self, now: Instant);
+    /// Bytes received on the stream, in order, in pieces of any size.
+    fn handle_input(&mut self, now: Instant, data: &[u8]);
+    /// One datagram received (holds exactly one frame).
+    fn handle_datagram(&mut self, now: Instant, datagram: &[u8]);
+    /// The time from [`Endpoint::poll_timeout`] has come.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next frame to send (`now` is when it will be written).
+    fn poll_transmit(&mut self, now: Instant) -> Option<Transmit>;
+    /// When to call [`Endpoint::handle_timeout`] next.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// The next event for the owner.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// Ends the session with a goodbye (drain [`Endpoint::poll_transmit`] before closing).
+    fn close(&mut self, now: Instant, detail: &str);
+}
+
+/// Heartbeat and idle timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Send a heartbeat when nothing was sent for this long.
+    pub heartbeat_interval: Duration,
+    /// Give up on the connection when nothing arrived for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self { heartbeat_interval: Duration::from_millis(100), idle_timeout: Duration::from_millis(1000) }
+    }
+}
+
+/// Where a connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No connection.
+    Down,
+    /// Connected, waiting for the peer's `Hello`.
+    Handshaking,
+    /// Both `Hello`s exchanged.
+    Established,
+}
+
+/// Identity shared by both ends' configurations.
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    pub role: Role,
+    pub vm: crate::message::VmIdentity,
+    pub layout: crate::message::MemoryLayout,
+}
+
+/// What a decoded input means to the sender or receiver.
+pub(crate) enum Input {
+    /// The peer's Hello was accepted: the session is established.
+    Established(Box<Hello>),
+    /// A message of the established session.
+    Message(Message),
+    /// A page batch or state chunk payload (decoded by the caller, which also needs the raw
+    /// payload for the epoch checksum).
+    EpochData(MessageKind, Vec<u8>),
+    /// A frame was dropped for a bad payload crc.
+    Corrupt,
+}
+
+pub(crate) struct Link {
+    pub state: LinkState,
+    pub timing: Timing,
+    decoder: FrameDecoder,
+    control: VecDeque<Transmit>,
+    last_recv: Option<Instant>,
+    last_send: Option<Instant>,
+    pub peer: Option<Hello>,
+    pub version: u16,
+    pub crc_errors: u64,
+}
+
+impl Link {
+    pub fn new(timing: Timing) -> Self {
+        Self {
+            state: LinkState::Down,
+            timing,
+            decoder: FrameDecoder::new(),
+            control: VecDeque::new(),
+            last_recv: None,
+            last_send: None,
+            peer: None,
+            version: 0,
+            crc_errors: 0,
+        }
+    }
+
+    pub fn connect(&mut self, now: Instant, hello: Hello) {
+        self.state = LinkState::Handshaking;
+        self.decoder = FrameDecoder::new();
+        self.control.clear();
+        self.last_recv = Some(now);
+        self.last_send = Some(now);
+        self.peer = None;
+        self.push(&Message::Hello(hello));
+    }
+
+    /// Queues a control message.
+    pub fn push(&mut self, msg: &Message) {
+        let mut out = Vec::new();
+        msg.encode_frame(&mut out);
+        let channel = if matches!(msg, Message::Heartbeat(_)) { Channel::Datagram } else { Channel::Stream };
+        self.control.push_back(Transmit::new(Arc::new(out), channel));
+    }
+
+    pub fn pop_control(&mut self) -> Option<Transmit> {
+        self.control.pop_front()
+    }
+
+    /// Notes that something was written at `now` (delays the next heartbeat).
+    pub fn sent(&mut self, now: Instant) {
+        if self.state != LinkState::Down {
+            self.last_send = Some(now);
+        }
+    }
+
+    /// Ends the connection for `error`: queues a goodbye (best effort) and goes down.
+    pub fn fail(&mut self, error: &SessionError) {
+        let reason = error.goodbye_reason();
+        let live = self.state != LinkState::Down;
+        // What is queued (our Hello, acks) still goes out before the goodbye: the peer then sees
+        // for itself why we part.
+        self.state = LinkState::Down;
+        self.decoder = FrameDecoder::new();
+        if matches!(error, SessionError::ConnectionLost) {
+            self.control.clear();
+        }
+        if live && !matches!(error, SessionError::ConnectionLost | SessionError::Idle { .. }) {
+            let mut detail = error.to_string();
+            detail.truncate(crate::limits::MAX_DETAIL_LEN);
+            while !detail.is_char_boundary(detail.len()) {
+                detail.pop();
+            }
+            self.push(&Message::Goodbye(Goodbye { reason, detail }));
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == LinkState::Down {
+            return None;
+        }
+        let hb = self.last_send? + self.timing.heartbeat_interval;
+        let idle = self.last_recv? + self.timing.idle_timeout;
+        Some(hb.min(idle))
+    }
+
+    /// Handles timers; returns an error when the peer is idle too long. Queues a heartbeat with
+    /// `beat` when one is due.
+    pub fn on_timeout(&mut self, now: Instant, beat: Heartbeat) -> Result<(), SessionError> {
+        if self.state == LinkState::Down {
+            return Ok(());
+        }
+        if let Some(last) = self.last_recv
+            && now >= last + self.timing.idle_timeout
+        {
+            return Err(SessionError::Idle { idle_ms: now.saturating_duration_since(last).as_millis() as u64 });
+        }
+        if let Some(last) = self.last_send
+            && now >= last + self.timing.heartbeat_interval
+            && self.state == LinkState::Established
+        {
+            self.push(&Message::Heartbeat(beat));
+            self.last_send = Some(now);
+        }
+        if self.state == LinkState::Handshaking {
+            self.last_send = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Feeds stream bytes; calls `f` for each input in order. Stops at the first fatal error.
+    pub fn input(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        local: &Local,
+        f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        if self.state == LinkState::Down {
+            return Ok(());
+        }
+        self.last_recv = Some(now);
+        self.decoder.push(data);
+        loop {
+            let frame = match self.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) if !e.is_fatal() => {
+                    self.crc_errors += 1;
+                    f(Input::Corrupt)?;
+                    continue;
+                }
+                Err(e) => return Err(SessionError::Frame(e)),
+            };
+            self.frame(frame.kind, frame.payload, local, f)?;
+            if self.state == LinkState::Down {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Feeds one datagram.
+    pub fn datagram(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        local: &Local,
+        f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        if self.state != LinkState::Established {
+            return Ok(());
+        }
+        match crate::frame::decode_datagram(data) {
+            // Only heartbeats travel as datagrams; anything else is dropped.
+            Ok(frame) if frame.kind == MessageKind::Heartbeat => {
+                self.last_recv = Some(now);
+                self.frame(frame.kind, frame.payload, local, f)
+            }
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.crc_errors += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn frame(
+        &mut self,
+        kind: MessageKind,
+        payload: Vec<u8>,
+        local: &Local,
+        f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        if matches!(kind, MessageKind::PageBatch | MessageKind::StateChunk) {
+            if self.state != LinkState::Established {
+                return Ok(());
+            }
+            self.check_direction(kind)?;
+            return f(Input::EpochData(kind, payload));
+        }
+        let msg = Message::decode(kind, &payload).map_err(SessionError::Message)?;
+        match (self.state, msg) {
+            (LinkState::Handshaking, Message::Hello(h)) => {
+                self.accept_hello(&h, local)?;
+                self.peer = Some(h.clone());
+                self.state = LinkState::Established;
+                f(Input::Established(Box::new(h)))
+            }
+            // A second Hello on one connection (a duplicate): ignored.
+            (LinkState::Established, Message::Hello(_)) => Ok(()),
+            (_, Message::Goodbye(g)) => Err(SessionError::PeerGoodbye { reason: g.reason, detail: g.detail }),
+            // Anything before the peer's Hello is stale: ignored.
+            (LinkState::Handshaking, _) => Ok(()),
+            (_, msg) => {
+                self.check_direction(msg.kind())?;
+                f(Input::Message(msg))
+            }
+        }
+    }
+
+    fn check_direction(&self, kind: MessageKind) -> Result<(), SessionError> {
+        use MessageKind as K;
+        let Some(peer) = &self.peer else {
+            return Ok(());
+        };
+        let ok = match kind {
+            K::Hello | K::Heartbeat | K::Goodbye => true,
+            K::EpochBegin | K::PageBatch | K::StateChunk | K::EpochEnd | K::PageResponse => peer.role.is_sender(),
+            K::Ack | K::ResendRequest | K::ResyncRequest | K::PageRequest => !peer.role.is_sender(),
+        };
+        if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role }) }
+    }
+
+    fn accept_hello(&mut self, h: &Hello, local: &Local) -> Result<(), SessionError> {
+        self.version = negotiate(h.version, h.min_version)?;
+        if h.role != local.role.counterpart() {
+            return Err(SessionError::Role { ours: local.role, peer: h.role });
+        }
+        if h.vm.uuid != local.vm.uuid {
+            return Err(SessionError::Vm { ours: hex(&local.vm.uuid), peer: hex(&h.vm.uuid) });
+        }
+        if h.layout != local.layout {
+            return Err(SessionError::Layout {
+                pages: local.layout.page_count(),
+                page_size: local.layout.page_size,
+                peer_pages: h.layout.page_count(),
+                peer_page_size: h.layout.page_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

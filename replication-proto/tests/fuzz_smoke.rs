@@ -1,0 +1,186 @@
+//! A short, deterministic fuzz run inside `cargo test`: random and mutated inputs into each fuzz
+//! entry point (the same functions the `cargo fuzz` targets in `fuzz/` call), so every test run
+//! exercises the decoders on hostile input without cargo-fuzz.
+//!
+//! `FUZZ_SMOKE_ITERS` sets the inputs per target (default 300,000 in release, 20,000 in debug).
+
+use replication_proto::frame::{MessageKind, begin_frame, finish_frame};
+use replication_proto::fuzzing;
+use replication_proto::message::{EpochBegin, EpochEnd, Heartbeat, Lineage, Message, PageBatch};
+use replication_proto::pageset::{EncodedPage, PageEncoding, write_page_set};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn iterations() -> usize {
+    std::env::var("FUZZ_SMOKE_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(if cfg!(debug_assertions) {
+        20_000
+    } else {
+        300_000
+    })
+}
+
+/// Valid inputs to start mutating from.
+fn seeds() -> Vec<Vec<u8>> {
+    let lineage = Lineage { origin: 1, baseline: 1 };
+    let text: Vec<u8> = b"checkpoint ".iter().copied().cycle().take(4096).collect();
+    let mut old = text.clone();
+    old[10] = b'X';
+    let mut delta = Vec::new();
+    replication_proto::codec::encode_delta(&old, &text, &mut delta, 4096);
+    let pages = vec![
+        EncodedPage { pfn: 1, encoding: PageEncoding::Zero, data: vec![] },
+        EncodedPage { pfn: 2, encoding: PageEncoding::Lz4, data: lz4_flex::block::compress(&text) },
+        EncodedPage { pfn: 3, encoding: PageEncoding::Delta, data: delta.clone() },
+        EncodedPage { pfn: 9, encoding: PageEncoding::Raw, data: text.clone() },
+    ];
+    let mut out = Vec::new();
+    let msgs = [
+        Message::EpochBegin(EpochBegin { epoch: 1, lineage, baseline: true, page_count: 4, state_len: 3 }),
+        Message::PageBatch(PageBatch { epoch: 1, seq: 0, pages: pages.clone() }),
+        Message::EpochEnd(EpochEnd { epoch: 1, frames: 1, page_count: 4, state_len: 0, checksum: 0, digest: 0 }),
+        Message::Heartbeat(Heartbeat::default()),
+        Message::Ack { epoch: 3 },
+    ];
+    let mut stream = vec![7u8];
+    for m in &msgs {
+        m.encode_frame(&mut stream);
+        let mut one = vec![m.kind().code()];
+        m.encode_frame(&mut one);
+        out.push(one);
+    }
+    out.push(stream);
+    let mut set = vec![0u8, 3];
+    write_page_set(&mut set, &pages);
+    out.push(set);
+    out.push([vec![1, 4], delta].concat());
+    out.push([vec![1, 3], lz4_flex::block::compress(&text)].concat());
+    // Receiver inputs: (kind, len, payload) triples.
+    let mut rx = Vec::new();
+    for m in &msgs {
+        let mut p = Vec::new();
+        m.encode_payload(&mut p);
+        rx.push(m.kind().code());
+        rx.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        rx.extend_from_slice(&p);
+    }
+    out.push(rx);
+    out.push(vec![3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    // A frame whose crcs we fix after mutating, below.
+    let mut f = Vec::new();
+    let at = begin_frame(&mut f, MessageKind::Goodbye);
+    f.extend_from_slice(&[0, 2, 0, b'h', b'i']);
+    finish_frame(&mut f, at);
+    out.push([vec![10], f].concat());
+    out
+}
+
+fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(7) {
+            0 if !input.is_empty() => {
+                let i = rng.below(input.len());
+                input[i] ^= 1 << rng.below(8);
+            }
+            1 if !input.is_empty() => {
+                let i = rng.below(input.len());
+                input[i] = [0, 1, 0x7f, 0x80, 0xff][rng.below(5)];
+            }
+            2 => input.truncate(rng.below(input.len() + 1)),
+            3 => {
+                let n = rng.below(16);
+                for _ in 0..n {
+                    input.push(rng.next() as u8);
+                }
+            }
+            4 if input.len() > 2 => {
+                let a = rng.below(input.len());
+                let b = rng.below(input.len());
+                let (lo, hi) = (a.min(b), a.max(b));
+                let piece = input[lo..hi].to_vec();
+                let at = rng.below(input.len());
+                input.splice(at..at, piece);
+            }
+            5 if input.len() > 8 => {
+                // Overwrite a little-endian u32 with an interesting length.
+                let i = rng.below(input.len() - 4);
+                let v: u32 = [0, 1, 12, 4096, 65535, u32::MAX][rng.below(6)];
+                input[i..i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                let i = rng.below(input.len() + 1);
+                input.insert(i, rng.next() as u8);
+            }
+        }
+    }
+}
+
+/// Re-seals every frame whose header still parses, so mutated payloads reach the decoders.
+fn reseal(input: &mut [u8]) {
+    let mut at = 1;
+    while at + 16 <= input.len() {
+        if &input[at..at + 2] != b"US" {
+            return;
+        }
+        let len = u32::from_le_bytes(input[at + 4..at + 8].try_into().unwrap()) as usize;
+        if at + 16 + len > input.len() {
+            return;
+        }
+        let crc = crc32fast::hash(&input[at + 16..at + 16 + len]);
+        input[at + 8..at + 12].copy_from_slice(&crc.to_le_bytes());
+        let h = crc32fast::hash(&input[at..at + 12]);
+        input[at + 12..at + 16].copy_from_slice(&h.to_le_bytes());
+        at += 16 + len;
+    }
+}
+
+fn run(target: fn(&[u8]), salt: u64, scale: usize) {
+    let n = iterations() / scale;
+    let mut rng = Rng(0x5eed_0000_0000_0001 ^ salt);
+    let seeds = seeds();
+    for i in 0..n {
+        let mut input = if i % 8 == 0 {
+            let len = rng.below(600);
+            (0..len).map(|_| rng.next() as u8).collect()
+        } else {
+            seeds[rng.below(seeds.len())].clone()
+        };
+        mutate(&mut rng, &mut input);
+        if rng.below(2) == 0 {
+            reseal(&mut input);
+        }
+        target(&input);
+    }
+}
+
+#[test]
+fn fuzz_smoke_frames() {
+    run(fuzzing::frames, 1, 1);
+}
+
+#[test]
+fn fuzz_smoke_pages() {
+    run(fuzzing::pages, 2, 1);
+}
+
+#[test]
+fn fuzz_smoke_state() {
+    // Each input here is a whole epoch of up to thousands of frames: fewer of them.
+    run(fuzzing::state, 3, 16);
+}
+
+#[test]
+fn fuzz_smoke_receiver() {
+    run(fuzzing::receiver, 4, 4);
+}

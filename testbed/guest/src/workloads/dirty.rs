@@ -1,0 +1,68 @@
+//! `workload=dirty wss=<MiB> rate=<pages/s>`: rewrites the pages of a working set at a steady
+//! rate, round robin. Page `i` in generation `g` holds guest_kv::checksum's
+//! `dirty_fill(i, g)`; before rewriting a page the guest checks it still holds what it last
+//! wrote there (`dirty error page=<i>` otherwise: a bad restore). About once a second:
+//! `dirty gen=<g> pages=<total written> errors=<e>`.
+//!
+//! The target count is `rate * elapsed ticks / hz`; each tick the guest writes up to it, then
+//! halts until the next tick. If it falls more than a second behind (the VM was stopped) it
+//! forgets the backlog instead of bursting.
+
+use crate::arch::{halt_until_changed, irq_count, ticks};
+use crate::println;
+use crate::pvh::Region;
+use crate::time::hz;
+use guest_kv::checksum::{PAGE_WORDS, dirty_rewrite};
+
+/// Error lines printed before the guest only counts them.
+const MAX_ERROR_LINES: u64 = 16;
+
+/// Runs forever over the working set `ws`.
+pub fn run(ws: Region, rate: u64) -> ! {
+    let npages = ws.len() / 4096;
+    let pages = ws.start as *mut [u64; PAGE_WORDS];
+    let hz = hz();
+    let mut written = 0u64;
+    let mut errors = 0u64;
+    println!("dirty: pages={npages} rate={rate} base={:#x}", ws.start);
+    println!("ready");
+    let mut base_tick = ticks();
+    let mut base_written = 0u64;
+    let mut next_report = base_tick + hz;
+    loop {
+        let seen = irq_count();
+        let now = ticks();
+        let mut target = base_written + rate * (now - base_tick) / hz;
+        if target > written + rate.max(hz) {
+            base_tick = now;
+            base_written = written;
+            target = written;
+        }
+        if npages > 0 {
+            while written < target {
+                let idx = written % npages;
+                let generation = written / npages;
+                let old = generation.checked_sub(1);
+                // SAFETY: idx < npages, so the page lies in the working set, which the arena
+                // gave to this workload alone; pages are 4 KiB aligned.
+                let page = unsafe { &mut *pages.add(idx as usize) };
+                if !dirty_rewrite(page, idx, old) {
+                    errors += 1;
+                    if errors <= MAX_ERROR_LINES {
+                        println!("dirty error page={idx}");
+                    }
+                }
+                written += 1;
+            }
+        }
+        if now >= next_report {
+            let generation = written.checked_div(npages).unwrap_or(0);
+            println!("dirty gen={generation} pages={written} errors={errors}");
+            next_report += hz;
+            if next_report <= now {
+                next_report = now + hz;
+            }
+        }
+        halt_until_changed(seen);
+    }
+}

@@ -1,0 +1,80 @@
+//! Parsers for the guest's output lines (formats in docs/guest.md).
+
+use guest_kv::checksum::{COUNTER_SUM_INIT, counter_step};
+
+/// `seq=<n> sum=<16 hex>` → (n, sum).
+pub fn parse_counter(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("seq=")?;
+    let (n, sum) = rest.split_once(" sum=")?;
+    if sum.len() != 16 {
+        return None;
+    }
+    Some((n.parse().ok()?, u64::from_str_radix(sum, 16).ok()?))
+}
+
+/// `dirty gen=<g> pages=<p> errors=<e>` → (g, p, e).
+pub fn parse_dirty_progress(line: &str) -> Option<(u64, u64, u64)> {
+    let mut it = line.strip_prefix("dirty ")?.split(' ');
+    let mut field = |name: &str| it.next()?.strip_prefix(name)?.strip_prefix('=')?.parse().ok();
+    Some((field("gen")?, field("pages")?, field("errors")?))
+}
+
+/// Checks consecutive counter lines: numbers strictly consecutive from `first`'s, each sum
+/// the fold of every number up to it. Returns the last (n, sum).
+#[derive(Debug, Default)]
+pub struct CounterChecker {
+    last: Option<(u64, u64)>,
+}
+
+impl CounterChecker {
+    /// A checker expecting the sequence to start at 1.
+    pub fn new() -> Self {
+        CounterChecker::default()
+    }
+
+    /// Feeds one `seq=` line; an error names the first inconsistency.
+    pub fn check(&mut self, line: &str) -> Result<(u64, u64), String> {
+        let (n, sum) = parse_counter(line).ok_or_else(|| format!("not a counter line: {line:?}"))?;
+        let (prev_n, prev_sum) = self.last.unwrap_or((0, COUNTER_SUM_INIT));
+        if n != prev_n + 1 {
+            return Err(format!("seq={n} follows seq={prev_n}: gap or repeat"));
+        }
+        let want = counter_step(prev_sum, n);
+        if sum != want {
+            return Err(format!("seq={n}: sum {sum:016x}, expected {want:016x}"));
+        }
+        self.last = Some((n, sum));
+        Ok((n, sum))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_kv::checksum::counter_sum;
+
+    #[test]
+    fn counter_lines() {
+        let l1 = format!("seq=1 sum={:016x}", counter_sum(1));
+        let l2 = format!("seq=2 sum={:016x}", counter_sum(2));
+        assert_eq!(parse_counter(&l1), Some((1, counter_sum(1))));
+        assert_eq!(parse_counter("seq=1 sum=12"), None);
+        assert_eq!(parse_counter("ready"), None);
+        let mut c = CounterChecker::new();
+        assert!(c.check(&l1).is_ok());
+        assert!(c.check(&l1).unwrap_err().contains("repeat"));
+        assert!(c.check(&l2).is_ok());
+        let mut c = CounterChecker::new();
+        assert!(c.check(&l2).is_err(), "must start at 1");
+        let mut c = CounterChecker::new();
+        c.check(&l1).unwrap();
+        assert!(c.check("seq=2 sum=0000000000000000").unwrap_err().contains("expected"));
+    }
+
+    #[test]
+    fn dirty_lines() {
+        assert_eq!(parse_dirty_progress("dirty gen=3 pages=1200 errors=0"), Some((3, 1200, 0)));
+        assert_eq!(parse_dirty_progress("dirty error page=5"), None);
+        assert_eq!(parse_dirty_progress("dirty gen=x pages=1 errors=0"), None);
+    }
+}

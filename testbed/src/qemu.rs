@@ -1,0 +1,192 @@
+//! The fixture guest under QEMU microvm: the peer VMM the tests compare against.
+//!
+//! The guest's COM1 goes to QEMU's stdout, read line by line on a thread. Every wait is
+//! bounded, and the QEMU process is killed when the [`QemuGuest`] is dropped, on every path.
+
+use crate::env::{QEMU, guest_image};
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How to start QEMU.
+#[derive(Clone, Debug)]
+pub struct QemuOptions {
+    /// The guest's kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// With a virtio-net device on QEMU user networking, forwarding 127.0.0.1:`port` to the
+    /// guest's port 11211. The guest must use `ip=10.0.2.15/24 gw=10.0.2.2` then.
+    pub hostfwd_port: Option<u16>,
+    /// The image (default: [`guest_image`]).
+    pub image: Option<PathBuf>,
+}
+
+impl QemuOptions {
+    /// 256 MiB, no network.
+    pub fn new(cmdline: &str) -> Self {
+        QemuOptions { cmdline: cmdline.into(), mem_mib: 256, hostfwd_port: None, image: None }
+    }
+
+    /// The QEMU argument list.
+    pub fn args(&self, image: &std::path::Path) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-smp",
+            "1",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(["-m".into(), self.mem_mib.to_string()]);
+        a.extend(["-kernel".into(), image.display().to_string()]);
+        a.extend(["-append".into(), self.cmdline.clone()]);
+        if let Some(port) = self.hostfwd_port {
+            a.extend([
+                "-netdev".into(),
+                format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:11211"),
+                "-device".into(),
+                "virtio-net-device,netdev=n0".into(),
+            ]);
+        }
+        a
+    }
+}
+
+/// A running QEMU with the fixture guest. Killed on drop.
+pub struct QemuGuest {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl QemuGuest {
+    /// Starts QEMU.
+    pub fn spawn(opts: &QemuOptions) -> Result<Self> {
+        let image = match &opts.image {
+            Some(p) => p.clone(),
+            None => guest_image()?,
+        };
+        let started = Instant::now();
+        let mut child = Command::new(QEMU)
+            .args(opts.args(&image))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {QEMU}"))?;
+        let stdout = child.stdout.take().context("qemu stdout")?;
+        let mut stderr_pipe = child.stderr.take().context("qemu stderr")?;
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr_pipe.read_to_string(&mut s);
+            if let Ok(mut e) = err_sink.lock() {
+                e.push_str(&s);
+            }
+        });
+        Ok(QemuGuest { child, lines: rx, seen: Vec::new(), stderr, started })
+    }
+
+    /// Time since QEMU was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Every line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// The next line, within `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => {
+                self.seen.push(l.clone());
+                Ok(l)
+            }
+            Err(RecvTimeoutError::Timeout) => bail!("no guest output for {timeout:?}; {}", self.context()),
+            Err(RecvTimeoutError::Disconnected) => bail!("QEMU exited; {}", self.context()),
+        }
+    }
+
+    /// Reads lines until one satisfies `pred` (returned), within `timeout` overall. Fails
+    /// early on a `guest panic` or `guest exception` line.
+    pub fn wait_for_line(&mut self, mut pred: impl FnMut(&str) -> bool, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("timed out after {timeout:?}; {}", self.context());
+            }
+            let line = self.next_line(left)?;
+            if pred(&line) {
+                return Ok(line);
+            }
+            if line.starts_with("guest panic") || line.starts_with("guest exception") {
+                bail!("guest failed: {line}");
+            }
+        }
+    }
+
+    /// Waits for `ready`; returns the time since QEMU started.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        self.wait_for_line(|l| l == "ready", timeout)?;
+        Ok(self.uptime())
+    }
+
+    fn context(&self) -> String {
+        let tail: Vec<&str> = self.seen.iter().rev().take(5).rev().map(String::as_str).collect();
+        let err = self.stderr.lock().map(|e| e.clone()).unwrap_or_default();
+        format!("last guest lines: {tail:?}; qemu stderr: {:?}", err.trim())
+    }
+
+    /// Stops QEMU now (also done on drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
