@@ -32,15 +32,35 @@ struct Inner {
     held_bytes: usize,
     released_upto: u64,
     passthrough: bool,
+    journal: VecDeque<ReleaseRecord>,
 }
 
-/// A record of one release, for tests that prove output commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A record of one released frame, for tests that prove output commit: which epoch produced
+/// it, when that epoch's acknowledgement arrived and when the frame went to the TAP (both
+/// CLOCK_MONOTONIC nanoseconds, comparable with a capture on the same host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ReleaseRecord {
+    /// crc32 of the frame.
+    pub crc: u32,
+    /// Length of the frame.
+    pub len: usize,
     /// Epoch (harvest sequence) that produced the frame.
     pub epoch: u64,
-    /// When the frame was released.
-    pub at: Instant,
+    /// When the ack that released it was handled.
+    pub acked_ns: u64,
+    /// When the frame was written to the TAP.
+    pub released_ns: u64,
+}
+
+/// Most release records kept.
+const JOURNAL_CAP: usize = 1 << 16;
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Counters of the output buffer.
@@ -77,6 +97,7 @@ impl OutputBuffer {
                 held_bytes: 0,
                 released_upto: 0,
                 passthrough: false,
+                journal: VecDeque::new(),
             }),
             tap,
             cap,
@@ -113,9 +134,29 @@ impl OutputBuffer {
             }
         }
         let now = Instant::now();
+        let acked_ns = monotonic_ns();
+        let mut records = Vec::with_capacity(out.len());
         for h in &out {
+            // Stamped before the write, so a capture of the frame is never earlier.
+            let released_ns = monotonic_ns();
             self.write(&h.frame);
             self.stats.hold_us_total.fetch_add(now.duration_since(h.at).as_micros() as u64, Ordering::Relaxed);
+            records.push(ReleaseRecord {
+                crc: crc32fast::hash(&h.frame),
+                len: h.frame.len(),
+                epoch: h.epoch,
+                acked_ns,
+                released_ns,
+            });
+        }
+        if !records.is_empty() {
+            let mut g = self.lock();
+            for r in records {
+                if g.journal.len() == JOURNAL_CAP {
+                    g.journal.pop_front();
+                }
+                g.journal.push_back(r);
+            }
         }
         self.stats.released_frames.fetch_add(out.len() as u64, Ordering::Relaxed);
         out.len()
@@ -143,6 +184,11 @@ impl OutputBuffer {
     pub fn held(&self) -> (usize, usize) {
         let g = self.lock();
         (g.held.len(), g.held_bytes)
+    }
+
+    /// The most recent release records.
+    pub fn journal(&self) -> Vec<ReleaseRecord> {
+        self.lock().journal.iter().copied().collect()
     }
 
     /// Counters.

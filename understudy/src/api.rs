@@ -45,6 +45,8 @@ pub enum Request {
     VerifyJournal,
     /// Backup: turn the replica into a running VM.
     Promote,
+    /// Output commit journal: per released frame its epoch, ack time and release time.
+    OutputJournal,
 }
 
 /// What a VM does after a snapshot.

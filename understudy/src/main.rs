@@ -92,7 +92,7 @@ enum Command {
         /// The VM's admin API socket.
         #[arg(long)]
         api: PathBuf,
-        /// pause | resume | shutdown | memory-digest | verify-journal
+        /// pause | resume | shutdown | memory-digest | verify-journal | output-journal
         action: String,
     },
     /// Start protecting a running VM: checkpoint it to a backup every epoch, hold its output
@@ -288,6 +288,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 "shutdown" => Request::Shutdown,
                 "memory-digest" => Request::MemoryDigest,
                 "verify-journal" => Request::VerifyJournal,
+                "output-journal" => Request::OutputJournal,
                 other => {
                     bail!("unknown action {other:?}; use pause, resume, shutdown, memory-digest or verify-journal")
                 }

@@ -207,6 +207,7 @@ impl Runtime {
             Request::Unprotect => self.unprotect(),
             Request::VerifyJournal => self.verify_journal(),
             Request::Promote => self.promote(),
+            Request::OutputJournal => self.output_journal(),
             Request::Snapshot { dir, then } => self.snapshot(&dir, then),
             Request::MemoryDigest => self.digest(),
             Request::Shutdown => {
@@ -258,6 +259,13 @@ impl Runtime {
             return Ok(serde_json::to_value(b.node.journal())?);
         }
         bail!("no protection or backup here: nothing was verified")
+    }
+
+    fn output_journal(&self) -> Result<serde_json::Value> {
+        let p = lock(&self.protection);
+        let p = p.as_ref().ok_or_else(|| anyhow!("the vm is not protected"))?;
+        let o = p.output.as_ref().ok_or_else(|| anyhow!("the vm has no network device"))?;
+        Ok(serde_json::json!({ "now_ns": primary::output::monotonic_ns(), "released": o.journal() }))
     }
 
     fn promote(&self) -> Result<serde_json::Value> {

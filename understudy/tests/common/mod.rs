@@ -236,3 +236,186 @@ impl Proc {
         Self { child, name: name.into(), stderr_path }
     }
 }
+
+/// A primary/backup pair on this host: certificates, a backup process and a VM process.
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub backup: Proc,
+    pub primary: Proc,
+    pub b_sock: PathBuf,
+    pub p_sock: PathBuf,
+    pub port: u16,
+}
+
+/// A free UDP port on 127.0.0.1 (racy but fine for tests run one at a time).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl Pair {
+    /// Starts a backup and a VM running `cmdline` (both inside `ns` when given).
+    pub fn start(ns: Option<&NetNs>, cmdline: &str, memory: &str, backup_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let certs = d.join("certs");
+        let (ok, _, err) = run(&["certs", "--out", certs.to_str().unwrap(), "--host", "primary", "--host", "backup"]);
+        assert!(ok, "certs: {err}");
+        let port = free_udp_port();
+        let listen = format!("127.0.0.1:{port}");
+        let b_sock = d.join("b.sock");
+        let p_sock = d.join("p.sock");
+        let bs = d.join("b-serial.log");
+        let ps = d.join("p-serial.log");
+        let mut bargs: Vec<String> = [
+            "backup",
+            "--listen",
+            &listen,
+            "--certs",
+            certs.to_str().unwrap(),
+            "--memory",
+            memory,
+            "--api",
+            b_sock.to_str().unwrap(),
+            "--serial",
+            bs.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        bargs.extend(backup_args.iter().map(|s| s.to_string()));
+        let bargs: Vec<&str> = bargs.iter().map(String::as_str).collect();
+        let kernel = guest_image();
+        let mut pargs = vec![
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--serial",
+            ps.to_str().unwrap(),
+            "--api",
+            p_sock.to_str().unwrap(),
+        ];
+        if ns.is_some() {
+            pargs.extend(["--tap", "tap0"]);
+        }
+        let (mut backup, mut primary) = match ns {
+            Some(ns) => (Proc::spawn_in(ns, &d, "backup", &bargs), Proc::spawn_in(ns, &d, "primary", &pargs)),
+            None => (Proc::spawn(&d, "backup", &bargs), Proc::spawn(&d, "primary", &pargs)),
+        };
+        wait_for(&ps, Duration::from_secs(10), &mut primary, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
+        wait_for(&b_sock, Duration::from_secs(10), &mut backup, "backup api", |_| b_sock.exists());
+        Self { dir, backup, primary, b_sock, p_sock, port }
+    }
+
+    /// The primary's serial log path.
+    pub fn p_serial(&self) -> PathBuf {
+        self.dir.path().join("p-serial.log")
+    }
+
+    /// The backup's serial log path (the promoted VM writes here).
+    pub fn b_serial(&self) -> PathBuf {
+        self.dir.path().join("b-serial.log")
+    }
+
+    /// `understudy protect` with extra args.
+    pub fn protect(&self, extra: &[&str]) {
+        let certs = self.dir.path().join("certs");
+        let backup = format!("127.0.0.1:{}", self.port);
+        let mut args = vec![
+            "protect",
+            "--api",
+            self.p_sock.to_str().unwrap(),
+            "--backup",
+            &backup,
+            "--certs",
+            certs.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = run(&args);
+        assert!(ok, "protect failed: {err}{out}");
+    }
+
+    /// JSON status of the primary or backup.
+    pub fn status(sock: &Path) -> serde_json::Value {
+        let (ok, out, err) = run(&["status", "--api", sock.to_str().unwrap(), "--json"]);
+        assert!(ok, "status failed: {err}");
+        json(&out)
+    }
+
+    /// Waits until the primary reports `state` (e.g. "protected"); returns how long it took.
+    pub fn wait_protection(&mut self, state: &str, timeout: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            self.primary.assert_alive();
+            let s = Self::status(&self.p_sock);
+            if s["protection"]["state"] == state {
+                return t0.elapsed();
+            }
+            if t0.elapsed() > timeout {
+                panic!(
+                    "protection never reached {state}: {s}\nprimary stderr:\n{}\nbackup stderr:\n{}",
+                    self.primary.stderr(),
+                    self.backup.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ctl <action>` on a socket, parsed.
+    pub fn ctl(sock: &Path, action: &str) -> serde_json::Value {
+        let (ok, out, err) = run(&["ctl", "--api", sock.to_str().unwrap(), action]);
+        assert!(ok, "ctl {action} failed: {err}");
+        json(&out)
+    }
+}
+
+/// Compares the primary's and the backup's verification journals; returns the number of
+/// epochs both sampled. Panics on any mismatch.
+pub fn compare_journals(p: &serde_json::Value, b: &serde_json::Value) -> usize {
+    let backup: std::collections::HashMap<u64, &serde_json::Value> =
+        b.as_array().expect("array").iter().map(|x| (x["epoch"].as_u64().unwrap(), x)).collect();
+    let mut common = 0;
+    for x in p.as_array().expect("array") {
+        let e = x["epoch"].as_u64().unwrap();
+        if let Some(y) = backup.get(&e) {
+            assert_eq!(&x, y, "epoch {e}: primary and backup differ");
+            common += 1;
+        }
+    }
+    common
+}
+
+/// Runs a python3 script (with pymemcache available) inside `ns`; returns stdout.
+pub fn python_in(ns: &NetNs, script: &str, args: &[&str], timeout: Duration) -> String {
+    let mut c = ns.command("/usr/bin/python3");
+    c.arg("-c").arg(script).args(args).stdin(Stdio::null());
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn python3");
+    let out = wait_with_timeout(child, timeout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits for a child with a timeout (kills it when over).
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::Output {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("child timed out after {timeout:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

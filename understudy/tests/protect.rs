@@ -1,0 +1,214 @@
+//! Protection end to end: exactness of the replica, output commit, atomicity, degraded mode,
+//! and a manual failover that loses no acknowledged write.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Sets keys one by one, prints `ok <i>` after each STORED (flushing), then reads a list back.
+const KV_CLIENT: &str = r#"
+import sys, time, json
+from pymemcache.client.base import Client
+host, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = Client((host, 11211), connect_timeout=5, timeout=10)
+if mode == "set":
+    lat = []
+    for i in range(n):
+        t = time.monotonic()
+        assert c.set("key%d" % i, ("value-%d-" % i) * (1 + i % 50), noreply=False)
+        lat.append(time.monotonic() - t)
+        print("ok", i, flush=True)
+    lat.sort()
+    print(json.dumps({"p50_ms": lat[len(lat)//2]*1e3, "p99_ms": lat[int(len(lat)*0.99)]*1e3}), flush=True)
+else:
+    bad = 0
+    for i in range(n):
+        v = c.get("key%d" % i)
+        if v is None or v.decode() != ("value-%d-" % i) * (1 + i % 50):
+            bad += 1
+            print("missing", i, v[:40] if v else None, flush=True)
+    print("bad", bad, flush=True)
+"#;
+
+/// Captures frames from the guest's MAC on tap0 for `secs`, then prints them as JSON lines.
+const CAPTURE: &str = r#"
+import socket, sys, time, zlib, json
+secs = float(sys.argv[1]); mac = bytes.fromhex(sys.argv[2].replace(":", ""))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+s.bind(("tap0", 0)); s.settimeout(0.05)
+end = time.monotonic() + secs; out = []
+print("capturing", flush=True)
+while time.monotonic() < end:
+    try:
+        f = s.recv(65536)
+    except socket.timeout:
+        continue
+    t = time.monotonic_ns()
+    if f[6:12] == mac:
+        out.append({"t": t, "crc": zlib.crc32(f) & 0xffffffff, "len": len(f)})
+for o in out:
+    print(json.dumps(o))
+"#;
+
+const GUEST_MAC: &str = "02:55:44:00:00:01";
+
+#[test]
+fn replica_matches_primary_exactly_dirty() {
+    let _g = serial_guard();
+    if !kvm_available("replica_matches_primary_exactly_dirty") {
+        return;
+    }
+    let mut pair = Pair::start(None, "workload=dirty wss=8 rate=20000", "64M", &["--verify"]);
+    pair.protect(&["--epoch-ms", "20", "--verify-every", "2"]);
+    let t = pair.wait_protection("protected", Duration::from_secs(20));
+    eprintln!("dirty: protected after {t:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let p = Pair::ctl(&pair.p_sock, "verify-journal");
+    // Give the backup time to commit the last sampled epochs.
+    std::thread::sleep(Duration::from_millis(300));
+    let b = Pair::ctl(&pair.b_sock, "verify-journal");
+    let common = compare_journals(&p, &b);
+    eprintln!("dirty: {common} sampled epochs, memory digest and state crc equal on both sides");
+    assert!(common >= 20, "too few sampled epochs in common: {common}\n{p}\n{b}");
+    let s = Pair::status(&pair.p_sock);
+    eprintln!("dirty: primary status {}", s["protection"]);
+    assert!(s["protection"]["dirty_pages_per_epoch_mean"].as_f64().unwrap() > 50.0);
+}
+
+#[test]
+fn output_commit_holds_every_frame_until_its_epoch_is_acked() {
+    let _g = serial_guard();
+    if !kvm_available("output_commit_holds_every_frame_until_its_epoch_is_acked") {
+        return;
+    }
+    let Some(ns) = NetNs::new("output_commit", "oc", 81) else { return };
+    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let mut pair = Pair::start(Some(&ns), &cmdline, "64M", &["--tap", "tap0"]);
+    // Long epochs make the hold visible.
+    pair.protect(&["--epoch-ms", "40"]);
+    pair.wait_protection("protected", Duration::from_secs(20));
+
+    let mut cap = ns.command("/usr/bin/python3");
+    cap.args(["-c", CAPTURE, "9", GUEST_MAC]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let cap = cap.spawn().expect("capture");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = python_in(&ns, KV_CLIENT, &[&ns.guest_ip, "set", "150"], Duration::from_secs(60));
+    let lat = out.lines().last().unwrap().to_string();
+    eprintln!("output commit: set latency with 40 ms epochs: {lat}");
+    let captured = wait_with_timeout(cap, Duration::from_secs(20));
+    let journal = Pair::ctl(&pair.p_sock, "output-journal");
+    let released = journal["released"].as_array().unwrap();
+
+    let frames: Vec<serde_json::Value> = String::from_utf8_lossy(&captured.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(frames.len() > 150, "captured only {} guest frames", frames.len());
+    let mut max_margin_ms: f64 = 0.0;
+    let mut epochs = std::collections::BTreeSet::new();
+    for f in &frames {
+        let (t, crc, len) = (f["t"].as_u64().unwrap(), f["crc"].as_u64().unwrap(), f["len"].as_u64().unwrap());
+        // Some release of a frame with these bytes happened no later than the capture, and the
+        // ack of the epoch that produced it came before that release.
+        let m = released.iter().find(|r| {
+            r["crc"].as_u64() == Some(crc) && r["len"].as_u64() == Some(len) && r["released_ns"].as_u64().unwrap() <= t
+        });
+        let r = m.unwrap_or_else(|| panic!("frame crc {crc:#x} len {len} reached the wire without being released"));
+        let acked = r["acked_ns"].as_u64().unwrap();
+        assert!(acked <= t, "frame of epoch {} seen {} ns before its ack", r["epoch"], acked - t);
+        max_margin_ms = max_margin_ms.max((t - acked) as f64 / 1e6);
+        epochs.insert(r["epoch"].as_u64().unwrap());
+    }
+    eprintln!(
+        "output commit: {} guest frames captured, each after the ack of its epoch ({} epochs); {} release records",
+        frames.len(),
+        epochs.len(),
+        released.len()
+    );
+    let s = Pair::status(&pair.p_sock);
+    assert_eq!(s["protection"]["state"], "protected");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_and_promotion() {
+    let _g = serial_guard();
+    if !kvm_available("acknowledged_writes_survive_kill_and_promotion") {
+        return;
+    }
+    let Some(ns) = NetNs::new("acknowledged_writes", "aw", 82) else { return };
+    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let mut pair = Pair::start(Some(&ns), &cmdline, "64M", &["--tap", "tap0"]);
+    pair.protect(&[]);
+    pair.wait_protection("protected", Duration::from_secs(20));
+    let n = 300;
+    let out = python_in(&ns, KV_CLIENT, &[&ns.guest_ip, "set", &n.to_string()], Duration::from_secs(60));
+    let acked = out.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(acked, n);
+    // Kill the primary the moment the last reply arrived.
+    let t_kill = Instant::now();
+    pair.primary.child.kill().unwrap();
+    let _ = pair.primary.child.wait();
+    let (ok, out, err) = run(&["promote", "--api", pair.b_sock.to_str().unwrap()]);
+    assert!(ok, "promote failed: {err}\n{}", pair.backup.stderr());
+    eprintln!("promoted {:?} after the kill: {}", t_kill.elapsed(), out.trim());
+    let out = python_in(&ns, KV_CLIENT, &[&ns.guest_ip, "get", &n.to_string()], Duration::from_secs(60));
+    assert!(out.lines().any(|l| l == "bad 0"), "acknowledged writes lost after failover:\n{out}");
+    eprintln!("all {n} acknowledged writes readable from the promoted guest");
+}
+
+#[test]
+fn killed_primary_mid_ship_leaves_a_whole_replica() {
+    let _g = serial_guard();
+    if !kvm_available("killed_primary_mid_ship_leaves_a_whole_replica") {
+        return;
+    }
+    // Large epochs: thousands of dirty pages each, so a kill lands mid-ship.
+    let mut pair = Pair::start(None, "workload=dirty wss=32 rate=150000", "128M", &["--verify"]);
+    pair.protect(&["--epoch-ms", "30", "--verify-every", "1"]);
+    pair.wait_protection("protected", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let p = Pair::ctl(&pair.p_sock, "verify-journal");
+    pair.primary.child.kill().unwrap();
+    let _ = pair.primary.child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let b = Pair::ctl(&pair.b_sock, "verify-journal");
+    let common = compare_journals(&p, &b);
+    let st = Pair::status(&pair.b_sock);
+    eprintln!("mid-ship kill: {common} epochs verified equal; backup {}", st["backup"]);
+    assert_eq!(st["backup"]["committed_epoch"], st["backup"]["consistent_epoch"]);
+    let (ok, out, err) = run(&["promote", "--api", pair.b_sock.to_str().unwrap()]);
+    assert!(ok, "promote failed: {err}");
+    eprintln!("promoted: {}", out.trim());
+    let bs = pair.b_serial();
+    let progress = |t: &str| t.lines().filter(|l| l.starts_with("dirty gen=")).count();
+    wait_for(&bs, Duration::from_secs(20), &mut pair.backup, "promoted dirty progress", |t| progress(t) >= 2);
+    let text = read_text(&bs);
+    assert!(!text.contains("dirty error"), "promoted working set is torn:\n{text}");
+    assert!(text.lines().filter(|l| l.starts_with("dirty gen=")).all(|l| l.contains("errors=0")), "{text}");
+}
+
+#[test]
+fn losing_the_backup_degrades_and_the_guest_keeps_running() {
+    let _g = serial_guard();
+    if !kvm_available("losing_the_backup_degrades_and_the_guest_keeps_running") {
+        return;
+    }
+    let mut pair = Pair::start(None, "workload=counter period_ms=20", "64M", &[]);
+    pair.protect(&["--degrade-after-ms", "300"]);
+    pair.wait_protection("protected", Duration::from_secs(20));
+    pair.backup.child.kill().unwrap();
+    let _ = pair.backup.child.wait();
+    let t = pair.wait_protection("degraded", Duration::from_secs(10));
+    eprintln!("degraded {t:?} after the backup was killed (degrade-after 300 ms)");
+    let s = Pair::status(&pair.p_sock);
+    assert!(s["protection"]["reason"].as_str().unwrap().contains("unreachable"), "{s}");
+    let before = last_seq(&read_text(&pair.p_serial()));
+    let ps = pair.p_serial();
+    wait_for(&ps, Duration::from_secs(5), &mut pair.primary, "counter progress while degraded", |t| {
+        last_seq(t) >= before + 10
+    });
+    assert!(pair.primary.stderr().contains("DEGRADED"), "no loud degraded log line");
+}
