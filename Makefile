@@ -26,7 +26,7 @@ lint:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 test: deps guest build
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --no-fail-fast
 
 demo: guest
 	$(CARGO) build --release -p understudy

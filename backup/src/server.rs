@@ -30,6 +30,24 @@ pub struct BackupConfig {
     pub layout: Vec<(u64, u64)>,
     /// Record memory digests of every consistent commit (for verification tests).
     pub verify: bool,
+    /// Heartbeat interval and silence after which the primary counts as gone.
+    pub timing: replication_proto::Timing,
+    /// Where to report that the primary is gone while the replica is consistent (the owner
+    /// decides whether to promote).
+    pub on_primary_lost: Option<std::sync::mpsc::Sender<PrimaryLost>>,
+}
+
+/// The primary went silent while the replica held a consistent checkpoint.
+#[derive(Debug, Clone)]
+pub struct PrimaryLost {
+    /// The replica's consistent epoch.
+    pub epoch: u64,
+    /// Why the session ended.
+    pub reason: String,
+    /// When the last commit happened.
+    pub last_commit: Option<Instant>,
+    /// When the loss was noticed.
+    pub noticed: Instant,
 }
 
 /// A verification point: replica digest and state checksum after a commit.
@@ -217,7 +235,9 @@ pub async fn serve(
     tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, "backup listening");
     let layout = proto_layout(&cfg.layout)?;
     let instance = u64::from(std::process::id()) << 32 ^ Instant::now().elapsed().subsec_nanos() as u64;
-    let mut receiver = Some(Receiver::new(ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout, instance)));
+    let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout, instance);
+    rcfg.timing = cfg.timing;
+    let mut receiver = Some(Receiver::new(rcfg));
     loop {
         let conn = tokio::select! {
             c = endpoint.accept() => c,
@@ -282,6 +302,19 @@ pub async fn serve(
             }
         }
         lock(&node.status).connected = false;
+        if !*stop.borrow() {
+            let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
+            let reason = lock(&node.status).last_error.clone().unwrap_or_else(|| "connection ended".into());
+            tracing::warn!(consistent_epoch = ?epoch, "backup: primary lost: {reason}");
+            if let (Some(epoch), Some(tx)) = (epoch, &cfg.on_primary_lost) {
+                let _ = tx.send(PrimaryLost {
+                    epoch,
+                    reason,
+                    last_commit: *lock(&node.last_commit),
+                    noticed: Instant::now(),
+                });
+            }
+        }
         match session.finish().await {
             Ok(f) => receiver = Some(f.core.into_endpoint()),
             Err(e) => {

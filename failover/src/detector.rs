@@ -365,7 +365,10 @@ mod tests {
         assert!(matches!(early.validate(), Err(DetectorError::SuspectTooSoon { .. })));
         let dead = DetectorConfig { dead_after: ms(30), ..Default::default() };
         assert!(matches!(dead.validate(), Err(DetectorError::DeadTooSoon { .. })));
-        assert_eq!(dead.validate().unwrap_err().to_string(), "detector: dead_after 30ms must exceed suspect_after 30ms");
+        assert_eq!(
+            dead.validate().unwrap_err().to_string(),
+            "detector: dead_after 30ms must exceed suspect_after 30ms"
+        );
         // An invalid config falls back to the defaults.
         assert_eq!(*Detector::new(1, zero).config(), DetectorConfig::default());
     }

@@ -325,7 +325,12 @@ impl Journal {
     }
 
     /// Durably replaces the journal by `snapshot`, `hard_state` and the `entries` after it.
-    pub fn rewrite(&mut self, snapshot: &Snapshot, hard_state: &HardState, entries: &[Entry]) -> Result<(), JournalError> {
+    pub fn rewrite(
+        &mut self,
+        snapshot: &Snapshot,
+        hard_state: &HardState,
+        entries: &[Entry],
+    ) -> Result<(), JournalError> {
         self.buf.clear();
         self.push(KIND_INCARNATION, &self.incarnation.to_le_bytes());
         let snap = snapshot.write_to_bytes().map_err(|e| self.encode_error(e))?;
@@ -360,7 +365,8 @@ impl Journal {
 fn replay(bytes: &[u8], path: &str) -> Result<(Recovered, usize), JournalError> {
     let mut rec = Recovered::default();
     let mut at = 0usize;
-    let corrupt = |offset: usize, reason: String| JournalError::Corrupt { path: path.to_string(), offset: offset as u64, reason };
+    let corrupt =
+        |offset: usize, reason: String| JournalError::Corrupt { path: path.to_string(), offset: offset as u64, reason };
     while at < bytes.len() {
         let rest = &bytes[at..];
         if rest.len() < HEADER {
@@ -443,19 +449,11 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8; 5].into();
-        e
+        Entry { index, term, data: vec![index as u8; 5].into(), ..Default::default() }
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState { term, vote, commit, ..Default::default() }
     }
 
     fn snapshot(index: u64, term: u64) -> Snapshot {

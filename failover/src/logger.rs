@@ -6,7 +6,7 @@
 
 use std::fmt::{self, Write as _};
 
-use slog::{Drain, Key, OwnedKVList, Record, Serializer, KV};
+use slog::{Drain, KV, Key, OwnedKVList, Record, Serializer};
 
 /// A slog drain that forwards to tracing.
 #[derive(Debug, Clone, Copy, Default)]

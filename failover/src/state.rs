@@ -11,8 +11,8 @@
 //! | `Grant{vm, generation: 1}` | the VM is unknown | `holder = claim.node`, no backup |
 //! | `Grant{vm, generation: g + 1}` | current generation is `g` and `claim.node` is the recorded backup | new holder, no backup |
 //! | `Renew{vm, generation: g}` | `g` is current and `claim.node` is the holder | none: the holder's lease is confirmed |
-//! | `SetBackup{vm, generation: g, holder, backup}` | `g` current, `holder` is the holder, `backup` is another voter | backup recorded |
-//! | `Degrade{vm, generation: g, holder}` | `g` current, `holder` is the holder | backup cleared |
+//! | `SetBackup{vm, generation: g, holder, backup}` | `g` current, `holder` is the holder, `backup` is another voter and not already recorded | backup recorded |
+//! | `Degrade{vm, generation: g, holder}` | `g` current, `holder` is the holder, a backup is recorded | backup cleared |
 //!
 //! The encoding is a version byte, a tag byte and little-endian fields. Decoders ignore trailing
 //! bytes, so a later version may append fields; a new command kind needs every node upgraded
@@ -141,12 +141,9 @@ impl Command {
         let cmd = match r.u8()? {
             TAG_GRANT => Command::Grant { vm: VmId(r.u64()?), generation: r.u64()?, claim: r.claim()? },
             TAG_RENEW => Command::Renew { vm: VmId(r.u64()?), generation: r.u64()?, claim: r.claim()? },
-            TAG_SET_BACKUP => Command::SetBackup {
-                vm: VmId(r.u64()?),
-                generation: r.u64()?,
-                holder: r.node()?,
-                backup: r.node()?,
-            },
+            TAG_SET_BACKUP => {
+                Command::SetBackup { vm: VmId(r.u64()?), generation: r.u64()?, holder: r.node()?, backup: r.node()? }
+            }
             TAG_DEGRADE => Command::Degrade { vm: VmId(r.u64()?), generation: r.u64()?, holder: r.node()? },
             tag => return Err(StateError::Tag { tag }),
         };
@@ -232,12 +229,31 @@ pub struct VmRecord {
 /// The outcome of applying one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    Granted { vm: VmId, previous: Option<VmRecord>, record: VmRecord, claim: Claim },
-    Renewed { vm: VmId, record: VmRecord, claim: Claim },
-    BackupSet { vm: VmId, record: VmRecord },
-    Degraded { vm: VmId, record: VmRecord, dropped: Option<NodeId> },
+    Granted {
+        vm: VmId,
+        previous: Option<VmRecord>,
+        record: VmRecord,
+        claim: Claim,
+    },
+    Renewed {
+        vm: VmId,
+        record: VmRecord,
+        claim: Claim,
+    },
+    BackupSet {
+        vm: VmId,
+        record: VmRecord,
+    },
+    Degraded {
+        vm: VmId,
+        record: VmRecord,
+        dropped: Option<NodeId>,
+    },
     /// The command did not apply; the state is unchanged.
-    Rejected { vm: VmId, reason: &'static str },
+    Rejected {
+        vm: VmId,
+        reason: &'static str,
+    },
 }
 
 /// All VMs' records. Deterministic: the same log gives the same state on every node.
@@ -290,6 +306,9 @@ impl StateMachine {
                     if backup == holder || !voters.contains(&backup) {
                         return reject("backup must be another voter");
                     }
+                    if r.backup == Some(backup) {
+                        return reject("already the backup");
+                    }
                     let record = VmRecord { backup: Some(backup), ..r };
                     self.vms.insert(vm, record);
                     Applied::BackupSet { vm, record }
@@ -297,6 +316,9 @@ impl StateMachine {
                 _ => reject("stale set-backup"),
             },
             Command::Degrade { generation, holder, .. } => match current {
+                Some(r) if r.generation == generation && r.holder == holder && r.backup.is_none() => {
+                    reject("already degraded")
+                }
                 Some(r) if r.generation == generation && r.holder == holder => {
                     let record = VmRecord { backup: None, ..r };
                     self.vms.insert(vm, record);
@@ -422,6 +444,11 @@ mod tests {
             Applied::Degraded { vm, record: VmRecord { holder: 1, generation: 1, backup: None }, dropped: Some(2) }
         );
         assert!(matches!(sm.apply(&grant(1, 2, 2), VOTERS), Applied::Rejected { .. }));
+        // Duplicates are no-ops.
+        assert_eq!(sm.apply(&degrade, VOTERS), Applied::Rejected { vm, reason: "already degraded" });
+        let set = Command::SetBackup { vm, generation: 1, holder: 1, backup: 3 };
+        assert!(matches!(sm.apply(&set, VOTERS), Applied::BackupSet { .. }));
+        assert_eq!(sm.apply(&set, VOTERS), Applied::Rejected { vm, reason: "already the backup" });
     }
 
     #[test]

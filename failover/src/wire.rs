@@ -77,10 +77,7 @@ mod tests {
         m.index = 41;
         m.log_term = 6;
         m.commit = 40;
-        let mut e = Entry::default();
-        e.index = 42;
-        e.term = 7;
-        e.data = b"grant".to_vec().into();
+        let e = Entry { index: 42, term: 7, data: b"grant".to_vec().into(), ..Default::default() };
         m.set_entries(vec![e].into());
         m
     }

@@ -107,6 +107,7 @@ fn connected_receiver(now: Instant) -> Receiver {
         committed: None,
         delivered: None,
         high_water: 0,
+        session: 1,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

@@ -86,15 +86,26 @@
 //!     Idle --> Staging: EpochBegin(N = delivered+1, same lineage) or baseline
 //!     Staging --> Staging: next PageBatch / StateChunk (seq = expected)
 //!     Staging --> Delivered: EpochEnd, counts and checksum hold
-//!     Staging --> Idle: gap, mismatch or later epoch (abort, ResendRequest)
+//!     Staging --> Idle: mismatch or a second version of the epoch (abort, ResendRequest)
 //!     Delivered --> Idle: Checkpoint event queued (delivered = N)
 //!     Idle --> Idle: committed(N) / Ack(N)
 //!     Idle --> AwaitBaseline: reject(N) / ResyncRequest
 //! ```
 //!
 //! Duplicated and stale frames (epoch at or below the high water, sequence already staged) are
-//! dropped; a corrupted payload drops one frame (the epoch then aborts and is asked for again); a
-//! corrupted header breaks the stream and the connection is reset, then resumed.
+//! dropped; frames ahead of a gap are held until it fills; a corrupted payload drops one frame
+//! (which is asked for again at once); a stalled epoch is asked for again after
+//! `resend_timeout`; a corrupted header breaks the stream and the connection is reset, then
+//! resumed from the receiver's last delivered epoch.
+//!
+//! # For a transport
+//! Drive a [`Sender`] or a [`Receiver`] through [`Endpoint`]: [`Endpoint::connect`] on each new
+//! connection, [`Endpoint::handle_input`] with stream bytes (any split),
+//! [`Endpoint::handle_datagram`] with datagrams, [`Endpoint::handle_timeout`] at
+//! [`Endpoint::poll_timeout`], and after each call drain [`Endpoint::poll_transmit`] (each
+//! [`Transmit`] is one whole frame; [`Channel::Datagram`] ones may go as datagrams) and
+//! [`Endpoint::poll_event`]. On a `Disconnected` event close the connection and reconnect unless
+//! [`SessionError::is_permanent`]. Call [`Endpoint::disconnect`] when the connection breaks.
 //!
 //! # Modules
 //! - [`frame`]: the 16-byte frame header, crc32s, the stream decoder;

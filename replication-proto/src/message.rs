@@ -260,6 +260,9 @@ pub struct Hello {
     pub delivered: Option<Position>,
     /// The highest epoch number the speaker has used or seen (0 for none).
     pub high_water: u64,
+    /// The speaker's connection count: it grows with every connect, so a `Hello` whose count is
+    /// not above the last one accepted from the same instance is a stale copy and is ignored.
+    pub session: u64,
 }
 
 /// Start of an epoch's checkpoint.
@@ -523,6 +526,7 @@ impl Message {
                 put_position(out, &h.committed);
                 put_position(out, &h.delivered);
                 put_u64(out, h.high_water);
+                put_u64(out, h.session);
             }
             Self::EpochBegin(b) => {
                 put_u64(out, b.epoch);
@@ -678,6 +682,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let committed = get_position(r)?;
             let delivered = get_position(r)?;
             let high_water = r.u64("high_water")?;
+            let session = r.u64("session")?;
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
             Message::Hello(Hello {
@@ -691,6 +696,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 committed,
                 delivered,
                 high_water,
+                session,
             })
         }
         MessageKind::EpochBegin => {
@@ -829,6 +835,7 @@ mod tests {
             committed: Some(Position { lineage, epoch: 9 }),
             delivered: None,
             high_water: 11,
+            session: 3,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -856,6 +863,7 @@ mod tests {
             committed: None,
             delivered: None,
             high_water: 0,
+            session: 1,
         };
         Message::Hello(hello.clone()).encode_payload(&mut payload);
         payload.extend_from_slice(b"future fields");

@@ -309,6 +309,7 @@ impl Receiver {
             committed: self.committed,
             delivered: if self.needs_baseline { None } else { self.delivered },
             high_water: self.high_water,
+            session: self.link.session,
         }
     }
 
@@ -396,14 +397,21 @@ impl Receiver {
                 self.stats.stale_frames += 1;
                 return Ok(());
             }
-            if b.epoch != st.begin.epoch {
+            let newer_baseline = b.baseline && b.epoch > st.begin.epoch;
+            if b.epoch != st.begin.epoch && !newer_baseline {
                 // Earlier: stale. Later: it waits until this one completes (asked for again).
                 self.note_unstaged(now, b.epoch);
                 return Ok(());
             }
-            // Another version of this epoch: throw the staged one away and ask again.
-            self.abort(now);
-            return Ok(());
+            if b.epoch == st.begin.epoch {
+                // Another version of this epoch: throw the staged one away and ask again.
+                self.abort(now);
+                return Ok(());
+            }
+            // A newer baseline: the sender started a new series, and the staged epoch may never
+            // be sent again. The baseline replaces it.
+            self.staging = None;
+            self.stats.aborted_epochs += 1;
         }
         if b.epoch <= self.high_water {
             self.stats.stale_frames += 1;
@@ -667,6 +675,7 @@ impl Endpoint for Receiver {
     type Event = ReceiverEvent;
 
     fn connect(&mut self, now: Instant) {
+        self.link.next_session();
         let hello = self.hello();
         self.link.connect(now, hello);
         self.last_request = None;

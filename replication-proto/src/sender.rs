@@ -618,6 +618,7 @@ impl Sender {
                 .filter(|_| self.last_submitted > 0)
                 .map(|lineage| Position { lineage, epoch: self.last_submitted }),
             high_water: self.last_submitted,
+            session: self.link.session,
         }
     }
 
@@ -800,6 +801,7 @@ impl Endpoint for Sender {
     fn connect(&mut self, now: Instant) {
         self.responses.clear();
         self.ready = false;
+        self.link.next_session();
         let hello = self.hello();
         self.link.connect(now, hello);
     }

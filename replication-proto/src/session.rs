@@ -266,6 +266,10 @@ pub(crate) struct Link {
     pub peer: Option<Hello>,
     pub version: u16,
     pub crc_errors: u64,
+    /// Our connection count (sent in `Hello.session`).
+    pub session: u64,
+    /// `(instance, session)` of the last peer Hello accepted.
+    last_peer: Option<(u64, u64)>,
 }
 
 impl Link {
@@ -280,7 +284,14 @@ impl Link {
             peer: None,
             version: 0,
             crc_errors: 0,
+            session: 0,
+            last_peer: None,
         }
+    }
+
+    /// Counts a new connection (the count goes in our `Hello`).
+    pub fn next_session(&mut self) {
+        self.session += 1;
     }
 
     pub fn connect(&mut self, now: Instant, hello: Hello) {
@@ -438,8 +449,15 @@ impl Link {
         }
         let msg = Message::decode(kind, &payload).map_err(SessionError::Message)?;
         match (self.state, msg) {
+            (LinkState::Handshaking, Message::Hello(h))
+                if self.last_peer.is_some_and(|(inst, sess)| inst == h.instance && h.session <= sess) =>
+            {
+                // A copy of the peer's Hello from an earlier connection: stale.
+                Ok(())
+            }
             (LinkState::Handshaking, Message::Hello(h)) => {
                 self.accept_hello(&h, local)?;
+                self.last_peer = Some((h.instance, h.session));
                 self.peer = Some(h.clone());
                 self.state = LinkState::Established;
                 f(Input::Established(Box::new(h)))

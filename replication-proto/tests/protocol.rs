@@ -275,6 +275,7 @@ fn unsupported_version_is_refused_with_both_versions_named() {
         committed: None,
         delivered: None,
         high_water: 0,
+        session: 1,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

@@ -80,22 +80,25 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             position(),
             position(),
-            any::<u64>()
+            (any::<u64>(), any::<u64>())
         )
-            .prop_map(|(version, min_version, role, instance, uuid, name, layout, window, c, d, hw)| {
-                Message::Hello(Hello {
-                    version,
-                    min_version,
-                    role,
-                    instance,
-                    vm: VmIdentity { uuid, name },
-                    layout,
-                    window,
-                    committed: c,
-                    delivered: d,
-                    high_water: hw,
-                })
-            }),
+            .prop_map(
+                |(version, min_version, role, instance, uuid, name, layout, window, c, d, (hw, session))| {
+                    Message::Hello(Hello {
+                        version,
+                        min_version,
+                        role,
+                        instance,
+                        vm: VmIdentity { uuid, name },
+                        layout,
+                        window,
+                        committed: c,
+                        delivered: d,
+                        high_water: hw,
+                        session,
+                    })
+                }
+            ),
         (epoch.clone(), lineage(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
             |(epoch, lineage, baseline, page_count, state_len)| {
                 Message::EpochBegin(EpochBegin { epoch, lineage, baseline, page_count, state_len })

@@ -131,6 +131,12 @@ enum Command {
         /// Digest guest memory every N checkpoints for `ctl verify-journal` (tests; 0 = off).
         #[arg(long, default_value_t = 0)]
         verify_every: u64,
+        /// Heartbeat interval to the backup, ms.
+        #[arg(long, default_value_t = 20)]
+        heartbeat_ms: u64,
+        /// Silence after which the link to the backup counts as broken, ms.
+        #[arg(long, default_value_t = 300)]
+        detect_ms: u64,
     },
     /// Stop protecting a VM.
     Unprotect {
@@ -167,6 +173,17 @@ enum Command {
         /// Digest the replica after every consistent commit (tests).
         #[arg(long)]
         verify: bool,
+        /// Heartbeat interval to the primary, ms.
+        #[arg(long, default_value_t = 20)]
+        heartbeat_ms: u64,
+        /// Silence after which the primary counts as gone, ms.
+        #[arg(long, default_value_t = 300)]
+        detect_ms: u64,
+        /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
+        /// primary from a partition (split brain): use only where a partition is impossible
+        /// (one host, the demo) until arbitration is configured.
+        #[arg(long)]
+        auto_promote: bool,
     },
     /// Turn a backup's replica into the running VM (by hand).
     Promote {
@@ -309,6 +326,8 @@ fn real_main(cli: Cli) -> Result<()> {
             epoch_max_ms,
             degrade_after_ms,
             verify_every,
+            heartbeat_ms,
+            detect_ms,
         } => {
             let certs = std::path::absolute(&certs).unwrap_or(certs);
             let req = protect::ProtectRequest {
@@ -322,6 +341,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 epoch_max_ms,
                 verify_every,
                 degrade_after_ms,
+                heartbeat_ms,
+                detect_ms,
             };
             let v = api::call(&api, &Request::Protect(req), Duration::from_secs(30))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -337,7 +358,20 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
-        Command::Backup { listen, certs, name, vm, memory, api, tap, serial, verify } => {
+        Command::Backup {
+            listen,
+            certs,
+            name,
+            vm,
+            memory,
+            api,
+            tap,
+            serial,
+            verify,
+            heartbeat_ms,
+            detect_ms,
+            auto_promote,
+        } => {
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
             let cfg = backup::server::BackupConfig {
@@ -347,8 +381,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 vm: backup::server::vm_identity(&vm),
                 layout: vmm::layout::ram_regions(memory),
                 verify,
+                timing: protect::timing(heartbeat_ms, detect_ms),
+                on_primary_lost: None,
             };
-            let rt = Runtime::new_backup(cfg, tap, serial, memory)?;
+            let rt = Runtime::new_backup(cfg, tap, serial, memory, auto_promote)?;
             rt.run_until_exit(api.as_deref())
         }
         Command::Certs { out, hosts } => {

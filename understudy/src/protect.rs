@@ -44,6 +44,27 @@ pub struct ProtectRequest {
     /// How long the backup may be unreachable before the primary runs degraded, ms.
     #[serde(default = "default_degrade")]
     pub degrade_after_ms: u64,
+    /// Heartbeat interval, ms.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Silence after which the link counts as broken, ms.
+    #[serde(default = "default_detect")]
+    pub detect_ms: u64,
+}
+
+fn default_heartbeat() -> u64 {
+    20
+}
+fn default_detect() -> u64 {
+    300
+}
+
+/// Protocol timing from heartbeat and detection settings.
+pub fn timing(heartbeat_ms: u64, detect_ms: u64) -> replication_proto::Timing {
+    replication_proto::Timing {
+        heartbeat_interval: Duration::from_millis(heartbeat_ms.max(1)),
+        idle_timeout: Duration::from_millis(detect_ms.max(heartbeat_ms.max(1) * 2)),
+    }
 }
 
 fn default_min() -> u64 {
@@ -77,12 +98,10 @@ impl Protection {
         };
         let proto_layout = backup::server::proto_layout(&layout)?;
         let instance = rand_u64();
-        let sender = Sender::new(SenderConfig::new(
-            Role::Primary,
-            backup::server::vm_identity(&req.vm_name),
-            proto_layout,
-            instance,
-        ));
+        let mut scfg =
+            SenderConfig::new(Role::Primary, backup::server::vm_identity(&req.vm_name), proto_layout, instance);
+        scfg.timing = timing(req.heartbeat_ms, req.detect_ms);
+        let sender = Sender::new(scfg);
         // Output commit: swap the net device's sink for a holding one, while paused.
         let output = {
             let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());

@@ -94,6 +94,8 @@ pub struct BackupRole {
     pub tap: Option<String>,
     /// Where the promoted VM's serial output goes.
     pub serial: SerialTarget,
+    /// Digest the replica when promoting (verification runs; costs time on the critical path).
+    pub digest: bool,
 }
 
 /// A running VM (or a backup waiting to become one) and what the API reports about it.
@@ -158,31 +160,60 @@ impl Runtime {
 
     /// A backup process: serves the primary until promoted.
     pub fn new_backup(
-        cfg: backup::server::BackupConfig,
+        mut cfg: backup::server::BackupConfig,
         tap: Option<String>,
         serial: SerialTarget,
         memory_bytes: u64,
+        auto_promote: bool,
     ) -> Result<Arc<Self>> {
         let node = backup::server::BackupNode::new(&cfg.layout)?;
+        let (lost_tx, lost_rx) = std::sync::mpsc::channel::<backup::server::PrimaryLost>();
+        cfg.on_primary_lost = Some(lost_tx);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let tokio = new_tokio()?;
         let listen = cfg.listen.to_string();
+        let digest = cfg.verify;
         let n2 = Arc::clone(&node);
         tokio.spawn(async move {
             if let Err(e) = backup::server::serve(cfg, n2, stop_rx).await {
                 tracing::error!("backup server: {e:#}");
             }
         });
-        Ok(Arc::new(Self {
+        let rt = Arc::new(Self {
             vm: Mutex::new(None),
             origin: Mutex::new(Origin::Backup { listen }),
             started: Instant::now(),
             memory_bytes,
             exit: (Mutex::new(None), Condvar::new()),
             protection: Mutex::new(None),
-            backup: Mutex::new(Some(BackupRole { node, stop, tap, serial })),
+            backup: Mutex::new(Some(BackupRole { node, stop, tap, serial, digest })),
             tokio,
-        }))
+        });
+        let weak = Arc::downgrade(&rt);
+        std::thread::Builder::new()
+            .name("failover".into())
+            .spawn(move || {
+                while let Ok(lost) = lost_rx.recv() {
+                    let Some(rt) = weak.upgrade() else { return };
+                    if !auto_promote {
+                        tracing::error!(
+                            epoch = lost.epoch,
+                            "primary lost ({}); not promoting by itself: run `understudy promote`",
+                            lost.reason
+                        );
+                        continue;
+                    }
+                    let since_commit = lost.last_commit.map(|t| t.elapsed().as_secs_f64() * 1e3);
+                    tracing::warn!(epoch = lost.epoch, ?since_commit, "primary lost ({}): promoting", lost.reason);
+                    match rt.promote() {
+                        Ok(v) => tracing::info!("auto-promotion done: {v}"),
+                        Err(e) => tracing::error!("auto-promotion failed: {e:#}"),
+                    }
+                    return;
+                }
+            })
+            .context("spawn failover thread")?;
+        Ok(rt)
     }
 
     fn vm_arc(&self) -> Result<Arc<Mutex<Vm>>> {
@@ -281,22 +312,38 @@ impl Runtime {
             }
         };
         let _ = role.stop.send(true);
-        let digest = format!("{:016x}", replica.digest());
+        let take_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let digest = if role.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
         let (mem, state, epoch) = replica.into_parts()?;
+        let t1 = Instant::now();
         let opts = vmm::vm::RestoreOptions { serial: role.serial.open()?, tap: role.tap.clone() };
         let mut vm = Vm::restore(mem, &state, opts).context("build the vm from the replica")?;
+        let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let t2 = Instant::now();
         if let Some(net) = vm.net() {
             let dev = lock(net);
             if let Err(e) = dev.device().announce() {
                 tracing::warn!("announce after promotion: {e}");
             }
         }
+        let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
         vm.resume();
         let promote_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(epoch, digest = %digest, promote_ms, "PROMOTED: the replica runs as the active vm");
+        tracing::info!(
+            epoch,
+            digest = %digest,
+            promote_ms,
+            take_ms,
+            restore_ms,
+            announce_ms,
+            "PROMOTED: the replica runs as the active vm"
+        );
         *lock(&self.vm) = Some(Arc::new(Mutex::new(vm)));
         *lock(&self.origin) = Origin::Promoted { epoch, memory_digest: digest.clone(), promote_ms };
-        Ok(serde_json::json!({"state": "running", "epoch": epoch, "memory_digest": digest, "promote_ms": promote_ms}))
+        Ok(serde_json::json!({
+            "state": "running", "epoch": epoch, "memory_digest": digest, "promote_ms": promote_ms,
+            "take_ms": take_ms, "restore_ms": restore_ms, "announce_ms": announce_ms,
+        }))
     }
 
     fn status(&self) -> Result<serde_json::Value> {

@@ -1,0 +1,203 @@
+//! Arbiter behaviour that needs no simulator: restarts from the journal, hostile input, API
+//! refusals.
+
+use std::time::{Duration, Instant};
+
+use failover::journal::MemDisk;
+use failover::{Arbiter, ArbiterConfig, ArbiterError, Event, VmId};
+
+const VM: VmId = VmId(5);
+
+struct Group {
+    now: Instant,
+    disks: Vec<MemDisk>,
+    nodes: Vec<Option<Arbiter>>,
+    events: Vec<(u64, Event)>,
+}
+
+fn config(id: u64) -> ArbiterConfig {
+    ArbiterConfig { preferred_leader: Some(3), ..ArbiterConfig::new(id, &[1, 2, 3]) }
+}
+
+impl Group {
+    fn new() -> Self {
+        let now = Instant::now();
+        let disks = vec![MemDisk::new(), MemDisk::new(), MemDisk::new()];
+        let nodes =
+            (1..=3).map(|id| Some(Arbiter::open_mem(config(id), &disks[id as usize - 1], now).unwrap())).collect();
+        Self { now, disks, nodes, events: Vec::new() }
+    }
+
+    /// Calls `f` on node `id` with the group's clock.
+    fn at<R>(&mut self, id: u64, f: impl FnOnce(&mut Arbiter, Instant) -> R) -> R {
+        let now = self.now;
+        f(self.node(id), now)
+    }
+
+    fn node(&mut self, id: u64) -> &mut Arbiter {
+        self.nodes[id as usize - 1].as_mut().expect("node up")
+    }
+
+    /// Advances 1 ms at a time with a perfect network, `ms` times.
+    fn run(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.now += Duration::from_millis(1);
+            let now = self.now;
+            let mut flight = Vec::new();
+            for node in self.nodes.iter_mut().flatten() {
+                node.handle_timeout(now).unwrap();
+                while let Some((to, bytes)) = node.poll_transmit() {
+                    flight.push((node.id(), to, bytes));
+                }
+                while let Some(e) = node.poll_event() {
+                    self.events.push((node.id(), e));
+                }
+            }
+            for (from, to, bytes) in flight {
+                if let Some(node) = self.nodes[to as usize - 1].as_mut() {
+                    node.step(now, from, &bytes).unwrap();
+                }
+            }
+        }
+    }
+
+    fn crash(&mut self, id: u64) {
+        self.nodes[id as usize - 1] = None;
+        self.disks[id as usize - 1].crash(0);
+    }
+
+    fn restart(&mut self, id: u64) {
+        let disk = &self.disks[id as usize - 1];
+        self.nodes[id as usize - 1] = Some(Arbiter::open_mem(config(id), disk, self.now).unwrap());
+    }
+}
+
+#[test]
+fn a_restarted_node_keeps_its_term_vote_and_state() {
+    let mut g = Group::new();
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(300);
+    let (term, leader) = (g.node(2).term(), g.node(2).leader());
+    assert!(term >= 2 && leader.is_some());
+    let record = g.node(2).record(VM).expect("granted");
+    assert_eq!((record.holder, record.generation), (1, 1));
+    let applied = g.node(2).applied();
+    let incarnation = g.node(2).incarnation();
+    g.crash(2);
+    g.restart(2);
+    // Before any message: the journal gave back the term, the vote and the applied state.
+    assert_eq!(g.node(2).term(), term);
+    assert_eq!(g.node(2).record(VM), Some(record));
+    assert_eq!(g.node(2).incarnation(), incarnation + 1);
+    g.run(300);
+    assert!(g.node(2).applied() > applied);
+    // A replay after restart raises no events for what happened before.
+    assert!(!g.events.iter().any(|(n, e)| *n == 2 && matches!(e, Event::BackupOf { .. })));
+}
+
+#[test]
+fn a_restarted_holder_must_ask_again_before_releasing() {
+    let mut g = Group::new();
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(300);
+    assert!(g.at(1, |a, now| a.may_release_output(now, VM)));
+    g.crash(1);
+    g.restart(1);
+    assert!(!g.at(1, |a, now| a.may_release_output(now, VM)), "a new process has no lease");
+    g.run(200);
+    assert!(!g.at(1, |a, now| a.may_release_output(now, VM)), "nor does it renew by itself");
+    // An agent restarted beside a guest that still runs asks again and renews.
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(100);
+    assert!(g.at(1, |a, now| a.may_release_output(now, VM)));
+}
+
+#[test]
+fn hostile_input_is_refused_cleanly() {
+    let mut g = Group::new();
+    g.run(200);
+    let now = g.now;
+    let w = g.node(3);
+    assert!(matches!(w.step(now, 1, b""), Err(ArbiterError::Wire(_))));
+    assert!(matches!(w.step(now, 1, &[0x52, 1, 0, 0, 0, 0, 0xff]), Err(ArbiterError::Wire(_))));
+    let mut x = 7u64;
+    for len in 0..300 {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(w.step(now, 1, &bytes).is_err());
+    }
+    // A real message, replayed by the wrong peer or to the wrong node.
+    let (to, bytes) = loop {
+        g.run(1);
+        let now = g.now;
+        let node = g.node(1);
+        node.handle_timeout(now).unwrap();
+        if let Some(t) = node.poll_transmit() {
+            break t;
+        }
+    };
+    let now = g.now;
+    let err = g.node(to).step(now, 2, &bytes).unwrap_err();
+    assert!(matches!(err, ArbiterError::Spoofed { from: 2, claimed: 1 }), "{err}");
+    let other = if to == 2 { 3 } else { 2 };
+    assert!(matches!(g.node(other).step(now, 1, &bytes), Err(ArbiterError::Misrouted { .. })));
+    assert!(matches!(g.node(to).step(now, 9, &bytes), Err(ArbiterError::Spoofed { .. })));
+    g.run(100);
+}
+
+#[test]
+fn api_refusals_name_the_vm_and_the_node() {
+    let mut g = Group::new();
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(300);
+    let now = g.now;
+    let err = g.node(2).report_primary_dead(now, VM).unwrap_err();
+    assert_eq!(err.to_string(), "vm-5: node 2 is not its recorded backup");
+    let err = g.node(2).request_activity(now, VM).unwrap_err();
+    assert_eq!(err.to_string(), "vm-5: node 1 holds generation 1, node 2 may not ask for it");
+    assert!(matches!(g.node(2).report_backup_dead(now, VM), Err(ArbiterError::NotHolder { .. })));
+    assert!(matches!(g.node(1).set_backup(now, VM, 1), Err(ArbiterError::BadBackup { .. })));
+    assert!(matches!(g.node(1).set_backup(now, VM, 9), Err(ArbiterError::BadBackup { .. })));
+    g.node(1).set_backup(now, VM, 2).unwrap();
+    g.run(100);
+    let err = g.at(2, |a, now| a.request_activity(now, VM)).unwrap_err();
+    assert!(matches!(err, ArbiterError::PrimaryNotDead { .. }), "{err}");
+    assert!(g.events.contains(&(1, Event::Protected { vm: VM, generation: 1, backup: 2 })));
+    assert!(g.events.contains(&(2, Event::BackupOf { vm: VM, generation: 1, holder: 1 })));
+    // With everybody alive and renewing, a takeover request goes nowhere.
+    let now = g.now;
+    g.node(2).report_primary_dead(now, VM).unwrap();
+    g.run(500);
+    assert!(g.at(1, |a, now| a.may_release_output(now, VM)));
+    assert_eq!(g.node(3).record(VM).map(|r| r.generation), Some(1));
+    // A second VM is independent.
+    let now = g.now;
+    g.node(2).request_activity(now, VmId(6)).unwrap();
+    g.run(200);
+    assert!(g.at(2, |a, now| a.may_release_output(now, VmId(6))));
+    assert!(g.at(1, |a, now| a.may_release_output(now, VM)));
+}
+
+#[test]
+fn relinquish_lets_the_lease_lapse_and_the_backup_take_over() {
+    let mut g = Group::new();
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(300);
+    let now = g.now;
+    g.node(1).set_backup(now, VM, 2).unwrap();
+    g.run(100);
+    g.node(1).relinquish(VM);
+    assert!(!g.at(1, |a, now| a.may_release_output(now, VM)));
+    let now = g.now;
+    g.node(2).report_primary_dead(now, VM).unwrap();
+    g.run(300);
+    assert!(g.at(2, |a, now| a.may_release_output(now, VM)));
+    assert!(g.events.contains(&(1, Event::Fenced { vm: VM, generation: 2 })));
+    assert!(g.events.contains(&(2, Event::Granted { vm: VM, generation: 2 })));
+}

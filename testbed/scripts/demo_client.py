@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Demo client and consistency checker for the kv guest.
+
+Writes unique keys over one TCP connection (memcached text protocol), increments a counter,
+and remembers every acknowledged write. It never reconnects on its own: after a failover the
+same connection carries on, because the promoted guest resumes with its TCP state. At the end
+every acknowledged write must be readable with its value and the counter must never have gone
+back. Prints one JSON line per second and a final verdict line.
+"""
+import json, socket, sys, time
+
+host, secs, kill_file = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+
+
+def connect():
+    s = socket.create_connection((host, 11211), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s, s.makefile("rb")
+
+
+def cmd(s, f, line, payload=None):
+    data = line.encode() + b"\r\n"
+    if payload is not None:
+        data += payload + b"\r\n"
+    s.sendall(data)
+    return f.readline().strip()
+
+
+def get(s, f, key):
+    s.sendall(b"get " + key.encode() + b"\r\n")
+    first = f.readline().strip()
+    if first == b"END":
+        return None
+    n = int(first.split()[3])
+    v = f.read(n + 2)[:-2]
+    assert f.readline().strip() == b"END"
+    return v
+
+
+s, f = connect()
+cmd(s, f, "set counter 0 0 1", b"0")
+acked = {}
+counter_last = 0
+contradictions = 0
+errors = 0
+i = 0
+t0 = time.monotonic()
+last_report = t0
+kill_t = None
+gap_start = None
+failover_ms = None
+slowest_ms = 0.0
+while time.monotonic() - t0 < secs:
+    key, val = "k%d" % i, ("v%d-" % i).encode() * (1 + i % 20)
+    t = time.monotonic()
+    try:
+        r = cmd(s, f, "set %s 0 0 %d" % (key, len(val)), val)
+        c = cmd(s, f, "incr counter 1")
+    except (OSError, ValueError) as e:
+        errors += 1
+        print(json.dumps({"error": str(e)}), flush=True)
+        s, f = connect()
+        continue
+    dt = (time.monotonic() - t) * 1e3
+    slowest_ms = max(slowest_ms, dt)
+    if r == b"STORED":
+        acked[key] = val
+    else:
+        errors += 1
+    try:
+        cv = int(c)
+        if cv <= counter_last:
+            contradictions += 1
+        counter_last = cv
+    except ValueError:
+        errors += 1
+    if kill_t is None:
+        try:
+            kill_t = float(open(kill_file).read().strip())
+        except (OSError, ValueError):
+            pass
+    if kill_t is not None and failover_ms is None and time.time() > kill_t and t >= 0:
+        # First reply that completed after the kill: measure from the kill.
+        failover_ms = (time.time() - kill_t) * 1e3
+    i += 1
+    now = time.monotonic()
+    if now - last_report >= 1.0:
+        print(json.dumps({"t": round(now - t0, 1), "writes": len(acked), "counter": counter_last, "slowest_ms": round(slowest_ms, 1)}), flush=True)
+        last_report = now
+        slowest_ms = 0.0
+
+lost = 0
+for k, v in acked.items():
+    if get(s, f, k) != v:
+        lost += 1
+verdict = "PASS" if lost == 0 and contradictions == 0 and errors == 0 else "FAIL"
+print(json.dumps({"verdict": verdict, "acknowledged_writes": len(acked), "lost": lost,
+                  "contradictions": contradictions, "errors": errors,
+                  "first_reply_after_kill_ms": failover_ms}), flush=True)
+sys.exit(0 if verdict == "PASS" else 1)
