@@ -274,6 +274,7 @@ pub async fn serve(
                     let result = tokio::task::spawn_blocking(move || node2.commit(&cp, verify)).await;
                     let cmd = match result {
                         Ok(Ok(())) => StreamCommand::with(move |r: &mut Receiver, now| {
+                            failover::failpoint::hit("backup.committed");
                             if let Err(e) = r.committed(now, epoch) {
                                 tracing::error!("backup: committed({epoch}): {e}");
                             }

@@ -64,6 +64,7 @@
 
 pub mod arbiter;
 pub mod detector;
+pub mod failpoint;
 pub mod journal;
 pub mod lease;
 pub mod logger;

@@ -37,6 +37,10 @@ use crate::NodeId;
 use crate::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
 use crate::witness::Witness;
 
+pub mod quic;
+
+pub use quic::{PeerSpec, QuicLink, WitnessQuicConfig, parse_quic_peer, run_witness_quic};
+
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -48,6 +52,12 @@ pub enum NetError {
     },
     #[error("peer spec {spec:?}: expected ID=HOST:PORT")]
     PeerSpec { spec: String },
+    #[error("peer spec {spec:?}: expected ID=NAME@HOST:PORT")]
+    QuicPeerSpec { spec: String },
+    #[error("peer list: {reason}")]
+    Peers { reason: String },
+    #[error("quic endpoint")]
+    Endpoint(#[from] transport::EndpointError),
     #[error("witness data directory {path}")]
     Open {
         path: PathBuf,

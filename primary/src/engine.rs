@@ -236,6 +236,7 @@ pub struct Engine {
     seq: u64,
     last_pause: Duration,
     degrade_after: Duration,
+    backup_lost: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Engine {
@@ -249,7 +250,14 @@ impl Engine {
         tx: tokio::sync::mpsc::Sender<Harvest>,
         degrade_after: Duration,
     ) -> Self {
-        Self { vm, output, stats, link, cfg, tx, seq: 0, last_pause: Duration::ZERO, degrade_after }
+        Self { vm, output, stats, link, cfg, tx, seq: 0, last_pause: Duration::ZERO, degrade_after, backup_lost: None }
+    }
+
+    /// With arbitration: instead of releasing output when the backup is lost, call `hook`
+    /// (which asks the group to run degraded; output flows once the group agreed).
+    pub fn on_backup_lost(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.backup_lost = Some(hook);
+        self
     }
 
     fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
@@ -282,8 +290,13 @@ impl Engine {
                 let since = *link_down_since.get_or_insert_with(Instant::now);
                 if phase != Phase::Degraded && since.elapsed() >= self.degrade_after {
                     phase = Phase::Degraded;
-                    if let Some(o) = &self.output {
-                        o.set_passthrough(true);
+                    match &self.backup_lost {
+                        Some(hook) => hook(),
+                        None => {
+                            if let Some(o) = &self.output {
+                                o.set_passthrough(true);
+                            }
+                        }
                     }
                     self.link.reset_in_flight();
                     self.stats.set_state(
@@ -400,8 +413,10 @@ impl Engine {
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         vm.pause().map_err(|source| EngineError::Vm { seq, source })?;
+        failover::failpoint::hit("primary.paused");
         let result = (|| {
             let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+            failover::failpoint::hit("primary.harvest");
             let pfns: Vec<u64> = dirty.pages().collect();
             let mut data = Vec::with_capacity(pfns.len() * PAGE_SIZE);
             copy_pages(vm.memory(), pfns.iter().copied(), &mut data)

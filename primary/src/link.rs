@@ -110,6 +110,9 @@ pub async fn run(
                                 });
                             }
                             in_flight.insert(epoch, InFlight { seq: h.seq, kind: h.kind });
+                            if h.kind == HarvestKind::Checkpoint {
+                                failover::failpoint::hit("primary.shipped");
+                            }
                             let mut s = stats.lock();
                             s.bytes_sent += h.data.len() as u64 + h.state.len() as u64;
                             s.wire_bytes.push((h.data.len() + h.state.len()) as f64);
@@ -142,6 +145,9 @@ pub async fn run(
                                 top = in_flight.remove(k);
                             }
                             if let Some(t) = top {
+                                if t.kind == HarvestKind::Checkpoint {
+                                    failover::failpoint::hit("primary.acked");
+                                }
                                 shared.acked(t.seq);
                                 shared.done(done.len());
                                 if let Some(o) = &output {

@@ -78,12 +78,16 @@ pub struct OutputStats {
     pub hold_us_total: AtomicU64,
 }
 
+/// Decides, at an instant, whether output may leave at all (the arbitration lease).
+pub type Gate = Arc<dyn Fn(Instant) -> bool + Send + Sync>;
+
 /// Frames held until their epoch is acknowledged.
 pub struct OutputBuffer {
     inner: Mutex<Inner>,
     tap: Arc<Tap>,
     cap: usize,
     stats: OutputStats,
+    gate: Mutex<Option<Gate>>,
 }
 
 impl OutputBuffer {
@@ -102,7 +106,31 @@ impl OutputBuffer {
             tap,
             cap,
             stats: OutputStats::default(),
+            gate: Mutex::new(None),
         })
+    }
+
+    /// Installs the arbitration gate: while it says no, nothing is written (frames stay held,
+    /// also in passthrough mode) — a primary that lost its lease stops releasing output.
+    pub fn set_gate(&self, gate: Gate) {
+        *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate);
+    }
+
+    fn gate_open(&self) -> bool {
+        match &*self.gate.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(g) => g(Instant::now()),
+            None => true,
+        }
+    }
+
+    /// Releases what may go now: everything acknowledged (or, in passthrough, everything held)
+    /// if the gate is open. Call when the gate may have opened.
+    pub fn flush_allowed(&self) -> usize {
+        let (upto, passthrough) = {
+            let g = self.lock();
+            (g.released_upto, g.passthrough)
+        };
+        if passthrough { self.release(u64::MAX) } else { self.release(upto) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -122,10 +150,14 @@ impl OutputBuffer {
     /// Releases every frame of epochs up to and including `epoch`; returns how many.
     pub fn release(&self, epoch: u64) -> usize {
         let mut out = Vec::new();
+        let open = self.gate_open();
         {
             let mut g = self.lock();
-            if epoch > g.released_upto {
+            if epoch > g.released_upto && epoch != u64::MAX {
                 g.released_upto = epoch;
+            }
+            if !open {
+                return 0;
             }
             while g.held.front().is_some_and(|h| h.epoch <= epoch) {
                 let h = g.held.pop_front().expect("front exists");
@@ -165,10 +197,11 @@ impl OutputBuffer {
     /// Stops holding: releases everything held and passes frames straight through from now on
     /// (unprotected or degraded operation), or starts holding again.
     pub fn set_passthrough(&self, on: bool) {
+        let open = self.gate_open();
         let held: Vec<Held> = {
             let mut g = self.lock();
             g.passthrough = on;
-            if !on {
+            if !on || !open {
                 return;
             }
             g.held_bytes = 0;
@@ -206,8 +239,9 @@ impl OutputBuffer {
     }
 
     fn push(&self, frame: &[u8]) -> io::Result<()> {
+        let open = self.gate_open();
         let mut g = self.lock();
-        if g.passthrough {
+        if g.passthrough && open && g.held.is_empty() {
             drop(g);
             self.write(frame);
             self.stats.passthrough_frames.fetch_add(1, Ordering::Relaxed);

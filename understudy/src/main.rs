@@ -1,6 +1,7 @@
 //! `understudy`: hot-standby replication for KVM virtual machines. This binary is thin: it
 //! parses, wires and reports; the logic lives in the library crates.
 
+mod agent;
 mod api;
 mod protect;
 mod runtime;
@@ -49,6 +50,11 @@ enum Command {
         /// The guest's MAC address (with --tap), e.g. 02:55:44:00:00:01.
         #[arg(long, value_parser = parse_mac)]
         mac: Option<[u8; 6]>,
+        /// The VM's name (the arbitration group and the backup know it by this name).
+        #[arg(long, default_value = "vm")]
+        vm: String,
+        #[command(flatten)]
+        agent: agent::AgentArgs,
     },
     /// Write a snapshot (memory + state) of a running VM into a directory.
     Snapshot {
@@ -137,6 +143,9 @@ enum Command {
         /// Silence after which the link to the backup counts as broken, ms.
         #[arg(long, default_value_t = 300)]
         detect_ms: u64,
+        /// The backup's arbitration node id (with arbitration).
+        #[arg(long)]
+        backup_node: Option<u64>,
     },
     /// Stop protecting a VM.
     Unprotect {
@@ -184,6 +193,23 @@ enum Command {
         /// (one host, the demo) until arbitration is configured.
         #[arg(long)]
         auto_promote: bool,
+        #[command(flatten)]
+        agent: agent::AgentArgs,
+    },
+    /// Run a witness: the third voter of the arbitration group, on a third host.
+    Witness {
+        /// This witness's node id (by convention 3).
+        #[arg(long, default_value_t = 3)]
+        id: u64,
+        /// Directory of its persisted raft state.
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The two agents, `ID=HOST:PORT` (repeat).
+        #[arg(long = "peer", value_parser = parse_peer_arg)]
+        peers: Vec<(u64, std::net::SocketAddr)>,
     },
     /// Turn a backup's replica into the running VM (by hand).
     Promote {
@@ -212,6 +238,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional K/M/G suffix"))?;
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_peer_arg(s: &str) -> Result<(u64, std::net::SocketAddr), String> {
+    failover::net::parse_peer(s).map_err(|e| e.to_string())
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -249,11 +279,11 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     match cli.command {
-        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac } => {
+        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, agent } => {
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
             }
-            let vm = vmm::vm::Vm::boot(vmm::vm::VmConfig {
+            let vm_ = vmm::vm::Vm::boot(vmm::vm::VmConfig {
                 kernel: kernel.clone(),
                 cmdline,
                 memory_bytes: memory,
@@ -262,7 +292,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 net: tap.map(|tap| vmm::vm::NetSpec { tap, mac }),
             })
             .context("boot vm")?;
-            let rt = Runtime::new(vm, Origin::Booted { kernel }, memory)?;
+            let rt = Runtime::new(vm_, Origin::Booted { kernel }, memory)?;
+            if agent.enabled() {
+                rt.start_primary_agent(&agent, &vm)?;
+            }
             rt.run_until_exit(api.as_deref())
         }
         Command::Restore { dir, serial, api, paused, tap } => {
@@ -328,6 +361,7 @@ fn real_main(cli: Cli) -> Result<()> {
             verify_every,
             heartbeat_ms,
             detect_ms,
+            backup_node,
         } => {
             let certs = std::path::absolute(&certs).unwrap_or(certs);
             let req = protect::ProtectRequest {
@@ -343,6 +377,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 degrade_after_ms,
                 heartbeat_ms,
                 detect_ms,
+                backup_node,
             };
             let v = api::call(&api, &Request::Protect(req), Duration::from_secs(30))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -371,6 +406,7 @@ fn real_main(cli: Cli) -> Result<()> {
             heartbeat_ms,
             detect_ms,
             auto_promote,
+            agent,
         } => {
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
@@ -385,7 +421,27 @@ fn real_main(cli: Cli) -> Result<()> {
                 on_primary_lost: None,
             };
             let rt = Runtime::new_backup(cfg, tap, serial, memory, auto_promote)?;
+            if agent.enabled() {
+                rt.start_backup_agent(&agent, &vm)?;
+            }
             rt.run_until_exit(api.as_deref())
+        }
+        Command::Witness { id, data, listen, peers } => {
+            if peers.len() != 2 {
+                bail!("a witness needs the two agents as --peer ID=HOST:PORT");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("start the async runtime")?;
+            let cfg = failover::net::WitnessConfig::new(id, data, listen, peers);
+            std::thread::spawn(|| {
+                let sig = runtime::wait_for_termination_signal();
+                tracing::info!("witness stopping: signal {sig}");
+                std::process::exit(0);
+            });
+            rt.block_on(failover::net::run_witness(cfg)).context("witness")
         }
         Command::Certs { out, hosts } => {
             let specs: Vec<transport::certs::HostSpec> =

@@ -50,6 +50,9 @@ pub struct ProtectRequest {
     /// Silence after which the link counts as broken, ms.
     #[serde(default = "default_detect")]
     pub detect_ms: u64,
+    /// The backup's arbitration node id (recorded as the VM's backup once it is consistent).
+    #[serde(default)]
+    pub backup_node: Option<u64>,
 }
 
 fn default_heartbeat() -> u64 {
@@ -89,7 +92,13 @@ pub struct Protection {
 
 impl Protection {
     /// Starts protecting `vm` as `req` says, on `rt`.
-    pub fn start(vm: &Arc<Mutex<Vm>>, req: &ProtectRequest, rt: &tokio::runtime::Handle) -> Result<Self> {
+    pub fn start(
+        vm: &Arc<Mutex<Vm>>,
+        req: &ProtectRequest,
+        rt: &tokio::runtime::Handle,
+        existing_output: Option<Arc<OutputBuffer>>,
+        backup_lost: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Result<Self> {
         let identity = transport::Identity::load(&req.certs, &req.name)
             .with_context(|| format!("load certificates for {} from {}", req.name, req.certs.display()))?;
         let layout = {
@@ -102,8 +111,11 @@ impl Protection {
             SenderConfig::new(Role::Primary, backup::server::vm_identity(&req.vm_name), proto_layout, instance);
         scfg.timing = timing(req.heartbeat_ms, req.detect_ms);
         let sender = Sender::new(scfg);
-        // Output commit: swap the net device's sink for a holding one, while paused.
-        let output = {
+        // Output commit: swap the net device's sink for a holding one, while paused (or reuse
+        // the gated buffer arbitration installed at boot).
+        let output = if existing_output.is_some() {
+            existing_output
+        } else {
             let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
             match g.net().cloned() {
                 Some(net) => {
@@ -150,7 +162,7 @@ impl Protection {
             Arc::clone(&stats),
             Arc::clone(&journal),
         ));
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             Arc::clone(vm),
             output.clone(),
             Arc::clone(&stats),
@@ -159,6 +171,9 @@ impl Protection {
             tx,
             Duration::from_millis(req.degrade_after_ms),
         );
+        if let Some(hook) = backup_lost {
+            engine = engine.on_backup_lost(hook);
+        }
         let engine = std::thread::Builder::new()
             .name("epoch-engine".into())
             .spawn(move || {

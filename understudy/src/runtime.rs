@@ -108,6 +108,12 @@ pub struct Runtime {
     protection: Mutex<Option<crate::protect::Protection>>,
     backup: Mutex<Option<BackupRole>>,
     tokio: tokio::runtime::Runtime,
+    agent: Mutex<Option<Arc<crate::agent::Agent>>>,
+    /// The gated output buffer arbitration installs on the net device.
+    output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
+    fenced: Mutex<Option<u64>>,
+    backup_recorded: Mutex<bool>,
+    backup_node: Mutex<Option<u64>>,
 }
 
 #[derive(Serialize)]
@@ -155,6 +161,11 @@ impl Runtime {
             protection: Mutex::new(None),
             backup: Mutex::new(None),
             tokio: new_tokio()?,
+            agent: Mutex::new(None),
+            output: Mutex::new(None),
+            fenced: Mutex::new(None),
+            backup_recorded: Mutex::new(false),
+            backup_node: Mutex::new(None),
         }))
     }
 
@@ -188,6 +199,11 @@ impl Runtime {
             protection: Mutex::new(None),
             backup: Mutex::new(Some(BackupRole { node, stop, tap, serial, digest })),
             tokio,
+            agent: Mutex::new(None),
+            output: Mutex::new(None),
+            fenced: Mutex::new(None),
+            backup_recorded: Mutex::new(false),
+            backup_node: Mutex::new(None),
         });
         let weak = Arc::downgrade(&rt);
         std::thread::Builder::new()
@@ -195,6 +211,21 @@ impl Runtime {
             .spawn(move || {
                 while let Ok(lost) = lost_rx.recv() {
                     let Some(rt) = weak.upgrade() else { return };
+                    let agent = lock(&rt.agent).clone();
+                    if let Some(agent) = agent {
+                        let vm = agent.vm;
+                        tracing::warn!(
+                            epoch = lost.epoch,
+                            "primary lost ({}): asking the group for activity",
+                            lost.reason
+                        );
+                        match agent.call(rt.tokio.handle(), move |a, now| a.report_primary_dead(now, vm)) {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!("report primary dead: {e}"),
+                            Err(e) => tracing::error!("report primary dead: {e:#}"),
+                        }
+                        continue;
+                    }
                     if !auto_promote {
                         tracing::error!(
                             epoch = lost.epoch,
@@ -214,6 +245,115 @@ impl Runtime {
             })
             .context("spawn failover thread")?;
         Ok(rt)
+    }
+
+    /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
+    /// for the grant, keep the lease, obey fencing.
+    pub fn start_primary_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
+        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+        *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.install_gated_output(&agent)?;
+        self.spawn_agent_events(&agent);
+        let generation = agent.acquire(self.tokio.handle(), Duration::from_secs(30))?;
+        tracing::info!(generation, "arbitration: this copy is active");
+        Ok(())
+    }
+
+    /// Arbitration for a backup: report the primary's death to the group, promote only once
+    /// granted.
+    pub fn start_backup_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
+        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+        *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.spawn_agent_events(&agent);
+        Ok(())
+    }
+
+    fn install_gated_output(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) -> Result<()> {
+        let Some(vm) = lock(&self.vm).clone() else { return Ok(()) };
+        let mut g = lock(&vm);
+        let Some(net) = g.net().cloned() else { return Ok(()) };
+        g.pause()?;
+        let dev = lock(&net);
+        let tap = Arc::clone(dev.device().tap());
+        let out = primary::output::OutputBuffer::new(tap, primary::output::DEFAULT_HOLD_CAP);
+        out.set_gate(agent.gate());
+        out.set_passthrough(true);
+        let _old = dev.device().set_tx_sink(out.sink());
+        drop(dev);
+        g.resume();
+        drop(g);
+        let o2 = Arc::clone(&out);
+        agent.spawn_permit_refresher(self.tokio.handle(), move || {
+            o2.flush_allowed();
+        });
+        *lock(&self.output) = Some(out);
+        Ok(())
+    }
+
+    fn spawn_agent_events(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) {
+        let Some(mut events) = lock(&agent.events).take() else { return };
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("arbitration-events".into())
+            .spawn(move || {
+                while let Some(ev) = events.blocking_recv() {
+                    let Some(rt) = weak.upgrade() else { return };
+                    rt.on_agent_event(ev);
+                }
+            })
+            .expect("spawn arbitration event thread");
+    }
+
+    fn on_agent_event(self: &Arc<Self>, ev: failover::Event) {
+        use failover::Event;
+        match ev {
+            Event::Granted { vm, generation } => {
+                tracing::info!(vm = vm.0, generation, "arbitration: granted");
+                if lock(&self.backup).is_some() {
+                    match self.promote() {
+                        Ok(v) => {
+                            tracing::info!("promotion done: {v}");
+                            if let Some(agent) = lock(&self.agent).clone()
+                                && let Err(e) = self.install_gated_output(&agent)
+                            {
+                                tracing::error!("gate the promoted vm's output: {e:#}");
+                            }
+                        }
+                        Err(e) => tracing::error!("promotion failed: {e:#}"),
+                    }
+                }
+            }
+            Event::Fenced { vm, generation } => {
+                tracing::error!(
+                    vm = vm.0,
+                    generation,
+                    "FENCED: generation {generation} was granted elsewhere; stopping this copy of the guest for good"
+                );
+                *lock(&self.fenced) = Some(generation);
+                if let Some(vm) = lock(&self.vm).clone() {
+                    let mut g = lock(&vm);
+                    let _ = g.pause();
+                    g.shutdown();
+                }
+                self.request_exit(format!("fenced by generation {generation}"));
+            }
+            Event::Degraded { vm, generation } => {
+                tracing::error!(vm = vm.0, generation, "arbitration: the group agreed the primary runs degraded");
+                if let Some(o) = lock(&self.output).clone() {
+                    o.set_passthrough(true);
+                }
+            }
+            Event::LeaseLost { vm, generation } => {
+                tracing::warn!(vm = vm.0, generation, "arbitration: lease lost, output held")
+            }
+            Event::LeaseRegained { vm, generation } => {
+                tracing::info!(vm = vm.0, generation, "arbitration: lease regained")
+            }
+            Event::BackupDropped { vm, generation } => {
+                tracing::warn!(vm = vm.0, generation, "arbitration: this replica is no longer a failover target")
+            }
+            other => tracing::info!("arbitration: {other:?}"),
+        }
     }
 
     fn vm_arc(&self) -> Result<Arc<Mutex<Vm>>> {
@@ -271,7 +411,29 @@ impl Runtime {
         if p.is_some() {
             bail!("the vm is already protected (unprotect first)");
         }
-        *p = Some(crate::protect::Protection::start(&vm, &req, self.tokio.handle()).context("start protection")?);
+        let agent = lock(&self.agent).clone();
+        let hook: Option<Arc<dyn Fn() + Send + Sync>> = agent.as_ref().map(|a| {
+            let a = Arc::clone(a);
+            let h = self.tokio.handle().clone();
+            Arc::new(move || {
+                let vm = a.vm;
+                let handle = a.handle.clone();
+                h.spawn(async move {
+                    match handle.call(move |ar, now| ar.report_backup_dead(now, vm)).await {
+                        Ok(Ok(())) => tracing::warn!("backup lost: asked the group to run degraded"),
+                        Ok(Err(e)) => tracing::error!("report backup dead: {e}"),
+                        Err(e) => tracing::error!("report backup dead: {e}"),
+                    }
+                });
+            }) as Arc<dyn Fn() + Send + Sync>
+        });
+        let existing = lock(&self.output).clone();
+        *lock(&self.backup_recorded) = false;
+        *p = Some(
+            crate::protect::Protection::start(&vm, &req, self.tokio.handle(), existing, hook)
+                .context("start protection")?,
+        );
+        *lock(&self.backup_node) = req.backup_node;
         Ok(serde_json::json!({"state": "syncing", "backup": req.backup.to_string()}))
     }
 
@@ -476,6 +638,7 @@ impl Runtime {
                     break Ok(());
                 }
             }
+            self.record_backup_when_protected();
             let vm = lock(&self.vm).clone();
             if let Some(vm) = vm
                 && let Some(reason) = lock(&vm).stopped()
@@ -502,6 +665,31 @@ impl Runtime {
         }
         outcome
     }
+
+    /// With arbitration: once the backup holds a consistent replica, record it in the group so
+    /// it may be promoted.
+    fn record_backup_when_protected(&self) {
+        if *lock(&self.backup_recorded) {
+            return;
+        }
+        let Some(agent) = lock(&self.agent).clone() else { return };
+        let Some(node) = *lock(&self.backup_node) else { return };
+        let protected = lock(&self.protection)
+            .as_ref()
+            .is_some_and(|p| p.stats.state() == primary::stats::ProtectionState::Protected);
+        if !protected {
+            return;
+        }
+        let vm = agent.vm;
+        match agent.call(self.tokio.handle(), move |a, now| a.set_backup(now, vm, node)) {
+            Ok(Ok(())) => {
+                tracing::info!(backup = node, "arbitration: asked the group to record the backup");
+                *lock(&self.backup_recorded) = true;
+            }
+            Ok(Err(e)) => tracing::warn!("record backup: {e}"),
+            Err(e) => tracing::warn!("record backup: {e:#}"),
+        }
+    }
 }
 
 /// Blocks SIGINT and SIGTERM in the calling thread and every thread it spawns afterwards;
@@ -517,7 +705,8 @@ pub fn block_termination_signals() {
     }
 }
 
-fn wait_for_termination_signal() -> i32 {
+/// Waits for SIGINT or SIGTERM (blocked in every thread by `block_termination_signals`).
+pub fn wait_for_termination_signal() -> i32 {
     // SAFETY: sigwait on a local set of signals blocked in every thread (see
     // `block_termination_signals`).
     unsafe {

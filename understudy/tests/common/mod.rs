@@ -255,6 +255,17 @@ pub fn free_udp_port() -> u16 {
 impl Pair {
     /// Starts a backup and a VM running `cmdline` (both inside `ns` when given).
     pub fn start(ns: Option<&NetNs>, cmdline: &str, memory: &str, backup_args: &[&str]) -> Self {
+        Self::start_with(ns, cmdline, memory, backup_args, &[])
+    }
+
+    /// As [`Pair::start`], with extra arguments for `understudy run`.
+    pub fn start_with(
+        ns: Option<&NetNs>,
+        cmdline: &str,
+        memory: &str,
+        backup_args: &[&str],
+        run_args: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         let certs = d.join("certs");
@@ -301,12 +312,14 @@ impl Pair {
         if ns.is_some() {
             pargs.extend(["--tap", "tap0"]);
         }
+        pargs.extend_from_slice(run_args);
         let (mut backup, mut primary) = match ns {
             Some(ns) => (Proc::spawn_in(ns, &d, "backup", &bargs), Proc::spawn_in(ns, &d, "primary", &pargs)),
             None => (Proc::spawn(&d, "backup", &bargs), Proc::spawn(&d, "primary", &pargs)),
         };
         wait_for(&ps, Duration::from_secs(10), &mut primary, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
         wait_for(&b_sock, Duration::from_secs(10), &mut backup, "backup api", |_| b_sock.exists());
+        wait_for(&p_sock, Duration::from_secs(30), &mut primary, "primary api", |_| p_sock.exists());
         Self { dir, backup, primary, b_sock, p_sock, port }
     }
 

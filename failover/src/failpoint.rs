@@ -1,0 +1,52 @@
+//! Named fault points for the fault-injection harness.
+//!
+//! `UNDERSTUDY_FAILPOINTS=name[@hit],...` in a process's environment makes [`hit`] kill the
+//! process with SIGKILL (as `kill -9` would) the `hit`-th time (default: first) the point named
+//! `name` is reached. Without the variable a point costs one relaxed atomic load. Points used:
+//!
+//! | name | where |
+//! |---|---|
+//! | `primary.paused` | vCPUs parked, before the dirty log is fetched |
+//! | `primary.harvest` | dirty log fetched, pages not yet copied |
+//! | `primary.shipped` | an epoch handed to the sender, before its ack |
+//! | `primary.acked` | an ack arrived, before the held output is released |
+//! | `backup.committed` | a checkpoint applied to the replica, before the ack is sent |
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+struct Armed {
+    name: String,
+    at: u64,
+    count: AtomicU64,
+}
+
+fn armed() -> &'static [Armed] {
+    static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        let Ok(spec) = std::env::var("UNDERSTUDY_FAILPOINTS") else { return Vec::new() };
+        spec.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                let (name, at) = match s.trim().split_once('@') {
+                    Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
+                    None => (s.trim().to_string(), 1),
+                };
+                Armed { name, at: at.max(1), count: AtomicU64::new(0) }
+            })
+            .collect()
+    })
+}
+
+/// Reaches the fault point `name`: kills the process if it is armed for this hit.
+pub fn hit(name: &str) {
+    for a in armed() {
+        if a.name == name && a.count.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+            tracing::error!("fault point {name} reached (hit {}): killing this process", a.at);
+            eprintln!("understudy: fault point {name} reached: SIGKILL");
+            // A kill -9 of ourselves: no destructors, no flush, like a crash.
+            let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+            std::process::abort();
+        }
+    }
+}
