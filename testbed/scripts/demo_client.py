@@ -79,9 +79,14 @@ while time.monotonic() - t0 < secs:
             kill_t = float(open(kill_file).read().strip())
         except (OSError, ValueError):
             pass
-    if kill_t is not None and failover_ms is None and time.time() > kill_t and t >= 0:
-        # First reply that completed after the kill: measure from the kill.
-        failover_ms = (time.time() - kill_t) * 1e3
+    done_wall = time.time()
+    if kill_t is not None and failover_ms is None and done_wall > kill_t:
+        # Kill -> first reply from the promoted guest: the first op that stalled across the
+        # kill (its reply had to come from the promoted guest), or else the first op started
+        # after the kill.
+        started_wall = done_wall - dt / 1e3
+        if dt > 20 or started_wall > kill_t:
+            failover_ms = (done_wall - kill_t) * 1e3
     i += 1
     now = time.monotonic()
     if now - last_report >= 1.0:

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Checker client for `testbed faults` (extends demo_client.py).
+
+usage: faults_client.py HOST CTL_DIR MAX_SECS
+
+Writes unique keys over ONE TCP connection (memcached text protocol) and increments a counter,
+remembering every acknowledged write. The harness writes CTL_DIR/fault (wall-clock seconds of the
+injected fault) and later creates CTL_DIR/stop. A failed connection is counted and replaced (a
+reconnect is tolerated, not hidden). At the end every acknowledged write must be readable with
+its value (multi-get, in batches) and the counter must never have gone back. Prints one final
+JSON line:
+  acknowledged_writes, lost, contradictions, errors, reconnects, first_reply_after_fault_ms,
+  max_gap_ms (longest wait for one reply), ops.
+"""
+import json, os, socket, sys, time
+
+host, ctl, max_secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+FAULT, STOP = os.path.join(ctl, "fault"), os.path.join(ctl, "stop")
+TIMEOUT = 8.0
+
+
+def connect(deadline):
+    while True:
+        try:
+            s = socket.create_connection((host, 11211), timeout=TIMEOUT)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return s, s.makefile("rb")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def cmd(s, f, line, payload=None):
+    data = line.encode() + b"\r\n"
+    if payload is not None:
+        data += payload + b"\r\n"
+    s.sendall(data)
+    r = f.readline()
+    if not r:
+        raise OSError("connection closed")
+    return r.strip()
+
+
+def multiget(s, f, keys):
+    s.sendall(b"get " + b" ".join(k.encode() for k in keys) + b"\r\n")
+    out = {}
+    while True:
+        line = f.readline()
+        if not line:
+            raise OSError("connection closed")
+        line = line.strip()
+        if line == b"END":
+            return out
+        parts = line.split()
+        if len(parts) < 4 or parts[0] != b"VALUE":
+            raise ValueError("bad get reply %r" % line)
+        out[parts[1].decode()] = f.read(int(parts[3]) + 2)[:-2]
+
+
+t0 = time.monotonic()
+s, f = connect(t0 + 15)
+acked, counter_last = {}, 0
+contradictions = errors = reconnects = ops = 0
+fault_t = first_after_fault = None
+max_gap = 0.0
+notes = []
+if cmd(s, f, "set counter 0 0 1", b"0") != b"STORED":
+    errors += 1
+i = 0
+while time.monotonic() - t0 < max_secs and not os.path.exists(STOP):
+    key, val = "k%d" % i, ("v%d-" % i).encode() * (1 + i % 20)
+    i += 1
+    try:
+        t = time.monotonic()
+        r = cmd(s, f, "set %s 0 0 %d" % (key, len(val)), val)
+        max_gap = max(max_gap, time.monotonic() - t)
+        if r == b"STORED":
+            acked[key] = val
+        else:
+            errors += 1
+            notes.append("set %s -> %r" % (key, r))
+        t = time.monotonic()
+        c = cmd(s, f, "incr counter 1")
+        max_gap = max(max_gap, time.monotonic() - t)
+        ops += 2
+        try:
+            cv = int(c)
+            if cv <= counter_last:
+                contradictions += 1
+                notes.append("counter went from %d to %d" % (counter_last, cv))
+            counter_last = cv
+        except ValueError:
+            errors += 1
+            notes.append("incr -> %r" % c)
+    except (OSError, ValueError) as e:
+        errors += 1
+        reconnects += 1
+        notes.append("connection failed at op %d: %s; reconnecting" % (ops, e))
+        try:
+            s.close()
+        except OSError:
+            pass
+        try:
+            s, f = connect(time.monotonic() + 15)
+        except OSError as e2:
+            notes.append("reconnect failed: %s" % e2)
+            break
+        continue
+    if fault_t is None and os.path.exists(FAULT):
+        try:
+            fault_t = float(open(FAULT).read().strip())
+        except (OSError, ValueError):
+            pass
+    if fault_t is not None and first_after_fault is None:
+        now = time.time()
+        if now > fault_t:
+            first_after_fault = (now - fault_t) * 1e3
+
+lost = 0
+keys = list(acked)
+try:
+    for j in range(0, len(keys), 40):
+        got = multiget(s, f, keys[j:j + 40])
+        for k in keys[j:j + 40]:
+            if got.get(k) != acked[k]:
+                lost += 1
+                if lost <= 5:
+                    notes.append("acknowledged %s=%r reads back %r" % (k, acked[k][:20], got.get(k, b"")[:20]))
+    final = multiget(s, f, ["counter"]).get("counter")
+    if final is None or int(final) < counter_last:
+        contradictions += 1
+        notes.append("counter reads back %r after %d was acknowledged" % (final, counter_last))
+except (OSError, ValueError) as e:
+    errors += 1
+    lost = len(keys)
+    notes.append("verification failed: %s" % e)
+print(json.dumps({"acknowledged_writes": len(acked), "lost": lost, "contradictions": contradictions,
+                  "errors": errors, "reconnects": reconnects, "ops": ops, "counter": counter_last,
+                  "first_reply_after_fault_ms": first_after_fault, "max_gap_ms": max_gap * 1e3,
+                  "notes": notes[:20]}), flush=True)
