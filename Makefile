@@ -28,15 +28,18 @@ lint:
 test: deps guest build
 	$(CARGO) test --release --workspace --no-fail-fast
 
-demo: guest
+demo: deps guest
 	$(CARGO) build --release -p understudy
 	testbed/scripts/demo.sh
 
+# Benchmarks drive the release binary: build it first.
 bench: guest
+	$(CARGO) build --release -p understudy
 	$(CARGO) bench --workspace
 
+# cargo-fuzz targets of every decoder (frames, pages, state, receiver); FUZZ_SECONDS each.
 fuzz:
-	@echo "fuzz targets: see replication-proto/fuzz"
+	replication-proto/fuzz/run.sh $(or $(FUZZ_SECONDS),60)
 
 clean:
 	$(CARGO) clean

@@ -128,3 +128,87 @@ impl Replica {
         Ok((self.mem.into_inner(), state, epoch))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication_proto::{
+        MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig, VmIdentity,
+    };
+    use std::time::Instant;
+
+    fn pump(s: &mut Sender, r: &mut Receiver, now: Instant) {
+        use replication_proto::Endpoint;
+        loop {
+            let mut moved = false;
+            while let Some(t) = s.poll_transmit(now) {
+                r.handle_input(now, t.as_slice());
+                moved = true;
+            }
+            while let Some(t) = r.poll_transmit(now) {
+                s.handle_input(now, t.as_slice());
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn checkpoints(r: &mut Receiver) -> Vec<Checkpoint> {
+        use replication_proto::Endpoint;
+        let mut out = Vec::new();
+        while let Some(ev) = r.poll_event() {
+            if let ReceiverEvent::Checkpoint(cp) = ev {
+                out.push(cp);
+            }
+        }
+        out
+    }
+
+    /// A checkpoint that does not apply (its deltas were encoded against other pages than the
+    /// replica holds) is refused whole: the replica keeps the previous committed epoch.
+    #[test]
+    fn a_checkpoint_that_does_not_apply_leaves_the_replica_unchanged() {
+        use replication_proto::Endpoint;
+        let layout = [(0u64, 64 * 4096u64)];
+        let ml = MemoryLayout::flat(4096, 64 * 4096);
+        let vm = VmIdentity { uuid: [1; 16], name: "t".into() };
+        let mut s = Sender::new(SenderConfig::new(Role::Primary, vm.clone(), ml.clone(), 1));
+        let mut r = Receiver::new(ReceiverConfig::new(Role::Backup, vm, ml, 2));
+        let mut replica = Replica::new(&layout).unwrap();
+        let now = Instant::now();
+        s.connect(now);
+        r.connect(now);
+        pump(&mut s, &mut r, now);
+        let state = {
+            let mut st = vmm::state::tests_support::sample_state();
+            st.memory = layout.to_vec();
+            st.encode().unwrap()
+        };
+        let mut page = vec![7u8; 4096];
+        s.submit_baseline(now, [(3u64, &page[..])], &state).unwrap();
+        pump(&mut s, &mut r, now);
+        for cp in checkpoints(&mut r) {
+            replica.commit(&cp).unwrap();
+            r.committed(now, cp.epoch()).unwrap();
+        }
+        pump(&mut s, &mut r, now);
+        assert_eq!(replica.consistent_epoch(), Some(1));
+        // Epoch 2 changes a few bytes of page 3: a delta against the copy last sent.
+        page[100] = 9;
+        s.submit(now, [(3u64, &page[..])], &state).unwrap();
+        pump(&mut s, &mut r, now);
+        let cps = checkpoints(&mut r);
+        assert_eq!(cps.len(), 1);
+        // The replica's page 3 is not what the sender encoded against (a torn earlier apply,
+        // a bit flip in memory): the digest check must refuse epoch 2 without writing.
+        replica.mem.page_mut(3).unwrap()[0] ^= 0xff;
+        let before = replica.digest();
+        let err = replica.commit(&cps[0]).unwrap_err();
+        assert!(err.to_string().contains("does not apply"), "{err}");
+        assert_eq!(replica.digest(), before, "a refused checkpoint changed the replica");
+        assert_eq!(replica.committed_epoch(), Some(1));
+        assert_eq!(replica.consistent_epoch(), Some(1));
+    }
+}

@@ -323,6 +323,11 @@ impl Runtime {
                     }
                 }
             }
+            Event::Fenced { vm, generation } if lock(&self.vm).is_none() => {
+                // A backup (re)joining under a node id that once held the VM: its old grant is
+                // superseded; there is no guest here to stop.
+                tracing::info!(vm = vm.0, generation, "arbitration: an old grant of this node is superseded");
+            }
             Event::Fenced { vm, generation } => {
                 tracing::error!(
                     vm = vm.0,

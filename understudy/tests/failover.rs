@@ -12,6 +12,8 @@ use common::*;
 struct Group {
     pair: Pair,
     witness: Proc,
+    ports: [u16; 3],
+    raft_dir: std::path::PathBuf,
 }
 
 fn arbiter_args(dir: &Path, id: u64, ports: [u16; 3]) -> Vec<String> {
@@ -55,8 +57,8 @@ fn start_group(cmdline: &str) -> Group {
     let p = arbiter_args(&d, 1, ports);
     let pextra: Vec<&str> = p.iter().map(String::as_str).collect();
     let pair = Pair::start_with(None, cmdline, "64M", &bargs, &pextra);
-    std::mem::forget(tmp);
-    Group { pair, witness }
+    let raft_dir = tmp.keep();
+    Group { pair, witness, ports, raft_dir }
 }
 
 #[test]
@@ -88,6 +90,67 @@ fn backup_promotes_only_when_granted_and_the_guest_goes_on() {
     );
     let s = Pair::status(&g.pair.b_sock);
     assert_eq!(s["origin"]["kind"], "promoted", "{s}");
+
+    // Re-protection: the old primary's host comes back as the backup (node 1, same raft
+    // state), and the promoted VM is protected to it. No failback.
+    let d = g.pair.dir.path().to_path_buf();
+    let ports = g.ports;
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b1_sock = d.join("b1.sock");
+    let mut args: Vec<String> = [
+        "backup",
+        "--listen",
+        &listen,
+        "--certs",
+        d.join("certs").to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--api",
+        b1_sock.to_str().unwrap(),
+        "--serial",
+        d.join("b1-serial.log").to_str().unwrap(),
+        "--detect-ms",
+        "150",
+        "--heartbeat-ms",
+        "10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(arbiter_args(&g.raft_dir, 1, ports));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut rejoined = Proc::spawn(&d, "rejoined-backup", &args);
+    wait_for(&b1_sock, Duration::from_secs(10), &mut rejoined, "rejoined backup api", |_| b1_sock.exists());
+    let certs = d.join("certs");
+    let (ok, out, err) = run(&[
+        "protect",
+        "--api",
+        g.pair.b_sock.to_str().unwrap(),
+        "--backup",
+        &listen,
+        "--certs",
+        certs.to_str().unwrap(),
+        "--backup-node",
+        "1",
+        "--detect-ms",
+        "150",
+        "--heartbeat-ms",
+        "10",
+    ]);
+    assert!(ok, "re-protect failed: {err}{out}");
+    let t0 = Instant::now();
+    loop {
+        let s = Pair::status(&g.pair.b_sock);
+        if s["protection"]["state"] == "protected" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "re-protection never reached protected: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sb = Pair::status(&b1_sock);
+    assert_eq!(sb["backup"]["state"], "consistent", "{sb}");
+    eprintln!("re-protected: the old primary's host is the backup of the promoted vm ({:?})", t0.elapsed());
     let _ = &mut g.witness;
 }
 

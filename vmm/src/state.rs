@@ -169,7 +169,17 @@ impl VmState {
     }
 }
 
-#[cfg(test)]
+/// A small valid `VmState` for other crates' tests (not a real VM's state).
+#[doc(hidden)]
+pub mod tests_support {
+    use super::*;
+
+    /// One vCPU with a recognisable rip, everything else default.
+    pub fn sample_state() -> VmState {
+        super::tests::sample()
+    }
+}
+
 pub(crate) mod tests {
     use super::*;
 
@@ -204,6 +214,7 @@ pub(crate) mod tests {
         }
     }
 
+    #[cfg(test)]
     #[test]
     fn round_trip() {
         let s = sample();
