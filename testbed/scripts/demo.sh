@@ -35,19 +35,21 @@ ip -n "$NS" link set tap0 up
 # retransmitted after Linux's minimum RTO (200 ms), which bounds the failover time it sees.
 in_ns() { exec ip netns exec "$NS" "$@"; }
 
-$B certs --out "$D/certs" --host primary --host backup >/dev/null
+$B certs --out "$D/certs" --host primary --host backup --host witness >/dev/null
 say "starting the witness (third voter of the arbitration group)"
-in_ns "$B" witness --data "$D/raft3" --listen 127.0.0.1:7503 --peer 1=127.0.0.1:7501 --peer 2=127.0.0.1:7502 \
+in_ns "$B" witness --data "$D/raft3" --listen 127.0.0.1:7503 --certs "$D/certs" \
+    --peer 1=primary@127.0.0.1:7501 --peer 2=backup@127.0.0.1:7502 \
     2> "$D/witness.log" & PIDS+=($!)
 say "starting the backup (replica of a 64 MiB VM; promotes itself only when the group grants it)"
 in_ns "$B" backup --listen 127.0.0.1:7400 --certs "$D/certs" --memory 64M --api "$D/backup.sock" \
     --tap tap0 --serial "$D/backup-serial.log" --detect-ms 100 --heartbeat-ms 10 \
-    --arbiter-id 2 --arbiter-listen 127.0.0.1:7502 --arbiter-peer 1=127.0.0.1:7501 --arbiter-peer 3=127.0.0.1:7503 \
+    --arbiter-id 2 --arbiter-listen 127.0.0.1:7502 --arbiter-peer 1=primary@127.0.0.1:7501 --arbiter-peer 3=witness@127.0.0.1:7503 \
     --arbiter-data "$D/raft2" 2> "$D/backup.log" & PIDS+=($!)
 say "booting the kv guest on the primary (it asks the group for activity)"
 in_ns "$B" run --kernel "$GUEST" --cmdline "workload=kv ip=10.99.0.2/24" --memory 64M --tap tap0 \
     --serial "$D/primary-serial.log" --api "$D/primary.sock" \
-    --arbiter-id 1 --arbiter-listen 127.0.0.1:7501 --arbiter-peer 2=127.0.0.1:7502 --arbiter-peer 3=127.0.0.1:7503 \
+    --arbiter-id 1 --arbiter-listen 127.0.0.1:7501 --arbiter-peer 2=backup@127.0.0.1:7502 --arbiter-peer 3=witness@127.0.0.1:7503 \
+    --arbiter-certs "$D/certs" --arbiter-name primary \
     --arbiter-data "$D/raft1" 2> "$D/primary.log" & PRIMARY=$!; PIDS+=($PRIMARY)
 for _ in $(seq 200); do [ -S "$D/primary.sock" ] && grep -q '^ready' "$D/primary-serial.log" 2>/dev/null && break; sleep 0.05; done
 grep -q '^ready' "$D/primary-serial.log" || { echo "demo: guest did not boot"; cat "$D/primary.log"; exit 1; }

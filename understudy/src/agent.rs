@@ -22,16 +22,65 @@ pub struct AgentArgs {
     /// UDP address the agent listens on.
     #[arg(long = "arbiter-listen", id = "arbiter_listen")]
     pub listen: Option<SocketAddr>,
-    /// The other voters, `ID=HOST:PORT` (repeat).
-    #[arg(long = "arbiter-peer", id = "arbiter_peer", value_parser = parse_peer)]
-    pub peers: Vec<(NodeId, SocketAddr)>,
+    /// The other voters (repeat): `ID=NAME@HOST:PORT` for QUIC with mutual TLS (NAME is the
+    /// peer's certificate name), or `ID=HOST:PORT` for plain UDP (unauthenticated: tests only).
+    #[arg(long = "arbiter-peer", id = "arbiter_peer")]
+    pub peers: Vec<String>,
+    /// Certificates for the QUIC arbitration link (ca.pem and this host's pair).
+    #[arg(long = "arbiter-certs", id = "arbiter_certs")]
+    pub certs: Option<PathBuf>,
+    /// This host's certificate name for the arbitration link.
+    #[arg(long = "arbiter-name", id = "arbiter_name")]
+    pub name: Option<String>,
     /// Directory of the persisted raft state (reuse it across restarts of this node).
     #[arg(long = "arbiter-data", id = "arbiter_data")]
     pub data: Option<PathBuf>,
 }
 
-fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
-    failover::net::parse_peer(s).map_err(|e| e.to_string())
+/// Peers of an arbitration link: all QUIC (`ID=NAME@HOST:PORT`) or all UDP (`ID=HOST:PORT`).
+pub enum Peers {
+    /// Authenticated: mutual TLS, sender identity from the certificate.
+    Quic(Vec<failover::net::PeerSpec>),
+    /// Plain UDP (tests).
+    Udp(Vec<(NodeId, SocketAddr)>),
+}
+
+/// Parses `--arbiter-peer`/`--peer` values.
+pub fn parse_peers(specs: &[String]) -> Result<Peers> {
+    if specs.iter().all(|s| s.contains('@')) {
+        Ok(Peers::Quic(
+            specs.iter().map(|s| failover::net::parse_quic_peer(s)).collect::<Result<Vec<_>, _>>()?,
+        ))
+    } else if specs.iter().all(|s| !s.contains('@')) {
+        Ok(Peers::Udp(specs.iter().map(|s| failover::net::parse_peer(s)).collect::<Result<Vec<_>, _>>()?))
+    } else {
+        anyhow::bail!("arbitration peers mix ID=NAME@HOST:PORT (QUIC) and ID=HOST:PORT (UDP): use one form")
+    }
+}
+
+/// Binds the arbitration link: QUIC with mutual TLS, or UDP.
+pub async fn bind_link(
+    id: NodeId,
+    listen: SocketAddr,
+    peers: &Peers,
+    certs: Option<&std::path::Path>,
+    name: Option<&str>,
+) -> Result<(Arc<dyn failover::net::PeerLink>, tokio::sync::mpsc::Receiver<failover::net::Inbound>)> {
+    match peers {
+        Peers::Quic(specs) => {
+            let certs = certs.context("QUIC arbitration peers need --arbiter-certs (or --certs)")?;
+            let name = name.context("QUIC arbitration peers need this host's certificate name")?;
+            let identity = transport::Identity::load(certs, name)
+                .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
+            let (link, inbox) = failover::net::QuicLink::bind(id, listen, &identity, specs).await?;
+            Ok((link, inbox))
+        }
+        Peers::Udp(p) => {
+            tracing::warn!("arbitration over plain UDP: peers are not authenticated (use ID=NAME@HOST:PORT)");
+            let (link, inbox) = UdpLink::bind(id, listen, p).await?;
+            Ok((link, inbox))
+        }
+    }
 }
 
 impl AgentArgs {
@@ -68,7 +117,12 @@ impl Agent {
         if args.peers.len() != 2 {
             anyhow::bail!("arbitration needs exactly two --arbiter-peer (the other agent and the witness)");
         }
-        let mut voters: Vec<NodeId> = args.peers.iter().map(|p| p.0).chain([id]).collect();
+        let peers = parse_peers(&args.peers)?;
+        let ids: Vec<NodeId> = match &peers {
+            Peers::Quic(p) => p.iter().map(|p| p.id).collect(),
+            Peers::Udp(p) => p.iter().map(|p| p.0).collect(),
+        };
+        let mut voters: Vec<NodeId> = ids.iter().copied().chain([id]).collect();
         voters.sort_unstable();
         voters.dedup();
         let mut config = ArbiterConfig::new(id, &voters);
@@ -77,14 +131,15 @@ impl Agent {
         std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
         let arbiter = Arbiter::open_dir(config, &data, Instant::now())
             .with_context(|| format!("open raft state in {}", data.display()))?;
-        let peers = args.peers.clone();
-        let (link, inbox) = rt.block_on(UdpLink::bind(id, listen, &peers)).context("bind the arbitration link")?;
+        let (link, inbox) = rt
+            .block_on(bind_link(id, listen, &peers, args.certs.as_deref(), args.name.as_deref()))
+            .context("bind the arbitration link")?;
         let (handle, events, _task) = {
             let _g = rt.enter();
             failover::net::spawn_arbiter(arbiter, link, inbox)
         };
         let vm = vm_id(vm_name);
-        tracing::info!(node = id, %listen, ?peers, vm = vm.0, "arbitration agent running");
+        tracing::info!(node = id, %listen, peers = ?args.peers, vm = vm.0, "arbitration agent running");
         Ok(Arc::new(Self { handle, vm, id, permit: Arc::new(Mutex::new(None)), events: Mutex::new(Some(events)) }))
     }
 

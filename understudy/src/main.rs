@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod metrics;
 mod protect;
 mod runtime;
 
@@ -53,6 +54,9 @@ enum Command {
         /// The VM's name (the arbitration group and the backup know it by this name).
         #[arg(long, default_value = "vm")]
         vm: String,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9400).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         agent: agent::AgentArgs,
     },
@@ -193,6 +197,9 @@ enum Command {
         /// (one host, the demo) until arbitration is configured.
         #[arg(long)]
         auto_promote: bool,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9401).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         agent: agent::AgentArgs,
     },
@@ -207,9 +214,16 @@ enum Command {
         /// UDP address to listen on.
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// The two agents, `ID=HOST:PORT` (repeat).
-        #[arg(long = "peer", value_parser = parse_peer_arg)]
-        peers: Vec<(u64, std::net::SocketAddr)>,
+        /// The two agents (repeat): `ID=NAME@HOST:PORT` for QUIC with mutual TLS, or
+        /// `ID=HOST:PORT` for plain UDP (unauthenticated: tests only).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+        /// Certificates (ca.pem and this host's pair) for the QUIC link.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// This host's certificate name.
+        #[arg(long, default_value = "witness")]
+        name: String,
     },
     /// Turn a backup's replica into the running VM (by hand).
     Promote {
@@ -238,10 +252,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional K/M/G suffix"))?;
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-fn parse_peer_arg(s: &str) -> Result<(u64, std::net::SocketAddr), String> {
-    failover::net::parse_peer(s).map_err(|e| e.to_string())
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -279,7 +289,7 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     match cli.command {
-        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, agent } => {
+        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, agent } => {
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
             }
@@ -293,6 +303,9 @@ fn real_main(cli: Cli) -> Result<()> {
             })
             .context("boot vm")?;
             let rt = Runtime::new(vm_, Origin::Booted { kernel }, memory)?;
+            if let Some(addr) = metrics {
+                rt.serve_metrics(addr)?;
+            }
             if agent.enabled() {
                 rt.start_primary_agent(&agent, &vm)?;
             }
@@ -406,6 +419,7 @@ fn real_main(cli: Cli) -> Result<()> {
             heartbeat_ms,
             detect_ms,
             auto_promote,
+            metrics,
             agent,
         } => {
             let identity = transport::Identity::load(&certs, &name)
@@ -420,28 +434,51 @@ fn real_main(cli: Cli) -> Result<()> {
                 timing: protect::timing(heartbeat_ms, detect_ms),
                 on_primary_lost: None,
             };
+            let mut agent = agent;
+            if agent.certs.is_none() {
+                agent.certs = Some(certs.clone());
+            }
+            if agent.name.is_none() {
+                agent.name = Some(name.clone());
+            }
             let rt = Runtime::new_backup(cfg, tap, serial, memory, auto_promote)?;
+            if let Some(addr) = metrics {
+                rt.serve_metrics(addr)?;
+            }
             if agent.enabled() {
                 rt.start_backup_agent(&agent, &vm)?;
             }
             rt.run_until_exit(api.as_deref())
         }
-        Command::Witness { id, data, listen, peers } => {
+        Command::Witness { id, data, listen, peers, certs, name } => {
             if peers.len() != 2 {
-                bail!("a witness needs the two agents as --peer ID=HOST:PORT");
+                bail!("a witness needs the two agents as --peer ID=NAME@HOST:PORT (or ID=HOST:PORT)");
             }
+            let peers = agent::parse_peers(&peers)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
-            let cfg = failover::net::WitnessConfig::new(id, data, listen, peers);
             std::thread::spawn(|| {
                 let sig = runtime::wait_for_termination_signal();
                 tracing::info!("witness stopping: signal {sig}");
                 std::process::exit(0);
             });
-            rt.block_on(failover::net::run_witness(cfg)).context("witness")
+            match peers {
+                agent::Peers::Udp(p) => {
+                    tracing::warn!("witness over plain UDP: peers are not authenticated");
+                    let cfg = failover::net::WitnessConfig::new(id, data, listen, p);
+                    rt.block_on(failover::net::run_witness(cfg)).context("witness")
+                }
+                agent::Peers::Quic(p) => {
+                    let certs = certs.context("a QUIC witness needs --certs")?;
+                    let identity = transport::Identity::load(&certs, &name)
+                        .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
+                    let cfg = failover::net::WitnessQuicConfig::new(id, data, listen, identity, p);
+                    rt.block_on(failover::net::run_witness_quic(cfg)).context("witness")
+                }
+            }
         }
         Command::Certs { out, hosts } => {
             let specs: Vec<transport::certs::HostSpec> =

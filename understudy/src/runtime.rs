@@ -247,6 +247,17 @@ impl Runtime {
         Ok(rt)
     }
 
+    /// Serves Prometheus metrics built from the status report.
+    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        crate::metrics::serve(
+            addr,
+            Arc::new(move || {
+                weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)
+            }),
+        )
+    }
+
     /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
     /// for the grant, keep the lease, obey fencing.
     pub fn start_primary_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
