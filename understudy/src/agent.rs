@@ -48,9 +48,7 @@ pub enum Peers {
 /// Parses `--arbiter-peer`/`--peer` values.
 pub fn parse_peers(specs: &[String]) -> Result<Peers> {
     if specs.iter().all(|s| s.contains('@')) {
-        Ok(Peers::Quic(
-            specs.iter().map(|s| failover::net::parse_quic_peer(s)).collect::<Result<Vec<_>, _>>()?,
-        ))
+        Ok(Peers::Quic(specs.iter().map(|s| failover::net::parse_quic_peer(s)).collect::<Result<Vec<_>, _>>()?))
     } else if specs.iter().all(|s| !s.contains('@')) {
         Ok(Peers::Udp(specs.iter().map(|s| failover::net::parse_peer(s)).collect::<Result<Vec<_>, _>>()?))
     } else {

@@ -32,7 +32,9 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut String) {
             }
         }
         serde_json::Value::Bool(b) => out.push_str(&format!("# TYPE {prefix} gauge\n{prefix} {}\n", u8::from(*b))),
-        serde_json::Value::String(s) if prefix.ends_with("_state") || prefix.ends_with("_kind") || prefix.ends_with("_role") => {
+        serde_json::Value::String(s)
+            if prefix.ends_with("_state") || prefix.ends_with("_kind") || prefix.ends_with("_role") =>
+        {
             out.push_str(&format!("# TYPE {prefix} gauge\n{prefix}{{value=\"{}\"}} 1\n", s.replace('"', "'")));
         }
         _ => {}

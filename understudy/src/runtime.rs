@@ -252,9 +252,7 @@ impl Runtime {
         let weak = Arc::downgrade(self);
         crate::metrics::serve(
             addr,
-            Arc::new(move || {
-                weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)
-            }),
+            Arc::new(move || weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)),
         )
     }
 

@@ -16,6 +16,9 @@ struct Group {
     raft_dir: std::path::PathBuf,
 }
 
+const NAMES: [&str; 3] = ["primary", "backup", "witness"];
+
+/// Arbitration flags for node `id` (QUIC with mutual TLS: peers named by certificate).
 fn arbiter_args(dir: &Path, id: u64, ports: [u16; 3]) -> Vec<String> {
     let mut v = vec![
         "--arbiter-id".to_string(),
@@ -28,7 +31,7 @@ fn arbiter_args(dir: &Path, id: u64, ports: [u16; 3]) -> Vec<String> {
     for peer in 1..=3u64 {
         if peer != id {
             v.push("--arbiter-peer".into());
-            v.push(format!("{peer}=127.0.0.1:{}", ports[peer as usize - 1]));
+            v.push(format!("{peer}={}@127.0.0.1:{}", NAMES[peer as usize - 1], ports[peer as usize - 1]));
         }
     }
     v
@@ -38,23 +41,41 @@ fn start_group(cmdline: &str) -> Group {
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_path_buf();
+    let certs = d.join("certs");
+    let (ok, _, err) =
+        run(&["certs", "--out", certs.to_str().unwrap(), "--host", "primary", "--host", "backup", "--host", "witness"]);
+    assert!(ok, "certs: {err}");
     let wargs: Vec<String> = vec![
         "witness".into(),
         "--data".into(),
         d.join("raft3").to_string_lossy().into_owned(),
         "--listen".into(),
         format!("127.0.0.1:{}", ports[2]),
+        "--certs".into(),
+        certs.to_string_lossy().into_owned(),
         "--peer".into(),
-        format!("1=127.0.0.1:{}", ports[0]),
+        format!("1=primary@127.0.0.1:{}", ports[0]),
         "--peer".into(),
-        format!("2=127.0.0.1:{}", ports[1]),
+        format!("2=backup@127.0.0.1:{}", ports[1]),
     ];
     let wargs: Vec<&str> = wargs.iter().map(String::as_str).collect();
     let witness = Proc::spawn(&d, "witness", &wargs);
-    let b = arbiter_args(&d, 2, ports);
+    let mut b = arbiter_args(&d, 2, ports);
+    b.extend([
+        "--arbiter-certs".to_string(),
+        certs.to_string_lossy().into_owned(),
+        "--arbiter-name".into(),
+        "backup".into(),
+    ]);
     let mut bargs: Vec<&str> = b.iter().map(String::as_str).collect();
     bargs.extend(["--detect-ms", "150", "--heartbeat-ms", "10"]);
-    let p = arbiter_args(&d, 1, ports);
+    let mut p = arbiter_args(&d, 1, ports);
+    p.extend([
+        "--arbiter-certs".to_string(),
+        certs.to_string_lossy().into_owned(),
+        "--arbiter-name".into(),
+        "primary".into(),
+    ]);
     let pextra: Vec<&str> = p.iter().map(String::as_str).collect();
     let pair = Pair::start_with(None, cmdline, "64M", &bargs, &pextra);
     let raft_dir = tmp.keep();
@@ -119,6 +140,12 @@ fn backup_promotes_only_when_granted_and_the_guest_goes_on() {
     .map(|s| s.to_string())
     .collect();
     args.extend(arbiter_args(&g.raft_dir, 1, ports));
+    args.extend([
+        "--arbiter-certs".to_string(),
+        g.raft_dir.join("certs").to_string_lossy().into_owned(),
+        "--arbiter-name".into(),
+        "primary".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut rejoined = Proc::spawn(&d, "rejoined-backup", &args);
     wait_for(&b1_sock, Duration::from_secs(10), &mut rejoined, "rejoined backup api", |_| b1_sock.exists());

@@ -269,7 +269,17 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         let certs = d.join("certs");
-        let (ok, _, err) = run(&["certs", "--out", certs.to_str().unwrap(), "--host", "primary", "--host", "backup"]);
+        let (ok, _, err) = run(&[
+            "certs",
+            "--out",
+            certs.to_str().unwrap(),
+            "--host",
+            "primary",
+            "--host",
+            "backup",
+            "--host",
+            "witness",
+        ]);
         assert!(ok, "certs: {err}");
         let port = free_udp_port();
         let listen = format!("127.0.0.1:{port}");
