@@ -278,6 +278,7 @@ impl Engine {
         let mut phase = Phase::Sync { round: 0 };
         self.stats.set_state(ProtectionState::Syncing, "protection started");
         let mut link_down_since: Option<Instant> = None;
+        let mut failures = 0u32;
         while !self.stopping() {
             // Link health: degrade when the backup has been unreachable too long.
             if self.link.up.load(Ordering::SeqCst) {
@@ -318,7 +319,19 @@ impl Engine {
             phase = match phase {
                 Phase::Sync { round } => self.sync_round(round)?,
                 Phase::Protected => {
-                    self.checkpoint()?;
+                    match self.checkpoint() {
+                        Ok(()) => failures = 0,
+                        Err(EngineError::LinkClosed) => return Err(EngineError::LinkClosed),
+                        Err(e) => {
+                            // A failed pause leaves the guest running (the VM rolls back):
+                            // try again next epoch, give up only if it keeps failing.
+                            failures += 1;
+                            tracing::error!(failures, "checkpoint failed: {e}");
+                            if failures >= 20 {
+                                return Err(e);
+                            }
+                        }
+                    }
                     Phase::Protected
                 }
                 Phase::Degraded => Phase::Degraded,

@@ -180,7 +180,12 @@ impl Vcpus {
                 kick::kick_thread(t.as_pthread_t());
             }
         }
-        self.wait_parked(Duration::from_secs(2))
+        let r = self.wait_parked(Duration::from_secs(5));
+        if r.is_err() {
+            // Do not leave the guest half paused: the caller sees the error, the guest runs on.
+            self.resume();
+        }
+        r
     }
 
     /// Lets parked vCPUs run again.
