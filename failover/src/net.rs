@@ -11,11 +11,12 @@
 //!
 //! [`UdpLink`] implements both over UDP (for loopback tests and the first deployments: it checks
 //! that a datagram's claimed sender matches the configured address, which is no authentication
-//! at all). The QUIC transport plugs in by implementing [`PeerLink`] on its connections (one
-//! datagram or one unidirectional stream per message; messages are at most
-//! [`ArbiterConfig::max_msg_bytes`] plus a few hundred bytes, snapshots a little more) and by
-//! pushing what it receives into the inbox with the node id taken from the peer's certificate
-//! after mutual TLS. The arbiter refuses a message whose raft `from` differs from that id.
+//! at all). [`quic::QuicLink`] implements both over QUIC with mutual TLS (`transport`): one
+//! datagram per message when it fits, else one frame on the control stream (messages are at
+//! most [`ArbiterConfig::max_msg_bytes`] plus a few hundred bytes, snapshots a little more), and
+//! every message it receives is pushed into the inbox with the node id mapped from the peer's
+//! verified certificate name. The arbiter refuses a message whose raft `from` differs from that
+//! id. [`run_witness`] serves a group over UDP, [`quic::run_witness_quic`] over QUIC.
 //!
 //! # Blocking
 //!

@@ -17,6 +17,7 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tracing_subscriber::fmt::MakeWriter;
 use transport::certs::{Authority, HostSpec, Identity, Validity};
+use transport::{Endpoint, ProtocolVersions, Tuning};
 
 const VM: VmId = VmId(7);
 const NAMES: [&str; 3] = ["primary", "backup", "witness"];
@@ -45,7 +46,10 @@ fn foreign_identity(issuer: &Authority, trusted: &Authority, host: &str) -> Iden
 
 /// Nodes 1..=3 named primary, backup, witness at `addrs`, except `me`.
 fn peers(addrs: &[SocketAddr; 3], me: u64) -> Vec<PeerSpec> {
-    (1..=3u64).filter(|id| *id != me).map(|id| PeerSpec::new(id, NAMES[id as usize - 1], addrs[id as usize - 1])).collect()
+    (1..=3u64)
+        .filter(|id| *id != me)
+        .map(|id| PeerSpec::new(id, NAMES[id as usize - 1], addrs[id as usize - 1]))
+        .collect()
 }
 
 /// Captures this thread's log lines (every task of a current-thread runtime runs on it).
@@ -75,7 +79,8 @@ impl Logs {
         let subscriber = tracing_subscriber::fmt()
             .with_writer(logs.clone())
             .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
+            // Refusals beyond the first ten in ten seconds are logged at debug.
+            .with_env_filter("info,failover::net::quic=debug")
             .finish();
         (logs.clone(), tracing::subscriber::set_default(subscriber))
     }
@@ -271,9 +276,18 @@ async fn strangers_are_refused_and_never_heard() {
     // Each stranger was refused by both nodes it dialled (and again after each backoff).
     assert!(l2.refused() >= 2 && l3.refused() >= 2, "refusals: {} {}", l2.refused(), l3.refused());
     assert_eq!(l1.refused(), 0);
+
+    // A replication endpoint (protocol understudy/1) with a good certificate knocks on the raft
+    // port: the ALPN versions do not match, and both sides say so.
+    let replication =
+        Endpoint::bind(free_addr(), &identity(&ca, "primary"), ProtocolVersions::new(1), Tuning::default()).unwrap();
+    let refused = l3.refused();
+    let error = tokio::time::timeout(LIMIT, replication.connect(addrs[2], "witness")).await.unwrap().unwrap_err();
+    assert!(error.to_string().contains("speaks none of our protocols (we offered understudy/1)"), "{error}");
+    assert!(eventually(|| l3.refused() > refused).await);
     let logs = logs.text();
-    println!("{logs}");
-    assert!(logs.contains("certificate name \"mallory\" is not in the peer list"), "{logs}");
+    assert!(logs.contains("offered protocol understudy/1, we speak understudy/1001"), "{logs}");
+    assert!(logs.contains("(\"mallory\"): certificate name \"mallory\" is not in the peer list"), "{logs}");
     assert!(logs.contains("certificate \"primary\" is not signed by our ca"), "{logs}");
 }
 
@@ -281,7 +295,8 @@ async fn strangers_are_refused_and_never_heard() {
 async fn a_peer_speaks_only_as_itself() {
     let ca = new_ca();
     let addrs = [free_addr(), free_addr(), free_addr()];
-    let only = |me: u64, other: u64| -> Vec<PeerSpec> { peers(&addrs, me).into_iter().filter(|p| p.id == other).collect() };
+    let only =
+        |me: u64, other: u64| -> Vec<PeerSpec> { peers(&addrs, me).into_iter().filter(|p| p.id == other).collect() };
     let (l1, mut inbox1) = QuicLink::bind(1, addrs[0], &identity(&ca, "primary"), &only(1, 3)).await.unwrap();
     let (l3, mut inbox3) = QuicLink::bind(3, addrs[2], &identity(&ca, "witness"), &only(3, 1)).await.unwrap();
     assert!(eventually(|| l1.connected().len() == 1 && l3.connected().len() == 1).await);
@@ -297,9 +312,10 @@ async fn a_peer_speaks_only_as_itself() {
     assert_eq!(inbound.from, 1, "the sender is the certificate's node, whatever the payload says");
     let disk = MemDisk::new();
     let mut witness = Arbiter::open_mem(ArbiterConfig::new(3, &[1, 2, 3]), &disk, Instant::now()).unwrap();
+    let term = witness.term();
     let refused = witness.step(Instant::now(), inbound.from, &inbound.bytes).unwrap_err();
     assert!(matches!(refused, ArbiterError::Spoofed { from: 1, claimed: 2 }), "{refused}");
-    assert_eq!(witness.term(), 0);
+    assert_eq!(witness.term(), term, "the forged heartbeat of term 9 was ignored");
 
     // Small messages go as datagrams, large ones as frames; both say who sent them.
     let large: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
@@ -355,7 +371,8 @@ async fn exchange(from: &QuicLink, to: u64, inbox: &mut mpsc::Receiver<Inbound>)
 async fn links_reconnect_after_a_peer_restarts() {
     let ca = new_ca();
     let addrs = [free_addr(), free_addr(), free_addr()];
-    let only = |me: u64, other: u64| -> Vec<PeerSpec> { peers(&addrs, me).into_iter().filter(|p| p.id == other).collect() };
+    let only =
+        |me: u64, other: u64| -> Vec<PeerSpec> { peers(&addrs, me).into_iter().filter(|p| p.id == other).collect() };
     let (primary, witness) = (identity(&ca, "primary"), identity(&ca, "witness"));
     let (l1, mut inbox1) = QuicLink::bind(1, addrs[0], &primary, &only(1, 3)).await.unwrap();
     let (l3, mut inbox3) = QuicLink::bind(3, addrs[2], &witness, &only(3, 1)).await.unwrap();

@@ -346,6 +346,35 @@ fn all_process_cpu() -> BTreeMap<u32, (String, f64)> {
     m
 }
 
+/// Busy CPU time of the whole machine so far, in ms (all cores; from /proc/stat).
+fn machine_busy_ms() -> f64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(l) = s.lines().find(|l| l.starts_with("cpu ")) else { return f64::NAN };
+    let v: Vec<f64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return f64::NAN;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is already in user)
+    let busy: f64 = v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+    busy * 10.0
+}
+
+/// CPU time of this process and its reaped children, ms.
+fn own_cpu_ms() -> f64 {
+    let mut t = 0.0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(who, &mut ru);
+            ru
+        };
+        let tv = |x: libc::timeval| x.tv_sec as f64 * 1e3 + x.tv_usec as f64 / 1e3;
+        t += tv(ru.ru_utime) + tv(ru.ru_stime);
+    }
+    t
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -398,12 +427,17 @@ struct Throughput {
 }
 
 /// Watches the dirty guest's progress lines for `window`; returns pages written per second of
-/// host time between the first and last line seen in the window.
+/// host time between the first and last line seen. A CPU-bound guest prints only between its
+/// catch-up bursts, so the window is stretched (by up to 10 s) until two lines at least a second
+/// apart were seen.
 fn dirty_window(tail: &mut SerialTail, window: Duration) -> Result<Throughput> {
     let _ = tail.poll();
     let mut pts: Vec<(Instant, u64, u64)> = Vec::new();
-    let end = Instant::now() + window;
-    while Instant::now() < end {
+    let t0 = Instant::now();
+    let spans = |pts: &Vec<(Instant, u64, u64)>| {
+        pts.len() >= 2 && pts[pts.len() - 1].0.duration_since(pts[0].0) >= Duration::from_secs(1)
+    };
+    while t0.elapsed() < window || (!spans(&pts) && t0.elapsed() < window + Duration::from_secs(10)) {
         for (t, l) in tail.poll() {
             if l.starts_with("guest ") {
                 bail!("guest failed: {l}");
@@ -597,6 +631,7 @@ struct Snap {
     lo: u64,
     primary_cpu: BTreeMap<String, u64>,
     backup_cpu: u64,
+    machine_busy_ms: f64,
 }
 
 impl Snap {
@@ -607,6 +642,7 @@ impl Snap {
             lo: rig.ns.lo_tx_bytes()?,
             primary_cpu: thread_cpu(rig.primary.pid()),
             backup_cpu: cpu_total(&thread_cpu(rig.backup.pid())),
+            machine_busy_ms: machine_busy_ms(),
         })
     }
 
@@ -644,6 +680,10 @@ fn protected_window(a: &Snap, b: &Snap) -> Value {
             "primary_io": cpu_ms_per_s(&a.primary_cpu, &b.primary_cpu, Some("io"), secs),
             "primary_total": cpu_ms_per_s(&a.primary_cpu, &b.primary_cpu, None, secs),
             "backup_total": b.backup_cpu.saturating_sub(a.backup_cpu) as f64 / 1e6 / secs,
+            // Everything else the machine ran meanwhile (clients, this bench, other users).
+            "rest_of_machine": (b.machine_busy_ms - a.machine_busy_ms) / secs
+                - cpu_ms_per_s(&a.primary_cpu, &b.primary_cpu, None, secs)
+                - b.backup_cpu.saturating_sub(a.backup_cpu) as f64 / 1e6 / secs,
         },
         "state": b.st["protection"]["state"],
     })
@@ -741,18 +781,18 @@ fn pause_table(results: &[(usize, Vec<Value>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| point (pages @ epoch) | rate pages/s | epochs/s | dirty pages/epoch | pause p50 µs | pause p99 µs | p99 per run | ack p50 / p99 ms | guest pages/s vs target |"
+        "| point (pages @ epoch) | rate pages/s | epochs/s | dirty pages/epoch | pause p50 µs | pause p99 µs | p99 per run | ack p50 / p99 ms | guest pages/s vs target | rest of machine, cores |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for (i, runs) in results {
         let p = &PAUSE_POINTS[*i];
         if runs.is_empty() {
-            let _ = writeln!(s, "| {} | {} | all runs failed | | | | | | |", p.label, p.rate);
+            let _ = writeln!(s, "| {} | {} | all runs failed | | | | | | | |", p.label, p.rate);
             continue;
         }
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {}% | {} |",
             p.label,
             p.rate,
             f(med(runs, "protected/epochs_per_s"), 1),
@@ -763,6 +803,7 @@ fn pause_table(results: &[(usize, Vec<Value>)]) -> String {
             f(med(runs, "protected/ack_us_p50") / 1e3, 1),
             f(med(runs, "protected/ack_us_p99") / 1e3, 1),
             f(100.0 * median(runs.iter().map(|r| at(r, "protected/guest_pages_per_s") / at(r, "rate")).collect()), 0),
+            f(med(runs, "protected/cpu_ms_per_s/rest_of_machine") / 1e3, 2),
         );
     }
     s
@@ -804,15 +845,18 @@ fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: 
     let window = cfg.window.max(var.min_window);
     let unprot_window = |tail: &mut SerialTail| -> Result<Value> {
         let c0 = thread_cpu(pid);
+        let m0 = machine_busy_ms();
         let t0 = Instant::now();
         let th = dirty_window(tail, window)?;
         let secs = t0.elapsed().as_secs_f64();
         let c1 = thread_cpu(pid);
+        let m1 = machine_busy_ms();
         Ok(json!({
             "pages_per_s": th.pages_per_s,
             "errors": th.errors,
             "vcpu_ms_per_s": cpu_ms_per_s(&c0, &c1, Some("vcpu"), secs),
             "primary_ms_per_s": cpu_ms_per_s(&c0, &c1, None, secs),
+            "rest_of_machine_ms_per_s": (m1 - m0) / secs - cpu_ms_per_s(&c0, &c1, None, secs),
         }))
     };
     let u1 = unprot_window(&mut tail)?;
@@ -847,17 +891,25 @@ fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: 
         "vcpu_extra_us_per_dirtied_page": (vcpu_prot - base_vcpu) * 1e3 / dirty_per_s,
         "vcpu_ns_per_page_unprotected": base_vcpu * 1e6 / base,
         "vcpu_ns_per_page_protected": vcpu_prot * 1e6 / prot,
+        // Slowdown per second of vCPU time: what the guest loses to faults and pauses alone,
+        // apart from getting less CPU (the replication threads compete for the two cores).
+        "slowdown_per_vcpu_s_pct": 100.0 * (1.0 - (prot / vcpu_prot) / (base / base_vcpu)),
     }))
 }
 
 fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{}:\n", DIRTY_VARIANTS[v].label);
+    let last = if v == 0 {
+        "extra vCPU µs per dirtied page"
+    } else {
+        "slowdown per vCPU-second % | rest of machine, cores (prot)"
+    };
     let _ = writeln!(
         s,
-        "| epoch ms (set) | epochs/s | dirty pages/epoch | unprotected pages/s | protected pages/s | slowdown % (per run) | floor % (pages/s × 4 µs) | pause share % | vCPU ms/s unprot → prot | extra vCPU µs per dirtied page |"
+        "| epoch ms (set) | epochs/s | dirty pages/epoch | unprotected pages/s | protected pages/s | slowdown % (per run) | floor % (pages/s × 4 µs) | pause share % | vCPU ms/s unprot → prot | {last} |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|{}", if v == 0 { "" } else { "---|" });
     for (e, runs) in results {
         if runs.is_empty() {
             let _ = writeln!(s, "| {e} | all runs failed | | | | | | | | |");
@@ -871,9 +923,19 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
             .iter()
             .map(|r| (at(r, "unprotected/vcpu_ms_per_s") + at(r, "unprotected_after/vcpu_ms_per_s")) / 2.0)
             .collect();
+        let tail = if v == 0 {
+            f(med(runs, "vcpu_extra_us_per_dirtied_page"), 2)
+        } else {
+            format!(
+                "{} ({}) | {}",
+                f(med(runs, "slowdown_per_vcpu_s_pct"), 1),
+                list(runs, "slowdown_per_vcpu_s_pct", 1),
+                f(med(runs, "protected/cpu_ms_per_s/rest_of_machine") / 1e3, 2)
+            )
+        };
         let _ = writeln!(
             s,
-            "| {e} | {} | {} | {} | {} | **{}** ({}) | {} | {} | {} → {} | {} |",
+            "| {e} | {} | {} | {} | {} | **{}** ({}) | {} | {} | {} → {} | {tail} |",
             f(med(runs, "protected/epochs_per_s"), 1),
             f(med(runs, "protected/dirty_pages_per_epoch_mean"), 0),
             f(median(base), 0),
@@ -884,7 +946,6 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
             f(med(runs, "pause_share_pct"), 1),
             f(median(base_vcpu), 0),
             f(med(runs, "protected/cpu_ms_per_s/vcpu"), 0),
-            f(med(runs, "vcpu_extra_us_per_dirtied_page"), 2),
         );
     }
     s
@@ -1068,12 +1129,20 @@ fn bytes_rows(s: &mut String, label: &str, runs: &[Value]) {
     }
     let _ = writeln!(
         s,
-        "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         f(med(runs, "protected/epochs_per_s"), 1),
         f(med(runs, "protected/dirty_pages_per_epoch_mean"), 0),
         f(med(runs, "protected/status_wire_bytes_per_epoch_mean") / 1e3, 1),
         f(med(runs, "protected/status_bytes_sent_per_epoch") / 1e3, 1),
         f(med(runs, "protected/udp_lo_bytes_per_epoch") / 1e3, 1),
+        f(
+            median(
+                runs.iter()
+                    .map(|r| at(r, "protected/udp_lo_bytes_per_epoch") / at(r, "protected/status_bytes_sent_per_epoch"))
+                    .collect()
+            ),
+            2
+        ),
         f(med(runs, "protected/udp_lo_mb_per_s"), 1),
         f(med(runs, "protected/cpu_ms_per_s/primary_total") - med(runs, "protected/cpu_ms_per_s/vcpu"), 0),
         f(med(runs, "protected/cpu_ms_per_s/backup_total"), 0),
@@ -1083,9 +1152,9 @@ fn bytes_rows(s: &mut String, label: &str, runs: &[Value]) {
 fn bytes_header(s: &mut String) {
     let _ = writeln!(
         s,
-        "| workload, epoch | epochs/s | dirty pages/epoch | status `wire_bytes_per_epoch_mean` KB | Δ`bytes_sent`/Δepochs KB | UDP on lo KB/epoch | UDP MB/s | primary CPU ms/s (not vCPU) | backup CPU ms/s |"
+        "| workload, epoch | epochs/s | dirty pages/epoch | status `wire_bytes_per_epoch_mean` KB | Δ`bytes_sent`/Δepochs KB | UDP on lo KB/epoch | UDP ÷ `bytes_sent` | UDP MB/s | primary CPU ms/s (not vCPU) | backup CPU ms/s |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1181,6 +1250,8 @@ fn main() -> Result<()> {
     ensure!(out.status.success(), "certs: {}", text(&out.stderr));
 
     let started = Instant::now();
+    let busy0 = machine_busy_ms();
+    let own0 = own_cpu_ms();
     let bin_mtime = || {
         std::fs::metadata(&cfg.bin)
             .and_then(|m| m.modified())
@@ -1206,7 +1277,12 @@ fn main() -> Result<()> {
 
     let mut pause_results = Vec::new();
     if cfg.wants("pause") {
-        let keys: Vec<usize> = (0..PAUSE_POINTS.len()).collect();
+        let pick: String = env_or("BENCH_POINTS", String::new());
+        let keys: Vec<usize> = if pick.is_empty() {
+            (0..PAUSE_POINTS.len()).collect()
+        } else {
+            pick.split(',').filter_map(|x| x.trim().parse().ok()).filter(|i| *i < PAUSE_POINTS.len()).collect()
+        };
         pause_results = run_all(
             "pause",
             &keys,
@@ -1223,14 +1299,14 @@ fn main() -> Result<()> {
     let mut dirty_results: Vec<Vec<(u64, Vec<Value>)>> = Vec::new();
     if cfg.wants("dirty") {
         let _ = writeln!(report, "\n### 2. Slowdown of the dirty guest, protected vs unprotected\n");
-        for v in 0..DIRTY_VARIANTS.len() {
+        for (v, var) in DIRTY_VARIANTS.iter().enumerate() {
             let r = run_all(
                 "dirty",
                 &cfg.epochs_ms,
                 cfg.runs,
                 |e, run| dirty_run(&cfg, &top.path, &certs, v, *e, run),
                 &mut failures,
-                |e| format!("{} epoch {e} ms", DIRTY_VARIANTS[v].label),
+                |e| format!("{} epoch {e} ms", var.label),
             );
             report.push_str(&dirty_table(v, &r));
             report.push('\n');
@@ -1295,6 +1371,12 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         secs,
         loadavg()
+    );
+    let others_cores = ((machine_busy_ms() - busy0) - (own_cpu_ms() - own0)) / 1e3 / secs;
+    let _ = writeln!(
+        report,
+        "CPU used by processes other than this bench and its children (other users of the machine): {:.2} cores on average",
+        others_cores
     );
     if bin_mtime() != bin_before {
         let _ = writeln!(

@@ -12,5 +12,6 @@
 //! ```
 
 pub mod env;
+pub mod faults;
 pub mod lines;
 pub mod qemu;

@@ -57,6 +57,13 @@ const INBOX: usize = 1024;
 const FRAME_QUEUE: usize = 64;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection that lasted this long resets the backoff; one refused or lost sooner does not,
+/// so a peer that keeps refusing us is dialled at most every `MAX_BACKOFF`.
+const STABLE: Duration = Duration::from_secs(1);
+/// At most this many refusals are logged at warn level per window (the rest at debug), so a
+/// misconfigured or hostile peer cannot flood the log.
+const REFUSAL_WARNINGS: u32 = 10;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// The protocol versions of the raft link.
 pub fn raft_versions() -> ProtocolVersions {
@@ -164,6 +171,35 @@ struct Inner {
     tasks: Mutex<Option<JoinSet<()>>>,
     serial: AtomicU64,
     refused: AtomicU64,
+    refusal_log: Mutex<RefusalLog>,
+}
+
+/// The rate limit of refusal warnings.
+struct RefusalLog {
+    window_start: Instant,
+    warned: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new(now: Instant) -> Self {
+        Self { window_start: now, warned: 0, suppressed: 0 }
+    }
+
+    /// Whether a refusal at `now` is logged at warn level; if so, with how many were not since.
+    fn warn(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.window_start) >= REFUSAL_WINDOW {
+            self.window_start = now;
+            self.warned = 0;
+        }
+        if self.warned < REFUSAL_WARNINGS {
+            self.warned += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
 }
 
 struct Peer {
@@ -228,6 +264,7 @@ impl QuicLink {
             tasks: Mutex::new(Some(JoinSet::new())),
             serial: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refusal_log: Mutex::new(RefusalLog::new(Instant::now())),
         });
         inner.spawn(accept_loop(inner.clone()));
         for peer in peers.iter().filter(|p| p.id > me) {
@@ -334,15 +371,26 @@ impl Inner {
         }
     }
 
+    /// Refuses an authenticated connection: tells the peer why and closes it. Nothing it sent
+    /// is read.
     fn refuse(self: &Arc<Self>, connection: Connection, reason: String) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            node = self.me,
-            peer = %connection.remote_address(),
-            name = connection.peer_name().unwrap_or("(none)"),
-            "refused connection: {reason}"
-        );
+        let peer = connection.remote_address();
+        let name = connection.peer_name().unwrap_or("(none)");
+        self.log_refusal(&format!("peer {peer} ({name:?}): {reason}"));
         self.spawn(async move { connection.close(&format!("refused: {reason}")).await });
+    }
+
+    /// Counts a refusal and logs it, at warn level unless too many were logged lately.
+    fn log_refusal(&self, what: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let warn = lock(&self.refusal_log).warn(Instant::now());
+        match warn {
+            None => tracing::debug!(node = self.me, "refused connection: {what}"),
+            Some(0) => tracing::warn!(node = self.me, "refused connection: {what}"),
+            Some(suppressed) => {
+                tracing::warn!(node = self.me, "refused connection: {what} ({suppressed} more not logged)")
+            }
+        }
     }
 
     /// Makes `connection` the one used for peer `id` and starts reading from it.
@@ -376,10 +424,7 @@ async fn accept_loop(inner: Arc<Inner>) {
         match inner.endpoint.accept().await {
             Ok(connection) => inner.admit(connection),
             Err(EndpointError::Closed) => return,
-            Err(error) => {
-                inner.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(node = inner.me, "refused connection: {}", chain(&error));
-            }
+            Err(error) => inner.log_refusal(&chain(&error)),
         }
     }
 }
@@ -391,14 +436,18 @@ async fn dial_loop(inner: Arc<Inner>, peer: PeerSpec) {
         match inner.endpoint.connect(peer.addr, &peer.name).await {
             Ok(connection) => match inner.identify(&connection) {
                 Ok(id) if id == peer.id => {
-                    failures = 0;
-                    backoff = MIN_BACKOFF;
+                    let since = Instant::now();
                     inner.register(id, connection.clone());
                     // The reader logs why it ended; then connect again.
                     connection.closed().await;
+                    if since.elapsed() >= STABLE {
+                        failures = 0;
+                        backoff = MIN_BACKOFF;
+                    }
                 }
                 Ok(id) => {
-                    let reason = format!("dialled node {} as {:?}, but the certificate is node {id}'s", peer.id, peer.name);
+                    let reason =
+                        format!("dialled node {} as {:?}, but the certificate is node {id}'s", peer.id, peer.name);
                     inner.refuse(connection, reason);
                 }
                 Err(reason) => inner.refuse(connection, reason),
@@ -497,8 +546,16 @@ mod tests {
         assert_eq!(p, PeerSpec::new(2, "backup", "127.0.0.1:7002".parse().unwrap()));
         let p = parse_quic_peer(" 3 = witness.lan @ [::1]:9 ").unwrap();
         assert_eq!((p.id, p.name.as_str(), p.addr.port()), (3, "witness.lan", 9));
-        for bad in ["", "2", "2=127.0.0.1:1", "x=a@127.0.0.1:1", "0=a@127.0.0.1:1", "2=@127.0.0.1:1", "2=a b@127.0.0.1:1", "2=a@nowhere"]
-        {
+        for bad in [
+            "",
+            "2",
+            "2=127.0.0.1:1",
+            "x=a@127.0.0.1:1",
+            "0=a@127.0.0.1:1",
+            "2=@127.0.0.1:1",
+            "2=a b@127.0.0.1:1",
+            "2=a@nowhere",
+        ] {
             assert!(matches!(parse_quic_peer(bad), Err(NetError::QuicPeerSpec { .. })), "{bad}");
         }
         assert_eq!(parse_quic_peer("2").unwrap_err().to_string(), "peer spec \"2\": expected ID=NAME@HOST:PORT");
@@ -518,6 +575,33 @@ mod tests {
         for (me, peers, message) in cases {
             assert_eq!(check_peers(me, &peers).unwrap_err().to_string(), message);
         }
+    }
+
+    #[test]
+    fn witness_quic_config_voters() {
+        let ca = transport::certs::Authority::generate(transport::certs::Validity::days_from_now(1)).unwrap();
+        let issued = ca
+            .issue(&transport::certs::HostSpec::new("witness"), transport::certs::Validity::days_from_now(1))
+            .unwrap();
+        let identity = Identity::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let peers = vec![PeerSpec::new(1, "primary", addr), PeerSpec::new(2, "backup", addr)];
+        let c = WitnessQuicConfig::new(3, PathBuf::from("/tmp/w"), addr, identity, peers);
+        assert_eq!(c.arbiter.voters, vec![1, 2, 3]);
+        assert_eq!(c.arbiter.preferred_leader, Some(3));
+        assert_eq!(c.tuning, raft_tuning());
+    }
+
+    #[test]
+    fn refusal_warnings_are_rate_limited() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(t0);
+        let warned: Vec<_> = (0..15).map(|_| log.warn(t0)).collect();
+        assert_eq!(warned.iter().filter(|w| **w == Some(0)).count(), 10);
+        assert_eq!(warned.iter().filter(|w| w.is_none()).count(), 5);
+        assert_eq!(log.warn(t0 + REFUSAL_WINDOW - Duration::from_millis(1)), None);
+        assert_eq!(log.warn(t0 + REFUSAL_WINDOW), Some(6), "the next warning counts the ones not logged");
+        assert_eq!(log.warn(t0 + REFUSAL_WINDOW), Some(0));
     }
 
     #[test]
