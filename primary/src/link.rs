@@ -75,6 +75,9 @@ pub async fn run(
     };
     let mut pending: Option<Harvest> = None;
     let mut backoff = Duration::from_millis(20);
+    // Epochs submitted and not yet acknowledged, across reconnects: a resumed session acks
+    // epochs sent on the previous connection.
+    let mut in_flight: BTreeMap<u64, InFlight> = BTreeMap::new();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -87,16 +90,26 @@ pub async fn run(
                 shared.wake();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
-                // Keep the engine from blocking on a full channel while we are away.
+                // Keep the engine from blocking on a full channel while we are away. A dropped
+                // harvest's pages would never reach the replica: force a new baseline.
+                let mut dropped = 0;
                 while let Ok(h) = harvests.try_recv() {
-                    pending = Some(h);
+                    if pending.replace(h).is_some() {
+                        dropped += 1;
+                    }
+                }
+                if dropped > 0 {
+                    tracing::warn!(dropped, "link: harvests dropped while disconnected: a new baseline is needed");
+                    in_flight.clear();
+                    pending = None;
+                    shared.need_baseline.store(true, Ordering::SeqCst);
+                    shared.reset_in_flight();
                 }
                 continue;
             }
         };
         backoff = Duration::from_millis(20);
         let mut session = transport::proto::sender_session(conn, sender);
-        let mut in_flight: BTreeMap<u64, InFlight> = BTreeMap::new();
         let mut closed = false;
         loop {
             tokio::select! {

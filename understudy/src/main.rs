@@ -145,7 +145,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         heartbeat_ms: u64,
         /// Silence after which the link to the backup counts as broken, ms.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 1000)]
         detect_ms: u64,
         /// The backup's arbitration node id (with arbitration).
         #[arg(long)]
@@ -190,7 +190,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         heartbeat_ms: u64,
         /// Silence after which the primary counts as gone, ms.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 1000)]
         detect_ms: u64,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible

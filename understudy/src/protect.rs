@@ -59,7 +59,7 @@ fn default_heartbeat() -> u64 {
     20
 }
 fn default_detect() -> u64 {
-    300
+    1000
 }
 
 /// Protocol timing from heartbeat and detection settings.
