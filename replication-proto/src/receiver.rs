@@ -155,6 +155,9 @@ pub struct Receiver {
     requests: u32,
     last_request: Option<Instant>,
     last_progress: Option<Instant>,
+    /// Requests sent since the last progress: each doubles the wait before the next (a large
+    /// epoch resent from its start must be given time to get past what is already staged).
+    unanswered: u32,
     next_page_request: u64,
     events: VecDeque<ReceiverEvent>,
     stats: ReceiverStats,
@@ -201,6 +204,7 @@ impl Receiver {
             requests: 0,
             last_request: None,
             last_progress: None,
+            unanswered: 0,
             next_page_request: 1,
             events: VecDeque::new(),
             stats: ReceiverStats::default(),
@@ -344,7 +348,13 @@ impl Receiver {
             (Some(p), Some(r)) => p.max(r),
             (p, r) => p.or(r)?,
         };
-        Some(base + self.cfg.resend_timeout)
+        Some(base + self.backoff())
+    }
+
+    /// The wait before asking again: the resend timeout, doubled per unanswered request, at
+    /// most 64 times.
+    fn backoff(&self) -> Duration {
+        self.cfg.resend_timeout * (1u32 << self.unanswered.min(6))
     }
 
     fn send(&mut self, now: Instant, want: Want) {
@@ -365,12 +375,13 @@ impl Receiver {
             }
         }
         self.last_request = Some(now);
+        self.unanswered = self.unanswered.saturating_add(1);
     }
 
     /// Something is missing: ask now unless a request went out less than a timeout ago (the timer
     /// asks again later).
     fn maybe_request(&mut self, now: Instant) {
-        if self.last_request.is_some_and(|t| now < t + self.cfg.resend_timeout) {
+        if self.last_request.is_some_and(|t| now < t + self.backoff()) {
             return;
         }
         if let Some(w) = self.want() {
@@ -389,6 +400,7 @@ impl Receiver {
 
     fn progress(&mut self, now: Instant) {
         self.last_progress = Some(now);
+        self.unanswered = 0;
     }
 
     fn on_begin(&mut self, now: Instant, b: EpochBegin) -> Result<(), SessionError> {
@@ -680,6 +692,7 @@ impl Endpoint for Receiver {
         self.link.connect(now, hello);
         self.last_request = None;
         self.last_progress = Some(now);
+        self.unanswered = 0;
     }
 
     fn disconnect(&mut self, _now: Instant) {
