@@ -82,13 +82,9 @@ fn start_group(cmdline: &str) -> Group {
     Group { pair, witness, ports, raft_dir }
 }
 
-#[test]
-fn backup_promotes_only_when_granted_and_the_guest_goes_on() {
-    let _g = serial_guard();
-    if !kvm_available("backup_promotes_only_when_granted_and_the_guest_goes_on") {
-        return;
-    }
-    let mut g = start_group("workload=counter period_ms=20");
+/// A group whose primary is protected and has its backup recorded by the group.
+fn protected_group(cmdline: &str) -> Group {
+    let mut g = start_group(cmdline);
     g.pair.protect(&["--backup-node", "2", "--detect-ms", "150", "--heartbeat-ms", "10"]);
     g.pair.wait_protection("protected", Duration::from_secs(20));
     let stderr_path = g.pair.primary.stderr_path.clone();
@@ -96,6 +92,16 @@ fn backup_promotes_only_when_granted_and_the_guest_goes_on() {
         t.contains("asked the group to record the backup")
     });
     std::thread::sleep(Duration::from_millis(500));
+    g
+}
+
+#[test]
+fn backup_promotes_only_when_granted_and_the_guest_goes_on() {
+    let _g = serial_guard();
+    if !kvm_available("backup_promotes_only_when_granted_and_the_guest_goes_on") {
+        return;
+    }
+    let mut g = protected_group("workload=counter period_ms=20");
     let before = last_seq(&read_text(&g.pair.p_serial()));
     let t_kill = Instant::now();
     g.pair.primary.child.kill().unwrap();
@@ -187,14 +193,7 @@ fn a_frozen_primary_is_fenced_when_it_comes_back() {
     if !kvm_available("a_frozen_primary_is_fenced_when_it_comes_back") {
         return;
     }
-    let mut g = start_group("workload=counter period_ms=20");
-    g.pair.protect(&["--backup-node", "2", "--detect-ms", "150", "--heartbeat-ms", "10"]);
-    g.pair.wait_protection("protected", Duration::from_secs(20));
-    let stderr_path = g.pair.primary.stderr_path.clone();
-    wait_for(&stderr_path, Duration::from_secs(10), &mut g.pair.primary, "backup recorded", |t| {
-        t.contains("asked the group to record the backup")
-    });
-    std::thread::sleep(Duration::from_millis(500));
+    let mut g = protected_group("workload=counter period_ms=20");
     // Freeze the primary: to the others it is partitioned away (or dead).
     let pid = g.pair.primary.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
