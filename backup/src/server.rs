@@ -44,6 +44,9 @@ pub struct PrimaryLost {
     pub epoch: u64,
     /// Why the session ended.
     pub reason: String,
+    /// The primary's host closed the liveness line without a goodbye: its process is gone,
+    /// not merely silent.
+    pub process_gone: bool,
     /// When the last commit happened.
     pub last_commit: Option<Instant>,
     /// When the loss was noticed.
@@ -238,6 +241,15 @@ pub async fn serve(
     let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout, instance);
     rcfg.timing = cfg.timing;
     let mut receiver = Some(Receiver::new(rcfg));
+    // Process-death evidence beside each session (transport::liveness): optional, heartbeats
+    // still decide when it is missing.
+    let lines = match transport::liveness::Listener::bind(cfg.listen).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(listen = %cfg.listen, "backup: no liveness listener (tcp): {e}; detection by heartbeats only");
+            None
+        }
+    };
     loop {
         let conn = tokio::select! {
             c = endpoint.accept() => c,
@@ -258,11 +270,34 @@ pub async fn serve(
             s.connected = true;
             s.primary = peer;
         }
+        let token = conn.keying_material(transport::liveness::LABEL);
+        let line = async {
+            match (&lines, token) {
+                (Some(l), Some(t)) => l.accept_for(t).await.ended().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(line);
+        let mut line_open = true;
+        let mut process_gone = false;
         let mut session = transport::proto::receiver_session(conn, receiver.take().expect("receiver"));
         loop {
             let ev = tokio::select! {
                 ev = session.next_event() => ev,
                 _ = stop.changed() => break,
+                end = &mut line, if line_open => {
+                    line_open = false;
+                    match end {
+                        transport::liveness::End::Bye => continue,
+                        transport::liveness::End::Died(why) => {
+                            let msg = format!("the primary's process is gone ({why})");
+                            tracing::warn!("backup: {msg}");
+                            lock(&node.status).last_error = Some(msg);
+                            process_gone = true;
+                            break;
+                        }
+                    }
+                }
             };
             let Some(ev) = ev else { break };
             match ev {
@@ -311,6 +346,7 @@ pub async fn serve(
                 let _ = tx.send(PrimaryLost {
                     epoch,
                     reason,
+                    process_gone,
                     last_commit: *lock(&node.last_commit),
                     noticed: Instant::now(),
                 });

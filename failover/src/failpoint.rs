@@ -2,7 +2,12 @@
 //!
 //! `UNDERSTUDY_FAILPOINTS=name[@hit],...` in a process's environment makes [`hit`] kill the
 //! process with SIGKILL (as `kill -9` would) the `hit`-th time (default: first) the point named
-//! `name` is reached. Without the variable a point costs one relaxed atomic load. Points used:
+//! `name` is reached. Without the variable a point costs one relaxed atomic load.
+//!
+//! With `UNDERSTUDY_FAILPOINT_VICTIM=<pidfile>` as well, a point that fires kills the process
+//! whose pid that file holds instead, and this process carries on: the harness uses it to kill
+//! the primary at an instant only the backup can see (a checkpoint committed, its ack not yet
+//! sent). Points used:
 //!
 //! | name | where |
 //! |---|---|
@@ -42,6 +47,10 @@ fn armed() -> &'static [Armed] {
 pub fn hit(name: &str) {
     for a in armed() {
         if a.name == name && a.count.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+            if let Ok(pidfile) = std::env::var("UNDERSTUDY_FAILPOINT_VICTIM") {
+                kill_victim(name, a.at, &pidfile);
+                return;
+            }
             tracing::error!("fault point {name} reached (hit {}): killing this process", a.at);
             eprintln!("understudy: fault point {name} reached: SIGKILL");
             // A kill -9 of ourselves: no destructors, no flush, like a crash.
@@ -49,4 +58,14 @@ pub fn hit(name: &str) {
             std::process::abort();
         }
     }
+}
+
+fn kill_victim(name: &str, at: u64, pidfile: &str) {
+    let pid = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok());
+    let Some(pid) = pid else {
+        tracing::error!("fault point {name} reached (hit {at}): no pid in {pidfile}; nobody killed");
+        return;
+    };
+    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    tracing::error!("fault point {name} reached (hit {at}): FAULT killed pid {pid} ({killed:?})");
 }

@@ -118,6 +118,9 @@ pub struct LinkShared {
     pub need_baseline: AtomicBool,
     /// A session with the backup is established.
     pub up: AtomicBool,
+    /// The backup's process is known to be gone (its host closed the liveness line): no need to
+    /// wait `degrade_after` for it to come back.
+    pub backup_dead: AtomicBool,
     /// The engine should stop.
     pub stop: AtomicBool,
     /// Highest harvest sequence acknowledged.
@@ -131,6 +134,7 @@ impl Default for LinkShared {
             cv: Condvar::new(),
             need_baseline: AtomicBool::new(false),
             up: AtomicBool::new(false),
+            backup_dead: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             acked_seq: Mutex::new(0),
         }
@@ -289,7 +293,8 @@ impl Engine {
                 }
             } else {
                 let since = *link_down_since.get_or_insert_with(Instant::now);
-                if phase != Phase::Degraded && since.elapsed() >= self.degrade_after {
+                let dead = self.link.backup_dead.load(Ordering::SeqCst);
+                if phase != Phase::Degraded && (dead || since.elapsed() >= self.degrade_after) {
                     phase = Phase::Degraded;
                     match &self.backup_lost {
                         Some(hook) => hook(),
@@ -302,7 +307,11 @@ impl Engine {
                     self.link.reset_in_flight();
                     self.stats.set_state(
                         ProtectionState::Degraded,
-                        &format!("backup unreachable for {} ms", since.elapsed().as_millis()),
+                        &if dead {
+                            format!("the backup's process is gone (after {} ms)", since.elapsed().as_millis())
+                        } else {
+                            format!("backup unreachable for {} ms", since.elapsed().as_millis())
+                        },
                     );
                 }
                 if phase != Phase::Protected {

@@ -109,10 +109,33 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(20);
+        // Process-death evidence beside the session (transport::liveness).
+        let token = conn.keying_material(transport::liveness::LABEL);
+        let backup_addr = cfg.backup;
+        let line = async move {
+            let Some(token) = token else { return std::future::pending().await };
+            match transport::liveness::connect(backup_addr, token).await {
+                Ok(mut line) => line.ended().await,
+                Err(e) => {
+                    tracing::info!("link: no liveness line to the backup ({e}): detection by heartbeats only");
+                    std::future::pending().await
+                }
+            }
+        };
+        tokio::pin!(line);
+        let mut line_open = true;
         let mut session = transport::proto::sender_session(conn, sender);
         let mut closed = false;
         loop {
             tokio::select! {
+                end = &mut line, if line_open => {
+                    line_open = false;
+                    if let transport::liveness::End::Died(why) = end {
+                        tracing::warn!("link: the backup's process is gone ({why})");
+                        shared.backup_dead.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                }
                 h = async { match pending.take() { Some(h) => Some(h), None => harvests.recv().await } } => {
                     let Some(h) = h else { closed = true; break };
                     match submit(&session, h).await {
@@ -148,6 +171,7 @@ pub async fn run(
                     match ev {
                         SenderEvent::Connected { resumed_from, .. } => {
                             tracing::info!(?resumed_from, backup = %cfg.backup, "link: session established");
+                            shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
                             shared.wake();
                         }

@@ -58,6 +58,7 @@ pub mod config;
 pub mod connection;
 pub mod endpoint;
 pub mod handshake;
+pub mod liveness;
 pub mod proto;
 pub mod session;
 pub mod tls;

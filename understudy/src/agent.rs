@@ -35,6 +35,14 @@ pub struct AgentArgs {
     /// Directory of the persisted raft state (reuse it across restarts of this node).
     #[arg(long = "arbiter-data", id = "arbiter_data")]
     pub data: Option<PathBuf>,
+    /// How long a confirmed lease lets the active copy release output, ms. The backup can be
+    /// granted only after the old lease certainly ran out, so this is the floor of failover
+    /// time; renewals must commit well within it or output pauses.
+    #[arg(long = "lease-ms", id = "lease_ms", default_value_t = 30)]
+    pub lease_ms: u64,
+    /// How often the active copy renews its lease, ms (a few renewals per lease).
+    #[arg(long = "lease-renew-ms", id = "lease_renew_ms", default_value_t = 10)]
+    pub lease_renew_ms: u64,
 }
 
 /// Peers of an arbitration link: all QUIC (`ID=NAME@HOST:PORT`) or all UDP (`ID=HOST:PORT`).
@@ -124,6 +132,9 @@ impl Agent {
         voters.sort_unstable();
         voters.dedup();
         let mut config = ArbiterConfig::new(id, &voters);
+        config.lease.lease_timeout = Duration::from_millis(args.lease_ms);
+        config.lease.renew_interval = Duration::from_millis(args.lease_renew_ms);
+        config.lease.validate().context("--lease-ms / --lease-renew-ms")?;
         // By convention the witness has the highest id; it leads until a VM exists.
         config.preferred_leader = voters.iter().copied().max().filter(|w| *w != id);
         std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;

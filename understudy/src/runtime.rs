@@ -219,7 +219,11 @@ impl Runtime {
                             "primary lost ({}): asking the group for activity",
                             lost.reason
                         );
-                        match agent.call(rt.tokio.handle(), move |a, now| a.report_primary_dead(now, vm)) {
+                        let gone = lost.process_gone;
+                        let report = agent.call(rt.tokio.handle(), move |a, now| {
+                            if gone { a.report_primary_gone(now, vm) } else { a.report_primary_dead(now, vm) }
+                        });
+                        match report {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => tracing::error!("report primary dead: {e}"),
                             Err(e) => tracing::error!("report primary dead: {e:#}"),

@@ -552,6 +552,31 @@ impl Arbiter {
         self.drive_and_flush(now)
     }
 
+    /// Like [`Arbiter::report_primary_dead`], with stronger evidence: the primary's *process* is
+    /// gone (its host's kernel closed its connections), and with it the primary's agent, which
+    /// runs in that process. If that agent led raft, campaign at once instead of waiting out the
+    /// election timeout (the witness's check-quorum lease would ignore an ordinary campaign for
+    /// that long, so this one is a forced, transfer-style campaign). Leadership is not safety:
+    /// the grant still waits until every voter's promise on the old lease ran out.
+    pub fn report_primary_gone(&mut self, now: Instant, vm: VmId) -> Result<(), ArbiterError> {
+        self.report_primary_dead(now, vm)?;
+        let holder = self.sm.get(vm).map(|r| r.holder);
+        let leader = self.raw.raft.leader_id;
+        if leader != 0 && holder == Some(leader) && leader != self.id && self.raw.raft.promotable() {
+            tracing::warn!(
+                node = self.id,
+                %vm,
+                dead_leader = leader,
+                term = self.raw.raft.term,
+                "the raft leader's process is gone: campaigning now"
+            );
+            self.raw.raft.campaign(raft::CAMPAIGN_TRANSFER);
+            self.check_role();
+            self.process_ready(now)?;
+        }
+        Ok(())
+    }
+
     /// The primary spoke again: withdraw a pending takeover request.
     pub fn report_primary_alive(&mut self, _now: Instant, vm: VmId) {
         if let Some(local) = self.vms.get_mut(&vm).filter(|l| l.takeover) {

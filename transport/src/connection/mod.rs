@@ -343,6 +343,15 @@ impl Connection {
         self.shared.version
     }
 
+    /// 32 bytes both ends of this connection derive from its TLS session (RFC 5705 exporter)
+    /// under `label`: a secret only these two peers know, to bind a side channel such as
+    /// [`crate::liveness`] to this authenticated connection.
+    pub fn keying_material(&self, label: &[u8]) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        self.shared.quinn.export_keying_material(&mut out, label, b"understudy").ok()?;
+        Some(out)
+    }
+
     /// Sends a frame on the ordered control stream. Waits while the send window is full.
     ///
     /// Not cancel-safe: dropping the future in the middle of a write leaves half a frame on the
