@@ -125,7 +125,13 @@ pub struct LinkShared {
     pub stop: AtomicBool,
     /// Highest harvest sequence acknowledged.
     pub acked_seq: Mutex<u64>,
+    /// Page buffers the link is done with, for the next epochs: a recycled buffer is already
+    /// faulted in, so the pause copies into warm memory instead of fresh zeroed pages.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// How many spare page buffers the link hands back at most.
+const SPARE_BUFFERS: usize = 4;
 
 impl Default for LinkShared {
     fn default() -> Self {
@@ -137,6 +143,7 @@ impl Default for LinkShared {
             backup_dead: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             acked_seq: Mutex::new(0),
+            spare: Mutex::new(Vec::new()),
         }
     }
 }
@@ -160,6 +167,22 @@ impl LinkShared {
         let mut a = self.acked_seq.lock().unwrap_or_else(|e| e.into_inner());
         *a = (*a).max(seq);
         self.cv.notify_all();
+    }
+
+    /// Hands a harvest's page buffer back once it is encoded (kept only up to a few).
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
+    /// A buffer for `bytes` of pages: a recycled one if there is one.
+    fn buffer(&self, bytes: usize) -> Vec<u8> {
+        let mut buf = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        buf.reserve(bytes);
+        buf
     }
 
     fn started(&self) {
@@ -440,7 +463,7 @@ impl Engine {
             let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
             failover::failpoint::hit("primary.harvest");
             let pfns: Vec<u64> = dirty.pages().collect();
-            let mut data = Vec::with_capacity(pfns.len() * PAGE_SIZE);
+            let mut data = self.link.buffer(pfns.len() * PAGE_SIZE);
             copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
                 .map_err(|source| EngineError::Memory { seq, source })?;
             let state = vm.save_state().map_err(|source| EngineError::Vm { seq, source })?;

@@ -149,9 +149,13 @@ pub async fn run(
                             if h.kind == HarvestKind::Checkpoint {
                                 failover::failpoint::hit("primary.shipped");
                             }
-                            let mut s = stats.lock();
-                            s.bytes_sent += h.data.len() as u64 + h.state.len() as u64;
-                            s.wire_bytes.push((h.data.len() + h.state.len()) as f64);
+                            {
+                                let mut s = stats.lock();
+                                s.bytes_sent += h.data.len() as u64 + h.state.len() as u64;
+                                s.wire_bytes.push((h.data.len() + h.state.len()) as f64);
+                            }
+                            // The sender encoded the pages: their buffer serves a later epoch.
+                            shared.recycle(h.data);
                         }
                         Err(SubmitOutcome::Retry(h)) => { pending = Some(h); tokio::time::sleep(Duration::from_millis(1)).await; }
                         Err(SubmitOutcome::Baseline) => {
