@@ -14,8 +14,12 @@
 //! (it opens `b`'s tap0 when promoted), the witness in `w`, the checker client
 //! (`scripts/faults_client.py`) in `c`. Replication (QUIC) and arbitration (raft over UDP) use
 //! the control network; `p`'s `ctl` link is the one cut (`ip link set down`) or degraded
-//! (`tc netem`) for the partition and netem points. Guest MACs move between the two hosts' LAN
-//! ports when the promoted copy announces itself, as on a real switch.
+//! (`tc netem`, tbf without it) for the partition and netem points; the `partition.x-y` points
+//! cut one pair of hosts with blackhole routes; the `link.*` points send replication through
+//! `testbed impair` (the [`crate::impair`] proxy, in `b` on 10.78.0.2:7410), which drops,
+//! delays, duplicates and corrupts datagrams in user space (this kernel has no netem). Guest
+//! MACs move between the two hosts' LAN ports when the promoted copy announces itself, as on a
+//! real switch.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -28,6 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
+
+use crate::impair::Impairment;
 
 /// A fault the harness injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,28 +48,59 @@ pub enum Point {
     Shipped,
     /// `primary.acked@K`.
     Acked,
+    /// `backup.committed@K` on the backup with `UNDERSTUDY_FAILPOINT_VICTIM`: the backup kills
+    /// the PRIMARY (`kill -9`) after committing a checkpoint, before its ack is sent.
+    CommittedUnacked,
     /// `backup.committed@K` on the BACKUP: the primary must run degraded.
     BackupCommitted,
+    /// `kill -9` of the backup at a random moment.
+    Backup,
     /// `kill -9` of the witness: nothing may change for the client.
     Witness,
     /// The primary's control link goes down (cut from backup and witness), heals later.
     Partition,
+    /// Blackhole routes between primary and backup (both keep the witness), healed later.
+    PartitionPB,
+    /// The same between primary and witness.
+    PartitionPW,
+    /// The same between backup and witness.
+    PartitionBW,
     /// Loss, delay, duplication and corruption on the primary's control link.
     Netem,
+    /// Replication through the impairment proxy (`impair`): 5% loss each way for 4 s.
+    LinkLoss,
+    /// 10 ± 5 ms delay each way (reordering).
+    LinkDelay,
+    /// 5% duplication.
+    LinkDup,
+    /// 2% corruption (1-3 bytes flipped).
+    LinkCorrupt,
+    /// All four at once, milder.
+    LinkMix,
 }
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 9] = [
+    pub const ALL: [Point; 19] = [
         Point::Kill,
         Point::Paused,
         Point::Harvest,
         Point::Shipped,
         Point::Acked,
+        Point::CommittedUnacked,
         Point::BackupCommitted,
+        Point::Backup,
         Point::Witness,
         Point::Partition,
+        Point::PartitionPB,
+        Point::PartitionPW,
+        Point::PartitionBW,
         Point::Netem,
+        Point::LinkLoss,
+        Point::LinkDelay,
+        Point::LinkDup,
+        Point::LinkCorrupt,
+        Point::LinkMix,
     ];
 
     /// The name used on the command line and in reports.
@@ -74,10 +111,20 @@ impl Point {
             Point::Harvest => "primary.harvest",
             Point::Shipped => "primary.shipped",
             Point::Acked => "primary.acked",
+            Point::CommittedUnacked => "committed-unacked",
             Point::BackupCommitted => "backup.committed",
+            Point::Backup => "backup",
             Point::Witness => "witness",
             Point::Partition => "partition",
+            Point::PartitionPB => "partition.p-b",
+            Point::PartitionPW => "partition.p-w",
+            Point::PartitionBW => "partition.b-w",
             Point::Netem => "netem",
+            Point::LinkLoss => "link.loss",
+            Point::LinkDelay => "link.delay",
+            Point::LinkDup => "link.dup",
+            Point::LinkCorrupt => "link.corrupt",
+            Point::LinkMix => "link.mix",
         }
     }
 
@@ -90,14 +137,84 @@ impl Point {
     }
 
     fn failpoint(self) -> bool {
-        matches!(self, Point::Paused | Point::Harvest | Point::Shipped | Point::Acked | Point::BackupCommitted)
+        matches!(
+            self,
+            Point::Paused
+                | Point::Harvest
+                | Point::Shipped
+                | Point::Acked
+                | Point::CommittedUnacked
+                | Point::BackupCommitted
+        )
     }
 
     /// Whether the backup must take over.
     fn expects_promotion(self) -> bool {
-        matches!(self, Point::Kill | Point::Paused | Point::Harvest | Point::Shipped | Point::Acked | Point::Partition)
+        matches!(
+            self,
+            Point::Kill
+                | Point::Paused
+                | Point::Harvest
+                | Point::Shipped
+                | Point::Acked
+                | Point::CommittedUnacked
+                | Point::Partition
+        )
+    }
+
+    /// Whether the backup is lost and the primary must run degraded with the group's consent.
+    fn expects_degraded(self) -> bool {
+        matches!(self, Point::BackupCommitted | Point::Backup | Point::PartitionPB)
+    }
+
+    /// The two hosts a `partition.x-y` point cuts apart.
+    fn pair(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Point::PartitionPB => Some(("p", "b")),
+            Point::PartitionPW => Some(("p", "w")),
+            Point::PartitionBW => Some(("b", "w")),
+            _ => None,
+        }
+    }
+
+    /// What the impairment proxy does during a `link.*` point's window.
+    pub fn impairment(self) -> Option<Impairment> {
+        let ms = Duration::from_millis;
+        let base = Impairment::default();
+        Some(match self {
+            Point::LinkLoss => Impairment { loss: 0.05, ..base },
+            Point::LinkDelay => Impairment { delay: ms(10), jitter: ms(5), ..base },
+            Point::LinkDup => Impairment { dup: 0.05, ..base },
+            Point::LinkCorrupt => Impairment { corrupt: 0.02, ..base },
+            Point::LinkMix => Impairment { loss: 0.02, delay: ms(5), jitter: ms(2), dup: 0.01, corrupt: 0.005, ..base },
+            _ => return None,
+        })
+    }
+
+    /// The primary's protection states accepted at the end of a run without promotion.
+    fn final_states(self) -> &'static [&'static str] {
+        match self {
+            Point::BackupCommitted | Point::Backup => &["degraded"],
+            // After the heal the primary may reach the backup again and re-sync.
+            Point::PartitionPB => &["degraded", "syncing", "protected"],
+            _ => &["protected"],
+        }
     }
 }
+
+/// The control address of a host of the topology.
+fn ctl_ip(host: &str) -> &'static str {
+    match host {
+        "p" => "10.78.0.1",
+        "b" => "10.78.0.2",
+        _ => "10.78.0.3",
+    }
+}
+
+/// Where the `link.*` points' proxy listens (in ns b, beside the backup's 7400).
+const PROXY_ADDR: &str = "10.78.0.2:7410";
+/// How long a `link.*` impairment lasts.
+const IMPAIR_WINDOW: Duration = Duration::from_secs(4);
 
 /// What `testbed faults` was asked to do.
 #[derive(Clone, Debug)]
@@ -113,6 +230,8 @@ pub struct Options {
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
+    /// This crate's `testbed` binary (runs the `link.*` points' `testbed impair` proxy).
+    pub testbed: PathBuf,
 }
 
 impl Options {
@@ -131,6 +250,12 @@ impl Options {
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
+            testbed: std::env::var_os("TESTBED_BIN").map(PathBuf::from).unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .filter(|p| p.file_name().is_some_and(|n| n == "testbed"))
+                    .unwrap_or_else(|| root.join("target/release/testbed"))
+            }),
         }
     }
 }
@@ -160,6 +285,18 @@ pub struct RunReport {
     pub announce_ms: Option<f64>,
     /// Primary's "lease lost" logged before the backup's grant (partition: only one releasing).
     pub lease_lost_before_grant: Option<bool>,
+    /// The primary's protection state at the end (runs without promotion).
+    pub final_state: Option<String>,
+    /// The primary's protection state changes after the fault (`from->to`).
+    pub state_changes: Vec<String>,
+    /// Replication sessions the primary re-established after the fault.
+    pub session_reconnects: u64,
+    /// `lease lost` lines of the primary after the fault.
+    pub lease_losses: u64,
+    /// The impairment proxy's account of its window (`link.*`).
+    pub impair: Option<String>,
+    /// Client spawned -> its first reply (`ctl/ready`), for timed faults.
+    pub client_start_ms: Option<f64>,
     pub acked_writes: u64,
     pub lost_writes: u64,
     pub contradictions: u64,
@@ -179,6 +316,9 @@ impl RunReport {
             "grant_ms": self.grant_ms, "promote_ms": self.promote_ms, "take_ms": self.take_ms,
             "restore_ms": self.restore_ms, "announce_ms": self.announce_ms,
             "lease_lost_before_grant": self.lease_lost_before_grant,
+            "final_state": self.final_state, "state_changes": self.state_changes,
+            "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
+            "impair": self.impair, "client_start_ms": self.client_start_ms,
             "acked_writes": self.acked_writes, "lost_writes": self.lost_writes,
             "contradictions": self.contradictions, "errors": self.errors, "reconnects": self.reconnects,
             "max_gap_ms": self.max_gap_ms, "client_notes": self.client_notes, "elapsed_s": self.elapsed_s,
@@ -306,7 +446,9 @@ impl Topology {
         sh(&["ip", "-n", &c, "addr", "add", "10.77.0.1/24", "dev", "eth0"])?;
         sh(&["ip", "-n", &c, "link", "set", "eth0", "up"])?;
         // A LAN client: let TCP retransmit after 10 ms (as demo.sh), so failover, not Linux's
-        // 200 ms minimum RTO, dominates the pause the client sees.
+        // 200 ms minimum RTO, dominates the pause the client sees. The client also sets
+        // TCP_THIN_LINEAR_TIMEOUTS on its socket (scripts/faults_client.py): its one-request
+        // stream is thin, so retransmits stay 10 ms apart instead of backing off exponentially.
         sh(&[
             "ip",
             "-n",
@@ -333,6 +475,16 @@ impl Topology {
         let state = if down { "down" } else { "up" };
         sh(&["ip", "-n", &self.ns("p"), "link", "set", "ctl", state])?;
         sh(&["ip", "-n", &self.ns("sw"), "link", "set", "c-p", state])
+    }
+
+    /// Cuts (or heals) the control network between hosts `a` and `b` (of p, b, w) with a
+    /// blackhole route to the other's address on each side; every other pair keeps talking.
+    fn blackhole(&self, a: &str, b: &str, cut: bool) -> Result<()> {
+        let verb = if cut { "add" } else { "del" };
+        for (here, there) in [(a, b), (b, a)] {
+            sh(&["ip", "-n", &self.ns(here), "route", verb, "blackhole", &format!("{}/32", ctl_ip(there))])?;
+        }
+        Ok(())
     }
 
     /// netem on both directions of the primary's control link (None removes it).
@@ -552,20 +704,28 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         let failpoint = if point.failpoint() {
             // Epochs run at ~20-100/s; sync and the client's start take ~2-4 s. Pick K so the
             // point fires a few seconds into protected operation.
-            let k = match point {
-                Point::BackupCommitted => rng.range(150, 400),
-                _ => rng.range(250, 500),
+            let (name, k) = match point {
+                Point::BackupCommitted => (point.name(), rng.range(150, 400)),
+                Point::CommittedUnacked => ("backup.committed", rng.range(150, 400)),
+                _ => (point.name(), rng.range(250, 500)),
             };
-            Some(format!("{}@{k}", point.name()))
+            Some(format!("{name}@{k}"))
         } else {
             None
         };
         rep.failpoint = failpoint.clone();
+        // committed-unacked: the backup's failpoint kills the process whose pid is in this file
+        // (the primary's, written right after it is spawned) instead of the backup itself.
+        let victim = d("primary.pid");
         let fp_env = |who: &str| -> Vec<(&str, String)> {
-            match &failpoint {
-                Some(f) if f.starts_with(who) => vec![("UNDERSTUDY_FAILPOINTS", f.clone())],
-                _ => Vec::new(),
+            let mut env = Vec::new();
+            if let Some(f) = failpoint.as_ref().filter(|f| f.starts_with(who)) {
+                env.push(("UNDERSTUDY_FAILPOINTS", f.clone()));
+                if point == Point::CommittedUnacked {
+                    env.push(("UNDERSTUDY_FAILPOINT_VICTIM", s(&victim)));
+                }
             }
+            env
         };
         let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         procs.spawn(
@@ -622,6 +782,33 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             &fp_env("backup"),
             &d("backup.log"),
         )?;
+        // link.*: the primary replicates through the impairment proxy in ns b (UDP for QUIC,
+        // TCP for the liveness line), which impairs datagrams once `impair.start` appears.
+        let impairment = point.impairment();
+        if let Some(imp) = &impairment {
+            let mut a = args(&[
+                "impair",
+                "--listen",
+                PROXY_ADDR,
+                "--to",
+                "10.78.0.2:7400",
+                "--seed",
+                &rng.next().to_string(),
+                "--start-file",
+                &s(d("impair.start")),
+                "--window-ms",
+                &IMPAIR_WINDOW.as_millis().to_string(),
+                "--tcp",
+            ]);
+            a.extend(imp.args());
+            procs.spawn("impair", &topo.ns("b"), &opts.testbed, &a, &[], &d("impair.log"))?;
+            let up = wait_until(Instant::now() + Duration::from_secs(5), || {
+                read(&d("impair.log")).contains("impair: listening").then_some(())
+            })?;
+            if up.is_none() {
+                bail!("the impairment proxy did not start: {}", read(&d("impair.log")));
+            }
+        }
         procs.spawn(
             "primary",
             &topo.ns("p"),
@@ -654,6 +841,9 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             &fp_env("primary"),
             &d("primary.log"),
         )?;
+        // `ip netns exec` execs the program, so this is the primary's own pid.
+        let primary_pid = procs.get("primary").id();
+        fs::write(&victim, primary_pid.to_string())?;
         let booted = wait_until(deadline.min(Instant::now() + Duration::from_secs(20)), || {
             (d("p.sock").exists() && read(&d("p-serial.log")).lines().any(|l| l.trim() == "ready")).then_some(())
         })?;
@@ -666,7 +856,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             "--api",
             &s(d("p.sock")),
             "--backup",
-            "10.78.0.2:7400",
+            if impairment.is_some() { PROXY_ADDR } else { "10.78.0.2:7400" },
             "--certs",
             &s(d("certs")),
             "--backup-node",
@@ -704,20 +894,72 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             &[],
             &d("client.log"),
         )?;
+        // Timed faults count from the client's first reply: that takes ~1.05-1.1 s from its
+        // spawn here, and a fault before it would be timed against a client that is not there
+        // yet (its first reply after the fault would measure the connect).
+        let t_client = Instant::now();
+        let mut client_ready = || -> Result<()> {
+            let ready = wait_until(deadline.min(Instant::now() + Duration::from_secs(15)), || {
+                d("ctl/ready").exists().then_some(())
+            })?;
+            rep.client_start_ms = Some(t_client.elapsed().as_secs_f64() * 1e3);
+            ready
+                .map(|_| ())
+                .ok_or_else(|| anyhow!("the client got no first reply in 15 s: {}", read(&d("client.log"))))
+        };
         // Inject.
         let fault_wall;
         match point {
-            Point::Kill | Point::Witness | Point::Partition => {
+            Point::Kill | Point::Backup | Point::Witness | Point::Partition => {
+                client_ready()?;
                 sleep(Duration::from_millis(rng.range(1000, 2500)))?;
                 fault_wall = wall();
                 match point {
                     Point::Kill => procs.kill("primary"),
+                    Point::Backup => procs.kill("backup"),
                     Point::Witness => procs.kill("witness"),
                     _ => topo.cut_primary(true)?,
                 }
                 fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
             }
+            Point::PartitionPB | Point::PartitionPW | Point::PartitionBW => {
+                let (x, y) = point.pair().expect("a pair");
+                client_ready()?;
+                sleep(Duration::from_millis(rng.range(1000, 2500)))?;
+                fault_wall = wall();
+                topo.blackhole(x, y, true)?;
+                fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
+                if point == Point::PartitionPB {
+                    // Hold the cut until the primary runs degraded (or 5 s), then 1 s more.
+                    let _ = wait_until(deadline.min(Instant::now() + Duration::from_secs(5)), || {
+                        read(&d("primary.log")).contains("the group agreed the primary runs degraded").then_some(())
+                    })?;
+                    sleep(Duration::from_secs(1))?;
+                } else {
+                    sleep(Duration::from_secs(3))?;
+                }
+                topo.blackhole(x, y, false)?;
+                if point == Point::PartitionPB {
+                    // Time to reach the backup again and re-sync.
+                    sleep(Duration::from_secs(2))?;
+                }
+            }
+            Point::LinkLoss | Point::LinkDelay | Point::LinkDup | Point::LinkCorrupt | Point::LinkMix => {
+                client_ready()?;
+                sleep(Duration::from_millis(1000))?;
+                fault_wall = wall();
+                fs::write(d("impair.start"), "")?;
+                fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
+                let closed = wait_until(deadline.min(Instant::now() + IMPAIR_WINDOW * 2), || {
+                    read(&d("impair.log")).lines().find(|l| l.contains("window closed")).map(str::to_string)
+                })?;
+                match closed {
+                    Some(l) => rep.impair = Some(l.trim_start_matches("impair: ").to_string()),
+                    None => rep.problems.push("the impairment window did not close".into()),
+                }
+            }
             Point::Netem => {
+                client_ready()?;
                 sleep(Duration::from_millis(1000))?;
                 fault_wall = wall();
                 topo.netem_primary(Some(degradation()))?;
@@ -728,7 +970,30 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             _ => {
                 let who = if point == Point::BackupCommitted { "backup" } else { "primary" };
                 let fired = wait_until(deadline, || procs.exited(who).then(wall))?;
-                fault_wall = fired.ok_or_else(|| anyhow!("the fault point never fired"))?;
+                let seen = fired.ok_or_else(|| anyhow!("the fault point never fired"))?;
+                fault_wall = if point == Point::CommittedUnacked {
+                    // Dated by the backup's `FAULT killed pid` line: logged as soon as kill(1)
+                    // returned, i.e. within ~1-2 ms of the SIGKILL (same host clock), where
+                    // `seen` is up to one 10 ms poll late.
+                    let line = wait_until(Instant::now() + Duration::from_secs(2), || {
+                        read(&d("backup.log")).lines().find(|l| l.contains("FAULT killed pid")).map(str::to_string)
+                    })?;
+                    match line {
+                        Some(l) if l.contains(&format!("FAULT killed pid {primary_pid} ")) => {
+                            line_time(&l).unwrap_or(seen)
+                        }
+                        Some(l) => {
+                            rep.problems.push(format!("the backup killed another pid than the primary's: {l}"));
+                            seen
+                        }
+                        None => {
+                            rep.problems.push("the primary died without the backup's `FAULT killed pid` line".into());
+                            seen
+                        }
+                    }
+                } else {
+                    seen
+                };
                 fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
                 if t_protected.elapsed() < Duration::from_millis(500) {
                     rep.problems.push("the fault fired before the client started (K too small)".into());
@@ -756,10 +1021,11 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             if let Some(st) = status(b, &d("p.sock")) {
                 let state = st["protection"]["state"].as_str().unwrap_or("?").to_string();
                 rep.degraded = state == "degraded";
-                let want = if point == Point::BackupCommitted { "degraded" } else { "protected" };
-                if state != want {
-                    rep.problems.push(format!("primary protection is {state}, expected {want}"));
+                let want = point.final_states();
+                if !want.contains(&state.as_str()) {
+                    rep.problems.push(format!("primary protection is {state}, expected {}", want.join(" or ")));
                 }
+                rep.final_state = Some(state);
             } else {
                 rep.problems.push("primary status unavailable after the fault".into());
                 if !procs.exited("primary") {
@@ -798,6 +1064,9 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         rep.max_gap_ms = v["max_gap_ms"].as_f64();
         rep.client_notes =
             v["notes"].as_array().map(|a| a.iter().map(|x| s(x.as_str().unwrap_or(""))).collect()).unwrap_or_default();
+        if v["thin_linear_timeouts"] == false {
+            rep.client_notes.push("the kernel refused TCP_THIN_LINEAR_TIMEOUTS".into());
+        }
 
         // The logs' account.
         let blog = read(&d("backup.log"));
@@ -827,6 +1096,21 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         if plog.contains("the group agreed the primary runs degraded") {
             rep.degraded = true;
         }
+        let after_fault = |l: &&str| line_time(l).is_some_and(|t| t >= fault_wall);
+        rep.state_changes = plog
+            .lines()
+            .filter(after_fault)
+            .filter(|l| l.contains("protection state") && l.contains(" from="))
+            .filter_map(|l| {
+                let from = l.split("from=").nth(1)?.split_whitespace().next()?;
+                let to = l.split(" to=").nth(1)?.split_whitespace().next()?;
+                Some(format!("{from}->{to}"))
+            })
+            .collect();
+        rep.session_reconnects =
+            plog.lines().filter(after_fault).filter(|l| l.contains("link: session established")).count() as u64;
+        rep.lease_losses =
+            plog.lines().filter(after_fault).filter(|l| l.contains("arbitration: lease lost")).count() as u64;
 
         // Verdict.
         if rep.lost_writes > 0 {
@@ -858,8 +1142,54 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                 rep.problems.push("no 'lease lost' on the old primary before the backup's grant".into());
             }
         }
-        if point == Point::BackupCommitted && !plog.contains("the group agreed the primary runs degraded") {
+        if point.expects_degraded() && !plog.contains("the group agreed the primary runs degraded") {
             rep.problems.push("the primary did not get the group's consent to run degraded".into());
+        }
+        if point == Point::CommittedUnacked && rep.promoted {
+            // The checkpoint committed just before the kill was never acked: it must still be
+            // the one promoted (a backup may not drop a committed epoch for want of an ack).
+            let epoch_of = |needle: &str, key: &str| -> Option<u64> {
+                let line = blog.lines().find(|l| l.contains(needle))?;
+                let v = line.split(key).nth(1)?;
+                v.trim_start_matches("Some(").split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            };
+            let committed = epoch_of("backup: primary lost", "consistent_epoch=");
+            let promoted = epoch_of("PROMOTED", " epoch=");
+            if committed.is_none() || committed != promoted {
+                rep.problems.push(format!(
+                    "promoted epoch {promoted:?}, but the backup had committed {committed:?} when the primary died"
+                ));
+            }
+        }
+        if point == Point::PartitionPB {
+            if t_grant.is_some() {
+                rep.problems
+                    .push("the backup was granted activity although the primary kept a quorum with the witness".into());
+            }
+            // Re-protected after the heal: the group must know the backup again, or a later
+            // failure of the primary finds no failover target while status says `protected`.
+            let recorded = plog
+                .lines()
+                .filter(after_fault)
+                .any(|l| l.contains("arbitration: asked the group to record the backup"));
+            if rep.final_state.as_deref() == Some("protected") && !recorded {
+                rep.problems.push(
+                    "protected again after the heal, but the backup was not recorded in the group again \
+                     (no failover target)"
+                        .into(),
+                );
+            }
+        }
+        let new_quiet_point =
+            !point.expects_promotion() && !matches!(point, Point::BackupCommitted | Point::Witness | Point::Netem);
+        if new_quiet_point && rep.fenced {
+            rep.problems.push("the primary was fenced although nobody was promoted".into());
+        }
+        if matches!(point, Point::PartitionPW | Point::PartitionBW) && rep.session_reconnects > 0 {
+            rep.problems.push(format!(
+                "the replication session was re-established {} time(s) although its path was never cut",
+                rep.session_reconnects
+            ));
         }
         if point != Point::Partition && point != Point::BackupCommitted && point.expects_promotion() && rep.fenced {
             rep.problems.push("unexpected FENCED".into());
@@ -893,6 +1223,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             "b-serial.log",
             "ctl/fault",
             "primary-stacks.txt",
+            "impair.log",
         ] {
             let _ = fs::copy(d(f), to.join(f.replace('/', "-")));
         }
@@ -922,7 +1253,7 @@ pub fn summary(reports: &[RunReport]) -> String {
         by.entry(r.point.clone()).or_default().push(r);
     }
     let mut out = String::from(
-        "| point | runs | pass | invalid | promoted | lost acked writes | contradictions | reconnects | fenced | failover p50 ms | failover p99 ms | detect p50 ms | grant p50 ms | promote p50 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| point | runs | pass | invalid | promoted | lost acked writes | contradictions | reconnects | repl. reconnects | fenced | failover p50 ms | failover p99 ms | longest reply wait ms | detect p50 ms | grant p50 ms | promote p50 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in Point::ALL {
         let Some(rs) = by.get(p.name()) else { continue };
@@ -931,7 +1262,7 @@ pub fn summary(reports: &[RunReport]) -> String {
         let col = |f: &dyn Fn(&RunReport) -> Option<f64>| -> Vec<f64> { valid.iter().filter_map(|r| f(r)).collect() };
         let fo = col(&|r| if p.expects_promotion() || r.failover_ms.is_some() { r.failover_ms } else { None });
         out += &format!(
-            "| {} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.name(),
             rs.len(),
             rs.iter().filter(|r| r.outcome == "pass").count(),
@@ -940,9 +1271,11 @@ pub fn summary(reports: &[RunReport]) -> String {
             valid.iter().map(|r| r.lost_writes).sum::<u64>(),
             valid.iter().map(|r| r.contradictions).sum::<u64>(),
             valid.iter().map(|r| r.reconnects).sum::<u64>(),
+            valid.iter().filter(|r| !r.promoted).map(|r| r.session_reconnects).sum::<u64>(),
             valid.iter().filter(|r| r.fenced).count(),
             fmt_ms(pct(&fo, 50.0)),
             fmt_ms(pct(&fo, 99.0)),
+            fmt_ms(col(&|r| r.max_gap_ms).into_iter().reduce(f64::max)),
             fmt_ms(pct(&col(&|r| r.detect_ms), 50.0)),
             fmt_ms(pct(&col(&|r| r.grant_ms), 50.0)),
             fmt_ms(pct(&col(&|r| r.promote_ms), 50.0)),
@@ -1010,7 +1343,7 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
             let r = run_one(opts, point, n, &mut rng)?;
             let _ = writeln!(
                 std::io::stderr(),
-                "[faults {:6.1}s] {:<16} run {}: {:<7} promoted={} failover={} ms lost={} contradictions={} reconnects={} fenced={} {}",
+                "[faults {:6.1}s] {:<17} run {}: {:<7} promoted={} failover={} ms lost={} contradictions={} reconnects={} fenced={} final={} repl_reconnects={} states=[{}] {}",
                 t0.elapsed().as_secs_f64(),
                 point.name(),
                 i + 1,
@@ -1021,6 +1354,9 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
                 r.contradictions,
                 r.reconnects,
                 r.fenced,
+                r.final_state.as_deref().unwrap_or("-"),
+                r.session_reconnects,
+                r.state_changes.join(","),
                 if r.problems.is_empty() { String::new() } else { format!("problems: {}", r.problems.join("; ")) }
             );
             reports.push(r);
@@ -1041,7 +1377,11 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),
-        "topology": "namespaces sw (bridges br-lan, br-ctl), p, b, w, c; primary's control link cut/netem'd",
+        "topology": "namespaces sw (bridges br-lan, br-ctl), p, b, w, c; primary's control link cut/netem'd; \
+                     partition.x-y: blackhole routes between two hosts; link.*: replication through \
+                     `testbed impair` in ns b (10.78.0.2:7410 -> 7400)",
+        "impairments": Point::ALL.iter().filter_map(|p| Some((p.name(), p.impairment()?.describe())))
+            .collect::<BTreeMap<_, _>>(),
         "runs": reports.iter().map(RunReport::to_json).collect::<Vec<_>>(),
         "summary_markdown": summary(reports),
     });

@@ -13,5 +13,6 @@
 
 pub mod env;
 pub mod faults;
+pub mod impair;
 pub mod lines;
 pub mod qemu;

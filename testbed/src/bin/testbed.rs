@@ -1,11 +1,14 @@
 //! `testbed`: the testbed's command line. `testbed faults --runs N [--points a,b] [--out f.json]`
-//! runs the fault-injection harness (`testbed::faults`).
+//! runs the fault-injection harness (`testbed::faults`); `testbed impair ...` (hidden) is the
+//! harness's UDP link impairment proxy (`testbed::impair`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use testbed::faults::{self, Point};
+use testbed::impair;
 
 #[derive(Parser)]
 #[command(name = "testbed", about = "Understudy's testbed")]
@@ -24,7 +27,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         runs: usize,
         /// Comma-separated points: kill, primary.paused, primary.harvest, primary.shipped,
-        /// primary.acked, backup.committed, witness, partition, netem (default: all).
+        /// primary.acked, committed-unacked, backup.committed, backup, witness, partition,
+        /// partition.p-b, partition.p-w, partition.b-w, netem, link.loss, link.delay, link.dup,
+        /// link.corrupt, link.mix (default: all).
         #[arg(long, value_delimiter = ',')]
         points: Vec<String>,
         /// Write the JSON report here (rewritten after every run).
@@ -42,6 +47,43 @@ enum Cmd {
         /// Seed of the random fault moments (default: from the clock; printed in the report).
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// The harness's UDP impairment proxy (run by `testbed faults` inside a namespace): forwards
+    /// datagrams between LISTEN's client and TO, with loss, delay ± jitter, duplication and
+    /// corruption (percentages) while its window is open, deterministically from the seed.
+    #[command(hide = true)]
+    Impair {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Percent of datagrams dropped.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+        /// Percent of datagrams sent twice.
+        #[arg(long, default_value_t = 0.0)]
+        dup: f64,
+        /// Percent of datagram copies with 1-3 bytes flipped.
+        #[arg(long, default_value_t = 0.0)]
+        corrupt: f64,
+        /// Delay without reordering (a datagram never overtakes an earlier one).
+        #[arg(long)]
+        keep_order: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Open the window when this file appears (default: at start).
+        #[arg(long)]
+        start_file: Option<PathBuf>,
+        /// Close the window after this many ms (default: never).
+        #[arg(long)]
+        window_ms: Option<u64>,
+        /// Also relay TCP connections to TO (unimpaired).
+        #[arg(long)]
+        tcp: bool,
     },
 }
 
@@ -70,6 +112,42 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("testbed faults: {failed} run(s) failed");
                 std::process::exit(1);
             }
+        }
+        Cmd::Impair {
+            listen,
+            to,
+            loss,
+            delay_ms,
+            jitter_ms,
+            dup,
+            corrupt,
+            keep_order,
+            seed,
+            start_file,
+            window_ms,
+            tcp,
+        } => {
+            let pct = |x: f64, what: &str| -> anyhow::Result<f64> {
+                anyhow::ensure!((0.0..=100.0).contains(&x), "--{what} is a percentage (0-100), not {x}");
+                Ok(x / 100.0)
+            };
+            let cfg = impair::Config {
+                listen,
+                to,
+                impairment: impair::Impairment {
+                    loss: pct(loss, "loss")?,
+                    delay: Duration::from_millis(delay_ms),
+                    jitter: Duration::from_millis(jitter_ms),
+                    dup: pct(dup, "dup")?,
+                    corrupt: pct(corrupt, "corrupt")?,
+                    keep_order,
+                },
+                seed,
+                start_file,
+                window: window_ms.map(Duration::from_millis),
+                tcp,
+            };
+            impair::run(&cfg)?;
         }
     }
     Ok(())
