@@ -6,7 +6,7 @@
 //! resumes; the pause is exactly that. Encoding and shipping happen on the link task while the
 //! next epoch runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,9 @@ pub struct LinkShared {
     pub stop: AtomicBool,
     /// Highest harvest sequence acknowledged.
     pub acked_seq: Mutex<u64>,
+    /// Sequence of the latest sync's baseline: only the ack of a checkpoint taken after it
+    /// makes the VM `protected` (an ack of an epoch from before a re-sync proves nothing).
+    pub sync_floor: AtomicU64,
     /// Page buffers the link is done with, for the next epochs: a recycled buffer is already
     /// faulted in, so the pause copies into warm memory instead of fresh zeroed pages.
     spare: Mutex<Vec<Vec<u8>>>,
@@ -144,6 +147,7 @@ impl Default for LinkShared {
             stop: AtomicBool::new(false),
             acked_seq: Mutex::new(0),
             spare: Mutex::new(Vec::new()),
+            sync_floor: AtomicU64::new(0),
         }
     }
 }
@@ -418,6 +422,9 @@ impl Engine {
             }
         };
         let pages = pfns.len() as u64;
+        if round == 0 {
+            self.link.sync_floor.store(seq, Ordering::SeqCst);
+        }
         self.stats.lock().sync = Some(SyncProgress { round, pages, total_pages });
         tracing::info!(round, pages, total_pages, ms = t0.elapsed().as_millis() as u64, "sync round copied");
         self.send(Harvest { seq, kind, pfns, data, state: Vec::new(), digest: None, taken_at: t0 })?;

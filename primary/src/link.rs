@@ -202,7 +202,10 @@ pub async fn run(
                                         s.ack_us.push(l.as_secs_f64() * 1e6);
                                     }
                                 }
-                                if t.kind == HarvestKind::Checkpoint && stats.state() == ProtectionState::Syncing {
+                                if t.kind == HarvestKind::Checkpoint
+                                    && t.seq > shared.sync_floor.load(Ordering::SeqCst)
+                                    && stats.state() == ProtectionState::Syncing
+                                {
                                     stats.set_state(ProtectionState::Protected, &format!("backup committed consistent epoch {epoch}"));
                                 }
                             }

@@ -145,7 +145,8 @@ impl Tuning {
         Ok(())
     }
 
-    /// quinn's transport configuration for these values.
+    /// quinn's transport configuration for these values (with [`REORDER_PACKETS`] and
+    /// [`REORDER_RTTS`] as loss-detection thresholds).
     pub fn to_quinn(&self) -> Result<quinn::TransportConfig, ConfigError> {
         self.validate()?;
         let mut config = quinn::TransportConfig::default();
@@ -169,7 +170,14 @@ impl Tuning {
             // A peer opens one control and its `bulk_streams` bulk streams, once; allow any
             // bulk count it may be tuned for.
             .max_concurrent_uni_streams(VarInt::from_u32(u32::from(u8::MAX) + 1))
-            .max_concurrent_bidi_streams(VarInt::from_u32(0));
+            .max_concurrent_bidi_streams(VarInt::from_u32(0))
+            // Reordering is not loss. With RFC 9002's thresholds (3 packets, 9/8 RTT) a link
+            // that reorders by a few ms (10 +- 5 ms jitter in `testbed faults`' link.delay)
+            // declared ~100 packets lost per second that never were, and the congestion window
+            // collapsed: replies waited seconds for their epoch. A loss is still declared once a
+            // later packet is acked and 2 RTTs passed, which on a LAN is well under a ms.
+            .packet_threshold(REORDER_PACKETS)
+            .time_threshold(REORDER_RTTS);
         match self.congestion {
             Congestion::Cubic => config.congestion_controller_factory(Arc::new(CubicConfig::default())),
             Congestion::NewReno => config.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
@@ -178,6 +186,12 @@ impl Tuning {
         Ok(config)
     }
 }
+
+/// Packets acknowledged after an unacknowledged one before it counts as lost (RFC 9002: 3).
+pub const REORDER_PACKETS: u32 = 64;
+/// RTTs after a later packet was acknowledged before an unacknowledged one counts as lost
+/// (RFC 9002: 9/8).
+pub const REORDER_RTTS: f32 = 2.0;
 
 #[cfg(test)]
 mod tests {

@@ -357,6 +357,9 @@ impl Runtime {
             }
             Event::Degraded { vm, generation } => {
                 tracing::error!(vm = vm.0, generation, "arbitration: the group agreed the primary runs degraded");
+                // The group dropped the backup: once a backup is synced again it must be
+                // recorded again, or it would not be a failover target.
+                *lock(&self.backup_recorded) = false;
                 if let Some(o) = lock(&self.output).clone() {
                     o.set_passthrough(true);
                 }
