@@ -216,6 +216,9 @@ const PROXY_ADDR: &str = "10.78.0.2:7410";
 /// How long a `link.*` impairment lasts.
 const IMPAIR_WINDOW: Duration = Duration::from_secs(4);
 
+/// The replication link's default detection time in the harness (`--detect-ms`).
+pub const DEFAULT_DETECT_MS: u64 = 80;
+
 /// What `testbed faults` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -227,6 +230,8 @@ pub struct Options {
     pub run_timeout: Duration,
     pub total_timeout: Duration,
     pub seed: u64,
+    /// The replication link's `--detect-ms` (backup and primary), with heartbeats every 10 ms.
+    pub detect_ms: u64,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -247,6 +252,7 @@ impl Options {
             run_timeout: Duration::from_secs(45),
             total_timeout: Duration::from_secs(3600),
             seed: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
+            detect_ms: DEFAULT_DETECT_MS,
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -765,7 +771,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                 "--serial",
                 &s(d("b-serial.log")),
                 "--detect-ms",
-                "150",
+                &opts.detect_ms.to_string(),
                 "--heartbeat-ms",
                 "10",
                 "--arbiter-id",
@@ -862,7 +868,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             "--backup-node",
             "2",
             "--detect-ms",
-            "150",
+            &opts.detect_ms.to_string(),
             "--heartbeat-ms",
             "10",
         ])?;
@@ -1374,6 +1380,7 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
 fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()> {
     let v = json!({
         "seed": opts.seed,
+        "link_detect_ms": opts.detect_ms,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

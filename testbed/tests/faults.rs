@@ -1,6 +1,8 @@
-//! Smoke test of `testbed faults`: one kill -9 of the primary and one partition of the primary,
-//! each in its own namespaces, checked end to end (no acknowledged write lost, no contradicted
-//! reply, promotion with a grant, the cut-off primary fenced). Skips loudly without /dev/kvm,
+//! Smoke test of `testbed faults`: one kill -9 of the primary, one partition of the primary and
+//! one cut of the replication pair only, each in its own namespaces, checked end to end (no
+//! acknowledged write lost, no contradicted reply, promotion with a grant, the cut-off primary
+//! fenced; for the pair cut: no promotion, degraded with consent, the backup recorded again once
+//! re-synced). Skips loudly without /dev/kvm,
 //! root (namespaces, TAP, bridges) or the release binaries (`cargo build --release -p
 //! understudy`, `make guest`).
 
@@ -11,15 +13,15 @@ use testbed::faults::{Options, Point, preflight};
 
 #[test]
 fn faults_smoke_kill_and_partition() {
-    let opts = Options::new(1, vec![Point::Kill, Point::Partition]);
+    let opts = Options::new(1, vec![Point::Kill, Point::Partition, Point::PartitionPB]);
     if let Err(e) = preflight(&opts) {
         let _ = writeln!(std::io::stderr(), "\n*** SKIP: faults_smoke_kill_and_partition: {e:#} ***\n");
         return;
     }
     let out = tempfile_path("faults-smoke.json");
     let status = Command::new(env!("CARGO_BIN_EXE_testbed"))
-        .args(["faults", "--runs", "1", "--points", "kill,partition", "--run-timeout-s", "25"])
-        .args(["--total-timeout-s", "50", "--out"])
+        .args(["faults", "--runs", "1", "--points", "kill,partition,partition.p-b", "--run-timeout-s", "25"])
+        .args(["--total-timeout-s", "80", "--out"])
         .arg(&out)
         .status()
         .expect("run testbed faults");
@@ -27,10 +29,10 @@ fn faults_smoke_kill_and_partition() {
         serde_json::from_str(&std::fs::read_to_string(&out).expect("report written")).expect("report is json");
     let _ = std::fs::remove_file(&out);
     let runs = report["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2, "{report:#}");
-    for r in runs {
+    assert_eq!(runs.len(), 3, "{report:#}");
+    for (i, r) in runs.iter().enumerate() {
         assert_eq!(r["outcome"], "pass", "{r:#}");
-        assert_eq!(r["promoted"], true, "{r:#}");
+        assert_eq!(r["promoted"], i < 2, "{r:#}");
         assert_eq!(r["lost_writes"], 0, "{r:#}");
         assert_eq!(r["contradictions"], 0, "{r:#}");
         assert!(r["acked_writes"].as_u64().unwrap_or(0) > 0, "the client wrote nothing: {r:#}");

@@ -47,6 +47,9 @@ enum Cmd {
         /// Seed of the random fault moments (default: from the clock; printed in the report).
         #[arg(long)]
         seed: Option<u64>,
+        /// The replication link's detection time, ms (heartbeats every 10 ms).
+        #[arg(long, default_value_t = faults::DEFAULT_DETECT_MS)]
+        detect_ms: u64,
     },
     /// The harness's UDP impairment proxy (run by `testbed faults` inside a namespace): forwards
     /// datagrams between LISTEN's client and TO, with loss, delay ± jitter, duplication and
@@ -90,7 +93,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed } => {
+        Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed, detect_ms } => {
             let points = if points.is_empty() {
                 Point::ALL.to_vec()
             } else {
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             opts.logs = logs;
             opts.run_timeout = Duration::from_secs(run_timeout_s);
             opts.total_timeout = Duration::from_secs(total_timeout_s);
+            opts.detect_ms = detect_ms;
             if let Some(s) = seed {
                 opts.seed = s | 1;
             }
