@@ -241,3 +241,25 @@ fn a_gone_holder_that_led_raft_costs_no_election() {
     assert!(gone <= floor + 10, "gone {gone} ms, floor {floor} ms");
     assert!(dead > gone, "dead {dead} ms should pay the election");
 }
+
+#[test]
+fn a_host_wide_stall_changes_no_leader_and_grants_nothing() {
+    let mut g = Group::new();
+    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+    g.run(300);
+    let now = g.now;
+    g.node(1).set_backup(now, VM, 2).unwrap();
+    g.run(300);
+    assert_eq!(g.node(1).leader(), Some(1));
+    let before = g.events.len();
+    // Every process of the host stops for 120 ms (none is called), then all run again.
+    g.now += Duration::from_millis(120);
+    g.run(300);
+    let after: Vec<_> = g.events[before..].to_vec();
+    assert!(
+        !after.iter().any(|(_, e)| matches!(e, Event::LeaderChanged { .. } | Event::Fenced { .. })),
+        "a stall of everybody moved leadership or fenced the holder: {after:?}"
+    );
+    assert_eq!(g.node(1).leader(), Some(1));
+    assert!(g.at(1, |a, now| a.may_release_output(now, VM)), "the holder renewed its lease after the stall");
+}

@@ -263,6 +263,10 @@ pub(crate) struct Link {
     control: VecDeque<Transmit>,
     last_recv: Option<Instant>,
     last_send: Option<Instant>,
+    /// The latest instant this side was seen running (any call with a `now`).
+    last_awake: Option<Instant>,
+    /// Times this side found it had not run for a while (see [`Link::awake`]).
+    pub stalls: u64,
     pub peer: Option<Hello>,
     pub version: u16,
     pub crc_errors: u64,
@@ -281,6 +285,8 @@ impl Link {
             control: VecDeque::new(),
             last_recv: None,
             last_send: None,
+            last_awake: None,
+            stalls: 0,
             peer: None,
             version: 0,
             crc_errors: 0,
@@ -300,6 +306,7 @@ impl Link {
         self.control.clear();
         self.last_recv = Some(now);
         self.last_send = Some(now);
+        self.last_awake = Some(now);
         self.peer = None;
         self.push(&Message::Hello(hello));
     }
@@ -319,6 +326,7 @@ impl Link {
     /// Notes that something was written at `now` (delays the next heartbeat).
     pub fn sent(&mut self, now: Instant) {
         if self.state != LinkState::Down {
+            self.awake(now);
             self.last_send = Some(now);
         }
     }
@@ -353,12 +361,35 @@ impl Link {
         Some(hb.min(idle))
     }
 
+    /// Notes that this side runs at `now`. A gap since the last call much longer than the
+    /// heartbeat timer means *this* process (or its host) did not run: the peer's messages of
+    /// that time are still unread in the socket, so the silence is not the peer's. The idle
+    /// clock then skips the gap; a peer that really died is declared idle that much later.
+    /// Seen here: all three processes of a host stalled ~120 ms at once, and an 80 ms idle
+    /// timeout fired on wake-up against a peer that had been talking all along.
+    fn awake(&mut self, now: Instant) {
+        let stall = 2 * self.timing.heartbeat_interval + Duration::from_millis(10);
+        if let Some(prev) = self.last_awake
+            && now > prev + stall
+        {
+            let gap = now - prev;
+            self.stalls += 1;
+            if let Some(r) = self.last_recv {
+                self.last_recv = Some((r + gap).min(now));
+            }
+        }
+        if self.last_awake.is_none_or(|p| now > p) {
+            self.last_awake = Some(now);
+        }
+    }
+
     /// Handles timers; returns an error when the peer is idle too long. Queues a heartbeat with
     /// `beat` when one is due.
     pub fn on_timeout(&mut self, now: Instant, beat: Heartbeat) -> Result<(), SessionError> {
         if self.state == LinkState::Down {
             return Ok(());
         }
+        self.awake(now);
         if let Some(last) = self.last_recv
             && now >= last + self.timing.idle_timeout
         {
@@ -388,6 +419,7 @@ impl Link {
         if self.state == LinkState::Down {
             return Ok(());
         }
+        self.awake(now);
         self.last_recv = Some(now);
         self.decoder.push(data);
         loop {
@@ -419,6 +451,7 @@ impl Link {
         if self.state != LinkState::Established {
             return Ok(());
         }
+        self.awake(now);
         match crate::frame::decode_datagram(data) {
             // Only heartbeats travel as datagrams; anything else is dropped.
             Ok(frame) if frame.kind == MessageKind::Heartbeat => {

@@ -998,7 +998,16 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                         }
                     }
                 } else {
-                    seen
+                    // Dated by the dying process's own `fault point ... reached` line, logged just
+                    // before it kills itself (so the fault is dated a ms or two early, never
+                    // late); `seen` is up to one poll (and the exit's reaping) late, which made
+                    // failover look ~20 ms shorter than it was.
+                    let log = if who == "backup" { "backup.log" } else { "primary.log" };
+                    read(&d(log))
+                        .lines()
+                        .find(|l| l.contains("fault point") && l.contains("reached"))
+                        .and_then(line_time)
+                        .unwrap_or(seen)
                 };
                 fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
                 if t_protected.elapsed() < Duration::from_millis(500) {
