@@ -28,6 +28,17 @@ impl Group {
         Self { now, disks, nodes, events: Vec::new() }
     }
 
+    /// Node 1 holds the VM, with node 2 recorded as its backup.
+    fn protected() -> Self {
+        let mut g = Self::new();
+        g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
+        g.run(300);
+        let now = g.now;
+        g.node(1).set_backup(now, VM, 2).unwrap();
+        g.run(300);
+        g
+    }
+
     /// Calls `f` on node `id` with the group's clock.
     fn at<R>(&mut self, id: u64, f: impl FnOnce(&mut Arbiter, Instant) -> R) -> R {
         let now = self.now;
@@ -186,12 +197,7 @@ fn api_refusals_name_the_vm_and_the_node() {
 
 #[test]
 fn relinquish_lets_the_lease_lapse_and_the_backup_take_over() {
-    let mut g = Group::new();
-    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
-    g.run(300);
-    let now = g.now;
-    g.node(1).set_backup(now, VM, 2).unwrap();
-    g.run(100);
+    let mut g = Group::protected();
     g.node(1).relinquish(VM);
     assert!(!g.at(1, |a, now| a.may_release_output(now, VM)));
     let now = g.now;
@@ -205,12 +211,7 @@ fn relinquish_lets_the_lease_lapse_and_the_backup_take_over() {
 /// Milliseconds from a crash of the holder (which leads raft) to the backup's grant, when the
 /// backup reports the holder `dead` (heartbeat silence) or `gone` (its process is known dead).
 fn crash_to_grant(gone: bool) -> u64 {
-    let mut g = Group::new();
-    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
-    g.run(300);
-    let now = g.now;
-    g.node(1).set_backup(now, VM, 2).unwrap();
-    g.run(300);
+    let mut g = Group::protected();
     assert_eq!(g.node(2).leader(), Some(1), "leadership follows the holder");
     g.crash(1);
     let now = g.now;
@@ -244,12 +245,7 @@ fn a_gone_holder_that_led_raft_costs_no_election() {
 
 #[test]
 fn a_host_wide_stall_changes_no_leader_and_grants_nothing() {
-    let mut g = Group::new();
-    g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
-    g.run(300);
-    let now = g.now;
-    g.node(1).set_backup(now, VM, 2).unwrap();
-    g.run(300);
+    let mut g = Group::protected();
     assert_eq!(g.node(1).leader(), Some(1));
     let before = g.events.len();
     // Every process of the host stops for 120 ms (none is called), then all run again.
