@@ -270,11 +270,11 @@ pub async fn serve(
             s.connected = true;
             s.primary = peer;
         }
-        let token = conn.keying_material(transport::liveness::LABEL);
+        let watch = lines.as_ref().map(|l| l.watch(&conn));
         let line = async {
-            match (&lines, token) {
-                (Some(l), Some(t)) => l.accept_for(t).await.ended().await,
-                _ => std::future::pending().await,
+            match watch {
+                Some(w) => w.await,
+                None => std::future::pending().await,
             }
         };
         tokio::pin!(line);

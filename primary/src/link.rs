@@ -110,18 +110,7 @@ pub async fn run(
         };
         backoff = Duration::from_millis(20);
         // Process-death evidence beside the session (transport::liveness).
-        let token = conn.keying_material(transport::liveness::LABEL);
-        let backup_addr = cfg.backup;
-        let line = async move {
-            let Some(token) = token else { return std::future::pending().await };
-            match transport::liveness::connect(backup_addr, token).await {
-                Ok(mut line) => line.ended().await,
-                Err(e) => {
-                    tracing::info!("link: no liveness line to the backup ({e}): detection by heartbeats only");
-                    std::future::pending().await
-                }
-            }
-        };
+        let line = transport::liveness::hold(cfg.backup, &conn);
         tokio::pin!(line);
         let mut line_open = true;
         let mut session = transport::proto::sender_session(conn, sender);

@@ -1,13 +1,15 @@
 //! A stall of this side is not silence of the peer: after a gap between calls much longer than
 //! the heartbeat timer, the idle clock skips the gap (the peer's heartbeats of that time are
 //! still unread in the socket), while a peer that really went silent is still declared idle.
+//! The peer is a real `Sender`; what it transmits while the receiver stalls is queued, as a
+//! socket would, and delivered after the receiver's timer ran on waking.
 
 use std::time::{Duration, Instant};
 
-use replication_proto::message::Heartbeat;
-use replication_proto::session::{Endpoint, Timing};
-use replication_proto::version::{PROTOCOL_VERSION, oldest_accepted};
-use replication_proto::{Hello, MemoryLayout, Message, Receiver, ReceiverConfig, ReceiverEvent, Role, VmIdentity};
+use replication_proto::session::{Channel, Endpoint, Timing};
+use replication_proto::{
+    MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig, SenderEvent, VmIdentity,
+};
 
 const HB: u64 = 10;
 const IDLE: u64 = 80;
@@ -16,99 +18,131 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn connected(t0: Instant) -> Receiver {
-    let vm = VmIdentity { uuid: *b"stall-test-vm-id", name: "stall".into() };
-    let layout = MemoryLayout::flat(4096, 64 * 4096);
-    let mut cfg = ReceiverConfig::new(Role::Backup, vm.clone(), layout.clone(), 2);
-    cfg.timing = Timing { heartbeat_interval: ms(HB), idle_timeout: ms(IDLE) };
-    let mut r = Receiver::new(cfg);
-    r.connect(t0);
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        min_version: oldest_accepted(PROTOCOL_VERSION),
-        role: Role::Primary,
-        instance: 1,
-        vm,
-        layout,
-        window: 4,
-        committed: None,
-        delivered: None,
-        high_water: 0,
-        session: 1,
-    };
-    let mut bytes = Vec::new();
-    Message::Hello(hello).encode_frame(&mut bytes);
-    r.handle_input(t0, &bytes);
-    drain(&mut r, t0);
-    assert!(!disconnected(&mut r), "handshake failed");
-    r
+struct Link {
+    t0: Instant,
+    s: Sender,
+    r: Receiver,
+    /// Frames from the sender not yet read by the receiver: `(datagram?, bytes)`.
+    socket: Vec<(bool, Vec<u8>)>,
 }
 
-fn drain(r: &mut Receiver, now: Instant) {
-    while r.poll_transmit(now).is_some() {}
-}
-
-fn disconnected(r: &mut Receiver) -> bool {
-    let mut gone = false;
-    while let Some(e) = r.poll_event() {
-        gone |= matches!(e, ReceiverEvent::Disconnected { .. });
+impl Link {
+    fn connected() -> Self {
+        let vm = VmIdentity { uuid: *b"stall-test-vm-id", name: "stall".into() };
+        let layout = MemoryLayout::flat(4096, 64 * 4096);
+        let timing = Timing { heartbeat_interval: ms(HB), idle_timeout: ms(IDLE) };
+        let mut scfg = SenderConfig::new(Role::Primary, vm.clone(), layout.clone(), 1);
+        scfg.timing = timing;
+        let mut rcfg = ReceiverConfig::new(Role::Backup, vm, layout, 2);
+        rcfg.timing = timing;
+        let t0 = Instant::now();
+        let mut l = Self { t0, s: Sender::new(scfg), r: Receiver::new(rcfg), socket: Vec::new() };
+        l.s.connect(t0);
+        l.r.connect(t0);
+        l.sender_sends(0);
+        l.receiver_reads(0);
+        assert!(!l.disconnected(), "handshake failed");
+        l
     }
-    gone
-}
 
-fn heartbeat(r: &mut Receiver, now: Instant) {
-    let mut bytes = Vec::new();
-    Message::Heartbeat(Heartbeat { last_sent: 0, committed: 0 }).encode_frame(&mut bytes);
-    r.handle_datagram(now, &bytes);
-}
-
-/// Ticks every `HB` ms from `from` to `to` (exclusive); true if the peer was declared idle.
-fn tick(r: &mut Receiver, t0: Instant, from: u64, to: u64, beats: bool) -> Option<u64> {
-    let mut t = from;
-    while t < to {
-        let now = t0 + ms(t);
-        if beats {
-            heartbeat(r, now);
+    /// The sender runs its timer at `t` and writes what it has into the socket.
+    fn sender_sends(&mut self, t: u64) {
+        let now = self.t0 + ms(t);
+        self.s.handle_timeout(now);
+        while let Some(x) = self.s.poll_transmit(now) {
+            self.socket.push((x.channel() == Channel::Datagram, x.to_vec()));
         }
-        r.handle_timeout(now);
-        drain(r, now);
-        if disconnected(r) {
-            return Some(t);
-        }
-        t += HB;
     }
-    None
+
+    /// The receiver reads its socket at `t` and answers.
+    fn receiver_reads(&mut self, t: u64) {
+        let now = self.t0 + ms(t);
+        for (datagram, bytes) in std::mem::take(&mut self.socket) {
+            if datagram {
+                self.r.handle_datagram(now, &bytes);
+            } else {
+                self.r.handle_input(now, &bytes);
+            }
+        }
+        self.receiver_writes(now);
+    }
+
+    /// The receiver's timer runs at `t`.
+    fn receiver_timer(&mut self, t: u64) {
+        let now = self.t0 + ms(t);
+        self.r.handle_timeout(now);
+        self.receiver_writes(now);
+    }
+
+    /// What the receiver writes reaches the sender at once (the sender's socket is not the
+    /// subject here).
+    fn receiver_writes(&mut self, now: Instant) {
+        while let Some(x) = self.r.poll_transmit(now) {
+            if x.channel() == Channel::Datagram {
+                self.s.handle_datagram(now, &x);
+            } else {
+                self.s.handle_input(now, &x);
+            }
+        }
+    }
+
+    fn disconnected(&mut self) -> bool {
+        let mut gone = false;
+        while let Some(e) = self.r.poll_event() {
+            gone |= matches!(e, ReceiverEvent::Disconnected { .. });
+        }
+        gone
+    }
+
+    /// Both run every `HB` ms from `from` to `to` (the sender only if `talking`); the time the
+    /// receiver declared the sender idle, if it did.
+    fn run(&mut self, from: u64, to: u64, talking: bool) -> Option<u64> {
+        let mut t = from;
+        while t < to {
+            if talking {
+                self.sender_sends(t);
+            }
+            self.receiver_timer(t);
+            self.receiver_reads(t);
+            if self.disconnected() {
+                return Some(t);
+            }
+            t += HB;
+        }
+        None
+    }
 }
 
 #[test]
 fn a_silent_peer_is_declared_idle() {
-    let t0 = Instant::now();
-    let mut r = connected(t0);
-    let at = tick(&mut r, t0, HB, 500, false).expect("idle peer never declared");
+    let mut l = Link::connected();
+    let at = l.run(HB, 500, false).expect("idle peer never declared");
     assert!((IDLE..=IDLE + HB).contains(&at), "declared at {at} ms");
 }
 
 #[test]
-fn our_own_stall_does_not_condemn_a_talking_peer() {
-    let t0 = Instant::now();
-    let mut r = connected(t0);
-    assert_eq!(tick(&mut r, t0, HB, 50, true), None);
-    // This process does not run from 40 to 160 ms (the host stalled); on waking, the timer fires
-    // before the heartbeats waiting in the socket are read.
-    r.handle_timeout(t0 + ms(160));
-    drain(&mut r, t0 + ms(160));
-    assert!(!disconnected(&mut r), "declared idle on waking from our own 120 ms stall");
-    // The backlog is read, and the peer goes on talking.
-    assert_eq!(tick(&mut r, t0, 161, 600, true), None);
+fn a_host_wide_stall_condemns_nobody() {
+    let mut l = Link::connected();
+    assert_eq!(l.run(HB, 50, true), None);
+    // Both processes stop from 40 to 160 ms (their host stalled). On waking the receiver's
+    // timer fires before it reads what the sender writes on waking.
+    l.receiver_timer(160);
+    assert!(!l.disconnected(), "the receiver declared the sender idle on waking from a 120 ms stall");
+    l.sender_sends(160);
+    l.receiver_reads(160);
+    assert_eq!(l.run(170, 600, true), None, "the link did not recover from the stall");
+    assert!(
+        !std::iter::from_fn(|| l.s.poll_event()).any(|e| matches!(e, SenderEvent::Disconnected { .. })),
+        "the sender declared the receiver idle"
+    );
 }
 
 #[test]
 fn a_peer_that_dies_during_our_stall_is_still_declared_idle() {
-    let t0 = Instant::now();
-    let mut r = connected(t0);
-    assert_eq!(tick(&mut r, t0, HB, 50, true), None);
+    let mut l = Link::connected();
+    assert_eq!(l.run(HB, 50, true), None);
     // Stall from 40 to 160 ms; the peer died at 45 and nothing is waiting.
-    let at = tick(&mut r, t0, 160, 1000, false).expect("dead peer never declared");
+    let at = l.run(160, 1000, false).expect("dead peer never declared");
     // Only the silence while we were running counts: idle at most `IDLE` after waking.
     assert!(at <= 160 + IDLE + HB, "declared at {at} ms");
 }

@@ -108,6 +108,24 @@ pub async fn connect(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<Line>
 /// Authenticated lines waiting for their session: `(token, stream)`.
 type Waiting = Arc<Mutex<VecDeque<([u8; 32], TcpStream)>>>;
 
+/// The primary's side of `session`: holds its line to the backup at `addr` until the backup
+/// ends it. Never resolves when there is no line (no token, no TCP path to the backup): then
+/// heartbeats alone decide.
+/// The token is taken from `session` at once: the future does not keep the connection alive.
+pub fn hold(addr: SocketAddr, session: &crate::Connection) -> impl std::future::Future<Output = End> + Send + 'static {
+    let token = session.keying_material(LABEL);
+    async move {
+        let Some(token) = token else { return std::future::pending().await };
+        match connect(addr, token).await {
+            Ok(mut line) => line.ended().await,
+            Err(e) => {
+                tracing::info!(%addr, "liveness: no line to the backup ({e}): detection by heartbeats only");
+                std::future::pending().await
+            }
+        }
+    }
+}
+
 /// The backup's side: accepts lines and hands each to the session whose token it presents.
 pub struct Listener {
     waiting: Waiting,
@@ -156,6 +174,18 @@ impl Listener {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Watches the line of `session`: resolves when the primary ends it. Never resolves when
+    /// the session has no token or its primary opens no line.
+    pub fn watch(&self, session: &crate::Connection) -> impl std::future::Future<Output = End> + '_ {
+        let token = session.keying_material(LABEL);
+        async move {
+            match token {
+                Some(token) => self.accept_for(token).await.ended().await,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Waits for the line of the session whose token is `token`.
