@@ -32,6 +32,9 @@ pub enum ReplicaError {
     /// There is no consistent checkpoint to promote.
     #[error("replica holds no consistent checkpoint (still syncing)")]
     NotConsistent,
+    /// A VM could not be built over the replica ahead of promotion.
+    #[error("replica: prepare a vm over the replica memory")]
+    Prepare(#[source] vmm::vm::VmError),
 }
 
 struct Pages<'a>(&'a mut OwnedMemory);
@@ -117,6 +120,18 @@ impl Replica {
     /// The encoded `VmState` of the consistent checkpoint.
     pub fn state_bytes(&self) -> Option<&[u8]> {
         self.state.as_deref()
+    }
+
+    /// Builds a KVM VM over the replica memory ahead of promotion (see
+    /// [`vmm::vm::PreparedVm`]), with the vCPU count of the consistent state; `None` while the
+    /// replica holds no consistent state.
+    pub fn prepare_vm(&self) -> Option<Result<vmm::vm::PreparedVm, ReplicaError>> {
+        let (state, epoch) = (self.state.as_ref()?, self.consistent?);
+        let vcpus = match vmm::VmState::decode(state) {
+            Ok(s) => s.vcpus.len(),
+            Err(source) => return Some(Err(ReplicaError::State { epoch, source })),
+        };
+        Some(self.mem.prepare_vm(u8::try_from(vcpus).unwrap_or(u8::MAX)).map_err(ReplicaError::Prepare))
     }
 
     /// Gives up memory and state to build a VM (promotion), without copying memory.

@@ -37,12 +37,28 @@ pub struct BackupConfig {
     pub on_primary_lost: Option<std::sync::mpsc::Sender<PrimaryLost>>,
 }
 
-/// The primary went silent while the replica held a consistent checkpoint.
+/// How sure the backup is that the primary is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The session ended (silence past the detection time, the liveness line, a broken
+    /// connection).
+    Lost,
+    /// The primary has been silent past the suspicion time; the session goes on. Acting on it
+    /// is only safe where something else rules out two active copies (arbitration's lease).
+    Suspect,
+    /// A suspect primary spoke again: withdraw what the suspicion started.
+    Heard,
+}
+
+/// The primary went silent while the replica held a consistent checkpoint (or, with
+/// [`Verdict::Heard`], spoke again).
 #[derive(Debug, Clone)]
 pub struct PrimaryLost {
+    /// How sure.
+    pub verdict: Verdict,
     /// The replica's consistent epoch.
     pub epoch: u64,
-    /// Why the session ended.
+    /// Why the session ended (or how long the primary has been silent).
     pub reason: String,
     /// The primary's host closed the liveness line without a goodbye: its process is gone,
     /// not merely silent.
@@ -98,6 +114,23 @@ pub struct BackupNode {
     last_commit: Mutex<Option<Instant>>,
     journal: Mutex<Vec<VerifyPoint>>,
     commit_us_total: Mutex<f64>,
+    /// A VM built over the replica memory once it first became consistent, so promotion only
+    /// loads state (see [`vmm::vm::PreparedVm`]).
+    prepared: Mutex<Prepared>,
+}
+
+/// Where the VM built ahead of promotion stands.
+#[derive(Debug, Default)]
+enum Prepared {
+    /// Not started (no consistent checkpoint yet).
+    #[default]
+    No,
+    /// Being built.
+    Building,
+    /// Built.
+    Ready(vmm::vm::PreparedVm),
+    /// Failed or taken; promotion builds its own.
+    Gone,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,7 +170,23 @@ impl BackupNode {
             last_commit: Mutex::new(None),
             journal: Mutex::new(Vec::new()),
             commit_us_total: Mutex::new(0.0),
+            prepared: Mutex::new(Prepared::No),
         }))
+    }
+
+    /// Tells the owner (`on_primary_lost`) what became of the primary, if the replica holds a
+    /// consistent checkpoint (without one there is nothing to promote).
+    fn report(&self, cfg: &BackupConfig, epoch: Option<u64>, verdict: Verdict, reason: String, process_gone: bool) {
+        if let (Some(epoch), Some(tx)) = (epoch, &cfg.on_primary_lost) {
+            let _ = tx.send(PrimaryLost {
+                verdict,
+                epoch,
+                reason,
+                process_gone,
+                last_commit: *lock(&self.last_commit),
+                noticed: Instant::now(),
+            });
+        }
     }
 
     /// The status now.
@@ -162,6 +211,43 @@ impl BackupNode {
         }
         lock(&self.status).state = "promoted".into();
         Ok(r)
+    }
+
+    /// The VM built ahead of promotion, if it is ready (building one takes ~7-9 ms; promotion
+    /// builds its own when this is `None`).
+    pub fn take_prepared_vm(&self) -> Option<vmm::vm::PreparedVm> {
+        match std::mem::replace(&mut *lock(&self.prepared), Prepared::Gone) {
+            Prepared::Ready(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Builds the VM over the replica memory on first consistency (on the calling commit
+    /// thread, once: the replica lock is held, so no commit runs meanwhile).
+    fn prepare_once(&self, replica: &Replica) {
+        {
+            let mut p = lock(&self.prepared);
+            if !matches!(*p, Prepared::No) {
+                return;
+            }
+            *p = Prepared::Building;
+        }
+        let t0 = Instant::now();
+        let next = match replica.prepare_vm() {
+            Some(Ok(vm)) => {
+                tracing::info!(
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "backup: vm prepared over the replica for promotion"
+                );
+                Prepared::Ready(vm)
+            }
+            Some(Err(e)) => {
+                tracing::warn!("backup: {}; promotion will build the vm", error_chain(&e));
+                Prepared::Gone
+            }
+            None => Prepared::No,
+        };
+        *lock(&self.prepared) = next;
     }
 
     fn commit(&self, cp: &replication_proto::Checkpoint, verify: bool) -> Result<(), String> {
@@ -192,6 +278,11 @@ impl BackupNode {
                 if s.state != state {
                     tracing::info!(epoch = c.epoch, "backup replica: {} -> {state}", s.state);
                     s.state = state.into();
+                }
+                drop(s);
+                drop(total);
+                if c.consistent {
+                    self.prepare_once(replica);
                 }
                 Ok(())
             }
@@ -301,7 +392,13 @@ pub async fn serve(
             };
             let Some(ev) = ev else { break };
             match ev {
-                ReceiverEvent::Connected { peer } => tracing::info!(vm = %peer.vm.name, "backup: session established"),
+                ReceiverEvent::Connected { peer } => {
+                    tracing::info!(vm = %peer.vm.name, "backup: session established");
+                    // A primary that was reported lost and came back withdraws the takeover
+                    // request (a no-op when none is pending).
+                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
+                    node.report(&cfg, epoch, Verdict::Heard, "primary connected".into(), false);
+                }
                 ReceiverEvent::Checkpoint(cp) => {
                     let epoch = cp.epoch();
                     let node2 = Arc::clone(&node);
@@ -330,6 +427,16 @@ pub async fn serve(
                     }
                 }
                 ReceiverEvent::Pages { .. } => {}
+                ReceiverEvent::PeerSuspect { silent_ms } => {
+                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
+                    tracing::warn!(silent_ms, consistent_epoch = ?epoch, "backup: primary suspect");
+                    node.report(&cfg, epoch, Verdict::Suspect, format!("primary silent for {silent_ms} ms"), false);
+                }
+                ReceiverEvent::PeerHeard { silent_ms } => {
+                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
+                    tracing::info!(silent_ms, "backup: suspect primary heard again");
+                    node.report(&cfg, epoch, Verdict::Heard, format!("primary heard after {silent_ms} ms"), false);
+                }
                 ReceiverEvent::Disconnected { error } => {
                     tracing::warn!("backup: primary disconnected: {error}");
                     lock(&node.status).last_error = Some(error.to_string());
@@ -342,15 +449,7 @@ pub async fn serve(
             let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
             let reason = lock(&node.status).last_error.clone().unwrap_or_else(|| "connection ended".into());
             tracing::warn!(consistent_epoch = ?epoch, "backup: primary lost: {reason}");
-            if let (Some(epoch), Some(tx)) = (epoch, &cfg.on_primary_lost) {
-                let _ = tx.send(PrimaryLost {
-                    epoch,
-                    reason,
-                    process_gone,
-                    last_commit: *lock(&node.last_commit),
-                    noticed: Instant::now(),
-                });
-            }
+            node.report(&cfg, epoch, Verdict::Lost, reason, process_gone);
         }
         match session.finish().await {
             Ok(f) => receiver = Some(f.core.into_endpoint()),

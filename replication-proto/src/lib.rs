@@ -144,5 +144,5 @@ pub use message::{
 pub use pageset::PageEncoding;
 pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
 pub use sender::{BaselineReason, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError};
-pub use session::{Channel, Endpoint, LinkState, SessionError, Timing, Transmit};
+pub use session::{Channel, Endpoint, LinkState, PeerLiveness, SessionError, Timing, Transmit};
 pub use version::{PROTOCOL_VERSION, VersionError};

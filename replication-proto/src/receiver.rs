@@ -75,6 +75,17 @@ pub enum ReceiverEvent {
         /// `(pfn, page bytes)`, ascending.
         pages: Vec<(u64, Vec<u8>)>,
     },
+    /// The sender has been silent for [`crate::Timing::suspect_after`] (the session goes on
+    /// until `idle_timeout`): a first verdict, before [`ReceiverEvent::Disconnected`].
+    PeerSuspect {
+        /// How long it has been silent, in milliseconds.
+        silent_ms: u64,
+    },
+    /// The suspect sender spoke again: withdraw what the suspicion started.
+    PeerHeard {
+        /// How long the silence lasted, in milliseconds.
+        silent_ms: u64,
+    },
     /// The connection ended; reconnect unless `error` [`SessionError::is_permanent`].
     Disconnected {
         /// Why.
@@ -320,6 +331,19 @@ impl Receiver {
     fn fail(&mut self, error: SessionError) {
         self.link.fail(&error);
         self.events.push_back(ReceiverEvent::Disconnected { error });
+    }
+
+    /// Reports a change in the sender's liveness the link noticed.
+    fn liveness_event(&mut self) {
+        match self.link.take_liveness() {
+            Some(crate::session::PeerLiveness::Suspect { silent_ms }) => {
+                self.events.push_back(ReceiverEvent::PeerSuspect { silent_ms });
+            }
+            Some(crate::session::PeerLiveness::Heard { silent_ms }) => {
+                self.events.push_back(ReceiverEvent::PeerHeard { silent_ms });
+            }
+            None => {}
+        }
     }
 
     /// What the receiver is waiting for, if anything.
@@ -708,6 +732,7 @@ impl Endpoint for Receiver {
             inputs.push(i);
             Ok(())
         });
+        self.liveness_event();
         self.process(now, inputs, r);
     }
 
@@ -718,12 +743,15 @@ impl Endpoint for Receiver {
             inputs.push(i);
             Ok(())
         });
+        self.liveness_event();
         self.process(now, inputs, r);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         let beat = crate::message::Heartbeat { last_sent: 0, committed: self.committed.map_or(0, |c| c.epoch) };
-        if let Err(e) = self.link.on_timeout(now, beat) {
+        let r = self.link.on_timeout(now, beat);
+        self.liveness_event();
+        if let Err(e) = r {
             self.fail(e);
             return;
         }

@@ -216,12 +216,43 @@ pub struct Timing {
     pub heartbeat_interval: Duration,
     /// Give up on the connection when nothing arrived for this long.
     pub idle_timeout: Duration,
+    /// Report the peer *suspect* (without ending the session) when nothing arrived for this
+    /// long: a first, cheap verdict an owner may act on where acting is safe anyway (the backup
+    /// asks the group for activity, which the group grants only once the primary's lease is
+    /// over), while the session itself waits out `idle_timeout`. `None`: no suspicion.
+    pub suspect_after: Option<Duration>,
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Self { heartbeat_interval: Duration::from_millis(100), idle_timeout: Duration::from_millis(1000) }
+        Self {
+            heartbeat_interval: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(1000),
+            suspect_after: None,
+        }
     }
+}
+
+impl Timing {
+    /// The suspicion threshold in force: only one shorter than `idle_timeout` counts.
+    fn suspect(&self) -> Option<Duration> {
+        self.suspect_after.filter(|s| *s < self.idle_timeout)
+    }
+}
+
+/// A change in how the peer's silence is judged, short of ending the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLiveness {
+    /// Nothing arrived for `silent_ms` (at least [`Timing::suspect_after`]).
+    Suspect {
+        /// How long the peer has been silent, in milliseconds.
+        silent_ms: u64,
+    },
+    /// The suspect peer spoke again after `silent_ms` of silence.
+    Heard {
+        /// How long the silence lasted, in milliseconds.
+        silent_ms: u64,
+    },
 }
 
 /// Where a connection stands.
@@ -274,6 +305,10 @@ pub(crate) struct Link {
     pub session: u64,
     /// `(instance, session)` of the last peer Hello accepted.
     last_peer: Option<(u64, u64)>,
+    /// Whether the peer is suspect now (reported, not yet heard again).
+    suspected: bool,
+    /// A liveness change not yet taken by the owner.
+    liveness: Option<PeerLiveness>,
 }
 
 impl Link {
@@ -292,7 +327,24 @@ impl Link {
             crc_errors: 0,
             session: 0,
             last_peer: None,
+            suspected: false,
+            liveness: None,
         }
+    }
+
+    /// The latest liveness change since the last call (a suspicion, or the peer heard again).
+    pub fn take_liveness(&mut self) -> Option<PeerLiveness> {
+        self.liveness.take()
+    }
+
+    /// Something arrived at `now`: clears a suspicion.
+    fn heard(&mut self, now: Instant) {
+        if self.suspected {
+            self.suspected = false;
+            let silent_ms = self.last_recv.map_or(0, |l| now.saturating_duration_since(l).as_millis() as u64);
+            self.liveness = Some(PeerLiveness::Heard { silent_ms });
+        }
+        self.last_recv = Some(now);
     }
 
     /// Counts a new connection (the count goes in our `Hello`).
@@ -308,6 +360,8 @@ impl Link {
         self.last_send = Some(now);
         self.last_awake = Some(now);
         self.peer = None;
+        self.suspected = false;
+        self.liveness = None;
         self.push(&Message::Hello(hello));
     }
 
@@ -335,6 +389,7 @@ impl Link {
     pub fn fail(&mut self, error: &SessionError) {
         let reason = error.goodbye_reason();
         let live = self.state != LinkState::Down;
+        self.suspected = false;
         // What is queued (our Hello, acks) still goes out before the goodbye: the peer then sees
         // for itself why we part.
         self.state = LinkState::Down;
@@ -357,8 +412,13 @@ impl Link {
             return None;
         }
         let hb = self.last_send? + self.timing.heartbeat_interval;
-        let idle = self.last_recv? + self.timing.idle_timeout;
-        Some(hb.min(idle))
+        let last_recv = self.last_recv?;
+        let idle = last_recv + self.timing.idle_timeout;
+        let suspect = match self.timing.suspect() {
+            Some(s) if !self.suspected && self.state == LinkState::Established => last_recv + s,
+            _ => idle,
+        };
+        Some(hb.min(idle).min(suspect))
     }
 
     /// Notes that this side runs at `now`. A gap since the last call much longer than the
@@ -395,6 +455,15 @@ impl Link {
         {
             return Err(SessionError::Idle { idle_ms: now.saturating_duration_since(last).as_millis() as u64 });
         }
+        if let (Some(last), Some(after)) = (self.last_recv, self.timing.suspect())
+            && !self.suspected
+            && self.state == LinkState::Established
+            && now >= last + after
+        {
+            self.suspected = true;
+            self.liveness =
+                Some(PeerLiveness::Suspect { silent_ms: now.saturating_duration_since(last).as_millis() as u64 });
+        }
         if let Some(last) = self.last_send
             && now >= last + self.timing.heartbeat_interval
             && self.state == LinkState::Established
@@ -420,7 +489,7 @@ impl Link {
             return Ok(());
         }
         self.awake(now);
-        self.last_recv = Some(now);
+        self.heard(now);
         self.decoder.push(data);
         loop {
             let frame = match self.decoder.next_frame() {
@@ -455,7 +524,7 @@ impl Link {
         match crate::frame::decode_datagram(data) {
             // Only heartbeats travel as datagrams; anything else is dropped.
             Ok(frame) if frame.kind == MessageKind::Heartbeat => {
-                self.last_recv = Some(now);
+                self.heard(now);
                 self.frame(frame.kind, frame.payload, local, f)
             }
             Ok(_) => Ok(()),

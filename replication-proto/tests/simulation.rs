@@ -160,7 +160,11 @@ fn vm() -> VmIdentity {
 }
 
 fn timing() -> Timing {
-    Timing { heartbeat_interval: Duration::from_millis(20), idle_timeout: Duration::from_millis(200) }
+    Timing {
+        heartbeat_interval: Duration::from_millis(20),
+        idle_timeout: Duration::from_millis(200),
+        suspect_after: None,
+    }
 }
 
 fn new_receiver(instance: u64) -> Receiver {
@@ -456,7 +460,9 @@ impl Sim {
             match ev {
                 ReceiverEvent::Checkpoint(cp) => self.on_checkpoint(cp),
                 ReceiverEvent::Disconnected { error } => self.on_disconnected("receiver", error),
-                ReceiverEvent::Connected { .. } => {}
+                ReceiverEvent::Connected { .. }
+                | ReceiverEvent::PeerSuspect { .. }
+                | ReceiverEvent::PeerHeard { .. } => {}
                 ReceiverEvent::Pages { .. } => unreachable!("no page requests here"),
             }
         }

@@ -2,7 +2,8 @@
 //! the heartbeat timer, the idle clock skips the gap (the peer's heartbeats of that time are
 //! still unread in the socket), while a peer that really went silent is still declared idle.
 //! The peer is a real `Sender`; what it transmits while the receiver stalls is queued, as a
-//! socket would, and delivered after the receiver's timer ran on waking.
+//! socket would, and delivered after the receiver's timer ran on waking. Also here: the
+//! receiver's *suspicion* of a silent peer, short of ending the session.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use replication_proto::{
 
 const HB: u64 = 10;
 const IDLE: u64 = 80;
+const SUSPECT: u64 = 40;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -24,19 +26,25 @@ struct Link {
     r: Receiver,
     /// Frames from the sender not yet read by the receiver: `(datagram?, bytes)`.
     socket: Vec<(bool, Vec<u8>)>,
+    /// Liveness events of the receiver: `(suspect?, silent_ms)`.
+    liveness: Vec<(bool, u64)>,
 }
 
 impl Link {
     fn connected() -> Self {
+        Self::with_suspicion(None)
+    }
+
+    fn with_suspicion(suspect_after: Option<Duration>) -> Self {
         let vm = VmIdentity { uuid: *b"stall-test-vm-id", name: "stall".into() };
         let layout = MemoryLayout::flat(4096, 64 * 4096);
-        let timing = Timing { heartbeat_interval: ms(HB), idle_timeout: ms(IDLE) };
+        let timing = Timing { heartbeat_interval: ms(HB), idle_timeout: ms(IDLE), suspect_after };
         let mut scfg = SenderConfig::new(Role::Primary, vm.clone(), layout.clone(), 1);
         scfg.timing = timing;
         let mut rcfg = ReceiverConfig::new(Role::Backup, vm, layout, 2);
         rcfg.timing = timing;
         let t0 = Instant::now();
-        let mut l = Self { t0, s: Sender::new(scfg), r: Receiver::new(rcfg), socket: Vec::new() };
+        let mut l = Self { t0, s: Sender::new(scfg), r: Receiver::new(rcfg), socket: Vec::new(), liveness: Vec::new() };
         l.s.connect(t0);
         l.r.connect(t0);
         l.sender_sends(0);
@@ -89,7 +97,12 @@ impl Link {
     fn disconnected(&mut self) -> bool {
         let mut gone = false;
         while let Some(e) = self.r.poll_event() {
-            gone |= matches!(e, ReceiverEvent::Disconnected { .. });
+            match e {
+                ReceiverEvent::Disconnected { .. } => gone = true,
+                ReceiverEvent::PeerSuspect { silent_ms } => self.liveness.push((true, silent_ms)),
+                ReceiverEvent::PeerHeard { silent_ms } => self.liveness.push((false, silent_ms)),
+                _ => {}
+            }
         }
         gone
     }
@@ -145,4 +158,34 @@ fn a_peer_that_dies_during_our_stall_is_still_declared_idle() {
     let at = l.run(160, 1000, false).expect("dead peer never declared");
     // Only the silence while we were running counts: idle at most `IDLE` after waking.
     assert!(at <= 160 + IDLE + HB, "declared at {at} ms");
+}
+
+#[test]
+fn a_silent_peer_is_suspected_before_idle_and_heard_again() {
+    let mut l = Link::with_suspicion(Some(ms(SUSPECT)));
+    assert_eq!(l.run(HB, 100, true), None);
+    assert!(l.liveness.is_empty(), "a talking peer was suspected: {:?}", l.liveness);
+    // Silent from 100 to 150 ms: suspected once, the session goes on.
+    assert_eq!(l.run(100, 150, false), None, "suspicion ended the session");
+    assert_eq!(l.liveness.len(), 1, "{:?}", l.liveness);
+    let (suspect, silent) = l.liveness[0];
+    assert!(suspect && (SUSPECT..SUSPECT + HB).contains(&silent), "{:?}", l.liveness);
+    // It talks again: heard, once, and no new suspicion while it talks.
+    assert_eq!(l.run(150, 400, true), None);
+    assert_eq!(l.liveness.len(), 2, "{:?}", l.liveness);
+    assert!(!l.liveness[1].0 && l.liveness[1].1 >= SUSPECT, "{:?}", l.liveness);
+    // Silent for good: suspected again, then declared idle as without suspicion.
+    let at = l.run(400, 1000, false).expect("silent peer never declared idle");
+    assert!((400 + IDLE - HB..=400 + IDLE + HB).contains(&at), "declared at {at} ms");
+    assert_eq!(l.liveness.len(), 3, "{:?}", l.liveness);
+    assert!(l.liveness[2].0, "{:?}", l.liveness);
+}
+
+#[test]
+fn no_suspicion_unless_asked_for_or_shorter_than_idle() {
+    for suspect in [None, Some(ms(IDLE)), Some(ms(IDLE * 2))] {
+        let mut l = Link::with_suspicion(suspect);
+        assert!(l.run(HB, 500, false).is_some());
+        assert!(l.liveness.is_empty(), "{suspect:?}: {:?}", l.liveness);
+    }
 }

@@ -280,8 +280,11 @@ pub struct RunReport {
     pub degraded: bool,
     /// Fault -> first client reply completed after it.
     pub failover_ms: Option<f64>,
-    /// Fault -> backup logs "primary lost".
+    /// Fault -> backup logs "primary suspect" or "primary lost", whichever comes first.
     pub detect_ms: Option<f64>,
+    /// The backup's suspicions of the primary ("primary suspect") after the fault; in a run
+    /// without promotion each was a false one (withdrawn when the primary was heard again).
+    pub suspicions: u64,
     /// "primary lost" -> "arbitration: granted".
     pub grant_ms: Option<f64>,
     /// From the backup's PROMOTED line.
@@ -324,6 +327,7 @@ impl RunReport {
             "lease_lost_before_grant": self.lease_lost_before_grant,
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
+            "suspicions": self.suspicions,
             "impair": self.impair, "client_start_ms": self.client_start_ms,
             "acked_writes": self.acked_writes, "lost_writes": self.lost_writes,
             "contradictions": self.contradictions, "errors": self.errors, "reconnects": self.reconnects,
@@ -1093,7 +1097,13 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                 rep.problems.push("backup logged PROMOTED but its status does not say promoted".into());
             }
         }
-        let t_lost = first_time(&blog, "primary lost");
+        // Detection: the backup's first verdict after the fault that asks the group for
+        // activity, a suspicion (the session goes on) or the end of the session.
+        let t_lost = blog
+            .lines()
+            .filter(|l| l.contains("backup: primary lost") || l.contains("backup: primary suspect"))
+            .filter_map(line_time)
+            .find(|&t| t >= fault_wall - 0.005);
         let t_grant = first_time(&blog, "arbitration: granted");
         rep.detect_ms = t_lost.map(|t| (t - fault_wall) * 1e3);
         rep.grant_ms = t_lost.zip(t_grant).map(|(a, g)| (g - a) * 1e3);
@@ -1126,6 +1136,8 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             plog.lines().filter(after_fault).filter(|l| l.contains("link: session established")).count() as u64;
         rep.lease_losses =
             plog.lines().filter(after_fault).filter(|l| l.contains("arbitration: lease lost")).count() as u64;
+        rep.suspicions =
+            blog.lines().filter(after_fault).filter(|l| l.contains("backup: primary suspect")).count() as u64;
 
         // Verdict.
         if rep.lost_writes > 0 {

@@ -192,6 +192,12 @@ enum Command {
         /// Silence after which the primary counts as gone, ms.
         #[arg(long, default_value_t = 1000)]
         detect_ms: u64,
+        /// With arbitration: silence after which the primary is *suspect* and this backup asks
+        /// the group for activity while the session goes on (the group grants it only once the
+        /// primary's lease is over, and not while the primary still renews it). Default: half of
+        /// --detect-ms; 0: ask only when the session ends.
+        #[arg(long)]
+        suspect_ms: Option<u64>,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible
         /// (one host, the demo) until arbitration is configured.
@@ -418,6 +424,7 @@ fn real_main(cli: Cli) -> Result<()> {
             verify,
             heartbeat_ms,
             detect_ms,
+            suspect_ms,
             auto_promote,
             metrics,
             agent,
@@ -431,7 +438,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 vm: backup::server::vm_identity(&vm),
                 layout: vmm::layout::ram_regions(memory),
                 verify,
-                timing: protect::timing(heartbeat_ms, detect_ms),
+                timing: protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
                 on_primary_lost: None,
             };
             let mut agent = agent;

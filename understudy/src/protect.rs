@@ -62,11 +62,12 @@ fn default_detect() -> u64 {
     1000
 }
 
-/// Protocol timing from heartbeat and detection settings.
-pub fn timing(heartbeat_ms: u64, detect_ms: u64) -> replication_proto::Timing {
+/// Protocol timing from heartbeat, detection and suspicion settings (`suspect_ms` 0: none).
+pub fn timing(heartbeat_ms: u64, detect_ms: u64, suspect_ms: u64) -> replication_proto::Timing {
     replication_proto::Timing {
         heartbeat_interval: Duration::from_millis(heartbeat_ms.max(1)),
         idle_timeout: Duration::from_millis(detect_ms.max(heartbeat_ms.max(1) * 2)),
+        suspect_after: (suspect_ms > 0).then(|| Duration::from_millis(suspect_ms.max(heartbeat_ms.max(1) * 2))),
     }
 }
 
@@ -109,7 +110,7 @@ impl Protection {
         let instance = rand_u64();
         let mut scfg =
             SenderConfig::new(Role::Primary, backup::server::vm_identity(&req.vm_name), proto_layout, instance);
-        scfg.timing = timing(req.heartbeat_ms, req.detect_ms);
+        scfg.timing = timing(req.heartbeat_ms, req.detect_ms, 0);
         let sender = Sender::new(scfg);
         // Output commit: swap the net device's sink for a holding one, while paused (or reuse
         // the gated buffer arbitration installed at boot).

@@ -212,11 +212,28 @@ impl Runtime {
                 while let Ok(lost) = lost_rx.recv() {
                     let Some(rt) = weak.upgrade() else { return };
                     let agent = lock(&rt.agent).clone();
+                    match (lost.verdict, &agent) {
+                        (backup::server::Verdict::Heard, Some(agent)) => {
+                            let vm = agent.vm;
+                            tracing::info!("{}: withdrawing a takeover request, if any", lost.reason);
+                            if let Err(e) = agent.call(rt.tokio.handle(), move |a, now| a.report_primary_alive(now, vm))
+                            {
+                                tracing::error!("report primary alive: {e:#}");
+                            }
+                            continue;
+                        }
+                        (backup::server::Verdict::Heard, None) => continue,
+                        // Without arbitration nothing else rules out two active copies: a
+                        // suspicion is only logged (the server did), the end of the session decides.
+                        (backup::server::Verdict::Suspect, None) => continue,
+                        _ => {}
+                    }
                     if let Some(agent) = agent {
                         let vm = agent.vm;
+                        let what = if lost.verdict == backup::server::Verdict::Suspect { "suspect" } else { "lost" };
                         tracing::warn!(
                             epoch = lost.epoch,
-                            "primary lost ({}): asking the group for activity",
+                            "primary {what} ({}): asking the group for activity",
                             lost.reason
                         );
                         let gone = lost.process_gone;
@@ -495,12 +512,13 @@ impl Runtime {
             }
         };
         let _ = role.stop.send(true);
+        let prepared = role.node.take_prepared_vm();
         let take_ms = t0.elapsed().as_secs_f64() * 1e3;
         let digest = if role.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
         let (mem, state, epoch) = replica.into_parts()?;
         let t1 = Instant::now();
         let opts = vmm::vm::RestoreOptions { serial: role.serial.open()?, tap: role.tap.clone() };
-        let mut vm = Vm::restore(mem, &state, opts).context("build the vm from the replica")?;
+        let mut vm = Vm::restore_prepared(prepared, mem, &state, opts).context("build the vm from the replica")?;
         let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
         let t2 = Instant::now();
         if let Some(net) = vm.net() {

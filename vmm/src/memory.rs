@@ -191,6 +191,13 @@ impl OwnedMemory {
         unsafe { digest(&self.mem) }
     }
 
+    /// Builds a KVM VM over this memory ahead of time, for [`crate::vm::Vm::restore_prepared`]
+    /// on what [`OwnedMemory::into_inner`] gives up later. The prepared VM never writes the
+    /// memory, so it stays this owner's alone.
+    pub fn prepare_vm(&self, vcpus: u8) -> Result<crate::vm::PreparedVm, crate::vm::VmError> {
+        crate::vm::PreparedVm::new(&self.mem, vcpus)
+    }
+
     /// Gives the memory up, to build a VM over it without a copy.
     pub fn into_inner(self) -> GuestMemory {
         self.mem

@@ -142,6 +142,49 @@ struct Skeleton {
     msr_list: Vec<u32>,
 }
 
+/// A KVM VM built ahead of time over memory that will later hold a guest's state, such as a
+/// backup's replica: the VM, its irqchip and PIT, the memory slots and the vCPUs with their
+/// CPUID, everything [`Vm::restore`] builds before it loads any state. Building that costs ~7-9
+/// ms here (most of a promotion); [`Vm::restore_prepared`] then only loads state. It keeps a
+/// handle on the memory's mapping, so the slots never outlive it; it never runs or writes the
+/// memory.
+pub struct PreparedVm {
+    sk: Skeleton,
+    memory: GuestMemory,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("vcpus", &self.sk.handles.len())
+            .field("regions", &host_regions(&self.memory))
+            .finish()
+    }
+}
+
+impl PreparedVm {
+    /// Builds a VM with `vcpus` vCPUs over `memory` (the same mapping later given to
+    /// [`Vm::restore_prepared`]; the memory's contents may change meanwhile).
+    pub(crate) fn new(memory: &GuestMemory, vcpus: u8) -> Result<Self, VmError> {
+        Ok(Self { sk: build_skeleton(memory, vcpus)?, memory: memory.clone() })
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.sk.handles.len()
+    }
+
+    /// Whether it was built over this very mapping.
+    pub fn fits(&self, memory: &GuestMemory) -> bool {
+        host_regions(&self.memory) == host_regions(memory)
+    }
+}
+
+/// `(guest-physical start, length, host address)` of each region.
+fn host_regions(memory: &GuestMemory) -> Vec<(u64, u64, u64)> {
+    memory.iter().map(|r| (r.start_addr().raw_value(), r.len(), r.as_ptr() as u64)).collect()
+}
+
 fn build_skeleton(memory: &GuestMemory, vcpus: u8) -> Result<Skeleton, VmError> {
     if vcpus == 0 || vcpus > 64 {
         return Err(VmError::Config(format!("{vcpus} vcpus; use 1 to 64")));
@@ -291,6 +334,17 @@ impl Vm {
     /// Builds a VM over `memory` (already holding the guest's pages) from saved state and
     /// leaves it paused: call [`Vm::resume`] to run it.
     pub fn restore(memory: GuestMemory, state: &VmState, opts: RestoreOptions) -> Result<Self, VmError> {
+        Self::restore_prepared(None, memory, state, opts)
+    }
+
+    /// [`Vm::restore`] on a VM built ahead of time over `memory` ([`PreparedVm`]); one built
+    /// over other memory or with another vCPU count is dropped and a VM is built afresh.
+    pub fn restore_prepared(
+        prepared: Option<PreparedVm>,
+        memory: GuestMemory,
+        state: &VmState,
+        opts: RestoreOptions,
+    ) -> Result<Self, VmError> {
         let layout_now: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
         if layout_now != state.memory {
             return Err(VmError::State(format!(
@@ -301,7 +355,24 @@ impl Vm {
         if state.vcpus.is_empty() {
             return Err(VmError::State("no vcpus saved".into()));
         }
-        let sk = build_skeleton(&memory, state.vcpus.len() as u8)?;
+        let t0 = std::time::Instant::now();
+        let prepared = prepared.filter(|p| {
+            let fits = p.fits(&memory) && p.vcpus() == state.vcpus.len();
+            if !fits {
+                tracing::warn!(
+                    ?p,
+                    vcpus = state.vcpus.len(),
+                    "prepared vm does not fit the saved state: building anew"
+                );
+            }
+            fits
+        });
+        let was_prepared = prepared.is_some();
+        let sk = match prepared {
+            Some(p) => p.sk,
+            None => build_skeleton(&memory, state.vcpus.len() as u8)?,
+        };
+        let skeleton_ms = t0.elapsed().as_secs_f64() * 1e3;
         let vm_fd = &sk.vm_fd;
         vm_fd.set_pit2(&state.pit).map_err(|e| VmError::Kvm("set pit", e))?;
         let mut clock = state.clock;
@@ -313,9 +384,12 @@ impl Vm {
             let chip: kvm_irqchip = pod_from_bytes(what, bytes).map_err(|e| VmError::State(e.to_string()))?;
             vm_fd.set_irqchip(&chip).map_err(|e| VmError::Kvm("set irqchip", e))?;
         }
+        let t1 = std::time::Instant::now();
         for (h, vs) in sk.handles.iter().zip(&state.vcpus) {
             h.with_fd(|fd| vcpu_persist::restore(fd, vs))?;
         }
+        let vcpu_state_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let t2 = std::time::Instant::now();
         let serial = SerialDevice::restore((serial_irq(vm_fd)?, opts.serial), &state.serial)?;
         let serial = Arc::new(Mutex::new(serial));
         let net = match (&state.net, &opts.tap) {
@@ -337,9 +411,20 @@ impl Vm {
             (None, _) => None,
         };
         let (pio, mmio) = build_buses(Arc::clone(&serial), net.as_ref())?;
+        let devices_ms = t2.elapsed().as_secs_f64() * 1e3;
+        let t3 = std::time::Instant::now();
         let mut vcpus = Vcpus::new(sk.handles);
         vcpus.start(pio, mmio, true)?;
-        tracing::info!(vcpus = state.vcpus.len(), "vm restored (paused)");
+        let start_ms = t3.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            vcpus = state.vcpus.len(),
+            prepared = was_prepared,
+            skeleton_ms,
+            vcpu_state_ms,
+            devices_ms,
+            start_ms,
+            "vm restored (paused)"
+        );
         Ok(Self {
             kvm: sk.kvm,
             vm_fd: sk.vm_fd,

@@ -119,8 +119,11 @@ pub struct ArbiterConfig {
 }
 
 impl ArbiterConfig {
-    /// Defaults: raft tick 10 ms, heartbeat every tick, election timeout 5 ticks, campaign after
-    /// 7-8 ticks of silence (the witness: 6, see [`Witness::config`](crate::Witness::config)),
+    /// Defaults: raft tick 10 ms, heartbeat every tick, election timeout 4 ticks (a follower's
+    /// faith in a silent leader lasts 31-40 ms, about the lease wait `W` of the command line's
+    /// 30 ms lease, so a backup taking over can lead by the time the grant may commit),
+    /// campaign after 6-7 ticks of silence (the witness: 8, see
+    /// [`Witness::config`](crate::Witness::config); a backup taking over: 4),
     /// the default [`LeaseConfig`], retries every 5 ms, a snapshot every 1,024 entries.
     pub fn new(id: NodeId, voters: &[NodeId]) -> Self {
         Self {
@@ -130,7 +133,7 @@ impl ArbiterConfig {
             leader_follows_holder: true,
             tick: Duration::from_millis(10),
             heartbeat_ticks: 1,
-            election_ticks: 5,
+            election_ticks: 4,
             campaign_delay_ticks: 2,
             election_jitter_ticks: 2,
             lease: LeaseConfig::default(),
@@ -462,6 +465,7 @@ impl Arbiter {
         }
         self.promises.prune(now);
         self.maybe_transfer_leadership(now);
+        self.maybe_campaign_for_takeover();
         self.drive_vms(now);
         self.process_ready(now)?;
         self.check_leases(now);
@@ -554,6 +558,7 @@ impl Arbiter {
         }
         local.takeover = true;
         local.next_attempt = Some(now);
+        self.maybe_campaign_for_takeover();
         self.drive_and_flush(now)
     }
 
@@ -564,9 +569,10 @@ impl Arbiter {
     /// that long, so this one is a forced, transfer-style campaign). Leadership is not safety:
     /// the grant still waits until every voter's promise on the old lease ran out.
     pub fn report_primary_gone(&mut self, now: Instant, vm: VmId) -> Result<(), ArbiterError> {
-        self.report_primary_dead(now, vm)?;
+        // Read before reporting: an ordinary campaign it may start forgets the leader.
         let holder = self.sm.get(vm).map(|r| r.holder);
         let leader = self.raw.raft.leader_id;
+        self.report_primary_dead(now, vm)?;
         if leader != 0 && holder == Some(leader) && leader != self.id && self.raw.raft.promotable() {
             tracing::warn!(
                 node = self.id,

@@ -221,6 +221,45 @@ impl Arbiter {
         }
     }
 
+    /// A backup asking to take over a VM whose holder led raft: once this node's own faith in
+    /// that leader has lapsed (nothing heard from it for the election timeout), campaign now
+    /// instead of waiting out the randomised campaign delay, and again every tick until some
+    /// leader is known. An ordinary pre-vote campaign, not a forced one: a voter that still
+    /// hears the leader ignores it, so a backup cut off from the primary alone (the witness
+    /// still hears it) cannot unseat it. Leadership is not safety: the grant still waits for
+    /// every voter's promise on the old lease.
+    pub(super) fn maybe_campaign_for_takeover(&mut self) {
+        let me = self.id;
+        let raft = &self.raw.raft;
+        if !matches!(raft.state, StateRole::Follower | StateRole::PreCandidate)
+            || !raft.promotable()
+            || raft.election_elapsed < raft.election_timeout()
+        {
+            return;
+        }
+        let leader = raft.leader_id;
+        let wanted = self.vms.iter().any(|(vm, local)| {
+            local.takeover
+                && self
+                    .sm
+                    .get(*vm)
+                    .is_some_and(|r| r.backup == Some(me) && r.holder != me && (leader == 0 || leader == r.holder))
+        });
+        if !wanted {
+            return;
+        }
+        if raft.state == StateRole::Follower {
+            tracing::info!(
+                node = me,
+                silent_leader = leader,
+                term = raft.term,
+                "taking over from a silent leader: campaigning"
+            );
+        }
+        self.raw.campaign().ok();
+        self.check_role();
+    }
+
     /// Keeps the election jitter deterministic (seeded) and reports leader changes.
     pub(super) fn check_role(&mut self) {
         let role = (self.raw.raft.term, self.raw.raft.state);
