@@ -232,6 +232,8 @@ pub struct Options {
     pub seed: u64,
     /// The replication link's `--detect-ms` (backup and primary), with heartbeats every 10 ms.
     pub detect_ms: u64,
+    /// Run the backup with `--no-prepare-vm` (the A/B of building the VM ahead of promotion).
+    pub no_prepare_vm: bool,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -253,6 +255,7 @@ impl Options {
             total_timeout: Duration::from_secs(3600),
             seed: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
             detect_ms: DEFAULT_DETECT_MS,
+            no_prepare_vm: false,
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -788,7 +791,10 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                 "3=10.78.0.3:7503",
                 "--arbiter-data",
                 &s(d("raft2")),
-            ]),
+            ])
+            .into_iter()
+            .chain(opts.no_prepare_vm.then(|| "--no-prepare-vm".into()))
+            .collect::<Vec<_>>(),
             &fp_env("backup"),
             &d("backup.log"),
         )?;
@@ -1402,6 +1408,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
     let v = json!({
         "seed": opts.seed,
         "link_detect_ms": opts.detect_ms,
+        "no_prepare_vm": opts.no_prepare_vm,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

@@ -177,7 +177,7 @@ impl Runtime {
         memory_bytes: u64,
         auto_promote: bool,
     ) -> Result<Arc<Self>> {
-        let node = backup::server::BackupNode::new(&cfg.layout)?;
+        let node = backup::server::BackupNode::new(&cfg.layout, cfg.prepare_vm)?;
         let (lost_tx, lost_rx) = std::sync::mpsc::channel::<backup::server::PrimaryLost>();
         cfg.on_primary_lost = Some(lost_tx);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);

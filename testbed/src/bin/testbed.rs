@@ -50,6 +50,9 @@ enum Cmd {
         /// The replication link's detection time, ms (heartbeats every 10 ms).
         #[arg(long, default_value_t = faults::DEFAULT_DETECT_MS)]
         detect_ms: u64,
+        /// Run the backup with `--no-prepare-vm` (promotion builds the VM; the A/B of preparing it).
+        #[arg(long)]
+        no_prepare_vm: bool,
     },
     /// The harness's UDP impairment proxy (run by `testbed faults` inside a namespace): forwards
     /// datagrams between LISTEN's client and TO, with loss, delay ± jitter, duplication and
@@ -93,7 +96,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed, detect_ms } => {
+        Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed, detect_ms, no_prepare_vm } => {
             let points = if points.is_empty() {
                 Point::ALL.to_vec()
             } else {
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
             opts.run_timeout = Duration::from_secs(run_timeout_s);
             opts.total_timeout = Duration::from_secs(total_timeout_s);
             opts.detect_ms = detect_ms;
+            opts.no_prepare_vm = no_prepare_vm;
             if let Some(s) = seed {
                 opts.seed = s | 1;
             }
