@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use replication_proto::{MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, VmIdentity};
+use replication_proto::{MemoryLayout, PeerLiveness, Receiver, ReceiverConfig, ReceiverEvent, Role, VmIdentity};
 use serde::Serialize;
 use tokio::sync::watch;
 use transport::session::StreamCommand;
@@ -127,11 +127,9 @@ pub struct BackupNode {
 /// Where the VM built ahead of promotion stands.
 #[derive(Debug, Default)]
 enum Prepared {
-    /// Not started (no consistent checkpoint yet).
+    /// Not tried yet (no consistent checkpoint so far).
     #[default]
     No,
-    /// Being built.
-    Building,
     /// Built.
     Ready(vmm::vm::PreparedVm),
     /// Failed or taken; promotion builds its own.
@@ -181,10 +179,15 @@ impl BackupNode {
         }))
     }
 
+    /// The replica's consistent epoch, if it has one.
+    fn consistent_epoch(&self) -> Option<u64> {
+        lock(&self.replica).as_ref().and_then(|r| r.consistent_epoch())
+    }
+
     /// Tells the owner (`on_primary_lost`) what became of the primary, if the replica holds a
     /// consistent checkpoint (without one there is nothing to promote).
-    fn report(&self, cfg: &BackupConfig, epoch: Option<u64>, verdict: Verdict, reason: String, process_gone: bool) {
-        if let (Some(epoch), Some(tx)) = (epoch, &cfg.on_primary_lost) {
+    fn report(&self, cfg: &BackupConfig, verdict: Verdict, reason: String, process_gone: bool) {
+        if let (Some(epoch), Some(tx)) = (self.consistent_epoch(), &cfg.on_primary_lost) {
             let _ = tx.send(PrimaryLost {
                 verdict,
                 epoch,
@@ -220,8 +223,8 @@ impl BackupNode {
         Ok(r)
     }
 
-    /// The VM built ahead of promotion, if it is ready (building one takes ~7-9 ms; promotion
-    /// builds its own when this is `None`).
+    /// The VM built ahead of promotion, if it is ready (promotion builds its own when this is
+    /// `None`).
     pub fn take_prepared_vm(&self) -> Option<vmm::vm::PreparedVm> {
         match std::mem::replace(&mut *lock(&self.prepared), Prepared::Gone) {
             Prepared::Ready(p) => Some(p),
@@ -229,18 +232,15 @@ impl BackupNode {
         }
     }
 
-    /// Builds the VM over the replica memory on first consistency (on the calling commit
-    /// thread, once: the replica lock is held, so no commit runs meanwhile).
+    /// Builds the VM over a consistent replica, once (on the commit thread, under the replica
+    /// lock: the first consistent commit's ack waits for it, ~1-10 ms here).
     fn prepare_once(&self, replica: &Replica) {
-        {
-            let mut p = lock(&self.prepared);
-            if !matches!(*p, Prepared::No) {
-                return;
-            }
-            *p = Prepared::Building;
+        let mut p = lock(&self.prepared);
+        if !matches!(*p, Prepared::No) {
+            return;
         }
         let t0 = Instant::now();
-        let next = match replica.prepare_vm() {
+        *p = match replica.prepare_vm() {
             Some(Ok(vm)) => {
                 tracing::info!(
                     ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -254,7 +254,6 @@ impl BackupNode {
             }
             None => Prepared::No,
         };
-        *lock(&self.prepared) = next;
     }
 
     fn commit(&self, cp: &replication_proto::Checkpoint, verify: bool) -> Result<(), String> {
@@ -403,8 +402,7 @@ pub async fn serve(
                     tracing::info!(vm = %peer.vm.name, "backup: session established");
                     // A primary that was reported lost and came back withdraws the takeover
                     // request (a no-op when none is pending).
-                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
-                    node.report(&cfg, epoch, Verdict::Heard, "primary connected".into(), false);
+                    node.report(&cfg, Verdict::Heard, "primary connected".into(), false);
                 }
                 ReceiverEvent::Checkpoint(cp) => {
                     let epoch = cp.epoch();
@@ -434,15 +432,13 @@ pub async fn serve(
                     }
                 }
                 ReceiverEvent::Pages { .. } => {}
-                ReceiverEvent::PeerSuspect { silent_ms } => {
-                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
-                    tracing::warn!(silent_ms, consistent_epoch = ?epoch, "backup: primary suspect");
-                    node.report(&cfg, epoch, Verdict::Suspect, format!("primary silent for {silent_ms} ms"), false);
+                ReceiverEvent::Liveness(PeerLiveness::Suspect { silent_ms }) => {
+                    tracing::warn!(silent_ms, consistent_epoch = ?node.consistent_epoch(), "backup: primary suspect");
+                    node.report(&cfg, Verdict::Suspect, format!("primary silent for {silent_ms} ms"), false);
                 }
-                ReceiverEvent::PeerHeard { silent_ms } => {
-                    let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
+                ReceiverEvent::Liveness(PeerLiveness::Heard { silent_ms }) => {
                     tracing::info!(silent_ms, "backup: suspect primary heard again");
-                    node.report(&cfg, epoch, Verdict::Heard, format!("primary heard after {silent_ms} ms"), false);
+                    node.report(&cfg, Verdict::Heard, format!("primary heard after {silent_ms} ms"), false);
                 }
                 ReceiverEvent::Disconnected { error } => {
                     tracing::warn!("backup: primary disconnected: {error}");
@@ -453,10 +449,9 @@ pub async fn serve(
         }
         lock(&node.status).connected = false;
         if !*stop.borrow() {
-            let epoch = lock(&node.replica).as_ref().and_then(|r| r.consistent_epoch());
             let reason = lock(&node.status).last_error.clone().unwrap_or_else(|| "connection ended".into());
-            tracing::warn!(consistent_epoch = ?epoch, "backup: primary lost: {reason}");
-            node.report(&cfg, epoch, Verdict::Lost, reason, process_gone);
+            tracing::warn!(consistent_epoch = ?node.consistent_epoch(), "backup: primary lost: {reason}");
+            node.report(&cfg, Verdict::Lost, reason, process_gone);
         }
         match session.finish().await {
             Ok(f) => receiver = Some(f.core.into_endpoint()),

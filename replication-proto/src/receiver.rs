@@ -75,17 +75,9 @@ pub enum ReceiverEvent {
         /// `(pfn, page bytes)`, ascending.
         pages: Vec<(u64, Vec<u8>)>,
     },
-    /// The sender has been silent for [`crate::Timing::suspect_after`] (the session goes on
-    /// until `idle_timeout`): a first verdict, before [`ReceiverEvent::Disconnected`].
-    PeerSuspect {
-        /// How long it has been silent, in milliseconds.
-        silent_ms: u64,
-    },
-    /// The suspect sender spoke again: withdraw what the suspicion started.
-    PeerHeard {
-        /// How long the silence lasted, in milliseconds.
-        silent_ms: u64,
-    },
+    /// The sender became suspect (silent for [`crate::Timing::suspect_after`]; the session goes
+    /// on until `idle_timeout`), or a suspect sender spoke again.
+    Liveness(crate::session::PeerLiveness),
     /// The connection ended; reconnect unless `error` [`SessionError::is_permanent`].
     Disconnected {
         /// Why.
@@ -335,14 +327,8 @@ impl Receiver {
 
     /// Reports a change in the sender's liveness the link noticed.
     fn liveness_event(&mut self) {
-        match self.link.take_liveness() {
-            Some(crate::session::PeerLiveness::Suspect { silent_ms }) => {
-                self.events.push_back(ReceiverEvent::PeerSuspect { silent_ms });
-            }
-            Some(crate::session::PeerLiveness::Heard { silent_ms }) => {
-                self.events.push_back(ReceiverEvent::PeerHeard { silent_ms });
-            }
-            None => {}
+        if let Some(l) = self.link.take_liveness() {
+            self.events.push_back(ReceiverEvent::Liveness(l));
         }
     }
 

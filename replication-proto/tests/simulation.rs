@@ -460,9 +460,7 @@ impl Sim {
             match ev {
                 ReceiverEvent::Checkpoint(cp) => self.on_checkpoint(cp),
                 ReceiverEvent::Disconnected { error } => self.on_disconnected("receiver", error),
-                ReceiverEvent::Connected { .. }
-                | ReceiverEvent::PeerSuspect { .. }
-                | ReceiverEvent::PeerHeard { .. } => {}
+                ReceiverEvent::Connected { .. } | ReceiverEvent::Liveness(_) => {}
                 ReceiverEvent::Pages { .. } => unreachable!("no page requests here"),
             }
         }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use replication_proto::session::{Channel, Endpoint, Timing};
+use replication_proto::session::{Channel, Endpoint, PeerLiveness, Timing};
 use replication_proto::{
     MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig, SenderEvent, VmIdentity,
 };
@@ -99,8 +99,8 @@ impl Link {
         while let Some(e) = self.r.poll_event() {
             match e {
                 ReceiverEvent::Disconnected { .. } => gone = true,
-                ReceiverEvent::PeerSuspect { silent_ms } => self.liveness.push((true, silent_ms)),
-                ReceiverEvent::PeerHeard { silent_ms } => self.liveness.push((false, silent_ms)),
+                ReceiverEvent::Liveness(PeerLiveness::Suspect { silent_ms }) => self.liveness.push((true, silent_ms)),
+                ReceiverEvent::Liveness(PeerLiveness::Heard { silent_ms }) => self.liveness.push((false, silent_ms)),
                 _ => {}
             }
         }

@@ -212,8 +212,9 @@ impl Runtime {
                 while let Ok(lost) = lost_rx.recv() {
                     let Some(rt) = weak.upgrade() else { return };
                     let agent = lock(&rt.agent).clone();
-                    match (lost.verdict, &agent) {
-                        (backup::server::Verdict::Heard, Some(agent)) => {
+                    use backup::server::Verdict;
+                    match (lost.verdict, agent) {
+                        (Verdict::Heard, Some(agent)) => {
                             let vm = agent.vm;
                             tracing::info!("{}: withdrawing a takeover request, if any", lost.reason);
                             if let Err(e) = agent.call(rt.tokio.handle(), move |a, now| a.report_primary_alive(now, vm))
@@ -222,30 +223,29 @@ impl Runtime {
                             }
                             continue;
                         }
-                        (backup::server::Verdict::Heard, None) => continue,
+                        (verdict, Some(agent)) => {
+                            let vm = agent.vm;
+                            let what = if verdict == Verdict::Suspect { "suspect" } else { "lost" };
+                            tracing::warn!(
+                                epoch = lost.epoch,
+                                "primary {what} ({}): asking the group for activity",
+                                lost.reason
+                            );
+                            let gone = lost.process_gone;
+                            let report = agent.call(rt.tokio.handle(), move |a, now| {
+                                if gone { a.report_primary_gone(now, vm) } else { a.report_primary_dead(now, vm) }
+                            });
+                            match report {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::error!("report primary dead: {e}"),
+                                Err(e) => tracing::error!("report primary dead: {e:#}"),
+                            }
+                            continue;
+                        }
                         // Without arbitration nothing else rules out two active copies: a
                         // suspicion is only logged (the server did), the end of the session decides.
-                        (backup::server::Verdict::Suspect, None) => continue,
-                        _ => {}
-                    }
-                    if let Some(agent) = agent {
-                        let vm = agent.vm;
-                        let what = if lost.verdict == backup::server::Verdict::Suspect { "suspect" } else { "lost" };
-                        tracing::warn!(
-                            epoch = lost.epoch,
-                            "primary {what} ({}): asking the group for activity",
-                            lost.reason
-                        );
-                        let gone = lost.process_gone;
-                        let report = agent.call(rt.tokio.handle(), move |a, now| {
-                            if gone { a.report_primary_gone(now, vm) } else { a.report_primary_dead(now, vm) }
-                        });
-                        match report {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => tracing::error!("report primary dead: {e}"),
-                            Err(e) => tracing::error!("report primary dead: {e:#}"),
-                        }
-                        continue;
+                        (Verdict::Heard | Verdict::Suspect, None) => continue,
+                        (Verdict::Lost, None) => {}
                     }
                     if !auto_promote {
                         tracing::error!(
