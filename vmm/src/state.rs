@@ -111,9 +111,41 @@ pub enum StateError {
     /// Encoding failed.
     #[error("vm state does not encode: {0}")]
     Encode(String),
+    /// The state decodes but no VM could be built from it over the given memory.
+    #[error("vm state cannot be restored: {0}")]
+    NotRestorable(String),
 }
 
 impl VmState {
+    /// Checks what restoring needs before any VM is built: the memory layout equals `layout`,
+    /// there are 1..=255 vCPUs with distinct ids, and the interrupt controllers have their
+    /// exact sizes. A backup runs it on every checkpoint it commits, so a state that could not
+    /// be promoted is refused at commit instead of being discovered at failover.
+    pub fn check_restorable(&self, layout: &[(u64, u64)]) -> Result<(), StateError> {
+        let bad = |m: String| Err(StateError::NotRestorable(m));
+        if self.memory != layout {
+            return bad(format!("memory layout {:x?} does not match this host's {:x?}", self.memory, layout));
+        }
+        if self.vcpus.is_empty() || self.vcpus.len() > usize::from(u8::MAX) {
+            return bad(format!("{} vcpus saved; 1 to {} can be restored", self.vcpus.len(), u8::MAX));
+        }
+        let mut ids: Vec<u32> = self.vcpus.iter().map(|v| u32::from(v.id)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.vcpus.len() {
+            return bad("two saved vcpus have the same id".into());
+        }
+        let chip = std::mem::size_of::<kvm_bindings::kvm_irqchip>();
+        for (what, bytes) in
+            [("pic master", &self.pic_master), ("pic slave", &self.pic_slave), ("ioapic", &self.ioapic)]
+        {
+            if bytes.len() != chip {
+                return bad(format!("{what} state is {} bytes, expected {chip}", bytes.len()));
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes header + CBOR body.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         let mut body = Vec::with_capacity(16 << 10);
@@ -203,9 +235,9 @@ pub(crate) mod tests {
                 tsc_khz: Some(2_000_000),
                 cpuid: vec![],
             }],
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
+            pic_master: vec![0; std::mem::size_of::<kvm_bindings::kvm_irqchip>()],
+            pic_slave: vec![0; std::mem::size_of::<kvm_bindings::kvm_irqchip>()],
+            ioapic: vec![0; std::mem::size_of::<kvm_bindings::kvm_irqchip>()],
             pit: Default::default(),
             clock: Default::default(),
             serial: Default::default(),
@@ -233,6 +265,23 @@ pub(crate) mod tests {
             b[i] ^= 0x10;
             assert!(VmState::decode(&b).is_err(), "flip at {i} accepted");
         }
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_restored_is_named() {
+        let s = sample();
+        assert!(s.check_restorable(&[(0, 256 << 20)]).is_ok());
+        let e = s.check_restorable(&[(0, 128 << 20)]).unwrap_err().to_string();
+        assert!(e.contains("memory layout"), "{e}");
+        let mut no_vcpus = sample();
+        no_vcpus.vcpus.clear();
+        assert!(no_vcpus.check_restorable(&[(0, 256 << 20)]).unwrap_err().to_string().contains("0 vcpus"));
+        let mut twins = sample();
+        twins.vcpus.push(twins.vcpus[0].clone());
+        assert!(twins.check_restorable(&[(0, 256 << 20)]).unwrap_err().to_string().contains("same id"));
+        let mut chip = sample();
+        chip.ioapic.truncate(3);
+        assert!(chip.check_restorable(&[(0, 256 << 20)]).unwrap_err().to_string().contains("ioapic state is 3 bytes"));
     }
 
     #[test]

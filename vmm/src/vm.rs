@@ -350,15 +350,7 @@ impl Vm {
         opts: RestoreOptions,
     ) -> Result<Self, VmError> {
         let layout_now: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
-        if layout_now != state.memory {
-            return Err(VmError::State(format!(
-                "memory layout {:x?} does not match the saved {:x?}",
-                layout_now, state.memory
-            )));
-        }
-        if state.vcpus.is_empty() {
-            return Err(VmError::State("no vcpus saved".into()));
-        }
+        state.check_restorable(&layout_now).map_err(|e| VmError::State(e.to_string()))?;
         let t0 = std::time::Instant::now();
         let prepared = prepared.filter(|p| {
             let fits = p.fits(&memory) && p.vcpus() == state.vcpus.len();
