@@ -14,6 +14,7 @@ use transport::session::StreamCommand;
 use transport::{Endpoint, Identity, Tuning};
 
 use crate::replica::Replica;
+use transport::error_chain;
 
 /// What the backup serves.
 #[derive(Clone)]
@@ -97,6 +98,12 @@ pub struct BackupStatus {
     pub committed_epoch: Option<u64>,
     /// Last consistent (promotable) epoch.
     pub consistent_epoch: Option<u64>,
+    /// While a re-sync overwrites the replica: the consistent epoch kept to roll back to
+    /// (promotion then resumes from it).
+    pub rollback_epoch: Option<u64>,
+    /// Sessions that ended on an internal failure (the server then serves the next one with a
+    /// fresh receiver: the primary re-syncs).
+    pub failed_sessions: u64,
     /// Checkpoints committed.
     pub commits: u64,
     /// Checkpoints refused (did not apply; replica unchanged).
@@ -161,6 +168,9 @@ pub enum BackupError {
     /// The memory layout is unusable.
     #[error("backup: {0}")]
     Layout(String),
+    /// No random instance number for the receiver.
+    #[error("backup: receiver instance number")]
+    Random(#[from] transport::RandomError),
 }
 
 impl BackupNode {
@@ -179,9 +189,10 @@ impl BackupNode {
         }))
     }
 
-    /// The replica's consistent epoch, if it has one.
+    /// The epoch promotion would resume from, if any: the consistent one, or while a re-sync
+    /// runs the one kept to roll back to.
     fn consistent_epoch(&self) -> Option<u64> {
-        lock(&self.replica).as_ref().and_then(|r| r.consistent_epoch())
+        lock(&self.replica).as_ref().and_then(|r| r.promotable_epoch())
     }
 
     /// Tells the owner (`on_primary_lost`) what became of the primary, if the replica holds a
@@ -214,7 +225,7 @@ impl BackupNode {
     /// Takes the replica for promotion; the server stops committing.
     pub fn take_replica(&self) -> Result<Replica, BackupError> {
         let r = lock(&self.replica).take().ok_or(BackupError::Promoted)?;
-        if r.consistent_epoch().is_none() {
+        if r.promotable_epoch().is_none() {
             let e = crate::replica::ReplicaError::NotConsistent;
             *lock(&self.replica) = Some(r);
             return Err(e.into());
@@ -260,6 +271,10 @@ impl BackupNode {
         let t0 = Instant::now();
         let mut guard = lock(&self.replica);
         let Some(replica) = guard.as_mut() else { return Err("replica was promoted".into()) };
+        if failover::failpoint::fires("backup.refuse") {
+            lock(&self.status).rejected += 1;
+            return Err(format!("checkpoint {}: refused by fault point backup.refuse", cp.epoch()));
+        }
         match replica.commit(cp) {
             Ok(c) => {
                 let us = t0.elapsed().as_secs_f64() * 1e6;
@@ -280,6 +295,7 @@ impl BackupNode {
                 s.commit_us_mean = *total / s.commits as f64;
                 s.committed_epoch = Some(c.epoch);
                 s.consistent_epoch = replica.consistent_epoch();
+                s.rollback_epoch = replica.rollback_epoch();
                 let state = if c.consistent { "consistent" } else { "syncing" };
                 if s.state != state {
                     tracing::info!(epoch = c.epoch, "backup replica: {} -> {state}", s.state);
@@ -303,17 +319,6 @@ impl BackupNode {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
 /// Builds the protocol layout from `(start, size)` pairs.
 pub fn proto_layout(layout: &[(u64, u64)]) -> Result<MemoryLayout, BackupError> {
     let l = MemoryLayout {
@@ -334,10 +339,15 @@ pub async fn serve(
         .map_err(|source| BackupError::Bind { addr: cfg.listen, source: Box::new(source) })?;
     tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, "backup listening");
     let layout = proto_layout(&cfg.layout)?;
-    let instance = u64::from(std::process::id()) << 32 ^ Instant::now().elapsed().subsec_nanos() as u64;
-    let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout, instance);
-    rcfg.timing = cfg.timing;
-    let mut receiver = Some(Receiver::new(rcfg));
+    let new_receiver = || -> Result<Receiver, BackupError> {
+        // The instance number tells a primary whether it talks to the receiver it resumed
+        // with: a fresh one must never match (random, not derived from the pid or the clock).
+        let instance = transport::random_u64()?;
+        let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout.clone(), instance);
+        rcfg.timing = cfg.timing;
+        Ok(Receiver::new(rcfg))
+    };
+    let mut receiver = Some(new_receiver()?);
     // Process-death evidence beside each session (transport::liveness): optional, heartbeats
     // still decide when it is missing.
     let lines = match transport::liveness::Listener::bind(cfg.listen).await {
@@ -411,6 +421,9 @@ pub async fn serve(
                     let result = tokio::task::spawn_blocking(move || node2.commit(&cp, verify)).await;
                     let cmd = match result {
                         Ok(Ok(())) => StreamCommand::with(move |r: &mut Receiver, now| {
+                            if failover::failpoint::fires("backup.session-panic") {
+                                panic!("fault point backup.session-panic");
+                            }
                             failover::failpoint::hit("backup.committed");
                             if let Err(e) = r.committed(now, epoch) {
                                 tracing::error!("backup: committed({epoch}): {e}");
@@ -456,8 +469,18 @@ pub async fn serve(
         match session.finish().await {
             Ok(f) => receiver = Some(f.core.into_endpoint()),
             Err(e) => {
-                tracing::error!("backup: session task failed: {e}");
-                return Ok(());
+                // A bug in the session (a panic): its receiver is gone with it. Keep serving
+                // with a fresh one; the primary's next session is told to send a baseline and
+                // re-syncs, while the replica keeps its consistent epoch (rolled back to, if
+                // promoted mid-way).
+                let msg = format!("session task failed: {}", error_chain(&e));
+                tracing::error!(consistent_epoch = ?node.consistent_epoch(), "backup: {msg}; listening on with a fresh receiver");
+                {
+                    let mut s = lock(&node.status);
+                    s.failed_sessions += 1;
+                    s.last_error = Some(msg);
+                }
+                receiver = Some(new_receiver()?);
             }
         }
     }

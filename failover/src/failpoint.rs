@@ -16,6 +16,16 @@
 //! | `primary.shipped` | an epoch handed to the sender, before its ack |
 //! | `primary.acked` | an ack arrived, before the held output is released |
 //! | `backup.committed` | a checkpoint applied to the replica, before the ack is sent |
+//! | `primary.resync` | a sync round of a *re*-sync starts (output held for the old replica) |
+//!
+//! Behaviour points do not kill: [`fires`] returns true on the armed hit and the caller
+//! injects the fault itself:
+//!
+//! | name | what happens |
+//! |---|---|
+//! | `backup.refuse` | the backup refuses a checkpoint as if it did not apply (it then asks for a baseline) |
+//! | `backup.session-panic` | the backup's session task panics (a bug in the session) |
+//! | `primary.link-panic` | the primary's link task panics on an ack (the epoch engine then stops) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +51,12 @@ fn armed() -> &'static [Armed] {
             })
             .collect()
     })
+}
+
+/// Reaches the behaviour point `name`: true on the armed hit (the caller then injects its
+/// fault), false otherwise. Counts hits like [`hit`].
+pub fn fires(name: &str) -> bool {
+    armed().iter().any(|a| a.name == name && a.count.fetch_add(1, Ordering::Relaxed) + 1 == a.at)
 }
 
 /// Reaches the fault point `name`: kills the process if it is armed for this hit.

@@ -15,6 +15,7 @@ use vmm::vm::Vm;
 
 use crate::output::OutputBuffer;
 use crate::stats::{ProtectionState, Stats, SyncProgress};
+use transport::error_chain;
 
 /// Epoch length policy.
 #[derive(Debug, Clone, Copy)]
@@ -244,7 +245,7 @@ pub enum EngineError {
         source: vm_memory::GuestMemoryError,
     },
     /// The link went away for good.
-    #[error("link to the backup closed")]
+    #[error("the link task to the backup ended")]
     LinkClosed,
 }
 
@@ -268,6 +269,10 @@ pub struct Engine {
     last_pause: Duration,
     degrade_after: Duration,
     backup_lost: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The backup became a failover target (a sync completed) and has not been given up since
+    /// (degraded): output released so far is covered by its replica, so a re-sync must keep
+    /// output held until a checkpoint after it is committed.
+    protected_once: bool,
 }
 
 impl Engine {
@@ -281,7 +286,19 @@ impl Engine {
         tx: tokio::sync::mpsc::Sender<Harvest>,
         degrade_after: Duration,
     ) -> Self {
-        Self { vm, output, stats, link, cfg, tx, seq: 0, last_pause: Duration::ZERO, degrade_after, backup_lost: None }
+        Self {
+            vm,
+            output,
+            stats,
+            link,
+            cfg,
+            tx,
+            seq: 0,
+            last_pause: Duration::ZERO,
+            degrade_after,
+            backup_lost: None,
+            protected_once: false,
+        }
     }
 
     /// With arbitration: instead of releasing output when the backup is lost, call `hook`
@@ -304,13 +321,46 @@ impl Engine {
         self.link.stop.load(Ordering::SeqCst)
     }
 
-    /// Runs until stopped. The first phase is a full sync.
+    /// Runs until stopped. The first phase is a full sync. An error that ends the engine moves
+    /// protection to [`ProtectionState::Failed`] and gives the backup up as a lost backup is
+    /// given up (output then flows with the group's consent, or at once without arbitration),
+    /// so a dead engine never leaves output held with nobody to release it.
     pub fn run(mut self) -> Result<(), EngineError> {
+        let result = self.run_epochs();
+        if let Err(e) = &result {
+            tracing::error!("epoch engine stopped: {e}");
+            self.give_up_backup();
+            self.link.reset_in_flight();
+            self.stats.set_state(ProtectionState::Failed, &format!("epoch engine stopped: {}", error_chain(e)));
+        }
+        result
+    }
+
+    /// Stops relying on the backup: with arbitration asks the group to run degraded (output
+    /// flows once it agreed), without it releases held output and passes frames through.
+    fn give_up_backup(&mut self) {
+        self.protected_once = false;
+        match &self.backup_lost {
+            Some(hook) => hook(),
+            None => {
+                if let Some(o) = &self.output {
+                    o.set_passthrough(true);
+                }
+            }
+        }
+    }
+
+    fn run_epochs(&mut self) -> Result<(), EngineError> {
         let mut phase = Phase::Sync { round: 0 };
         self.stats.set_state(ProtectionState::Syncing, "protection started");
         let mut link_down_since: Option<Instant> = None;
         let mut failures = 0u32;
         while !self.stopping() {
+            // The link task is gone for good (it ended or panicked): nothing will ever ack or
+            // release output again.
+            if self.tx.is_closed() {
+                return Err(EngineError::LinkClosed);
+            }
             // Link health: degrade when the backup has been unreachable too long.
             if self.link.up.load(Ordering::SeqCst) {
                 link_down_since = None;
@@ -323,14 +373,7 @@ impl Engine {
                 let dead = self.link.backup_dead.load(Ordering::SeqCst);
                 if phase != Phase::Degraded && (dead || since.elapsed() >= self.degrade_after) {
                     phase = Phase::Degraded;
-                    match &self.backup_lost {
-                        Some(hook) => hook(),
-                        None => {
-                            if let Some(o) = &self.output {
-                                o.set_passthrough(true);
-                            }
-                        }
-                    }
+                    self.give_up_backup();
                     self.link.reset_in_flight();
                     self.stats.set_state(
                         ProtectionState::Degraded,
@@ -346,8 +389,16 @@ impl Engine {
                     continue;
                 }
             }
-            if self.link.need_baseline.swap(false, Ordering::SeqCst) {
-                tracing::warn!("backup needs a new baseline: re-syncing");
+            if self.link.need_baseline.load(Ordering::SeqCst) {
+                // Harvests taken before this point are stale once the new baseline is sent: mark
+                // the floor before clearing the flag, so the link drops such a harvest that the
+                // sender refuses (it wants a baseline) instead of asking for a second re-sync.
+                self.link.sync_floor.store(self.seq + 1, Ordering::SeqCst);
+                self.link.need_baseline.store(false, Ordering::SeqCst);
+                tracing::warn!(
+                    output_held = self.protected_once,
+                    "backup needs a new baseline: re-syncing (output stays held until a checkpoint after it is committed)"
+                );
                 self.link.reset_in_flight();
                 phase = Phase::Sync { round: 0 };
                 self.stats.set_state(ProtectionState::Syncing, "backup asked for a baseline");
@@ -381,10 +432,15 @@ impl Engine {
     }
 
     /// One pre-copy round; returns the next phase.
+    ///
+    /// Output is never released here. On the first sync (and after a degrade the group agreed
+    /// to) the buffer is already passing frames through: no replica is a failover target. On a
+    /// *re*-sync the old replica still is the failover target (the backup keeps it until a
+    /// checkpoint of the new sync is committed, see `backup::replica`), so output produced
+    /// from now on stays held until that checkpoint is acknowledged (DESIGN.md invariant 1).
     fn sync_round(&mut self, round: u32) -> Result<Phase, EngineError> {
-        if let Some(o) = &self.output {
-            // Until the replica is consistent nothing can be held for it.
-            o.set_passthrough(true);
+        if self.protected_once {
+            failover::failpoint::hit("primary.resync");
         }
         self.seq += 1;
         let seq = self.seq;
@@ -431,6 +487,9 @@ impl Engine {
         // Let this round land before measuring the next: the dirty set then reflects the
         // time the round took on the wire.
         while !self.link.wait_room(1, Duration::from_millis(100)) {
+            if self.tx.is_closed() {
+                return Err(EngineError::LinkClosed);
+            }
             if self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
             {
                 return Ok(Phase::Sync { round: 0 });
@@ -445,6 +504,7 @@ impl Engine {
             }
             self.checkpoint()?;
             self.stats.lock().sync = None;
+            self.protected_once = true;
             return Ok(Phase::Protected);
         }
         Ok(Phase::Sync { round: round + 1 })

@@ -147,7 +147,13 @@ pub async fn run(
                             shared.recycle(h.data);
                         }
                         Err(SubmitOutcome::Retry(h)) => { pending = Some(h); tokio::time::sleep(Duration::from_millis(1)).await; }
-                        Err(SubmitOutcome::Baseline) => {
+                        Err(SubmitOutcome::Baseline(seq)) if seq < shared.sync_floor.load(Ordering::SeqCst) => {
+                            // Taken before the re-sync the engine already started: its baseline
+                            // replaces it.
+                            tracing::debug!(seq, "link: stale harvest dropped, a new baseline is on its way");
+                            shared.done(1);
+                        }
+                        Err(SubmitOutcome::Baseline(_)) => {
                             in_flight.clear();
                             shared.need_baseline.store(true, Ordering::SeqCst);
                             shared.reset_in_flight();
@@ -169,10 +175,20 @@ pub async fn run(
                             shared.wake();
                         }
                         SenderEvent::Acked { epoch, latency } => {
+                            if failover::failpoint::fires("primary.link-panic") {
+                                panic!("fault point primary.link-panic");
+                            }
                             let done: Vec<u64> = in_flight.range(..=epoch).map(|(k, _)| *k).collect();
                             let mut top: Option<InFlight> = None;
+                            // Output is released only by the ack of a consistent checkpoint: a
+                            // sync round's ack proves the backup has pages, not a state it can
+                            // resume from (its replica is not consistent until the next checkpoint).
+                            let mut release: Option<u64> = None;
                             for k in &done {
                                 top = in_flight.remove(k);
+                                if let Some(t) = &top && t.kind == HarvestKind::Checkpoint {
+                                    release = Some(t.seq);
+                                }
                             }
                             if let Some(t) = top {
                                 if t.kind == HarvestKind::Checkpoint {
@@ -180,8 +196,8 @@ pub async fn run(
                                 }
                                 shared.acked(t.seq);
                                 shared.done(done.len());
-                                if let Some(o) = &output {
-                                    o.release(t.seq);
+                                if let (Some(o), Some(seq)) = (&output, release) {
+                                    o.release(seq);
                                 }
                                 {
                                     let mut s = stats.lock();
@@ -235,7 +251,8 @@ pub async fn run(
 
 enum SubmitOutcome {
     Retry(Harvest),
-    Baseline,
+    /// The sender needs a baseline; the refused harvest's sequence.
+    Baseline(u64),
     Dropped(String),
     Gone,
 }
@@ -257,7 +274,7 @@ async fn submit(session: &Session<StreamCore<Sender>>, h: Harvest) -> Result<(u6
         Ok((Ok(epoch), h)) => Ok((epoch, h)),
         Ok((Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. }), h)) => Err(SubmitOutcome::Retry(h)),
         Ok((Err(SubmitError::BaselineRequired { .. }), h)) if h.kind != HarvestKind::Baseline => {
-            Err(SubmitOutcome::Baseline)
+            Err(SubmitOutcome::Baseline(h.seq))
         }
         Ok((Err(e), _)) => Err(SubmitOutcome::Dropped(e.to_string())),
         Err(_) => Err(SubmitOutcome::Gone),

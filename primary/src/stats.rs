@@ -22,6 +22,10 @@ pub enum ProtectionState {
     Degraded,
     /// Protection is being turned off.
     Stopping,
+    /// The epoch engine stopped on an error: no checkpoints are taken. The guest's output went
+    /// the way of a lost backup (degraded with the group's consent, or passed through without
+    /// arbitration); `reason` says why. `unprotect` then `protect` starts again.
+    Failed,
 }
 
 impl std::fmt::Display for ProtectionState {
@@ -32,6 +36,7 @@ impl std::fmt::Display for ProtectionState {
             Self::Protected => "protected",
             Self::Degraded => "degraded",
             Self::Stopping => "stopping",
+            Self::Failed => "failed",
         };
         f.write_str(s)
     }
@@ -175,6 +180,9 @@ impl Stats {
             match state {
                 ProtectionState::Degraded => {
                     tracing::error!(from = %was, to = %state, reason, "protection state: DEGRADED, the guest runs unprotected")
+                }
+                ProtectionState::Failed => {
+                    tracing::error!(from = %was, to = %state, reason, "protection state: FAILED, no checkpoints are taken")
                 }
                 _ => tracing::info!(from = %was, to = %state, reason, "protection state"),
             }

@@ -70,3 +70,46 @@ pub use endpoint::{Endpoint, EndpointError};
 pub use handshake::HandshakeError;
 pub use session::{Protocol, Session};
 pub use tls::ProtocolVersions;
+
+/// An error and its sources, `: `-separated (for logs and status fields that hold one line).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// The operating system's random number generator failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random number generator failed")]
+pub struct RandomError;
+
+/// A random `u64` from the operating system's CSPRNG (through the TLS provider): session
+/// instance numbers and the like, which a peer must not be able to predict.
+pub fn random_u64() -> Result<u64, RandomError> {
+    let mut b = [0u8; 8];
+    rustls::crypto::ring::default_provider().secure_random.fill(&mut b).map_err(|_| RandomError)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod random_tests {
+    #[test]
+    fn random_numbers_differ_and_are_not_pid_shaped() {
+        let v: Vec<u64> = (0..64).map(|_| super::random_u64().unwrap()).collect();
+        let mut d = v.clone();
+        d.sort_unstable();
+        d.dedup();
+        assert_eq!(d.len(), v.len(), "repeated values: {v:x?}");
+        let pid = u64::from(std::process::id());
+        assert!(v.iter().filter(|x| *x >> 32 == pid).count() < 2, "pid-shaped values: {v:x?}");
+        // Every bit position varies across 64 draws (a stuck bit would be a broken source).
+        let or = v.iter().fold(0u64, |a, b| a | b);
+        let and = v.iter().fold(u64::MAX, |a, b| a & b);
+        assert_eq!((or, and), (u64::MAX, 0), "stuck bits");
+    }
+}

@@ -43,8 +43,13 @@ pub enum Request {
     Unprotect,
     /// Verification points recorded (memory digest and state crc per sampled epoch).
     VerifyJournal,
-    /// Backup: turn the replica into a running VM.
-    Promote,
+    /// Backup: turn the replica into a running VM. With arbitration configured this asks the
+    /// group and promotes only once granted; `force` promotes without the group.
+    Promote {
+        /// Promote without a grant from the arbitration group (risks two active copies).
+        #[serde(default)]
+        force: bool,
+    },
     /// Output commit journal: per released frame its epoch, ack time and release time.
     OutputJournal,
 }

@@ -236,11 +236,18 @@ enum Command {
         #[arg(long, default_value = "witness")]
         name: String,
     },
-    /// Turn a backup's replica into the running VM (by hand).
+    /// Turn a backup's replica into the running VM (by hand). With arbitration configured the
+    /// group must grant it (it does once the primary's lease ran out); without, it promotes.
     Promote {
         /// The backup's admin API socket.
         #[arg(long)]
         api: PathBuf,
+        /// Promote without the arbitration group's grant. If the primary is in fact alive,
+        /// two copies of the guest then run and both release output (split brain); the
+        /// promoted copy's output is not gated by any lease. For a group that lost its quorum
+        /// for good, after making sure the primary is dead.
+        #[arg(long)]
+        force: bool,
     },
     /// Make a CA and certificates for the hosts (mutual TLS between primary and backup).
     Certs {
@@ -412,8 +419,8 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
-        Command::Promote { api } => {
-            let v = api::call(&api, &Request::Promote, Duration::from_secs(60))?;
+        Command::Promote { api, force } => {
+            let v = api::call(&api, &Request::Promote { force }, Duration::from_secs(60))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }

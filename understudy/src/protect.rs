@@ -107,7 +107,7 @@ impl Protection {
             vmm::memory::layout_of(g.memory())
         };
         let proto_layout = backup::server::proto_layout(&layout)?;
-        let instance = rand_u64();
+        let instance = transport::random_u64().context("sender instance number")?;
         let mut scfg =
             SenderConfig::new(Role::Primary, backup::server::vm_identity(&req.vm_name), proto_layout, instance);
         scfg.timing = timing(req.heartbeat_ms, req.detect_ms, 0);
@@ -177,13 +177,7 @@ impl Protection {
         }
         let engine = std::thread::Builder::new()
             .name("epoch-engine".into())
-            .spawn(move || {
-                let r = engine.run();
-                if let Err(e) = &r {
-                    tracing::error!("epoch engine stopped: {e:#}");
-                }
-                r
-            })
+            .spawn(move || engine.run())
             .context("spawn epoch engine")?;
         tracing::info!(backup = %req.backup, "protection starting");
         Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
@@ -222,16 +216,6 @@ impl Protection {
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())
     }
-}
-
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    u64::from_le_bytes(b)
-        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Checks a protect request before starting.

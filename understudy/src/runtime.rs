@@ -114,6 +114,8 @@ pub struct Runtime {
     fenced: Mutex<Option<u64>>,
     backup_recorded: Mutex<bool>,
     backup_node: Mutex<Option<u64>>,
+    /// Set when a part this process cannot do without stopped: the process exits non-zero.
+    failed: Mutex<Option<String>>,
 }
 
 #[derive(Serialize)]
@@ -166,6 +168,7 @@ impl Runtime {
             fenced: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
+            failed: Mutex::new(None),
         }))
     }
 
@@ -185,9 +188,10 @@ impl Runtime {
         let listen = cfg.listen.to_string();
         let digest = cfg.verify;
         let n2 = Arc::clone(&node);
+        let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
         tokio.spawn(async move {
             if let Err(e) = backup::server::serve(cfg, n2, stop_rx).await {
-                tracing::error!("backup server: {e:#}");
+                let _ = failed_tx.send(format!("{:#}", anyhow::Error::from(e)));
             }
         });
         let rt = Arc::new(Self {
@@ -204,7 +208,23 @@ impl Runtime {
             fenced: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
+            failed: Mutex::new(None),
         });
+        // The server ends only on an error it cannot serve past (it cannot listen): a backup
+        // that no longer listens protects nothing, so the process stops with that error.
+        let weak_fail = Arc::downgrade(&rt);
+        std::thread::Builder::new()
+            .name("backup-server-watch".into())
+            .spawn(move || {
+                if let Ok(why) = failed_rx.recv() {
+                    tracing::error!("backup server stopped: {why}");
+                    if let Some(rt) = weak_fail.upgrade() {
+                        *lock(&rt.failed) = Some(format!("backup server stopped: {why}"));
+                        rt.request_exit(format!("backup server stopped: {why}"));
+                    }
+                }
+            })
+            .context("spawn server watch thread")?;
         let weak = Arc::downgrade(&rt);
         std::thread::Builder::new()
             .name("failover".into())
@@ -415,7 +435,7 @@ impl Runtime {
             Request::Protect(req) => self.protect(req),
             Request::Unprotect => self.unprotect(),
             Request::VerifyJournal => self.verify_journal(),
-            Request::Promote => self.promote(),
+            Request::Promote { force } => self.promote_request(force),
             Request::OutputJournal => self.output_journal(),
             Request::Snapshot { dir, then } => self.snapshot(&dir, then),
             Request::MemoryDigest => self.digest(),
@@ -497,6 +517,50 @@ impl Runtime {
         let p = p.as_ref().ok_or_else(|| anyhow!("the vm is not protected"))?;
         let o = p.output.as_ref().ok_or_else(|| anyhow!("the vm has no network device"))?;
         Ok(serde_json::json!({ "now_ns": primary::output::monotonic_ns(), "released": o.journal() }))
+    }
+
+    /// `understudy promote`: with arbitration, ask the group (the `Granted` event promotes)
+    /// and wait for it; without, or forced, promote at once.
+    fn promote_request(&self, force: bool) -> Result<serde_json::Value> {
+        if lock(&self.backup).is_none() {
+            bail!("this process is not a backup (or was promoted already)");
+        }
+        let Some(agent) = lock(&self.agent).clone() else { return self.promote() };
+        if force {
+            tracing::error!(
+                "FORCED PROMOTION without the arbitration group's grant: if the primary is alive, two copies now run"
+            );
+            let mut v = self.promote()?;
+            v["forced"] = true.into();
+            return Ok(v);
+        }
+        let vm = agent.vm;
+        tracing::warn!("promotion requested through the api: asking the arbitration group");
+        match agent.call(self.tokio.handle(), move |a, now| a.report_primary_dead(now, vm))? {
+            Ok(()) => {}
+            Err(e) => bail!(
+                "the arbitration group cannot grant this backup activity ({e}); `understudy promote --force` \
+                 promotes without the group, risking two active copies"
+            ),
+        }
+        let timeout = Duration::from_secs(10);
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if lock(&self.vm).is_some() {
+                let origin = lock(&self.origin).clone();
+                return Ok(serde_json::json!({ "state": "running", "granted": true, "origin": origin }));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Not granted: the primary still holds (and renews) its lease. Withdraw the request so
+        // a later grant cannot surprise anybody.
+        let _ = agent.call(self.tokio.handle(), move |a, now| a.report_primary_alive(now, vm));
+        bail!(
+            "the arbitration group did not grant this backup activity within {}s: the primary still holds its \
+             lease (it is alive, or the group has no quorum); `understudy promote --force` promotes without the \
+             group, risking two active copies",
+            timeout.as_secs()
+        )
     }
 
     fn promote(&self) -> Result<serde_json::Value> {
@@ -674,7 +738,10 @@ impl Runtime {
                 let (e, _) = self.exit.1.wait_timeout(e, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner());
                 if let Some(why) = e.clone() {
                     tracing::info!("stopping: {why}");
-                    break Ok(());
+                    break match lock(&self.failed).clone() {
+                        Some(f) => Err(anyhow!(f)),
+                        None => Ok(()),
+                    };
                 }
             }
             self.record_backup_when_protected();

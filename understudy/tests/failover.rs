@@ -212,3 +212,32 @@ fn a_frozen_primary_is_fenced_when_it_comes_back() {
     assert_eq!(frozen, read_text(&g.pair.p_serial()), "fenced guest kept running");
     eprintln!("frozen primary fenced after thaw; promoted copy runs on");
 }
+
+/// `understudy promote` on a backup with arbitration goes through the group: while the
+/// primary is alive and renews its lease the group grants nothing, so the request is refused
+/// with the flag that forces it, and nothing changes; `--force` promotes without the group.
+#[test]
+fn promote_through_the_api_asks_the_group_and_refuses_while_the_primary_holds_its_lease() {
+    let _g = serial_guard();
+    if !kvm_available("promote_through_the_api_asks_the_group_and_refuses_while_the_primary_holds_its_lease") {
+        return;
+    }
+    let mut g = protected_group("workload=counter period_ms=20");
+    let t0 = Instant::now();
+    let (ok, out, err) = run(&["promote", "--api", g.pair.b_sock.to_str().unwrap()]);
+    assert!(!ok, "promote succeeded while the primary holds its lease: {out}");
+    assert!(err.contains("did not grant") && err.contains("--force"), "unhelpful refusal: {err}");
+    eprintln!("promote refused after {:?}: {}", t0.elapsed(), err.trim());
+    let s = Pair::status(&g.pair.b_sock);
+    assert_eq!(s["role"], "backup", "the backup changed role: {s}");
+    g.pair.primary.assert_alive();
+    let p = Pair::status(&g.pair.p_sock);
+    assert_eq!(p["protection"]["state"], "protected", "{p}");
+    assert!(!g.pair.backup.stderr().contains("PROMOTED"), "the backup promoted anyway");
+
+    let (ok, out, err) = run(&["promote", "--force", "--api", g.pair.b_sock.to_str().unwrap()]);
+    assert!(ok, "forced promotion failed: {err}");
+    assert_eq!(json(&out)["forced"], true, "{out}");
+    assert!(g.pair.backup.stderr().contains("FORCED PROMOTION"), "a forced promotion must be logged loudly");
+    let _ = &mut g.witness;
+}

@@ -7,31 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Sets keys one by one, prints `ok <i>` after each STORED (flushing), then reads a list back.
-const KV_CLIENT: &str = r#"
-import sys, time, json
-from pymemcache.client.base import Client
-host, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = Client((host, 11211), connect_timeout=5, timeout=10)
-if mode == "set":
-    lat = []
-    for i in range(n):
-        t = time.monotonic()
-        assert c.set("key%d" % i, ("value-%d-" % i) * (1 + i % 50), noreply=False)
-        lat.append(time.monotonic() - t)
-        print("ok", i, flush=True)
-    lat.sort()
-    print(json.dumps({"p50_ms": lat[len(lat)//2]*1e3, "p99_ms": lat[int(len(lat)*0.99)]*1e3}), flush=True)
-else:
-    bad = 0
-    for i in range(n):
-        v = c.get("key%d" % i)
-        if v is None or v.decode() != ("value-%d-" % i) * (1 + i % 50):
-            bad += 1
-            print("missing", i, v[:40] if v else None, flush=True)
-    print("bad", bad, flush=True)
-"#;
-
 /// Captures frames from the guest's MAC on tap0 for `secs`, then prints them as JSON lines.
 const CAPTURE: &str = r#"
 import socket, sys, time, zlib, json

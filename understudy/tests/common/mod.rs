@@ -55,11 +55,21 @@ pub struct Proc {
 impl Proc {
     /// Spawns `understudy args...`, stderr to `<dir>/<name>.stderr`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_env(None, dir, name, args, &[])
+    }
+
+    /// Spawns `understudy args...` (inside `ns` when given) with extra environment variables.
+    pub fn spawn_env(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = Command::new(bin())
+        let mut cmd = match ns {
+            Some(ns) => ns.command(bin().to_str().expect("utf-8 path")),
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(args)
             .env("UNDERSTUDY_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -224,18 +234,7 @@ impl Drop for NetNs {
 impl Proc {
     /// Spawns `understudy args...` inside a network namespace.
     pub fn spawn_in(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Self {
-        let stderr_path = dir.join(format!("{name}.stderr"));
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = ns
-            .command(bin().to_str().expect("utf-8 path"))
-            .args(args)
-            .env("UNDERSTUDY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn understudy");
-        Self { child, name: name.into(), stderr_path }
+        Self::spawn_env(Some(ns), dir, name, args, &[])
     }
 }
 
@@ -267,6 +266,18 @@ impl Pair {
         memory: &str,
         backup_args: &[&str],
         run_args: &[&str],
+    ) -> Self {
+        Self::start_env(ns, cmdline, memory, backup_args, run_args, &[])
+    }
+
+    /// [`Pair::start_with`], both processes with extra environment variables (fault points).
+    pub fn start_env(
+        ns: Option<&NetNs>,
+        cmdline: &str,
+        memory: &str,
+        backup_args: &[&str],
+        run_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
@@ -325,10 +336,8 @@ impl Pair {
             pargs.extend(["--tap", "tap0"]);
         }
         pargs.extend_from_slice(run_args);
-        let (mut backup, mut primary) = match ns {
-            Some(ns) => (Proc::spawn_in(ns, &d, "backup", &bargs), Proc::spawn_in(ns, &d, "primary", &pargs)),
-            None => (Proc::spawn(&d, "backup", &bargs), Proc::spawn(&d, "primary", &pargs)),
-        };
+        let mut backup = Proc::spawn_env(ns, &d, "backup", &bargs, env);
+        let mut primary = Proc::spawn_env(ns, &d, "primary", &pargs, env);
         wait_for(&ps, Duration::from_secs(10), &mut primary, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
         wait_for(&b_sock, Duration::from_secs(10), &mut backup, "backup api", |_| b_sock.exists());
         wait_for(&p_sock, Duration::from_secs(30), &mut primary, "primary api", |_| p_sock.exists());
@@ -444,3 +453,28 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::O
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Sets keys one by one, prints `ok <i>` after each STORED (flushing), then reads a list back.
+pub const KV_CLIENT: &str = r#"
+import sys, time, json
+from pymemcache.client.base import Client
+host, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = Client((host, 11211), connect_timeout=5, timeout=10)
+if mode == "set":
+    lat = []
+    for i in range(n):
+        t = time.monotonic()
+        assert c.set("key%d" % i, ("value-%d-" % i) * (1 + i % 50), noreply=False)
+        lat.append(time.monotonic() - t)
+        print("ok", i, flush=True)
+    lat.sort()
+    print(json.dumps({"p50_ms": lat[len(lat)//2]*1e3, "p99_ms": lat[int(len(lat)*0.99)]*1e3}), flush=True)
+else:
+    bad = 0
+    for i in range(n):
+        v = c.get("key%d" % i)
+        if v is None or v.decode() != ("value-%d-" % i) * (1 + i % 50):
+            bad += 1
+            print("missing", i, v[:40] if v else None, flush=True)
+    print("bad", bad, flush=True)
+"#;
