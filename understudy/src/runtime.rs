@@ -129,6 +129,7 @@ struct Status<'a> {
 #[derive(Serialize)]
 struct SnapshotReport {
     dir: PathBuf,
+    snapshot_id: Option<String>,
     memory_digest: String,
     memory_bytes: u64,
     state_bytes: u64,
@@ -620,6 +621,7 @@ impl Runtime {
         );
         Ok(serde_json::to_value(SnapshotReport {
             dir: dir.to_path_buf(),
+            snapshot_id: info.snapshot_id,
             memory_digest: format!("{:016x}", info.memory_digest),
             memory_bytes: info.memory_bytes,
             state_bytes: info.state_bytes,
