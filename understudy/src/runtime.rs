@@ -269,13 +269,17 @@ impl Runtime {
         Ok(rt)
     }
 
-    /// Serves Prometheus metrics built from the status report.
-    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr) -> Result<()> {
+    /// Serves Prometheus metrics built from the status report (a non-loopback `addr` only when
+    /// `public`).
+    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr, public: bool) -> Result<()> {
         let weak = Arc::downgrade(self);
         crate::metrics::serve(
             addr,
+            public,
+            crate::metrics::Limits::default(),
             Arc::new(move || weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)),
-        )
+        )?;
+        Ok(())
     }
 
     /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
