@@ -38,3 +38,11 @@ pub const MAX_EPOCH_FRAMES: u32 = 1 << 24;
 pub const MAX_REQUEST_PAGES: usize = 4 << 10;
 /// Most epochs a sender may have in flight (submitted, not acknowledged).
 pub const MAX_WINDOW: u16 = 256;
+/// Largest epoch number a `Hello` may announce (its `committed` and `delivered` positions and its
+/// `high_water`): 2^62. A peer that claims more is refused, so a sender, which numbers its next
+/// epochs above the receiver's high water, always keeps 2^62 numbers to count on (146 million
+/// years at one epoch a millisecond) and its epoch arithmetic never overflows.
+pub const MAX_ANNOUNCED_EPOCH: u64 = 1 << 62;
+/// Largest epoch number an epoch may carry (`EpochBegin`): 2^63. A sender refuses to number an
+/// epoch above it; a receiver refuses an epoch numbered above it.
+pub const MAX_EPOCH: u64 = 1 << 63;

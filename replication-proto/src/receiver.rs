@@ -5,7 +5,7 @@
 use crate::checkpoint::{Checkpoint, CheckpointBuilder};
 use crate::codec::decode_page;
 use crate::frame::MessageKind;
-use crate::limits::{MAX_REQUEST_PAGES, MAX_STATE_LEN, MAX_WINDOW};
+use crate::limits::{MAX_EPOCH, MAX_REQUEST_PAGES, MAX_STATE_LEN, MAX_WINDOW};
 use crate::message::{
     EpochBegin, EpochEnd, Hello, MemoryLayout, Message, MessageError, PageIndex, PageRequest, Position, ResendRequest,
     ResyncReason, ResyncRequest, Role, VmIdentity,
@@ -414,6 +414,9 @@ impl Receiver {
     }
 
     fn on_begin(&mut self, now: Instant, b: EpochBegin) -> Result<(), SessionError> {
+        if b.epoch > MAX_EPOCH {
+            return Err(SessionError::Protocol { what: "epoch number beyond the limit of 2^63", epoch: b.epoch });
+        }
         if let Some(st) = &self.staging {
             if st.begin == b {
                 self.stats.stale_frames += 1;

@@ -6,7 +6,7 @@ use crate::cache::{Cached, PageCache};
 use crate::codec::{CodecConfig, PageEncoder};
 use crate::frame::{MessageKind, begin_frame, finish_frame};
 use crate::hash::{Digest, is_zero, xxh64, zero_page_hash};
-use crate::limits::{FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_STATE_LEN, MAX_WINDOW};
+use crate::limits::{FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_EPOCH, MAX_STATE_LEN, MAX_WINDOW};
 use crate::message::{
     EpochBegin, EpochEnd, Heartbeat, Hello, Lineage, MemoryLayout, Message, PageIndex, Position, ResendRequest,
     ResyncReason, ResyncRequest, Role, VmIdentity,
@@ -181,6 +181,16 @@ pub enum SubmitError {
         len: usize,
         /// The limit.
         max: u64,
+    },
+    /// The next epoch number would be beyond [`MAX_EPOCH`] (unreachable in practice: a peer
+    /// cannot announce more than [`crate::limits::MAX_ANNOUNCED_EPOCH`], which leaves 2^62
+    /// numbers).
+    #[error("epoch numbers exhausted: epoch {next} is beyond the limit {limit}")]
+    EpochsExhausted {
+        /// The epoch number the checkpoint would get.
+        next: u64,
+        /// The limit.
+        limit: u64,
     },
     /// A page request answer holds too many pages.
     #[error("page response of {count} pages over the limit of {max}")]
@@ -399,6 +409,9 @@ impl Sender {
     {
         if !baseline && self.needs_baseline {
             return Err(SubmitError::BaselineRequired { next: self.next_epoch });
+        }
+        if self.next_epoch > MAX_EPOCH {
+            return Err(SubmitError::EpochsExhausted { next: self.next_epoch, limit: MAX_EPOCH });
         }
         let limit = self.window_limit();
         if self.window.len() >= limit {
@@ -698,6 +711,7 @@ impl Sender {
         {
             self.on_ack(now, c.epoch);
         }
+        // The link refused a high water above `MAX_ANNOUNCED_EPOCH`: this cannot overflow.
         self.next_epoch = self.next_epoch.max(h.high_water + 1);
         self.last_sent = 0;
         let resumed_from = if self.needs_baseline {

@@ -108,6 +108,18 @@ pub enum SessionError {
         /// The peer's page size.
         peer_page_size: u32,
     },
+    /// The peer's `Hello` announces an epoch number beyond
+    /// [`crate::limits::MAX_ANNOUNCED_EPOCH`]: taken as it is, it would leave no epoch numbers to
+    /// count on (or overflow them).
+    #[error("peer's {field} {value} is beyond the epoch limit {limit}")]
+    EpochLimit {
+        /// The `Hello` field (`high_water`, `committed` or `delivered`).
+        field: &'static str,
+        /// The value announced.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The byte stream lost its framing.
     #[error("frame stream broken")]
     Frame(#[source] FrameError),
@@ -160,6 +172,7 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Version(_) | Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => true,
+            Self::EpochLimit { .. } => true,
             Self::Closed { .. } => true,
             Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
             _ => false,
@@ -169,7 +182,9 @@ impl SessionError {
     fn goodbye_reason(&self) -> GoodbyeReason {
         match self {
             Self::Version(_) => GoodbyeReason::Version,
-            Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => GoodbyeReason::Mismatch,
+            Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } | Self::EpochLimit { .. } => {
+                GoodbyeReason::Mismatch
+            }
             Self::Closed { .. } => GoodbyeReason::Normal,
             _ => GoodbyeReason::ProtocolError,
         }
@@ -605,7 +620,22 @@ impl Link {
                 peer_page_size: h.layout.page_size,
             });
         }
-        Ok(())
+        check_epochs(h)
+    }
+}
+
+/// Refuses a `Hello` whose epoch numbers leave no room to count on (see
+/// [`crate::limits::MAX_ANNOUNCED_EPOCH`]).
+fn check_epochs(h: &Hello) -> Result<(), SessionError> {
+    let limit = crate::limits::MAX_ANNOUNCED_EPOCH;
+    let fields = [
+        ("high_water", Some(h.high_water)),
+        ("committed epoch", h.committed.map(|p| p.epoch)),
+        ("delivered epoch", h.delivered.map(|p| p.epoch)),
+    ];
+    match fields.into_iter().find(|(_, v)| v.is_some_and(|v| v > limit)) {
+        Some((field, Some(value))) => Err(SessionError::EpochLimit { field, value, limit }),
+        _ => Ok(()),
     }
 }
 

@@ -259,16 +259,13 @@ fn mismatched_peers_are_refused_for_good() {
     assert!(matches!(se, SessionError::Layout { .. }));
 }
 
-#[test]
-fn unsupported_version_is_refused_with_both_versions_named() {
-    let (_, mut r) = pair();
-    let now = Instant::now();
-    r.connect(now);
-    let hello = Hello {
-        version: 7,
-        min_version: 6,
-        role: Role::Primary,
-        instance: 5,
+/// A peer's `Hello` as a test crafts it: current version, no positions, high water 0.
+fn peer_hello(role: Role, instance: u64) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        min_version: PROTOCOL_VERSION,
+        role,
+        instance,
         vm: vm(),
         layout: layout(),
         window: 4,
@@ -276,7 +273,15 @@ fn unsupported_version_is_refused_with_both_versions_named() {
         delivered: None,
         high_water: 0,
         session: 1,
-    };
+    }
+}
+
+#[test]
+fn unsupported_version_is_refused_with_both_versions_named() {
+    let (_, mut r) = pair();
+    let now = Instant::now();
+    r.connect(now);
+    let hello = Hello { version: 7, min_version: 6, ..peer_hello(Role::Primary, 5) };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);
     r.handle_input(now, &bytes);
@@ -422,4 +427,94 @@ fn small_cache_evicts_and_still_replicates_exactly() {
     for (i, p) in mem.iter().enumerate() {
         assert_eq!(replica.page(i as u64).unwrap(), &p[..]);
     }
+}
+
+/// A receiver's Hello as a hostile or buggy backup would send it.
+fn backup_hello(high_water: u64, committed: Option<u64>) -> Vec<u8> {
+    use replication_proto::message::{Lineage, Position};
+    let pos = |epoch| Position { lineage: Lineage { origin: 11, baseline: 1 }, epoch };
+    let hello = Hello {
+        committed: committed.map(pos),
+        delivered: committed.map(pos),
+        high_water,
+        ..peer_hello(Role::Backup, 99)
+    };
+    let mut bytes = Vec::new();
+    Message::Hello(hello).encode_frame(&mut bytes);
+    bytes
+}
+
+/// A peer's epoch numbers near `u64::MAX` end the session with an error naming the value: the
+/// sender neither overflows (a panic in debug builds, a silent wrap in release) nor numbers its
+/// next baseline at or below what the peer claims to have seen (which the peer would drop as
+/// stale forever, holding output for good).
+#[test]
+fn peer_epoch_numbers_near_u64_max_are_refused() {
+    use replication_proto::limits::MAX_ANNOUNCED_EPOCH;
+    let now = Instant::now();
+    let p = page(3);
+    for (high_water, committed) in
+        [(u64::MAX, None), (u64::MAX - 1, None), (MAX_ANNOUNCED_EPOCH + 1, None), (5, Some(u64::MAX))]
+    {
+        let (mut s, _) = pair();
+        s.connect(now);
+        s.handle_input(now, &backup_hello(high_water, committed));
+        let error = sender_events(&mut s)
+            .into_iter()
+            .find_map(|e| match e {
+                SenderEvent::Disconnected { error } => Some(error),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("high water {high_water}, committed {committed:?}: session not refused"));
+        let value = committed.unwrap_or(high_water);
+        assert!(
+            error.to_string().contains(&value.to_string()),
+            "high water {high_water}: error does not name the value: {error}"
+        );
+        assert!(error.is_permanent(), "{error}");
+        // Nothing of the peer's claim was taken: the sender still numbers from 1.
+        assert_eq!(s.next_epoch(), 1);
+        assert_eq!(s.submit_baseline(now, [(0, &p[..])], b"s").unwrap(), 1);
+        assert_eq!(s.submit(now, [(0, &p[..])], b"s").unwrap(), 2);
+    }
+
+    // At the limit, the sender numbers above it and still has room to count on.
+    let (mut s, _) = pair();
+    s.connect(now);
+    s.handle_input(now, &backup_hello(MAX_ANNOUNCED_EPOCH, None));
+    assert!(
+        sender_events(&mut s).iter().all(|e| !matches!(e, SenderEvent::Disconnected { .. })),
+        "a high water at the limit is accepted"
+    );
+    assert_eq!(s.submit_baseline(now, [(0, &p[..])], b"s").unwrap(), MAX_ANNOUNCED_EPOCH + 1);
+    assert_eq!(s.submit(now, [(0, &p[..])], b"s").unwrap(), MAX_ANNOUNCED_EPOCH + 2);
+}
+
+/// A sender's epoch numbered beyond the epoch limit is a protocol violation: the receiver does
+/// not stage it (it would otherwise announce that number as its high water from then on).
+#[test]
+fn receiver_refuses_an_epoch_beyond_the_limit() {
+    use replication_proto::message::{EpochBegin, Lineage};
+    let (_, mut r) = pair();
+    let now = Instant::now();
+    r.connect(now);
+    let mut bytes = Vec::new();
+    Message::Hello(peer_hello(Role::Primary, 5)).encode_frame(&mut bytes);
+    let epoch = u64::MAX;
+    Message::EpochBegin(EpochBegin {
+        epoch,
+        lineage: Lineage { origin: 5, baseline: epoch },
+        baseline: true,
+        page_count: 0,
+        state_len: 0,
+    })
+    .encode_frame(&mut bytes);
+    r.handle_input(now, &bytes);
+    let error = std::iter::from_fn(|| r.poll_event())
+        .find_map(|e| match e {
+            ReceiverEvent::Disconnected { error } => Some(error),
+            _ => None,
+        })
+        .expect("an epoch beyond the limit ends the session");
+    assert!(error.to_string().contains(&epoch.to_string()), "{error}");
 }

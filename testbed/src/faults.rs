@@ -77,11 +77,20 @@ pub enum Point {
     LinkCorrupt,
     /// All four at once, milder.
     LinkMix,
+    /// A forced re-sync, and the primary killed as it starts: the backup refuses its K-th
+    /// checkpoint (`UNDERSTUDY_FAILPOINTS=backup.refuse@K`: as if it did not apply, the replica
+    /// stays at its last consistent epoch) and asks for a new baseline; the primary dies at the
+    /// first round of that re-sync, before the baseline is sent (`primary.resync@1`).
+    Resync,
+    /// The same, but the primary dies at the start of the re-sync's second round
+    /// (`primary.resync@2`): the backup has committed the new baseline, its replica is no longer
+    /// consistent, and it must roll back to its last consistent checkpoint to promote.
+    ResyncLate,
 }
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 19] = [
+    pub const ALL: [Point; 21] = [
         Point::Kill,
         Point::Paused,
         Point::Harvest,
@@ -101,6 +110,8 @@ impl Point {
         Point::LinkDup,
         Point::LinkCorrupt,
         Point::LinkMix,
+        Point::Resync,
+        Point::ResyncLate,
     ];
 
     /// The name used on the command line and in reports.
@@ -125,6 +136,8 @@ impl Point {
             Point::LinkDup => "link.dup",
             Point::LinkCorrupt => "link.corrupt",
             Point::LinkMix => "link.mix",
+            Point::Resync => "resync",
+            Point::ResyncLate => "resync.late",
         }
     }
 
@@ -136,6 +149,26 @@ impl Point {
             .ok_or_else(|| anyhow!("unknown fault point {s:?}; known: {}", Self::ALL.map(|p| p.name()).join(",")))
     }
 
+    /// Parses `--points` (already split at commas); none means all.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
+        if names.is_empty() {
+            return Ok(Self::ALL.to_vec());
+        }
+        names.iter().map(|n| Self::parse(n)).collect()
+    }
+
+    /// The forced re-sync points.
+    fn resync(self) -> bool {
+        matches!(self, Point::Resync | Point::ResyncLate)
+    }
+
+    /// The bound of one run of this point: `default` (`--run-timeout-s`), raised for the
+    /// re-sync points to [`RESYNC_RUN_TIMEOUT`] (a refusal up to ~20 s into the load, then a
+    /// baseline of the guest's 64 MiB and its pre-copy rounds before the kill).
+    pub fn run_timeout(self, default: Duration) -> Duration {
+        if self.resync() { default.max(RESYNC_RUN_TIMEOUT) } else { default }
+    }
+
     fn failpoint(self) -> bool {
         matches!(
             self,
@@ -145,6 +178,8 @@ impl Point {
                 | Point::Acked
                 | Point::CommittedUnacked
                 | Point::BackupCommitted
+                | Point::Resync
+                | Point::ResyncLate
         )
     }
 
@@ -159,6 +194,8 @@ impl Point {
                 | Point::Acked
                 | Point::CommittedUnacked
                 | Point::Partition
+                | Point::Resync
+                | Point::ResyncLate
         )
     }
 
@@ -215,6 +252,71 @@ fn ctl_ip(host: &str) -> &'static str {
 const PROXY_ADDR: &str = "10.78.0.2:7410";
 /// How long a `link.*` impairment lasts.
 const IMPAIR_WINDOW: Duration = Duration::from_secs(4);
+
+/// The least bound of one run of a re-sync point ([`Point::run_timeout`]).
+pub const RESYNC_RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The fault points armed in each process of a run (`UNDERSTUDY_FAILPOINTS`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Failpoints {
+    /// In the primary, e.g. `primary.paused@312`.
+    pub primary: Option<String>,
+    /// In the backup, e.g. `backup.refuse@230`.
+    pub backup: Option<String>,
+    /// The backup's point kills the process whose pid the harness writes to a file
+    /// (`UNDERSTUDY_FAILPOINT_VICTIM`): the primary.
+    pub victim: bool,
+}
+
+impl Failpoints {
+    /// What `point` arms, its hit numbers drawn from `rng` (the run's seed).
+    pub fn choose(point: Point, rng: &mut impl FnMut(u64, u64) -> u64) -> Self {
+        // Epochs run at ~20-100/s; sync and the client's start take ~2-4 s. Pick K so the
+        // point fires a few seconds into protected operation, with the client loading.
+        let none = Self::default();
+        match point {
+            Point::BackupCommitted => Self { backup: Some(format!("backup.committed@{}", rng(150, 400))), ..none },
+            Point::CommittedUnacked => {
+                Self { backup: Some(format!("backup.committed@{}", rng(150, 400))), victim: true, ..none }
+            }
+            // The refusal a few seconds into the client's load (its first reply comes ~1.4 s
+            // after protection; before it, a silent guest commits few epochs).
+            Point::Resync | Point::ResyncLate => Self {
+                backup: Some(format!("backup.refuse@{}", rng(200, 400))),
+                primary: Some(format!("primary.resync@{}", if point == Point::Resync { 1 } else { 2 })),
+                victim: false,
+            },
+            p if p.failpoint() => Self { primary: Some(format!("{}@{}", p.name(), rng(250, 500))), ..none },
+            _ => none,
+        }
+    }
+
+    /// Whether anything is armed.
+    pub fn any(&self) -> bool {
+        self.primary.is_some() || self.backup.is_some()
+    }
+
+    /// For reports: `backup.refuse@230,primary.resync@1`.
+    pub fn describe(&self) -> Option<String> {
+        let all: Vec<&str> = self.backup.iter().chain(&self.primary).map(String::as_str).collect();
+        (!all.is_empty()).then(|| all.join(","))
+    }
+
+    /// The environment of process `who` (`primary` or `backup`); `victim` is the pid file.
+    pub fn env(&self, who: &str, victim: &Path) -> Vec<(&'static str, String)> {
+        let (spec, kills_other) = match who {
+            "primary" => (&self.primary, false),
+            "backup" => (&self.backup, self.victim),
+            _ => return Vec::new(),
+        };
+        let Some(spec) = spec else { return Vec::new() };
+        let mut env = vec![("UNDERSTUDY_FAILPOINTS", spec.clone())];
+        if kills_other {
+            env.push(("UNDERSTUDY_FAILPOINT_VICTIM", victim.to_string_lossy().into_owned()));
+        }
+        env
+    }
+}
 
 /// The replication link's default detection time in the harness (`--detect-ms`).
 pub const DEFAULT_DETECT_MS: u64 = 80;
@@ -307,6 +409,9 @@ pub struct RunReport {
     pub lease_losses: u64,
     /// The impairment proxy's account of its window (`link.*`).
     pub impair: Option<String>,
+    /// Re-sync points: the backup's refusal (its `backup.refuse` log line) -> the primary's
+    /// death at its re-sync fault point.
+    pub resync_ms: Option<f64>,
     /// Client spawned -> its first reply (`ctl/ready`), for timed faults.
     pub client_start_ms: Option<f64>,
     pub acked_writes: u64,
@@ -331,7 +436,7 @@ impl RunReport {
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
             "suspicions": self.suspicions,
-            "impair": self.impair, "client_start_ms": self.client_start_ms,
+            "impair": self.impair, "resync_ms": self.resync_ms, "client_start_ms": self.client_start_ms,
             "acked_writes": self.acked_writes, "lost_writes": self.lost_writes,
             "contradictions": self.contradictions, "errors": self.errors, "reconnects": self.reconnects,
             "max_gap_ms": self.max_gap_ms, "client_notes": self.client_notes, "elapsed_s": self.elapsed_s,
@@ -703,7 +808,7 @@ fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
 /// Runs one fault once.
 fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<RunReport> {
     let t_start = Instant::now();
-    let deadline = t_start + opts.run_timeout;
+    let deadline = t_start + point.run_timeout(opts.run_timeout);
     let mut rep = RunReport { point: point.name().into(), run, ..Default::default() };
     let dir = TempDir(std::env::temp_dir().join(format!("usf-{}-{run}-{}", std::process::id(), point.name())));
     let _ = fs::remove_dir_all(&dir.0);
@@ -714,32 +819,12 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         let mut procs = Procs { list: Vec::new() };
         let b = &opts.understudy;
         sh(&[&s(b), "certs", "--out", &s(d("certs")), "--host", "primary", "--host", "backup"])?;
-        let failpoint = if point.failpoint() {
-            // Epochs run at ~20-100/s; sync and the client's start take ~2-4 s. Pick K so the
-            // point fires a few seconds into protected operation.
-            let (name, k) = match point {
-                Point::BackupCommitted => (point.name(), rng.range(150, 400)),
-                Point::CommittedUnacked => ("backup.committed", rng.range(150, 400)),
-                _ => (point.name(), rng.range(250, 500)),
-            };
-            Some(format!("{name}@{k}"))
-        } else {
-            None
-        };
-        rep.failpoint = failpoint.clone();
+        let failpoints = Failpoints::choose(point, &mut |lo, hi| rng.range(lo, hi));
+        rep.failpoint = failpoints.describe();
         // committed-unacked: the backup's failpoint kills the process whose pid is in this file
         // (the primary's, written right after it is spawned) instead of the backup itself.
         let victim = d("primary.pid");
-        let fp_env = |who: &str| -> Vec<(&str, String)> {
-            let mut env = Vec::new();
-            if let Some(f) = failpoint.as_ref().filter(|f| f.starts_with(who)) {
-                env.push(("UNDERSTUDY_FAILPOINTS", f.clone()));
-                if point == Point::CommittedUnacked {
-                    env.push(("UNDERSTUDY_FAILPOINT_VICTIM", s(&victim)));
-                }
-            }
-            env
-        };
+        let fp_env = |who: &str| failpoints.env(who, &victim);
         let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         procs.spawn(
             "witness",
@@ -893,7 +978,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         })?;
         match protected {
             Some(true) => {}
-            Some(false) if failpoint.is_some() => {
+            Some(false) if failpoints.any() => {
                 rep.outcome = "invalid".into();
                 bail!("the fault point fired before protection was established (K too small)");
             }
@@ -1144,6 +1229,26 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
             plog.lines().filter(after_fault).filter(|l| l.contains("arbitration: lease lost")).count() as u64;
         rep.suspicions =
             blog.lines().filter(after_fault).filter(|l| l.contains("backup: primary suspect")).count() as u64;
+
+        if point.resync() {
+            // The forced re-sync: the backup logs its refusal naming the fault point. It must
+            // come while the client is loading (after its first reply, `ctl/ready`), or the run
+            // did not test what it claims.
+            let refused = blog.lines().find(|l| l.contains("backup.refuse")).and_then(line_time);
+            let ready = fs::metadata(d("ctl/ready"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|t| t.as_secs_f64());
+            match (refused, ready) {
+                (None, _) => rep.problems.push("the backup's log shows no backup.refuse: no forced re-sync".into()),
+                (Some(r), Some(c)) if r < c => {
+                    rep.outcome = "invalid".into();
+                    bail!("the backup refused its checkpoint before the client's first reply (K too small)");
+                }
+                (Some(r), _) => rep.resync_ms = Some((fault_wall - r) * 1e3),
+            }
+        }
 
         // Verdict.
         if rep.lost_writes > 0 {
@@ -1422,4 +1527,77 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
     });
     fs::write(out, serde_json::to_string_pretty(&v)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Env = Vec<(&'static str, String)>;
+
+    /// The env of both processes for `point`, with hit numbers drawn from `seed`.
+    fn arm(point: Point, seed: u64) -> (Failpoints, Env, Env) {
+        let mut rng = Rng(seed | 1);
+        let f = Failpoints::choose(point, &mut |lo, hi| rng.range(lo, hi));
+        let victim = Path::new("/run/x/primary.pid");
+        let (p, b) = (f.env("primary", victim), f.env("backup", victim));
+        (f, p, b)
+    }
+
+    fn hit(spec: &str, name: &str) -> u64 {
+        spec.strip_prefix(name)
+            .and_then(|r| r.strip_prefix('@'))
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("{spec:?} is not {name}@K"))
+    }
+
+    #[test]
+    fn resync_points_arm_the_backup_refusal_and_the_primary_resync() {
+        for (point, j) in [(Point::Resync, 1), (Point::ResyncLate, 2)] {
+            for seed in [1, 7, 20261204, u64::MAX] {
+                let (f, p, b) = arm(point, seed);
+                assert_eq!(p, [("UNDERSTUDY_FAILPOINTS", format!("primary.resync@{j}"))], "{point:?}");
+                assert_eq!(b.len(), 1, "no victim: the primary kills itself: {b:?}");
+                assert_eq!(b[0].0, "UNDERSTUDY_FAILPOINTS");
+                let k = hit(&b[0].1, "backup.refuse");
+                assert!((200..400).contains(&k), "K {k}");
+                assert_eq!(f.describe(), Some(format!("backup.refuse@{k},primary.resync@{j}")));
+                // The same seed arms the same K.
+                assert_eq!(arm(point, seed).0, f);
+            }
+        }
+        // K follows the seed.
+        let ks: std::collections::BTreeSet<String> =
+            (1..20).map(|seed| arm(Point::Resync, seed * 7919).0.backup.unwrap()).collect();
+        assert!(ks.len() > 10, "{ks:?}");
+    }
+
+    #[test]
+    fn other_points_arm_as_before() {
+        let (_, p, b) = arm(Point::Paused, 3);
+        assert!(b.is_empty());
+        assert!((250..500).contains(&hit(&p[0].1, "primary.paused")));
+        let (_, p, b) = arm(Point::CommittedUnacked, 3);
+        assert!(p.is_empty());
+        assert!((150..400).contains(&hit(&b[0].1, "backup.committed")));
+        assert_eq!(b[1], ("UNDERSTUDY_FAILPOINT_VICTIM", "/run/x/primary.pid".to_string()));
+        let (_, p, b) = arm(Point::BackupCommitted, 3);
+        assert!(p.is_empty() && b.len() == 1);
+        let (f, p, b) = arm(Point::Kill, 3);
+        assert!(!f.any() && p.is_empty() && b.is_empty() && f.describe().is_none());
+    }
+
+    #[test]
+    fn resync_points_expect_promotion_and_get_a_longer_bound() {
+        for p in [Point::Resync, Point::ResyncLate] {
+            assert_eq!(Point::parse(p.name()).unwrap(), p);
+            assert!(p.failpoint() && p.expects_promotion() && !p.expects_degraded());
+            assert_eq!(p.final_states(), ["protected"]);
+            assert_eq!(p.run_timeout(Duration::from_secs(45)), RESYNC_RUN_TIMEOUT);
+            assert_eq!(p.run_timeout(Duration::from_secs(300)), Duration::from_secs(300));
+        }
+        assert_eq!(Point::Kill.run_timeout(Duration::from_secs(45)), Duration::from_secs(45));
+        assert_eq!(Point::parse("resync").unwrap().name(), "resync");
+        assert_eq!(Point::parse("resync.late").unwrap().name(), "resync.late");
+    }
 }

@@ -54,9 +54,14 @@ enum Command {
         /// The VM's name (the arbitration group and the backup know it by this name).
         #[arg(long, default_value = "vm")]
         vm: String,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9400).
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9400). Only a loopback
+        /// address unless --metrics-public.
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Allow --metrics on a non-loopback address (the endpoint is unauthenticated: anyone
+        /// who reaches it learns the VM's state and numbers).
+        #[arg(long, requires = "metrics")]
+        metrics_public: bool,
         #[command(flatten)]
         agent: agent::AgentArgs,
     },
@@ -208,9 +213,14 @@ enum Command {
         /// (one host, the demo) until arbitration is configured.
         #[arg(long)]
         auto_promote: bool,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9401).
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9401). Only a loopback
+        /// address unless --metrics-public.
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Allow --metrics on a non-loopback address (the endpoint is unauthenticated: anyone
+        /// who reaches it learns the VM's state and numbers).
+        #[arg(long, requires = "metrics")]
+        metrics_public: bool,
         #[command(flatten)]
         agent: agent::AgentArgs,
     },
@@ -307,7 +317,10 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     match cli.command {
-        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, agent } => {
+        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, metrics_public, agent } => {
+            if let Some(addr) = metrics {
+                metrics::check_addr(addr, metrics_public)?;
+            }
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
             }
@@ -322,7 +335,7 @@ fn real_main(cli: Cli) -> Result<()> {
             .context("boot vm")?;
             let rt = Runtime::new(vm_, Origin::Booted { kernel }, memory)?;
             if let Some(addr) = metrics {
-                rt.serve_metrics(addr)?;
+                rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
                 rt.start_primary_agent(&agent, &vm)?;
@@ -440,8 +453,12 @@ fn real_main(cli: Cli) -> Result<()> {
             no_prepare_vm,
             auto_promote,
             metrics,
+            metrics_public,
             agent,
         } => {
+            if let Some(addr) = metrics {
+                metrics::check_addr(addr, metrics_public)?;
+            }
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
             let cfg = backup::server::BackupConfig {
@@ -464,7 +481,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let rt = Runtime::new_backup(cfg, tap, serial, memory, auto_promote)?;
             if let Some(addr) = metrics {
-                rt.serve_metrics(addr)?;
+                rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
                 rt.start_backup_agent(&agent, &vm)?;

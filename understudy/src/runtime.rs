@@ -131,6 +131,7 @@ struct Status<'a> {
 #[derive(Serialize)]
 struct SnapshotReport {
     dir: PathBuf,
+    snapshot_id: Option<String>,
     memory_digest: String,
     memory_bytes: u64,
     state_bytes: u64,
@@ -288,13 +289,17 @@ impl Runtime {
         Ok(rt)
     }
 
-    /// Serves Prometheus metrics built from the status report.
-    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr) -> Result<()> {
+    /// Serves Prometheus metrics built from the status report (a non-loopback `addr` only when
+    /// `public`).
+    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr, public: bool) -> Result<()> {
         let weak = Arc::downgrade(self);
         crate::metrics::serve(
             addr,
+            public,
+            crate::metrics::Limits::default(),
             Arc::new(move || weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)),
-        )
+        )?;
+        Ok(())
     }
 
     /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
@@ -684,6 +689,7 @@ impl Runtime {
         );
         Ok(serde_json::to_value(SnapshotReport {
             dir: dir.to_path_buf(),
+            snapshot_id: info.snapshot_id,
             memory_digest: format!("{:016x}", info.memory_digest),
             memory_bytes: info.memory_bytes,
             state_bytes: info.state_bytes,

@@ -151,7 +151,7 @@ fn damaged_snapshots_are_refused_with_clear_errors() {
     let (ok, _, err) = run(&["restore", snap.to_str().unwrap(), "--serial", "none"]);
     assert!(!ok);
     eprintln!("garbage state: {err}");
-    assert!(err.contains("not a vm state"), "{err}");
+    assert!(err.contains("not a snapshot state file"), "{err}");
 
     let (ok, _, err) = run(&["restore", "/nonexistent/snapshot", "--serial", "none"]);
     assert!(!ok);

@@ -29,7 +29,7 @@ enum Cmd {
         /// Comma-separated points: kill, primary.paused, primary.harvest, primary.shipped,
         /// primary.acked, committed-unacked, backup.committed, backup, witness, partition,
         /// partition.p-b, partition.p-w, partition.b-w, netem, link.loss, link.delay, link.dup,
-        /// link.corrupt, link.mix (default: all).
+        /// link.corrupt, link.mix, resync, resync.late (default: all).
         #[arg(long, value_delimiter = ',')]
         points: Vec<String>,
         /// Write the JSON report here (rewritten after every run).
@@ -38,7 +38,7 @@ enum Cmd {
         /// Copy each run's logs to DIR/<point>-<n>/.
         #[arg(long)]
         logs: Option<PathBuf>,
-        /// Bound of one run, seconds.
+        /// Bound of one run, seconds (the re-sync points get at least 90).
         #[arg(long, default_value_t = 45)]
         run_timeout_s: u64,
         /// Bound of the whole command, seconds (no new run starts after it).
@@ -97,11 +97,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed, detect_ms, no_prepare_vm } => {
-            let points = if points.is_empty() {
-                Point::ALL.to_vec()
-            } else {
-                points.iter().map(|p| Point::parse(p)).collect::<anyhow::Result<Vec<_>>>()?
-            };
+            let points = Point::parse_list(&points)?;
             let mut opts = faults::Options::new(runs, points);
             opts.out = out;
             opts.logs = logs;
@@ -159,4 +155,24 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(args: &[&str]) -> anyhow::Result<Vec<Point>> {
+        let cli = Cli::try_parse_from(["testbed", "faults"].iter().chain(args))?;
+        let Cmd::Faults { points, .. } = cli.cmd else { unreachable!("a faults command") };
+        Point::parse_list(&points)
+    }
+
+    #[test]
+    fn points_parse_from_the_command_line() {
+        assert_eq!(points(&["--points", "resync,resync.late"]).unwrap(), [Point::Resync, Point::ResyncLate]);
+        assert_eq!(points(&["--points", "kill", "--points", "resync"]).unwrap(), [Point::Kill, Point::Resync]);
+        assert_eq!(points(&[]).unwrap(), Point::ALL);
+        let e = points(&["--points", "resync,resync.early"]).unwrap_err().to_string();
+        assert!(e.contains("unknown fault point \"resync.early\"") && e.contains("resync.late"), "{e}");
+    }
 }
