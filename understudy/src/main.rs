@@ -33,7 +33,7 @@ enum Command {
         /// Kernel command line.
         #[arg(long, default_value = "")]
         cmdline: String,
-        /// Guest memory: bytes, or with a K/M/G suffix.
+        /// Guest memory: a size with a K/M/G suffix (256M), or bytes (at least 1 MiB).
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         memory: u64,
         /// Number of vCPUs.
@@ -279,7 +279,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional K/M/G suffix"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))?;
+    // A bare small number is almost certainly meant in MiB (QEMU's `-m 256`): say so rather
+    // than fail later on a 256-byte guest.
+    if mult == 1 && bytes < 1 << 20 {
+        return Err(format!(
+            "size {s} is {s} bytes, less than 1 MiB: did you mean {s}M? (sizes are bytes unless they end in K, M or G)"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -538,7 +546,10 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("256M").unwrap(), 256 << 20);
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        let hint = parse_size("256").unwrap_err();
+        assert!(hint.contains("did you mean 256M"), "{hint}");
+        assert!(parse_size("4096").is_err());
         assert!(parse_size("lots").unwrap_err().contains("not a number"));
         assert_eq!(parse_mac("02:55:44:00:00:0a").unwrap(), [2, 0x55, 0x44, 0, 0, 10]);
         assert!(parse_mac("01:00:00:00:00:00").unwrap_err().contains("multicast"));
