@@ -12,7 +12,8 @@ D=$(mktemp -d /tmp/understudy-demo.XXXXXX)
 PY=/usr/bin/python3
 PIDS=()
 
-say() { printf '\033[1m[demo %5.1fs]\033[0m %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{print a-b}')" "$*"; }
+if [ -t 1 ]; then BOLD=$'\033[1m'; PLAIN=$'\033[0m'; else BOLD=; PLAIN=; fi
+say() { printf '%s[demo %5.1fs]%s %s\n' "$BOLD" "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{print a-b}')" "$PLAIN" "$*"; }
 cleanup() {
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
     ip netns del "$NS" 2>/dev/null || true
@@ -42,18 +43,18 @@ $B certs --out "$D/certs" --host primary --host backup --host witness >/dev/null
 say "starting the witness (third voter of the arbitration group)"
 in_ns "$B" witness --data "$D/raft3" --listen 127.0.0.1:7503 --certs "$D/certs" \
     --peer 1=primary@127.0.0.1:7501 --peer 2=backup@127.0.0.1:7502 \
-    2> "$D/witness.log" & PIDS+=($!)
+    2> "$D/witness.log" & PIDS+=($!); disown $!
 say "starting the backup (replica of a 64 MiB VM; promotes itself only when the group grants it)"
 in_ns "$B" backup --listen 127.0.0.1:7400 --certs "$D/certs" --memory 64M --api "$D/backup.sock" \
     --tap tap0 --serial "$D/backup-serial.log" --detect-ms 100 --heartbeat-ms 10 \
     --arbiter-id 2 --arbiter-listen 127.0.0.1:7502 --arbiter-peer 1=primary@127.0.0.1:7501 --arbiter-peer 3=witness@127.0.0.1:7503 \
-    --arbiter-data "$D/raft2" 2> "$D/backup.log" & PIDS+=($!)
+    --arbiter-data "$D/raft2" 2> "$D/backup.log" & PIDS+=($!); disown $!
 say "booting the kv guest on the primary (it asks the group for activity)"
 in_ns "$B" run --kernel "$GUEST" --cmdline "workload=kv ip=10.99.0.2/24" --memory 64M --tap tap0 \
     --serial "$D/primary-serial.log" --api "$D/primary.sock" \
     --arbiter-id 1 --arbiter-listen 127.0.0.1:7501 --arbiter-peer 2=backup@127.0.0.1:7502 --arbiter-peer 3=witness@127.0.0.1:7503 \
     --arbiter-certs "$D/certs" --arbiter-name primary \
-    --arbiter-data "$D/raft1" 2> "$D/primary.log" & PRIMARY=$!; PIDS+=($PRIMARY)
+    --arbiter-data "$D/raft1" 2> "$D/primary.log" & PRIMARY=$!; PIDS+=($PRIMARY); disown $PRIMARY
 for _ in $(seq 200); do [ -S "$D/primary.sock" ] && grep -q '^ready' "$D/primary-serial.log" 2>/dev/null && break; sleep 0.05; done
 grep -q '^ready' "$D/primary-serial.log" || { echo "demo: guest did not boot"; cat "$D/primary.log"; exit 1; }
 say "guest ready; protecting it"
@@ -62,7 +63,7 @@ $B protect --api "$D/primary.sock" --backup 127.0.0.1:7400 --certs "$D/certs" --
 for _ in $(seq 200); do
     $B status --api "$D/primary.sock" --json | grep -q '"state": "protected"' && break; sleep 0.05
 done
-$B status --api "$D/primary.sock" | sed -n '/protection/p' | cut -c1-200
+$B status --api "$D/primary.sock" --json | $PY -c 'import json,sys; p=json.load(sys.stdin)["protection"]; print("         protection: %s (backup %s), epoch %d acked" % (p["state"], p["backup"], p["last_acked_epoch"]))'
 say "protected; starting the client (sets + incr over one TCP connection, checks every write)"
 in_ns $PY testbed/scripts/demo_client.py 10.99.0.2 9 "$D/kill_time" > "$D/client.log" 2>&1 & CLIENT=$!; PIDS+=($CLIENT)
 sleep 3

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Demo client and consistency checker for the kv guest.
 
-Writes unique keys over one TCP connection (memcached text protocol), increments a counter,
+Writes keys (a bounded key space of KEYS, overwritten in turn) over one TCP connection (memcached text protocol), increments a counter,
 and remembers every acknowledged write. It never reconnects on its own: after a failover the
 same connection carries on, because the promoted guest resumes with its TCP state. At the end
 every acknowledged write must be readable with its value and the counter must never have gone
@@ -10,6 +10,7 @@ back. Prints one JSON line per second and a final verdict line.
 import json, socket, sys, time
 
 host, secs, kill_file = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+KEYS = 20000
 
 
 def connect():
@@ -43,6 +44,7 @@ def get(s, f, key):
 s, f = connect()
 cmd(s, f, "set counter 0 0 1", b"0")
 acked = {}
+n_acked = 0
 counter_last = 0
 contradictions = 0
 errors = 0
@@ -54,7 +56,10 @@ gap_start = None
 failover_ms = None
 slowest_ms = 0.0
 while time.monotonic() - t0 < secs:
-    key, val = "k%d" % i, ("v%d-" % i).encode() * (1 + i % 20)
+    # A bounded key space (overwrites of same-sized values): a fast client never fills the
+    # 64 MiB guest's store, however long it runs.
+    slot = i % KEYS
+    key, val = "k%d" % slot, ("v%09d-" % i).encode() * (1 + slot % 20)
     t = time.monotonic()
     try:
         r = cmd(s, f, "set %s 0 0 %d" % (key, len(val)), val)
@@ -68,6 +73,7 @@ while time.monotonic() - t0 < secs:
     slowest_ms = max(slowest_ms, dt)
     if r == b"STORED":
         acked[key] = val
+        n_acked += 1
     else:
         errors += 1
     try:
@@ -93,7 +99,7 @@ while time.monotonic() - t0 < secs:
     i += 1
     now = time.monotonic()
     if now - last_report >= 1.0:
-        print(json.dumps({"t": round(now - t0, 1), "writes": len(acked), "counter": counter_last, "slowest_ms": round(slowest_ms, 1)}), flush=True)
+        print(json.dumps({"t": round(now - t0, 1), "writes": n_acked, "counter": counter_last, "slowest_ms": round(slowest_ms, 1)}), flush=True)
         last_report = now
         slowest_ms = 0.0
 
@@ -102,7 +108,7 @@ for k, v in acked.items():
     if get(s, f, k) != v:
         lost += 1
 verdict = "PASS" if lost == 0 and contradictions == 0 and errors == 0 else "FAIL"
-print(json.dumps({"verdict": verdict, "acknowledged_writes": len(acked), "lost": lost,
+print(json.dumps({"verdict": verdict, "acknowledged_writes": n_acked, "keys_checked": len(acked), "lost": lost,
                   "contradictions": contradictions, "errors": errors,
                   "first_reply_after_kill_ms": failover_ms}), flush=True)
 sys.exit(0 if verdict == "PASS" else 1)
