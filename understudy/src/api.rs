@@ -106,19 +106,36 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Requests being handled or answered: a process that is told to exit waits for them, so a
+/// `shutdown` is answered before the socket goes away.
+pub type InFlight = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
 /// Serves requests until the listener fails; `handle` runs one request.
-pub fn serve(listener: UnixListener, handle: impl Fn(Request) -> Response + Send + Sync + 'static) {
+pub fn serve(
+    listener: UnixListener,
+    in_flight: InFlight,
+    handle: impl Fn(Request) -> Response + Send + Sync + 'static,
+) {
     let handle = std::sync::Arc::new(handle);
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let handle = std::sync::Arc::clone(&handle);
+        let in_flight = std::sync::Arc::clone(&in_flight);
         let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-            let _ = serve_conn(conn, &*handle);
+            let _ = serve_conn(conn, &in_flight, &*handle);
         });
     }
 }
 
-fn serve_conn(conn: UnixStream, handle: &dyn Fn(Request) -> Response) -> std::io::Result<()> {
+/// Waits up to `timeout` until no request is being handled or answered.
+pub fn drain(in_flight: &InFlight, timeout: Duration) {
+    let t0 = std::time::Instant::now();
+    while in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 && t0.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn serve_conn(conn: UnixStream, in_flight: &InFlight, handle: &dyn Fn(Request) -> Response) -> std::io::Result<()> {
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(std::io::Read::take(conn, MAX_REQUEST));
     let mut line = String::new();
@@ -126,13 +143,16 @@ fn serve_conn(conn: UnixStream, handle: &dyn Fn(Request) -> Response) -> std::io
         line.clear();
         reader.read_line(&mut line)? > 0
     } {
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let resp = match serde_json::from_str::<Request>(line.trim()) {
             Ok(req) => handle(req),
             Err(e) => Response::err(&anyhow::anyhow!("bad api request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_default();
         out.push(b'\n');
-        writer.write_all(&out)?;
+        let written = writer.write_all(&out);
+        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        written?;
     }
     Ok(())
 }

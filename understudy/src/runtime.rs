@@ -720,12 +720,14 @@ impl Runtime {
     /// Serves the API (if a socket is given) and blocks until the VM stops or an exit is
     /// requested (API, SIGINT, SIGTERM). Returns an error if the VM failed.
     pub fn run_until_exit(self: &Arc<Self>, api_socket: Option<&Path>) -> Result<()> {
+        let api_in_flight = api::InFlight::default();
         if let Some(path) = api_socket {
             let listener = api::bind(path)?;
             let rt = Arc::clone(self);
+            let in_flight = Arc::clone(&api_in_flight);
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || api::serve(listener, move |req| rt.handle(req)))
+                .spawn(move || api::serve(listener, in_flight, move |req| rt.handle(req)))
                 .context("spawn api thread")?;
             tracing::info!(socket = %path.display(), "admin api listening");
         }
@@ -772,6 +774,9 @@ impl Runtime {
         if let Some(vm) = lock(&self.vm).clone() {
             lock(&vm).shutdown();
         }
+        // Answer what is being answered (the `shutdown` that brought us here) before the socket
+        // goes away.
+        api::drain(&api_in_flight, Duration::from_secs(2));
         if let Some(path) = api_socket {
             let _ = std::fs::remove_file(path);
         }
