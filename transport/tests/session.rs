@@ -150,3 +150,54 @@ async fn stream_endpoints_talk_through_sessions() {
     assert!(!server.core.endpoint().connected);
     println!("server session ended: {}", server.result.unwrap_err());
 }
+
+/// Whether `server` sees its connection end within `ms` (heartbeats until then).
+async fn ends_within(server: &mut Session<StreamCore<Lines>>, ms: u64) -> bool {
+    let ended = async {
+        loop {
+            match server.next_event().await {
+                Some(Event::Heartbeat) => {}
+                Some(Event::Disconnected) | None => return,
+                Some(other) => panic!("{other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(ms), ended).await.is_ok()
+}
+
+/// A session whose owner drops it (e.g. a task aborted by `unprotect`) ends its connection:
+/// nothing keeps heartbeating in the background, and the peer sees the end well within the
+/// idle timeout (1 s).
+#[tokio::test]
+async fn dropping_a_session_ends_its_connection() {
+    let pki = Pki::new();
+    let (a, b, _client_endpoint, _server_endpoint) = pair(&pki, tuning()).await;
+    let client = Session::spawn(a, StreamCore::new(Lines::default(), ends));
+    let mut server = Session::spawn(b, StreamCore::new(Lines::default(), ends));
+    let mut beats = 0;
+    while beats < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), server.next_event()).await.unwrap().unwrap() {
+            Event::Heartbeat => beats += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(client);
+    assert!(ends_within(&mut server, 500).await, "the dropped session's connection is still alive");
+    let server = server.finish().await.unwrap();
+    println!("server session ended: {:?}", server.result);
+    assert!(server.result.is_err());
+}
+
+/// The same when the owner is dropped while it waits in `finish` (a session nobody closed).
+#[tokio::test]
+async fn dropping_a_finishing_session_ends_its_connection() {
+    let pki = Pki::new();
+    let (a, b, _client_endpoint, _server_endpoint) = pair(&pki, tuning()).await;
+    let client = Session::spawn(a, StreamCore::new(Lines::default(), ends));
+    let mut server = Session::spawn(b, StreamCore::new(Lines::default(), ends));
+    let owner = tokio::spawn(async move { client.finish().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!owner.is_finished(), "nobody closed the session: finish waits");
+    owner.abort();
+    assert!(ends_within(&mut server, 500).await, "the abandoned session's connection is still alive");
+}

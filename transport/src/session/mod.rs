@@ -102,16 +102,37 @@ pub struct Finished<P: Protocol> {
     pub result: Result<(), SessionError<P::Error>>,
 }
 
-/// A running session: a task driving a core over a connection.
+/// A running session: a task driving a core over a connection. Dropping it without
+/// [`Session::finish`] stops the task and drops the connection (the peer sees it closed), so a
+/// session whose owner went away never lingers, heartbeating, in the background.
 pub struct Session<P: Protocol> {
     commands: mpsc::Sender<P::Command>,
     events: mpsc::Receiver<P::Event>,
-    task: JoinHandle<Finished<P>>,
+    /// `None` only inside `finish`.
+    task: Option<JoinHandle<Finished<P>>>,
 }
 
 impl<P: Protocol> std::fmt::Debug for Session<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("finished", &self.task.is_finished()).finish_non_exhaustive()
+        let finished = self.task.as_ref().is_none_or(JoinHandle::is_finished);
+        f.debug_struct("Session").field("finished", &finished).finish_non_exhaustive()
+    }
+}
+
+/// Aborts a task when dropped (a no-op once it has ended).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<P: Protocol> Drop for Session<P> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -126,7 +147,7 @@ impl<P: Protocol> Session<P> {
         let (commands, command_rx) = mpsc::channel(CHANNEL_DEPTH);
         let (event_tx, events) = mpsc::channel(CHANNEL_DEPTH);
         let task = tokio::spawn(drive(connection, core, command_rx, event_tx));
-        Session { commands, events, task }
+        Session { commands, events, task: Some(task) }
     }
 
     /// Hands a command to the core; waits while the driver is behind. `Err` gives the command
@@ -143,10 +164,12 @@ impl<P: Protocol> Session<P> {
     /// Stops listening for events and waits for the session to end: when the core finishes
     /// (e.g. after a close command) or the connection ends. Ask the core to close first to end
     /// it from this side.
-    pub async fn finish(self) -> Result<Finished<P>, SessionError<P::Error>> {
-        drop(self.commands);
-        drop(self.events);
-        self.task.await.map_err(SessionError::Driver)
+    ///
+    /// Dropping this future stops the session as dropping the `Session` does.
+    pub async fn finish(mut self) -> Result<Finished<P>, SessionError<P::Error>> {
+        let mut task = AbortOnDrop(self.task.take().expect("a session is finished once"));
+        drop(self);
+        (&mut task.0).await.map_err(SessionError::Driver)
     }
 }
 
