@@ -11,7 +11,7 @@ use replication_proto::{MemoryLayout, PeerLiveness, Receiver, ReceiverConfig, Re
 use serde::Serialize;
 use tokio::sync::watch;
 use transport::session::StreamCommand;
-use transport::{Endpoint, Identity, Tuning};
+use transport::{Endpoint, Identity, PeerPolicy, Tuning};
 
 use crate::replica::Replica;
 use transport::error_chain;
@@ -23,6 +23,9 @@ pub struct BackupConfig {
     pub listen: SocketAddr,
     /// Our certificates.
     pub identity: Identity,
+    /// The certificate name of the only primary admitted (`understudy backup --primary-name`);
+    /// any other is refused during the handshake, before it can send a byte.
+    pub primary_name: String,
     /// QUIC tuning.
     pub tuning: Tuning,
     /// The protected VM.
@@ -335,9 +338,11 @@ pub async fn serve(
     node: Arc<BackupNode>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BackupError> {
-    let endpoint = Endpoint::bind(cfg.listen, &cfg.identity, transport::proto::protocol_versions(), cfg.tuning.clone())
+    let policy = PeerPolicy::replication().accept_only([cfg.primary_name.clone()]);
+    let versions = transport::proto::protocol_versions();
+    let endpoint = Endpoint::bind_with(cfg.listen, &cfg.identity, versions, cfg.tuning.clone(), policy)
         .map_err(|source| BackupError::Bind { addr: cfg.listen, source: Box::new(source) })?;
-    tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, "backup listening");
+    tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, primary = %cfg.primary_name, "backup listening");
     let layout = proto_layout(&cfg.layout)?;
     let new_receiver = || -> Result<Receiver, BackupError> {
         // The instance number tells a primary whether it talks to the receiver it resumed

@@ -32,8 +32,11 @@ fn new_ca() -> Authority {
     Authority::generate(Validity::days_from_now(30)).unwrap()
 }
 
+/// `host`'s identity; the witness's certificate has the witness role, as `understudy certs
+/// --witness` issues it.
 fn identity(ca: &Authority, host: &str) -> Identity {
-    let issued = ca.issue(&HostSpec::new(host), Validity::days_from_now(1)).unwrap();
+    let spec = if host == "witness" { HostSpec::witness(host) } else { HostSpec::new(host) };
+    let issued = ca.issue(&spec, Validity::days_from_now(1)).unwrap();
     Identity::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
 }
 
@@ -395,4 +398,27 @@ async fn links_reconnect_after_a_peer_restarts() {
     exchange(&l3, 1, &mut inbox1).await;
     assert_eq!(l3.connected(), vec![(1, addrs[0])]);
     assert_eq!((l1.refused(), l3.refused()), (0, 0));
+}
+
+/// A peer that opens a handshake with a node and stalls delays no other peer: the accept loop
+/// completes handshakes in parallel (the raft link's handshake timeout is 2 s).
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_handshake_does_not_delay_a_peer() {
+    let ca = new_ca();
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    let (backup, _backup_inbox) =
+        QuicLink::bind(2, addrs[1], &identity(&ca, "backup"), &peers(&addrs, 2)).await.unwrap();
+    let versions = net::quic::raft_versions();
+    let _stall =
+        transport::testing::stalled_handshake(addrs[1], &versions, "127.0.0.1".parse().unwrap()).await.unwrap();
+    // The backup has taken the stalled handshake in hand.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    // Node 1 dials node 2 (the lower id connects).
+    let (_primary, _primary_inbox) =
+        QuicLink::bind(1, addrs[0], &identity(&ca, "primary"), &peers(&addrs, 1)).await.unwrap();
+    assert!(eventually(|| backup.connected().iter().any(|(id, _)| *id == 1)).await, "node 1 never connected");
+    let took = started.elapsed();
+    println!("node 1 connected in {took:?} beside a stalled handshake");
+    assert!(took < Duration::from_secs(1), "node 1 waited {took:?} behind a stalled handshake");
 }

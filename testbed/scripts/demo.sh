@@ -39,7 +39,7 @@ ip -n "$NS" link set tap0 up
 ip -n "$NS" route change 10.99.0.0/24 dev tap0 proto kernel scope link src 10.99.0.1 rto_min 10ms
 in_ns() { exec ip netns exec "$NS" "$@"; }
 
-$B certs --out "$D/certs" --host primary --host backup --host witness >/dev/null
+$B certs --out "$D/certs" --host primary --host backup --witness witness >/dev/null
 say "starting the witness (third voter of the arbitration group)"
 in_ns "$B" witness --data "$D/raft3" --listen 127.0.0.1:7503 --certs "$D/certs" \
     --peer 1=primary@127.0.0.1:7501 --peer 2=backup@127.0.0.1:7502 \

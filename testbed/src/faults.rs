@@ -818,7 +818,18 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
         let topo = Topology::create(run).context("create the topology")?;
         let mut procs = Procs { list: Vec::new() };
         let b = &opts.understudy;
-        sh(&[&s(b), "certs", "--out", &s(d("certs")), "--host", "primary", "--host", "backup"])?;
+        sh(&[
+            &s(b),
+            "certs",
+            "--out",
+            &s(d("certs")),
+            "--host",
+            "primary",
+            "--host",
+            "backup",
+            "--witness",
+            "witness",
+        ])?;
         let failpoints = Failpoints::choose(point, &mut |lo, hi| rng.range(lo, hi));
         rep.failpoint = failpoints.describe();
         // committed-unacked: the backup's failpoint kills the process whose pid is in this file

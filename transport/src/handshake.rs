@@ -16,6 +16,7 @@ use rustls::CertificateError;
 use rustls::pki_types::CertificateDer;
 
 use crate::certs::{self, Timestamp};
+use crate::policy::{Refusal, describe_problem, one_of};
 use crate::tls::{ProtocolVersions, describe_alpn};
 
 /// Errors of establishing a connection: TLS, certificates, versions, time.
@@ -31,6 +32,12 @@ pub enum HandshakeError {
     PeerCertExpired { peer: SocketAddr, subject: String, not_after: Timestamp, now: Timestamp },
     #[error("peer {peer} certificate {subject} is not valid before {not_before} (now {now})")]
     PeerCertNotYetValid { peer: SocketAddr, subject: String, not_before: Timestamp, now: Timestamp },
+    #[error("peer {peer} certificate names {}, expected {}", crate::policy::quoted(.presented.as_deref()), one_of(.expected))]
+    WrongPeerName { peer: SocketAddr, presented: Option<String>, expected: Vec<String> },
+    #[error("peer {peer} certificate {subject} has role {role}; a {link} link needs {needed}")]
+    WrongPeerRole { peer: SocketAddr, subject: String, role: certs::Role, link: &'static str, needed: &'static str },
+    #[error("peer {peer} certificate {subject} carries no usable role ({problem}); a {link} link needs {needed}")]
+    PeerWithoutRole { peer: SocketAddr, subject: String, problem: String, link: &'static str, needed: &'static str },
     #[error("peer {peer} certificate {subject} is not allowed for {usage} authentication")]
     WrongUsage { peer: SocketAddr, subject: String, usage: &'static str },
     #[error("peer {peer} certificate {subject} rejected")]
@@ -77,6 +84,9 @@ impl HandshakeError {
             | HandshakeError::WrongServerName { peer, .. }
             | HandshakeError::PeerCertExpired { peer, .. }
             | HandshakeError::PeerCertNotYetValid { peer, .. }
+            | HandshakeError::WrongPeerName { peer, .. }
+            | HandshakeError::WrongPeerRole { peer, .. }
+            | HandshakeError::PeerWithoutRole { peer, .. }
             | HandshakeError::WrongUsage { peer, .. }
             | HandshakeError::PeerCertRejected { peer, .. }
             | HandshakeError::RefusedByPeer { peer, .. }
@@ -103,6 +113,7 @@ struct ProbeState {
     offered_alpn: Option<Vec<Vec<u8>>>,
     peer_subject: Option<String>,
     peer_cert_error: Option<rustls::Error>,
+    refusal: Option<Refusal>,
 }
 
 impl HandshakeProbe {
@@ -119,6 +130,11 @@ impl HandshakeProbe {
         let mut state = self.state();
         state.peer_subject = certs::common_name(cert);
         state.peer_cert_error = error;
+    }
+
+    /// Records that the link's policy refused the peer's (CA-verified) certificate.
+    pub(crate) fn record_refusal(&self, refusal: Refusal) {
+        self.state().refusal = Some(refusal);
     }
 }
 
@@ -181,10 +197,13 @@ fn alert_name(alert: u8) -> String {
 /// Names the problem behind a failed handshake.
 pub(crate) fn classify(error: QuinnError, attempt: &Attempt<'_>) -> HandshakeError {
     let peer = attempt.peer;
-    let (offered, subject, cert_error) = {
+    let (offered, subject, cert_error, refusal) = {
         let mut state = attempt.probe.state();
-        (state.offered_alpn.clone(), state.peer_subject.clone(), state.peer_cert_error.take())
+        (state.offered_alpn.clone(), state.peer_subject.clone(), state.peer_cert_error.take(), state.refusal.take())
     };
+    if let Some(refusal) = refusal {
+        return refused(refusal, peer);
+    }
     let subject = subject.map_or_else(|| "(no common name)".to_owned(), |cn| format!("{cn:?}"));
     if let Some(error) = cert_error {
         return certificate_error(error, peer, subject, attempt.server_name);
@@ -223,7 +242,7 @@ pub(crate) fn classify(error: QuinnError, attempt: &Attempt<'_>) -> HandshakeErr
                 ALERT_UNSUPPORTED_CERTIFICATE => "unsupported certificate",
                 ALERT_CERTIFICATE_REVOKED => "the peer says it is revoked",
                 ALERT_CERTIFICATE_UNKNOWN => "certificate unknown",
-                ALERT_ACCESS_DENIED => "access denied",
+                ALERT_ACCESS_DENIED => "the peer does not admit its name or role on this link",
                 ALERT_NO_APPLICATION_PROTOCOL => {
                     return HandshakeError::PeerVersionMismatch { peer, ours: attempt.versions.clone() };
                 }
@@ -240,6 +259,18 @@ pub(crate) fn classify(error: QuinnError, attempt: &Attempt<'_>) -> HandshakeErr
         },
         QuinnError::TimedOut => HandshakeError::Timeout { peer, after: attempt.timeout },
         source => HandshakeError::Connection { peer, source },
+    }
+}
+
+fn refused(refusal: Refusal, peer: SocketAddr) -> HandshakeError {
+    match refusal {
+        Refusal::Name { presented, expected } => HandshakeError::WrongPeerName { peer, presented, expected },
+        Refusal::Role { subject, role: Ok(role), link, needed } => {
+            HandshakeError::WrongPeerRole { peer, subject, role, link, needed }
+        }
+        Refusal::Role { subject, role: Err(problem), link, needed } => {
+            HandshakeError::PeerWithoutRole { peer, subject, problem: describe_problem(&problem), link, needed }
+        }
     }
 }
 
@@ -261,7 +292,7 @@ fn certificate_error(
         CertificateError::NotValidForNameContext { expected, presented } => HandshakeError::WrongServerName {
             peer,
             expected: expected.to_str().into_owned(),
-            presented: presented.iter().map(|name| certs::plain_name(name)).collect(),
+            presented: certs::presented_names(&presented),
         },
         CertificateError::NotValidForName => HandshakeError::WrongServerName {
             peer,

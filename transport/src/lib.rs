@@ -59,8 +59,10 @@ pub mod connection;
 pub mod endpoint;
 pub mod handshake;
 pub mod liveness;
+pub mod policy;
 pub mod proto;
 pub mod session;
+pub mod testing;
 pub mod tls;
 
 pub use certs::Identity;
@@ -68,6 +70,7 @@ pub use config::{Congestion, Tuning};
 pub use connection::{Connection, ConnectionError, Stats};
 pub use endpoint::{Endpoint, EndpointError};
 pub use handshake::HandshakeError;
+pub use policy::{PeerPolicy, PolicyError};
 pub use session::{Protocol, Session};
 pub use tls::ProtocolVersions;
 

@@ -5,6 +5,9 @@
 //! connecting side). TLS 1.3 only, ring as the crypto provider, no session resumption (every
 //! connection is a full handshake with both certificates checked).
 //!
+//! After the CA check both verifiers apply the link's [`PeerPolicy`] (the roles it needs and,
+//! accepting, the names it expects); a refusal fails the handshake with `access_denied`.
+//!
 //! Each connection gets its own rustls configuration whose verifiers and certificate resolver
 //! record what they saw in a `HandshakeProbe`: the exact certificate error, the protocols the
 //! peer offered. When a handshake fails, [`crate::handshake`] turns that record into an error
@@ -25,6 +28,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::certs::{self, Identity};
 use crate::handshake::HandshakeProbe;
+use crate::policy::PeerPolicy;
 
 /// ALPN identifiers are `understudy/<version>`.
 pub const ALPN_PREFIX: &str = "understudy/";
@@ -141,17 +145,18 @@ pub(crate) fn describe_alpn(offered: &[Vec<u8>]) -> String {
 }
 
 /// The accepting side's TLS configuration for quinn: our certificate, client certificates
-/// required and checked against the CA, ALPN `understudy/<version>` for each of `versions`.
-/// [`crate::Endpoint`] uses the same settings (plus diagnostics); this is for a raw quinn
-/// endpoint, e.g. a baseline in a benchmark.
+/// required and checked against the CA and [`PeerPolicy::replication`], ALPN
+/// `understudy/<version>` for each of `versions`. [`crate::Endpoint`] uses the same settings
+/// (plus diagnostics); this is for a raw quinn endpoint, e.g. a baseline in a benchmark.
 pub fn server_crypto(identity: &Identity, versions: ProtocolVersions) -> Result<QuicServerConfig, TlsError> {
-    TlsContext::new(identity, versions)?.server_config(&Arc::default())
+    TlsContext::new(identity, versions, PeerPolicy::replication())?.server_config(&Arc::default())
 }
 
 /// The connecting side's TLS configuration for quinn: our certificate, the server's checked
-/// against the CA and the server name given to `connect`, ALPN as [`server_crypto`].
+/// against the CA, the server name given to `connect` and [`PeerPolicy::replication`], ALPN as
+/// [`server_crypto`].
 pub fn client_crypto(identity: &Identity, versions: ProtocolVersions) -> Result<QuicClientConfig, TlsError> {
-    TlsContext::new(identity, versions)?.client_config(&Arc::default())
+    TlsContext::new(identity, versions, PeerPolicy::replication())?.client_config(&Arc::default())
 }
 
 /// What every connection's TLS configuration is built from.
@@ -161,10 +166,11 @@ pub(crate) struct TlsContext {
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<WebPkiServerVerifier>,
     versions: ProtocolVersions,
+    policy: Arc<PeerPolicy>,
 }
 
 impl TlsContext {
-    pub(crate) fn new(identity: &Identity, versions: ProtocolVersions) -> Result<Self, TlsError> {
+    pub(crate) fn new(identity: &Identity, versions: ProtocolVersions, policy: PeerPolicy) -> Result<Self, TlsError> {
         let provider = provider();
         let roots = certs::root_store(identity.ca_certificates());
         if roots.is_empty() {
@@ -182,16 +188,24 @@ impl TlsContext {
             .load_private_key(identity.private_key())
             .map_err(|source| TlsError::Key { source })?;
         let certified = Arc::new(CertifiedKey::new(identity.cert_chain().to_vec(), key));
-        Ok(TlsContext { provider, certified, client_verifier, server_verifier, versions })
+        Ok(TlsContext { provider, certified, client_verifier, server_verifier, versions, policy: Arc::new(policy) })
     }
 
     pub(crate) fn versions(&self) -> &ProtocolVersions {
         &self.versions
     }
 
+    pub(crate) fn policy(&self) -> &PeerPolicy {
+        &self.policy
+    }
+
     /// The accepting side's configuration for one connection.
     pub(crate) fn server_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicServerConfig, TlsError> {
-        let verifier = Arc::new(RecordingClientVerifier { inner: self.client_verifier.clone(), probe: probe.clone() });
+        let verifier = Arc::new(RecordingClientVerifier {
+            inner: self.client_verifier.clone(),
+            policy: self.policy.clone(),
+            probe: probe.clone(),
+        });
         let resolver = Arc::new(RecordingResolver { certified: self.certified.clone(), probe: probe.clone() });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -206,7 +220,11 @@ impl TlsContext {
 
     /// The connecting side's configuration for one connection.
     pub(crate) fn client_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicClientConfig, TlsError> {
-        let verifier = Arc::new(RecordingServerVerifier { inner: self.server_verifier.clone(), probe: probe.clone() });
+        let verifier = Arc::new(RecordingServerVerifier {
+            inner: self.server_verifier.clone(),
+            policy: self.policy.clone(),
+            probe: probe.clone(),
+        });
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Config { source })?
@@ -248,10 +266,11 @@ impl ResolvesServerCert for RecordingResolver {
     }
 }
 
-/// The CA check of client certificates, recording the outcome.
+/// The CA check of client certificates, then the policy (role and name), recording the outcome.
 #[derive(Debug)]
 struct RecordingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    policy: Arc<PeerPolicy>,
     probe: Arc<HandshakeProbe>,
 }
 
@@ -276,7 +295,9 @@ impl ClientCertVerifier for RecordingClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let result = self.inner.verify_client_cert(end_entity, intermediates, now);
         self.probe.record_peer_cert(end_entity, result.as_ref().err().cloned());
-        result
+        let verified = result?;
+        admit(&self.policy, &self.probe, end_entity, true)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -302,10 +323,12 @@ impl ClientCertVerifier for RecordingClientVerifier {
     }
 }
 
-/// The CA and server-name check of server certificates, recording the outcome.
+/// The CA and server-name check of server certificates, then the policy (role), recording the
+/// outcome.
 #[derive(Debug)]
 struct RecordingServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    policy: Arc<PeerPolicy>,
     probe: Arc<HandshakeProbe>,
 }
 
@@ -320,7 +343,9 @@ impl ServerCertVerifier for RecordingServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let result = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
         self.probe.record_peer_cert(end_entity, result.as_ref().err().cloned());
-        result
+        let verified = result?;
+        admit(&self.policy, &self.probe, end_entity, false)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -344,6 +369,20 @@ impl ServerCertVerifier for RecordingServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Applies the link's policy to a CA-verified peer certificate; a refusal is recorded for the
+/// error message and fails the handshake with `access_denied`.
+fn admit(
+    policy: &PeerPolicy,
+    probe: &HandshakeProbe,
+    cert: &CertificateDer<'_>,
+    accepting: bool,
+) -> Result<(), rustls::Error> {
+    policy.check(cert, accepting).map_err(|refusal| {
+        probe.record_refusal(refusal);
+        rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+    })
 }
 
 #[cfg(test)]

@@ -6,10 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{Pki, chain, endpoint, loopback, tuning, v1};
+use common::{Pki, chain, endpoint, endpoint_with, loopback, tuning, v1};
 use quinn::crypto::rustls::QuicClientConfig;
-use transport::certs::Validity;
-use transport::{EndpointError, HandshakeError, ProtocolVersions};
+use transport::certs::{HostSpec, Role, Validity};
+use transport::{EndpointError, HandshakeError, PeerPolicy, PolicyError, ProtocolVersions};
 
 /// Runs connect and accept side by side; both must fail. Returns (client error, server error).
 async fn refused(
@@ -176,4 +176,94 @@ async fn silent_peer_times_out() {
     assert!(matches!(error, EndpointError::Handshake(HandshakeError::Timeout { .. })));
     assert!(chain(&error).contains("timed out after 500ms"));
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A witness's certificate can never carry a replication session: the backup refuses it during
+/// the handshake, whatever its name, and says which role it saw and which it needs.
+#[tokio::test]
+async fn witness_certificate_is_refused_on_a_replication_endpoint() {
+    let pki = Pki::new();
+    let server = endpoint(&pki.identity("backup"), v1(), tuning());
+    // A client that binds with its witness certificate (an arbitration endpoint may).
+    let client = endpoint_with(&pki.witness("primary"), PeerPolicy::arbitration());
+    let (c, s) = refused(&client, &server, "backup").await;
+    match &s {
+        EndpointError::Handshake(HandshakeError::WrongPeerRole { role, link, .. }) => {
+            assert_eq!((*role, *link), (Role::Witness, "replication"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(chain(&s).ends_with("certificate \"primary\" has role witness; a replication link needs role host"), "{s}");
+    assert!(
+        chain(&c).contains("refused our certificate: the peer does not admit its name or role on this link"),
+        "{c}"
+    );
+
+    // The same on the connecting side: a replication client refuses a witness as its server.
+    let witness = endpoint_with(&pki.witness("witness"), PeerPolicy::arbitration());
+    let primary = endpoint(&pki.identity("primary"), v1(), tuning());
+    let (c, _) = refused(&primary, &witness, "witness").await;
+    assert!(matches!(&c, EndpointError::Handshake(HandshakeError::WrongPeerRole { role: Role::Witness, .. })), "{c:?}");
+
+    // And a witness cannot even bind a replication endpoint.
+    let error = transport::Endpoint::bind(loopback(), &pki.witness("witness"), v1(), tuning()).unwrap_err();
+    assert!(matches!(error, EndpointError::Policy(PolicyError::OwnRole { role: Role::Witness, .. })), "{error:?}");
+    assert_eq!(chain(&error), "our certificate \"witness\" has role witness; a replication link needs role host");
+}
+
+/// The backup admits only the primary it expects, and names both names when it refuses.
+#[tokio::test]
+async fn wrong_client_name_is_refused() {
+    let pki = Pki::new();
+    let server = endpoint_with(&pki.identity("backup"), PeerPolicy::replication().accept_only(["primary"]));
+    let intruder = endpoint(&pki.identity("intruder"), v1(), tuning());
+    let (c, s) = refused(&intruder, &server, "backup").await;
+    match &s {
+        EndpointError::Handshake(HandshakeError::WrongPeerName { presented, expected, .. }) => {
+            assert_eq!((presented.as_deref(), expected.as_slice()), (Some("intruder"), &["primary".to_owned()][..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(chain(&s).ends_with("certificate names \"intruder\", expected \"primary\""), "{s}");
+    assert!(matches!(&c, EndpointError::Handshake(HandshakeError::RefusedByPeer { .. })), "{c:?}");
+    // The expected one gets in.
+    let primary = endpoint(&pki.identity("primary"), v1(), tuning());
+    let (a, b) = tokio::try_join!(primary.connect(server.local_addr().unwrap(), "backup"), server.accept()).unwrap();
+    assert_eq!((a.peer_role(), b.peer_name(), b.peer_role()), (Some(Role::Host), Some("primary"), Some(Role::Host)));
+}
+
+/// A certificate from before roles is refused, with a hint to issue it again.
+#[tokio::test]
+async fn certificate_without_role_is_refused() {
+    let pki = Pki::new();
+    let server = endpoint(&pki.identity("backup"), v1(), tuning());
+    let issued = pki.ca.issue_without_role(&HostSpec::new("primary"), Validity::days_from_now(1)).unwrap();
+    let old = transport::Identity::from_pem_unchecked(pki.ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+    // Our own endpoint refuses to bind with it, so it speaks through a raw quinn client with the
+    // same TLS settings.
+    assert!(transport::Endpoint::bind(loopback(), &old, v1(), tuning()).is_err());
+    let mut config = quinn::ClientConfig::new(Arc::new(transport::tls::client_crypto(&old, v1()).unwrap()));
+    config.transport_config(Arc::new(tuning().to_quinn().unwrap()));
+    let client = quinn::Endpoint::client(loopback()).unwrap();
+    let connect = async {
+        let connection = client.connect_with(config, server.local_addr().unwrap(), "backup").unwrap().await?;
+        Err::<(), _>(connection.closed().await)
+    };
+    let (c, s) = tokio::join!(connect, server.accept());
+    let s = s.unwrap_err();
+    println!("client sees: {}", c.unwrap_err());
+    println!("server sees: {}", chain(&s));
+    assert!(matches!(&s, EndpointError::Handshake(HandshakeError::PeerWithoutRole { .. })), "{s:?}");
+    assert!(chain(&s).contains("carries no usable role (none: made by an older `understudy certs`; issue it again)"));
+}
+
+/// Arbitration admits hosts and witnesses.
+#[tokio::test]
+async fn arbitration_admits_hosts_and_witnesses() {
+    let pki = Pki::new();
+    let witness = endpoint_with(&pki.witness("witness"), PeerPolicy::arbitration());
+    let agent = endpoint_with(&pki.identity("primary"), PeerPolicy::arbitration());
+    let addr = witness.local_addr().unwrap();
+    let (a, b) = tokio::try_join!(agent.connect(addr, "witness"), witness.accept()).unwrap();
+    assert_eq!((a.peer_role(), b.peer_role()), (Some(Role::Witness), Some(Role::Host)));
 }

@@ -173,6 +173,9 @@ enum Command {
         /// This host's certificate name.
         #[arg(long, default_value = "backup")]
         name: String,
+        /// The certificate name of the primary to admit; any other peer is refused.
+        #[arg(long, default_value = "primary")]
+        primary_name: String,
         /// The protected VM's name (as given to `protect --vm`).
         #[arg(long, default_value = "vm")]
         vm: String,
@@ -259,14 +262,23 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Make a CA and certificates for the hosts (mutual TLS between primary and backup).
+    /// Make a CA and certificates for the hosts (mutual TLS on every link).
     Certs {
-        /// Output directory.
+        /// Output directory: ca.pem and each host's pair (never the CA key).
         #[arg(long)]
         out: PathBuf,
-        /// A host name to issue a certificate for (repeat).
-        #[arg(long = "host", required = true)]
+        /// A VM host (primary or backup) to issue a certificate for, role `host` (repeat);
+        /// `NAME` or `NAME=SAN,SAN,...` (extra DNS names or IP addresses).
+        #[arg(long = "host")]
         hosts: Vec<String>,
+        /// A witness to issue a certificate for, role `witness`: arbitration only, never a
+        /// replication session (repeat; same form as --host).
+        #[arg(long = "witness")]
+        witnesses: Vec<String>,
+        /// Keep the CA key in this directory (ca.key 0600, ca.pem) to issue more hosts later;
+        /// a CA already there signs. Without it the CA key is discarded.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
     },
 }
 
@@ -449,6 +461,7 @@ fn real_main(cli: Cli) -> Result<()> {
             listen,
             certs,
             name,
+            primary_name,
             vm,
             memory,
             api,
@@ -472,6 +485,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let cfg = backup::server::BackupConfig {
                 listen,
                 identity,
+                primary_name,
                 tuning: transport::Tuning::default(),
                 vm: backup::server::vm_identity(&vm),
                 layout: vmm::layout::ram_regions(memory),
@@ -526,16 +540,32 @@ fn real_main(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Certs { out, hosts } => {
-            let specs: Vec<transport::certs::HostSpec> =
-                hosts.iter().map(|h| transport::certs::HostSpec::new(h.clone())).collect();
-            let generated = transport::certs::generate(&out, &specs)
-                .with_context(|| format!("generate certificates in {}", out.display()))?;
-            println!("certificates for {} written to {}", hosts.join(", "), out.display());
-            let _ = generated;
-            Ok(())
-        }
+        Command::Certs { out, hosts, witnesses, ca_dir } => certs(&out, &hosts, &witnesses, ca_dir),
     }
+}
+
+/// `understudy certs`.
+fn certs(out: &std::path::Path, hosts: &[String], witnesses: &[String], ca_dir: Option<PathBuf>) -> Result<()> {
+    use transport::certs::{CaKey, HostSpec, Role};
+    if hosts.is_empty() && witnesses.is_empty() {
+        bail!("no hosts given: name them with --host NAME (VM hosts) and --witness NAME (witnesses)");
+    }
+    let spec = |text: &String, role| text.parse::<HostSpec>().map(|s| s.with_role(role));
+    let specs = hosts.iter().map(|h| spec(h, Role::Host)).chain(witnesses.iter().map(|w| spec(w, Role::Witness)));
+    let specs = specs.collect::<Result<Vec<_>, _>>()?;
+    let ca = ca_dir.map_or(CaKey::Discard, CaKey::Keep);
+    let generated = transport::certs::generate(out, &specs, &ca)
+        .with_context(|| format!("generate certificates in {}", out.display()))?;
+    for host in &generated.hosts {
+        println!("{} (role {}): {} {}", host.name, host.role, host.cert.display(), host.key.display());
+    }
+    println!("ca certificate: {}", generated.ca_cert.display());
+    match &generated.ca_key {
+        Some(key) if generated.ca_created => println!("ca key (keep it off the hosts): {}", key.display()),
+        Some(key) => println!("signed by the ca in {}", key.display()),
+        None => println!("ca key discarded (pass --ca-dir DIR to keep it and issue more hosts later)"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ impl Protection {
     ) -> Result<Self> {
         let identity = transport::Identity::load(&req.certs, &req.name)
             .with_context(|| format!("load certificates for {} from {}", req.name, req.certs.display()))?;
+        transport::PeerPolicy::replication().check_own(&identity)?;
         let layout = {
             let g = vm.lock().unwrap_or_else(|e| e.into_inner());
             vmm::memory::layout_of(g.memory())

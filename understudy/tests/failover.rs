@@ -42,8 +42,17 @@ fn start_group(cmdline: &str) -> Group {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_path_buf();
     let certs = d.join("certs");
-    let (ok, _, err) =
-        run(&["certs", "--out", certs.to_str().unwrap(), "--host", "primary", "--host", "backup", "--host", "witness"]);
+    let (ok, _, err) = run(&[
+        "certs",
+        "--out",
+        certs.to_str().unwrap(),
+        "--host",
+        "primary",
+        "--host",
+        "backup",
+        "--witness",
+        "witness",
+    ]);
     assert!(ok, "certs: {err}");
     let wargs: Vec<String> = vec![
         "witness".into(),

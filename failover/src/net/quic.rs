@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use transport::{Connection, ConnectionError, Endpoint, EndpointError, Identity, ProtocolVersions, Tuning};
+use transport::{Connection, ConnectionError, Endpoint, EndpointError, Identity, PeerPolicy, ProtocolVersions, Tuning};
 
 use super::{Inbound, NetError, PeerLink, drive};
 use crate::NodeId;
@@ -253,7 +253,7 @@ impl QuicLink {
         tuning: Tuning,
     ) -> Result<(Arc<Self>, mpsc::Receiver<Inbound>), NetError> {
         check_peers(me, peers)?;
-        let endpoint = Endpoint::bind(listen, identity, raft_versions(), tuning)?;
+        let endpoint = Endpoint::bind_with(listen, identity, raft_versions(), tuning, PeerPolicy::arbitration())?;
         let (inbox, rx) = mpsc::channel(INBOX);
         let inner = Arc::new(Inner {
             me,

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::CertificateDer;
 
@@ -134,7 +134,7 @@ impl Authority {
             cert_pem: cert_pem.to_owned(),
             cert_der: roots[0].clone(),
         };
-        let probe = authority.issue_der(&HostSpec::new("probe"), Validity::days_from_now(1))?;
+        let probe = authority.issue_der(&HostSpec::new("probe"), Validity::days_from_now(1), true)?;
         match verify_client(&roots, &[probe.0.der().clone()], now()) {
             Ok(()) => Ok(authority),
             Err(_) => Err(CertsError::ForeignCa { file: cert_file.to_owned() }),
@@ -157,13 +157,26 @@ impl Authority {
     }
 
     /// Issues a host certificate with a fresh ECDSA P-256 key: CN and first SAN = host name,
-    /// both `serverAuth` and `clientAuth` usages.
+    /// the host's role as a URI SAN (`urn:understudy:role:host`), both `serverAuth` and
+    /// `clientAuth` usages.
     pub fn issue(&self, host: &HostSpec, validity: Validity) -> Result<IssuedCert, CertsError> {
-        let (cert, key) = self.issue_der(host, validity)?;
+        let (cert, key) = self.issue_der(host, validity, true)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
-    fn issue_der(&self, host: &HostSpec, validity: Validity) -> Result<(rcgen::Certificate, KeyPair), CertsError> {
+    /// Issues a host certificate without a role, as `understudy certs` did before roles (to
+    /// show what peers do with one; nothing in Understudy accepts it).
+    pub fn issue_without_role(&self, host: &HostSpec, validity: Validity) -> Result<IssuedCert, CertsError> {
+        let (cert, key) = self.issue_der(host, validity, false)?;
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    fn issue_der(
+        &self,
+        host: &HostSpec,
+        validity: Validity,
+        with_role: bool,
+    ) -> Result<(rcgen::Certificate, KeyPair), CertsError> {
         host.validate()?;
         let generate = |what: &str| {
             let what = format!("{what} for host {}", host.name);
@@ -171,6 +184,10 @@ impl Authority {
         };
         let key = KeyPair::generate().map_err(generate("key"))?;
         let mut params = CertificateParams::new(host.alt_names()).map_err(generate("certificate"))?;
+        if with_role {
+            let role = rcgen::string::Ia5String::try_from(host.role().uri()).map_err(generate("role"))?;
+            params.subject_alt_names.push(SanType::URI(role));
+        }
         params.distinguished_name.push(DnType::CommonName, host.name.clone());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

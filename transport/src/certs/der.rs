@@ -1,15 +1,21 @@
-//! Just enough DER to read a certificate's validity period and subject common name.
+//! Just enough DER to read a certificate's validity period, subject common name and the URIs
+//! among its subject alternative names (where our role lives).
 //!
 //! webpki checks validity of end-entity certificates during the handshake, but not of trust
-//! anchors, and it reports no times when loading files. Reading two fields does not justify an
-//! X.509 parser dependency, so this walks the few TLVs in front of them:
+//! anchors, and it reports no times when loading files, nor does it expose URI names. Reading
+//! three fields does not justify an X.509 parser dependency, so this walks the few TLVs in
+//! front of them:
 //!
 //! ```text
 //! Certificate  ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
 //! TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber INTEGER,
 //!                               signature SEQUENCE, issuer Name, validity Validity,
-//!                               subject Name, ... }
+//!                               subject Name, subjectPublicKeyInfo SEQUENCE,
+//!                               [1] issuerUniqueID OPTIONAL, [2] subjectUniqueID OPTIONAL,
+//!                               [3] EXPLICIT Extensions OPTIONAL }
 //! Validity ::= SEQUENCE { notBefore Time, notAfter Time }   Time ::= UTCTime | GeneralizedTime
+//! Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
+//! SubjectAltName ::= SEQUENCE OF GeneralName   uniformResourceIdentifier [6] IMPLICIT IA5String
 //! ```
 
 use std::fmt;
@@ -21,8 +27,15 @@ const OID: u8 = 0x06;
 const VERSION: u8 = 0xa0;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
+const OCTET_STRING: u8 = 0x04;
+/// `[3]` constructed: the extensions of a v3 certificate.
+const EXTENSIONS: u8 = 0xa3;
+/// `[6]` primitive: a URI in a GeneralName.
+const URI: u8 = 0x86;
 /// id-at-commonName, 2.5.4.3, as DER content bytes.
 const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+/// id-ce-subjectAltName, 2.5.29.17, as DER content bytes.
+const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
 
 /// The part of a certificate this module reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +46,8 @@ pub(crate) struct CertSummary {
     pub not_after: i64,
     /// The subject's first common name, if it has one.
     pub common_name: Option<String>,
+    /// The URIs among the subject alternative names, in order.
+    pub uris: Vec<String>,
 }
 
 /// Reads validity and subject common name; `None` when the DER is not shaped like a certificate.
@@ -67,7 +82,7 @@ pub(crate) fn summarize(cert: &[u8]) -> Option<CertSummary> {
     if tag != SEQUENCE {
         return None;
     }
-    let (tag, subject, _) = tlv(next)?;
+    let (tag, subject, after_subject) = tlv(next)?;
     if tag != SEQUENCE {
         return None;
     }
@@ -75,7 +90,54 @@ pub(crate) fn summarize(cert: &[u8]) -> Option<CertSummary> {
     let not_before = time(tag, not_before)?;
     let (tag, not_after, _) = tlv(after)?;
     let not_after = time(tag, not_after)?;
-    Some(CertSummary { not_before, not_after, common_name: common_name(subject) })
+    Some(CertSummary { not_before, not_after, common_name: common_name(subject), uris: san_uris(after_subject)? })
+}
+
+/// The URIs of the subjectAltName extension, given what follows the subject in a TBSCertificate.
+fn san_uris(mut rest: &[u8]) -> Option<Vec<String>> {
+    let mut uris = Vec::new();
+    while !rest.is_empty() {
+        let (tag, value, next) = tlv(rest)?;
+        rest = next;
+        if tag != EXTENSIONS {
+            continue; // subjectPublicKeyInfo, unique ids
+        }
+        let (tag, mut extensions, _) = tlv(value)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        while !extensions.is_empty() {
+            let (tag, extension, next) = tlv(extensions)?;
+            extensions = next;
+            if tag != SEQUENCE {
+                return None;
+            }
+            let (tag, oid, mut fields) = tlv(extension)?;
+            if tag != OID || oid != SUBJECT_ALT_NAME {
+                continue;
+            }
+            // Skip the optional `critical` BOOLEAN to the OCTET STRING.
+            let value = loop {
+                let (tag, value, next) = tlv(fields)?;
+                if tag == OCTET_STRING {
+                    break value;
+                }
+                fields = next;
+            };
+            let (tag, mut names, _) = tlv(value)?;
+            if tag != SEQUENCE {
+                return None;
+            }
+            while !names.is_empty() {
+                let (tag, name, next) = tlv(names)?;
+                names = next;
+                if tag == URI {
+                    uris.push(String::from_utf8(name.to_vec()).ok()?);
+                }
+            }
+        }
+    }
+    Some(uris)
 }
 
 /// Splits one TLV off the front: (tag, value, rest). Single-byte tags only, as in certificates.

@@ -9,12 +9,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, RootCertStore};
 
-use super::{CA_CERT_FILE, CertsError, Timestamp, cert_file_name, der, key_file_name};
+use super::{CA_CERT_FILE, CertsError, ROLE_URI_PREFIX, Role, Timestamp, cert_file_name, der, key_file_name};
 use super::{read_key_text, read_text};
 
 /// This host's credentials: the CA certificates to trust, its certificate chain and its key.
 pub struct Identity {
     name: Option<String>,
+    role: Result<Role, RoleProblem>,
     roots: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -24,6 +25,7 @@ impl Clone for Identity {
     fn clone(&self) -> Self {
         Identity {
             name: self.name.clone(),
+            role: self.role.clone(),
             roots: self.roots.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
@@ -35,6 +37,7 @@ impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
             .field("name", &self.name)
+            .field("role", &self.role)
             .field("roots", &self.roots.len())
             .field("chain", &self.chain.len())
             .finish_non_exhaustive()
@@ -54,7 +57,7 @@ impl Identity {
 
     /// Loads and checks a CA file, a certificate (chain) file and a key file: each present and
     /// PEM, certificates in date, the key matching the certificate and not readable by group
-    /// or others, the certificate signed by the CA.
+    /// or others, the certificate signed by the CA and carrying one known [`Role`].
     pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, CertsError> {
         let ca_pem = read_text(ca)?;
         let cert_pem = read_text(cert)?;
@@ -77,6 +80,7 @@ impl Identity {
         let chain = parse_certs(cert_pem.as_bytes(), Path::new("certificate"))?;
         Ok(Identity {
             name: der::summarize(&chain[0]).and_then(|s| s.common_name),
+            role: certificate_role(&chain[0]),
             roots: parse_certs(ca_pem.as_bytes(), Path::new("ca certificate"))?,
             chain,
             key: parse_key(key_pem.as_bytes(), Path::new("private key"))?,
@@ -111,7 +115,21 @@ impl Identity {
             }
             source => CertsError::Rejected { cert: cert_file.to_owned(), ca: ca_file.to_owned(), source },
         })?;
-        Ok(Identity { name, roots, chain, key })
+        let role = certificate_role(&chain[0]);
+        let subject = || name.as_deref().map_or_else(|| "(no common name)".to_owned(), |cn| format!("{cn:?}"));
+        let file = cert_file.to_owned();
+        match &role {
+            Ok(_) => {}
+            Err(RoleProblem::Missing) => return Err(CertsError::NoRole { file, subject: subject() }),
+            Err(RoleProblem::Unknown(role)) => {
+                return Err(CertsError::UnknownRole { file, subject: subject(), role: role.clone() });
+            }
+            Err(RoleProblem::Several(roles)) => {
+                return Err(CertsError::SeveralRoles { file, subject: subject(), roles: roles.clone() });
+            }
+            Err(RoleProblem::Unreadable) => return Err(CertsError::BadCertificate { file }),
+        }
+        Ok(Identity { name, role, roots, chain, key })
     }
 
     /// Checks that the certificate is valid for server name `host`.
@@ -131,7 +149,7 @@ impl Identity {
                 Err(CertsError::WrongHost {
                     cert: cert_file.to_owned(),
                     host: host.to_owned(),
-                    presented: presented.iter().map(|name| plain_name(name)).collect(),
+                    presented: presented_names(&presented),
                 })
             }
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
@@ -146,6 +164,11 @@ impl Identity {
     /// The subject common name of this host's certificate (the host name for ours).
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()
+    }
+
+    /// The role this host's certificate carries (always one for an identity that was checked).
+    pub fn role(&self) -> Result<Role, RoleProblem> {
+        self.role.clone()
     }
 
     /// The CA certificates peers must be signed by.
@@ -163,8 +186,39 @@ impl Identity {
     }
 }
 
+/// Why a certificate has no usable [`Role`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleProblem {
+    /// It carries none: made by an `understudy certs` from before roles.
+    Missing,
+    /// It carries a role this build does not know.
+    Unknown(String),
+    /// It carries more than one.
+    Several(Vec<String>),
+    /// It is not a readable certificate.
+    Unreadable,
+}
+
+/// The role a certificate carries in its `urn:understudy:role:<role>` subject alternative name.
+pub fn certificate_role(cert: &CertificateDer<'_>) -> Result<Role, RoleProblem> {
+    let summary = der::summarize(cert).ok_or(RoleProblem::Unreadable)?;
+    let mut roles: Vec<String> =
+        summary.uris.iter().filter_map(|uri| uri.strip_prefix(ROLE_URI_PREFIX)).map(str::to_owned).collect();
+    roles.dedup();
+    match roles.as_slice() {
+        [] => Err(RoleProblem::Missing),
+        [one] => Role::from_name(one).ok_or_else(|| RoleProblem::Unknown(one.clone())),
+        _ => Err(RoleProblem::Several(roles)),
+    }
+}
+
+/// The names webpki says a certificate presents, shown plainly; the role URI is not a name.
+pub(crate) fn presented_names(presented: &[String]) -> Vec<String> {
+    presented.iter().filter(|name| !name.starts_with("UniformResourceIdentifier(")).map(|n| plain_name(n)).collect()
+}
+
 /// webpki's `DnsName("backup")` as `backup`, `IpAddress(10.0.0.2)` as `10.0.0.2`.
-pub(crate) fn plain_name(name: &str) -> String {
+fn plain_name(name: &str) -> String {
     let inner = name
         .strip_prefix("DnsName(\"")
         .and_then(|n| n.strip_suffix("\")"))

@@ -34,75 +34,137 @@ fn expect_err<T: fmt::Debug>(result: Result<T, CertsError>) -> CertsError {
 fn generate_writes_files_and_they_load() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
-    let generated = generate(&dir, &hosts(&["primary", "backup=backup.lan,10.0.0.2"])).unwrap();
+    let ca_dir = tmp.path().join("ca");
+    let keep = CaKey::Keep(ca_dir.clone());
+    let generated = generate(&dir, &hosts(&["primary", "backup=backup.lan,10.0.0.2"]), &keep).unwrap();
     assert!(generated.ca_created);
     assert_eq!(generated.ca_cert, dir.join("ca.pem"));
+    assert_eq!(generated.ca_key, Some(ca_dir.join("ca.key")));
     assert_eq!(generated.hosts[1].cert, dir.join("backup.pem"));
     assert_eq!(mode(&dir), 0o700);
-    assert_eq!(mode(&dir.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca_dir), 0o700);
+    assert_eq!(mode(&ca_dir.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca_dir.join("ca.pem")), 0o644);
     assert_eq!(mode(&dir.join("ca.pem")), 0o644);
     assert_eq!(mode(&dir.join("primary.key")), 0o600);
     assert_eq!(mode(&dir.join("primary.pem")), 0o644);
+    // The host directory holds the CA certificate and the host pairs, never the CA key.
+    assert!(!dir.join("ca.key").exists());
+    assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), fs::read(ca_dir.join("ca.pem")).unwrap());
 
     let primary = Identity::load(&dir, "primary").unwrap();
     assert_eq!(primary.name(), Some("primary"));
+    assert_eq!(primary.role(), Ok(Role::Host));
     assert_eq!(primary.cert_chain().len(), 1);
     let backup = Identity::load(&dir, "backup").unwrap();
     assert_eq!(backup.name(), Some("backup"));
-    // The extra names are in the certificate too.
+    // The extra names are in the certificate too; the role URI is not a name.
     let check = |name: &str| backup.check_host(name, Path::new("backup.pem"));
     check("backup.lan").unwrap();
     check("10.0.0.2").unwrap();
-    assert!(matches!(check("primary"), Err(CertsError::WrongHost { .. })));
+    match check("primary") {
+        Err(CertsError::WrongHost { presented, .. }) => assert_eq!(presented, ["backup", "backup.lan", "10.0.0.2"]),
+        other => panic!("{other:?}"),
+    }
 
-    // Adding a host later reuses the CA and leaves its files alone.
+    // Adding a host later reuses the kept CA and leaves its files alone.
     let ca_before = fs::read(dir.join("ca.pem")).unwrap();
-    let more = generate(&dir, &hosts(&["witness"])).unwrap();
+    let more = generate(&dir, &[HostSpec::witness("witness")], &keep).unwrap();
     assert!(!more.ca_created);
+    assert_eq!(more.hosts[0].role, Role::Witness);
     assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), ca_before);
     let witness = Identity::load(&dir, "witness").unwrap();
+    assert_eq!(witness.role(), Ok(Role::Witness));
     assert_eq!(witness.ca_certificates(), primary.ca_certificates());
+}
+
+#[test]
+fn the_ca_key_is_discarded_unless_kept_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let generated = generate(&dir, &hosts(&["primary", "backup"]), &CaKey::Discard).unwrap();
+    assert_eq!(generated.ca_key, None);
+    let mut files: Vec<String> =
+        fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    files.sort();
+    assert_eq!(files, ["backup.key", "backup.pem", "ca.pem", "primary.key", "primary.pem"]);
+    Identity::load(&dir, "primary").unwrap();
+    // More hosts need the CA's key, which is gone.
+    let error = expect_err(generate(&dir, &hosts(&["witness"]), &CaKey::Discard));
+    assert!(matches!(error, CertsError::CaWithoutKey { .. }));
+    let error = expect_err(generate(&dir, &hosts(&["witness"]), &CaKey::Keep(tmp.path().join("ca"))));
+    assert!(matches!(error, CertsError::OtherCa { .. }), "a new CA cannot join the old one's hosts");
+    // The CA directory may not be the host directory.
+    let error = expect_err(generate(&dir, &hosts(&["witness"]), &CaKey::Keep(dir.clone())));
+    assert!(matches!(error, CertsError::CaDirIsHostDir { .. }));
+    // The layout of older versions (ca.key among the host files) is refused with a hint.
+    write(&dir.join("ca.key"), "old", 0o600);
+    let error = expect_err(generate(&dir, &hosts(&["witness"]), &CaKey::Keep(tmp.path().join("ca"))));
+    assert!(matches!(error, CertsError::CaKeyBesideHosts { .. }));
+    assert!(error.to_string().contains("--ca-dir"), "{error}");
 }
 
 #[test]
 fn generate_refuses_bad_requests() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    assert!(matches!(expect_err(generate(dir, &[])), CertsError::NoHosts));
-    assert!(matches!(expect_err(generate(dir, &hosts(&["a", "a"]))), CertsError::DuplicateHost { .. }));
+    let dir = tmp.path().join("pki");
+    let dir = dir.as_path();
+    let keep = CaKey::Keep(tmp.path().join("ca"));
+    assert!(matches!(expect_err(generate(dir, &[], &keep)), CertsError::NoHosts));
+    assert!(matches!(expect_err(generate(dir, &hosts(&["a", "a"]), &keep)), CertsError::DuplicateHost { .. }));
     assert_eq!(
         expect_err("../etc".parse::<HostSpec>()).to_string(),
         "host name \"../etc\" is not a dns name (letters, digits, '-' and '.')"
     );
     assert!(matches!(expect_err("10.0.0.1".parse::<HostSpec>()), CertsError::BadHostName { .. }));
     assert!(matches!(expect_err("ok=not a name".parse::<HostSpec>()), CertsError::BadAltName { .. }));
-    generate(dir, &hosts(&["primary"])).unwrap();
-    let error = expect_err(generate(dir, &hosts(&["backup", "primary"])));
+    generate(dir, &hosts(&["primary"]), &keep).unwrap();
+    let error = expect_err(generate(dir, &hosts(&["backup", "primary"]), &keep));
     assert_eq!(
         error.to_string(),
         format!("{}: already exists; remove it first to issue a new one", dir.join("primary.pem").display())
     );
     // Nothing was written for the request that failed.
     assert!(!dir.join("backup.pem").exists());
-    fs::remove_file(dir.join("ca.key")).unwrap();
-    assert!(matches!(expect_err(generate(dir, &hosts(&["backup"]))), CertsError::CaIncomplete { .. }));
+    fs::remove_file(tmp.path().join("ca/ca.key")).unwrap();
+    assert!(matches!(expect_err(generate(dir, &hosts(&["backup"]), &keep)), CertsError::CaIncomplete { .. }));
 }
 
 #[test]
 fn foreign_ca_cannot_sign() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+    let ca_dir = tmp.path().join("ca");
+    fs::create_dir(&ca_dir).unwrap();
+    let keep = CaKey::Keep(ca_dir.clone());
+    let dir = tmp.path().join("pki");
     // A CA whose subject is not ours (here: a host certificate posing as a CA).
     let ca = Authority::generate(Validity::days_from_now(1)).unwrap();
     let issued = ca.issue(&HostSpec::new("other"), Validity::days_from_now(1)).unwrap();
-    write(&dir.join(CA_CERT_FILE), &issued.cert_pem, 0o644);
-    write(&dir.join(CA_KEY_FILE), &issued.key_pem, 0o600);
-    assert!(matches!(expect_err(generate(dir, &hosts(&["backup"]))), CertsError::ForeignCa { .. }));
+    write(&ca_dir.join(CA_CERT_FILE), &issued.cert_pem, 0o644);
+    write(&ca_dir.join(CA_KEY_FILE), &issued.key_pem, 0o600);
+    assert!(matches!(expect_err(generate(&dir, &hosts(&["backup"]), &keep)), CertsError::ForeignCa { .. }));
     // Our CA's certificate with another key.
     let other = Authority::generate(Validity::days_from_now(1)).unwrap();
+    write(&ca_dir.join(CA_CERT_FILE), ca.cert_pem(), 0o644);
+    write(&ca_dir.join(CA_KEY_FILE), &other.key_pem(), 0o600);
+    assert!(matches!(expect_err(generate(&dir, &hosts(&["backup"]), &keep)), CertsError::ForeignCa { .. }));
+}
+
+#[test]
+fn certificates_without_a_role_are_refused_with_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Authority::generate(Validity::days_from_now(10)).unwrap();
     write(&dir.join(CA_CERT_FILE), ca.cert_pem(), 0o644);
-    write(&dir.join(CA_KEY_FILE), &other.key_pem(), 0o600);
-    assert!(matches!(expect_err(generate(dir, &hosts(&["backup"]))), CertsError::ForeignCa { .. }));
+    let issued = ca.issue_without_role(&HostSpec::new("old"), Validity::days_from_now(1)).unwrap();
+    write(&dir.join("old.pem"), &issued.cert_pem, 0o644);
+    write(&dir.join("old.key"), &issued.key_pem, 0o600);
+    let error = expect_err(Identity::load(dir, "old"));
+    assert!(matches!(error, CertsError::NoRole { .. }));
+    assert!(error.to_string().contains("carries no understudy role"), "{error}");
+    assert!(error.to_string().contains("understudy certs --host NAME"), "{error}");
+    let unchecked = Identity::from_pem_unchecked(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+    assert_eq!(unchecked.role(), Err(RoleProblem::Missing));
 }
 
 #[test]
@@ -198,6 +260,11 @@ fn summaries_read_what_rcgen_wrote() {
     assert_eq!(summary.not_before, secs(validity.not_before));
     assert_eq!(summary.not_after, secs(validity.not_after));
     assert!(summary.common_name.unwrap().starts_with("understudy ca "));
+    assert!(summary.uris.is_empty());
+    let issued = ca.issue(&HostSpec::witness("w").with_alt_name("w.lan"), validity).unwrap();
+    let cert = identity::parse_certs(issued.cert_pem.as_bytes(), Path::new("w.pem")).unwrap();
+    assert_eq!(der::summarize(&cert[0]).unwrap().uris, ["urn:understudy:role:witness"]);
+    assert_eq!(certificate_role(&cert[0]), Ok(Role::Witness));
 }
 
 #[test]

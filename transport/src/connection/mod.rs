@@ -338,6 +338,14 @@ impl Connection {
         self.shared.peer_name.as_deref()
     }
 
+    /// The role in the peer's certificate (checked during the handshake against the
+    /// endpoint's [`PeerPolicy`](crate::PeerPolicy)).
+    pub fn peer_role(&self) -> Option<crate::certs::Role> {
+        let identity = self.shared.quinn.peer_identity()?;
+        let chain = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+        crate::certs::certificate_role(chain.first()?).ok()
+    }
+
     /// The protocol version both sides agreed on (from ALPN).
     pub fn version(&self) -> u32 {
         self.shared.version

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use transport::certs::{Authority, HostSpec, Identity, Validity};
-use transport::{Connection, Endpoint, ProtocolVersions, Tuning};
+use transport::{Connection, Endpoint, PeerPolicy, ProtocolVersions, Tuning};
 
 pub const LOOPBACK: &str = "127.0.0.1:0";
 
@@ -32,7 +32,16 @@ impl Pki {
     }
 
     pub fn identity(&self, host: &str) -> Identity {
-        let issued = self.ca.issue(&HostSpec::new(host), Validity::days_from_now(1)).unwrap();
+        self.identity_of(&HostSpec::new(host))
+    }
+
+    /// A witness's identity (role witness).
+    pub fn witness(&self, host: &str) -> Identity {
+        self.identity_of(&HostSpec::witness(host))
+    }
+
+    pub fn identity_of(&self, spec: &HostSpec) -> Identity {
+        let issued = self.ca.issue(spec, Validity::days_from_now(1)).unwrap();
         Identity::from_pem(self.ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
     }
 
@@ -60,6 +69,11 @@ pub fn v1() -> ProtocolVersions {
 
 pub fn endpoint(identity: &Identity, versions: ProtocolVersions, tuning: Tuning) -> Endpoint {
     Endpoint::bind(loopback(), identity, versions, tuning).unwrap()
+}
+
+/// An endpoint admitting the peers `policy` admits.
+pub fn endpoint_with(identity: &Identity, policy: PeerPolicy) -> Endpoint {
+    Endpoint::bind_with(loopback(), identity, v1(), tuning(), policy).unwrap()
 }
 
 /// A connected pair: (primary's connection to backup, backup's connection from primary).

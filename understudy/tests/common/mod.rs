@@ -291,6 +291,8 @@ impl Pair {
             "--host",
             "backup",
             "--host",
+            "intruder",
+            "--witness",
             "witness",
         ]);
         assert!(ok, "certs: {err}");
@@ -354,8 +356,14 @@ impl Pair {
         self.dir.path().join("b-serial.log")
     }
 
-    /// `understudy protect` with extra args.
+    /// `understudy protect` with extra args; panics when it fails.
     pub fn protect(&self, extra: &[&str]) {
+        let (ok, out, err) = self.try_protect(extra);
+        assert!(ok, "protect failed: {err}{out}");
+    }
+
+    /// `understudy protect` with extra args: (success, stdout, stderr).
+    pub fn try_protect(&self, extra: &[&str]) -> (bool, String, String) {
         let certs = self.dir.path().join("certs");
         let backup = format!("127.0.0.1:{}", self.port);
         let mut args = vec![
@@ -368,8 +376,7 @@ impl Pair {
             certs.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let (ok, out, err) = run(&args);
-        assert!(ok, "protect failed: {err}{out}");
+        run(&args)
     }
 
     /// JSON status of the primary or backup.
