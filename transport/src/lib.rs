@@ -19,7 +19,8 @@
 //! let backup = Endpoint::bind(any_port, &identity("backup")?, v1.clone(), Tuning::default())?;
 //! let primary = Endpoint::bind(any_port, &identity("primary")?, v1, Tuning::default())?;
 //!
-//! // Both check the other's certificate against the CA; the primary also checks the name.
+//! // Both check the other's certificate against the CA and its role (`host` on a replication
+//! // link); the primary also checks the backup's name (the backup may: `PeerPolicy`).
 //! let (to_backup, from_primary) =
 //!     tokio::try_join!(primary.connect(backup.local_addr()?, "backup"), backup.accept())?;
 //! assert_eq!(from_primary.peer_name(), Some("primary"));
@@ -41,8 +42,9 @@
 //! ```
 //!
 //! - [`certs`]: make the CA and host certificates (`understudy certs`), load and check them.
-//! - [`Endpoint`]: bind, [`Endpoint::connect`], [`Endpoint::accept`]; handshake failures come
-//!   back as [`HandshakeError`]s that name the problem.
+//! - [`Endpoint`]: bind, [`Endpoint::connect`], [`Endpoint::accept`] (handshakes in parallel,
+//!   bounded); handshake failures come back as [`HandshakeError`]s that name the problem.
+//! - [`PeerPolicy`]: which roles and names an endpoint admits, checked inside the handshake.
 //! - [`Connection`]: control frames, bulk frames, datagrams, [`Connection::close`].
 //! - [`Tuning`]: windows, congestion control, keep-alive and idle timeout.
 //! - [`session`]: runs a sans-IO protocol core over a connection; [`proto`] runs
