@@ -8,7 +8,8 @@
 //! [`Tuning::handshake_timeout`], so a peer that opens a handshake and stalls delays nobody
 //! else. Pending handshakes are bounded: at most [`MAX_PENDING_HANDSHAKES`] in all and
 //! [`MAX_PENDING_PER_ADDRESS`] from one IP address; beyond that a new peer is refused at once
-//! (QUIC `CONNECTION_REFUSED`, it may try again). Once more than [`VALIDATE_ABOVE`] are pending,
+//! (QUIC `CONNECTION_REFUSED`, it may try again). Every failed handshake is logged as it happens
+//! (the first ten, then the 16th, 32nd...). Once more than [`VALIDATE_ABOVE`] are pending,
 //! a peer must first prove it owns its address (a QUIC Retry round trip), so spoofed packets
 //! cannot fill the rest. Finished connections (and the errors of failed handshakes) wait in a
 //! short queue for `accept`; a connection that ended while it waited is skipped.
@@ -83,6 +84,8 @@ struct Core {
     pending: AtomicUsize,
     /// Peers refused because too many handshakes were pending.
     overloaded: AtomicU64,
+    /// Incoming handshakes that failed (refused certificates, timeouts, ...).
+    failed: AtomicU64,
 }
 
 /// The accept task and its queue; dropping the last endpoint clone stops the task.
@@ -138,7 +141,15 @@ impl Endpoint {
             quinn::ServerConfig::with_crypto(Arc::new(tls.server_config(&Arc::new(HandshakeProbe::default()))?));
         server.transport_config(transport.clone());
         let quinn = quinn::Endpoint::server(server, addr).map_err(|source| EndpointError::Bind { addr, source })?;
-        let core = Core { quinn, tls, transport, tuning, pending: AtomicUsize::new(0), overloaded: AtomicU64::new(0) };
+        let core = Core {
+            quinn,
+            tls,
+            transport,
+            tuning,
+            pending: AtomicUsize::new(0),
+            overloaded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        };
         Ok(Endpoint { core: Arc::new(core), acceptor: Arc::default() })
     }
 
@@ -172,6 +183,12 @@ impl Endpoint {
     /// Incoming connections refused so far because too many handshakes were pending.
     pub fn refused_overload(&self) -> u64 {
         self.core.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Incoming handshakes that failed so far (each also comes out of `accept` as an error
+    /// while the queue has room).
+    pub fn failed_handshakes(&self) -> u64 {
+        self.core.failed.load(Ordering::Relaxed)
     }
 
     /// Connects to `addr`, expecting the peer's certificate to name `server_name` (its host
@@ -251,8 +268,7 @@ async fn accept_loop(core: Arc<Core>, queue: mpsc::Sender<Result<Connection, End
         let from_ip = per_address.get(&ip).copied().unwrap_or(0);
         if handshakes.len() >= MAX_PENDING_HANDSHAKES || from_ip >= MAX_PENDING_PER_ADDRESS {
             let refused = core.overloaded.fetch_add(1, Ordering::Relaxed) + 1;
-            // Logged at warn for the 1st, 2nd, 4th, 8th... refusal: a flood cannot flood the log.
-            if refused.is_power_of_two() {
+            if worth_logging(refused) {
                 tracing::warn!(
                     %peer,
                     pending = handshakes.len(),
@@ -280,11 +296,14 @@ async fn accept_loop(core: Arc<Core>, queue: mpsc::Sender<Result<Connection, End
                 Ok(connection) => {
                     let _ = queue.send(Ok(connection)).await;
                 }
+                // Logged here as it happens, so a refusal shows even while the owner is busy
+                // with a session and takes it from the queue only later (or never, when full).
                 Err(error) => {
-                    tracing::debug!(%peer, "handshake failed: {error}");
-                    if queue.try_send(Err(error)).is_err() {
-                        tracing::debug!(%peer, "handshake failure not reported: the accept queue is full");
+                    let failed = core2.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if worth_logging(failed) {
+                        tracing::info!(%peer, failed, "incoming handshake failed: {}", error_chain(&error));
                     }
+                    let _ = queue.try_send(Err(error));
                 }
             }
             ip
@@ -292,6 +311,24 @@ async fn accept_loop(core: Arc<Core>, queue: mpsc::Sender<Result<Connection, End
         core.pending.store(handshakes.len(), Ordering::Relaxed);
     }
     core.pending.store(0, Ordering::Relaxed);
+}
+
+/// Whether the n-th event of a kind is logged: the first ten, then the 16th, 32nd, 64th...,
+/// so a flood cannot flood the log.
+fn worth_logging(n: u64) -> bool {
+    n <= 10 || n.is_power_of_two()
+}
+
+/// `error: source: source ...`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 impl Core {

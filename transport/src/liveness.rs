@@ -12,12 +12,12 @@
 //! from the session's TLS secrets ([`crate::Connection::keying_material`] under [`LABEL`]). The
 //! primary's hello is `USLIVE02` and the token; the backup hands the connection only to the
 //! session that is watching for that token ([`Listener::watch`]), and answers [`ACK`] when it
-//! does. A connection whose token no session claims within [`HELLO_TIMEOUT`] is closed, so a
-//! third party can neither attach a line to somebody else's session (to fake a death) nor take
-//! the place of a real one. The primary counts its line as held only after the [`ACK`]: a
+//! does. A connection without a hello within [`HELLO_TIMEOUT`], or whose token no session
+//! claims within [`CLAIM_TIMEOUT`], is closed, so a third party can neither attach a line to
+//! somebody else's session (to fake a death) nor take the place of a real one. The primary counts its line as held only after the [`ACK`]: a
 //! connection the backup closes before it is a refusal (no line: heartbeats alone decide), never
 //! a death. Unauthenticated connections are bounded: at most [`MAX_PENDING`] at once and
-//! [`MAX_PENDING_PER_ADDRESS`] from one IP address, each for at most [`HELLO_TIMEOUT`]; more
+//! [`MAX_PENDING_PER_ADDRESS`] from one IP address, each for at most [`CLAIM_TIMEOUT`]; more
 //! are closed at once.
 //!
 //! A hello of the previous version (`USLIVE01`, no acknowledgement) is still served, so a
@@ -52,11 +52,14 @@ const BYE: u8 = 0xB7;
 pub const MAX_PENDING: usize = 32;
 /// Such connections from one IP address at once.
 pub const MAX_PENDING_PER_ADDRESS: usize = 4;
-/// How long a new connection has to present a token that a session claims.
+/// How long a new connection has to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after it connected a session must claim a connection's token (the backup may take
+/// a moment to get to a new session, e.g. while its previous one ends).
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the primary waits for the backup's [`ACK`] (longer than the backup may take to
 /// match the token; no answer at all means an older backup).
-const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+const ACK_TIMEOUT: Duration = Duration::from_secs(6);
 
 type Token = [u8; 32];
 
@@ -271,7 +274,7 @@ impl Listener {
     }
 
     /// Waits for the line of the session whose token is `token` (one that arrived up to
-    /// [`HELLO_TIMEOUT`] before counts too). Cancel-safe: dropping the future withdraws the
+    /// [`CLAIM_TIMEOUT`] before counts too). Cancel-safe: dropping the future withdraws the
     /// claim.
     pub async fn accept_for(&self, token: Token) -> Line {
         let (tx, rx) = oneshot::channel();
@@ -337,9 +340,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Reads one hello and hands the connection to the session that claims its token, or closes it.
 async fn serve_hello(mut stream: TcpStream, peer: SocketAddr, slot: PendingSlot) {
-    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let connected = Instant::now();
     let mut hello = [0u8; 40];
-    let acknowledge = match tokio::time::timeout_at(deadline, stream.read_exact(&mut hello)).await {
+    let acknowledge = match tokio::time::timeout_at(connected + HELLO_TIMEOUT, stream.read_exact(&mut hello)).await {
         Ok(Ok(_)) if &hello[..8] == MAGIC => true,
         Ok(Ok(_)) if &hello[..8] == MAGIC_V1 => false,
         _ => {
@@ -348,8 +351,8 @@ async fn serve_hello(mut stream: TcpStream, peer: SocketAddr, slot: PendingSlot)
         }
     };
     let token: Token = hello[8..].try_into().expect("32 bytes");
-    // The primary may be quicker than its session's watcher: wait for the claim until the
-    // deadline.
+    // The primary may be quicker than its session's watcher: wait for the claim a while.
+    let deadline = connected + CLAIM_TIMEOUT;
     let handover = loop {
         let watched = slot.shared.watched.notified();
         tokio::pin!(watched);
@@ -463,7 +466,7 @@ mod tests {
         let started = Instant::now();
         let error = connect(addr, [8; 32]).await.err().expect("refused");
         assert!(matches!(error, LivenessError::Refused { .. }), "{error}");
-        assert!(started.elapsed() < HELLO_TIMEOUT + Duration::from_secs(1));
+        assert!(started.elapsed() < CLAIM_TIMEOUT + Duration::from_secs(1));
         assert_eq!(l.pending(), 0);
         // Garbage is closed at once.
         let mut garbage = TcpStream::connect(addr).await.unwrap();
@@ -490,9 +493,9 @@ mod tests {
         let mut primary = primary.await.unwrap().expect("the real line is acknowledged");
         assert!(within(500, primary.ended()).await.is_none(), "the primary's line must stay open");
         assert!(within(100, backup.ended()).await.is_none(), "the backup's line must stay open");
-        // Every bogus connection is closed by the hello timeout at the latest.
+        // Every bogus connection is closed by the claim timeout at the latest.
         for s in &mut bogus {
-            assert!(closed_within(s, 3000).await, "a bogus connection was held");
+            assert!(closed_within(s, 6000).await, "a bogus connection was held");
         }
         assert_eq!(l.pending(), 0);
         assert!(within(200, primary.ended()).await.is_none(), "the primary's line must stay open");
@@ -522,7 +525,7 @@ mod tests {
         assert_eq!(l.pending(), MAX_PENDING);
         // While it is full a real line cannot get in; it is refused, which is not a death.
         assert!(matches!(connect(addr, T).await, Err(LivenessError::Refused { .. })));
-        // They all time out, and then the real line gets in.
+        // They all time out (no hello), and then the real line gets in.
         tokio::time::sleep(HELLO_TIMEOUT + Duration::from_millis(300)).await;
         assert_eq!(l.pending(), 0);
         let (primary, backup) = tokio::join!(connect(addr, T), l.accept_for(T));

@@ -226,6 +226,7 @@ async fn wrong_client_name_is_refused() {
     }
     assert!(chain(&s).ends_with("certificate names \"intruder\", expected \"primary\""), "{s}");
     assert!(matches!(&c, EndpointError::Handshake(HandshakeError::RefusedByPeer { .. })), "{c:?}");
+    assert_eq!(server.failed_handshakes(), 1);
     // The expected one gets in.
     let primary = endpoint(&pki.identity("primary"), v1(), tuning());
     let (a, b) = tokio::try_join!(primary.connect(server.local_addr().unwrap(), "backup"), server.accept()).unwrap();
