@@ -301,7 +301,7 @@ async fn accept_loop(core: Arc<Core>, queue: mpsc::Sender<Result<Connection, End
                 Err(error) => {
                     let failed = core2.failed.fetch_add(1, Ordering::Relaxed) + 1;
                     if worth_logging(failed) {
-                        tracing::info!(%peer, failed, "incoming handshake failed: {}", error_chain(&error));
+                        tracing::info!(%peer, failed, "incoming handshake failed: {}", crate::error_chain(&error));
                     }
                     let _ = queue.try_send(Err(error));
                 }
@@ -317,18 +317,6 @@ async fn accept_loop(core: Arc<Core>, queue: mpsc::Sender<Result<Connection, End
 /// so a flood cannot flood the log.
 fn worth_logging(n: u64) -> bool {
     n <= 10 || n.is_power_of_two()
-}
-
-/// `error: source: source ...`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 impl Core {

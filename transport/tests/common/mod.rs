@@ -86,14 +86,7 @@ pub async fn pair(pki: &Pki, tuning: Tuning) -> (Connection, Connection, Endpoin
 
 /// "outer: inner: innermost", as the binary prints errors.
 pub fn chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
+    transport::error_chain(error)
 }
 
 /// A UDP relay on 127.0.0.1 between one client and one server; `cut` makes it drop everything
