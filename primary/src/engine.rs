@@ -18,33 +18,56 @@ use crate::stats::{ProtectionState, Stats, SyncProgress};
 use transport::error_chain;
 
 /// Epoch length policy.
+///
+/// Adaptive (the default): a guest that emits no network output runs epochs long enough that
+/// the pause costs at most 2% of its time, within `min..=max`. **Output drives it**: when a
+/// frame is held (a reply waits for its epoch's ack), the epoch ends `coalesce` after that
+/// frame (so replies emitted together share one checkpoint), but never before `min` from its
+/// start. A reply then waits about one coalescing window, one pause and one ack instead of half
+/// an epoch; a busy server pays for it in pauses (CPU for latency, see docs/protection.md).
 #[derive(Debug, Clone, Copy)]
 pub struct EpochTiming {
     /// Shortest epoch.
     pub min: Duration,
     /// Longest epoch.
     pub max: Duration,
-    /// Fixed length (overrides the adaptive policy).
+    /// Fixed length (overrides the adaptive policy, output included).
     pub fixed: Option<Duration>,
+    /// With output waiting, end the epoch this long after its first held frame (`None`: output
+    /// does not shorten epochs).
+    pub coalesce: Option<Duration>,
 }
 
 impl Default for EpochTiming {
     fn default() -> Self {
-        Self { min: Duration::from_millis(10), max: Duration::from_millis(50), fixed: None }
+        Self {
+            min: Duration::from_millis(1),
+            max: Duration::from_millis(50),
+            fixed: None,
+            coalesce: Some(Duration::from_micros(500)),
+        }
     }
 }
 
 impl EpochTiming {
-    /// The next epoch's length: a fixed length, or long enough that the last pause costs at
-    /// most 2% of the guest's time, short when output is waiting, within the bounds.
-    pub fn next(&self, last_pause: Duration, output_waiting: bool) -> Duration {
+    /// The next epoch's length without output: a fixed length, or long enough that the last
+    /// pause costs at most 2% of the guest's time, within the bounds.
+    pub fn next(&self, last_pause: Duration) -> Duration {
         if let Some(f) = self.fixed {
             return f;
         }
-        if output_waiting {
-            return self.min;
-        }
         (last_pause * 50).clamp(self.min, self.max)
+    }
+
+    /// When an epoch that started at `start` ends: at `start + silent` (from [`Self::next`]),
+    /// or, with output first held at `first_output`, `coalesce` after it (not before `start +
+    /// min`, not after `start + silent`).
+    pub fn end(&self, start: Instant, silent: Duration, first_output: Option<Instant>) -> Instant {
+        let latest = start + silent;
+        match (self.fixed, self.coalesce, first_output) {
+            (None, Some(c), Some(t)) => (t + c).max(start + self.min).min(latest),
+            _ => latest,
+        }
     }
 }
 
@@ -512,10 +535,18 @@ impl Engine {
 
     /// One protected epoch: wait, pause, harvest, resume, hand off.
     fn checkpoint(&mut self) -> Result<(), EngineError> {
-        let waiting = self.output.as_ref().is_some_and(|o| o.held().0 > 0);
-        let len = self.cfg.timing.next(self.last_pause, waiting);
+        let timing = self.cfg.timing;
+        let silent = timing.next(self.last_pause);
         let epoch_start = Instant::now();
-        std::thread::sleep(len);
+        let first_output = match (&self.output, timing.fixed, timing.coalesce) {
+            (Some(o), None, Some(_)) => o.wait_for_output(epoch_start + silent),
+            _ => None,
+        };
+        let end = timing.end(epoch_start, silent, first_output);
+        let now = Instant::now();
+        if end > now {
+            std::thread::sleep(end - now);
+        }
         if !self.link.wait_room(self.cfg.window, Duration::from_millis(200)) {
             return Ok(());
         }
@@ -560,5 +591,33 @@ impl Engine {
             }
         }
         self.send(Harvest { seq, kind: HarvestKind::Checkpoint, pfns, data, state, digest, taken_at: t0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_guest_keeps_long_epochs_and_output_ends_them_soon() {
+        let t = EpochTiming::default();
+        let start = Instant::now();
+        // Silent: 50 x the pause, within bounds.
+        assert_eq!(t.next(Duration::from_micros(400)), Duration::from_millis(20));
+        assert_eq!(t.next(Duration::from_millis(5)), Duration::from_millis(50));
+        assert_eq!(t.end(start, Duration::from_millis(20), None), start + Duration::from_millis(20));
+        // Output 3 ms in: the epoch ends one coalescing window later.
+        let out = start + Duration::from_millis(3);
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out)), out + Duration::from_micros(500));
+        // Output at once: not before the minimum.
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(start)), start + Duration::from_millis(1));
+        // Output late in the epoch: never after its silent length.
+        let late = start + Duration::from_millis(19_900) / 1000;
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(late)), start + Duration::from_millis(20));
+        // A fixed length ignores output; so does coalescing turned off.
+        let fixed = EpochTiming { fixed: Some(Duration::from_millis(10)), ..t };
+        assert_eq!(fixed.end(start, fixed.next(Duration::ZERO), Some(start)), start + Duration::from_millis(10));
+        let off = EpochTiming { coalesce: None, ..t };
+        assert_eq!(off.end(start, Duration::from_millis(20), Some(start)), start + Duration::from_millis(20));
     }
 }

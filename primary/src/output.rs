@@ -33,6 +33,9 @@ struct Inner {
     released_upto: u64,
     passthrough: bool,
     journal: VecDeque<ReleaseRecord>,
+    /// When the first frame held since the last epoch boundary arrived (output waiting for an
+    /// epoch to end): the epoch engine ends the epoch soon after it.
+    first_held: Option<Instant>,
 }
 
 /// A record of one released frame, for tests that prove output commit: which epoch produced
@@ -84,6 +87,8 @@ pub type Gate = Arc<dyn Fn(Instant) -> bool + Send + Sync>;
 /// Frames held until their epoch is acknowledged.
 pub struct OutputBuffer {
     inner: Mutex<Inner>,
+    /// Signalled when output starts waiting (`Inner::first_held` becomes set).
+    waiting: std::sync::Condvar,
     tap: Arc<Tap>,
     cap: usize,
     stats: OutputStats,
@@ -102,7 +107,9 @@ impl OutputBuffer {
                 released_upto: 0,
                 passthrough: false,
                 journal: VecDeque::new(),
+                first_held: None,
             }),
+            waiting: std::sync::Condvar::new(),
             tap,
             cap,
             stats: OutputStats::default(),
@@ -144,7 +151,26 @@ impl OutputBuffer {
 
     /// Frames sent from now on belong to harvest `epoch`. Call while the VM is paused.
     pub fn begin(&self, epoch: u64) {
-        self.lock().current = epoch;
+        let mut g = self.lock();
+        g.current = epoch;
+        g.first_held = None;
+    }
+
+    /// Waits until output produced since the last epoch boundary is held, or `until`; returns
+    /// when the first such frame arrived (output-driven epochs: the engine ends the epoch a
+    /// short coalescing window after it).
+    pub fn wait_for_output(&self, until: Instant) -> Option<Instant> {
+        let mut g = self.lock();
+        loop {
+            if g.first_held.is_some() {
+                return g.first_held;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return None;
+            }
+            g = self.waiting.wait_timeout(g, until - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     /// Releases every frame of epochs up to and including `epoch`; returns how many.
@@ -252,8 +278,13 @@ impl OutputBuffer {
             return Err(io::Error::other("output buffer full"));
         }
         let epoch = g.current;
+        let now = Instant::now();
         g.held_bytes += frame.len();
-        g.held.push_back(Held { epoch, at: Instant::now(), frame: frame.to_vec() });
+        g.held.push_back(Held { epoch, at: now, frame: frame.to_vec() });
+        if g.first_held.is_none() {
+            g.first_held = Some(now);
+            self.waiting.notify_all();
+        }
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! ```sh
 //! make guest && cargo bench -p testbed --bench protect        # builds understudy --release first
 //! # knobs: BENCH_RUNS=3 BENCH_WINDOW_S=5 BENCH_ONLY=pause,dirty,kv BENCH_EPOCHS_MS=40,20,10,5
+//! #        (items: ms, `adaptive` = the default output-driven policy, `adaptive-silent` = 10-50 ms
+//! #        epochs that output does not end, the policy before output-driven epochs)
 //! #        BENCH_NO_BUILD=1 BENCH_KEEP=1 (keep the temp dir) BENCH_MAX_S=3600 (whole-run bound)
 //! ```
 //!
@@ -586,17 +588,17 @@ impl Rig {
     fn protect(&mut self, epoch_ms: u64) -> Result<Duration> {
         let t0 = Instant::now();
         let out = run_bounded(
-            Command::new(&self.bin).args([
-                "protect",
-                "--api",
-                &self.primary.api.display().to_string(),
-                "--backup",
-                "127.0.0.1:7400",
-                "--certs",
-                &self.certs.display().to_string(),
-                "--epoch-ms",
-                &epoch_ms.to_string(),
-            ]),
+            Command::new(&self.bin)
+                .args([
+                    "protect",
+                    "--api",
+                    &self.primary.api.display().to_string(),
+                    "--backup",
+                    "127.0.0.1:7400",
+                    "--certs",
+                    &self.certs.display().to_string(),
+                ])
+                .args(epoch_args(epoch_ms)),
             Duration::from_secs(40),
         )?;
         ensure!(out.status.success(), "protect failed: {}{}", text(&out.stdout), text(&out.stderr));
@@ -691,6 +693,38 @@ fn protected_window(a: &Snap, b: &Snap) -> Value {
 
 // ---------------------------------------------------------------------------------------
 // Statistics
+
+/// The epoch setting `adaptive`: the default policy (output-driven epochs).
+const EPOCH_ADAPTIVE: u64 = 0;
+/// The epoch setting `adaptive-silent`: the adaptive policy before output-driven epochs
+/// (10..50 ms, output does not end epochs), for A/B.
+const EPOCH_ADAPTIVE_SILENT: u64 = u64::MAX;
+
+/// `BENCH_EPOCHS_MS` items: a fixed length in ms, `adaptive` or `adaptive-silent`.
+fn parse_epoch(s: &str) -> Option<u64> {
+    match s {
+        "adaptive" => Some(EPOCH_ADAPTIVE),
+        "adaptive-silent" => Some(EPOCH_ADAPTIVE_SILENT),
+        n => n.parse().ok().filter(|n| *n > 0),
+    }
+}
+
+fn epoch_args(e: u64) -> Vec<String> {
+    let v: &[&str] = match e {
+        EPOCH_ADAPTIVE => &["--epoch-ms", "0"],
+        EPOCH_ADAPTIVE_SILENT => &["--epoch-ms", "0", "--epoch-min-ms", "10", "--output-coalesce-us", "0"],
+        _ => return vec!["--epoch-ms".into(), e.to_string()],
+    };
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn epoch_label(e: u64) -> String {
+    match e {
+        EPOCH_ADAPTIVE => "adaptive (output-driven)".into(),
+        EPOCH_ADAPTIVE_SILENT => "adaptive 10-50 ms, output ignored".into(),
+        _ => format!("{e} ms"),
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
@@ -912,7 +946,7 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|{}", if v == 0 { "" } else { "---|" });
     for (e, runs) in results {
         if runs.is_empty() {
-            let _ = writeln!(s, "| {e} | all runs failed | | | | | | | | |");
+            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | |", epoch_label(*e));
             continue;
         }
         let base: Vec<f64> = runs
@@ -935,7 +969,8 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {e} | {} | {} | {} | {} | **{}** ({}) | {} | {} | {} → {} | {tail} |",
+            "| {} | {} | {} | {} | {} | **{}** ({}) | {} | {} | {} → {} | {tail} |",
+            epoch_label(*e),
             f(med(runs, "protected/epochs_per_s"), 1),
             f(med(runs, "protected/dirty_pages_per_epoch_mean"), 0),
             f(median(base), 0),
@@ -1088,7 +1123,7 @@ fn kv_table(results: &[(u64, Vec<Value>)]) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (e, runs) in results {
         if runs.is_empty() {
-            let _ = writeln!(s, "| {e} | all runs failed | | | | | | | | | |");
+            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | | |", epoch_label(*e));
             continue;
         }
         let base = |k: &str| {
@@ -1100,7 +1135,8 @@ fn kv_table(results: &[(u64, Vec<Value>)]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {e} | {} | {} → {} | **{}** | {} → {} | **{}** | {} → {} | {} → {} | **{}** | {} | {} |",
+            "| {} | {} | {} → {} | **{}** | {} → {} | **{}** | {} → {} | {} → {} | **{}** | {} | {} |",
+            epoch_label(*e),
             f(med(runs, "protected/epochs_per_s"), 1),
             f(base("get_ops_per_s"), 0),
             f(med(runs, "protected_ops/get_ops_per_s"), 0),
@@ -1217,7 +1253,7 @@ fn main() -> Result<()> {
         runs: env_or("BENCH_RUNS", 3usize).max(1),
         window: Duration::from_secs_f64(env_or("BENCH_WINDOW_S", 5.0f64).max(3.0)),
         only: only.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-        epochs_ms: epochs_ms.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        epochs_ms: epochs_ms.split(',').filter_map(|s| parse_epoch(s.trim())).collect(),
         keep: std::env::var_os("BENCH_KEEP").is_some(),
         python: testbed::env::python_with_pymemcache().unwrap_or_else(|_| PathBuf::from("/usr/bin/python3")),
         memcslap: testbed::env::memcslap().unwrap_or_else(|_| PathBuf::from("memcslap")),
@@ -1306,7 +1342,7 @@ fn main() -> Result<()> {
                 cfg.runs,
                 |e, run| dirty_run(&cfg, &top.path, &certs, v, *e, run),
                 &mut failures,
-                |e| format!("{} epoch {e} ms", var.label),
+                |e| format!("{} epoch {}", var.label, epoch_label(*e)),
             );
             report.push_str(&dirty_table(v, &r));
             report.push('\n');
@@ -1325,7 +1361,7 @@ fn main() -> Result<()> {
             cfg.runs,
             |e, run| kv_run(&cfg, &top.path, &certs, *e, run),
             &mut failures,
-            |e| format!("epoch {e} ms"),
+            |e| format!("epoch {}", epoch_label(*e)),
         );
         let _ = writeln!(
             report,
@@ -1347,11 +1383,11 @@ fn main() -> Result<()> {
     for (v, res) in dirty_results.iter().enumerate() {
         for (e, runs) in res {
             let short = if v == 0 { "dirty rate=10000" } else { "dirty wss=1 CPU-bound" };
-            bytes_rows(&mut report, &format!("{short} @{e} ms"), runs);
+            bytes_rows(&mut report, &format!("{short} @{}", epoch_label(*e)), runs);
         }
     }
     for (e, runs) in &kv_results {
-        bytes_rows(&mut report, &format!("kv memcslap+latency @{e} ms"), runs);
+        bytes_rows(&mut report, &format!("kv memcslap+latency @{}", epoch_label(*e)), runs);
     }
 
     // What else ran: CPU of every process that lived through the whole bench.

@@ -38,6 +38,9 @@ pub struct ProtectRequest {
     /// Adaptive bounds, ms.
     #[serde(default = "default_max")]
     pub epoch_max_ms: u64,
+    /// Output-driven epochs: end the epoch this long after the first held frame, µs (0: off).
+    #[serde(default = "default_coalesce")]
+    pub output_coalesce_us: u64,
     /// Digest memory every this many checkpoints (tests; 0 = off).
     #[serde(default)]
     pub verify_every: u64,
@@ -72,7 +75,10 @@ pub fn timing(heartbeat_ms: u64, detect_ms: u64, suspect_ms: u64) -> replication
 }
 
 fn default_min() -> u64 {
-    10
+    1
+}
+fn default_coalesce() -> u64 {
+    500
 }
 fn default_max() -> u64 {
     50
@@ -143,6 +149,7 @@ impl Protection {
                 min: Duration::from_millis(req.epoch_min_ms.max(1)),
                 max: Duration::from_millis(req.epoch_max_ms.max(req.epoch_min_ms.max(1))),
                 fixed: (req.epoch_ms > 0).then(|| Duration::from_millis(req.epoch_ms)),
+                coalesce: (req.output_coalesce_us > 0).then(|| Duration::from_micros(req.output_coalesce_us)),
             },
             verify_every: req.verify_every,
             ..EngineConfig::default()
@@ -223,6 +230,9 @@ impl Protection {
 pub fn validate(req: &ProtectRequest) -> Result<()> {
     if req.epoch_min_ms > req.epoch_max_ms {
         bail!("epoch bounds {}..{} ms are reversed", req.epoch_min_ms, req.epoch_max_ms);
+    }
+    if req.output_coalesce_us > 1_000_000 {
+        bail!("output coalescing window of {} µs is longer than 1 s", req.output_coalesce_us);
     }
     if req.epoch_ms > 10_000 {
         bail!("epoch of {} ms is longer than 10 s", req.epoch_ms);
