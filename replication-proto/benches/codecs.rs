@@ -373,9 +373,9 @@ fn mix() {
     for (name, codecs, trust_hash) in [
         ("all (default)", on, false),
         ("all, trust_hash", on, true),
-        ("no lz4", CodecConfig { lz4: false, delta: true }, false),
-        ("no delta", CodecConfig { lz4: true, delta: false }, false),
-        ("neither (zero and unchanged still apply)", CodecConfig { lz4: false, delta: false }, false),
+        ("no lz4", CodecConfig { lz4: false, ..on }, false),
+        ("no delta", CodecConfig { delta: false, ..on }, false),
+        ("neither (zero and unchanged still apply)", CodecConfig { lz4: false, delta: false, ..on }, false),
     ] {
         let mut rng = Rng(0xfeed);
         let layout = MemoryLayout::flat(PS as u32, PAGES * PS as u64);

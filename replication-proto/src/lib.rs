@@ -129,6 +129,7 @@ pub mod fuzzing;
 pub mod hash;
 pub mod limits;
 pub mod message;
+pub mod migration;
 pub mod pageset;
 pub mod receiver;
 pub mod sender;
