@@ -9,6 +9,14 @@
 //!
 //! The hash alone says "unchanged" only when [`crate::SenderConfig::trust_hash`] is set: two
 //! different pages collide with probability 2^-64 per comparison (see `docs/protocol.md`).
+//!
+//! With dedup on ([`PageCache::enable_index`]) the cache also keeps a *content index*: for each
+//! content hash, one page whose last-sent content has that hash. A page about to be sent whose
+//! hash is in the index can go as a reference to that page. The index holds at most one entry per
+//! page: when a page's last-sent content changes, its old entry goes (if it was the one), so it
+//! never grows beyond the guest.
+
+use std::collections::HashMap;
 
 /// What the cache knows about a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +49,8 @@ pub struct PageCache {
     referenced: Vec<bool>,
     hand: usize,
     evictions: u64,
+    /// Content hash to a page last sent with it (see the module docs), when dedup is on.
+    index: Option<HashMap<u64, u32>>,
 }
 
 impl PageCache {
@@ -58,6 +68,52 @@ impl PageCache {
             referenced: Vec::new(),
             hand: 0,
             evictions: 0,
+            index: None,
+        }
+    }
+
+    /// Keeps the content index from now on (see the module docs).
+    pub fn enable_index(&mut self) {
+        self.index.get_or_insert_with(HashMap::new);
+    }
+
+    /// Entries in the content index.
+    pub fn index_len(&self) -> usize {
+        self.index.as_ref().map_or(0, HashMap::len)
+    }
+
+    /// A page other than `except` whose last-sent content has hash `hash`, if the index knows
+    /// one.
+    pub fn find(&self, hash: u64, except: usize) -> Option<usize> {
+        let &page = self.index.as_ref()?.get(&hash)?;
+        let page = page as usize;
+        (page != except && self.holds(page, hash)).then_some(page)
+    }
+
+    /// Whether page `index` was last sent with content hash `hash`.
+    fn holds(&self, index: usize, hash: u64) -> bool {
+        matches!(self.kind.get(index), Some(&HASH | &COPY)) && self.hash[index] == hash
+    }
+
+    /// Page `index` no longer holds its last-sent content: drops its index entry if it has one.
+    fn unindex(&mut self, index: usize) {
+        if let (Some(map), Some(&HASH | &COPY)) = (self.index.as_mut(), self.kind.get(index)) {
+            let hash = self.hash[index];
+            if map.get(&hash) == Some(&(index as u32)) {
+                map.remove(&hash);
+            }
+        }
+    }
+
+    /// Page `index` now holds content `hash`: the index points there unless it already knows a
+    /// page that holds it.
+    fn reindex(&mut self, index: usize, hash: u64) {
+        let Some(map) = self.index.as_ref() else {
+            return;
+        };
+        let known = map.get(&hash).is_some_and(|&p| self.holds(p as usize, hash));
+        if !known && let Some(map) = self.index.as_mut() {
+            map.insert(hash, index as u32);
         }
     }
 
@@ -98,6 +154,7 @@ impl PageCache {
 
     /// Records that page `index` was sent as a zero page.
     pub fn put_zero(&mut self, index: usize) {
+        self.unindex(index);
         self.release(index);
         if let Some(k) = self.kind.get_mut(index) {
             *k = ZERO;
@@ -108,6 +165,9 @@ impl PageCache {
     pub fn put(&mut self, index: usize, hash: u64, page: &[u8]) {
         if index >= self.kind.len() || page.len() != self.page_size {
             return;
+        }
+        if !self.holds(index, hash) {
+            self.unindex(index);
         }
         self.hash[index] = hash;
         let slot = if self.kind[index] == COPY { Some(self.slot[index] as usize) } else { self.alloc() };
@@ -122,6 +182,7 @@ impl PageCache {
             }
             None => self.kind[index] = HASH,
         }
+        self.reindex(index, hash);
     }
 
     /// Forgets everything (after a resync the backup's replica is a new baseline).
@@ -131,6 +192,9 @@ impl PageCache {
         self.owner.clear();
         self.referenced.clear();
         self.hand = 0;
+        if let Some(map) = self.index.as_mut() {
+            map.clear();
+        }
     }
 
     fn release(&mut self, index: usize) {
@@ -205,6 +269,50 @@ mod tests {
         c.clear();
         assert_eq!(c.get(2), Cached::Unknown);
         assert_eq!(c.copies(), 0);
+    }
+
+    #[test]
+    fn content_index_finds_other_pages_with_the_same_content() {
+        let mut c = PageCache::new(8, 4, 2 * 4);
+        // Without the index, nothing is found.
+        c.put(0, 10, &[1; 4]);
+        assert_eq!(c.find(10, 5), None);
+        c.enable_index();
+        c.put(1, 10, &[1; 4]);
+        // Page 1 is indexed (page 0 was sent before the index existed).
+        assert_eq!(c.find(10, 5), Some(1));
+        assert_eq!(c.find(10, 1), None, "a page is not its own duplicate");
+        // Page 1 sent again with other content: its entry goes; page 2 takes content 10.
+        c.put(1, 11, &[2; 4]);
+        assert_eq!(c.find(10, 5), None);
+        assert_eq!(c.find(11, 5), Some(1));
+        c.put(2, 10, &[1; 4]);
+        assert_eq!(c.find(10, 5), Some(2));
+        // A second page with the same content leaves the entry alone.
+        c.put(3, 10, &[1; 4]);
+        assert_eq!(c.find(10, 5), Some(2));
+        // Copies evicted (bound of two): the hash still finds the page.
+        assert!(c.evictions() > 0);
+        assert_eq!(c.find(10, 5), Some(2));
+        // Zeroed: gone from the index; the other page with that content is not known any more.
+        c.put_zero(2);
+        assert_eq!(c.find(10, 5), None);
+        assert!(c.index_len() <= 8);
+        c.clear();
+        assert_eq!(c.find(11, 5), None);
+        assert_eq!(c.index_len(), 0);
+    }
+
+    #[test]
+    fn content_index_never_outgrows_the_guest() {
+        let mut c = PageCache::new(4, 8, 0);
+        c.enable_index();
+        for round in 0..100u64 {
+            for i in 0..4 {
+                c.put(i, round * 4 + i as u64, &[0; 8]);
+            }
+        }
+        assert_eq!(c.index_len(), 4);
     }
 
     #[test]

@@ -8,12 +8,21 @@
 //! the digest of every page as it will be after the checkpoint, refuses the checkpoint whole if it
 //! does not match, and only then writes. A refused checkpoint goes back to the receiver with
 //! [`crate::Receiver::reject`], which asks the sender for a new baseline.
+//!
+//! Dedup references ([`PageContent::Copy`]) are resolved the same way: against an earlier page of
+//! the checkpoint (as it will be) or a page of the replica the checkpoint does not touch; each is
+//! checked against the check the reference carries, and a reference to a page the replica does
+//! not hold refuses the checkpoint whole ([`ApplyError::MissingReference`]).
 
-use crate::codec::{CodecError, apply_delta, decompress_lz4, validate_delta};
+use crate::codec::{CodecError, DedupRef, apply_delta, decompress_lz4, validate_delta};
 use crate::hash::{Digest, xxh64, zero_page_hash};
 use crate::message::{Lineage, MemoryLayout, PageIndex};
 use crate::pageset::{PageEncoding, PageRecord};
+use std::collections::BTreeMap;
 use thiserror::Error;
+
+#[cfg(test)]
+mod dedup_tests;
 
 /// Guest memory as the owner of a replica sees it, page by page.
 pub trait ReplicaMemory {
@@ -46,6 +55,16 @@ pub enum ApplyError {
         /// Why.
         source: CodecError,
     },
+    /// A dedup reference names a page the replica does not hold. Nothing was written.
+    #[error("checkpoint {epoch}: page {pfn:#x} refers to page {from:#x}, which the replica does not hold")]
+    MissingReference {
+        /// The epoch.
+        epoch: u64,
+        /// The page sent as a reference.
+        pfn: u64,
+        /// The page it refers to.
+        from: u64,
+    },
     /// The pages do not match the sender's content digest: the replica is not the base the sender
     /// encoded against. Nothing was written.
     #[error("checkpoint {epoch}: content digest {found:#018x}, sender sent {expected:#018x}")]
@@ -70,6 +89,16 @@ pub enum PageContent<'a> {
     Full(&'a [u8]),
     /// A delta to apply in place to the replica's page (see [`crate::codec`]).
     Delta(&'a [u8]),
+    /// The same bytes as page `from` holds at this point of the checkpoint: an earlier page of
+    /// it (as written by the checkpoint), or a page the checkpoint does not touch (as the replica
+    /// holds it). `check` is [`crate::hash::dedup_check`] of those bytes (dedup, protocol
+    /// version 2).
+    Copy {
+        /// The page referred to.
+        from: u64,
+        /// The check of its content.
+        check: u64,
+    },
 }
 
 /// A page of a checkpoint with its frame number.
@@ -93,6 +122,16 @@ const K_ZERO: u8 = 0;
 const K_UNCHANGED: u8 = 1;
 const K_FULL: u8 = 2;
 const K_DELTA: u8 = 3;
+const K_COPY: u8 = 4;
+
+/// Where the content of a page of a checkpoint comes from, for resolving references.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// The result of entry `i` (not itself a reference).
+    Entry(usize),
+    /// The replica's page, which the checkpoint does not write before the use.
+    Replica(u64),
+}
 
 /// A whole, staged and checked epoch: every page and the device/vCPU state.
 #[derive(Debug, Clone)]
@@ -105,6 +144,8 @@ pub struct Checkpoint {
     data: Vec<u8>,
     state: Vec<u8>,
     digest: u64,
+    /// Pages sent as dedup references.
+    copies: usize,
 }
 
 impl Checkpoint {
@@ -156,9 +197,30 @@ impl Checkpoint {
                 K_ZERO => PageContent::Zero,
                 K_UNCHANGED => PageContent::Unchanged,
                 K_FULL => PageContent::Full(&self.data[e.offset..e.offset + e.len]),
+                K_COPY => {
+                    // Staging checked the payload; a broken one could only name the page itself
+                    // with check 0, which no page content verifies against in practice.
+                    let r = DedupRef::decode(&self.data[e.offset..e.offset + e.len])
+                        .unwrap_or(DedupRef { from: e.pfn, check: 0 });
+                    PageContent::Copy { from: r.from, check: r.check }
+                }
                 _ => PageContent::Delta(&self.data[e.offset..e.offset + e.len]),
             },
         })
+    }
+
+    /// Pages sent as dedup references.
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// Where the page of entry `i`, a reference to `from`, gets its content: `origins` holds the
+    /// origin of every entry before `i`.
+    fn origin_of(&self, i: usize, from: u64, origins: &[Origin]) -> Origin {
+        match self.entries[..i].binary_search_by_key(&from, |e| e.pfn) {
+            Ok(j) => origins[j],
+            Err(_) => Origin::Replica(from),
+        }
     }
 
     /// Checks, without writing, that applying this checkpoint to `mem` gives exactly the pages
@@ -168,23 +230,46 @@ impl Checkpoint {
         let zero_hash = zero_page_hash(self.page_size);
         let mut scratch = vec![0u8; self.page_size];
         let mut digest = Digest::default();
-        for p in self.pages() {
+        // With references: each entry's origin, so a reference resolves in one step.
+        let mut origins = Vec::with_capacity(if self.copies > 0 { self.entries.len() } else { 0 });
+        for (i, p) in self.pages().enumerate() {
             // Every page must exist in the replica, whatever its encoding, so that `apply` cannot
             // fail half way.
             let base = match mem.page(p.pfn) {
                 Some(b) if b.len() == self.page_size => b,
                 _ => return Err(ApplyError::MissingPage { epoch, pfn: p.pfn }),
             };
+            let mut origin = Origin::Entry(i);
             let hash = match p.content {
                 PageContent::Zero => zero_hash,
                 PageContent::Full(bytes) => xxh64(bytes),
-                PageContent::Unchanged => xxh64(base),
+                PageContent::Unchanged => {
+                    origin = Origin::Replica(p.pfn);
+                    xxh64(base)
+                }
                 PageContent::Delta(d) => {
                     scratch.copy_from_slice(base);
                     apply_delta(d, &mut scratch).map_err(|source| ApplyError::Decode { epoch, pfn: p.pfn, source })?;
                     xxh64(&scratch)
                 }
+                PageContent::Copy { from, check } => {
+                    origin = self.origin_of(i, from, &origins);
+                    let content = self.resolve(origin, mem, &mut scratch).ok_or(ApplyError::MissingReference {
+                        epoch,
+                        pfn: p.pfn,
+                        from,
+                    })?;
+                    DedupRef { from, check }.verify(content).map_err(|source| ApplyError::Decode {
+                        epoch,
+                        pfn: p.pfn,
+                        source,
+                    })?;
+                    xxh64(content)
+                }
             };
+            if self.copies > 0 {
+                origins.push(origin);
+            }
             digest.add(p.pfn, hash);
         }
         let found = digest.finish();
@@ -192,6 +277,37 @@ impl Checkpoint {
             return Err(ApplyError::Digest { epoch, expected: self.digest, found });
         }
         Ok(())
+    }
+
+    /// The content at `origin` as it will be when the checkpoint reaches it, from the
+    /// checkpoint's own data or the replica `mem` (unwritten yet); `None` if the replica lacks
+    /// the page. `scratch` holds a decoded delta.
+    fn resolve<'a, M: ReplicaMemory + ?Sized>(
+        &'a self,
+        origin: Origin,
+        mem: &'a M,
+        scratch: &'a mut [u8],
+    ) -> Option<&'a [u8]> {
+        let replica_page = |pfn| mem.page(pfn).filter(|p| p.len() == self.page_size);
+        match origin {
+            Origin::Replica(pfn) => replica_page(pfn),
+            Origin::Entry(j) => {
+                let e = self.entries.get(j)?;
+                match e.kind {
+                    K_FULL => Some(&self.data[e.offset..e.offset + e.len]),
+                    K_DELTA => {
+                        scratch.copy_from_slice(replica_page(e.pfn)?);
+                        apply_delta(&self.data[e.offset..e.offset + e.len], scratch).ok()?;
+                        Some(scratch)
+                    }
+                    // Zero (unchanged and references never are an entry origin).
+                    _ => {
+                        scratch.fill(0);
+                        Some(scratch)
+                    }
+                }
+            }
+        }
     }
 
     /// Verifies (see [`Checkpoint::verify`]) and then writes every page into `mem` (after zeroing
@@ -203,7 +319,15 @@ impl Checkpoint {
             mem.zero_all();
         }
         let epoch = self.epoch;
+        let mut scratch = Vec::new();
         for p in self.pages() {
+            if let PageContent::Copy { from, .. } = p.content {
+                // What `from` holds now: an earlier page of this checkpoint is written already, any
+                // other page is untouched (verify resolved the same).
+                let src = mem.page(from).ok_or(ApplyError::MissingReference { epoch, pfn: p.pfn, from })?;
+                scratch.clear();
+                scratch.extend_from_slice(src);
+            }
             let page = mem.page_mut(p.pfn).ok_or(ApplyError::MissingPage { epoch, pfn: p.pfn })?;
             match p.content {
                 PageContent::Zero => page.fill(0),
@@ -212,6 +336,7 @@ impl Checkpoint {
                 PageContent::Delta(d) => {
                     apply_delta(d, page).map_err(|source| ApplyError::Decode { epoch, pfn: p.pfn, source })?
                 }
+                PageContent::Copy { .. } => page.copy_from_slice(&scratch),
             }
         }
         Ok(())
@@ -229,6 +354,8 @@ pub(crate) enum StageError {
     OutOfLayout { pfn: u64 },
     #[error("page {pfn:#x}: not above the previous page {prev:#x}")]
     Order { pfn: u64, prev: u64 },
+    #[error("page {pfn:#x}: dedup reference to page {from:#x} {what}")]
+    Reference { pfn: u64, from: u64, what: &'static str },
 }
 
 /// Builds a checkpoint page by page as batches arrive.
@@ -236,6 +363,9 @@ pub(crate) enum StageError {
 pub(crate) struct CheckpointBuilder {
     cp: Checkpoint,
     last_pfn: Option<u64>,
+    /// References to pages above the referring one (target to referrer): those pages must not
+    /// come later in the epoch, where the reference would be ambiguous.
+    forward: BTreeMap<u64, u64>,
 }
 
 impl CheckpointBuilder {
@@ -250,8 +380,10 @@ impl CheckpointBuilder {
                 data: Vec::new(),
                 state: Vec::new(),
                 digest: 0,
+                copies: 0,
             },
             last_pfn: None,
+            forward: BTreeMap::new(),
         }
     }
 
@@ -278,7 +410,10 @@ impl CheckpointBuilder {
         {
             return Err(StageError::Order { pfn, prev });
         }
-        if self.cp.baseline && !rec.encoding.is_self_contained() {
+        if let Some(&referrer) = self.forward.get(&pfn) {
+            return Err(StageError::Reference { pfn: referrer, from: pfn, what: "comes later in the epoch" });
+        }
+        if self.cp.baseline && !rec.encoding.is_self_contained() && rec.encoding != PageEncoding::Dedup {
             return Err(StageError::NotSelfContained { pfn, encoding: rec.encoding.name() });
         }
         let ps = self.cp.page_size;
@@ -315,9 +450,36 @@ impl CheckpointBuilder {
                 self.cp.data.extend_from_slice(rec.data);
                 (K_DELTA, rec.data.len())
             }
+            PageEncoding::Dedup => {
+                let r = DedupRef::decode(rec.data).map_err(codec)?;
+                self.check_reference(pfn, r.from, index)?;
+                self.cp.data.extend_from_slice(rec.data);
+                self.cp.copies += 1;
+                (K_COPY, rec.data.len())
+            }
         };
         self.cp.entries.push(Entry { pfn, kind, offset, len });
         self.last_pfn = Some(pfn);
+        Ok(())
+    }
+
+    /// A reference from `pfn` to `from` must name another page of the layout; in a baseline
+    /// (whose receiver starts from zero) an earlier page of it; above `pfn`, a page the epoch
+    /// does not touch (checked as later pages arrive).
+    fn check_reference(&mut self, pfn: u64, from: u64, index: &PageIndex) -> Result<(), StageError> {
+        let bad = |what| Err(StageError::Reference { pfn, from, what });
+        if index.index(from).is_none() {
+            return bad("outside the memory layout");
+        }
+        if from == pfn {
+            return bad("names the page itself");
+        }
+        if self.cp.baseline && self.cp.entries.binary_search_by_key(&from, |e| e.pfn).is_err() {
+            return bad("names no earlier page of the baseline");
+        }
+        if from > pfn {
+            self.forward.entry(from).or_insert(pfn);
+        }
         Ok(())
     }
 

@@ -49,13 +49,23 @@ pub enum MessageKind {
     Goodbye = 10,
     /// Post-copy: the destination asks for pages.
     PageRequest = 11,
-    /// Post-copy: pages answering a request.
+    /// Post-copy: pages answering a request (or pushed unasked, id 0).
     PageResponse = 12,
+    /// Migration: the source stopped the guest; the epoch named holds the final state.
+    SwitchOver = 13,
+    /// Migration: part of the map of pages the destination holds at the switch-over.
+    PageMap = 14,
+    /// Migration: the source gives up its copy of the guest for good.
+    Handover = 15,
+    /// Migration: the guest runs at the destination.
+    Resumed = 16,
+    /// Migration: every page is at the destination (post-copy is over).
+    Complete = 17,
 }
 
 impl MessageKind {
     /// Every kind, in code order.
-    pub const ALL: [MessageKind; 12] = [
+    pub const ALL: [MessageKind; 17] = [
         Self::Hello,
         Self::EpochBegin,
         Self::PageBatch,
@@ -68,6 +78,11 @@ impl MessageKind {
         Self::Goodbye,
         Self::PageRequest,
         Self::PageResponse,
+        Self::SwitchOver,
+        Self::PageMap,
+        Self::Handover,
+        Self::Resumed,
+        Self::Complete,
     ];
 
     /// The kind with wire code `code`.
@@ -84,7 +99,7 @@ impl MessageKind {
     pub fn max_payload(self) -> usize {
         match self {
             Self::Hello => MAX_HELLO_LEN,
-            Self::PageBatch | Self::PageResponse => MAX_PAYLOAD_LEN,
+            Self::PageBatch | Self::PageResponse | Self::PageMap => MAX_PAYLOAD_LEN,
             Self::StateChunk => MAX_STATE_CHUNK + 32,
             Self::Goodbye => MAX_GOODBYE_LEN,
             Self::PageRequest => 16 + 12 * crate::limits::MAX_REQUEST_PAGES,
@@ -93,7 +108,22 @@ impl MessageKind {
             | Self::Ack
             | Self::Heartbeat
             | Self::ResendRequest
-            | Self::ResyncRequest => MAX_CONTROL_LEN,
+            | Self::ResyncRequest
+            | Self::SwitchOver
+            | Self::Handover
+            | Self::Resumed
+            | Self::Complete => MAX_CONTROL_LEN,
+        }
+    }
+
+    /// The first protocol version that has this kind (a peer sending it in a session of an older
+    /// version breaks the protocol).
+    pub fn since_version(self) -> u16 {
+        match self {
+            Self::SwitchOver | Self::PageMap | Self::Handover | Self::Resumed | Self::Complete => {
+                crate::version::Feature::Migration.since()
+            }
+            _ => 1,
         }
     }
 }

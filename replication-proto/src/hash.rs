@@ -3,7 +3,9 @@
 //!
 //! The sender hashes every non-zero page it ships: the hash finds pages that were dirtied but
 //! still hold the bytes last sent, and feeds the checkpoint's content digest, which the backup
-//! recomputes from the pages it ends up with (see [`crate::Checkpoint::verify`]).
+//! recomputes from the pages it ends up with (see [`crate::Checkpoint::verify`]). A page sent as a
+//! reference to another (dedup) also carries [`dedup_check`], an XXH64 of its content under
+//! another seed, which the receiver checks against the page the reference resolves to.
 
 const P1: u64 = 0x9E37_79B1_85EB_CA87;
 const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
@@ -30,13 +32,28 @@ fn merge(acc: u64, val: u64) -> u64 {
 
 /// XXH64 of `data` with seed 0 (bit-exact with the reference implementation).
 pub fn xxh64(data: &[u8]) -> u64 {
+    xxh64_with_seed(data, 0)
+}
+
+/// The seed of [`dedup_check`].
+pub const DEDUP_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The check a dedup reference carries: XXH64 of the page under [`DEDUP_SEED`]. The sender finds
+/// a duplicate by the page's seed-0 hash; this second, independent hash lets the receiver catch
+/// the (2^-64) case where two different pages share the first one.
+pub fn dedup_check(page: &[u8]) -> u64 {
+    xxh64_with_seed(page, DEDUP_SEED)
+}
+
+/// XXH64 of `data` with `seed` (bit-exact with the reference implementation).
+pub fn xxh64_with_seed(data: &[u8], seed: u64) -> u64 {
     let len = data.len() as u64;
     let mut rest = data;
     let mut h = if data.len() >= 32 {
-        let mut v1 = P1.wrapping_add(P2);
-        let mut v2 = P2;
-        let mut v3 = 0u64;
-        let mut v4 = 0u64.wrapping_sub(P1);
+        let mut v1 = seed.wrapping_add(P1).wrapping_add(P2);
+        let mut v2 = seed.wrapping_add(P2);
+        let mut v3 = seed;
+        let mut v4 = seed.wrapping_sub(P1);
         let mut stripes = data.chunks_exact(32);
         for s in &mut stripes {
             v1 = round(v1, read_u64(&s[0..]));
@@ -55,7 +72,7 @@ pub fn xxh64(data: &[u8]) -> u64 {
         h = merge(h, v3);
         merge(h, v4)
     } else {
-        P5
+        seed.wrapping_add(P5)
     };
     h = h.wrapping_add(len);
     while rest.len() >= 8 {
@@ -150,6 +167,37 @@ mod tests {
         assert_eq!(xxh64(&[b'x'; 37]), 0x1e58_0c47_5bdc_5381);
         let page: Vec<u8> = (0..4096).map(|i| (i % 256) as u8).collect();
         assert_eq!(xxh64(&page), 0x0f6e_64be_186a_f6a4);
+    }
+
+    #[test]
+    fn seeded_xxh64_matches_reference_vectors() {
+        // The xxHash sanity suite: a generated buffer, digests at seeds 0 and 2654435761.
+        let mut state = 2_654_435_761u64;
+        let buf: Vec<u8> = (0..222)
+            .map(|_| {
+                let b = (state >> 56) as u8;
+                state = state.wrapping_mul(11_400_714_785_074_694_797);
+                b
+            })
+            .collect();
+        let prime = 2_654_435_761;
+        for (len, seed, want) in [
+            (0, 0, 0xEF46_DB37_51D8_E999),
+            (0, prime, 0xAC75_FDA2_929B_17EF),
+            (1, 0, 0xE934_A84A_DB05_2768),
+            (1, prime, 0x5014_6076_43A9_B4C3),
+            (4, 0, 0x9136_A0DC_A574_57EE),
+            (14, 0, 0x8282_DCC4_994E_35C8),
+            (14, prime, 0xC3BD_6BF6_3DEB_6DF0),
+            (222, 0, 0xB641_AE8C_B691_C174),
+            (222, prime, 0x20CB_8AB7_AE10_C14A),
+        ] {
+            assert_eq!(xxh64_with_seed(&buf[..len], seed), want, "length {len}, seed {seed}");
+        }
+        assert_eq!(xxh64_with_seed(b"abc", prime), 0x1318_DF30_094A_85FD);
+        // The dedup check is another function of the page than the hash that finds duplicates.
+        let page = vec![7u8; 4096];
+        assert_ne!(dedup_check(&page), xxh64(&page));
     }
 
     #[test]

@@ -111,11 +111,12 @@
 //! - [`frame`]: the 16-byte frame header, crc32s, the stream decoder;
 //! - [`message`]: every message and its payload layout;
 //! - [`pageset`]: range table plus encoded page records;
-//! - [`codec`]: zero, unchanged, delta, lz4 and raw page encodings;
+//! - [`codec`]: zero, unchanged, delta, lz4, raw and dedup page encodings;
 //! - [`hash`]: XXH64, zero test and content digest;
-//! - [`cache`]: the sender's bounded cache of last-sent pages;
+//! - [`cache`]: the sender's bounded cache of last-sent pages (and its content index for dedup);
 //! - [`checkpoint`]: what the owner gets and how it applies it;
 //! - [`sender`], [`receiver`]: the state machines; [`session`]: what they share;
+//! - [`migration`]: the messages a migration adds; [`precopy`]: when pre-copy stops;
 //! - [`limits`], [`version`]: the numbers and the versioning rule.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -129,7 +130,9 @@ pub mod fuzzing;
 pub mod hash;
 pub mod limits;
 pub mod message;
+pub mod migration;
 pub mod pageset;
+pub mod precopy;
 pub mod receiver;
 pub mod sender;
 pub mod session;

@@ -36,6 +36,9 @@ pub const MAX_STATE_LEN: u64 = 64 << 20;
 pub const MAX_EPOCH_FRAMES: u32 = 1 << 24;
 /// Most pages one page request may ask for.
 pub const MAX_REQUEST_PAGES: usize = 4 << 10;
+/// Most `PageMap` frames one switch-over may announce: enough for the worst map of the largest
+/// layout (every other page of 2^32, 2^31 runs, 349,524 runs a frame).
+pub const MAX_MAP_FRAMES: u32 = 8192;
 /// Most epochs a sender may have in flight (submitted, not acknowledged).
 pub const MAX_WINDOW: u16 = 256;
 /// Largest epoch number a `Hello` may announce (its `committed` and `delivered` positions and its

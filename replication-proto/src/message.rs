@@ -10,11 +10,22 @@ use crate::limits::{
     MAX_DETAIL_LEN, MAX_GUEST_PAGES, MAX_GUEST_RANGES, MAX_PAGE_SIZE, MAX_REQUEST_PAGES, MAX_STATE_CHUNK,
     MAX_VM_NAME_LEN, MIN_PAGE_SIZE,
 };
+use crate::migration::{
+    Complete, Handover, PageMap, Resumed, SwitchOver, get_page_map, get_runs, get_switch_over, put_page_map, put_runs,
+    put_switch_over, runs,
+};
 use crate::pageset::{EncodedPage, PageSetError, parse_page_set, write_page_set};
 use crate::wire::{Reader, WireError, put_string, put_u16, put_u32, put_u64};
 use thiserror::Error;
 
-/// The part a side plays in a session (a property of the session, not of the host).
+/// The part a side plays in a session (a property of the session, not of the host: one process
+/// can be a migration destination in one session and a primary in the next).
+///
+/// The roles say what the session is: *protection* (`Primary` and `Backup`) or *migration*
+/// (`MigrationSource` and `MigrationDestination`, protocol version 2). Which side sends
+/// checkpoints is said apart, by [`Hello::sends_checkpoints`]: in protection always the primary;
+/// in migration the source (pre-copy rounds) or, in a reverse session, the destination (reverse
+/// checkpoints during post-copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Role {
@@ -40,9 +51,38 @@ impl Role {
         }
     }
 
-    /// Whether this role sends checkpoints (runs a [`crate::Sender`]).
+    /// Whether this role sends the checkpoints of a forward session (primary, migration source).
+    /// A migration destination may send checkpoints too, back to the source: see
+    /// [`Role::may_send_checkpoints`].
     pub fn is_sender(self) -> bool {
         matches!(self, Self::Primary | Self::MigrationSource)
+    }
+
+    /// Whether a side of this role may send checkpoints (run a [`crate::Sender`]): the primary,
+    /// and either side of a migration.
+    pub fn may_send_checkpoints(self) -> bool {
+        self != Self::Backup
+    }
+
+    /// Whether a side of this role may receive checkpoints (run a [`crate::Receiver`]): the
+    /// backup, and either side of a migration.
+    pub fn may_receive_checkpoints(self) -> bool {
+        self != Self::Primary
+    }
+
+    /// Whether the role belongs to a migration session.
+    pub fn is_migration(self) -> bool {
+        matches!(self, Self::MigrationSource | Self::MigrationDestination)
+    }
+
+    /// A short lowercase name (`"migration source"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+            Self::MigrationSource => "migration source",
+            Self::MigrationDestination => "migration destination",
+        }
     }
 
     /// The role the peer must have.
@@ -53,6 +93,12 @@ impl Role {
             Self::MigrationSource => Self::MigrationDestination,
             Self::MigrationDestination => Self::MigrationSource,
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -215,6 +261,14 @@ impl PageIndex {
         let &(first, count, base) = self.ranges.get(i.checked_sub(1)?)?;
         (pfn - first < count).then(|| (base + pfn - first) as usize)
     }
+
+    /// The pfn of dense index `index`, if it is below the page count.
+    pub(crate) fn pfn(&self, index: usize) -> Option<u64> {
+        let index = index as u64;
+        let i = self.ranges.partition_point(|&(_, _, base)| base <= index);
+        let &(first, count, base) = self.ranges.get(i.checked_sub(1)?)?;
+        (index - base < count).then(|| first + index - base)
+    }
 }
 
 /// Which checkpoint series a replica holds: the sender incarnation that made it and the epoch
@@ -263,7 +317,14 @@ pub struct Hello {
     /// The speaker's connection count: it grows with every connect, so a `Hello` whose count is
     /// not above the last one accepted from the same instance is a stale copy and is ignored.
     pub session: u64,
+    /// Whether the speaker sends the checkpoints of this session (bit 0 of the flags byte that
+    /// version 2 adds). A `Hello` of version 1 has no flags byte: its role decides
+    /// ([`Role::is_sender`]), and so it is decoded.
+    pub sends_checkpoints: bool,
 }
+
+/// Bit 0 of the `Hello` flags byte (version 2): the speaker sends checkpoints.
+const HELLO_SENDS_CHECKPOINTS: u8 = 1;
 
 /// Start of an epoch's checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +434,8 @@ pub enum GoodbyeReason {
     Version = 2,
     /// The peer is not the VM, role or layout expected.
     Mismatch = 3,
+    /// The migration was cancelled (version 2): the destination discards what it got.
+    Cancelled = 4,
 }
 
 /// Orderly end of the session.
@@ -432,6 +495,16 @@ pub enum Message {
     PageRequest(PageRequest),
     /// See [`PageResponse`].
     PageResponse(PageResponse),
+    /// See [`SwitchOver`].
+    SwitchOver(SwitchOver),
+    /// See [`PageMap`].
+    PageMap(PageMap),
+    /// See [`Handover`].
+    Handover(Handover),
+    /// See [`Resumed`].
+    Resumed(Resumed),
+    /// See [`Complete`].
+    Complete(Complete),
 }
 
 /// A payload that does not decode as its kind.
@@ -496,6 +569,11 @@ impl Message {
             Self::Goodbye(_) => MessageKind::Goodbye,
             Self::PageRequest(_) => MessageKind::PageRequest,
             Self::PageResponse(_) => MessageKind::PageResponse,
+            Self::SwitchOver(_) => MessageKind::SwitchOver,
+            Self::PageMap(_) => MessageKind::PageMap,
+            Self::Handover(_) => MessageKind::Handover,
+            Self::Resumed(_) => MessageKind::Resumed,
+            Self::Complete(_) => MessageKind::Complete,
         }
     }
 
@@ -527,6 +605,9 @@ impl Message {
                 put_position(out, &h.delivered);
                 put_u64(out, h.high_water);
                 put_u64(out, h.session);
+                if crate::version::Feature::Migration.in_version(h.version) {
+                    out.push(if h.sends_checkpoints { HELLO_SENDS_CHECKPOINTS } else { 0 });
+                }
             }
             Self::EpochBegin(b) => {
                 put_u64(out, b.epoch);
@@ -574,17 +655,19 @@ impl Message {
             }
             Self::PageRequest(p) => {
                 put_u64(out, p.id);
-                let ranges = pfn_ranges(&p.pfns);
-                put_u32(out, ranges.len() as u32);
-                for (first, count) in ranges {
-                    put_u64(out, first);
-                    put_u32(out, count);
-                }
+                let runs = runs(p.pfns.iter().copied());
+                put_u32(out, runs.len() as u32);
+                put_runs(out, &runs);
             }
             Self::PageResponse(p) => {
                 put_u64(out, p.id);
                 write_page_set(out, &p.pages);
             }
+            Self::SwitchOver(s) => put_switch_over(out, s),
+            Self::PageMap(m) => put_page_map(out, m),
+            Self::Handover(h) => put_u64(out, h.epoch),
+            Self::Resumed(r) => put_u64(out, r.epoch),
+            Self::Complete(c) => put_u64(out, c.pages),
         }
     }
 
@@ -599,18 +682,6 @@ impl Message {
     }
 }
 
-/// Groups ascending pfns into `(first, count)` ranges.
-pub(crate) fn pfn_ranges(pfns: &[u64]) -> Vec<(u64, u32)> {
-    let mut out: Vec<(u64, u32)> = Vec::new();
-    for &pfn in pfns {
-        match out.last_mut() {
-            Some((first, count)) if *first + u64::from(*count) == pfn && *count < u32::MAX => *count += 1,
-            _ => out.push((pfn, 1)),
-        }
-    }
-    out
-}
-
 /// Errors from the body decoders before the kind is attached.
 enum BodyError {
     Wire(WireError),
@@ -622,6 +693,15 @@ enum BodyError {
 impl From<WireError> for BodyError {
     fn from(e: WireError) -> Self {
         Self::Wire(e)
+    }
+}
+
+impl From<crate::migration::BodyError> for BodyError {
+    fn from(e: crate::migration::BodyError) -> Self {
+        match e {
+            crate::migration::BodyError::Wire(w) => Self::Wire(w),
+            crate::migration::BodyError::Invalid(field, value) => Self::Invalid(field, value),
+        }
     }
 }
 
@@ -683,6 +763,12 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let delivered = get_position(r)?;
             let high_water = r.u64("high_water")?;
             let session = r.u64("session")?;
+            // Version 2 adds the flags byte; unknown flag bits are for later versions.
+            let sends_checkpoints = if crate::version::Feature::Migration.in_version(version) {
+                r.u8("flags")? & HELLO_SENDS_CHECKPOINTS != 0
+            } else {
+                role.is_sender()
+            };
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
             Message::Hello(Hello {
@@ -697,6 +783,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 delivered,
                 high_water,
                 session,
+                sends_checkpoints,
             })
         }
         MessageKind::EpochBegin => {
@@ -767,6 +854,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 1 => GoodbyeReason::ProtocolError,
                 2 => GoodbyeReason::Version,
                 3 => GoodbyeReason::Mismatch,
+                4 => GoodbyeReason::Cancelled,
                 v => return Err(BodyError::Invalid("reason", u64::from(v))),
             };
             let detail = r.string(MAX_DETAIL_LEN, "detail")?;
@@ -778,21 +866,12 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             if count > MAX_REQUEST_PAGES {
                 return Err(BodyError::Invalid("range count", count as u64));
             }
-            let mut pfns = Vec::new();
-            let mut next_free = 0u64;
-            for i in 0..count {
-                let first = r.u64("range first_pfn")?;
-                let n = r.u32("range count")?;
-                let end = first.checked_add(u64::from(n));
-                if n == 0 || end.is_none() || (i > 0 && first < next_free) {
-                    return Err(BodyError::Invalid("range first_pfn", first));
-                }
-                if pfns.len() + n as usize > MAX_REQUEST_PAGES {
-                    return Err(BodyError::Invalid("page count", (pfns.len() + n as usize) as u64));
-                }
-                next_free = end.unwrap_or(u64::MAX);
-                pfns.extend(first..first + u64::from(n));
+            let runs = get_runs(r, count)?;
+            let pages = runs.iter().map(|r| u64::from(r.count)).sum::<u64>();
+            if pages > MAX_REQUEST_PAGES as u64 {
+                return Err(BodyError::Invalid("page count", pages));
             }
+            let pfns = runs.iter().flat_map(|r| r.first..r.first + u64::from(r.count)).collect();
             Message::PageRequest(PageRequest { id, pfns })
         }
         MessageKind::PageResponse => {
@@ -803,6 +882,11 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 .collect();
             Message::PageResponse(PageResponse { id, pages })
         }
+        MessageKind::SwitchOver => Message::SwitchOver(get_switch_over(r)?),
+        MessageKind::PageMap => Message::PageMap(get_page_map(r)?),
+        MessageKind::Handover => Message::Handover(Handover { epoch: r.u64("epoch")? }),
+        MessageKind::Resumed => Message::Resumed(Resumed { epoch: nonzero_epoch(r.u64("epoch")?)? }),
+        MessageKind::Complete => Message::Complete(Complete { pages: r.u64("pages")? }),
     })
 }
 
@@ -836,6 +920,7 @@ mod tests {
             delivered: None,
             high_water: 11,
             session: 3,
+            sends_checkpoints: false,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -847,15 +932,36 @@ mod tests {
         round_trip(Message::Ack { epoch: 3 });
         round_trip(Message::Goodbye(Goodbye { reason: GoodbyeReason::Normal, detail: "bye".into() }));
         round_trip(Message::PageRequest(PageRequest { id: 1, pfns: vec![1, 2, 3, 10, 12] }));
+        round_trip(Message::Goodbye(Goodbye { reason: GoodbyeReason::Cancelled, detail: "cancelled".into() }));
     }
 
     #[test]
-    fn hello_tolerates_fields_from_later_versions() {
-        let mut payload = Vec::new();
-        let hello = Hello {
-            version: 2,
+    fn migration_messages_round_trip() {
+        use crate::migration::{PfnRange, SwitchMode, runs, switch_over};
+        let (s, maps) = switch_over(12, SwitchMode::PostCopy, &runs([0, 1, 2, 9, 40, 41]));
+        assert_eq!(s.held_pages, 6);
+        round_trip(Message::SwitchOver(s));
+        for m in maps {
+            round_trip(Message::PageMap(m));
+        }
+        round_trip(Message::SwitchOver(switch_over(12, SwitchMode::Complete, &[]).0));
+        round_trip(Message::PageMap(PageMap { epoch: 1, seq: 3, held: vec![PfnRange { first: 0, count: 1 }] }));
+        round_trip(Message::PageMap(PageMap { epoch: 1, seq: 0, held: Vec::new() }));
+        round_trip(Message::Handover(Handover { epoch: 0 }));
+        round_trip(Message::Handover(Handover { epoch: 12 }));
+        round_trip(Message::Resumed(Resumed { epoch: 12 }));
+        round_trip(Message::Complete(Complete { pages: 1 << 16 }));
+        // Epoch 0 names no epoch: refused where an epoch is named.
+        let mut p = Vec::new();
+        Message::Resumed(Resumed { epoch: 0 }).encode_payload(&mut p);
+        assert!(Message::decode(MessageKind::Resumed, &p).is_err());
+    }
+
+    fn hello(version: u16, role: Role, sends_checkpoints: bool) -> Hello {
+        Hello {
+            version,
             min_version: 1,
-            role: Role::Primary,
+            role,
             instance: 1,
             vm: VmIdentity { uuid: [0; 16], name: String::new() },
             layout: MemoryLayout::flat(4096, 4096),
@@ -864,7 +970,45 @@ mod tests {
             delivered: None,
             high_water: 0,
             session: 1,
-        };
+            sends_checkpoints,
+        }
+    }
+
+    #[test]
+    fn hello_says_who_sends_checkpoints_from_version_2() {
+        // Version 2: a flags byte; a migration destination may send (reverse checkpoints).
+        let h = hello(2, Role::MigrationDestination, true);
+        let mut v2 = Vec::new();
+        Message::Hello(h.clone()).encode_payload(&mut v2);
+        assert_eq!(Message::decode(MessageKind::Hello, &v2).unwrap(), Message::Hello(h));
+        // Version 1 has no flags byte: exactly the bytes a version 1 build writes, and the role
+        // decides on decoding.
+        let mut v1 = Vec::new();
+        Message::Hello(hello(1, Role::Primary, true)).encode_payload(&mut v1);
+        assert_eq!(v1.len() + 1, v2.len());
+        assert_eq!(Message::decode(MessageKind::Hello, &v1).unwrap(), Message::Hello(hello(1, Role::Primary, true)));
+        let mut v1 = Vec::new();
+        Message::Hello(hello(1, Role::Backup, false)).encode_payload(&mut v1);
+        assert_eq!(Message::decode(MessageKind::Hello, &v1).unwrap(), Message::Hello(hello(1, Role::Backup, false)));
+        // A version 2 Hello without its flags byte is truncated.
+        let mut cut = Vec::new();
+        Message::Hello(hello(2, Role::Primary, true)).encode_payload(&mut cut);
+        cut.pop();
+        assert!(Message::decode(MessageKind::Hello, &cut).is_err());
+    }
+
+    #[test]
+    fn roles_say_what_they_may_do() {
+        assert!(Role::MigrationDestination.may_send_checkpoints() && Role::MigrationSource.may_receive_checkpoints());
+        assert!(!Role::Backup.may_send_checkpoints() && !Role::Primary.may_receive_checkpoints());
+        assert!(Role::MigrationSource.is_migration() && !Role::Backup.is_migration());
+        assert_eq!(Role::MigrationDestination.to_string(), "migration destination");
+    }
+
+    #[test]
+    fn hello_tolerates_fields_from_later_versions() {
+        let mut payload = Vec::new();
+        let hello = hello(2, Role::Primary, true);
         Message::Hello(hello.clone()).encode_payload(&mut payload);
         payload.extend_from_slice(b"future fields");
         assert_eq!(Message::decode(MessageKind::Hello, &payload).unwrap(), Message::Hello(hello));
@@ -891,5 +1035,9 @@ mod tests {
         assert_eq!(idx.index(256), Some(2));
         assert_eq!(idx.index(257), None);
         assert_eq!(idx.pages(), 3);
+        for pfn in l.pfns() {
+            assert_eq!(idx.pfn(idx.index(pfn).unwrap()), Some(pfn));
+        }
+        assert_eq!(idx.pfn(3), None);
     }
 }

@@ -6,8 +6,8 @@
 //! range_count  u32   ranges in the table, 0..=page_count
 //! records_len  u32   bytes of the record area
 //! records      records_len bytes: page_count records, in range-table order
-//!     encoding u8    0 zero, 1 unchanged, 2 raw, 3 lz4, 4 delta
-//!     len      uleb32  (only for raw, lz4, delta) payload length
+//!     encoding u8    0 zero, 1 unchanged, 2 raw, 3 lz4, 4 delta, 5 dedup (version 2)
+//!     len      uleb32  (only for raw, lz4, delta, dedup) payload length
 //!     payload  len bytes
 //! ranges       range_count x { first_pfn u64, count u32 }  (count >= 1, ascending, disjoint)
 //! ```
@@ -33,11 +33,15 @@ pub enum PageEncoding {
     Lz4 = 3,
     /// A run encoding of the bytes that differ from the copy last sent (see [`crate::codec`]).
     Delta = 4,
+    /// The same bytes as another page the receiver holds at that point of the epoch: a
+    /// reference (its frame number) and a check of the content (protocol version 2; see
+    /// [`crate::codec`]).
+    Dedup = 5,
 }
 
 impl PageEncoding {
     /// Every encoding, in code order.
-    pub const ALL: [PageEncoding; 5] = [Self::Zero, Self::Unchanged, Self::Raw, Self::Lz4, Self::Delta];
+    pub const ALL: [PageEncoding; 6] = [Self::Zero, Self::Unchanged, Self::Raw, Self::Lz4, Self::Delta, Self::Dedup];
 
     /// The encoding with wire code `code`.
     pub fn from_code(code: u8) -> Option<Self> {
@@ -46,11 +50,21 @@ impl PageEncoding {
 
     /// Whether a record of this encoding carries a payload.
     pub fn has_payload(self) -> bool {
-        matches!(self, Self::Raw | Self::Lz4 | Self::Delta)
+        matches!(self, Self::Raw | Self::Lz4 | Self::Delta | Self::Dedup)
+    }
+
+    /// The first protocol version that has this encoding: a sender uses it only in a session of
+    /// that version or later, and a receiver refuses it in an older one.
+    pub fn since_version(self) -> u16 {
+        match self {
+            Self::Dedup => crate::version::Feature::Dedup.since(),
+            _ => 1,
+        }
     }
 
     /// Whether the page can be decoded without the previous copy (the only encodings allowed in
-    /// baselines and page responses).
+    /// page responses, and in baselines besides dedup references to earlier pages of the same
+    /// baseline).
     pub fn is_self_contained(self) -> bool {
         matches!(self, Self::Zero | Self::Raw | Self::Lz4)
     }
@@ -63,6 +77,7 @@ impl PageEncoding {
             Self::Raw => "raw",
             Self::Lz4 => "lz4",
             Self::Delta => "delta",
+            Self::Dedup => "dedup",
         }
     }
 }

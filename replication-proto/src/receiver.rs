@@ -21,7 +21,8 @@ use thiserror::Error;
 /// How a [`Receiver`] behaves. [`ReceiverConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
-    /// [`Role::Backup`] or [`Role::MigrationDestination`].
+    /// [`Role::Backup`] or [`Role::MigrationDestination`]; or [`Role::MigrationSource`] for
+    /// reverse checkpoints (a session in which the destination sends checkpoints back).
     pub role: Role,
     /// The VM.
     pub vm: VmIdentity,
@@ -38,6 +39,10 @@ pub struct ReceiverConfig {
     pub resend_timeout: Duration,
     /// Heartbeats and idle detection.
     pub timing: Timing,
+    /// The protocol version to speak: [`PROTOCOL_VERSION`] (the default), or an older one it
+    /// accepts to act as an older build (tests of mixed versions, a staged rollout). Clamped to
+    /// the versions this build accepts.
+    pub version: u16,
 }
 
 impl ReceiverConfig {
@@ -53,6 +58,7 @@ impl ReceiverConfig {
             max_checkpoint_bytes,
             resend_timeout: Duration::from_millis(50),
             timing: Timing::default(),
+            version: PROTOCOL_VERSION,
         }
     }
 }
@@ -97,6 +103,13 @@ pub enum ReceiverError {
     /// Page requests need an established session.
     #[error("no established session for a page request")]
     NotConnected,
+    /// Page requests are a migration destination's, in the session the source sends checkpoints
+    /// in.
+    #[error("page requests are for a migration destination receiving from its source, not a {role}")]
+    NotMigration {
+        /// This receiver's role.
+        role: Role,
+    },
     /// A page request must name 1..=4096 ascending pages of the layout.
     #[error("page request: {what} (pfn {pfn:#x})")]
     BadRequest {
@@ -186,12 +199,20 @@ impl Receiver {
     /// A receiver with an empty replica (it will accept only a baseline first).
     ///
     /// # Panics
-    /// If `config.layout` is invalid or `config.role` is a sending role (programming errors).
+    /// If `config.layout` is invalid or `config.role` may not receive checkpoints (a primary):
+    /// both programming errors.
     pub fn new(mut config: ReceiverConfig) -> Self {
         config.layout.validate().expect("receiver memory layout is valid");
-        assert!(!config.role.is_sender(), "a Receiver needs a receiving role");
+        assert!(config.role.may_receive_checkpoints(), "a Receiver needs a role that receives checkpoints");
+        config.version = config.version.clamp(oldest_accepted(PROTOCOL_VERSION), PROTOCOL_VERSION);
         config.window = config.window.clamp(1, MAX_WINDOW);
-        let local = Local { role: config.role, vm: config.vm.clone(), layout: config.layout.clone() };
+        let local = Local {
+            role: config.role,
+            vm: config.vm.clone(),
+            layout: config.layout.clone(),
+            sends: false,
+            version: config.version,
+        };
         Self {
             index: PageIndex::new(&config.layout),
             link: Link::new(config.timing),
@@ -283,6 +304,9 @@ impl Receiver {
     /// Post-copy: asks the sender for pages (ascending, in the layout, at most
     /// [`MAX_REQUEST_PAGES`]); the answer comes as [`ReceiverEvent::Pages`] with the returned id.
     pub fn request_pages(&mut self, pfns: &[u64]) -> Result<u64, ReceiverError> {
+        if self.cfg.role != Role::MigrationDestination {
+            return Err(ReceiverError::NotMigration { role: self.cfg.role });
+        }
         if self.link.state != LinkState::Established {
             return Err(ReceiverError::NotConnected);
         }
@@ -306,8 +330,8 @@ impl Receiver {
 
     fn hello(&self) -> Hello {
         Hello {
-            version: PROTOCOL_VERSION,
-            min_version: oldest_accepted(PROTOCOL_VERSION),
+            version: self.cfg.version,
+            min_version: oldest_accepted(self.cfg.version),
             role: self.cfg.role,
             instance: self.cfg.instance,
             vm: self.cfg.vm.clone(),
@@ -317,6 +341,7 @@ impl Receiver {
             delivered: if self.needs_baseline { None } else { self.delivered },
             high_water: self.high_water,
             session: self.link.session,
+            sends_checkpoints: false,
         }
     }
 
@@ -519,14 +544,15 @@ impl Receiver {
             }
             return Ok(());
         }
-        consume(st, &self.index, max_bytes, kind, &payload)?;
+        let version = self.link.version;
+        consume(st, &self.index, max_bytes, version, kind, &payload)?;
         while let Some(entry) = st.pending.first_entry() {
             if *entry.key() != st.next_seq {
                 break;
             }
             let (kind, payload) = entry.remove();
             st.pending_bytes -= payload.len();
-            consume(st, &self.index, max_bytes, kind, &payload)?;
+            consume(st, &self.index, max_bytes, version, kind, &payload)?;
         }
         let complete = st.end.filter(|end| st.next_seq >= end.frames);
         self.progress(now);
@@ -652,11 +678,13 @@ impl Receiver {
     }
 }
 
-/// Decodes the in-sequence frame `payload` into the staged checkpoint.
+/// Decodes the in-sequence frame `payload` into the staged checkpoint (of a session running at
+/// protocol `version`).
 fn consume(
     st: &mut Staging,
     index: &PageIndex,
     max_bytes: u64,
+    version: u16,
     kind: MessageKind,
     payload: &[u8],
 ) -> Result<(), SessionError> {
@@ -673,6 +701,9 @@ fn consume(
         let records =
             parse_page_set(&mut r).map_err(|source| SessionError::Message(MessageError::PageSet { kind, source }))?;
         for rec in &records {
+            if rec.encoding.since_version() > version {
+                return Err(violation("page encoding newer than the session's protocol version"));
+            }
             st.builder.push(rec, index).map_err(|_| violation("bad page record"))?;
         }
         if st.builder.pages() as u64 > st.begin.page_count {

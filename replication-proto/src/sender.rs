@@ -3,7 +3,7 @@
 //! receiver cannot continue the series.
 
 use crate::cache::{Cached, PageCache};
-use crate::codec::{CodecConfig, PageEncoder};
+use crate::codec::{CodecConfig, DedupRef, PageEncoder};
 use crate::frame::{MessageKind, begin_frame, finish_frame};
 use crate::hash::{Digest, is_zero, xxh64, zero_page_hash};
 use crate::limits::{FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_EPOCH, MAX_STATE_LEN, MAX_WINDOW};
@@ -13,7 +13,7 @@ use crate::message::{
 };
 use crate::pageset::{PageEncoding, PageSetWriter};
 use crate::session::{Endpoint, Input, Link, LinkState, Local, SessionError, Timing, Transmit};
-use crate::version::{PROTOCOL_VERSION, oldest_accepted};
+use crate::version::{Feature, PROTOCOL_VERSION, oldest_accepted};
 use crate::wire::{put_u32, put_u64};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,7 +23,8 @@ use thiserror::Error;
 /// How a [`Sender`] behaves. [`SenderConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
-    /// [`Role::Primary`] or [`Role::MigrationSource`].
+    /// [`Role::Primary`] or [`Role::MigrationSource`]; or [`Role::MigrationDestination`] for
+    /// reverse checkpoints (a session in which the destination sends checkpoints back).
     pub role: Role,
     /// The VM.
     pub vm: VmIdentity,
@@ -52,6 +53,10 @@ pub struct SenderConfig {
     pub state_chunk: usize,
     /// Heartbeats and idle detection.
     pub timing: Timing,
+    /// The protocol version to speak: [`PROTOCOL_VERSION`] (the default), or an older one it
+    /// accepts to act as an older build (tests of mixed versions, a staged rollout). Clamped to
+    /// the versions this build accepts.
+    pub version: u16,
 }
 
 impl SenderConfig {
@@ -70,6 +75,7 @@ impl SenderConfig {
             batch_bytes: 256 << 10,
             state_chunk: 256 << 10,
             timing: Timing::default(),
+            version: PROTOCOL_VERSION,
         }
     }
 }
@@ -84,6 +90,9 @@ pub enum BaselineReason {
     CannotResume,
     /// The receiver asked for one.
     Requested(ResyncReason),
+    /// On reconnect, the receiver speaks an older protocol version (this one) that cannot read
+    /// epochs retained for it (they use an encoding of a later version).
+    PeerVersion(u16),
 }
 
 /// What a [`Sender`] reports to its owner.
@@ -210,9 +219,9 @@ pub struct SenderStats {
     /// Pages submitted (dirty pages).
     pub pages: u64,
     /// Pages per encoding, indexed by `PageEncoding as usize`.
-    pub pages_by_encoding: [u64; 5],
+    pub pages_by_encoding: [u64; 6],
     /// Payload bytes per encoding.
-    pub payload_by_encoding: [u64; 5],
+    pub payload_by_encoding: [u64; 6],
     /// Bytes of all frames encoded for epochs (first transmission).
     pub epoch_bytes: u64,
     /// Frames handed to the transport.
@@ -233,6 +242,9 @@ struct OutEpoch {
     bytes: u64,
     submitted: Instant,
     high_sent: usize,
+    /// The oldest protocol version whose receiver can take these frames (2 once a dedup record
+    /// is in them).
+    needs_version: u16,
 }
 
 /// The sans-IO sending state machine. See the crate docs for the protocol and [`Endpoint`] for
@@ -262,6 +274,8 @@ pub struct Sender {
     responses: VecDeque<Transmit>,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
+    /// The pfns of the epoch being encoded, when dedup needs them (reused buffer).
+    epoch_pfns: Vec<u64>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -280,17 +294,28 @@ impl Sender {
     /// A sender with no connection; the first checkpoint must be a baseline.
     ///
     /// # Panics
-    /// If `config.layout` is invalid or `config.role` is not a sending role (programming errors).
+    /// If `config.layout` is invalid or `config.role` may not send checkpoints (a backup): both
+    /// programming errors.
     pub fn new(mut config: SenderConfig) -> Self {
         config.layout.validate().expect("sender memory layout is valid");
-        assert!(config.role.is_sender(), "a Sender needs a sending role");
+        assert!(config.role.may_send_checkpoints(), "a Sender needs a role that sends checkpoints");
+        config.version = config.version.clamp(oldest_accepted(PROTOCOL_VERSION), PROTOCOL_VERSION);
         config.window = config.window.clamp(1, MAX_WINDOW);
         config.batch_bytes = config.batch_bytes.clamp(16 << 10, 2 << 20);
         config.state_chunk = config.state_chunk.clamp(1 << 10, 1 << 20);
         let index = PageIndex::new(&config.layout);
         let page_size = config.layout.page_size as usize;
-        let cache = PageCache::new(index.pages() as usize, page_size, config.cache_bytes);
-        let local = Local { role: config.role, vm: config.vm.clone(), layout: config.layout.clone() };
+        let mut cache = PageCache::new(index.pages() as usize, page_size, config.cache_bytes);
+        if config.codecs.dedup && Feature::Dedup.in_version(config.version) {
+            cache.enable_index();
+        }
+        let local = Local {
+            role: config.role,
+            vm: config.vm.clone(),
+            layout: config.layout.clone(),
+            sends: true,
+            version: config.version,
+        };
         let mut events = VecDeque::new();
         events.push_back(SenderEvent::BaselineRequired { reason: BaselineReason::Initial });
         Self {
@@ -318,7 +343,14 @@ impl Sender {
             responses: VecDeque::new(),
             events,
             stats: SenderStats::default(),
+            epoch_pfns: Vec::new(),
         }
+    }
+
+    /// Whether epochs encoded now may use the dedup encoding: allowed by the configuration and
+    /// by the version of the last session (none before the first: the peer's version is unknown).
+    fn dedup_on(&self) -> bool {
+        self.cfg.codecs.dedup && Feature::Dedup.in_version(self.link.version)
     }
 
     /// Whether the next checkpoint must be a baseline.
@@ -426,6 +458,10 @@ impl Sender {
         let page_size = self.zero_page.len();
         let mut count = 0u64;
         let mut prev: Option<u64> = None;
+        // Dedup may refer to a page above the one being encoded only if the epoch does not touch
+        // it: keep the epoch's pfns to look that up (a baseline refers only to pages below).
+        let keep_pfns = self.dedup_on() && !baseline;
+        self.epoch_pfns.clear();
         for (pfn, page) in pages.clone() {
             if self.index.index(pfn).is_none() {
                 return Err(SubmitError::OutOfLayout { pfn });
@@ -440,6 +476,9 @@ impl Sender {
             }
             prev = Some(pfn);
             count += 1;
+            if keep_pfns {
+                self.epoch_pfns.push(pfn);
+            }
         }
         let epoch = self.next_epoch;
         if baseline {
@@ -449,7 +488,13 @@ impl Sender {
         }
         let lineage = self.lineage.expect("a lineage exists once a baseline was submitted");
         let begin = EpochBegin { epoch, lineage, baseline, page_count: count, state_len: state.len() as u64 };
+        let dedup_before = self.stats.pages_by_encoding[PageEncoding::Dedup as usize];
         let frames = self.encode_epoch(begin, pages, state);
+        let needs_version = if self.stats.pages_by_encoding[PageEncoding::Dedup as usize] > dedup_before {
+            PageEncoding::Dedup.since_version()
+        } else {
+            1
+        };
         let bytes = frames.iter().map(|f| f.len() as u64).sum();
         self.next_epoch += 1;
         self.last_submitted = epoch;
@@ -457,7 +502,16 @@ impl Sender {
         self.stats.epochs += 1;
         self.stats.pages += count;
         self.stats.epoch_bytes += bytes;
-        self.window.push_back(OutEpoch { epoch, lineage, baseline, frames, bytes, submitted: now, high_sent: 0 });
+        self.window.push_back(OutEpoch {
+            epoch,
+            lineage,
+            baseline,
+            frames,
+            bytes,
+            submitted: now,
+            high_sent: 0,
+            needs_version,
+        });
         Ok(epoch)
     }
 
@@ -489,8 +543,10 @@ impl Sender {
         };
         let mut buf = Vec::with_capacity(capacity);
         let (mut at, mut w) = start_batch(&mut buf, seq);
+        let dedup = self.dedup_on();
         for (pfn, page) in pages {
             let index = self.index.index(pfn).expect("checked before encoding");
+            let dedup_payload;
             let (encoding, data, hash): (PageEncoding, &[u8], u64) = if is_zero(page) {
                 self.cache.put_zero(index);
                 (PageEncoding::Zero, &[], zero_hash)
@@ -505,15 +561,22 @@ impl Sender {
                     (PageEncoding::Unchanged, &[][..], h)
                 } else {
                     let hash = xxh64(page);
-                    let (encoding, data) = match cached {
-                        Cached::Hash(h) if !baseline && self.cfg.trust_hash && h == hash => {
-                            (PageEncoding::Unchanged, &[][..])
-                        }
-                        Cached::Copy(_, copy) if !baseline => self.encoder.encode(page, Some(copy)),
-                        Cached::Zero if !baseline => self.encoder.encode(page, Some(&self.zero_page)),
-                        _ => self.encoder.encode(page, None),
-                    };
-                    (encoding, data, hash)
+                    let trusted = matches!(cached, Cached::Hash(h) if !baseline && self.cfg.trust_hash && h == hash);
+                    if trusted {
+                        (PageEncoding::Unchanged, &[][..], hash)
+                    } else if let Some(from) =
+                        dedup.then(|| self.duplicate_of(index, pfn, hash, page, baseline)).flatten()
+                    {
+                        dedup_payload = DedupRef::to(from, page).encode();
+                        (PageEncoding::Dedup, &dedup_payload[..], hash)
+                    } else {
+                        let (encoding, data) = match self.cache.get(index) {
+                            Cached::Copy(_, copy) if !baseline => self.encoder.encode(page, Some(copy)),
+                            Cached::Zero if !baseline => self.encoder.encode(page, Some(&self.zero_page)),
+                            _ => self.encoder.encode(page, None),
+                        };
+                        (encoding, data, hash)
+                    }
                 }
             };
             self.stats.pages_by_encoding[encoding as usize] += 1;
@@ -567,6 +630,25 @@ impl Sender {
         frames
     }
 
+    /// A page the receiver holds, at this point of the epoch, with the same content as `page`
+    /// (page `index`, frame `pfn`, content hash `hash`), if the content index knows one that a
+    /// reference may name: a page below `pfn` (sent earlier in this epoch, or untouched by it), or
+    /// one above that this epoch does not touch (not in a baseline, whose receiver starts from
+    /// zero). A cached copy is compared byte for byte; a page known by its hash only is taken on
+    /// the hash, and the reference's check lets the receiver catch a collision.
+    fn duplicate_of(&mut self, index: usize, pfn: u64, hash: u64, page: &[u8], baseline: bool) -> Option<u64> {
+        let other = self.cache.find(hash, index)?;
+        let from = self.index.pfn(other)?;
+        if from > pfn && (baseline || self.epoch_pfns.binary_search(&from).is_ok()) {
+            return None;
+        }
+        match self.cache.get(other) {
+            Cached::Copy(_, copy) => (copy == page).then_some(from),
+            Cached::Hash(_) => Some(from),
+            Cached::Zero | Cached::Unknown => None,
+        }
+    }
+
     /// Post-copy: answers page request `id` with `pages` (ascending pfns, each one page). Pages go
     /// self-contained (zero, lz4 or raw) and ahead of checkpoint data.
     pub fn send_pages<'a, I>(&mut self, id: u64, pages: I) -> Result<(), SubmitError>
@@ -618,8 +700,8 @@ impl Sender {
 
     fn hello(&self) -> Hello {
         Hello {
-            version: PROTOCOL_VERSION,
-            min_version: oldest_accepted(PROTOCOL_VERSION),
+            version: self.cfg.version,
+            min_version: oldest_accepted(self.cfg.version),
             role: self.cfg.role,
             instance: self.cfg.instance,
             vm: self.cfg.vm.clone(),
@@ -632,6 +714,7 @@ impl Sender {
                 .map(|lineage| Position { lineage, epoch: self.last_submitted }),
             high_water: self.last_submitted,
             session: self.link.session,
+            sends_checkpoints: true,
         }
     }
 
@@ -714,6 +797,11 @@ impl Sender {
         // The link refused a high water above `MAX_ANNOUNCED_EPOCH`: this cannot overflow.
         self.next_epoch = self.next_epoch.max(h.high_water + 1);
         self.last_sent = 0;
+        if self.window.iter().any(|ep| ep.needs_version > self.link.version) {
+            // Retained frames this peer's version cannot read (dedup records, for a receiver of
+            // the previous version): the series restarts with a baseline it can.
+            self.resync(BaselineReason::PeerVersion(self.link.version));
+        }
         let resumed_from = if self.needs_baseline {
             None
         } else {

@@ -4,7 +4,7 @@
 
 use crate::frame::{FrameDecoder, FrameError, MessageKind};
 use crate::message::{Goodbye, GoodbyeReason, Heartbeat, Hello, Message, MessageError, Role};
-use crate::version::{VersionError, negotiate};
+use crate::version::{Feature, VersionError, negotiate_with};
 use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -78,13 +78,35 @@ pub enum SessionError {
     /// No common protocol version.
     #[error(transparent)]
     Version(#[from] VersionError),
-    /// The peer's role does not pair with ours.
-    #[error("peer role {peer:?} does not pair with our role {ours:?}")]
+    /// The peer's role does not pair with our role (a migration source met a backup, a primary
+    /// met a migration destination, two primaries met ...).
+    #[error("peer is a {peer}; a {ours} pairs only with a {}", ours.counterpart())]
     Role {
         /// Our role.
         ours: Role,
         /// The peer's role.
         peer: Role,
+    },
+    /// A migration session with a peer whose protocol version has no migration.
+    #[error("a {ours} needs protocol version {needs}, the session with this peer runs at {version}")]
+    MigrationVersion {
+        /// Our role.
+        ours: Role,
+        /// The version the session runs at.
+        version: u16,
+        /// The first version with migration.
+        needs: u16,
+    },
+    /// Both sides, or neither, send checkpoints: exactly one side of a session does.
+    #[error(
+        "peer ({peer}) {}: one side of a session sends them, the other receives",
+        if *peer_sends { "sends checkpoints, and so do we" } else { "does not send checkpoints, and neither do we" }
+    )]
+    Direction {
+        /// The peer's role.
+        peer: Role,
+        /// Whether the peer says it sends checkpoints (and so do we), or not (and neither do we).
+        peer_sends: bool,
     },
     /// The peer is about another VM.
     #[error("peer vm {peer} is not our vm {ours}")]
@@ -134,13 +156,23 @@ pub enum SessionError {
         /// The epoch concerned (0 if none).
         epoch: u64,
     },
-    /// The peer sent a message its role may not send.
-    #[error("peer sent {kind:?}, which a {role:?} never sends")]
+    /// The peer sent a message its role (or its side of the checkpoint stream) may not send.
+    #[error("peer sent {kind:?}, which a {role} {} never sends", if *sends { "sending checkpoints" } else { "receiving checkpoints" })]
     Unexpected {
         /// The message kind.
         kind: MessageKind,
         /// The peer's role.
         role: Role,
+        /// Whether the peer sends the session's checkpoints.
+        sends: bool,
+    },
+    /// The peer sent a message kind the session's protocol version does not have.
+    #[error("peer sent {kind:?}, which protocol version {version} does not have")]
+    KindVersion {
+        /// The message kind.
+        kind: MessageKind,
+        /// The version the session runs at.
+        version: u16,
     },
     /// Nothing arrived for too long.
     #[error("peer silent for {idle_ms} ms")]
@@ -172,6 +204,7 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Version(_) | Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => true,
+            Self::MigrationVersion { .. } | Self::Direction { .. } => true,
             Self::EpochLimit { .. } => true,
             Self::Closed { .. } => true,
             Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
@@ -181,10 +214,12 @@ impl SessionError {
 
     fn goodbye_reason(&self) -> GoodbyeReason {
         match self {
-            Self::Version(_) => GoodbyeReason::Version,
-            Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } | Self::EpochLimit { .. } => {
-                GoodbyeReason::Mismatch
-            }
+            Self::Version(_) | Self::MigrationVersion { .. } => GoodbyeReason::Version,
+            Self::Role { .. }
+            | Self::Vm { .. }
+            | Self::Layout { .. }
+            | Self::EpochLimit { .. }
+            | Self::Direction { .. } => GoodbyeReason::Mismatch,
             Self::Closed { .. } => GoodbyeReason::Normal,
             _ => GoodbyeReason::ProtocolError,
         }
@@ -287,6 +322,10 @@ pub(crate) struct Local {
     pub role: Role,
     pub vm: crate::message::VmIdentity,
     pub layout: crate::message::MemoryLayout,
+    /// Whether this side sends the session's checkpoints (a [`crate::Sender`]).
+    pub sends: bool,
+    /// The protocol version this side speaks (its `Hello.version`).
+    pub version: u16,
 }
 
 /// What a decoded input means to the sender or receiver.
@@ -561,7 +600,7 @@ impl Link {
             if self.state != LinkState::Established {
                 return Ok(());
             }
-            self.check_direction(kind)?;
+            self.check_direction(kind, local)?;
             return f(Input::EpochData(kind, payload));
         }
         let msg = Message::decode(kind, &payload).map_err(SessionError::Message)?;
@@ -585,29 +624,56 @@ impl Link {
             // Anything before the peer's Hello is stale: ignored.
             (LinkState::Handshaking, _) => Ok(()),
             (_, msg) => {
-                self.check_direction(msg.kind())?;
+                self.check_direction(msg.kind(), local)?;
                 f(Input::Message(msg))
             }
         }
     }
 
-    fn check_direction(&self, kind: MessageKind) -> Result<(), SessionError> {
+    /// Who may send what, once the peer's `Hello` is accepted: checkpoint traffic one way,
+    /// acks and requests the other; post-copy and switch-over messages only between the source
+    /// that sends checkpoints and the destination that receives them (the forward session of a
+    /// migration); and nothing the session's version does not have.
+    fn check_direction(&self, kind: MessageKind, local: &Local) -> Result<(), SessionError> {
         use MessageKind as K;
         let Some(peer) = &self.peer else {
             return Ok(());
         };
+        if kind.since_version() > self.version {
+            return Err(SessionError::KindVersion { kind, version: self.version });
+        }
+        // The Hello was checked: exactly one side sends checkpoints.
+        let peer_sends = !local.sends;
+        let forward_source = peer.role == Role::MigrationSource && peer_sends;
+        let forward_destination = peer.role == Role::MigrationDestination && !peer_sends;
         let ok = match kind {
             K::Hello | K::Heartbeat | K::Goodbye => true,
-            K::EpochBegin | K::PageBatch | K::StateChunk | K::EpochEnd | K::PageResponse => peer.role.is_sender(),
-            K::Ack | K::ResendRequest | K::ResyncRequest | K::PageRequest => !peer.role.is_sender(),
+            K::EpochBegin | K::PageBatch | K::StateChunk | K::EpochEnd => peer_sends,
+            K::Ack | K::ResendRequest | K::ResyncRequest => !peer_sends,
+            K::PageResponse | K::SwitchOver | K::PageMap | K::Handover => forward_source,
+            K::PageRequest | K::Resumed | K::Complete => forward_destination,
         };
-        if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role }) }
+        if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role, sends: peer_sends }) }
     }
 
+    /// The handshake rules, in order: a common version; roles that pair (protection with
+    /// protection, migration with migration, never a role with itself); a version with
+    /// migration for a migration session; exactly one side sending checkpoints; the same VM and
+    /// memory layout; epoch numbers within bounds.
     fn accept_hello(&mut self, h: &Hello, local: &Local) -> Result<(), SessionError> {
-        self.version = negotiate(h.version, h.min_version)?;
+        self.version = negotiate_with(local.version, h.version, h.min_version)?;
         if h.role != local.role.counterpart() {
             return Err(SessionError::Role { ours: local.role, peer: h.role });
+        }
+        if local.role.is_migration() && !Feature::Migration.in_version(self.version) {
+            return Err(SessionError::MigrationVersion {
+                ours: local.role,
+                version: self.version,
+                needs: Feature::Migration.since(),
+            });
+        }
+        if h.sends_checkpoints == local.sends {
+            return Err(SessionError::Direction { peer: h.role, peer_sends: h.sends_checkpoints });
         }
         if h.vm.uuid != local.vm.uuid {
             return Err(SessionError::Vm { ours: hex(&local.vm.uuid), peer: hex(&h.vm.uuid) });

@@ -7,7 +7,31 @@
 use thiserror::Error;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Something a protocol version may or may not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// Migration sessions, their messages (`SwitchOver`, `PageMap`, `Handover`, `Resumed`,
+    /// `Complete`), the `Hello` flags byte (which side sends checkpoints) and reverse checkpoints.
+    Migration,
+    /// The content-hash dedup page encoding (a page sent as a reference to an earlier page).
+    Dedup,
+}
+
+impl Feature {
+    /// The first protocol version that has this feature.
+    pub const fn since(self) -> u16 {
+        match self {
+            Self::Migration | Self::Dedup => 2,
+        }
+    }
+
+    /// Whether a session running at `version` has this feature.
+    pub const fn in_version(self, version: u16) -> bool {
+        version >= self.since()
+    }
+}
 
 /// The oldest version a build speaking `current` accepts: the previous one (never below 1).
 pub const fn oldest_accepted(current: u16) -> u16 {
@@ -65,6 +89,19 @@ mod tests {
         assert!(negotiate_with(2, 0, 0).is_err());
         let ours = oldest_accepted(PROTOCOL_VERSION);
         assert_eq!(negotiate(PROTOCOL_VERSION, ours), Ok(PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn version_2_adds_migration_and_dedup_and_still_accepts_1() {
+        assert_eq!(PROTOCOL_VERSION, 2);
+        assert_eq!(oldest_accepted(PROTOCOL_VERSION), 1);
+        for f in [Feature::Migration, Feature::Dedup] {
+            assert!(!f.in_version(1));
+            assert!(f.in_version(2));
+            assert!(f.in_version(PROTOCOL_VERSION));
+        }
+        // A build of today meets a build of version 1: the session runs at 1.
+        assert_eq!(negotiate(1, 1), Ok(1));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Scenario tests of the sender and receiver through their public API: handshake refusals,
 //! resume after reconnect, rejection and resync, windows, timeouts, post-copy pages.
 
+mod common;
+
+use common::{connect, pump};
 use replication_proto::message::{Hello, Message};
 use replication_proto::{
     ApplyError, BaselineReason, Endpoint, GoodbyeReason, MemoryImage, MemoryLayout, PROTOCOL_VERSION, Receiver,
@@ -25,30 +28,6 @@ fn pair() -> (Sender, Receiver) {
         Sender::new(SenderConfig::new(Role::Primary, vm(), layout(), 11)),
         Receiver::new(ReceiverConfig::new(Role::Backup, vm(), layout(), 22)),
     )
-}
-
-/// Moves every pending frame both ways until both are quiet.
-fn pump(s: &mut Sender, r: &mut Receiver, now: Instant) {
-    loop {
-        let mut moved = false;
-        while let Some(t) = s.poll_transmit(now) {
-            r.handle_input(now, &t);
-            moved = true;
-        }
-        while let Some(t) = r.poll_transmit(now) {
-            s.handle_input(now, &t);
-            moved = true;
-        }
-        if !moved {
-            return;
-        }
-    }
-}
-
-fn connect(s: &mut Sender, r: &mut Receiver, now: Instant) {
-    s.connect(now);
-    r.connect(now);
-    pump(s, r, now);
 }
 
 fn sender_events(s: &mut Sender) -> Vec<SenderEvent> {
@@ -136,7 +115,7 @@ fn codecs_are_chosen_per_page_and_replica_follows() {
     }
     let st = s.stats();
     // Baseline: lz4, raw, zero; then: unchanged, delta, zero.
-    assert_eq!(st.pages_by_encoding, [2, 1, 1, 1, 1]);
+    assert_eq!(st.pages_by_encoding, [2, 1, 1, 1, 1, 0]);
     assert_eq!(replica.page(1).unwrap(), &random2[..]);
     assert_eq!(replica.page(0).unwrap(), &text[..]);
 }
@@ -273,6 +252,7 @@ fn peer_hello(role: Role, instance: u64) -> Hello {
         delivered: None,
         high_water: 0,
         session: 1,
+        sends_checkpoints: role.is_sender(),
     }
 }
 

@@ -3,12 +3,15 @@
 
 use proptest::prelude::*;
 use replication_proto::GoodbyeReason;
-use replication_proto::codec::{CodecConfig, PageEncoder, apply_delta, decode_page, encode_delta, validate_delta};
+use replication_proto::codec::{
+    CodecConfig, DedupRef, PageEncoder, apply_delta, decode_page, encode_delta, validate_delta,
+};
 use replication_proto::frame::{FrameDecoder, MessageKind, decode_datagram};
 use replication_proto::message::{
     EpochBegin, EpochEnd, Goodbye, GuestRange, Heartbeat, Hello, Lineage, MemoryLayout, Message, PageBatch,
     PageRequest, PageResponse, Position, ResendRequest, ResyncReason, ResyncRequest, Role, StateChunk, VmIdentity,
 };
+use replication_proto::migration::{Complete, Handover, PageMap, PfnRange, Resumed, SwitchMode, SwitchOver};
 use replication_proto::pageset::{EncodedPage, PageEncoding, parse_page_set};
 use replication_proto::wire::Reader;
 
@@ -42,7 +45,7 @@ fn role() -> impl Strategy<Value = Role> {
 }
 
 fn encoded_pages(self_contained: bool) -> impl Strategy<Value = Vec<EncodedPage>> {
-    proptest::collection::vec((1u64..4, 0usize..5, proptest::collection::vec(any::<u8>(), 0..300)), 0..40).prop_map(
+    proptest::collection::vec((1u64..4, 0usize..6, proptest::collection::vec(any::<u8>(), 0..300)), 0..40).prop_map(
         move |items| {
             let mut pfn = 0u64;
             items
@@ -80,10 +83,10 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             position(),
             position(),
-            (any::<u64>(), any::<u64>())
+            (any::<u64>(), any::<u64>(), any::<bool>())
         )
             .prop_map(
-                |(version, min_version, role, instance, uuid, name, layout, window, c, d, (hw, session))| {
+                |(version, min_version, role, instance, uuid, name, layout, window, c, d, (hw, session, sends))| {
                     Message::Hello(Hello {
                         version,
                         min_version,
@@ -96,6 +99,8 @@ fn message() -> impl Strategy<Value = Message> {
                         delivered: d,
                         high_water: hw,
                         session,
+                        // Version 1 has no flags byte: the role decides.
+                        sends_checkpoints: if version >= 2 { sends } else { role.is_sender() },
                     })
                 }
             ),
@@ -128,7 +133,8 @@ fn message() -> impl Strategy<Value = Message> {
                 Just(GoodbyeReason::Normal),
                 Just(GoodbyeReason::ProtocolError),
                 Just(GoodbyeReason::Version),
-                Just(GoodbyeReason::Mismatch)
+                Just(GoodbyeReason::Mismatch),
+                Just(GoodbyeReason::Cancelled)
             ],
             text(512)
         )
@@ -136,7 +142,52 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), proptest::collection::btree_set(0u64..100_000, 0..200))
             .prop_map(|(id, pfns)| Message::PageRequest(PageRequest { id, pfns: pfns.into_iter().collect() })),
         (any::<u64>(), encoded_pages(true)).prop_map(|(id, pages)| Message::PageResponse(PageResponse { id, pages })),
+        migration_message(),
     ]
+}
+
+/// Ascending, disjoint runs of pages.
+fn pfn_runs() -> impl Strategy<Value = Vec<PfnRange>> {
+    proptest::collection::vec((0u64..1000, 1u32..1000), 0..50).prop_map(|steps| {
+        let mut next = 0u64;
+        steps
+            .into_iter()
+            .map(|(gap, count)| {
+                let r = PfnRange { first: next + gap, count };
+                next = r.first + u64::from(count);
+                r
+            })
+            .collect()
+    })
+}
+
+fn migration_message() -> BoxedStrategy<Message> {
+    let epoch = 1u64..u64::MAX;
+    prop_oneof![
+        (epoch.clone(), any::<u32>(), any::<u64>()).prop_map(|(epoch, map_frames, held_pages)| {
+            Message::SwitchOver(SwitchOver {
+                epoch,
+                mode: SwitchMode::PostCopy,
+                map_frames: map_frames % 8193,
+                held_pages,
+            })
+        }),
+        epoch.clone().prop_map(|epoch| Message::SwitchOver(SwitchOver {
+            epoch,
+            mode: SwitchMode::Complete,
+            map_frames: 0,
+            held_pages: 0
+        })),
+        (epoch.clone(), any::<u32>(), pfn_runs()).prop_map(|(epoch, seq, held)| Message::PageMap(PageMap {
+            epoch,
+            seq,
+            held
+        })),
+        any::<u64>().prop_map(|epoch| Message::Handover(Handover { epoch })),
+        epoch.prop_map(|epoch| Message::Resumed(Resumed { epoch })),
+        any::<u64>().prop_map(|pages| Message::Complete(Complete { pages })),
+    ]
+    .boxed()
 }
 
 /// A page with structure: runs of a few byte values, some text-like.
@@ -212,7 +263,7 @@ proptest! {
         lz4 in any::<bool>(),
         delta in any::<bool>(),
     ) {
-        let mut enc = PageEncoder::new(CodecConfig { lz4, delta });
+        let mut enc = PageEncoder::new(CodecConfig { lz4, delta, dedup: false });
         let (encoding, data) = enc.encode(&new, use_base.then_some(&base[..]));
         prop_assert!(data.len() <= 4096);
         let mut page = base.clone();
@@ -221,7 +272,23 @@ proptest! {
     }
 
     #[test]
-    fn message_decoder_is_total(kind in 1u8..=12, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+    fn dedup_references_round_trip_and_decode_totally(
+        from in any::<u64>(),
+        page in page_bytes(4096),
+        junk in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let r = DedupRef::to(from, &page);
+        prop_assert_eq!(DedupRef::decode(&r.encode()).unwrap(), r);
+        prop_assert!(r.verify(&page).is_ok());
+        let mut out = page.clone();
+        decode_page(PageEncoding::Dedup, &r.encode(), &mut out).unwrap();
+        prop_assert_eq!(&out, &page);
+        // Any other length is refused; any 16 bytes decode.
+        prop_assert_eq!(DedupRef::decode(&junk).is_ok(), junk.len() == 16);
+    }
+
+    #[test]
+    fn message_decoder_is_total(kind in 1u8..=17, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
         let kind = MessageKind::from_code(kind).unwrap();
         let _ = Message::decode(kind, &payload);
     }
@@ -242,7 +309,7 @@ proptest! {
     }
 
     #[test]
-    fn page_decoders_are_total(encoding in 0u8..5, data in proptest::collection::vec(any::<u8>(), 0..5000), shift in 9u32..=13) {
+    fn page_decoders_are_total(encoding in 0u8..6, data in proptest::collection::vec(any::<u8>(), 0..5000), shift in 9u32..=13) {
         let encoding = PageEncoding::from_code(encoding).unwrap();
         let mut page = vec![7u8; 1 << shift];
         let _ = decode_page(encoding, &data, &mut page);

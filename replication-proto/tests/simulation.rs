@@ -17,12 +17,19 @@
 //! - *chaos*: whole frames as units that are dropped, duplicated, reordered and corrupted, with
 //!   frames of an old connection delivered into the next one after a reconnect.
 //!
+//! Each seed also picks the session's roles (protection, a migration, or reverse checkpoints
+//! from a destination back to its source: the same machinery, roles of the session), and in
+//! protection a restarted backup may come back as a build of the previous protocol version (no
+//! dedup, so the sender must not resend epochs encoded with it). The guest copies pages onto
+//! others, so dedup references (resolved against the replica) are exercised throughout.
+//!
 //! `SIM_SEEDS=n` sets the number of seeds (default 2000 in release, 150 in debug);
 //! `SIM_SEED=s` runs one seed with a trace. The ignored test `simulation_long` runs 50,000.
 
+use replication_proto::pageset::PageEncoding;
 use replication_proto::{
-    Channel, Endpoint, Lineage, MemoryImage, MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender,
-    SenderConfig, SenderEvent, SessionError, Timing, Transmit, VmIdentity,
+    BaselineReason, Channel, Endpoint, Lineage, MemoryImage, MemoryLayout, PROTOCOL_VERSION, Receiver, ReceiverConfig,
+    ReceiverEvent, Role, Sender, SenderConfig, SenderEvent, SessionError, Timing, Transmit, VmIdentity,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -71,12 +78,22 @@ struct Faults {
     cut_mean_ms: u64,
     partition_ms: (u64, u64),
     backup_crash: bool,
+    /// The sender's and the receiver's roles.
+    roles: (Role, Role),
+    /// A restarted backup may speak the previous protocol version (protection only; a migration
+    /// needs version 2).
+    old_backups: bool,
 }
 
 impl Faults {
     fn pick(rng: &mut Rng) -> Self {
         let mode = if rng.chance(0.5) { Mode::Stream } else { Mode::Chaos };
         let level = rng.below(4) as f64 / 3.0; // 0, 1/3, 2/3, 1
+        let roles = [
+            (Role::Primary, Role::Backup),
+            (Role::MigrationSource, Role::MigrationDestination),
+            (Role::MigrationDestination, Role::MigrationSource),
+        ][rng.below(3) as usize];
         Faults {
             mode,
             drop: if mode == Mode::Chaos { 0.08 * level } else { 0.0 },
@@ -87,6 +104,8 @@ impl Faults {
             cut_mean_ms: [40, 100, 300, 100_000][rng.below(4) as usize],
             partition_ms: (1, [5, 30, 150][rng.below(3) as usize]),
             backup_crash: rng.chance(0.1),
+            old_backups: roles.0 == Role::Primary,
+            roles,
         }
     }
 }
@@ -149,6 +168,9 @@ struct Sim {
     trace: bool,
     log: Vec<String>,
     disconnects: u64,
+    /// Baselines required because a restarted backup speaks the previous version and retained
+    /// epochs used dedup.
+    older_peer_resyncs: u64,
 }
 
 fn layout() -> MemoryLayout {
@@ -167,8 +189,9 @@ fn timing() -> Timing {
     }
 }
 
-fn new_receiver(instance: u64) -> Receiver {
-    let mut cfg = ReceiverConfig::new(Role::Backup, vm(), layout(), instance);
+fn new_receiver(role: Role, version: u16, instance: u64) -> Receiver {
+    let mut cfg = ReceiverConfig::new(role, vm(), layout(), instance);
+    cfg.version = version;
     cfg.timing = timing();
     cfg.resend_timeout = Duration::from_millis(15);
     cfg.window = 3;
@@ -179,7 +202,7 @@ impl Sim {
     fn new(seed: u64, trace: bool) -> Self {
         let mut rng = Rng::new(seed);
         let f = Faults::pick(&mut rng);
-        let mut scfg = SenderConfig::new(Role::Primary, vm(), layout(), 1000 + seed);
+        let mut scfg = SenderConfig::new(f.roles.0, vm(), layout(), 1000 + seed);
         scfg.timing = timing();
         scfg.window = 1 + rng.below(4) as u16;
         // Small caches and batches exercise eviction and multi-frame epochs.
@@ -192,7 +215,7 @@ impl Sim {
             t0,
             now: t0,
             sender: Sender::new(scfg),
-            receiver: new_receiver(1),
+            receiver: new_receiver(f.roles.1, PROTOCOL_VERSION, 1),
             primary: Primary {
                 mem: vec![0; PAGES as usize * PS],
                 dirty: BTreeSet::new(),
@@ -216,6 +239,7 @@ impl Sim {
             trace,
             log: Vec::new(),
             disconnects: 0,
+            older_peer_resyncs: 0,
             rng,
         };
         sim.next_cut = t0 + sim.cut_delay();
@@ -244,7 +268,7 @@ impl Sim {
         for _ in 0..n {
             let pfn = self.rng.below(PAGES);
             let page = &mut self.primary.mem[pfn as usize * PS..(pfn as usize + 1) * PS];
-            match self.rng.below(6) {
+            match self.rng.below(7) {
                 0 => page.fill(0),
                 1 => {} // written with the same bytes
                 2 | 3 => {
@@ -263,10 +287,15 @@ impl Sim {
                         at += n;
                     }
                 }
-                _ => {
+                5 => {
                     for b in page.iter_mut() {
                         *b = self.rng.next() as u8;
                     }
+                }
+                _ => {
+                    // The content of another page (a copy, a shared buffer): sent as a reference.
+                    let other = self.rng.below(PAGES) as usize;
+                    self.primary.mem.copy_within(other * PS..(other + 1) * PS, pfn as usize * PS);
                 }
             }
             self.primary.dirty.insert(pfn);
@@ -323,11 +352,12 @@ impl Sim {
         if self.faults_on && self.f.backup_crash && self.rng.chance(0.05) {
             // The backup process died while disconnected: a new one with an empty replica.
             self.receiver_instance += 1;
-            self.receiver = new_receiver(self.receiver_instance);
+            let version = if self.f.old_backups && self.rng.chance(0.5) { 1 } else { PROTOCOL_VERSION };
+            self.receiver = new_receiver(self.f.roles.1, version, self.receiver_instance);
             self.backup.replica = MemoryImage::new(&layout());
             self.backup.applied = None;
             self.backup.commits.clear();
-            self.note("backup restarted empty".into());
+            self.note(format!("backup restarted empty (protocol version {version})"));
         }
         self.sender.connect(self.now);
         self.receiver.connect(self.now);
@@ -449,7 +479,12 @@ impl Sim {
                     self.note(format!("acked {epoch}"));
                 }
                 SenderEvent::Disconnected { error } => self.on_disconnected("sender", error),
-                SenderEvent::BaselineRequired { reason } => self.note(format!("baseline required: {reason:?}")),
+                SenderEvent::BaselineRequired { reason } => {
+                    if matches!(reason, BaselineReason::PeerVersion(_)) {
+                        self.older_peer_resyncs += 1;
+                    }
+                    self.note(format!("baseline required: {reason:?}"))
+                }
                 SenderEvent::Connected { resumed_from, .. } => {
                     self.note(format!("sender connected, resume from {resumed_from:?}"))
                 }
@@ -597,6 +632,8 @@ impl Sim {
             stale: self.receiver.stats().stale_frames,
             resent: self.sender.stats().frames_resent,
             restarts: self.receiver_instance - 1,
+            dedups: self.sender.stats().pages_by_encoding[PageEncoding::Dedup as usize],
+            older_peer_resyncs: self.older_peer_resyncs,
             log_hash: self
                 .log
                 .iter()
@@ -615,6 +652,8 @@ struct Stats {
     stale: u64,
     resent: u64,
     restarts: u64,
+    dedups: u64,
+    older_peer_resyncs: u64,
     log_hash: u64,
 }
 
@@ -644,10 +683,13 @@ fn run_many(count: u64, first: u64) {
         total.stale += s.stale;
         total.resent += s.resent;
         total.restarts += s.restarts;
+        total.dedups += s.dedups;
+        total.older_peer_resyncs += s.older_peer_resyncs;
     }
     println!(
         "{count} seeds: {} epochs, {} disconnects, {} backup restarts, {} resyncs, {} aborted \
-         epochs, {} corrupt frames, {} stale or duplicate frames, {} frames resent",
+         epochs, {} corrupt frames, {} stale or duplicate frames, {} frames resent, {} pages sent \
+         as dedup references, {} baselines for a backup restarted at the previous version",
         total.epochs,
         total.disconnects,
         total.restarts,
@@ -655,13 +697,15 @@ fn run_many(count: u64, first: u64) {
         total.aborted,
         total.corrupt,
         total.stale,
-        total.resent
+        total.resent,
+        total.dedups,
+        total.older_peer_resyncs
     );
     assert!(total.epochs > count * 10, "the runs did work");
     if count >= 500 {
         // The faults really happened.
         assert!(total.disconnects > 0 && total.corrupt > 0 && total.stale > 0);
-        assert!(total.resent > 0 && total.restarts > 0 && total.resyncs > 0);
+        assert!(total.resent > 0 && total.restarts > 0 && total.resyncs > 0 && total.dedups > 0);
     }
 }
 
@@ -704,6 +748,8 @@ fn clean_network_needs_no_resends() {
         cut_mean_ms: 1_000_000,
         partition_ms: (1, 1),
         backup_crash: false,
+        roles: (Role::Primary, Role::Backup),
+        old_backups: false,
     };
     sim.next_cut = sim.t0 + Duration::from_secs(1000);
     let s = sim.run(400, 5_000);

@@ -1,0 +1,273 @@
+//! The messages a migration session adds (protocol version 2), their payload layouts and
+//! decoders. `docs/migration.md` tells the phases and who sends what; `docs/protocol.md` has the
+//! bytes.
+//!
+//! A migration session pairs a `MigrationSource` with a `MigrationDestination`. Pre-copy rounds
+//! are ordinary epochs (round 0 a baseline); then:
+//!
+//! - [`SwitchOver`] (source to destination): the guest is stopped at the source; epoch `epoch`
+//!   (already sent) carries the final `VmState`; `mode` says whether the destination now holds
+//!   every page ([`SwitchMode::Complete`]: pre-copy, stop-and-copy) or only those of the map that
+//!   follows in `map_frames` [`PageMap`] frames ([`SwitchMode::PostCopy`]: post-copy, hybrid);
+//! - [`Handover`] (source to destination): the source gives up its copy for good; only now may a
+//!   pre-copy destination run the guest, and only now may a post-copy destination release the
+//!   output it holds back for reverse checkpoints;
+//! - [`Resumed`] (destination to source): the guest runs at the destination;
+//! - [`Complete`] (destination to source): every page is at the destination (post-copy is over).
+//!
+//! Page requests and responses (`PageRequest`, `PageResponse`, kinds 11 and 12, in protocol
+//! version 1 already) carry post-copy's demand paging; a `PageResponse` with id 0 carries pages the
+//! source pushes unasked.
+
+use crate::limits::{MAX_MAP_FRAMES, MAX_PAYLOAD_LEN};
+use crate::wire::{Reader, WireError, put_u32, put_u64};
+
+/// What the destination holds after a [`SwitchOver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SwitchMode {
+    /// Pre-copy or stop-and-copy: the epochs up to the switch-over's hold every page and the
+    /// state. The destination runs the guest once the source hands over ([`Handover`]).
+    Complete = 1,
+    /// Post-copy or hybrid: the destination holds the pages of the [`PageMap`] (their content as
+    /// of the switch-over epoch) and the state; it resumes at once and gets every other page by
+    /// request or push.
+    PostCopy = 2,
+}
+
+impl SwitchMode {
+    /// The mode with wire code `code`.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Complete),
+            2 => Some(Self::PostCopy),
+            _ => None,
+        }
+    }
+}
+
+/// The source stopped the guest: the switch-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchOver {
+    /// The epoch that carries the final state (sent before this message).
+    pub epoch: u64,
+    /// Whether the destination holds everything or goes on in post-copy.
+    pub mode: SwitchMode,
+    /// [`PageMap`] frames that follow (0 for [`SwitchMode::Complete`]).
+    pub map_frames: u32,
+    /// Pages the map holds in all (a check on the frames put together).
+    pub held_pages: u64,
+}
+
+/// A run of pages: `count` pages from `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PfnRange {
+    /// First page frame number.
+    pub first: u64,
+    /// Pages in the run (at least 1).
+    pub count: u32,
+}
+
+/// Part of the map of pages the destination holds at a post-copy switch-over: those the source
+/// sent and the guest did not dirty since. Pages not in the map must be fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageMap {
+    /// The switch-over epoch.
+    pub epoch: u64,
+    /// Frame number within the map, from 0.
+    pub seq: u32,
+    /// Ascending, disjoint runs, each above every run of the frames before.
+    pub held: Vec<PfnRange>,
+}
+
+/// The source gives up its copy of the guest for good: from now on it never resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// Pre-copy: the switch-over epoch the destination acknowledged. Post-copy with reverse
+    /// checkpoints: the last reverse checkpoint the source acknowledged (0 for none).
+    pub epoch: u64,
+}
+
+/// The guest runs at the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// The switch-over epoch whose state it resumed from.
+    pub epoch: u64,
+}
+
+/// Every page is at the destination: post-copy is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Complete {
+    /// Pages the destination holds (the layout's page count: a check).
+    pub pages: u64,
+}
+
+/// Most runs one [`PageMap`] frame can carry.
+pub const MAP_RANGES_PER_FRAME: usize = (MAX_PAYLOAD_LEN - 16) / 12;
+
+/// Why a migration message body does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    Wire(WireError),
+    Invalid(&'static str, u64),
+}
+
+impl From<WireError> for BodyError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
+pub(crate) fn put_switch_over(out: &mut Vec<u8>, s: &SwitchOver) {
+    put_u64(out, s.epoch);
+    out.push(s.mode as u8);
+    put_u32(out, s.map_frames);
+    put_u64(out, s.held_pages);
+}
+
+pub(crate) fn get_switch_over(r: &mut Reader<'_>) -> Result<SwitchOver, BodyError> {
+    let epoch = r.u64("epoch")?;
+    if epoch == 0 {
+        return Err(BodyError::Invalid("epoch", 0));
+    }
+    let mode = r.u8("mode")?;
+    let mode = SwitchMode::from_code(mode).ok_or(BodyError::Invalid("mode", u64::from(mode)))?;
+    let map_frames = r.u32("map_frames")?;
+    let held_pages = r.u64("held_pages")?;
+    if mode == SwitchMode::Complete && (map_frames != 0 || held_pages != 0) {
+        return Err(BodyError::Invalid("map_frames", u64::from(map_frames)));
+    }
+    if map_frames > MAX_MAP_FRAMES {
+        return Err(BodyError::Invalid("map_frames", u64::from(map_frames)));
+    }
+    Ok(SwitchOver { epoch, mode, map_frames, held_pages })
+}
+
+pub(crate) fn put_page_map(out: &mut Vec<u8>, m: &PageMap) {
+    put_u64(out, m.epoch);
+    put_u32(out, m.seq);
+    put_u32(out, m.held.len() as u32);
+    put_runs(out, &m.held);
+}
+
+/// Writes runs as `first_pfn u64, count u32` each (the layout of `PageMap` and `PageRequest`).
+pub(crate) fn put_runs(out: &mut Vec<u8>, runs: &[PfnRange]) {
+    for r in runs {
+        put_u64(out, r.first);
+        put_u32(out, r.count);
+    }
+}
+
+/// Reads `count` runs that fill the rest of `r`: each of one page or more, ascending and
+/// disjoint. The count is checked against the bytes there before anything is allocated.
+pub(crate) fn get_runs(r: &mut Reader<'_>, count: usize) -> Result<Vec<PfnRange>, BodyError> {
+    if count.checked_mul(12) != Some(r.remaining()) {
+        return Err(BodyError::Invalid("range count", count as u64));
+    }
+    let mut runs = Vec::with_capacity(count);
+    let mut next_free = 0u64;
+    for i in 0..count {
+        let first = r.u64("range first_pfn")?;
+        let n = r.u32("range count")?;
+        let end = first.checked_add(u64::from(n));
+        if n == 0 || end.is_none() || (i > 0 && first < next_free) {
+            return Err(BodyError::Invalid("range first_pfn", first));
+        }
+        next_free = end.unwrap_or(u64::MAX);
+        runs.push(PfnRange { first, count: n });
+    }
+    Ok(runs)
+}
+
+pub(crate) fn get_page_map(r: &mut Reader<'_>) -> Result<PageMap, BodyError> {
+    let epoch = r.u64("epoch")?;
+    if epoch == 0 {
+        return Err(BodyError::Invalid("epoch", 0));
+    }
+    let seq = r.u32("seq")?;
+    let count = r.u32("range count")? as usize;
+    if count > MAP_RANGES_PER_FRAME {
+        return Err(BodyError::Invalid("range count", count as u64));
+    }
+    let held = get_runs(r, count)?;
+    Ok(PageMap { epoch, seq, held })
+}
+
+/// Splits the runs of held pages into [`PageMap`] frames for a switch-over at `epoch` and
+/// returns the [`SwitchOver`] that announces them with the frames. `held` must be ascending and
+/// disjoint.
+pub fn switch_over(epoch: u64, mode: SwitchMode, held: &[PfnRange]) -> (SwitchOver, Vec<PageMap>) {
+    let maps: Vec<PageMap> = match mode {
+        SwitchMode::Complete => Vec::new(),
+        SwitchMode::PostCopy => held
+            .chunks(MAP_RANGES_PER_FRAME)
+            .enumerate()
+            .map(|(seq, c)| PageMap { epoch, seq: seq as u32, held: c.to_vec() })
+            .collect(),
+    };
+    let held_pages = maps.iter().flat_map(|m| &m.held).map(|r| u64::from(r.count)).sum();
+    (SwitchOver { epoch, mode, map_frames: maps.len() as u32, held_pages }, maps)
+}
+
+/// Runs of `pfns` (ascending, distinct), for a [`PageMap`].
+pub fn runs(pfns: impl IntoIterator<Item = u64>) -> Vec<PfnRange> {
+    let mut out: Vec<PfnRange> = Vec::new();
+    for pfn in pfns {
+        match out.last_mut() {
+            Some(r) if r.first + u64::from(r.count) == pfn && r.count < u32::MAX => r.count += 1,
+            _ => out.push(PfnRange { first: pfn, count: 1 }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_over_splits_a_large_map_into_frames() {
+        // Every other page of a big guest: the worst case for runs.
+        let n = MAP_RANGES_PER_FRAME + 10;
+        let held = runs((0..n as u64).map(|i| 2 * i));
+        assert_eq!(held.len(), n);
+        let (s, maps) = switch_over(9, SwitchMode::PostCopy, &held);
+        assert_eq!(s.map_frames, 2);
+        assert_eq!(s.held_pages, n as u64);
+        assert_eq!(maps[0].held.len(), MAP_RANGES_PER_FRAME);
+        assert_eq!(maps[1].seq, 1);
+        let mut out = Vec::new();
+        put_page_map(&mut out, &maps[0]);
+        assert!(out.len() <= MAX_PAYLOAD_LEN, "a full map frame fits a frame: {}", out.len());
+        let (s, maps) = switch_over(9, SwitchMode::Complete, &held);
+        assert_eq!((s.map_frames, s.held_pages, maps.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn runs_merge_neighbours() {
+        assert_eq!(
+            runs([1, 2, 3, 7, 9, 10]),
+            [PfnRange { first: 1, count: 3 }, PfnRange { first: 7, count: 1 }, PfnRange { first: 9, count: 2 }]
+        );
+        assert!(runs([]).is_empty());
+    }
+
+    #[test]
+    fn bad_bodies_are_refused() {
+        let mut out = Vec::new();
+        put_switch_over(&mut out, &SwitchOver { epoch: 3, mode: SwitchMode::Complete, map_frames: 1, held_pages: 0 });
+        assert!(matches!(get_switch_over(&mut Reader::new(&out)), Err(BodyError::Invalid("map_frames", 1))));
+        let mut out = Vec::new();
+        put_page_map(
+            &mut out,
+            &PageMap { epoch: 3, seq: 0, held: vec![PfnRange { first: 5, count: 2 }, PfnRange { first: 6, count: 1 }] },
+        );
+        assert!(matches!(get_page_map(&mut Reader::new(&out)), Err(BodyError::Invalid("range first_pfn", 6))));
+        // A count that the payload does not hold is refused before allocating.
+        let mut out = Vec::new();
+        put_u64(&mut out, 3);
+        put_u32(&mut out, 0);
+        put_u32(&mut out, u32::MAX);
+        assert!(matches!(get_page_map(&mut Reader::new(&out)), Err(BodyError::Invalid("range count", _))));
+    }
+}
