@@ -70,6 +70,7 @@ pub mod lease;
 pub mod logger;
 #[cfg(feature = "net")]
 pub mod net;
+pub(crate) mod ratelimit;
 pub mod state;
 pub mod storage;
 pub mod wire;
@@ -83,3 +84,16 @@ pub use detector::{Detector, DetectorConfig, DetectorEvent};
 pub use lease::{LeaseConfig, OutputPermit};
 pub use state::{VmId, VmRecord};
 pub use witness::Witness;
+
+/// `error: source: source ...`: an error with its chain of sources on one line, for logs (the
+/// top level of a program prints the chain itself).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
