@@ -65,6 +65,8 @@
 pub mod arbiter;
 pub mod detector;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod lease;
 pub mod logger;

@@ -322,3 +322,28 @@ fn malformed_fields_terms_and_indices_are_refused() {
     assert!(g.node(3).term() < 1000, "term {}", g.node(3).term());
     still_works(&mut g);
 }
+
+#[test]
+fn an_append_anchored_at_term_zero_is_refused() {
+    // Found by the `arbiter_step` fuzz target: raft-rs reads the term of an index beyond its
+    // log as 0, so an append "matching" term 0 there (or carrying entries of term 0) passes its
+    // consistency check, and raft-rs then commits beyond its log and panics.
+    let mut g = group();
+    let hb = g.capture(1, 3, |m| m.get_msg_type() == MessageType::MsgHeartbeat);
+    let mut m = hb.clone();
+    m.set_msg_type(MessageType::MsgAppend);
+    m.index = g.node(3).applied() + 5;
+    m.log_term = 0;
+    m.commit = m.index;
+    let why = refused(g.inject(1, 3, &m));
+    assert!(why.contains("log_term 0"), "{why}");
+    let mut m = hb;
+    m.set_msg_type(MessageType::MsgAppend);
+    m.index = g.node(3).applied() + 5;
+    m.log_term = 0;
+    m.commit = m.index + 1;
+    m.set_entries(vec![Entry { index: m.index + 1, term: 0, ..Default::default() }].into());
+    let why = refused(g.inject(1, 3, &m));
+    assert!(why.contains("log_term 0"), "{why}");
+    still_works(&mut g);
+}

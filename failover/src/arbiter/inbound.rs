@@ -14,8 +14,9 @@
 //! - **fields**: entries only on appends and proposals, a snapshot only on snapshots, a context
 //!   only on a forced vote (`CampaignTransfer`), no priorities, no snapshot requests;
 //! - **terms and indices**: proposals carry term 0, everything else a term in `1..=2^48`; the
-//!   terms inside a message never exceed its own; indices stay below 2^48; an append's entries
-//!   are contiguous from `index + 1` with terms that never go down; at most [`MAX_ENTRIES`] of
+//!   terms inside a message never exceed its own; indices stay below 2^48; an append is
+//!   anchored at a term of at least 1 (raft-rs reads the term beyond its log as 0) and its
+//!   entries are contiguous from `index + 1` with terms that never go down; at most [`MAX_ENTRIES`] of
 //!   at most [`MAX_ENTRY_BYTES`] each; only normal entries (membership never changes);
 //! - **state**: a heartbeat never commits beyond this node's log; a leader accepts no
 //!   acknowledgement beyond its last index; one leader per term (appends, heartbeats and
@@ -63,6 +64,8 @@ pub enum MessageError {
     ProposalTerm { term: u64 },
     #[error("{field} {value} is above the message's term {term}")]
     InnerTerm { field: &'static str, value: u64, term: u64 },
+    #[error("an append anchored at log_term 0: raft-rs reads that term beyond its log")]
+    ZeroLogTerm,
     #[error("{field} {value} is out of range 0..={max}", max = MAX_INDEX)]
     Index { field: &'static str, value: u64 },
     #[error("{field} is set, but this message type never carries it")]
@@ -360,6 +363,12 @@ fn check_terms_and_indices(msg: &Message) -> Result<(), MessageError> {
         }
     } else if !(1..=MAX_TERM).contains(&msg.term) {
         return Err(MessageError::Term { term: msg.term });
+    }
+    // Every entry of this group's log has a term of at least 1 (the log starts with the
+    // bootstrap snapshot at term 1), and raft-rs takes the "term" of an index beyond its log
+    // for 0: an append anchored at term 0 would pass its consistency check anywhere.
+    if msg.get_msg_type() == MessageType::MsgAppend && msg.log_term == 0 {
+        return Err(MessageError::ZeroLogTerm);
     }
     for (field, value) in [("log_term", msg.log_term), ("commit_term", msg.commit_term)] {
         if value > msg.term && msg.get_msg_type() != MessageType::MsgPropose {
