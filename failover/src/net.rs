@@ -9,14 +9,16 @@
 //! - incoming: a `tokio::sync::mpsc::Receiver<Inbound>` of `(from, bytes)`, where `from` is the
 //!   peer's *authenticated* identity.
 //!
-//! [`UdpLink`] implements both over UDP (for loopback tests and the first deployments: it checks
+//! [`UdpLink`] implements both over plain UDP, for this crate's loopback tests only: it checks
 //! that a datagram's claimed sender matches the configured address, which is no authentication
-//! at all). [`quic::QuicLink`] implements both over QUIC with mutual TLS (`transport`): one
+//! at all, and the `understudy` binary refuses to run arbitration over it. [`quic::QuicLink`] implements both over QUIC with mutual TLS (`transport`): one
 //! datagram per message when it fits, else one frame on the control stream (messages are at
 //! most [`ArbiterConfig::max_msg_bytes`] plus a few hundred bytes, snapshots a little more), and
 //! every message it receives is pushed into the inbox with the node id mapped from the peer's
 //! verified certificate name. The arbiter refuses a message whose raft `from` differs from that
-//! id. [`run_witness`] serves a group over UDP, [`quic::run_witness_quic`] over QUIC.
+//! id, and every message that does not look like what the group sends (`docs/failover.md`, *Off
+//! the wire*). [`quic::run_witness_quic`] serves a group over QUIC, [`run_witness`] over UDP
+//! (tests).
 //!
 //! # Blocking
 //!
@@ -261,7 +263,8 @@ async fn drive_with<N: Node + ?Sized>(
                 match node.step(Instant::now(), msg.from, &msg.bytes) {
                     Ok(()) => {}
                     Err(e @ (ArbiterError::Stopped { .. } | ArbiterError::Journal(_))) => return Err(e.into()),
-                    Err(e) => tracing::debug!(from = msg.from, error = %e, "message refused"),
+                    // Refusals are logged by the arbiter itself (rate limited).
+                    Err(e) => tracing::trace!(from = msg.from, error = %e, "message refused"),
                 }
             }
             cmd = commands.recv(), if commands_open => match cmd {
