@@ -76,7 +76,7 @@ fn claim(node: u64, lease: Duration) -> Claim {
 
 #[test]
 fn a_heartbeat_committing_beyond_the_log_is_refused_with_a_logged_reason() {
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::global();
     let mut g = group();
     // raft-rs panics on this ("to_commit is out of range"): it killed the arbiter's task.
     let mut hb = g.capture(1, 3, |m| m.get_msg_type() == MessageType::MsgHeartbeat);

@@ -184,6 +184,27 @@ impl Logs {
         (logs.clone(), tracing::subscriber::set_default(subscriber))
     }
 
+    /// Every thread's log lines, into one buffer shared by the whole test binary (the global
+    /// subscriber, installed once). Tests running in parallel each with a thread-local
+    /// subscriber ([`Logs::capture`]) sometimes lose events: tracing caches per-callsite
+    /// interest and the global maximum level across threads. Look for lines only your test
+    /// can have written.
+    pub fn global() -> Self {
+        static GLOBAL: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        GLOBAL
+            .get_or_init(|| {
+                let logs = Logs::default();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_writer(logs.clone())
+                    .with_ansi(false)
+                    .with_env_filter("info")
+                    .finish();
+                tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+                logs
+            })
+            .clone()
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
