@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use failover::lease::OutputPermit;
-use failover::net::{ArbiterHandle, UdpLink};
+use failover::net::{ArbiterHandle, PeerSpec};
 use failover::state::VmId;
 use failover::{Arbiter, ArbiterConfig, Event, NodeId};
 
@@ -19,17 +19,18 @@ pub struct AgentArgs {
     /// This process's raft node id (1 = primary's agent, 2 = backup's, 3 = witness, by convention).
     #[arg(long = "arbiter-id", id = "arbiter_id")]
     pub id: Option<NodeId>,
-    /// UDP address the agent listens on.
+    /// UDP address the agent listens on (QUIC with mutual TLS).
     #[arg(long = "arbiter-listen", id = "arbiter_listen")]
     pub listen: Option<SocketAddr>,
-    /// The other voters (repeat): `ID=NAME@HOST:PORT` for QUIC with mutual TLS (NAME is the
-    /// peer's certificate name), or `ID=HOST:PORT` for plain UDP (unauthenticated: tests only).
-    #[arg(long = "arbiter-peer", id = "arbiter_peer")]
-    pub peers: Vec<String>,
-    /// Certificates for the QUIC arbitration link (ca.pem and this host's pair).
+    /// The other voters (repeat): `ID=NAME@HOST:PORT`, NAME being the name in the peer's
+    /// certificate. Arbitration runs only over QUIC with mutual TLS.
+    #[arg(long = "arbiter-peer", id = "arbiter_peer", value_parser = peer_arg)]
+    pub peers: Vec<PeerSpec>,
+    /// Certificates for the arbitration link (ca.pem and this host's pair; `backup` defaults to
+    /// its --certs).
     #[arg(long = "arbiter-certs", id = "arbiter_certs")]
     pub certs: Option<PathBuf>,
-    /// This host's certificate name for the arbitration link.
+    /// This host's certificate name for the arbitration link (`backup` defaults to its --name).
     #[arg(long = "arbiter-name", id = "arbiter_name")]
     pub name: Option<String>,
     /// Directory of the persisted raft state (reuse it across restarts of this node).
@@ -45,48 +46,35 @@ pub struct AgentArgs {
     pub lease_renew_ms: u64,
 }
 
-/// Peers of an arbitration link: all QUIC (`ID=NAME@HOST:PORT`) or all UDP (`ID=HOST:PORT`).
-pub enum Peers {
-    /// Authenticated: mutual TLS, sender identity from the certificate.
-    Quic(Vec<failover::net::PeerSpec>),
-    /// Plain UDP (tests).
-    Udp(Vec<(NodeId, SocketAddr)>),
-}
-
-/// Parses `--arbiter-peer`/`--peer` values.
-pub fn parse_peers(specs: &[String]) -> Result<Peers> {
-    if specs.iter().all(|s| s.contains('@')) {
-        Ok(Peers::Quic(specs.iter().map(|s| failover::net::parse_quic_peer(s)).collect::<Result<Vec<_>, _>>()?))
-    } else if specs.iter().all(|s| !s.contains('@')) {
-        Ok(Peers::Udp(specs.iter().map(|s| failover::net::parse_peer(s)).collect::<Result<Vec<_>, _>>()?))
-    } else {
-        anyhow::bail!("arbitration peers mix ID=NAME@HOST:PORT (QUIC) and ID=HOST:PORT (UDP): use one form")
+/// Parses an arbitration peer (`--arbiter-peer`, the witness's `--peer`): `ID=NAME@HOST:PORT`.
+/// The plain UDP form `ID=HOST:PORT` is refused: nothing authenticates its sender, and a
+/// spoofed raft message could grant the backup while the primary still holds its lease.
+pub fn peer_arg(spec: &str) -> Result<PeerSpec, String> {
+    if !spec.contains('@') {
+        return Err(format!(
+            "{spec:?} names no certificate: arbitration runs only over QUIC with mutual TLS; give \
+             the peer as ID=NAME@HOST:PORT (NAME: the host name in its certificate, `understudy \
+             certs --host NAME`), and this host's certificates with --certs (witness, backup) or \
+             --arbiter-certs (run)"
+        ));
     }
+    failover::net::parse_quic_peer(spec).map_err(|e| e.to_string())
 }
 
-/// Binds the arbitration link: QUIC with mutual TLS, or UDP.
+/// Binds the arbitration link: QUIC with mutual TLS.
 pub async fn bind_link(
     id: NodeId,
     listen: SocketAddr,
-    peers: &Peers,
+    peers: &[PeerSpec],
     certs: Option<&std::path::Path>,
     name: Option<&str>,
 ) -> Result<(Arc<dyn failover::net::PeerLink>, tokio::sync::mpsc::Receiver<failover::net::Inbound>)> {
-    match peers {
-        Peers::Quic(specs) => {
-            let certs = certs.context("QUIC arbitration peers need --arbiter-certs (or --certs)")?;
-            let name = name.context("QUIC arbitration peers need this host's certificate name")?;
-            let identity = transport::Identity::load(certs, name)
-                .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
-            let (link, inbox) = failover::net::QuicLink::bind(id, listen, &identity, specs).await?;
-            Ok((link, inbox))
-        }
-        Peers::Udp(p) => {
-            tracing::warn!("arbitration over plain UDP: peers are not authenticated (use ID=NAME@HOST:PORT)");
-            let (link, inbox) = UdpLink::bind(id, listen, p).await?;
-            Ok((link, inbox))
-        }
-    }
+    let certs = certs.context("arbitration needs --arbiter-certs (the CA and this host's certificate)")?;
+    let name = name.context("arbitration needs --arbiter-name (this host's certificate name)")?;
+    let identity = transport::Identity::load(certs, name)
+        .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
+    let (link, inbox) = failover::net::QuicLink::bind(id, listen, &identity, peers).await?;
+    Ok((link, inbox))
 }
 
 impl AgentArgs {
@@ -123,17 +111,14 @@ impl Agent {
         if args.peers.len() != 2 {
             anyhow::bail!("arbitration needs exactly two --arbiter-peer (the other agent and the witness)");
         }
-        let peers = parse_peers(&args.peers)?;
-        let ids: Vec<NodeId> = match &peers {
-            Peers::Quic(p) => p.iter().map(|p| p.id).collect(),
-            Peers::Udp(p) => p.iter().map(|p| p.0).collect(),
-        };
-        let mut voters: Vec<NodeId> = ids.iter().copied().chain([id]).collect();
+        let mut voters: Vec<NodeId> = args.peers.iter().map(|p| p.id).chain([id]).collect();
         voters.sort_unstable();
         voters.dedup();
         let mut config = ArbiterConfig::new(id, &voters);
         config.lease.lease_timeout = Duration::from_millis(args.lease_ms);
         config.lease.renew_interval = Duration::from_millis(args.lease_renew_ms);
+        // A peer's claim longer than the bound is refused: never below our own lease.
+        config.lease.max_claim_lease = config.lease.max_claim_lease.max(config.lease.lease_timeout);
         config.lease.validate().context("--lease-ms / --lease-renew-ms")?;
         // By convention the witness has the highest id; it leads until a VM exists.
         config.preferred_leader = voters.iter().copied().max().filter(|w| *w != id);
@@ -141,14 +126,15 @@ impl Agent {
         let arbiter = Arbiter::open_dir(config, &data, Instant::now())
             .with_context(|| format!("open raft state in {}", data.display()))?;
         let (link, inbox) = rt
-            .block_on(bind_link(id, listen, &peers, args.certs.as_deref(), args.name.as_deref()))
+            .block_on(bind_link(id, listen, &args.peers, args.certs.as_deref(), args.name.as_deref()))
             .context("bind the arbitration link")?;
         let (handle, events, _task) = {
             let _g = rt.enter();
             failover::net::spawn_arbiter(arbiter, link, inbox)
         };
         let vm = vm_id(vm_name);
-        tracing::info!(node = id, %listen, peers = ?args.peers, vm = vm.0, "arbitration agent running");
+        let peers: Vec<String> = args.peers.iter().map(|p| format!("{}={}@{}", p.id, p.name, p.addr)).collect();
+        tracing::info!(node = id, %listen, ?peers, vm = vm.0, "arbitration agent running");
         Ok(Arc::new(Self { handle, vm, id, permit: Arc::new(Mutex::new(None)), events: Mutex::new(Some(events)) }))
     }
 
@@ -170,12 +156,30 @@ impl Agent {
             loop {
                 match me.handle.call(move |a, now| a.permit(now, vm)).await {
                     Ok(p) => *me.permit.lock().unwrap_or_else(|e| e.into_inner()) = p,
-                    Err(_) => return,
+                    Err(_) => {
+                        // The arbiter is gone (see `on_failure`): no permit, the gate closes.
+                        *me.permit.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        on_refresh();
+                        return;
+                    }
                 }
                 on_refresh();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
+    }
+
+    /// Calls `f` once with the reason if the arbiter's task ends (a journal that cannot be
+    /// written, a panic): this node then can neither renew a lease nor be granted anything, and
+    /// the owner must act (the runtime stops the guest and exits non-zero).
+    pub fn on_failure(&self, rt: &tokio::runtime::Handle, f: impl FnOnce(String) + Send + 'static) {
+        let handle = self.handle.clone();
+        rt.spawn(async move { f(handle.failed().await) });
+    }
+
+    /// Why the arbiter's task ended, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.handle.failure()
     }
 
     /// Runs `f` on the arbiter and waits for it.

@@ -112,6 +112,8 @@ pub struct Runtime {
     /// The gated output buffer arbitration installs on the net device.
     output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
     fenced: Mutex<Option<u64>>,
+    /// Why the arbitration agent died, if it did (the process then exits non-zero).
+    arbitration_failed: Mutex<Option<String>>,
     backup_recorded: Mutex<bool>,
     backup_node: Mutex<Option<u64>>,
     /// Set when a part this process cannot do without stopped: the process exits non-zero.
@@ -167,6 +169,7 @@ impl Runtime {
             agent: Mutex::new(None),
             output: Mutex::new(None),
             fenced: Mutex::new(None),
+            arbitration_failed: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
             failed: Mutex::new(None),
@@ -207,6 +210,7 @@ impl Runtime {
             agent: Mutex::new(None),
             output: Mutex::new(None),
             fenced: Mutex::new(None),
+            arbitration_failed: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
             failed: Mutex::new(None),
@@ -307,6 +311,7 @@ impl Runtime {
     pub fn start_primary_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
         let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.watch_arbiter(&agent);
         self.install_gated_output(&agent)?;
         self.spawn_agent_events(&agent);
         let generation = agent.acquire(self.tokio.handle(), Duration::from_secs(30))?;
@@ -319,8 +324,47 @@ impl Runtime {
     pub fn start_backup_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
         let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.watch_arbiter(&agent);
         self.spawn_agent_events(&agent);
         Ok(())
+    }
+
+    /// A dead arbiter (its task ended: a journal that cannot be written, a panic) leaves this
+    /// copy unable to renew its lease or to be granted anything. Rather than hold output for
+    /// good (a primary whose backup still hears it is never failed over) or sit as a backup
+    /// that can never be promoted, stop the guest and exit non-zero: the two other voters still
+    /// form a quorum, so the group fails over from a dead primary or degrades without a dead
+    /// backup, as after a crash.
+    fn watch_arbiter(self: &Arc<Self>, agent: &crate::agent::Agent) {
+        let weak = Arc::downgrade(self);
+        agent.on_failure(self.tokio.handle(), move |why| {
+            // Off the async runtime: stopping the guest waits for its vCPUs.
+            std::thread::spawn(move || {
+                if let Some(rt) = weak.upgrade() {
+                    rt.arbitration_failed(why);
+                }
+            });
+        });
+    }
+
+    fn arbitration_failed(&self, why: String) {
+        tracing::error!("ARBITRATION FAILED: {why}; stopping this copy of the guest and exiting");
+        *lock(&self.arbitration_failed) = Some(why.clone());
+        if let Some(vm) = lock(&self.vm).clone() {
+            let mut g = lock(&vm);
+            let _ = g.pause();
+            g.shutdown();
+        }
+        self.request_exit(format!("arbitration failed: {why}"));
+    }
+
+    /// The arbitration agent's state for `status`.
+    fn arbitration_status(&self) -> serde_json::Value {
+        let Some(agent) = lock(&self.agent).clone() else { return serde_json::Value::Null };
+        match agent.failure() {
+            None => serde_json::json!({ "node": agent.id, "state": "running" }),
+            Some(reason) => serde_json::json!({ "node": agent.id, "state": "failed", "reason": reason }),
+        }
     }
 
     fn install_gated_output(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) -> Result<()> {
@@ -626,6 +670,7 @@ impl Runtime {
                 "memory_bytes": self.memory_bytes,
                 "origin": &*lock(&self.origin),
                 "backup": status,
+                "arbitration": self.arbitration_status(),
             }));
         };
         let protection = lock(&self.protection).as_ref().map(|p| p.report());
@@ -652,6 +697,7 @@ impl Runtime {
         })?;
         v["role"] = "primary".into();
         v["protection"] = serde_json::to_value(protection)?;
+        v["arbitration"] = self.arbitration_status();
         Ok(v)
     }
 
@@ -780,7 +826,10 @@ impl Runtime {
         if let Some(path) = api_socket {
             let _ = std::fs::remove_file(path);
         }
-        outcome
+        match lock(&self.arbitration_failed).clone() {
+            Some(why) => Err(anyhow!("arbitration failed: {why}")),
+            None => outcome,
+        }
     }
 
     /// With arbitration: once the backup holds a consistent replica, record it in the group so
