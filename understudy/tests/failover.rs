@@ -37,7 +37,8 @@ fn arbiter_args(dir: &Path, id: u64, ports: [u16; 3]) -> Vec<String> {
     v
 }
 
-fn start_group(cmdline: &str) -> Group {
+/// A primary, a backup and a witness, with extra agent flags for the primary and the backup.
+fn start_group_with(cmdline: &str, agent_extra: &[&str]) -> Group {
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_path_buf();
@@ -78,6 +79,7 @@ fn start_group(cmdline: &str) -> Group {
     ]);
     let mut bargs: Vec<&str> = b.iter().map(String::as_str).collect();
     bargs.extend(["--detect-ms", "150", "--heartbeat-ms", "10"]);
+    bargs.extend_from_slice(agent_extra);
     let mut p = arbiter_args(&d, 1, ports);
     p.extend([
         "--arbiter-certs".to_string(),
@@ -85,7 +87,8 @@ fn start_group(cmdline: &str) -> Group {
         "--arbiter-name".into(),
         "primary".into(),
     ]);
-    let pextra: Vec<&str> = p.iter().map(String::as_str).collect();
+    let mut pextra: Vec<&str> = p.iter().map(String::as_str).collect();
+    pextra.extend_from_slice(agent_extra);
     let pair = Pair::start_with(None, cmdline, "64M", &bargs, &pextra);
     let raft_dir = tmp.keep();
     Group { pair, witness, ports, raft_dir }
@@ -93,7 +96,11 @@ fn start_group(cmdline: &str) -> Group {
 
 /// A group whose primary is protected and has its backup recorded by the group.
 fn protected_group(cmdline: &str) -> Group {
-    let mut g = start_group(cmdline);
+    protected_group_with(cmdline, &[])
+}
+
+fn protected_group_with(cmdline: &str, agent_extra: &[&str]) -> Group {
+    let mut g = start_group_with(cmdline, agent_extra);
     g.pair.protect(&["--backup-node", "2", "--detect-ms", "150", "--heartbeat-ms", "10"]);
     g.pair.wait_protection("protected", Duration::from_secs(20));
     let stderr_path = g.pair.primary.stderr_path.clone();
@@ -231,7 +238,9 @@ fn promote_through_the_api_asks_the_group_and_refuses_while_the_primary_holds_it
     if !kvm_available("promote_through_the_api_asks_the_group_and_refuses_while_the_primary_holds_its_lease") {
         return;
     }
-    let mut g = protected_group("workload=counter period_ms=20");
+    // A lease of 300 ms: on a loaded 2-core host a starved primary can miss a 30 ms lease, and
+    // then the group rightly grants the backup; this test is about a primary that holds it.
+    let mut g = protected_group_with("workload=counter period_ms=20", &["--lease-ms", "300", "--lease-renew-ms", "50"]);
     let t0 = Instant::now();
     let (ok, out, err) = run(&["promote", "--api", g.pair.b_sock.to_str().unwrap()]);
     assert!(!ok, "promote succeeded while the primary holds its lease: {out}");
