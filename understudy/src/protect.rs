@@ -9,11 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use primary::engine::{Engine, EngineConfig, EpochTiming, LinkShared};
 use primary::link::{Journal, LinkConfig};
-use primary::output::{DEFAULT_HOLD_CAP, OutputBuffer};
+use primary::output::OutputBuffer;
 use primary::stats::{ProtectionState, Stats};
 use replication_proto::{Role, Sender, SenderConfig};
 use serde::{Deserialize, Serialize};
-use vmm::devices::virtio::net::{TapSink, TxSink};
 use vmm::vm::Vm;
 
 /// What `understudy protect` asks for.
@@ -121,25 +120,11 @@ impl Protection {
         let sender = Sender::new(scfg);
         // Output commit: swap the net device's sink for a holding one, while paused (or reuse
         // the gated buffer arbitration installed at boot).
-        let output = if existing_output.is_some() {
-            existing_output
-        } else {
-            let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-            match g.net().cloned() {
-                Some(net) => {
-                    g.pause()?;
-                    let dev = net.lock().unwrap_or_else(|e| e.into_inner());
-                    let tap = Arc::clone(dev.device().tap());
-                    let out = OutputBuffer::new(tap, DEFAULT_HOLD_CAP);
-                    // Until the first consistent checkpoint, output flows.
-                    out.set_passthrough(true);
-                    let _old = dev.device().set_tx_sink(out.sink());
-                    drop(dev);
-                    g.resume();
-                    Some(out)
-                }
-                None => None,
-            }
+        // Output commit: a holding buffer on the net device (or the gated one arbitration
+        // installed at boot).
+        let output = match existing_output {
+            Some(o) => Some(o),
+            None => primary::output::install(vm, None)?,
         };
         let stats = Arc::new(Stats::new(req.backup.to_string()));
         let shared = Arc::new(LinkShared::default());
@@ -210,16 +195,7 @@ impl Protection {
         }
         if let Some(o) = &self.output {
             o.set_passthrough(true);
-            let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(net) = g.net().cloned() {
-                g.pause()?;
-                let dev = net.lock().unwrap_or_else(|e| e.into_inner());
-                let tap = Arc::clone(dev.device().tap());
-                let sink: Box<dyn TxSink> = Box::new(TapSink::new(tap));
-                let _held = dev.device().set_tx_sink(sink);
-                drop(dev);
-                g.resume();
-            }
+            primary::output::restore_plain_sink(vm)?;
         }
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())

@@ -325,18 +325,7 @@ impl Runtime {
 
     fn install_gated_output(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) -> Result<()> {
         let Some(vm) = lock(&self.vm).clone() else { return Ok(()) };
-        let mut g = lock(&vm);
-        let Some(net) = g.net().cloned() else { return Ok(()) };
-        g.pause()?;
-        let dev = lock(&net);
-        let tap = Arc::clone(dev.device().tap());
-        let out = primary::output::OutputBuffer::new(tap, primary::output::DEFAULT_HOLD_CAP);
-        out.set_gate(agent.gate());
-        out.set_passthrough(true);
-        let _old = dev.device().set_tx_sink(out.sink());
-        drop(dev);
-        g.resume();
-        drop(g);
+        let Some(out) = primary::output::install(&vm, Some(agent.gate()))? else { return Ok(()) };
         let o2 = Arc::clone(&out);
         agent.spawn_permit_refresher(self.tokio.handle(), move || {
             o2.flush_allowed();
