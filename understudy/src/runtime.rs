@@ -571,38 +571,22 @@ impl Runtime {
         };
         let _ = role.stop.send(true);
         let prepared = role.node.take_prepared_vm();
-        let take_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let digest = if role.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
-        let (mem, state, epoch) = replica.into_parts()?;
-        let t1 = Instant::now();
-        let opts = vmm::vm::RestoreOptions { serial: role.serial.open()?, tap: role.tap.clone() };
-        let mut vm = Vm::restore_prepared(prepared, mem, &state, opts).context("build the vm from the replica")?;
-        let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let t2 = Instant::now();
-        if let Some(net) = vm.net() {
-            let dev = lock(net);
-            if let Err(e) = dev.device().announce() {
-                tracing::warn!("announce after promotion: {e}");
-            }
-        }
-        let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
-        vm.resume();
-        let promote_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(
-            epoch,
-            digest = %digest,
-            promote_ms,
-            take_ms,
-            restore_ms,
-            announce_ms,
-            "PROMOTED: the replica runs as the active vm"
-        );
+        let opts = backup::promote::PromoteOptions {
+            requested: t0,
+            serial: role.serial.open()?,
+            tap: role.tap.clone(),
+            digest: role.digest,
+        };
+        let (vm, promoted) = backup::promote::promote(replica, prepared, opts)?;
         *lock(&self.vm) = Some(Arc::new(Mutex::new(vm)));
-        *lock(&self.origin) = Origin::Promoted { epoch, memory_digest: digest.clone(), promote_ms };
-        Ok(serde_json::json!({
-            "state": "running", "epoch": epoch, "memory_digest": digest, "promote_ms": promote_ms,
-            "take_ms": take_ms, "restore_ms": restore_ms, "announce_ms": announce_ms,
-        }))
+        *lock(&self.origin) = Origin::Promoted {
+            epoch: promoted.epoch,
+            memory_digest: promoted.memory_digest.clone(),
+            promote_ms: promoted.promote_ms,
+        };
+        let mut v = serde_json::to_value(&promoted)?;
+        v["state"] = "running".into();
+        Ok(v)
     }
 
     fn status(&self) -> Result<serde_json::Value> {
