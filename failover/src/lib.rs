@@ -59,7 +59,8 @@
 //! - [`arbiter`]: the raft voter, the lease and the fencing events; [`witness`]: the third voter;
 //! - [`state`]: the replicated state machine and its commands; [`lease`]: the lease arithmetic;
 //! - [`journal`], [`storage`]: the persisted raft state; [`wire`]: the raft message envelope;
-//! - [`net`] (feature `net`): the tokio driver, UDP links, `run_witness` and the transport seam.
+//! - [`net`] (feature `net`): the tokio driver, UDP links, `run_witness` and the transport seam;
+//!   [`net::agent`]: the arbitration agent of a VM process (primary or backup).
 #![forbid(unsafe_code)]
 
 pub mod arbiter;

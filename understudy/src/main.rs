@@ -365,7 +365,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_primary_agent(&agent, &vm)?;
+                rt.start_primary_agent(&agent.config()?, &vm)?;
             }
             rt.run_until_exit(api.as_deref())
         }
@@ -515,7 +515,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_backup_agent(&agent, &vm)?;
+                rt.start_backup_agent(&agent.config()?, &vm)?;
             }
             rt.run_until_exit(api.as_deref())
         }
@@ -523,7 +523,7 @@ fn real_main(cli: Cli) -> Result<()> {
             if peers.len() != 2 {
                 bail!("a witness needs the two agents as --peer ID=NAME@HOST:PORT (or ID=HOST:PORT)");
             }
-            let peers = agent::parse_peers(&peers)?;
+            let peers = failover::net::agent::parse_peers(&peers)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -535,12 +535,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 std::process::exit(0);
             });
             match peers {
-                agent::Peers::Udp(p) => {
+                failover::net::agent::Peers::Udp(p) => {
                     tracing::warn!("witness over plain UDP: peers are not authenticated");
                     let cfg = failover::net::WitnessConfig::new(id, data, listen, p);
                     rt.block_on(failover::net::run_witness(cfg)).context("witness")
                 }
-                agent::Peers::Quic(p) => {
+                failover::net::agent::Peers::Quic(p) => {
                     let certs = certs.context("a QUIC witness needs --certs")?;
                     let identity = transport::Identity::load(&certs, &name)
                         .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;

@@ -108,7 +108,7 @@ pub struct Runtime {
     protection: Mutex<Option<crate::protect::Protection>>,
     backup: Mutex<Option<BackupRole>>,
     tokio: tokio::runtime::Runtime,
-    agent: Mutex<Option<Arc<crate::agent::Agent>>>,
+    agent: Mutex<Option<Arc<failover::net::agent::Agent>>>,
     /// The gated output buffer arbitration installs on the net device.
     output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
     fenced: Mutex<Option<u64>>,
@@ -304,8 +304,8 @@ impl Runtime {
 
     /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
     /// for the grant, keep the lease, obey fencing.
-    pub fn start_primary_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
-        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+    pub fn start_primary_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
+        let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
         self.install_gated_output(&agent)?;
         self.spawn_agent_events(&agent);
@@ -316,14 +316,14 @@ impl Runtime {
 
     /// Arbitration for a backup: report the primary's death to the group, promote only once
     /// granted.
-    pub fn start_backup_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
-        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+    pub fn start_backup_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
+        let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
         self.spawn_agent_events(&agent);
         Ok(())
     }
 
-    fn install_gated_output(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) -> Result<()> {
+    fn install_gated_output(self: &Arc<Self>, agent: &Arc<failover::net::agent::Agent>) -> Result<()> {
         let Some(vm) = lock(&self.vm).clone() else { return Ok(()) };
         let Some(out) = primary::output::install(&vm, Some(agent.gate()))? else { return Ok(()) };
         let o2 = Arc::clone(&out);
@@ -334,7 +334,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn spawn_agent_events(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) {
+    fn spawn_agent_events(self: &Arc<Self>, agent: &Arc<failover::net::agent::Agent>) {
         let Some(mut events) = lock(&agent.events).take() else { return };
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
