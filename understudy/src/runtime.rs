@@ -50,39 +50,8 @@ impl SerialTarget {
     }
 }
 
-/// How this VM came to be.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Origin {
-    /// A backup holding a replica; no VM runs yet.
-    Backup {
-        /// Listening address.
-        listen: String,
-    },
-    /// Promoted from a backup's replica.
-    Promoted {
-        /// The epoch the replica held.
-        epoch: u64,
-        /// Digest of the replica memory when promoted.
-        memory_digest: String,
-        /// Milliseconds from the promote request to the guest running.
-        promote_ms: f64,
-    },
-    /// Booted from a kernel.
-    Booted {
-        /// The kernel.
-        kernel: PathBuf,
-    },
-    /// Restored from a snapshot.
-    Restored {
-        /// The snapshot directory.
-        from: PathBuf,
-        /// Digest of guest memory when restored, before the guest ran.
-        memory_digest: String,
-        /// Milliseconds from process start to the VM resuming.
-        restore_ms: f64,
-    },
-}
+pub use node::status::Origin;
+use node::status::{BackupProcessStatus, RoleName, Status, VmState, VmStatus};
 
 /// What a backup process needs to promote its replica.
 pub struct BackupRole {
@@ -116,16 +85,6 @@ pub struct Runtime {
     backup_node: Mutex<Option<u64>>,
     /// Set when a part this process cannot do without stopped: the process exits non-zero.
     failed: Mutex<Option<String>>,
-}
-
-#[derive(Serialize)]
-struct Status<'a> {
-    state: &'a str,
-    uptime_s: f64,
-    memory_bytes: u64,
-    cmdline: &'a str,
-    origin: &'a Origin,
-    stopped_reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -590,42 +549,44 @@ impl Runtime {
     }
 
     fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(self.typed_status())?)
+    }
+
+    /// What `status` answers.
+    pub fn typed_status(&self) -> Status {
+        let uptime_s = self.started.elapsed().as_secs_f64();
         let Some(vm) = lock(&self.vm).clone() else {
-            let b = lock(&self.backup);
-            let status = b.as_ref().map(|b| b.node.status());
-            return Ok(serde_json::json!({
-                "role": "backup",
-                "uptime_s": self.started.elapsed().as_secs_f64(),
-                "memory_bytes": self.memory_bytes,
-                "origin": &*lock(&self.origin),
-                "backup": status,
-            }));
+            return Status::Backup(BackupProcessStatus {
+                role: RoleName::Backup,
+                uptime_s,
+                memory_bytes: self.memory_bytes,
+                origin: lock(&self.origin).clone(),
+                backup: lock(&self.backup).as_ref().map(|b| b.node.status()),
+            });
         };
         let protection = lock(&self.protection).as_ref().map(|p| p.report());
         let vm = lock(&vm);
-        let stopped = vm.stopped().map(|r| match r {
+        let stopped_reason = vm.stopped().map(|r| match r {
             StopReason::Requested => "stopped by request".to_string(),
             StopReason::Failed(why) => why,
         });
-        let state = if stopped.is_some() {
-            "stopped"
+        let state = if stopped_reason.is_some() {
+            VmState::Stopped
         } else if vm.is_paused() {
-            "paused"
+            VmState::Paused
         } else {
-            "running"
+            VmState::Running
         };
-        let origin = lock(&self.origin).clone();
-        let mut v = serde_json::to_value(Status {
+        Status::Vm(VmStatus {
+            role: RoleName::Primary,
             state,
-            uptime_s: self.started.elapsed().as_secs_f64(),
+            uptime_s,
             memory_bytes: self.memory_bytes,
-            cmdline: vm.cmdline(),
-            origin: &origin,
-            stopped_reason: stopped,
-        })?;
-        v["role"] = "primary".into();
-        v["protection"] = serde_json::to_value(protection)?;
-        Ok(v)
+            cmdline: vm.cmdline().to_string(),
+            origin: lock(&self.origin).clone(),
+            stopped_reason,
+            protection,
+        })
     }
 
     fn snapshot(&self, dir: &Path, then: AfterSnapshot) -> Result<serde_json::Value> {

@@ -1,0 +1,9 @@
+//! One Understudy node: the process that runs a VM or holds a backup's replica of one. The
+//! binary parses the command line, wires the parts and prints; what the node is and reports
+//! lives here so that later roles (migration source and destination) join as library code.
+//!
+//! Modules:
+//! - [`status`]: what the admin API's `status` answers, per role (its JSON field names are part
+//!   of the API).
+
+pub mod status;
