@@ -55,7 +55,6 @@
 //! ```
 //!
 //! Modules:
-//! - [`detector`]: the sans-IO heartbeat failure detector;
 //! - [`arbiter`]: the raft voter, the lease and the fencing events; [`witness`]: the third voter;
 //! - [`state`]: the replicated state machine and its commands; [`lease`]: the lease arithmetic;
 //! - [`journal`], [`storage`]: the persisted raft state; [`wire`]: the raft message envelope;
@@ -64,7 +63,6 @@
 #![forbid(unsafe_code)]
 
 pub mod arbiter;
-pub mod detector;
 pub mod failpoint;
 pub mod journal;
 pub mod lease;
@@ -80,7 +78,6 @@ pub mod witness;
 pub type NodeId = u64;
 
 pub use arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
-pub use detector::{Detector, DetectorConfig, DetectorEvent};
 pub use lease::{LeaseConfig, OutputPermit};
 pub use state::{VmId, VmRecord};
 pub use witness::Witness;
