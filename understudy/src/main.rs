@@ -4,7 +4,6 @@
 mod agent;
 mod api;
 mod metrics;
-mod protect;
 mod runtime;
 
 use std::path::PathBuf;
@@ -436,7 +435,7 @@ fn real_main(cli: Cli) -> Result<()> {
             backup_node,
         } => {
             let certs = std::path::absolute(&certs).unwrap_or(certs);
-            let req = protect::ProtectRequest {
+            let req = node::protect::ProtectRequest {
                 backup,
                 backup_name,
                 certs,
@@ -499,7 +498,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 vm: backup::server::vm_identity(&vm),
                 layout: vmm::layout::ram_regions(memory),
                 verify,
-                timing: protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
+                timing: node::protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
                 on_primary_lost: None,
                 prepare_vm: !no_prepare_vm,
             };

@@ -74,7 +74,7 @@ pub struct Runtime {
     started: Instant,
     memory_bytes: u64,
     exit: (Mutex<Option<String>>, Condvar),
-    protection: Mutex<Option<crate::protect::Protection>>,
+    protection: Mutex<Option<node::protect::Protection>>,
     backup: Mutex<Option<BackupRole>>,
     tokio: tokio::runtime::Runtime,
     agent: Mutex<Option<Arc<failover::net::agent::Agent>>>,
@@ -415,8 +415,8 @@ impl Runtime {
         Ok(serde_json::json!({"state": "running"}))
     }
 
-    fn protect(&self, req: crate::protect::ProtectRequest) -> Result<serde_json::Value> {
-        crate::protect::validate(&req)?;
+    fn protect(&self, req: node::protect::ProtectRequest) -> Result<serde_json::Value> {
+        node::protect::validate(&req)?;
         let vm = self.vm_arc()?;
         let mut p = lock(&self.protection);
         if p.is_some() {
@@ -441,7 +441,7 @@ impl Runtime {
         let existing = lock(&self.output).clone();
         *lock(&self.backup_recorded) = false;
         *p = Some(
-            crate::protect::Protection::start(&vm, &req, self.tokio.handle(), existing, hook)
+            node::protect::Protection::start(&vm, &req, self.tokio.handle(), existing, hook)
                 .context("start protection")?,
         );
         *lock(&self.backup_node) = req.backup_node;

@@ -49,16 +49,8 @@ pub enum AgentError {
     #[error("QUIC arbitration peers need certificates and this host's certificate name")]
     NoIdentity,
     /// This host's certificates could not be loaded.
-    #[error("load certificates for {name} from {}", dir.display())]
-    Identity {
-        /// The certificate name.
-        name: String,
-        /// The directory.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<transport::certs::CertsError>,
-    },
+    #[error(transparent)]
+    Identity(#[from] transport::certs::LoadError),
     /// The raft state directory could not be created.
     #[error("create {}", path.display())]
     CreateDir {
@@ -107,11 +99,7 @@ pub async fn bind_link(
     match peers {
         Peers::Quic(specs) => {
             let (Some(certs), Some(name)) = (certs, name) else { return Err(AgentError::NoIdentity) };
-            let identity = transport::Identity::load(certs, name).map_err(|source| AgentError::Identity {
-                name: name.to_string(),
-                dir: certs.to_path_buf(),
-                source: Box::new(source),
-            })?;
+            let identity = transport::Identity::load_named(certs, name)?;
             let (link, inbox) = QuicLink::bind(id, listen, &identity, specs).await?;
             Ok((link, inbox))
         }
