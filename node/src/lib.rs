@@ -3,9 +3,11 @@
 //! lives here so that later roles (migration source and destination) join as library code.
 //!
 //! Modules:
+//! - [`metrics`]: the Prometheus endpoint over the status report;
 //! - [`protect`]: protection of a running VM (the primary side);
 //! - [`status`]: what the admin API's `status` answers, per role (its JSON field names are part
 //!   of the API).
 
+pub mod metrics;
 pub mod protect;
 pub mod status;

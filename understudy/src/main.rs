@@ -3,7 +3,6 @@
 
 mod agent;
 mod api;
-mod metrics;
 mod runtime;
 
 use std::path::PathBuf;
@@ -345,7 +344,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, metrics_public, agent } => {
             if let Some(addr) = metrics {
-                metrics::check_addr(addr, metrics_public)?;
+                node::metrics::check_addr(addr, metrics_public)?;
             }
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
@@ -486,7 +485,7 @@ fn real_main(cli: Cli) -> Result<()> {
             agent,
         } => {
             if let Some(addr) = metrics {
-                metrics::check_addr(addr, metrics_public)?;
+                node::metrics::check_addr(addr, metrics_public)?;
             }
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;

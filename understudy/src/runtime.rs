@@ -252,10 +252,10 @@ impl Runtime {
     /// `public`).
     pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr, public: bool) -> Result<()> {
         let weak = Arc::downgrade(self);
-        crate::metrics::serve(
+        node::metrics::serve(
             addr,
             public,
-            crate::metrics::Limits::default(),
+            node::metrics::Limits::default(),
             Arc::new(move || weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)),
         )?;
         Ok(())
