@@ -192,9 +192,9 @@ impl Runtime {
                 while let Ok(lost) = lost_rx.recv() {
                     let Some(rt) = weak.upgrade() else { return };
                     let agent = lock(&rt.agent).clone();
-                    use backup::server::Verdict;
-                    match (lost.verdict, agent) {
-                        (Verdict::Heard, Some(agent)) => {
+                    use node::failover::LossAction;
+                    match (node::failover::on_primary_lost(&lost, agent.is_some(), auto_promote), agent) {
+                        (LossAction::Withdraw, Some(agent)) => {
                             let vm = agent.vm;
                             tracing::info!("{}: withdrawing a takeover request, if any", lost.reason);
                             if let Err(e) = agent.call(rt.tokio.handle(), move |a, now| a.report_primary_alive(now, vm))
@@ -203,15 +203,14 @@ impl Runtime {
                             }
                             continue;
                         }
-                        (verdict, Some(agent)) => {
+                        (LossAction::AskGroup { gone, suspect }, Some(agent)) => {
                             let vm = agent.vm;
-                            let what = if verdict == Verdict::Suspect { "suspect" } else { "lost" };
+                            let what = if suspect { "suspect" } else { "lost" };
                             tracing::warn!(
                                 epoch = lost.epoch,
                                 "primary {what} ({}): asking the group for activity",
                                 lost.reason
                             );
-                            let gone = lost.process_gone;
                             let report = agent.call(rt.tokio.handle(), move |a, now| {
                                 if gone { a.report_primary_gone(now, vm) } else { a.report_primary_dead(now, vm) }
                             });
@@ -222,18 +221,18 @@ impl Runtime {
                             }
                             continue;
                         }
+                        (LossAction::Promote, _) => {}
+                        (LossAction::LeaveToOperator, _) => {
+                            tracing::error!(
+                                epoch = lost.epoch,
+                                "primary lost ({}); not promoting by itself: run `understudy promote`",
+                                lost.reason
+                            );
+                            continue;
+                        }
                         // Without arbitration nothing else rules out two active copies: a
                         // suspicion is only logged (the server did), the end of the session decides.
-                        (Verdict::Heard | Verdict::Suspect, None) => continue,
-                        (Verdict::Lost, None) => {}
-                    }
-                    if !auto_promote {
-                        tracing::error!(
-                            epoch = lost.epoch,
-                            "primary lost ({}); not promoting by itself: run `understudy promote`",
-                            lost.reason
-                        );
-                        continue;
+                        _ => continue,
                     }
                     let since_commit = lost.last_commit.map(|t| t.elapsed().as_secs_f64() * 1e3);
                     tracing::warn!(epoch = lost.epoch, ?since_commit, "primary lost ({}): promoting", lost.reason);
