@@ -171,6 +171,12 @@ impl MemDisk {
         self.0.lock().expect("mem disk lock").syncs
     }
 
+    /// An independent copy of this disk as it is now (its unsynced bytes included).
+    pub fn fork(&self) -> MemDisk {
+        let d = self.0.lock().expect("mem disk lock");
+        MemDisk(Arc::new(Mutex::new(MemDiskInner { bytes: d.bytes.clone(), synced: d.synced, syncs: d.syncs })))
+    }
+
     /// A backend writing to this disk.
     pub fn backend(&self) -> MemBackend {
         MemBackend(self.clone())

@@ -28,6 +28,8 @@ pub enum LeaseError {
     RenewTooSlow { renew: Duration, lease: Duration },
     #[error("lease: drift {ppm} ppm must be below 500000")]
     Drift { ppm: u32 },
+    #[error("lease: the bound on a peer's lease {max:?} must be at least the lease {lease:?}")]
+    ClaimBound { max: Duration, lease: Duration },
 }
 
 /// Lease timings. Every node of a group should use the same values; a voter honours the lease
@@ -47,6 +49,12 @@ pub struct LeaseConfig {
     /// Extra wait on the voters' side: covers the output release that was checked just before
     /// the lease ran out and the scheduling delay between that check and the packet leaving.
     pub release_margin: Duration,
+    /// The longest lease a peer's request may claim. A voter honours the lease each request
+    /// carries (waits it out before it helps grant a newer generation), so a request read off
+    /// the wire claiming more is refused whole: an absurd lease would otherwise block every
+    /// failover for as long. At least `lease_timeout`; peers configured with a longer lease
+    /// than this are refused until the bound is raised.
+    pub max_claim_lease: Duration,
 }
 
 impl Default for LeaseConfig {
@@ -56,6 +64,7 @@ impl Default for LeaseConfig {
             renew_interval: Duration::from_millis(15),
             max_drift_ppm: 10_000,
             release_margin: Duration::from_millis(5),
+            max_claim_lease: Duration::from_secs(1),
         }
     }
 }
@@ -71,6 +80,9 @@ impl LeaseConfig {
         }
         if self.max_drift_ppm >= 500_000 {
             return Err(LeaseError::Drift { ppm: self.max_drift_ppm });
+        }
+        if self.max_claim_lease < self.lease_timeout {
+            return Err(LeaseError::ClaimBound { max: self.max_claim_lease, lease: self.lease_timeout });
         }
         Ok(())
     }
@@ -184,6 +196,10 @@ mod tests {
         assert_eq!(
             LeaseConfig { max_drift_ppm: 600_000, ..c }.validate().unwrap_err().to_string(),
             "lease: drift 600000 ppm must be below 500000"
+        );
+        assert_eq!(
+            LeaseConfig { lease_timeout: Duration::from_secs(2), renew_interval: ms(10), ..c }.validate(),
+            Err(LeaseError::ClaimBound { max: Duration::from_secs(1), lease: Duration::from_secs(2) })
         );
     }
 

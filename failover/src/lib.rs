@@ -58,17 +58,21 @@
 //! - [`arbiter`]: the raft voter, the lease and the fencing events; [`witness`]: the third voter;
 //! - [`state`]: the replicated state machine and its commands; [`lease`]: the lease arithmetic;
 //! - [`journal`], [`storage`]: the persisted raft state; [`wire`]: the raft message envelope;
-//! - [`net`] (feature `net`): the tokio driver, UDP links, `run_witness` and the transport seam;
-//!   [`net::agent`]: the arbitration agent of a VM process (primary or backup).
+//! - [`net`] (feature `net`): the tokio driver, the QUIC link (and a UDP one for tests), the
+//!   witness runners and the transport seam; [`net::agent`]: the arbitration agent of a VM
+//!   process (primary or backup); [`fuzzing`]: the fuzz targets' entry points.
 #![forbid(unsafe_code)]
 
 pub mod arbiter;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod lease;
 pub mod logger;
 #[cfg(feature = "net")]
 pub mod net;
+pub(crate) mod ratelimit;
 pub mod state;
 pub mod storage;
 pub mod wire;
@@ -81,3 +85,16 @@ pub use arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
 pub use lease::{LeaseConfig, OutputPermit};
 pub use state::{VmId, VmRecord};
 pub use witness::Witness;
+
+/// `error: source: source ...`: an error with its chain of sources on one line, for logs (the
+/// top level of a program prints the chain itself).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -9,14 +9,16 @@
 //! - incoming: a `tokio::sync::mpsc::Receiver<Inbound>` of `(from, bytes)`, where `from` is the
 //!   peer's *authenticated* identity.
 //!
-//! [`UdpLink`] implements both over UDP (for loopback tests and the first deployments: it checks
+//! [`UdpLink`] implements both over plain UDP, for this crate's loopback tests only: it checks
 //! that a datagram's claimed sender matches the configured address, which is no authentication
-//! at all). [`quic::QuicLink`] implements both over QUIC with mutual TLS (`transport`): one
+//! at all, and the `understudy` binary refuses to run arbitration over it. [`quic::QuicLink`] implements both over QUIC with mutual TLS (`transport`): one
 //! datagram per message when it fits, else one frame on the control stream (messages are at
 //! most [`ArbiterConfig::max_msg_bytes`] plus a few hundred bytes, snapshots a little more), and
 //! every message it receives is pushed into the inbox with the node id mapped from the peer's
 //! verified certificate name. The arbiter refuses a message whose raft `from` differs from that
-//! id. [`run_witness`] serves a group over UDP, [`quic::run_witness_quic`] over QUIC.
+//! id, and every message that does not look like what the group sends (`docs/failover.md`, *Off
+//! the wire*). [`quic::run_witness_quic`] serves a group over QUIC, [`run_witness`] over UDP
+//! (tests).
 //!
 //! # Blocking
 //!
@@ -32,7 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::NodeId;
 use crate::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
@@ -68,8 +70,8 @@ pub enum NetError {
     },
     #[error("arbiter")]
     Arbiter(#[from] ArbiterError),
-    #[error("driver stopped")]
-    Stopped,
+    #[error("arbiter task ended: {reason}")]
+    Failed { reason: String },
 }
 
 /// Sends raft messages to peers. Best effort: a lost message is retried by raft.
@@ -262,7 +264,8 @@ async fn drive_with<N: Node + ?Sized>(
                 match node.step(Instant::now(), msg.from, &msg.bytes) {
                     Ok(()) => {}
                     Err(e @ (ArbiterError::Stopped { .. } | ArbiterError::Journal(_))) => return Err(e.into()),
-                    Err(e) => tracing::debug!(from = msg.from, error = %e, "message refused"),
+                    // Refusals are logged by the arbiter itself (rate limited).
+                    Err(e) => tracing::trace!(from = msg.from, error = %e, "message refused"),
                 }
             }
             cmd = commands.recv(), if commands_open => match cmd {
@@ -283,9 +286,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// A handle on an arbiter running in its own task ([`spawn_arbiter`]): the primary's and
 /// backup's processes call into it; events arrive on the receiver returned with it.
+///
+/// The task ends only on a failure: a journal that cannot be written, a panic, or a link whose
+/// inbox closed. It then logs an error, and every [`ArbiterHandle::call`] fails with
+/// [`NetError::Failed`] naming why; [`ArbiterHandle::failed`] lets the owner wait for that and
+/// act (a node without its arbiter can neither renew a lease nor be granted anything).
 #[derive(Debug, Clone)]
 pub struct ArbiterHandle {
     commands: mpsc::UnboundedSender<Command<Arbiter>>,
+    ended: watch::Receiver<Option<String>>,
 }
 
 impl ArbiterHandle {
@@ -300,12 +309,32 @@ impl ArbiterHandle {
         let cmd: Command<Arbiter> = Box::new(move |a, now| {
             let _ = tx.send(f(a, now));
         });
-        self.commands.send(cmd).map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)
+        if self.commands.send(cmd).is_err() {
+            return Err(NetError::Failed { reason: self.failed().await });
+        }
+        match rx.await {
+            Ok(r) => Ok(r),
+            Err(_) => Err(NetError::Failed { reason: self.failed().await }),
+        }
+    }
+
+    /// Why the arbiter's task ended, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.ended.borrow().clone()
+    }
+
+    /// Waits until the arbiter's task ends, and says why.
+    pub async fn failed(&self) -> String {
+        let mut ended = self.ended.clone();
+        match ended.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the arbiter task is gone".to_owned(),
+        }
     }
 }
 
-/// Runs `arbiter` in a task of its own over `link` and `inbox`.
+/// Runs `arbiter` in a task of its own over `link` and `inbox`. The returned task ends when the
+/// arbiter's does, with the reason in [`NetError::Failed`] (see [`ArbiterHandle`]).
 pub fn spawn_arbiter(
     mut arbiter: Arbiter,
     link: Arc<dyn PeerLink>,
@@ -313,11 +342,64 @@ pub fn spawn_arbiter(
 ) -> (ArbiterHandle, mpsc::UnboundedReceiver<Event>, tokio::task::JoinHandle<Result<(), NetError>>) {
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let task =
-        tokio::spawn(
-            async move { drive_with(&mut arbiter, link.as_ref(), &mut inbox, Some(&ev_tx), &mut cmd_rx).await },
-        );
-    (ArbiterHandle { commands: cmd_tx }, ev_rx, task)
+    let (ended_tx, ended) = watch::channel(None);
+    let id = arbiter.id();
+    let task = tokio::spawn(async move {
+        let driven =
+            CatchUnwind(Box::pin(drive_with(&mut arbiter, link.as_ref(), &mut inbox, Some(&ev_tx), &mut cmd_rx))).await;
+        let reason = ended_because(id, driven);
+        let _ = ended_tx.send(Some(reason.clone()));
+        Err(NetError::Failed { reason })
+    });
+    (ArbiterHandle { commands: cmd_tx, ended }, ev_rx, task)
+}
+
+/// Polls a future, turning a panic inside it into an `Err` carrying the panic's payload.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        // A future that panicked is never polled again: it is dropped with this one.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(out)) => std::task::Poll::Ready(Ok(out)),
+            Err(payload) => std::task::Poll::Ready(Err(payload)),
+        }
+    }
+}
+
+/// Why a driver ended (it only ends on a failure), logged as an error.
+fn ended_because(id: NodeId, driven: std::thread::Result<Result<(), NetError>>) -> String {
+    let reason = match driven {
+        Ok(Ok(())) => "the arbitration link closed".to_owned(),
+        Ok(Err(e)) => crate::error_chain(&e),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("panicked: {text}")
+        }
+    };
+    tracing::error!(node = id, "ARBITER STOPPED: {reason}; this node no longer takes part in arbitration");
+    reason
+}
+
+/// Drives `node` until it fails, like [`drive`], and turns a panic in it into
+/// [`NetError::Failed`] (logged as an error) instead of unwinding into the caller. Drop the
+/// future to stop it.
+pub async fn drive_supervised<N: Node>(
+    mut node: N,
+    id: NodeId,
+    link: Arc<dyn PeerLink>,
+    mut inbox: mpsc::Receiver<Inbound>,
+) -> Result<(), NetError> {
+    let driven = CatchUnwind(Box::pin(drive(&mut node, link.as_ref(), &mut inbox, None))).await;
+    Err(NetError::Failed { reason: ended_because(id, driven) })
 }
 
 /// What `understudy witness` needs.
@@ -355,16 +437,17 @@ pub fn parse_peer(spec: &str) -> Result<(NodeId, SocketAddr), NetError> {
     Ok((id, addr))
 }
 
-/// Everything `understudy witness --data DIR --listen ADDR --peers ID=ADDR,...` does: opens (or
-/// bootstraps) the journal, binds UDP and runs the witness until an error. Drop the future to
-/// stop it (every state change is already on disk when a message leaves).
+/// A witness over plain UDP (unauthenticated: loopback tests only; `understudy witness` runs
+/// [`quic::run_witness_quic`]): opens (or bootstraps) the journal, binds UDP and runs the
+/// witness until an error. Drop the future to stop it (every state change is already on disk
+/// when a message leaves).
 pub async fn run_witness(config: WitnessConfig) -> Result<(), NetError> {
     let id = config.arbiter.id;
-    let mut witness = Witness::open_dir(config.arbiter.clone(), &config.data, Instant::now())
+    let witness = Witness::open_dir(config.arbiter.clone(), &config.data, Instant::now())
         .map_err(|source| NetError::Open { path: config.data.clone(), source })?;
-    let (link, mut inbox) = UdpLink::bind(id, config.listen, &config.peers).await?;
+    let (link, inbox) = UdpLink::bind(id, config.listen, &config.peers).await?;
     tracing::info!(node = id, listen = %config.listen, peers = ?config.peers, "witness running");
-    drive(&mut witness, link.as_ref(), &mut inbox, None).await
+    drive_supervised(witness, id, link, inbox).await
 }
 
 #[cfg(test)]

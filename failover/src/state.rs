@@ -280,14 +280,15 @@ impl StateMachine {
         let reject = |reason| Applied::Rejected { vm, reason };
         match *cmd {
             Command::Grant { generation, claim, .. } => {
+                let next = |r: VmRecord| r.generation.checked_add(1) == Some(generation);
                 let ok = match current {
                     None => generation == 1,
-                    Some(r) => generation == r.generation + 1 && r.backup == Some(claim.node),
+                    Some(r) => next(r) && r.backup == Some(claim.node),
                 };
                 if !ok {
                     return reject(match current {
                         None => "first grant must be generation 1",
-                        Some(r) if generation != r.generation + 1 => "grant generation is not the next one",
+                        Some(r) if !next(r) => "grant generation is not the next one",
                         Some(_) => "grant to a node that is not the recorded backup",
                     });
                 }

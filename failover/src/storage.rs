@@ -86,16 +86,17 @@ impl Store {
         self.entries.extend_from_slice(entries);
     }
 
-    /// Installs a snapshot received from the leader: the log is replaced by it.
+    /// Installs a snapshot received from the leader: the log is replaced by it. raft-rs
+    /// restores a snapshot only when this log does not hold the snapshot's last entry (else it
+    /// just moves the commit index), so every entry here either is covered by the snapshot or
+    /// follows a divergent entry, and none may stay (raft-rs's own view of the log after a
+    /// restore ends at the snapshot; keeping a divergent tail made the two disagree, and
+    /// raft-rs panic on its next election: found by the `arbiter_step` fuzz target).
     pub fn apply_snapshot(&mut self, snapshot: Snapshot) {
         let meta = snapshot.get_metadata();
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.hard_state.term = self.hard_state.term.max(meta.term);
-        let index = meta.index;
-        self.entries.retain(|e| e.index > index);
-        if self.entries.first().is_some_and(|e| e.index != index + 1) {
-            self.entries.clear();
-        }
+        self.entries.clear();
         self.snapshot = snapshot;
     }
 
@@ -208,6 +209,19 @@ mod tests {
         assert!(s.entries(4, 6, None, GetEntriesContext::empty(false)).is_err());
         assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 5);
         assert!(s.snapshot(6, 2).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_below_the_last_entry_drops_the_divergent_tail() {
+        let mut s = store();
+        s.append(&(2..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
+        let mut snap = s.snapshot_ref().clone();
+        snap.mut_metadata().index = 5;
+        snap.mut_metadata().term = 2;
+        s.apply_snapshot(snap);
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (6, 5));
+        assert_eq!(s.term(5).unwrap(), 2);
+        assert!(s.entries_ref().is_empty());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use raft::eraftpb::Message;
 pub enum WireError {
     #[error("raft message: {len} bytes is too short")]
     Short { len: usize },
+    #[error("raft message: {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
     #[error("raft message: bad magic {magic:#04x}")]
     Magic { magic: u8 },
     #[error("raft message: unknown version {version}")]
@@ -26,6 +28,11 @@ pub enum WireError {
 const MAGIC: u8 = 0x52; // 'R'
 const VERSION: u8 = 1;
 const HEADER: usize = 6;
+/// The largest envelope [`decode`] accepts: appends are limited to
+/// `ArbiterConfig::max_msg_bytes` (32 KiB by default) and a snapshot of the state machine is
+/// 32 bytes per VM, so anything near this is garbage or hostile and is refused before the
+/// protobuf parser allocates for it.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Encodes a raft message in its envelope.
 pub fn encode(msg: &Message) -> Vec<u8> {
@@ -46,6 +53,9 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
     if bytes.len() < HEADER {
         return Err(WireError::Short { len: bytes.len() });
+    }
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge { len: bytes.len(), max: MAX_MESSAGE_BYTES });
     }
     if bytes[0] != MAGIC {
         return Err(WireError::Magic { magic: bytes[0] });
@@ -103,6 +113,15 @@ mod tests {
         }
         assert_eq!(decode(&[0x52, 1]), Err(WireError::Short { len: 2 }));
         assert_eq!(decode(&[0x52, 9, 0, 0, 0, 0]).unwrap_err().to_string(), "raft message: unknown version 9");
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_before_parsing() {
+        let mut m = sample();
+        let big = Entry { index: 42, term: 7, data: vec![7; MAX_MESSAGE_BYTES].into(), ..Default::default() };
+        m.set_entries(vec![big].into());
+        let bytes = encode(&m);
+        assert_eq!(decode(&bytes), Err(WireError::TooLarge { len: bytes.len(), max: MAX_MESSAGE_BYTES }));
     }
 
     #[test]

@@ -1,103 +1,12 @@
 //! Arbiter behaviour that needs no simulator: restarts from the journal, hostile input, API
 //! refusals.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use failover::journal::MemDisk;
-use failover::{Arbiter, ArbiterConfig, ArbiterError, Event, VmId};
+mod common;
 
-const VM: VmId = VmId(5);
-
-struct Group {
-    now: Instant,
-    disks: Vec<MemDisk>,
-    nodes: Vec<Option<Arbiter>>,
-    events: Vec<(u64, Event)>,
-    /// Pairs that cannot talk (both directions).
-    cuts: Vec<(u64, u64)>,
-}
-
-fn config(id: u64) -> ArbiterConfig {
-    ArbiterConfig { preferred_leader: Some(3), ..ArbiterConfig::new(id, &[1, 2, 3]) }
-}
-
-impl Group {
-    fn new() -> Self {
-        let now = Instant::now();
-        let disks = vec![MemDisk::new(), MemDisk::new(), MemDisk::new()];
-        let nodes =
-            (1..=3).map(|id| Some(Arbiter::open_mem(config(id), &disks[id as usize - 1], now).unwrap())).collect();
-        Self { now, disks, nodes, events: Vec::new(), cuts: Vec::new() }
-    }
-
-    /// Node 1 holds the VM, with node 2 recorded as its backup.
-    fn protected() -> Self {
-        let mut g = Self::new();
-        g.at(1, |a, now| a.request_activity(now, VM)).unwrap();
-        g.run(300);
-        let now = g.now;
-        g.node(1).set_backup(now, VM, 2).unwrap();
-        g.run(300);
-        g
-    }
-
-    /// Calls `f` on node `id` with the group's clock.
-    fn at<R>(&mut self, id: u64, f: impl FnOnce(&mut Arbiter, Instant) -> R) -> R {
-        let now = self.now;
-        f(self.node(id), now)
-    }
-
-    fn node(&mut self, id: u64) -> &mut Arbiter {
-        self.nodes[id as usize - 1].as_mut().expect("node up")
-    }
-
-    /// Advances 1 ms at a time with a perfect network, `ms` times.
-    fn run(&mut self, ms: u64) {
-        for _ in 0..ms {
-            self.now += Duration::from_millis(1);
-            let now = self.now;
-            let mut flight = Vec::new();
-            for node in self.nodes.iter_mut().flatten() {
-                node.handle_timeout(now).unwrap();
-                while let Some((to, bytes)) = node.poll_transmit() {
-                    flight.push((node.id(), to, bytes));
-                }
-                while let Some(e) = node.poll_event() {
-                    self.events.push((node.id(), e));
-                }
-            }
-            for (from, to, bytes) in flight {
-                if self.cuts.iter().any(|&(a, b)| (a, b) == (from, to) || (b, a) == (from, to)) {
-                    continue;
-                }
-                if let Some(node) = self.nodes[to as usize - 1].as_mut() {
-                    node.step(now, from, &bytes).unwrap();
-                }
-            }
-        }
-    }
-
-    /// Runs until node 2 is granted generation 2; how many ms that took.
-    fn ms_to_backup_grant(&mut self) -> u64 {
-        for ms in 1..=500 {
-            self.run(1);
-            if self.events.contains(&(2, Event::Granted { vm: VM, generation: 2 })) {
-                return ms;
-            }
-        }
-        panic!("no grant within 500 ms");
-    }
-
-    fn crash(&mut self, id: u64) {
-        self.nodes[id as usize - 1] = None;
-        self.disks[id as usize - 1].crash(0);
-    }
-
-    fn restart(&mut self, id: u64) {
-        let disk = &self.disks[id as usize - 1];
-        self.nodes[id as usize - 1] = Some(Arbiter::open_mem(config(id), disk, self.now).unwrap());
-    }
-}
+use common::*;
+use failover::{ArbiterConfig, ArbiterError, Event, VmId};
 
 #[test]
 fn a_restarted_node_keeps_its_term_vote_and_state() {

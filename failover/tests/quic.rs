@@ -5,9 +5,8 @@
 //! certificate from another CA, a name not in the peer list) are refused and never heard; a
 //! peer only ever speaks as the node its certificate names; links reconnect after a restart.
 
-use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use failover::journal::MemDisk;
@@ -15,9 +14,12 @@ use failover::net::{self, ArbiterHandle, Inbound, PeerLink, PeerSpec, QuicLink, 
 use failover::{Arbiter, ArbiterConfig, ArbiterError, Event, VmId};
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
-use tracing_subscriber::fmt::MakeWriter;
 use transport::certs::{Authority, HostSpec, Identity, Validity};
 use transport::{Endpoint, ProtocolVersions, Tuning};
+
+mod common;
+
+use common::Logs;
 
 const VM: VmId = VmId(7);
 const NAMES: [&str; 3] = ["primary", "backup", "witness"];
@@ -53,44 +55,6 @@ fn peers(addrs: &[SocketAddr; 3], me: u64) -> Vec<PeerSpec> {
         .filter(|id| *id != me)
         .map(|id| PeerSpec::new(id, NAMES[id as usize - 1], addrs[id as usize - 1]))
         .collect()
-}
-
-/// Captures this thread's log lines (every task of a current-thread runtime runs on it).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Logs {
-    type Writer = Logs;
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
-}
-
-impl Logs {
-    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            // Refusals beyond the first ten in ten seconds are logged at debug.
-            .with_env_filter("info,failover::net::quic=debug")
-            .finish();
-        (logs.clone(), tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 async fn wait_for(

@@ -58,6 +58,7 @@ fn kill_primary(net: NetConfig, runs: u64, name: &str, follow_holder: bool) {
         times.push(at - kill);
         assert_eq!(sim.releasing(), Some(BACKUP), "seed {seed}\n{}", sim.dump());
         assert!(matches!(sim.node(BACKUP).guest, Guest::Active(2)), "seed {seed}");
+        assert!(sim.refusals.is_empty(), "seed {seed}: messages the group sends were refused: {:?}", sim.refusals);
     }
     let v = report(name, times);
     let max = *v.last().expect("runs");
@@ -300,6 +301,7 @@ fn chaos_run(seed: u64) -> (u64, usize, bool) {
         );
         lost = true;
     }
+    assert!(sim.refusals.is_empty(), "seed {seed}: messages the group sends were refused: {:?}", sim.refusals);
     (sim.steps, grants, lost)
 }
 

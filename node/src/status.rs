@@ -61,6 +61,28 @@ pub enum VmState {
     Stopped,
 }
 
+/// Whether the arbitration agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArbitrationState {
+    /// Its arbiter task runs.
+    Running,
+    /// Its arbiter task ended (the process then stops its guest and exits non-zero).
+    Failed,
+}
+
+/// The arbitration agent's state, when arbitration is configured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArbitrationStatus {
+    /// This process's raft node id.
+    pub node: u64,
+    /// Running or failed.
+    pub state: ArbitrationState,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// The status of a process that runs a VM.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmStatus {
@@ -80,6 +102,8 @@ pub struct VmStatus {
     pub stopped_reason: Option<String>,
     /// Protection, while the VM is protected.
     pub protection: Option<primary::stats::StatusReport>,
+    /// Arbitration, when configured.
+    pub arbitration: Option<ArbitrationStatus>,
 }
 
 /// The status of a backup process (no VM runs yet).
@@ -95,6 +119,8 @@ pub struct BackupProcessStatus {
     pub origin: Origin,
     /// The backup server's status.
     pub backup: Option<backup::server::BackupStatus>,
+    /// Arbitration, when configured.
+    pub arbitration: Option<ArbitrationStatus>,
 }
 
 /// What `status` answers.
@@ -127,11 +153,22 @@ mod tests {
             origin: Origin::Booted { kernel: "guest.elf".into() },
             stopped_reason: None,
             protection: None,
+            arbitration: None,
         });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
             keys(&v),
-            ["cmdline", "memory_bytes", "origin", "protection", "role", "state", "stopped_reason", "uptime_s"]
+            [
+                "arbitration",
+                "cmdline",
+                "memory_bytes",
+                "origin",
+                "protection",
+                "role",
+                "state",
+                "stopped_reason",
+                "uptime_s"
+            ]
         );
         assert_eq!(v["role"], "primary");
         assert_eq!(v["state"], "running");
@@ -152,9 +189,14 @@ mod tests {
             memory_bytes: 64 << 20,
             origin: Origin::Backup { listen: "127.0.0.1:7000".into() },
             backup: Some(backup::server::BackupStatus { state: "waiting".into(), ..Default::default() }),
+            arbitration: Some(ArbitrationStatus { node: 2, state: ArbitrationState::Running, reason: None }),
         });
         let v = serde_json::to_value(&s).unwrap();
-        assert_eq!(keys(&v), ["backup", "memory_bytes", "origin", "role", "uptime_s"]);
+        assert_eq!(keys(&v), ["arbitration", "backup", "memory_bytes", "origin", "role", "uptime_s"]);
+        assert_eq!(v["arbitration"], serde_json::json!({"node": 2, "state": "running"}));
+        let failed = ArbitrationStatus { node: 1, state: ArbitrationState::Failed, reason: Some("journal".into()) };
+        let f = serde_json::to_value(failed).unwrap();
+        assert_eq!(f, serde_json::json!({"node": 1, "state": "failed", "reason": "journal"}));
         assert_eq!(v["role"], "backup");
         assert_eq!(v["origin"], serde_json::json!({"kind": "backup", "listen": "127.0.0.1:7000"}));
         assert_eq!(

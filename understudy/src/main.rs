@@ -240,13 +240,13 @@ enum Command {
         /// Directory of its persisted raft state.
         #[arg(long)]
         data: PathBuf,
-        /// UDP address to listen on.
+        /// UDP address to listen on (QUIC with mutual TLS).
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// The two agents (repeat): `ID=NAME@HOST:PORT` for QUIC with mutual TLS, or
-        /// `ID=HOST:PORT` for plain UDP (unauthenticated: tests only).
-        #[arg(long = "peer")]
-        peers: Vec<String>,
+        /// The two agents (repeat): `ID=NAME@HOST:PORT`, NAME being the name in the agent's
+        /// certificate. Arbitration runs only over QUIC with mutual TLS.
+        #[arg(long = "peer", value_parser = agent::peer_arg)]
+        peers: Vec<failover::net::PeerSpec>,
         /// Certificates (ca.pem and this host's pair) for the QUIC link.
         #[arg(long)]
         certs: Option<PathBuf>,
@@ -519,9 +519,11 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Witness { id, data, listen, peers, certs, name } => {
             if peers.len() != 2 {
-                bail!("a witness needs the two agents as --peer ID=NAME@HOST:PORT (or ID=HOST:PORT)");
+                bail!("a witness needs the two agents as --peer ID=NAME@HOST:PORT");
             }
-            let peers = failover::net::agent::parse_peers(&peers)?;
+            let certs = certs.context("a witness needs --certs (the CA and its certificate, `understudy certs`)")?;
+            let identity = transport::Identity::load(&certs, &name)
+                .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -532,20 +534,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 tracing::info!("witness stopping: signal {sig}");
                 std::process::exit(0);
             });
-            match peers {
-                failover::net::agent::Peers::Udp(p) => {
-                    tracing::warn!("witness over plain UDP: peers are not authenticated");
-                    let cfg = failover::net::WitnessConfig::new(id, data, listen, p);
-                    rt.block_on(failover::net::run_witness(cfg)).context("witness")
-                }
-                failover::net::agent::Peers::Quic(p) => {
-                    let certs = certs.context("a QUIC witness needs --certs")?;
-                    let identity = transport::Identity::load(&certs, &name)
-                        .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
-                    let cfg = failover::net::WitnessQuicConfig::new(id, data, listen, identity, p);
-                    rt.block_on(failover::net::run_witness_quic(cfg)).context("witness")
-                }
-            }
+            let cfg = failover::net::WitnessQuicConfig::new(id, data, listen, identity, peers);
+            rt.block_on(failover::net::run_witness_quic(cfg)).context("witness")
         }
         Command::Certs { out, hosts, witnesses, ca_dir } => certs(&out, &hosts, &witnesses, ca_dir),
     }

@@ -51,7 +51,7 @@ impl SerialTarget {
 }
 
 pub use node::status::Origin;
-use node::status::{BackupProcessStatus, RoleName, Status, VmState, VmStatus};
+use node::status::{ArbitrationState, ArbitrationStatus, BackupProcessStatus, RoleName, Status, VmState, VmStatus};
 
 /// What a backup process needs to promote its replica.
 pub struct BackupRole {
@@ -81,6 +81,8 @@ pub struct Runtime {
     /// The gated output buffer arbitration installs on the net device.
     output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
     fenced: Mutex<Option<u64>>,
+    /// Why the arbitration agent died, if it did (the process then exits non-zero).
+    arbitration_failed: Mutex<Option<String>>,
     backup_recorded: Mutex<bool>,
     backup_node: Mutex<Option<u64>>,
     /// Set when a part this process cannot do without stopped: the process exits non-zero.
@@ -126,6 +128,7 @@ impl Runtime {
             agent: Mutex::new(None),
             output: Mutex::new(None),
             fenced: Mutex::new(None),
+            arbitration_failed: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
             failed: Mutex::new(None),
@@ -166,6 +169,7 @@ impl Runtime {
             agent: Mutex::new(None),
             output: Mutex::new(None),
             fenced: Mutex::new(None),
+            arbitration_failed: Mutex::new(None),
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
             failed: Mutex::new(None),
@@ -265,6 +269,7 @@ impl Runtime {
     pub fn start_primary_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
         let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.watch_arbiter(&agent);
         self.install_gated_output(&agent)?;
         self.spawn_agent_events(&agent);
         let generation = agent.acquire(self.tokio.handle(), Duration::from_secs(30))?;
@@ -277,8 +282,46 @@ impl Runtime {
     pub fn start_backup_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
         let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
+        self.watch_arbiter(&agent);
         self.spawn_agent_events(&agent);
         Ok(())
+    }
+
+    /// A dead arbiter (its task ended: a journal that cannot be written, a panic) leaves this
+    /// copy unable to renew its lease or to be granted anything. Rather than hold output for
+    /// good (a primary whose backup still hears it is never failed over) or sit as a backup
+    /// that can never be promoted, stop the guest and exit non-zero: the two other voters still
+    /// form a quorum, so the group fails over from a dead primary or degrades without a dead
+    /// backup, as after a crash.
+    fn watch_arbiter(self: &Arc<Self>, agent: &failover::net::agent::Agent) {
+        let weak = Arc::downgrade(self);
+        agent.on_failure(self.tokio.handle(), move |why| {
+            // Off the async runtime: stopping the guest waits for its vCPUs.
+            std::thread::spawn(move || {
+                if let Some(rt) = weak.upgrade() {
+                    rt.arbitration_failed(why);
+                }
+            });
+        });
+    }
+
+    fn arbitration_failed(&self, why: String) {
+        tracing::error!("ARBITRATION FAILED: {why}; stopping this copy of the guest and exiting");
+        *lock(&self.arbitration_failed) = Some(why.clone());
+        if let Some(vm) = lock(&self.vm).clone() {
+            let mut g = lock(&vm);
+            let _ = g.pause();
+            g.shutdown();
+        }
+        self.request_exit(format!("arbitration failed: {why}"));
+    }
+
+    /// The arbitration agent's state for `status`.
+    fn arbitration_status(&self) -> Option<ArbitrationStatus> {
+        let agent = lock(&self.agent).clone()?;
+        let reason = agent.failure();
+        let state = if reason.is_some() { ArbitrationState::Failed } else { ArbitrationState::Running };
+        Some(ArbitrationStatus { node: agent.id, state, reason })
     }
 
     fn install_gated_output(self: &Arc<Self>, agent: &Arc<failover::net::agent::Agent>) -> Result<()> {
@@ -561,6 +604,7 @@ impl Runtime {
                 memory_bytes: self.memory_bytes,
                 origin: lock(&self.origin).clone(),
                 backup: lock(&self.backup).as_ref().map(|b| b.node.status()),
+                arbitration: self.arbitration_status(),
             });
         };
         let protection = lock(&self.protection).as_ref().map(|p| p.report());
@@ -585,6 +629,7 @@ impl Runtime {
             origin: lock(&self.origin).clone(),
             stopped_reason,
             protection,
+            arbitration: self.arbitration_status(),
         })
     }
 
@@ -713,7 +758,10 @@ impl Runtime {
         if let Some(path) = api_socket {
             let _ = std::fs::remove_file(path);
         }
-        outcome
+        match lock(&self.arbitration_failed).clone() {
+            Some(why) => Err(anyhow!("arbitration failed: {why}")),
+            None => outcome,
+        }
     }
 
     /// With arbitration: once the backup holds a consistent replica, record it in the group so

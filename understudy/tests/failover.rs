@@ -250,3 +250,35 @@ fn promote_through_the_api_asks_the_group_and_refuses_while_the_primary_holds_it
     assert!(g.pair.backup.stderr().contains("FORCED PROMOTION"), "a forced promotion must be logged loudly");
     let _ = &mut g.witness;
 }
+
+#[test]
+fn a_primary_whose_arbiter_dies_exits_and_the_backup_takes_over() {
+    let _g = serial_guard();
+    if !kvm_available("a_primary_whose_arbiter_dies_exits_and_the_backup_takes_over") {
+        return;
+    }
+    let mut g = protected_group("workload=counter period_ms=20");
+    // The primary's raft directory disappears (deleted, or its disk unmounted): appends still go
+    // to the open journal file, but the next compaction (every 1,024 entries: about 10 s of
+    // renewals) cannot write its new file, and the arbiter stops. Before, its task ended
+    // silently: the primary ran on holding its output for good, and the backup, still hearing
+    // it, never took over.
+    std::fs::remove_dir_all(g.raft_dir.join("raft1")).unwrap();
+    let before = Instant::now();
+    let status = g.pair.primary.wait_exit(Duration::from_secs(60));
+    let err = g.pair.primary.stderr();
+    let tail: String = err.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let status = status.unwrap_or_else(|| panic!("the primary runs on without its arbiter:\n{tail}"));
+    assert!(!status.success(), "the primary exited 0 after its arbiter died:\n{tail}");
+    for needle in ["ARBITER STOPPED", "arbiter journal", "ARBITRATION FAILED", "understudy: error: arbitration failed"]
+    {
+        assert!(err.contains(needle), "no {needle:?} in the primary's log:\n{tail}");
+    }
+    eprintln!("the primary exited {:?} after its raft directory went ({status})", before.elapsed());
+    // The guest stopped with it, and the other two voters hand the VM to the backup.
+    let frozen = last_seq(&read_text(&g.pair.p_serial()));
+    let bs = g.pair.b_serial();
+    wait_for(&bs, Duration::from_secs(10), &mut g.pair.backup, "promoted counter", |t| last_seq(t) > frozen + 5);
+    assert!(g.pair.backup.stderr().contains("arbitration: granted"));
+    let _ = &mut g.witness;
+}

@@ -26,12 +26,18 @@ use raft::{RawNode, StateRole};
 use crate::NodeId;
 use crate::journal::{Journal, JournalError, MemDisk, Recovered};
 use crate::lease::{LeaseConfig, LeaseError, OutputPermit, Promises};
+use crate::ratelimit::RefusalLog;
 use crate::state::{StateError, StateMachine, VmId, VmRecord};
 use crate::storage::Store;
 use crate::wire::{self, WireError};
 
 mod apply;
+mod inbound;
 mod ready;
+
+pub use inbound::{
+    MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_GENERATION, MAX_INDEX, MAX_SNAPSHOT_BYTES, MAX_TERM, MessageError,
+};
 
 /// Errors of the arbiter.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +64,19 @@ pub enum ArbiterError {
     },
     #[error("message from node {from} claims to come from node {claimed}")]
     Spoofed { from: NodeId, claimed: NodeId },
+    #[error("node {from} relayed a proposal of node {origin} (a follower forwards proposals to its leader)")]
+    Relayed { from: NodeId, origin: NodeId },
     #[error("message for node {to} delivered to node {me}")]
     Misrouted { to: NodeId, me: NodeId },
     #[error("node {from} is not a voter")]
     UnknownPeer { from: NodeId },
+    #[error("{msg_type:?} from node {from} refused")]
+    Refused {
+        from: NodeId,
+        msg_type: raft::eraftpb::MessageType,
+        #[source]
+        source: MessageError,
+    },
     #[error("arbiter stopped after a journal failure: {reason}")]
     Stopped { reason: String },
     #[error("{vm}: node {me} does not hold it")]
@@ -250,6 +265,25 @@ pub struct Arbiter {
     next_seq: u64,
     next_transfer: Instant,
     stopped: Option<String>,
+    /// Messages refused by [`Arbiter::step`] (garbage, spoofed, misrouted, malformed).
+    refused: u64,
+    refusal_log: RefusalLog,
+}
+
+impl ArbiterError {
+    /// Whether this is a refused input message (logged and counted by [`Arbiter::step`]; the
+    /// arbiter goes on), rather than a failure of this node.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ArbiterError::Wire(_)
+                | ArbiterError::Spoofed { .. }
+                | ArbiterError::Relayed { .. }
+                | ArbiterError::Misrouted { .. }
+                | ArbiterError::UnknownPeer { .. }
+                | ArbiterError::Refused { .. }
+        )
+    }
 }
 
 impl std::fmt::Debug for Arbiter {
@@ -341,6 +375,8 @@ impl Arbiter {
             next_seq: 0,
             next_transfer: now,
             stopped: None,
+            refused: 0,
+            refusal_log: RefusalLog::new(now),
         };
         for (vm, record) in me.sm.iter() {
             if record.holder == id {
@@ -417,11 +453,47 @@ impl Arbiter {
         Some(OutputPermit { vm, generation, until })
     }
 
+    /// Messages refused so far (see [`Arbiter::step`]).
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
     /// A raft message arrived from `from` (the transport's authenticated peer identity).
+    ///
+    /// Nothing reaches raft-rs unchecked: the envelope must decode, the message must name
+    /// `from` as its sender (a voter other than this node) and this node as its recipient, and
+    /// it must look like what the group sends (see [`MessageError`]). A refused message is
+    /// counted ([`Arbiter::refused`]), logged at warn level (rate limited) and returned as an
+    /// error for which [`ArbiterError::is_refusal`] holds; the arbiter goes on as if it had
+    /// been lost.
     pub fn step(&mut self, now: Instant, from: NodeId, bytes: &[u8]) -> Result<(), ArbiterError> {
         self.check_running()?;
+        let result = self.step_checked(now, from, bytes);
+        if let Err(e) = &result
+            && e.is_refusal()
+        {
+            self.refused += 1;
+            let reason = crate::error_chain(e);
+            let benign = matches!(e, ArbiterError::Relayed { .. });
+            match if benign { None } else { self.refusal_log.warn(now) } {
+                Some(0) => tracing::warn!(node = self.id, from, "raft message refused: {reason}"),
+                Some(n) => tracing::warn!(node = self.id, from, "raft message refused: {reason} ({n} more not logged)"),
+                None => tracing::debug!(node = self.id, from, "raft message refused: {reason}"),
+            }
+        }
+        result
+    }
+
+    fn step_checked(&mut self, now: Instant, from: NodeId, bytes: &[u8]) -> Result<(), ArbiterError> {
         let mut msg = wire::decode(bytes)?;
         if msg.from != from {
+            // raft-rs forwards a proposal as it came, so a follower that received one from a
+            // node that took it for the leader passes it on to the real leader (seen after a
+            // change of leader). Refused like any message that is not its sender's own: the
+            // proposer retries with the leader it learns of.
+            if msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose {
+                return Err(ArbiterError::Relayed { from, origin: msg.from });
+            }
             return Err(ArbiterError::Spoofed { from, claimed: msg.from });
         }
         if msg.to != self.id {
@@ -430,6 +502,8 @@ impl Arbiter {
         if !self.raw.store().conf_state().voters.contains(&from) {
             return Err(ArbiterError::UnknownPeer { from });
         }
+        let msg_type = msg.get_msg_type();
+        self.check_inbound(from, &msg).map_err(|source| ArbiterError::Refused { from, msg_type, source })?;
         if !self.admit(now, &mut msg) {
             return Ok(());
         }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use raft::SnapshotStatus;
 use raft::StateRole;
-use raft::eraftpb::{EntryType, Message, MessageType};
+use raft::eraftpb::{Message, MessageType};
 
 use super::{Arbiter, ArbiterError, Event, splitmix};
 use crate::NodeId;
@@ -23,16 +23,11 @@ impl Arbiter {
     pub(super) fn admit(&mut self, now: Instant, msg: &mut Message) -> bool {
         match msg.get_msg_type() {
             MessageType::MsgAppend | MessageType::MsgPropose => {
-                let append = msg.get_msg_type() == MessageType::MsgAppend;
                 let mut cut = None;
                 for (i, e) in msg.get_entries().iter().enumerate() {
-                    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                        continue;
-                    }
                     // Our acknowledgement cannot help commit what is committed already (the
                     // leader says so in `commit`), nor what we already hold: no gate for those.
-                    let log = &self.raw.raft.raft_log;
-                    if append && (e.index <= msg.commit.max(log.committed) || log.match_term(e.index, e.term)) {
+                    if !self.is_fresh(msg, e) {
                         continue;
                     }
                     let Ok(cmd) = Command::decode(&e.data) else { continue };
@@ -134,7 +129,7 @@ impl Arbiter {
             let Some(local) = self.vms.get_mut(&vm) else { continue };
             if local.takeover {
                 match record {
-                    Some(r) if r.backup == Some(me) => {
+                    Some(r) if r.backup == Some(me) && r.generation < u64::MAX => {
                         let generation = r.generation + 1;
                         if let Some(until) = self.promises.grant_blocked_until(now, vm, generation) {
                             // Our own promise still runs: try again the moment it ends.

@@ -9,45 +9,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{ArbiterHandle, Inbound, NetError, PeerLink, PeerSpec, QuicLink, UdpLink};
+use super::{ArbiterHandle, Inbound, NetError, PeerLink, PeerSpec, QuicLink};
 use crate::lease::OutputPermit;
 use crate::state::VmId;
 use crate::{Arbiter, ArbiterConfig, ArbiterError, Event, LeaseConfig, NodeId};
 
-/// Peers of an arbitration link: all QUIC (`ID=NAME@HOST:PORT`) or all UDP (`ID=HOST:PORT`).
-#[derive(Debug, Clone)]
-pub enum Peers {
-    /// Authenticated: mutual TLS, sender identity from the certificate.
-    Quic(Vec<PeerSpec>),
-    /// Plain UDP (tests).
-    Udp(Vec<(NodeId, SocketAddr)>),
-}
-
-impl Peers {
-    /// The peers' node ids.
-    pub fn ids(&self) -> Vec<NodeId> {
-        match self {
-            Peers::Quic(p) => p.iter().map(|p| p.id).collect(),
-            Peers::Udp(p) => p.iter().map(|p| p.0).collect(),
-        }
-    }
-}
-
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// Peer specs of both forms.
-    #[error("arbitration peers mix ID=NAME@HOST:PORT (QUIC) and ID=HOST:PORT (UDP): use one form")]
-    MixedPeers,
-    /// A peer spec, the link or the driver.
+    /// The link or the driver.
     #[error(transparent)]
-    Net(#[from] NetError),
+    Net(Box<NetError>),
     /// The arbiter refused a call.
     #[error(transparent)]
     Arbiter(#[from] ArbiterError),
-    /// QUIC peers without certificates.
-    #[error("QUIC arbitration peers need certificates and this host's certificate name")]
-    NoIdentity,
     /// This host's certificates could not be loaded.
     #[error(transparent)]
     Identity(#[from] transport::certs::LoadError),
@@ -77,38 +52,23 @@ pub enum AgentError {
     NotGranted(Duration),
 }
 
-/// Parses `--arbiter-peer`/`--peer` values.
-pub fn parse_peers(specs: &[String]) -> Result<Peers, AgentError> {
-    if specs.iter().all(|s| s.contains('@')) {
-        Ok(Peers::Quic(specs.iter().map(|s| super::parse_quic_peer(s)).collect::<Result<Vec<_>, _>>()?))
-    } else if specs.iter().all(|s| !s.contains('@')) {
-        Ok(Peers::Udp(specs.iter().map(|s| super::parse_peer(s)).collect::<Result<Vec<_>, _>>()?))
-    } else {
-        Err(AgentError::MixedPeers)
+impl From<NetError> for AgentError {
+    fn from(e: NetError) -> Self {
+        Self::Net(Box::new(e))
     }
 }
 
-/// Binds the arbitration link: QUIC with mutual TLS (`certs` and `name` required), or UDP.
+/// Binds the arbitration link: QUIC with mutual TLS, as `name` with the certificates in `certs`.
 pub async fn bind_link(
     id: NodeId,
     listen: SocketAddr,
-    peers: &Peers,
-    certs: Option<&Path>,
-    name: Option<&str>,
+    peers: &[PeerSpec],
+    certs: &Path,
+    name: &str,
 ) -> Result<(Arc<dyn PeerLink>, tokio::sync::mpsc::Receiver<Inbound>), AgentError> {
-    match peers {
-        Peers::Quic(specs) => {
-            let (Some(certs), Some(name)) = (certs, name) else { return Err(AgentError::NoIdentity) };
-            let identity = transport::Identity::load_named(certs, name)?;
-            let (link, inbox) = QuicLink::bind(id, listen, &identity, specs).await?;
-            Ok((link, inbox))
-        }
-        Peers::Udp(p) => {
-            tracing::warn!("arbitration over plain UDP: peers are not authenticated (use ID=NAME@HOST:PORT)");
-            let (link, inbox) = UdpLink::bind(id, listen, p).await?;
-            Ok((link, inbox))
-        }
-    }
+    let identity = transport::Identity::load_named(certs, name)?;
+    let (link, inbox) = QuicLink::bind(id, listen, &identity, peers).await?;
+    Ok((link, inbox))
 }
 
 /// What an agent needs (the binary builds it from its command line and checks it).
@@ -119,14 +79,14 @@ pub struct AgentConfig {
     /// Address the agent listens on.
     pub listen: SocketAddr,
     /// The other two voters.
-    pub peers: Peers,
-    /// Certificates for a QUIC link (ca.pem and this host's pair).
-    pub certs: Option<PathBuf>,
-    /// This host's certificate name for a QUIC link.
-    pub name: Option<String>,
+    pub peers: Vec<PeerSpec>,
+    /// Certificates for the link (ca.pem and this host's pair).
+    pub certs: PathBuf,
+    /// This host's certificate name.
+    pub name: String,
     /// Directory of the persisted raft state.
     pub data: PathBuf,
-    /// The lease (validated).
+    /// The lease (validated; a peer's claim longer than `max_claim_lease` is refused).
     pub lease: LeaseConfig,
 }
 
@@ -152,7 +112,7 @@ impl Agent {
     /// Opens the journal, binds the link and starts the arbiter on `rt`.
     pub fn start(cfg: &AgentConfig, vm_name: &str, rt: &tokio::runtime::Handle) -> Result<Arc<Self>, AgentError> {
         let id = cfg.id;
-        let mut voters: Vec<NodeId> = cfg.peers.ids().into_iter().chain([id]).collect();
+        let mut voters: Vec<NodeId> = cfg.peers.iter().map(|p| p.id).chain([id]).collect();
         voters.sort_unstable();
         voters.dedup();
         let mut config = ArbiterConfig::new(id, &voters);
@@ -164,14 +124,15 @@ impl Agent {
         let arbiter = Arbiter::open_dir(config, data, Instant::now())
             .map_err(|source| AgentError::Open { path: data.clone(), source })?;
         let (link, inbox) = rt
-            .block_on(bind_link(id, cfg.listen, &cfg.peers, cfg.certs.as_deref(), cfg.name.as_deref()))
+            .block_on(bind_link(id, cfg.listen, &cfg.peers, &cfg.certs, &cfg.name))
             .map_err(|e| AgentError::Bind(Box::new(e)))?;
         let (handle, events, _task) = {
             let _g = rt.enter();
             super::spawn_arbiter(arbiter, link, inbox)
         };
         let vm = vm_id(vm_name);
-        tracing::info!(node = id, listen = %cfg.listen, peers = ?cfg.peers, vm = vm.0, "arbitration agent running");
+        let peers: Vec<String> = cfg.peers.iter().map(|p| format!("{}={}@{}", p.id, p.name, p.addr)).collect();
+        tracing::info!(node = id, listen = %cfg.listen, ?peers, vm = vm.0, "arbitration agent running");
         Ok(Arc::new(Self { handle, vm, id, permit: Arc::new(Mutex::new(None)), events: Mutex::new(Some(events)) }))
     }
 
@@ -193,12 +154,30 @@ impl Agent {
             loop {
                 match me.handle.call(move |a, now| a.permit(now, vm)).await {
                     Ok(p) => *me.permit.lock().unwrap_or_else(|e| e.into_inner()) = p,
-                    Err(_) => return,
+                    Err(_) => {
+                        // The arbiter is gone (see `on_failure`): no permit, the gate closes.
+                        *me.permit.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        on_refresh();
+                        return;
+                    }
                 }
                 on_refresh();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
+    }
+
+    /// Calls `f` once with the reason if the arbiter's task ends (a journal that cannot be
+    /// written, a panic): this node then can neither renew a lease nor be granted anything, and
+    /// the owner must act (the runtime stops the guest and exits non-zero).
+    pub fn on_failure(&self, rt: &tokio::runtime::Handle, f: impl FnOnce(String) + Send + 'static) {
+        let handle = self.handle.clone();
+        rt.spawn(async move { f(handle.failed().await) });
+    }
+
+    /// Why the arbiter's task ended, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.handle.failure()
     }
 
     /// Runs `f` on the arbiter and waits for it.
@@ -234,17 +213,6 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peers_of_one_form_parse_and_mixed_forms_are_refused() {
-        let udp = parse_peers(&["1=127.0.0.1:7400".into(), "3=127.0.0.1:7402".into()]).unwrap();
-        assert_eq!(udp.ids(), [1, 3]);
-        let quic = parse_peers(&["1=primary@127.0.0.1:7400".into(), "3=witness@127.0.0.1:7402".into()]).unwrap();
-        assert!(matches!(quic, Peers::Quic(_)));
-        assert_eq!(quic.ids(), [1, 3]);
-        let mixed = parse_peers(&["1=primary@127.0.0.1:7400".into(), "3=127.0.0.1:7402".into()]);
-        assert!(matches!(mixed, Err(AgentError::MixedPeers)), "{mixed:?}");
-    }
 
     #[test]
     fn vm_id_is_stable() {

@@ -29,7 +29,6 @@
 //! saying so.
 
 use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,9 +41,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use transport::{Connection, ConnectionError, Endpoint, EndpointError, Identity, PeerPolicy, ProtocolVersions, Tuning};
 
-use super::{Inbound, NetError, PeerLink, drive};
+use super::{Inbound, NetError, PeerLink, drive_supervised};
 use crate::NodeId;
 use crate::arbiter::ArbiterConfig;
+use crate::ratelimit::RefusalLog;
 use crate::witness::Witness;
 
 /// The ALPN version of the raft link: `understudy/1001` (raft link version 1, in the 1000 range
@@ -60,10 +60,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A connection that lasted this long resets the backoff; one refused or lost sooner does not,
 /// so a peer that keeps refusing us is dialled at most every `MAX_BACKOFF`.
 const STABLE: Duration = Duration::from_secs(1);
-/// At most this many refusals are logged at warn level per window (the rest at debug), so a
-/// misconfigured or hostile peer cannot flood the log.
-const REFUSAL_WARNINGS: u32 = 10;
-const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// The protocol versions of the raft link.
 pub fn raft_versions() -> ProtocolVersions {
@@ -174,34 +170,6 @@ struct Inner {
     refusal_log: Mutex<RefusalLog>,
 }
 
-/// The rate limit of refusal warnings.
-struct RefusalLog {
-    window_start: Instant,
-    warned: u32,
-    suppressed: u64,
-}
-
-impl RefusalLog {
-    fn new(now: Instant) -> Self {
-        Self { window_start: now, warned: 0, suppressed: 0 }
-    }
-
-    /// Whether a refusal at `now` is logged at warn level; if so, with how many were not since.
-    fn warn(&mut self, now: Instant) -> Option<u64> {
-        if now.duration_since(self.window_start) >= REFUSAL_WINDOW {
-            self.window_start = now;
-            self.warned = 0;
-        }
-        if self.warned < REFUSAL_WARNINGS {
-            self.warned += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
 struct Peer {
     spec: PeerSpec,
     live: Mutex<Option<Live>>,
@@ -217,18 +185,6 @@ struct Live {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data, consistent after each statement: a poisoned lock is usable.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// `error: source: source ...`, for logs (the top level prints the chain).
-fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl QuicLink {
@@ -424,7 +380,7 @@ async fn accept_loop(inner: Arc<Inner>) {
         match inner.endpoint.accept().await {
             Ok(connection) => inner.admit(connection),
             Err(EndpointError::Closed) => return,
-            Err(error) => inner.log_refusal(&chain(&error)),
+            Err(error) => inner.log_refusal(&crate::error_chain(&error)),
         }
     }
 }
@@ -454,7 +410,7 @@ async fn dial_loop(inner: Arc<Inner>, peer: PeerSpec) {
             },
             Err(error) => {
                 failures += 1;
-                let error = chain(&error);
+                let error = crate::error_chain(&error);
                 if failures == 1 {
                     tracing::warn!(node = inner.me, peer = peer.id, addr = %peer.addr, "cannot connect to peer: {error}; retrying");
                 } else {
@@ -524,16 +480,17 @@ impl WitnessQuicConfig {
 }
 
 /// Everything `understudy witness` does over QUIC: opens (or bootstraps) the journal, binds the
-/// [`QuicLink`] and runs the witness until an error. Drop the future to stop it.
+/// [`QuicLink`] and runs the witness until an error (a panic in it included: it comes back as
+/// [`NetError::Failed`], logged). Drop the future to stop it.
 pub async fn run_witness_quic(config: WitnessQuicConfig) -> Result<(), NetError> {
     let id = config.arbiter.id;
-    let mut witness = Witness::open_dir(config.arbiter.clone(), &config.data, Instant::now())
+    let witness = Witness::open_dir(config.arbiter.clone(), &config.data, Instant::now())
         .map_err(|source| NetError::Open { path: config.data.clone(), source })?;
-    let (link, mut inbox) =
+    let (link, inbox) =
         QuicLink::bind_with(id, config.listen, &config.identity, &config.peers, config.tuning.clone()).await?;
     let peers: Vec<String> = config.peers.iter().map(|p| format!("{}={}@{}", p.id, p.name, p.addr)).collect();
     tracing::info!(node = id, listen = %config.listen, ?peers, "witness running over quic");
-    drive(&mut witness, link.as_ref(), &mut inbox, None).await
+    drive_supervised(witness, id, link, inbox).await
 }
 
 #[cfg(test)]
@@ -590,18 +547,6 @@ mod tests {
         assert_eq!(c.arbiter.voters, vec![1, 2, 3]);
         assert_eq!(c.arbiter.preferred_leader, Some(3));
         assert_eq!(c.tuning, raft_tuning());
-    }
-
-    #[test]
-    fn refusal_warnings_are_rate_limited() {
-        let t0 = Instant::now();
-        let mut log = RefusalLog::new(t0);
-        let warned: Vec<_> = (0..15).map(|_| log.warn(t0)).collect();
-        assert_eq!(warned.iter().filter(|w| **w == Some(0)).count(), 10);
-        assert_eq!(warned.iter().filter(|w| w.is_none()).count(), 5);
-        assert_eq!(log.warn(t0 + REFUSAL_WINDOW - Duration::from_millis(1)), None);
-        assert_eq!(log.warn(t0 + REFUSAL_WINDOW), Some(6), "the next warning counts the ones not logged");
-        assert_eq!(log.warn(t0 + REFUSAL_WINDOW), Some(0));
     }
 
     #[test]

@@ -183,6 +183,8 @@ pub struct Sim {
     pub detector: DetectorConfig,
     pub sync_time: u64,
     pub wire_errors: u64,
+    /// Messages refused for another reason than a corrupted envelope (must stay empty).
+    pub refusals: Vec<String>,
     pub steps: u64,
     /// Largest overlap found: if any, the invariant broke.
     pub violations: Vec<String>,
@@ -242,6 +244,7 @@ impl Sim {
             detector: DetectorConfig::default(),
             sync_time: 20 * MS,
             wire_errors: 0,
+            refusals: Vec::new(),
             steps: 0,
             violations: Vec::new(),
             verbose: std::env::var("FAILOVER_SIM_VERBOSE").is_ok(),
@@ -480,6 +483,10 @@ impl Sim {
                 match r {
                     Ok(()) => {}
                     Err(ArbiterError::Wire(_)) => self.wire_errors += 1,
+                    // Only corruption (caught by the crc above) may make a message malformed:
+                    // a refusal of anything else is a check that refuses what the group sends.
+                    Err(ArbiterError::Relayed { .. }) => {}
+                    Err(e) if e.is_refusal() => self.refusals.push(format!("node {to}: {e:?}")),
                     Err(e) => {
                         // Other step errors are fine (raft refusing an odd message), but never a panic.
                         self.log(format!("node {to} step error: {e}"));
