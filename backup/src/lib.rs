@@ -1,5 +1,6 @@
 //! The Understudy backup: receives checkpoints, commits each atomically into the replica,
 //! acknowledges it, and promotes the replica to a running VM when told to.
 
+pub mod promote;
 pub mod replica;
 pub mod server;

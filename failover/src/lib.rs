@@ -55,16 +55,15 @@
 //! ```
 //!
 //! Modules:
-//! - [`detector`]: the sans-IO heartbeat failure detector;
 //! - [`arbiter`]: the raft voter, the lease and the fencing events; [`witness`]: the third voter;
 //! - [`state`]: the replicated state machine and its commands; [`lease`]: the lease arithmetic;
 //! - [`journal`], [`storage`]: the persisted raft state; [`wire`]: the raft message envelope;
 //! - [`net`] (feature `net`): the tokio driver, the QUIC link (and a UDP one for tests), the
-//!   witness runners and the transport seam; [`fuzzing`]: the fuzz targets' entry points.
+//!   witness runners and the transport seam; [`net::agent`]: the arbitration agent of a VM
+//!   process (primary or backup); [`fuzzing`]: the fuzz targets' entry points.
 #![forbid(unsafe_code)]
 
 pub mod arbiter;
-pub mod detector;
 pub mod failpoint;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -83,7 +82,6 @@ pub mod witness;
 pub type NodeId = u64;
 
 pub use arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
-pub use detector::{Detector, DetectorConfig, DetectorEvent};
 pub use lease::{LeaseConfig, OutputPermit};
 pub use state::{VmId, VmRecord};
 pub use witness::Witness;

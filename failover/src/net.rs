@@ -40,6 +40,7 @@ use crate::NodeId;
 use crate::arbiter::{Arbiter, ArbiterConfig, ArbiterError, Event};
 use crate::witness::Witness;
 
+pub mod agent;
 pub mod quic;
 
 pub use quic::{PeerSpec, QuicLink, WitnessQuicConfig, parse_quic_peer, run_witness_quic};

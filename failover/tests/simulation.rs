@@ -7,7 +7,8 @@ mod sim;
 
 use std::time::Duration;
 
-use failover::{DetectorConfig, Event, LeaseConfig};
+use failover::{Event, LeaseConfig};
+use sim::detector::DetectorConfig;
 use sim::{BACKUP, Guest, MS, NetConfig, PRIMARY, Sim, WITNESS};
 
 fn seeds(default: u64) -> u64 {

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use vmm::devices::tap::Tap;
-use vmm::devices::virtio::net::TxSink;
+use vmm::devices::virtio::net::{TapSink, TxSink};
+use vmm::vm::{Vm, VmError};
 
 /// Default cap on held bytes.
 pub const DEFAULT_HOLD_CAP: usize = 64 << 20;
@@ -296,4 +297,48 @@ impl TxSink for HoldingSink {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.0.push(frame)
     }
+}
+
+fn lock_vm(vm: &Mutex<Vm>) -> MutexGuard<'_, Vm> {
+    vm.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Output commit on a VM: swaps its net device's transmit sink for a holding [`OutputBuffer`]
+/// while the VM is paused, then resumes it. The buffer starts in passthrough (output flows
+/// until the first consistent checkpoint); with a `gate`, nothing leaves while the gate says no.
+/// `None` when the VM has no net device. The one place that installs the buffer: protection
+/// and arbitration both come here.
+pub fn install(vm: &Mutex<Vm>, gate: Option<Gate>) -> Result<Option<Arc<OutputBuffer>>, VmError> {
+    let mut g = lock_vm(vm);
+    let Some(net) = g.net().cloned() else { return Ok(None) };
+    g.pause()?;
+    let dev = net.lock().unwrap_or_else(|e| e.into_inner());
+    let out = OutputBuffer::new(Arc::clone(dev.device().tap()), DEFAULT_HOLD_CAP);
+    if let Some(gate) = gate {
+        out.set_gate(gate);
+    }
+    out.set_passthrough(true);
+    let _old = dev.device().set_tx_sink(out.sink());
+    drop(dev);
+    g.resume();
+    tracing::info!(
+        gated = out.gate.lock().unwrap_or_else(|e| e.into_inner()).is_some(),
+        "output: holding buffer installed"
+    );
+    Ok(Some(out))
+}
+
+/// Undoes [`install`]: the net device writes straight to its TAP again (frames still held in
+/// the old buffer are dropped with it), while the VM is paused, then resumes it.
+pub fn restore_plain_sink(vm: &Mutex<Vm>) -> Result<(), VmError> {
+    let mut g = lock_vm(vm);
+    let Some(net) = g.net().cloned() else { return Ok(()) };
+    g.pause()?;
+    let dev = net.lock().unwrap_or_else(|e| e.into_inner());
+    let sink: Box<dyn TxSink> = Box::new(TapSink::new(Arc::clone(dev.device().tap())));
+    let _held = dev.device().set_tx_sink(sink);
+    drop(dev);
+    g.resume();
+    tracing::info!("output: plain sink restored");
+    Ok(())
 }

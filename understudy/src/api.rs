@@ -38,7 +38,7 @@ pub enum Request {
     /// Stop the VM and the process.
     Shutdown,
     /// Start protecting the VM to a backup.
-    Protect(crate::protect::ProtectRequest),
+    Protect(node::protect::ProtectRequest),
     /// Stop protecting.
     Unprotect,
     /// Verification points recorded (memory digest and state crc per sampled epoch).

@@ -3,8 +3,6 @@
 
 mod agent;
 mod api;
-mod metrics;
-mod protect;
 mod runtime;
 
 use std::path::PathBuf;
@@ -346,7 +344,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, metrics_public, agent } => {
             if let Some(addr) = metrics {
-                metrics::check_addr(addr, metrics_public)?;
+                node::metrics::check_addr(addr, metrics_public)?;
             }
             if !kernel.exists() {
                 bail!("kernel {} does not exist (build the fixture guest with `make guest`)", kernel.display());
@@ -365,7 +363,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_primary_agent(&agent, &vm)?;
+                rt.start_primary_agent(&agent.config()?, &vm)?;
             }
             rt.run_until_exit(api.as_deref())
         }
@@ -436,7 +434,7 @@ fn real_main(cli: Cli) -> Result<()> {
             backup_node,
         } => {
             let certs = std::path::absolute(&certs).unwrap_or(certs);
-            let req = protect::ProtectRequest {
+            let req = node::protect::ProtectRequest {
                 backup,
                 backup_name,
                 certs,
@@ -487,7 +485,7 @@ fn real_main(cli: Cli) -> Result<()> {
             agent,
         } => {
             if let Some(addr) = metrics {
-                metrics::check_addr(addr, metrics_public)?;
+                node::metrics::check_addr(addr, metrics_public)?;
             }
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
@@ -499,7 +497,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 vm: backup::server::vm_identity(&vm),
                 layout: vmm::layout::ram_regions(memory),
                 verify,
-                timing: protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
+                timing: node::protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
                 on_primary_lost: None,
                 prepare_vm: !no_prepare_vm,
             };
@@ -515,7 +513,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 rt.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_backup_agent(&agent, &vm)?;
+                rt.start_backup_agent(&agent.config()?, &vm)?;
             }
             rt.run_until_exit(api.as_deref())
         }

@@ -50,39 +50,8 @@ impl SerialTarget {
     }
 }
 
-/// How this VM came to be.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Origin {
-    /// A backup holding a replica; no VM runs yet.
-    Backup {
-        /// Listening address.
-        listen: String,
-    },
-    /// Promoted from a backup's replica.
-    Promoted {
-        /// The epoch the replica held.
-        epoch: u64,
-        /// Digest of the replica memory when promoted.
-        memory_digest: String,
-        /// Milliseconds from the promote request to the guest running.
-        promote_ms: f64,
-    },
-    /// Booted from a kernel.
-    Booted {
-        /// The kernel.
-        kernel: PathBuf,
-    },
-    /// Restored from a snapshot.
-    Restored {
-        /// The snapshot directory.
-        from: PathBuf,
-        /// Digest of guest memory when restored, before the guest ran.
-        memory_digest: String,
-        /// Milliseconds from process start to the VM resuming.
-        restore_ms: f64,
-    },
-}
+pub use node::status::Origin;
+use node::status::{ArbitrationState, ArbitrationStatus, BackupProcessStatus, RoleName, Status, VmState, VmStatus};
 
 /// What a backup process needs to promote its replica.
 pub struct BackupRole {
@@ -105,10 +74,10 @@ pub struct Runtime {
     started: Instant,
     memory_bytes: u64,
     exit: (Mutex<Option<String>>, Condvar),
-    protection: Mutex<Option<crate::protect::Protection>>,
+    protection: Mutex<Option<node::protect::Protection>>,
     backup: Mutex<Option<BackupRole>>,
     tokio: tokio::runtime::Runtime,
-    agent: Mutex<Option<Arc<crate::agent::Agent>>>,
+    agent: Mutex<Option<Arc<failover::net::agent::Agent>>>,
     /// The gated output buffer arbitration installs on the net device.
     output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
     fenced: Mutex<Option<u64>>,
@@ -118,16 +87,6 @@ pub struct Runtime {
     backup_node: Mutex<Option<u64>>,
     /// Set when a part this process cannot do without stopped: the process exits non-zero.
     failed: Mutex<Option<String>>,
-}
-
-#[derive(Serialize)]
-struct Status<'a> {
-    state: &'a str,
-    uptime_s: f64,
-    memory_bytes: u64,
-    cmdline: &'a str,
-    origin: &'a Origin,
-    stopped_reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -237,9 +196,9 @@ impl Runtime {
                 while let Ok(lost) = lost_rx.recv() {
                     let Some(rt) = weak.upgrade() else { return };
                     let agent = lock(&rt.agent).clone();
-                    use backup::server::Verdict;
-                    match (lost.verdict, agent) {
-                        (Verdict::Heard, Some(agent)) => {
+                    use node::failover::LossAction;
+                    match (node::failover::on_primary_lost(&lost, agent.is_some(), auto_promote), agent) {
+                        (LossAction::Withdraw, Some(agent)) => {
                             let vm = agent.vm;
                             tracing::info!("{}: withdrawing a takeover request, if any", lost.reason);
                             if let Err(e) = agent.call(rt.tokio.handle(), move |a, now| a.report_primary_alive(now, vm))
@@ -248,15 +207,14 @@ impl Runtime {
                             }
                             continue;
                         }
-                        (verdict, Some(agent)) => {
+                        (LossAction::AskGroup { gone, suspect }, Some(agent)) => {
                             let vm = agent.vm;
-                            let what = if verdict == Verdict::Suspect { "suspect" } else { "lost" };
+                            let what = if suspect { "suspect" } else { "lost" };
                             tracing::warn!(
                                 epoch = lost.epoch,
                                 "primary {what} ({}): asking the group for activity",
                                 lost.reason
                             );
-                            let gone = lost.process_gone;
                             let report = agent.call(rt.tokio.handle(), move |a, now| {
                                 if gone { a.report_primary_gone(now, vm) } else { a.report_primary_dead(now, vm) }
                             });
@@ -267,18 +225,18 @@ impl Runtime {
                             }
                             continue;
                         }
+                        (LossAction::Promote, _) => {}
+                        (LossAction::LeaveToOperator, _) => {
+                            tracing::error!(
+                                epoch = lost.epoch,
+                                "primary lost ({}); not promoting by itself: run `understudy promote`",
+                                lost.reason
+                            );
+                            continue;
+                        }
                         // Without arbitration nothing else rules out two active copies: a
                         // suspicion is only logged (the server did), the end of the session decides.
-                        (Verdict::Heard | Verdict::Suspect, None) => continue,
-                        (Verdict::Lost, None) => {}
-                    }
-                    if !auto_promote {
-                        tracing::error!(
-                            epoch = lost.epoch,
-                            "primary lost ({}); not promoting by itself: run `understudy promote`",
-                            lost.reason
-                        );
-                        continue;
+                        _ => continue,
                     }
                     let since_commit = lost.last_commit.map(|t| t.elapsed().as_secs_f64() * 1e3);
                     tracing::warn!(epoch = lost.epoch, ?since_commit, "primary lost ({}): promoting", lost.reason);
@@ -297,10 +255,10 @@ impl Runtime {
     /// `public`).
     pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr, public: bool) -> Result<()> {
         let weak = Arc::downgrade(self);
-        crate::metrics::serve(
+        node::metrics::serve(
             addr,
             public,
-            crate::metrics::Limits::default(),
+            node::metrics::Limits::default(),
             Arc::new(move || weak.upgrade().and_then(|rt| rt.status().ok()).unwrap_or(serde_json::Value::Null)),
         )?;
         Ok(())
@@ -308,8 +266,8 @@ impl Runtime {
 
     /// Arbitration for a booted VM: install gated output, ask the group for activity and wait
     /// for the grant, keep the lease, obey fencing.
-    pub fn start_primary_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
-        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+    pub fn start_primary_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
+        let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
         self.watch_arbiter(&agent);
         self.install_gated_output(&agent)?;
@@ -321,8 +279,8 @@ impl Runtime {
 
     /// Arbitration for a backup: report the primary's death to the group, promote only once
     /// granted.
-    pub fn start_backup_agent(self: &Arc<Self>, args: &crate::agent::AgentArgs, vm_name: &str) -> Result<()> {
-        let agent = crate::agent::Agent::start(args, vm_name, self.tokio.handle())?;
+    pub fn start_backup_agent(self: &Arc<Self>, cfg: &failover::net::agent::AgentConfig, vm_name: &str) -> Result<()> {
+        let agent = failover::net::agent::Agent::start(cfg, vm_name, self.tokio.handle())?;
         *lock(&self.agent) = Some(Arc::clone(&agent));
         self.watch_arbiter(&agent);
         self.spawn_agent_events(&agent);
@@ -335,7 +293,7 @@ impl Runtime {
     /// that can never be promoted, stop the guest and exit non-zero: the two other voters still
     /// form a quorum, so the group fails over from a dead primary or degrades without a dead
     /// backup, as after a crash.
-    fn watch_arbiter(self: &Arc<Self>, agent: &crate::agent::Agent) {
+    fn watch_arbiter(self: &Arc<Self>, agent: &failover::net::agent::Agent) {
         let weak = Arc::downgrade(self);
         agent.on_failure(self.tokio.handle(), move |why| {
             // Off the async runtime: stopping the guest waits for its vCPUs.
@@ -359,28 +317,16 @@ impl Runtime {
     }
 
     /// The arbitration agent's state for `status`.
-    fn arbitration_status(&self) -> serde_json::Value {
-        let Some(agent) = lock(&self.agent).clone() else { return serde_json::Value::Null };
-        match agent.failure() {
-            None => serde_json::json!({ "node": agent.id, "state": "running" }),
-            Some(reason) => serde_json::json!({ "node": agent.id, "state": "failed", "reason": reason }),
-        }
+    fn arbitration_status(&self) -> Option<ArbitrationStatus> {
+        let agent = lock(&self.agent).clone()?;
+        let reason = agent.failure();
+        let state = if reason.is_some() { ArbitrationState::Failed } else { ArbitrationState::Running };
+        Some(ArbitrationStatus { node: agent.id, state, reason })
     }
 
-    fn install_gated_output(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) -> Result<()> {
+    fn install_gated_output(self: &Arc<Self>, agent: &Arc<failover::net::agent::Agent>) -> Result<()> {
         let Some(vm) = lock(&self.vm).clone() else { return Ok(()) };
-        let mut g = lock(&vm);
-        let Some(net) = g.net().cloned() else { return Ok(()) };
-        g.pause()?;
-        let dev = lock(&net);
-        let tap = Arc::clone(dev.device().tap());
-        let out = primary::output::OutputBuffer::new(tap, primary::output::DEFAULT_HOLD_CAP);
-        out.set_gate(agent.gate());
-        out.set_passthrough(true);
-        let _old = dev.device().set_tx_sink(out.sink());
-        drop(dev);
-        g.resume();
-        drop(g);
+        let Some(out) = primary::output::install(&vm, Some(agent.gate()))? else { return Ok(()) };
         let o2 = Arc::clone(&out);
         agent.spawn_permit_refresher(self.tokio.handle(), move || {
             o2.flush_allowed();
@@ -389,7 +335,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn spawn_agent_events(self: &Arc<Self>, agent: &Arc<crate::agent::Agent>) {
+    fn spawn_agent_events(self: &Arc<Self>, agent: &Arc<failover::net::agent::Agent>) {
         let Some(mut events) = lock(&agent.events).take() else { return };
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -511,8 +457,8 @@ impl Runtime {
         Ok(serde_json::json!({"state": "running"}))
     }
 
-    fn protect(&self, req: crate::protect::ProtectRequest) -> Result<serde_json::Value> {
-        crate::protect::validate(&req)?;
+    fn protect(&self, req: node::protect::ProtectRequest) -> Result<serde_json::Value> {
+        node::protect::validate(&req)?;
         let vm = self.vm_arc()?;
         let mut p = lock(&self.protection);
         if p.is_some() {
@@ -537,7 +483,7 @@ impl Runtime {
         let existing = lock(&self.output).clone();
         *lock(&self.backup_recorded) = false;
         *p = Some(
-            crate::protect::Protection::start(&vm, &req, self.tokio.handle(), existing, hook)
+            node::protect::Protection::start(&vm, &req, self.tokio.handle(), existing, hook)
                 .context("start protection")?,
         );
         *lock(&self.backup_node) = req.backup_node;
@@ -626,79 +572,65 @@ impl Runtime {
         };
         let _ = role.stop.send(true);
         let prepared = role.node.take_prepared_vm();
-        let take_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let digest = if role.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
-        let (mem, state, epoch) = replica.into_parts()?;
-        let t1 = Instant::now();
-        let opts = vmm::vm::RestoreOptions { serial: role.serial.open()?, tap: role.tap.clone() };
-        let mut vm = Vm::restore_prepared(prepared, mem, &state, opts).context("build the vm from the replica")?;
-        let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let t2 = Instant::now();
-        if let Some(net) = vm.net() {
-            let dev = lock(net);
-            if let Err(e) = dev.device().announce() {
-                tracing::warn!("announce after promotion: {e}");
-            }
-        }
-        let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
-        vm.resume();
-        let promote_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(
-            epoch,
-            digest = %digest,
-            promote_ms,
-            take_ms,
-            restore_ms,
-            announce_ms,
-            "PROMOTED: the replica runs as the active vm"
-        );
+        let opts = backup::promote::PromoteOptions {
+            requested: t0,
+            serial: role.serial.open()?,
+            tap: role.tap.clone(),
+            digest: role.digest,
+        };
+        let (vm, promoted) = backup::promote::promote(replica, prepared, opts)?;
         *lock(&self.vm) = Some(Arc::new(Mutex::new(vm)));
-        *lock(&self.origin) = Origin::Promoted { epoch, memory_digest: digest.clone(), promote_ms };
-        Ok(serde_json::json!({
-            "state": "running", "epoch": epoch, "memory_digest": digest, "promote_ms": promote_ms,
-            "take_ms": take_ms, "restore_ms": restore_ms, "announce_ms": announce_ms,
-        }))
+        *lock(&self.origin) = Origin::Promoted {
+            epoch: promoted.epoch,
+            memory_digest: promoted.memory_digest.clone(),
+            promote_ms: promoted.promote_ms,
+        };
+        let mut v = serde_json::to_value(&promoted)?;
+        v["state"] = "running".into();
+        Ok(v)
     }
 
     fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(self.typed_status())?)
+    }
+
+    /// What `status` answers.
+    pub fn typed_status(&self) -> Status {
+        let uptime_s = self.started.elapsed().as_secs_f64();
         let Some(vm) = lock(&self.vm).clone() else {
-            let b = lock(&self.backup);
-            let status = b.as_ref().map(|b| b.node.status());
-            return Ok(serde_json::json!({
-                "role": "backup",
-                "uptime_s": self.started.elapsed().as_secs_f64(),
-                "memory_bytes": self.memory_bytes,
-                "origin": &*lock(&self.origin),
-                "backup": status,
-                "arbitration": self.arbitration_status(),
-            }));
+            return Status::Backup(BackupProcessStatus {
+                role: RoleName::Backup,
+                uptime_s,
+                memory_bytes: self.memory_bytes,
+                origin: lock(&self.origin).clone(),
+                backup: lock(&self.backup).as_ref().map(|b| b.node.status()),
+                arbitration: self.arbitration_status(),
+            });
         };
         let protection = lock(&self.protection).as_ref().map(|p| p.report());
         let vm = lock(&vm);
-        let stopped = vm.stopped().map(|r| match r {
+        let stopped_reason = vm.stopped().map(|r| match r {
             StopReason::Requested => "stopped by request".to_string(),
             StopReason::Failed(why) => why,
         });
-        let state = if stopped.is_some() {
-            "stopped"
+        let state = if stopped_reason.is_some() {
+            VmState::Stopped
         } else if vm.is_paused() {
-            "paused"
+            VmState::Paused
         } else {
-            "running"
+            VmState::Running
         };
-        let origin = lock(&self.origin).clone();
-        let mut v = serde_json::to_value(Status {
+        Status::Vm(VmStatus {
+            role: RoleName::Primary,
             state,
-            uptime_s: self.started.elapsed().as_secs_f64(),
+            uptime_s,
             memory_bytes: self.memory_bytes,
-            cmdline: vm.cmdline(),
-            origin: &origin,
-            stopped_reason: stopped,
-        })?;
-        v["role"] = "primary".into();
-        v["protection"] = serde_json::to_value(protection)?;
-        v["arbitration"] = self.arbitration_status();
-        Ok(v)
+            cmdline: vm.cmdline().to_string(),
+            origin: lock(&self.origin).clone(),
+            stopped_reason,
+            protection,
+            arbitration: self.arbitration_status(),
+        })
     }
 
     fn snapshot(&self, dir: &Path, then: AfterSnapshot) -> Result<serde_json::Value> {

@@ -14,11 +14,13 @@
 
 #![allow(dead_code)]
 
+pub mod detector;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-use failover::detector::{Detector, DetectorConfig, DetectorEvent};
+use detector::{Detector, DetectorConfig, DetectorEvent};
 use failover::journal::MemDisk;
 use failover::{Arbiter, ArbiterConfig, ArbiterError, Event, NodeId, VmId};
 

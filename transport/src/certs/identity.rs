@@ -44,7 +44,29 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// [`Identity::load_named`] failed: names the host and the directory.
+#[derive(Debug, thiserror::Error)]
+#[error("load certificates for {name} from {}", dir.display())]
+pub struct LoadError {
+    /// The host's certificate name.
+    pub name: String,
+    /// The directory.
+    pub dir: PathBuf,
+    /// Why.
+    #[source]
+    pub source: Box<CertsError>,
+}
+
 impl Identity {
+    /// [`Identity::load`] with an error that names the host and the directory.
+    pub fn load_named(dir: &Path, host: &str) -> Result<Self, LoadError> {
+        Self::load(dir, host).map_err(|source| LoadError {
+            name: host.to_string(),
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
     /// Loads `ca.pem`, `<host>.pem` and `<host>.key` from `dir` (as written by [`generate`](super::generate)),
     /// with every check of [`Identity::from_files`], and that the certificate is valid for
     /// `host` (the name peers connect to).

@@ -41,7 +41,7 @@ use rustls::pki_types::ServerName;
 
 pub use authority::{Authority, CertOptions, IssuedCert, Validity};
 pub use der::Timestamp;
-pub use identity::{Identity, RoleProblem, certificate_role, common_name};
+pub use identity::{Identity, LoadError, RoleProblem, certificate_role, common_name};
 pub(crate) use identity::{presented_names, root_store};
 
 /// The CA certificate's file name.

@@ -285,3 +285,13 @@ fn secrets_stay_out_of_debug_output() {
         assert!(!text.contains("PRIVATE KEY"), "{text}");
     }
 }
+
+#[test]
+fn load_named_names_the_host_and_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Identity::load_named(tmp.path(), "primary").unwrap_err();
+    let text = err.to_string();
+    assert_eq!(text, format!("load certificates for primary from {}", tmp.path().display()));
+    assert_eq!(err.name, "primary");
+    assert!(std::error::Error::source(&err).is_some(), "the cause is kept: {err:?}");
+}

@@ -1,20 +1,56 @@
-//! Wiring of protection (primary side) and of the backup role into a VM process.
+//! Protection of a running VM (the primary side): the request `understudy protect` sends, and
+//! the running protection (epoch engine thread, replication link task, output commit).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use primary::engine::{Engine, EngineConfig, EpochTiming, LinkShared};
 use primary::link::{Journal, LinkConfig};
-use primary::output::{DEFAULT_HOLD_CAP, OutputBuffer};
+use primary::output::OutputBuffer;
 use primary::stats::{ProtectionState, Stats};
 use replication_proto::{Role, Sender, SenderConfig};
 use serde::{Deserialize, Serialize};
-use vmm::devices::virtio::net::{TapSink, TxSink};
-use vmm::vm::Vm;
+use vmm::vm::{Vm, VmError};
+
+/// Errors of protection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    /// This host's certificates could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] transport::certs::LoadError),
+    /// Our certificate may not replicate.
+    #[error(transparent)]
+    Policy(#[from] transport::PolicyError),
+    /// The VM's memory layout cannot be replicated.
+    #[error(transparent)]
+    Layout(#[from] backup::server::BackupError),
+    /// No random instance number for the sender.
+    #[error("sender instance number")]
+    Random(#[source] transport::RandomError),
+    /// The VM could not be paused to swap its output sink.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The epoch engine thread could not start.
+    #[error("spawn epoch engine")]
+    Spawn(#[source] std::io::Error),
+    /// `epoch_min_ms` > `epoch_max_ms`.
+    #[error("epoch bounds {min}..{max} ms are reversed")]
+    EpochBounds {
+        /// The lower bound.
+        min: u64,
+        /// The upper bound.
+        max: u64,
+    },
+    /// An output coalescing window over 1 s.
+    #[error("output coalescing window of {0} µs is longer than 1 s")]
+    Coalesce(u64),
+    /// A fixed epoch over 10 s.
+    #[error("epoch of {0} ms is longer than 10 s")]
+    EpochTooLong(u64),
+}
 
 /// What `understudy protect` asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,41 +141,24 @@ impl Protection {
         rt: &tokio::runtime::Handle,
         existing_output: Option<Arc<OutputBuffer>>,
         backup_lost: Option<Arc<dyn Fn() + Send + Sync>>,
-    ) -> Result<Self> {
-        let identity = transport::Identity::load(&req.certs, &req.name)
-            .with_context(|| format!("load certificates for {} from {}", req.name, req.certs.display()))?;
+    ) -> Result<Self, ProtectError> {
+        let identity = transport::Identity::load_named(&req.certs, &req.name)?;
         transport::PeerPolicy::replication().check_own(&identity)?;
         let layout = {
             let g = vm.lock().unwrap_or_else(|e| e.into_inner());
             vmm::memory::layout_of(g.memory())
         };
         let proto_layout = backup::server::proto_layout(&layout)?;
-        let instance = transport::random_u64().context("sender instance number")?;
+        let instance = transport::random_u64().map_err(ProtectError::Random)?;
         let mut scfg =
             SenderConfig::new(Role::Primary, backup::server::vm_identity(&req.vm_name), proto_layout, instance);
         scfg.timing = timing(req.heartbeat_ms, req.detect_ms, 0);
         let sender = Sender::new(scfg);
-        // Output commit: swap the net device's sink for a holding one, while paused (or reuse
-        // the gated buffer arbitration installed at boot).
-        let output = if existing_output.is_some() {
-            existing_output
-        } else {
-            let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-            match g.net().cloned() {
-                Some(net) => {
-                    g.pause()?;
-                    let dev = net.lock().unwrap_or_else(|e| e.into_inner());
-                    let tap = Arc::clone(dev.device().tap());
-                    let out = OutputBuffer::new(tap, DEFAULT_HOLD_CAP);
-                    // Until the first consistent checkpoint, output flows.
-                    out.set_passthrough(true);
-                    let _old = dev.device().set_tx_sink(out.sink());
-                    drop(dev);
-                    g.resume();
-                    Some(out)
-                }
-                None => None,
-            }
+        // Output commit: a holding buffer on the net device (or the gated one arbitration
+        // installed at boot).
+        let output = match existing_output {
+            Some(o) => Some(o),
+            None => primary::output::install(vm, None)?,
         };
         let stats = Arc::new(Stats::new(req.backup.to_string()));
         let shared = Arc::new(LinkShared::default());
@@ -159,7 +178,11 @@ impl Protection {
             backup: req.backup,
             backup_name: req.backup_name.clone(),
             identity,
-            bind: if req.backup.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? },
+            bind: if req.backup.is_ipv4() {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+            } else {
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+            },
             tuning: transport::Tuning::default(),
         };
         let link = rt.spawn(primary::link::run(
@@ -186,7 +209,7 @@ impl Protection {
         let engine = std::thread::Builder::new()
             .name("epoch-engine".into())
             .spawn(move || engine.run())
-            .context("spawn epoch engine")?;
+            .map_err(ProtectError::Spawn)?;
         tracing::info!(backup = %req.backup, "protection starting");
         Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
     }
@@ -198,7 +221,7 @@ impl Protection {
     }
 
     /// Stops protecting; output flows straight to the TAP again.
-    pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<()> {
+    pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake();
         if let Some(e) = self.engine.take() {
@@ -210,16 +233,7 @@ impl Protection {
         }
         if let Some(o) = &self.output {
             o.set_passthrough(true);
-            let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(net) = g.net().cloned() {
-                g.pause()?;
-                let dev = net.lock().unwrap_or_else(|e| e.into_inner());
-                let tap = Arc::clone(dev.device().tap());
-                let sink: Box<dyn TxSink> = Box::new(TapSink::new(tap));
-                let _held = dev.device().set_tx_sink(sink);
-                drop(dev);
-                g.resume();
-            }
+            primary::output::restore_plain_sink(vm)?;
         }
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())
@@ -227,15 +241,61 @@ impl Protection {
 }
 
 /// Checks a protect request before starting.
-pub fn validate(req: &ProtectRequest) -> Result<()> {
+pub fn validate(req: &ProtectRequest) -> Result<(), ProtectError> {
     if req.epoch_min_ms > req.epoch_max_ms {
-        bail!("epoch bounds {}..{} ms are reversed", req.epoch_min_ms, req.epoch_max_ms);
+        return Err(ProtectError::EpochBounds { min: req.epoch_min_ms, max: req.epoch_max_ms });
     }
     if req.output_coalesce_us > 1_000_000 {
-        bail!("output coalescing window of {} µs is longer than 1 s", req.output_coalesce_us);
+        return Err(ProtectError::Coalesce(req.output_coalesce_us));
     }
     if req.epoch_ms > 10_000 {
-        bail!("epoch of {} ms is longer than 10 s", req.epoch_ms);
+        return Err(ProtectError::EpochTooLong(req.epoch_ms));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ProtectRequest {
+        ProtectRequest {
+            backup: "127.0.0.1:7000".parse().unwrap(),
+            backup_name: "backup".into(),
+            certs: "certs".into(),
+            name: "primary".into(),
+            vm_name: "vm".into(),
+            epoch_ms: 0,
+            epoch_min_ms: default_min(),
+            epoch_max_ms: default_max(),
+            output_coalesce_us: default_coalesce(),
+            verify_every: 0,
+            degrade_after_ms: default_degrade(),
+            heartbeat_ms: default_heartbeat(),
+            detect_ms: default_detect(),
+            backup_node: None,
+        }
+    }
+
+    #[test]
+    fn validate_names_each_bad_setting() {
+        assert!(validate(&request()).is_ok());
+        let bounds = validate(&ProtectRequest { epoch_min_ms: 60, epoch_max_ms: 50, ..request() });
+        assert_eq!(bounds.unwrap_err().to_string(), "epoch bounds 60..50 ms are reversed");
+        let coalesce = validate(&ProtectRequest { output_coalesce_us: 2_000_000, ..request() });
+        assert_eq!(coalesce.unwrap_err().to_string(), "output coalescing window of 2000000 µs is longer than 1 s");
+        let epoch = validate(&ProtectRequest { epoch_ms: 20_000, ..request() });
+        assert_eq!(epoch.unwrap_err().to_string(), "epoch of 20000 ms is longer than 10 s");
+    }
+
+    #[test]
+    fn timing_keeps_detection_above_two_heartbeats() {
+        let t = timing(20, 1000, 0);
+        assert_eq!(t.heartbeat_interval, Duration::from_millis(20));
+        assert_eq!(t.idle_timeout, Duration::from_millis(1000));
+        assert_eq!(t.suspect_after, None);
+        let t = timing(100, 50, 10);
+        assert_eq!(t.idle_timeout, Duration::from_millis(200));
+        assert_eq!(t.suspect_after, Some(Duration::from_millis(200)));
+    }
 }

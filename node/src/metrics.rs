@@ -14,7 +14,32 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A non-loopback address without the opt-in.
+    #[error(
+        "metrics address {0} is not a loopback address: the endpoint is unauthenticated and tells \
+         anyone who reaches it about the VM; bind 127.0.0.1 or [::1] (and scrape through a tunnel or \
+         proxy), or pass --metrics-public to serve it on {0} anyway"
+    )]
+    NotLoopback(SocketAddr),
+    /// The address could not be bound.
+    #[error("bind metrics endpoint {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address could not be read back.
+    #[error("metrics endpoint address")]
+    LocalAddr(#[source] std::io::Error),
+    /// The serving thread could not start.
+    #[error("spawn metrics thread")]
+    Spawn(#[source] std::io::Error),
+}
 
 /// How long writing a response may take before the connection is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,13 +62,9 @@ impl Default for Limits {
 }
 
 /// Refuses a non-loopback `addr` unless `public`: the endpoint is unauthenticated.
-pub fn check_addr(addr: SocketAddr, public: bool) -> Result<()> {
+pub fn check_addr(addr: SocketAddr, public: bool) -> Result<(), MetricsError> {
     if !public && !addr.ip().to_canonical().is_loopback() {
-        bail!(
-            "metrics address {addr} is not a loopback address: the endpoint is unauthenticated and tells \
-             anyone who reaches it about the VM; bind 127.0.0.1 or [::1] (and scrape through a tunnel or \
-             proxy), or pass --metrics-public to serve it on {addr} anyway"
-        );
+        return Err(MetricsError::NotLoopback(addr));
     }
     Ok(())
 }
@@ -88,15 +109,15 @@ pub fn serve(
     public: bool,
     limits: Limits,
     status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-) -> Result<SocketAddr> {
+) -> Result<SocketAddr, MetricsError> {
     check_addr(addr, public)?;
-    let listener = TcpListener::bind(addr).with_context(|| format!("bind metrics endpoint {addr}"))?;
-    let bound = listener.local_addr().context("metrics endpoint address")?;
+    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     tracing::info!(addr = %bound, public, "prometheus metrics at /metrics");
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || accept_loop(listener, limits, status))
-        .context("spawn metrics thread")?;
+        .map_err(MetricsError::Spawn)?;
     Ok(bound)
 }
 

@@ -1,4 +1,8 @@
-//! The failure detector: a sans-IO, tick-driven heartbeat monitor for one peer.
+//! The simulation's model of a failure detector: a sans-IO, tick-driven heartbeat monitor for
+//! one peer. (It was `failover::detector`, used by nothing in production: there the detector is
+//! the replication session's, `replication_proto::Timing`'s heartbeats, suspicion and idle
+//! timeout, plus the transport's liveness line; see docs/failover.md. The simulation needs a
+//! detector on its virtual clock, and this is it.)
 //!
 //! The detector reads no clock and does no I/O. The caller feeds it time and what it heard:
 //! [`Detector::on_heartbeat`] for a heartbeat from the peer, [`Detector::on_activity`] for any
@@ -12,25 +16,12 @@
 //! means: a backup that already asked for activity simply withdraws its request, the arbiter
 //! decides who is active anyway). Every verdict carries its [`Evidence`] for the log.
 //!
-//! ```
-//! use std::time::{Duration, Instant};
-//! use failover::detector::{Detector, DetectorConfig, DetectorEvent};
-//!
-//! let t0 = Instant::now();
-//! let mut d = Detector::new(2, DetectorConfig::default());
-//! d.handle_timeout(t0);
-//! assert!(d.poll_transmit().is_some()); // a heartbeat for node 2 is due at once
-//! d.handle_timeout(t0 + Duration::from_millis(70)); // 70 ms without a word
-//! assert!(matches!(d.poll_event(), Some(DetectorEvent::Dead { .. })));
-//! d.on_heartbeat(t0 + Duration::from_millis(71), 2);
-//! assert!(matches!(d.poll_event(), Some(DetectorEvent::Alive { .. })));
-//! ```
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::NodeId;
+use failover::NodeId;
 
 /// Errors of the detector: bad configuration and undecodable heartbeats.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -1,0 +1,15 @@
+//! One Understudy node: the process that runs a VM or holds a backup's replica of one. The
+//! binary parses the command line, wires the parts and prints; what the node is and reports
+//! lives here so that later roles (migration source and destination) join as library code.
+//!
+//! Modules:
+//! - [`failover`]: what a backup does when the session reports on the primary;
+//! - [`metrics`]: the Prometheus endpoint over the status report;
+//! - [`protect`]: protection of a running VM (the primary side);
+//! - [`status`]: what the admin API's `status` answers, per role (its JSON field names are part
+//!   of the API).
+
+pub mod failover;
+pub mod metrics;
+pub mod protect;
+pub mod status;

@@ -1,0 +1,229 @@
+//! What `understudy status` answers. The JSON field names are part of the admin API: the test
+//! below pins them.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// How this VM came to be.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Origin {
+    /// A backup holding a replica; no VM runs yet.
+    Backup {
+        /// Listening address.
+        listen: String,
+    },
+    /// Promoted from a backup's replica.
+    Promoted {
+        /// The epoch the replica held.
+        epoch: u64,
+        /// Digest of the replica memory when promoted.
+        memory_digest: String,
+        /// Milliseconds from the promote request to the guest running.
+        promote_ms: f64,
+    },
+    /// Booted from a kernel.
+    Booted {
+        /// The kernel.
+        kernel: PathBuf,
+    },
+    /// Restored from a snapshot.
+    Restored {
+        /// The snapshot directory.
+        from: PathBuf,
+        /// Digest of guest memory when restored, before the guest ran.
+        memory_digest: String,
+        /// Milliseconds from process start to the VM resuming.
+        restore_ms: f64,
+    },
+}
+
+/// The role a status names (`"primary"` for any process running a VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    /// Runs the VM (booted, restored or promoted; protected or not).
+    Primary,
+    /// Holds a replica.
+    Backup,
+}
+
+/// Where a running VM stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// vCPUs run.
+    Running,
+    /// Paused (by request, or for a snapshot).
+    Paused,
+    /// Stopped for good.
+    Stopped,
+}
+
+/// Whether the arbitration agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArbitrationState {
+    /// Its arbiter task runs.
+    Running,
+    /// Its arbiter task ended (the process then stops its guest and exits non-zero).
+    Failed,
+}
+
+/// The arbitration agent's state, when arbitration is configured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArbitrationStatus {
+    /// This process's raft node id.
+    pub node: u64,
+    /// Running or failed.
+    pub state: ArbitrationState,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The status of a process that runs a VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// Always [`RoleName::Primary`].
+    pub role: RoleName,
+    /// Running, paused or stopped.
+    pub state: VmState,
+    /// Seconds since the process started.
+    pub uptime_s: f64,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// The guest's kernel command line.
+    pub cmdline: String,
+    /// How the VM came to be.
+    pub origin: Origin,
+    /// Why the VM stopped, once it did.
+    pub stopped_reason: Option<String>,
+    /// Protection, while the VM is protected.
+    pub protection: Option<primary::stats::StatusReport>,
+    /// Arbitration, when configured.
+    pub arbitration: Option<ArbitrationStatus>,
+}
+
+/// The status of a backup process (no VM runs yet).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupProcessStatus {
+    /// Always [`RoleName::Backup`].
+    pub role: RoleName,
+    /// Seconds since the process started.
+    pub uptime_s: f64,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// [`Origin::Backup`].
+    pub origin: Origin,
+    /// The backup server's status.
+    pub backup: Option<backup::server::BackupStatus>,
+    /// Arbitration, when configured.
+    pub arbitration: Option<ArbitrationStatus>,
+}
+
+/// What `status` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    /// A VM runs here.
+    Vm(VmStatus),
+    /// A backup waits here.
+    Backup(BackupProcessStatus),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        v.as_object().expect("an object").keys().map(String::as_str).collect()
+    }
+
+    /// The field names a booted VM's status had when it was built with `json!` in the binary.
+    #[test]
+    fn booted_vm_status_keeps_its_field_names() {
+        let s = Status::Vm(VmStatus {
+            role: RoleName::Primary,
+            state: VmState::Running,
+            uptime_s: 1.5,
+            memory_bytes: 64 << 20,
+            cmdline: "workload=counter".into(),
+            origin: Origin::Booted { kernel: "guest.elf".into() },
+            stopped_reason: None,
+            protection: None,
+            arbitration: None,
+        });
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            keys(&v),
+            [
+                "arbitration",
+                "cmdline",
+                "memory_bytes",
+                "origin",
+                "protection",
+                "role",
+                "state",
+                "stopped_reason",
+                "uptime_s"
+            ]
+        );
+        assert_eq!(v["role"], "primary");
+        assert_eq!(v["state"], "running");
+        assert!(v["protection"].is_null() && v["stopped_reason"].is_null());
+        assert_eq!(keys(&v["origin"]), ["kernel", "kind"]);
+        assert_eq!(v["origin"]["kind"], "booted");
+        let paused = serde_json::to_value(VmState::Paused).unwrap();
+        assert_eq!(paused, "paused");
+        assert_eq!(serde_json::to_value(VmState::Stopped).unwrap(), "stopped");
+    }
+
+    /// The field names a backup's status had when it was built with `json!` in the binary.
+    #[test]
+    fn backup_status_keeps_its_field_names() {
+        let s = Status::Backup(BackupProcessStatus {
+            role: RoleName::Backup,
+            uptime_s: 0.5,
+            memory_bytes: 64 << 20,
+            origin: Origin::Backup { listen: "127.0.0.1:7000".into() },
+            backup: Some(backup::server::BackupStatus { state: "waiting".into(), ..Default::default() }),
+            arbitration: Some(ArbitrationStatus { node: 2, state: ArbitrationState::Running, reason: None }),
+        });
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(keys(&v), ["arbitration", "backup", "memory_bytes", "origin", "role", "uptime_s"]);
+        assert_eq!(v["arbitration"], serde_json::json!({"node": 2, "state": "running"}));
+        let failed = ArbitrationStatus { node: 1, state: ArbitrationState::Failed, reason: Some("journal".into()) };
+        let f = serde_json::to_value(failed).unwrap();
+        assert_eq!(f, serde_json::json!({"node": 1, "state": "failed", "reason": "journal"}));
+        assert_eq!(v["role"], "backup");
+        assert_eq!(v["origin"], serde_json::json!({"kind": "backup", "listen": "127.0.0.1:7000"}));
+        assert_eq!(
+            keys(&v["backup"]),
+            [
+                "commit_us_mean",
+                "commits",
+                "committed_epoch",
+                "connected",
+                "consistent_epoch",
+                "failed_sessions",
+                "last_error",
+                "pages",
+                "primary",
+                "rejected",
+                "rollback_epoch",
+                "since_last_commit_s",
+                "state"
+            ]
+        );
+        let promoted = Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0 };
+        let p = serde_json::to_value(promoted).unwrap();
+        assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms"]);
+        assert_eq!(p["kind"], "promoted");
+        let restored = Origin::Restored { from: "snap".into(), memory_digest: "00".into(), restore_ms: 1.0 };
+        let r = serde_json::to_value(restored).unwrap();
+        assert_eq!(keys(&r), ["from", "kind", "memory_digest", "restore_ms"]);
+        assert_eq!(r["kind"], "restored");
+    }
+}
