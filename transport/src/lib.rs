@@ -57,6 +57,8 @@ pub mod certs;
 pub mod config;
 pub mod connection;
 pub mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod liveness;
 pub mod proto;

@@ -189,9 +189,19 @@ impl TlsContext {
         &self.versions
     }
 
+    /// The accepting side's check of a client certificate, recording into `probe`.
+    pub(crate) fn client_verifier(&self, probe: &Arc<HandshakeProbe>) -> Arc<dyn ClientCertVerifier> {
+        Arc::new(RecordingClientVerifier { inner: self.client_verifier.clone(), probe: probe.clone() })
+    }
+
+    /// The connecting side's check of a server certificate, recording into `probe`.
+    pub(crate) fn server_verifier(&self, probe: &Arc<HandshakeProbe>) -> Arc<dyn ServerCertVerifier> {
+        Arc::new(RecordingServerVerifier { inner: self.server_verifier.clone(), probe: probe.clone() })
+    }
+
     /// The accepting side's configuration for one connection.
     pub(crate) fn server_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicServerConfig, TlsError> {
-        let verifier = Arc::new(RecordingClientVerifier { inner: self.client_verifier.clone(), probe: probe.clone() });
+        let verifier = self.client_verifier(probe);
         let resolver = Arc::new(RecordingResolver { certified: self.certified.clone(), probe: probe.clone() });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -206,7 +216,7 @@ impl TlsContext {
 
     /// The connecting side's configuration for one connection.
     pub(crate) fn client_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicClientConfig, TlsError> {
-        let verifier = Arc::new(RecordingServerVerifier { inner: self.server_verifier.clone(), probe: probe.clone() });
+        let verifier = self.server_verifier(probe);
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Config { source })?

@@ -1,7 +1,5 @@
 //! Wiring of protection (primary side) and of the backup role into a VM process.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,55 +10,11 @@ use primary::link::{Journal, LinkConfig};
 use primary::output::{DEFAULT_HOLD_CAP, OutputBuffer};
 use primary::stats::{ProtectionState, Stats};
 use replication_proto::{Role, Sender, SenderConfig};
-use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::net::{TapSink, TxSink};
 use vmm::vm::Vm;
 
-/// What `understudy protect` asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProtectRequest {
-    /// The backup's address.
-    pub backup: SocketAddr,
-    /// The backup's certificate name.
-    pub backup_name: String,
-    /// Directory with `ca.pem` and this host's certificate and key.
-    pub certs: PathBuf,
-    /// This host's certificate name.
-    pub name: String,
-    /// The VM's name (the backup must be started for the same name).
-    pub vm_name: String,
-    /// Fixed epoch length in ms (0 = adaptive).
-    #[serde(default)]
-    pub epoch_ms: u64,
-    /// Adaptive bounds, ms.
-    #[serde(default = "default_min")]
-    pub epoch_min_ms: u64,
-    /// Adaptive bounds, ms.
-    #[serde(default = "default_max")]
-    pub epoch_max_ms: u64,
-    /// Digest memory every this many checkpoints (tests; 0 = off).
-    #[serde(default)]
-    pub verify_every: u64,
-    /// How long the backup may be unreachable before the primary runs degraded, ms.
-    #[serde(default = "default_degrade")]
-    pub degrade_after_ms: u64,
-    /// Heartbeat interval, ms.
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat_ms: u64,
-    /// Silence after which the link counts as broken, ms.
-    #[serde(default = "default_detect")]
-    pub detect_ms: u64,
-    /// The backup's arbitration node id (recorded as the VM's backup once it is consistent).
-    #[serde(default)]
-    pub backup_node: Option<u64>,
-}
-
-fn default_heartbeat() -> u64 {
-    20
-}
-fn default_detect() -> u64 {
-    1000
-}
+mod request;
+pub use request::ProtectRequest;
 
 /// Protocol timing from heartbeat, detection and suspicion settings (`suspect_ms` 0: none).
 pub fn timing(heartbeat_ms: u64, detect_ms: u64, suspect_ms: u64) -> replication_proto::Timing {
@@ -69,16 +23,6 @@ pub fn timing(heartbeat_ms: u64, detect_ms: u64, suspect_ms: u64) -> replication
         idle_timeout: Duration::from_millis(detect_ms.max(heartbeat_ms.max(1) * 2)),
         suspect_after: (suspect_ms > 0).then(|| Duration::from_millis(suspect_ms.max(heartbeat_ms.max(1) * 2))),
     }
-}
-
-fn default_min() -> u64 {
-    10
-}
-fn default_max() -> u64 {
-    50
-}
-fn default_degrade() -> u64 {
-    500
 }
 
 /// A running protection.
