@@ -37,9 +37,12 @@ bench: guest
 	$(CARGO) build --release -p understudy
 	$(CARGO) bench --workspace
 
-# cargo-fuzz targets of every decoder (frames, pages, state, receiver); FUZZ_SECONDS each.
+# Every cargo-fuzz target of every fuzz crate (each */fuzz/run.sh: replication-proto, vmm,
+# transport, understudy, failover when present), FUZZ_SECONDS each; docs/fuzzing.md lists them.
 fuzz:
-	replication-proto/fuzz/run.sh $(or $(FUZZ_SECONDS),60)
+	@status=0; for run in */fuzz/run.sh; do \
+		$$run $(or $(FUZZ_SECONDS),60) || status=1; \
+	done; exit $$status
 
 clean:
 	$(CARGO) clean

@@ -546,3 +546,101 @@ impl ReplicaMemory for MemoryImage {
         self.bytes.fill(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{CodecConfig, PageEncoder};
+    use crate::hash::is_zero;
+    use proptest::prelude::*;
+
+    const PAGES: u64 = 24;
+    const PS: usize = 512;
+
+    fn image(fill: impl Fn(u64, usize) -> u8) -> MemoryImage {
+        let mut m = MemoryImage::new(&MemoryLayout::flat(PS as u32, PAGES * PS as u64));
+        for pfn in 0..PAGES {
+            for (i, b) in m.page_mut(pfn).unwrap().iter_mut().enumerate() {
+                *b = fill(pfn, i);
+            }
+        }
+        m
+    }
+
+    /// Stages the pages of `target` listed in `dirty` the way the sender encodes them against
+    /// `base`, with the honest content digest of the result.
+    fn checkpoint(base: &MemoryImage, target: &MemoryImage, dirty: &[u64], baseline: bool) -> Checkpoint {
+        let index = PageIndex::new(&MemoryLayout::flat(PS as u32, PAGES * PS as u64));
+        let mut b = CheckpointBuilder::new(3, Lineage { origin: 1, baseline: 1 }, baseline, PS);
+        let mut enc = PageEncoder::new(CodecConfig::default());
+        let mut digest = Digest::default();
+        for &pfn in dirty {
+            let new = target.page(pfn).unwrap();
+            let old = base.page(pfn).unwrap();
+            let (encoding, data) = if is_zero(new) {
+                (PageEncoding::Zero, &[][..])
+            } else if !baseline && new == old {
+                (PageEncoding::Unchanged, &[][..])
+            } else {
+                enc.encode(new, (!baseline).then_some(old))
+            };
+            b.push(&PageRecord { pfn, encoding, data }, &index).unwrap();
+            digest.add(pfn, xxh64(new));
+        }
+        b.push_state(b"vm state");
+        b.finish(digest.finish())
+    }
+
+    proptest! {
+        /// Whatever pages change and however the encoder encodes them, applying the checkpoint
+        /// to the base gives the target; a checkpoint that does not verify changes nothing.
+        #[test]
+        fn apply_round_trips(
+            seed in any::<u8>(),
+            changes in proptest::collection::btree_map(0..PAGES, (0usize..PS, any::<u8>(), 0usize..3), 0..12),
+            baseline in any::<bool>(),
+            bad_digest in any::<bool>(),
+        ) {
+            let base = image(|pfn, i| seed.wrapping_add(pfn as u8).wrapping_mul((i / 32) as u8 | 1));
+            let mut target = if baseline { image(|_, _| 0) } else { base.clone() };
+            for (&pfn, &(at, byte, how)) in &changes {
+                let page = target.page_mut(pfn).unwrap();
+                match how {
+                    0 => page.fill(0),
+                    1 => page[at] = byte,
+                    _ => page[at..].fill(byte),
+                }
+            }
+            let dirty: Vec<u64> = changes.keys().copied().collect();
+            let cp = checkpoint(&base, &target, &dirty, baseline);
+            prop_assert_eq!(cp.page_count(), dirty.len());
+            prop_assert_eq!(cp.state(), b"vm state");
+            let mut replica = base.clone();
+            if bad_digest {
+                let cp = Checkpoint { digest: cp.digest ^ 1, ..cp };
+                let refused = matches!(cp.apply(&mut replica), Err(ApplyError::Digest { .. }));
+                prop_assert!(refused, "a wrong digest was not refused");
+                prop_assert_eq!(replica, base);
+            } else {
+                cp.apply(&mut replica).unwrap();
+                prop_assert_eq!(replica, target);
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_page_refuses_the_whole_checkpoint() {
+        let base = image(|pfn, _| pfn as u8);
+        let mut target = base.clone();
+        target.page_mut(2).unwrap().fill(9);
+        target.page_mut(PAGES - 1).unwrap().fill(9);
+        let cp = checkpoint(&base, &target, &[2, PAGES - 1], false);
+        // A replica one page short: the last page is not there.
+        let mut small = MemoryImage::new(&MemoryLayout::flat(PS as u32, (PAGES - 1) * PS as u64));
+        small.page_mut(2).unwrap().fill(1);
+        let before = small.clone();
+        let e = cp.apply(&mut small).unwrap_err();
+        assert!(matches!(e, ApplyError::MissingPage { epoch: 3, pfn } if pfn == PAGES - 1), "{e}");
+        assert_eq!(small, before);
+    }
+}

@@ -12,6 +12,8 @@ use crate::wire::{Reader, put_u32, put_u64};
 use crate::{Receiver, ReceiverConfig, ReceiverEvent};
 use std::time::Instant;
 
+pub mod smoke;
+
 /// Frames and messages: the stream decoder (fed in pieces), the datagram decoder, and every
 /// message decoder; whatever decodes must re-encode to the same payload.
 pub fn frames(data: &[u8]) {
@@ -225,4 +227,128 @@ pub fn receiver(data: &[u8]) {
     }
     r.handle_timeout(now + std::time::Duration::from_millis(60));
     drain(&mut r, now);
+}
+
+/// Pages of the staged layout in [`apply`] (few: each input builds and compares whole replicas).
+pub const APPLY_PAGES: u64 = 16;
+
+/// `Checkpoint::apply` against an in-memory replica: a checkpoint staged from an arbitrary page
+/// set (records that do not stage are left out, as the receiver would refuse them), with the
+/// sender's digest either computed honestly or taken from the input, applied to a replica whose
+/// layout may miss some of its pages. Never panics; on `Err` the replica is byte for byte what it
+/// was; on `Ok` it holds exactly what the checkpoint says; an honest checkpoint whose pages all
+/// exist and decode always applies; `verify` and `apply` agree.
+///
+/// Input: `[flags, fill, digest: u64 le, page set...]`. Flags: bits 0-1 the page size
+/// (512 << n), bit 2 baseline, bit 3 a digest from the input instead of the honest one, bits 4-5
+/// the replica (the staged layout of [`APPLY_PAGES`] pages, its first three quarters, the layout
+/// with a hole, or pages of twice the size).
+pub fn apply(data: &[u8]) {
+    use crate::checkpoint::{CheckpointBuilder, MemoryImage, PageContent, ReplicaMemory};
+    use crate::hash::{Digest, xxh64};
+    use crate::message::{GuestRange, PageIndex};
+
+    let [flags, fill, rest @ ..] = data else {
+        return;
+    };
+    let Some((digest_bytes, set)) = rest.split_first_chunk::<8>() else {
+        return;
+    };
+    let page_size = 512u32 << (flags & 3);
+    let ps = u64::from(page_size);
+    let baseline = flags & 4 != 0;
+    let staged = MemoryLayout::flat(page_size, APPLY_PAGES * ps);
+    let replica_layout = match (flags >> 4) & 3 {
+        0 => staged.clone(),
+        1 => MemoryLayout::flat(page_size, APPLY_PAGES * 3 / 4 * ps),
+        2 => MemoryLayout {
+            page_size,
+            ranges: vec![GuestRange { start: 0, len: 4 * ps }, GuestRange { start: 6 * ps, len: 10 * ps }],
+        },
+        _ => MemoryLayout::flat(page_size * 2, APPLY_PAGES * ps),
+    };
+    let mut replica = MemoryImage::new(&replica_layout);
+    let replica_ps = u64::from(replica_layout.page_size);
+    for pfn in 0..APPLY_PAGES * ps / replica_ps {
+        if let Some(page) = replica.page_mut(pfn) {
+            for (i, block) in page.chunks_mut(64).enumerate() {
+                block.fill(fill.wrapping_mul(pfn as u8 | 1).wrapping_add(i as u8));
+            }
+        }
+    }
+    let before = replica.clone();
+
+    let Ok(records) = parse_page_set(&mut Reader::new(set)) else {
+        return;
+    };
+    let index = PageIndex::new(&staged);
+    let stage = |digest: u64| {
+        let mut builder = CheckpointBuilder::new(7, Lineage { origin: 1, baseline: 1 }, baseline, page_size as usize);
+        for r in &records {
+            let _ = builder.push(r, &index);
+        }
+        builder.push_state(b"state");
+        builder.finish(digest)
+    };
+
+    // What the replica must hold afterwards, and the digest of it, page by page.
+    let mut model = before.clone();
+    if baseline {
+        model.zero_all();
+    }
+    let mut digest = Digest::default();
+    let mut applies = true;
+    for p in stage(0).pages() {
+        // A dedup reference copies a page the epoch already wrote, or one it leaves untouched.
+        let copied = match p.content {
+            PageContent::Copy { from, check } => {
+                match model.page(from).filter(|s| s.len() == page_size as usize && crate::hash::dedup_check(s) == check)
+                {
+                    Some(s) => Some(s.to_vec()),
+                    None => {
+                        applies = false;
+                        break;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(page) = model.page_mut(p.pfn).filter(|p| p.len() == page_size as usize) else {
+            applies = false;
+            break;
+        };
+        match p.content {
+            PageContent::Zero => page.fill(0),
+            PageContent::Unchanged => {}
+            PageContent::Full(bytes) => page.copy_from_slice(bytes),
+            PageContent::Copy { .. } => {
+                if let Some(c) = &copied {
+                    page.copy_from_slice(c);
+                }
+            }
+            PageContent::Delta(d) => {
+                if apply_delta(d, page).is_err() {
+                    applies = false;
+                    break;
+                }
+            }
+        }
+        digest.add(p.pfn, xxh64(page));
+    }
+    let honest = flags & 8 == 0;
+    let cp = stage(if honest { digest.finish() } else { u64::from_le_bytes(*digest_bytes) });
+
+    let verified = cp.verify(&replica);
+    let result = cp.apply(&mut replica);
+    assert_eq!(verified.is_ok(), result.is_ok(), "verify and apply disagree: {verified:?} vs {result:?}");
+    match result {
+        Ok(()) => {
+            assert!(applies, "a checkpoint with a missing or undecodable page applied");
+            assert!(replica == model, "the applied replica is not what the checkpoint says");
+        }
+        Err(e) => {
+            assert!(replica == before, "a refused checkpoint wrote the replica ({e})");
+            assert!(!(honest && applies), "an honest checkpoint was refused: {e}");
+        }
+    }
 }

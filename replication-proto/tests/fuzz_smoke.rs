@@ -2,34 +2,13 @@
 //! entry point (the same functions the `cargo fuzz` targets in `fuzz/` call), so every test run
 //! exercises the decoders on hostile input without cargo-fuzz.
 //!
-//! `FUZZ_SMOKE_ITERS` sets the inputs per target (default 300,000 in release, 20,000 in debug).
+//! `FUZZ_SMOKE_ITERS` sets the inputs per target (default 300,000 in release, 20,000 in debug);
+//! `FUZZ_SEED_DIR` also writes the seeds out as files (see `replication_proto::fuzzing::smoke`).
 
 use replication_proto::frame::{MessageKind, begin_frame, finish_frame};
-use replication_proto::fuzzing;
+use replication_proto::fuzzing::{self, smoke};
 use replication_proto::message::{EpochBegin, EpochEnd, Heartbeat, Lineage, Message, PageBatch};
 use replication_proto::pageset::{EncodedPage, PageEncoding, write_page_set};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn iterations() -> usize {
-    std::env::var("FUZZ_SMOKE_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(if cfg!(debug_assertions) {
-        20_000
-    } else {
-        300_000
-    })
-}
 
 /// Valid inputs to start mutating from.
 fn seeds() -> Vec<Vec<u8>> {
@@ -64,6 +43,13 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut set = vec![0u8, 3];
     write_page_set(&mut set, &pages);
     out.push(set);
+    // Checkpoint inputs: flags (4 KiB pages, honest digest; then a baseline; then a short
+    // replica), fill, a digest, the page set.
+    for flags in [3u8, 7, 0x13] {
+        let mut set = Vec::new();
+        write_page_set(&mut set, if flags & 4 != 0 { &pages[..2] } else { &pages });
+        out.push([vec![flags, 9], vec![0; 8], set].concat());
+    }
     out.push([vec![1, 4], delta].concat());
     out.push([vec![1, 3], lz4_flex::block::compress(&text)].concat());
     // Receiver inputs: (kind, len, payload) triples.
@@ -86,46 +72,6 @@ fn seeds() -> Vec<Vec<u8>> {
     out
 }
 
-fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
-    for _ in 0..1 + rng.below(4) {
-        match rng.below(7) {
-            0 if !input.is_empty() => {
-                let i = rng.below(input.len());
-                input[i] ^= 1 << rng.below(8);
-            }
-            1 if !input.is_empty() => {
-                let i = rng.below(input.len());
-                input[i] = [0, 1, 0x7f, 0x80, 0xff][rng.below(5)];
-            }
-            2 => input.truncate(rng.below(input.len() + 1)),
-            3 => {
-                let n = rng.below(16);
-                for _ in 0..n {
-                    input.push(rng.next() as u8);
-                }
-            }
-            4 if input.len() > 2 => {
-                let a = rng.below(input.len());
-                let b = rng.below(input.len());
-                let (lo, hi) = (a.min(b), a.max(b));
-                let piece = input[lo..hi].to_vec();
-                let at = rng.below(input.len());
-                input.splice(at..at, piece);
-            }
-            5 if input.len() > 8 => {
-                // Overwrite a little-endian u32 with an interesting length.
-                let i = rng.below(input.len() - 4);
-                let v: u32 = [0, 1, 12, 4096, 65535, u32::MAX][rng.below(6)];
-                input[i..i + 4].copy_from_slice(&v.to_le_bytes());
-            }
-            _ => {
-                let i = rng.below(input.len() + 1);
-                input.insert(i, rng.next() as u8);
-            }
-        }
-    }
-}
-
 /// Re-seals every frame whose header still parses, so mutated payloads reach the decoders.
 fn reseal(input: &mut [u8]) {
     let mut at = 1;
@@ -145,42 +91,38 @@ fn reseal(input: &mut [u8]) {
     }
 }
 
-fn run(target: fn(&[u8]), salt: u64, scale: usize) {
-    let n = iterations() / scale;
-    let mut rng = Rng(0x5eed_0000_0000_0001 ^ salt);
-    let seeds = seeds();
-    for i in 0..n {
-        let mut input = if i % 8 == 0 {
-            let len = rng.below(600);
-            (0..len).map(|_| rng.next() as u8).collect()
-        } else {
-            seeds[rng.below(seeds.len())].clone()
-        };
-        mutate(&mut rng, &mut input);
+fn run(target: fn(&[u8]), name: &str, salt: u64, scale: usize) {
+    let n = smoke::iterations(300_000, 20_000) / scale;
+    let reseal_half = |rng: &mut smoke::Rng, input: &mut Vec<u8>| {
         if rng.below(2) == 0 {
-            reseal(&mut input);
+            reseal(input);
         }
-        target(&input);
-    }
+    };
+    smoke::run(name, &seeds(), salt, n, reseal_half, target);
 }
 
 #[test]
 fn fuzz_smoke_frames() {
-    run(fuzzing::frames, 1, 1);
+    run(fuzzing::frames, "frames", 1, 1);
 }
 
 #[test]
 fn fuzz_smoke_pages() {
-    run(fuzzing::pages, 2, 1);
+    run(fuzzing::pages, "pages", 2, 1);
 }
 
 #[test]
 fn fuzz_smoke_state() {
     // Each input here is a whole epoch of up to thousands of frames: fewer of them.
-    run(fuzzing::state, 3, 16);
+    run(fuzzing::state, "state", 3, 16);
+}
+
+#[test]
+fn fuzz_smoke_apply() {
+    run(fuzzing::apply, "apply", 5, 4);
 }
 
 #[test]
 fn fuzz_smoke_receiver() {
-    run(fuzzing::receiver, 4, 4);
+    run(fuzzing::receiver, "receiver", 4, 4);
 }

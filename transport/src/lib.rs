@@ -59,6 +59,8 @@ pub mod certs;
 pub mod config;
 pub mod connection;
 pub mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod liveness;
 pub mod policy;

@@ -199,13 +199,29 @@ impl TlsContext {
         &self.policy
     }
 
-    /// The accepting side's configuration for one connection.
-    pub(crate) fn server_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicServerConfig, TlsError> {
-        let verifier = Arc::new(RecordingClientVerifier {
+    /// The accepting side's check of a client certificate (CA, then the peer policy),
+    /// recording into `probe`.
+    pub(crate) fn client_verifier(&self, probe: &Arc<HandshakeProbe>) -> Arc<dyn ClientCertVerifier> {
+        Arc::new(RecordingClientVerifier {
             inner: self.client_verifier.clone(),
             policy: self.policy.clone(),
             probe: probe.clone(),
-        });
+        })
+    }
+
+    /// The connecting side's check of a server certificate (CA, then the peer policy),
+    /// recording into `probe`.
+    pub(crate) fn server_verifier(&self, probe: &Arc<HandshakeProbe>) -> Arc<dyn ServerCertVerifier> {
+        Arc::new(RecordingServerVerifier {
+            inner: self.server_verifier.clone(),
+            policy: self.policy.clone(),
+            probe: probe.clone(),
+        })
+    }
+
+    /// The accepting side's configuration for one connection.
+    pub(crate) fn server_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicServerConfig, TlsError> {
+        let verifier = self.client_verifier(probe);
         let resolver = Arc::new(RecordingResolver { certified: self.certified.clone(), probe: probe.clone() });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -220,11 +236,7 @@ impl TlsContext {
 
     /// The connecting side's configuration for one connection.
     pub(crate) fn client_config(&self, probe: &Arc<HandshakeProbe>) -> Result<QuicClientConfig, TlsError> {
-        let verifier = Arc::new(RecordingServerVerifier {
-            inner: self.server_verifier.clone(),
-            policy: self.policy.clone(),
-            probe: probe.clone(),
-        });
+        let verifier = self.server_verifier(probe);
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Config { source })?

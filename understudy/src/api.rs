@@ -92,6 +92,11 @@ impl Response {
     }
 }
 
+/// Parses one request line (surrounding white space ignored); the error names what is wrong.
+pub fn parse_request(line: &str) -> Result<Request> {
+    serde_json::from_str(line.trim()).map_err(|e| anyhow::anyhow!("bad api request: {e}"))
+}
+
 /// Binds the API socket with mode 0600, replacing a stale socket file.
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
@@ -144,9 +149,9 @@ fn serve_conn(conn: UnixStream, in_flight: &InFlight, handle: &dyn Fn(Request) -
         reader.read_line(&mut line)? > 0
     } {
         in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
+        let resp = match parse_request(&line) {
             Ok(req) => handle(req),
-            Err(e) => Response::err(&anyhow::anyhow!("bad api request: {e}")),
+            Err(e) => Response::err(&e),
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_default();
         out.push(b'\n');
@@ -177,5 +182,78 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json:
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {
         bail!("{}", resp.error.unwrap_or_else(|| "unknown error".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn protect(seed: u64) -> node::protect::ProtectRequest {
+        node::protect::ProtectRequest {
+            backup: if seed.is_multiple_of(2) {
+                "10.0.0.2:7000".parse().unwrap()
+            } else {
+                "[fe80::1%3]:7000".parse().unwrap()
+            },
+            backup_name: format!("backup-{seed}"),
+            certs: PathBuf::from(format!("/etc/understudy/ \"quoted\" {seed}")),
+            name: "primary".into(),
+            vm_name: "vm\u{e9}\n".into(),
+            epoch_ms: seed,
+            epoch_min_ms: seed.wrapping_mul(3),
+            epoch_max_ms: u64::MAX - seed,
+            output_coalesce_us: seed % 1000,
+            verify_every: seed >> 3,
+            degrade_after_ms: seed ^ 0xff,
+            heartbeat_ms: 20,
+            detect_ms: 1000,
+            backup_node: (!seed.is_multiple_of(3)).then_some(seed),
+        }
+    }
+
+    /// Every request, as the CLI writes it, parses back to itself (compared as JSON: the
+    /// request types carry no `PartialEq`), and writing it again gives the same line.
+    #[test]
+    fn requests_round_trip() {
+        let mut requests = vec![
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::MemoryDigest,
+            Request::Shutdown,
+            Request::Unprotect,
+            Request::VerifyJournal,
+            Request::Promote { force: false },
+            Request::Promote { force: true },
+            Request::OutputJournal,
+        ];
+        for then in [AfterSnapshot::Resume, AfterSnapshot::Pause, AfterSnapshot::Exit] {
+            requests.push(Request::Snapshot { dir: PathBuf::from("/var/lib/understudy/snap \u{1f4be}"), then });
+        }
+        let mut seed = 0x243f_6a88_85a3_08d3u64;
+        for _ in 0..200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            requests.push(Request::Protect(protect(seed)));
+        }
+        for req in requests {
+            let line = serde_json::to_string(&req).unwrap();
+            let back = parse_request(&format!("  {line}\n")).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), line);
+        }
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem() {
+        let e = parse_request(r#"{"op":"reboot"}"#).unwrap_err().to_string();
+        assert!(e.starts_with("bad api request: unknown variant `reboot`"), "{e}");
+        let e = parse_request(r#"{"op":"protect","backup":"nowhere"}"#).unwrap_err().to_string();
+        assert!(e.contains("invalid socket address"), "{e}");
+        // Defaults fill what an older CLI did not send.
+        let req = parse_request(r#"{"op":"snapshot","dir":"/s"}"#).unwrap();
+        assert!(matches!(req, Request::Snapshot { then: AfterSnapshot::Resume, .. }));
+        assert!(parse_request("").is_err());
     }
 }

@@ -29,6 +29,8 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod dirty;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod memory;
 pub mod persist;

@@ -13,7 +13,7 @@
 //! the sender. Nothing buffers without bound.
 
 mod reader;
-mod wire;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, ReadExactError, RecvStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::wire::{self, GOODBYE_FLAG, HEADER_LEN, MAX_REASON, StreamKind};
+use super::wire::{self, HEADER_LEN, Record, StreamKind};
 use super::{CODE_GOODBYE, Counters, State};
 
 /// Bytes of budget a queued frame costs beyond its payload.
@@ -73,7 +73,7 @@ async fn read_stream(mut recv: RecvStream, inbound: Arc<Inbound>) {
         Ok(kind) => kind,
         Err(what) => return inbound.fail(what),
     };
-    let (queue, name) = match kind {
+    let queue = match kind {
         StreamKind::Control { bulk_streams } => {
             if !inbound.state.peer_control_opened(bulk_streams) {
                 return inbound.fail("second control stream".to_owned());
@@ -82,14 +82,15 @@ async fn read_stream(mut recv: RecvStream, inbound: Arc<Inbound>) {
             if let Some(ready) = ready {
                 let _ = ready.send(bulk_streams);
             }
-            (&inbound.control, "control")
+            &inbound.control
         }
-        StreamKind::Bulk { .. } => (&inbound.bulk, "bulk"),
+        StreamKind::Bulk { .. } => &inbound.bulk,
     };
-    read_records(recv, &inbound, queue, name).await;
+    read_records(recv, &inbound, queue, kind).await;
 }
 
-async fn read_records(mut recv: RecvStream, inbound: &Inbound, queue: &Queue, name: &str) {
+async fn read_records(mut recv: RecvStream, inbound: &Inbound, queue: &Queue, kind: StreamKind) {
+    let name = kind.name();
     loop {
         let mut word = [0u8; 4];
         match recv.read_exact(&mut word).await {
@@ -106,26 +107,21 @@ async fn read_records(mut recv: RecvStream, inbound: &Inbound, queue: &Queue, na
             }
             Err(ReadExactError::ReadError(error)) => return read_error(inbound, name, error),
         }
-        let word = u32::from_be_bytes(word);
-        if word & GOODBYE_FLAG != 0 {
-            let len = (word & !GOODBYE_FLAG) as usize;
-            if name != "control" || len > MAX_REASON {
-                return inbound.fail(format!("bad goodbye record on the {name} stream"));
+        let len = match wire::parse_word(word, kind, inbound.max_frame) {
+            Ok(Record::Goodbye(len)) => {
+                let reason = match read_body(&mut recv, len).await {
+                    Ok(reason) => String::from_utf8_lossy(&reason).into_owned(),
+                    Err(Some(error)) => return read_error(inbound, name, error),
+                    Err(None) => return inbound.fail("goodbye record cut short".to_owned()),
+                };
+                inbound.state.peer_said_goodbye(reason);
+                continue;
             }
-            let reason = match read_body(&mut recv, len).await {
-                Ok(reason) => String::from_utf8_lossy(&reason).into_owned(),
-                Err(Some(error)) => return read_error(inbound, name, error),
-                Err(None) => return inbound.fail("goodbye record cut short".to_owned()),
-            };
-            inbound.state.peer_said_goodbye(reason);
-            continue;
-        }
-        if word > inbound.max_frame {
-            return inbound.fail(format!("{name} frame of {word} bytes exceeds the limit of {}", inbound.max_frame));
-        }
-        let len = word as usize;
+            Ok(Record::Frame(len)) => len,
+            Err(what) => return inbound.fail(what),
+        };
         // Each queued frame also costs its bookkeeping, so empty frames cannot pile up.
-        let cost = word.saturating_add(QUEUE_OVERHEAD).min(queue.budget_max);
+        let cost = u32::try_from(len).unwrap_or(u32::MAX).saturating_add(QUEUE_OVERHEAD).min(queue.budget_max);
         let Ok(permit) = queue.budget.clone().acquire_many_owned(cost).await else {
             return; // the connection was dropped
         };
