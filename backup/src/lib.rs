@@ -2,5 +2,6 @@
 //! acknowledges it, and promotes the replica to a running VM when told to.
 
 pub mod promote;
+pub mod receive;
 pub mod replica;
 pub mod server;

@@ -259,6 +259,12 @@ impl Replica {
         Some(self.mem.prepare_vm(u8::try_from(vcpus).unwrap_or(u8::MAX)).map_err(ReplicaError::Prepare))
     }
 
+    /// Builds the KVM VM over the replica's memory for `vcpus` vCPUs before any state arrived (a
+    /// migration destination prepares while the rounds run, so its downtime does not pay for it).
+    pub fn prepare_vm_for(&self, vcpus: u8) -> Result<vmm::vm::PreparedVm, ReplicaError> {
+        self.mem.prepare_vm(vcpus).map_err(ReplicaError::Prepare)
+    }
+
     /// Gives up memory and state to build a VM (promotion), without copying memory.
     /// An unfinished re-sync is rolled back first.
     pub fn into_parts(mut self) -> Result<(vmm::memory::GuestMemory, vmm::VmState, u64), ReplicaError> {

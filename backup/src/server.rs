@@ -146,7 +146,7 @@ enum Prepared {
     Gone,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -194,7 +194,7 @@ impl BackupNode {
 
     /// The epoch promotion would resume from, if any: the consistent one, or while a re-sync
     /// runs the one kept to roll back to.
-    fn consistent_epoch(&self) -> Option<u64> {
+    pub(crate) fn consistent_epoch(&self) -> Option<u64> {
         lock(&self.replica).as_ref().and_then(|r| r.promotable_epoch())
     }
 
@@ -270,7 +270,34 @@ impl BackupNode {
         };
     }
 
-    fn commit(&self, cp: &replication_proto::Checkpoint, verify: bool) -> Result<(), String> {
+    /// Builds the VM over the replica for `vcpus` vCPUs now, before any consistent checkpoint
+    /// (a migration destination, while the rounds run); promotion builds anew if the state
+    /// turns out to need another count.
+    pub(crate) fn prepare_now(&self, vcpus: u8) {
+        let t0 = Instant::now();
+        let r = match lock(&self.replica).as_ref() {
+            Some(replica) => replica.prepare_vm_for(vcpus),
+            None => return,
+        };
+        let mut p = lock(&self.prepared);
+        *p = match r {
+            Ok(vm) => {
+                tracing::info!(vcpus, ms = t0.elapsed().as_secs_f64() * 1e3, "vm prepared over the replica");
+                Prepared::Ready(vm)
+            }
+            Err(e) => {
+                tracing::warn!("{}; the vm is built at the hand-over", error_chain(&e));
+                Prepared::Gone
+            }
+        };
+    }
+
+    /// The replica's memory digest (`None` once promoted).
+    pub(crate) fn replica_digest(&self) -> Option<u64> {
+        lock(&self.replica).as_ref().map(|r| r.digest())
+    }
+
+    pub(crate) fn commit(&self, cp: &replication_proto::Checkpoint, verify: bool) -> Result<(), String> {
         let t0 = Instant::now();
         let mut guard = lock(&self.replica);
         let Some(replica) = guard.as_mut() else { return Err("replica was promoted".into()) };
@@ -449,7 +476,11 @@ pub async fn serve(
                         break;
                     }
                 }
-                ReceiverEvent::Pages { .. } => {}
+                // Migration messages: a primary never sends them (the session refuses them).
+                ReceiverEvent::Pages { .. }
+                | ReceiverEvent::SwitchOver(_)
+                | ReceiverEvent::PageMap(_)
+                | ReceiverEvent::Handover { .. } => {}
                 ReceiverEvent::Liveness(PeerLiveness::Suspect { silent_ms }) => {
                     tracing::warn!(silent_ms, consistent_epoch = ?node.consistent_epoch(), "backup: primary suspect");
                     node.report(&cfg, Verdict::Suspect, format!("primary silent for {silent_ms} ms"), false);

@@ -5,11 +5,13 @@
 //! Modules:
 //! - [`failover`]: what a backup does when the session reports on the primary;
 //! - [`metrics`]: the Prometheus endpoint over the status report;
+//! - [`migrate`]: migration of a running VM, source and destination;
 //! - [`protect`]: protection of a running VM (the primary side);
 //! - [`status`]: what the admin API's `status` answers, per role (its JSON field names are part
 //!   of the API).
 
 pub mod failover;
 pub mod metrics;
+pub mod migrate;
 pub mod protect;
 pub mod status;

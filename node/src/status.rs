@@ -23,6 +23,23 @@ pub enum Origin {
         /// Milliseconds from the promote request to the guest running.
         promote_ms: f64,
     },
+    /// A migration destination waiting for, or receiving, a migration; no VM runs yet.
+    Destination {
+        /// Listening address.
+        listen: String,
+    },
+    /// Migrated here from a source.
+    Migrated {
+        /// The source's certificate name.
+        source: String,
+        /// The switch-over epoch it resumed from.
+        epoch: u64,
+        /// Milliseconds from the hand-over to the guest running here.
+        resume_ms: f64,
+        /// Digest of the received memory at the hand-over, before the guest ran (`receive
+        /// --verify`).
+        memory_digest: Option<String>,
+    },
     /// Booted from a kernel.
     Booted {
         /// The kernel.
@@ -47,6 +64,8 @@ pub enum RoleName {
     Primary,
     /// Holds a replica.
     Backup,
+    /// Waits for, or receives, a migration.
+    Destination,
 }
 
 /// Where a running VM stands.
@@ -104,6 +123,9 @@ pub struct VmStatus {
     pub protection: Option<primary::stats::StatusReport>,
     /// Arbitration, when configured.
     pub arbitration: Option<ArbitrationStatus>,
+    /// The migration away from here, once one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<primary::migrate::MigrationStatus>,
 }
 
 /// The status of a backup process (no VM runs yet).
@@ -121,6 +143,9 @@ pub struct BackupProcessStatus {
     pub backup: Option<backup::server::BackupStatus>,
     /// Arbitration, when configured.
     pub arbitration: Option<ArbitrationStatus>,
+    /// A migration destination's progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<backup::receive::ReceiveStatus>,
 }
 
 /// What `status` answers.
@@ -154,6 +179,7 @@ mod tests {
             stopped_reason: None,
             protection: None,
             arbitration: None,
+            migration: None,
         });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
@@ -190,6 +216,7 @@ mod tests {
             origin: Origin::Backup { listen: "127.0.0.1:7000".into() },
             backup: Some(backup::server::BackupStatus { state: "waiting".into(), ..Default::default() }),
             arbitration: Some(ArbitrationStatus { node: 2, state: ArbitrationState::Running, reason: None }),
+            migration: None,
         });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(keys(&v), ["arbitration", "backup", "memory_bytes", "origin", "role", "uptime_s"]);

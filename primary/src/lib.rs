@@ -7,5 +7,6 @@
 
 pub mod engine;
 pub mod link;
+pub mod migrate;
 pub mod output;
 pub mod stats;

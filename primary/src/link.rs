@@ -223,7 +223,8 @@ pub async fn run(
                                 shared.reset_in_flight();
                             }
                         }
-                        SenderEvent::PagesRequested { .. } => {}
+                        // Migration messages: a backup never sends them (the session refuses them).
+                        SenderEvent::PagesRequested { .. } | SenderEvent::Resumed(_) | SenderEvent::Complete { .. } => {}
                         SenderEvent::Disconnected { error } => {
                             tracing::warn!("link: disconnected from backup: {error}");
                             break;

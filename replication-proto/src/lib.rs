@@ -146,6 +146,6 @@ pub use message::{
 };
 pub use pageset::PageEncoding;
 pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
-pub use sender::{BaselineReason, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError};
+pub use sender::{BaselineReason, MigrationError, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError};
 pub use session::{Channel, Endpoint, LinkState, PeerLiveness, SessionError, Timing, Transmit};
 pub use version::{PROTOCOL_VERSION, VersionError};

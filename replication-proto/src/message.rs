@@ -666,7 +666,11 @@ impl Message {
             Self::SwitchOver(s) => put_switch_over(out, s),
             Self::PageMap(m) => put_page_map(out, m),
             Self::Handover(h) => put_u64(out, h.epoch),
-            Self::Resumed(r) => put_u64(out, r.epoch),
+            Self::Resumed(r) => {
+                put_u64(out, r.epoch);
+                put_u64(out, r.cpu_us);
+                put_u64(out, r.peak_rss_bytes);
+            }
             Self::Complete(c) => put_u64(out, c.pages),
         }
     }
@@ -885,7 +889,11 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
         MessageKind::SwitchOver => Message::SwitchOver(get_switch_over(r)?),
         MessageKind::PageMap => Message::PageMap(get_page_map(r)?),
         MessageKind::Handover => Message::Handover(Handover { epoch: r.u64("epoch")? }),
-        MessageKind::Resumed => Message::Resumed(Resumed { epoch: nonzero_epoch(r.u64("epoch")?)? }),
+        MessageKind::Resumed => Message::Resumed(Resumed {
+            epoch: nonzero_epoch(r.u64("epoch")?)?,
+            cpu_us: r.u64("cpu_us")?,
+            peak_rss_bytes: r.u64("peak_rss_bytes")?,
+        }),
         MessageKind::Complete => Message::Complete(Complete { pages: r.u64("pages")? }),
     })
 }
@@ -949,11 +957,11 @@ mod tests {
         round_trip(Message::PageMap(PageMap { epoch: 1, seq: 0, held: Vec::new() }));
         round_trip(Message::Handover(Handover { epoch: 0 }));
         round_trip(Message::Handover(Handover { epoch: 12 }));
-        round_trip(Message::Resumed(Resumed { epoch: 12 }));
+        round_trip(Message::Resumed(Resumed { epoch: 12, cpu_us: 3_400, peak_rss_bytes: 70 << 20 }));
         round_trip(Message::Complete(Complete { pages: 1 << 16 }));
         // Epoch 0 names no epoch: refused where an epoch is named.
         let mut p = Vec::new();
-        Message::Resumed(Resumed { epoch: 0 }).encode_payload(&mut p);
+        Message::Resumed(Resumed { epoch: 0, cpu_us: 0, peak_rss_bytes: 0 }).encode_payload(&mut p);
         assert!(Message::decode(MessageKind::Resumed, &p).is_err());
     }
 

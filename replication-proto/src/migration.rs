@@ -93,6 +93,11 @@ pub struct Handover {
 pub struct Resumed {
     /// The switch-over epoch whose state it resumed from.
     pub epoch: u64,
+    /// CPU time the destination's process spent up to the resume, its vCPUs left out, µs (for
+    /// the source's report; 0 if unknown).
+    pub cpu_us: u64,
+    /// The destination process's peak resident set at the resume, bytes (0 if unknown).
+    pub peak_rss_bytes: u64,
 }
 
 /// Every page is at the destination: post-copy is over.

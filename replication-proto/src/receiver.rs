@@ -81,6 +81,15 @@ pub enum ReceiverEvent {
         /// `(pfn, page bytes)`, ascending.
         pages: Vec<(u64, Vec<u8>)>,
     },
+    /// Migration: the source stopped the guest; `epoch` carries its final state.
+    SwitchOver(crate::migration::SwitchOver),
+    /// Migration: part of the map of pages held at a post-copy switch-over.
+    PageMap(crate::migration::PageMap),
+    /// Migration: the source gave up its copy; the destination may run the guest.
+    Handover {
+        /// The epoch the source names (pre-copy: the switch-over epoch).
+        epoch: u64,
+    },
     /// The sender became suspect (silent for [`crate::Timing::suspect_after`]; the session goes
     /// on until `idle_timeout`), or a suspect sender spoke again.
     Liveness(crate::session::PeerLiveness),
@@ -171,6 +180,8 @@ pub struct Receiver {
     requests: u32,
     last_request: Option<Instant>,
     last_progress: Option<Instant>,
+    /// An epoch was turned away because the window was full: fetch it once there is room.
+    turned_away: bool,
     /// Requests sent since the last progress: each doubles the wait before the next (a large
     /// epoch resent from its start must be given time to get past what is already staged).
     unanswered: u32,
@@ -228,6 +239,7 @@ impl Receiver {
             requests: 0,
             last_request: None,
             last_progress: None,
+            turned_away: false,
             unanswered: 0,
             next_page_request: 1,
             events: VecDeque::new(),
@@ -277,8 +289,11 @@ impl Receiver {
         self.stats.commits += 1;
         if self.link.state == LinkState::Established {
             self.link.push(&Message::Ack { epoch });
-            // Room in the window again: fetch what waited.
-            self.maybe_request(now);
+            // Room in the window again: fetch what was turned away for lack of it (only that:
+            // an epoch being staged is on its way, asking for it would have it sent twice).
+            if std::mem::take(&mut self.turned_away) {
+                self.maybe_request(now);
+            }
         }
         Ok(())
     }
@@ -298,6 +313,19 @@ impl Receiver {
         if self.link.state == LinkState::Established {
             self.send(now, Want::Resync);
         }
+        Ok(())
+    }
+
+    /// Migration: tells the source the guest runs here, resumed from switch-over epoch `epoch`
+    /// (with what the destination's process spent: CPU µs without its vCPUs, peak RSS bytes).
+    pub fn resumed(&mut self, epoch: u64, cpu_us: u64, peak_rss_bytes: u64) -> Result<(), ReceiverError> {
+        if self.cfg.role != Role::MigrationDestination {
+            return Err(ReceiverError::NotMigration { role: self.cfg.role });
+        }
+        if self.link.state != LinkState::Established {
+            return Err(ReceiverError::NotConnected);
+        }
+        self.link.push(&Message::Resumed(crate::migration::Resumed { epoch: epoch.max(1), cpu_us, peak_rss_bytes }));
         Ok(())
     }
 
@@ -424,6 +452,17 @@ impl Receiver {
         }
     }
 
+    /// Asks only if nothing arrived for a resend timeout: a heartbeat (a datagram) announcing an
+    /// epoch overtakes the epoch's frames on the stream, and a large epoch takes a while to
+    /// arrive; asking at once would have the sender send it twice. Stalls are caught by the
+    /// resend timer (`resend_deadline`).
+    fn maybe_request_if_stalled(&mut self, now: Instant) {
+        if self.last_progress.is_some_and(|p| now < p + self.cfg.resend_timeout) {
+            return;
+        }
+        self.maybe_request(now);
+    }
+
     fn abort(&mut self, now: Instant) {
         if let Some(st) = self.staging.take() {
             self.stats.aborted_epochs += 1;
@@ -484,6 +523,7 @@ impl Receiver {
         }
         if self.uncommitted.len() >= usize::from(self.cfg.window) {
             // No room: the epoch is fetched again after the owner commits.
+            self.turned_away = true;
             return Ok(());
         }
         if b.page_count > self.index.pages() || b.state_len > MAX_STATE_LEN {
@@ -608,9 +648,10 @@ impl Receiver {
         self.stats.checkpoints += 1;
         self.events.push_back(ReceiverEvent::Checkpoint(st.builder.finish(e.digest)));
         self.progress(now);
-        // Something after it was seen already: fetch it without waiting for the stall timer.
+        // Something after it was seen already: fetch it without waiting for the stall timer,
+        // unless data is still flowing (it is then most likely right behind).
         if self.peer_known > e.epoch {
-            self.maybe_request(now);
+            self.maybe_request_if_stalled(now);
         }
     }
 
@@ -653,9 +694,12 @@ impl Receiver {
                 Message::EpochEnd(e) => self.on_end(now, e),
                 Message::Heartbeat(hb) if hb.last_sent > self.peer_known => {
                     self.peer_known = hb.last_sent;
-                    self.maybe_request(now);
+                    self.maybe_request_if_stalled(now);
                 }
                 Message::PageResponse(p) => self.on_pages(p.id, p.pages)?,
+                Message::SwitchOver(s) => self.events.push_back(ReceiverEvent::SwitchOver(s)),
+                Message::PageMap(m) => self.events.push_back(ReceiverEvent::PageMap(m)),
+                Message::Handover(h) => self.events.push_back(ReceiverEvent::Handover { epoch: h.epoch }),
                 _ => {}
             },
         }

@@ -127,10 +127,43 @@ pub enum SenderEvent {
         /// Pages wanted, ascending.
         pfns: Vec<u64>,
     },
+    /// Migration: the destination runs the guest, resumed from the state of the switch-over
+    /// epoch.
+    Resumed(crate::migration::Resumed),
+    /// Migration: every page is at the destination (post-copy is over).
+    Complete {
+        /// Pages the destination holds.
+        pages: u64,
+    },
     /// The connection ended; reconnect unless `error` [`SessionError::is_permanent`].
     Disconnected {
         /// Why.
         error: SessionError,
+    },
+}
+
+/// A migration message the sender cannot send.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MigrationError {
+    /// The session is not a migration's forward session.
+    #[error("{role:?} sends no migration messages (only a migration source sending checkpoints does)")]
+    NotSource {
+        /// Our role.
+        role: Role,
+    },
+    /// The session is not established.
+    #[error("no established session to send {what} on")]
+    NotConnected {
+        /// The message.
+        what: &'static str,
+    },
+    /// The switch-over names an epoch that was never submitted.
+    #[error("switch-over at epoch {epoch}, but the last epoch submitted is {last}")]
+    NotSubmitted {
+        /// The epoch named.
+        epoch: u64,
+        /// The last epoch submitted.
+        last: u64,
     },
 }
 
@@ -837,6 +870,8 @@ impl Sender {
                     }
                     self.events.push_back(SenderEvent::PagesRequested { id: r.id, pfns: r.pfns });
                 }
+                Message::Resumed(r) => self.events.push_back(SenderEvent::Resumed(r)),
+                Message::Complete(c) => self.events.push_back(SenderEvent::Complete { pages: c.pages }),
                 _ => {}
             },
         }
@@ -894,6 +929,51 @@ impl Sender {
             self.send_frame = 0;
         }
         Some(Transmit::new(frame, crate::session::Channel::Stream))
+    }
+}
+
+impl Sender {
+    fn migration_ready(&self, what: &'static str) -> Result<(), MigrationError> {
+        if self.cfg.role != Role::MigrationSource {
+            return Err(MigrationError::NotSource { role: self.cfg.role });
+        }
+        if self.link.state != LinkState::Established {
+            return Err(MigrationError::NotConnected { what });
+        }
+        Ok(())
+    }
+
+    /// Migration: the guest is stopped at the source and epoch `epoch` (submitted) carries its
+    /// final state; with [`SwitchMode::Complete`] the epochs up to it hold every page (pre-copy,
+    /// stop-and-copy). Queued ahead of epoch frames still unsent: the destination acts on it
+    /// once it has committed `epoch`.
+    ///
+    /// [`SwitchMode::Complete`]: crate::migration::SwitchMode::Complete
+    pub fn switch_over(&mut self, epoch: u64, mode: crate::migration::SwitchMode) -> Result<(), MigrationError> {
+        self.migration_ready("a switch-over")?;
+        if epoch == 0 || epoch > self.last_submitted {
+            return Err(MigrationError::NotSubmitted { epoch, last: self.last_submitted });
+        }
+        let (switch, maps) = crate::migration::switch_over(epoch, mode, &[]);
+        self.link.push(&Message::SwitchOver(switch));
+        for m in maps {
+            self.link.push(&Message::PageMap(m));
+        }
+        Ok(())
+    }
+
+    /// Migration: the source gives up its copy for good (it never resumes the guest after this);
+    /// the destination may run it. `epoch`: the switch-over epoch it acknowledged.
+    pub fn handover(&mut self, epoch: u64) -> Result<(), MigrationError> {
+        self.migration_ready("a hand-over")?;
+        self.link.push(&Message::Handover(crate::migration::Handover { epoch }));
+        Ok(())
+    }
+
+    /// Ends the session with a `Cancelled` goodbye: the migration is called off before the
+    /// hand-over (drain [`Endpoint::poll_transmit`] before closing the connection).
+    pub fn cancel(&mut self, detail: &str) {
+        self.fail(SessionError::Cancelled { detail: detail.to_owned() });
     }
 }
 

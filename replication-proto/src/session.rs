@@ -191,6 +191,12 @@ pub enum SessionError {
     /// The transport reported the connection gone ([`Endpoint::disconnect`]).
     #[error("connection lost")]
     ConnectionLost,
+    /// We called the migration off ([`crate::Sender::cancel`]).
+    #[error("migration cancelled: {detail}")]
+    Cancelled {
+        /// The explanation given.
+        detail: String,
+    },
     /// We closed the session ([`Endpoint::close`]).
     #[error("closed locally: {detail}")]
     Closed {
@@ -206,7 +212,7 @@ impl SessionError {
             Self::Version(_) | Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => true,
             Self::MigrationVersion { .. } | Self::Direction { .. } => true,
             Self::EpochLimit { .. } => true,
-            Self::Closed { .. } => true,
+            Self::Closed { .. } | Self::Cancelled { .. } => true,
             Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
             _ => false,
         }
@@ -221,6 +227,7 @@ impl SessionError {
             | Self::EpochLimit { .. }
             | Self::Direction { .. } => GoodbyeReason::Mismatch,
             Self::Closed { .. } => GoodbyeReason::Normal,
+            Self::Cancelled { .. } => GoodbyeReason::Cancelled,
             _ => GoodbyeReason::ProtocolError,
         }
     }

@@ -184,7 +184,11 @@ fn migration_message() -> BoxedStrategy<Message> {
             held
         })),
         any::<u64>().prop_map(|epoch| Message::Handover(Handover { epoch })),
-        epoch.prop_map(|epoch| Message::Resumed(Resumed { epoch })),
+        (epoch, any::<u64>(), any::<u64>()).prop_map(|(epoch, cpu_us, peak_rss_bytes)| Message::Resumed(Resumed {
+            epoch,
+            cpu_us,
+            peak_rss_bytes
+        })),
         any::<u64>().prop_map(|pages| Message::Complete(Complete { pages })),
     ]
     .boxed()

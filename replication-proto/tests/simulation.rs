@@ -488,7 +488,9 @@ impl Sim {
                 SenderEvent::Connected { resumed_from, .. } => {
                     self.note(format!("sender connected, resume from {resumed_from:?}"))
                 }
-                SenderEvent::PagesRequested { .. } => unreachable!("no page requests here"),
+                SenderEvent::PagesRequested { .. } | SenderEvent::Resumed(_) | SenderEvent::Complete { .. } => {
+                    unreachable!("no migration here")
+                }
             }
         }
         while let Some(ev) = self.receiver.poll_event() {
@@ -496,7 +498,10 @@ impl Sim {
                 ReceiverEvent::Checkpoint(cp) => self.on_checkpoint(cp),
                 ReceiverEvent::Disconnected { error } => self.on_disconnected("receiver", error),
                 ReceiverEvent::Connected { .. } | ReceiverEvent::Liveness(_) => {}
-                ReceiverEvent::Pages { .. } => unreachable!("no page requests here"),
+                ReceiverEvent::Pages { .. }
+                | ReceiverEvent::SwitchOver(_)
+                | ReceiverEvent::PageMap(_)
+                | ReceiverEvent::Handover { .. } => unreachable!("no migration here"),
             }
         }
     }

@@ -52,6 +52,10 @@ pub enum Request {
     },
     /// Output commit journal: per released frame its epoch, ack time and release time.
     OutputJournal,
+    /// Migrate the VM to a destination; answered with the report when it ended.
+    Migrate(primary::migrate::MigrateRequest),
+    /// Call a running migration off (before the hand-over).
+    MigrateCancel,
 }
 
 /// What a VM does after a snapshot.
@@ -227,6 +231,20 @@ mod tests {
             Request::Promote { force: false },
             Request::Promote { force: true },
             Request::OutputJournal,
+            Request::MigrateCancel,
+            Request::Migrate(primary::migrate::MigrateRequest {
+                to: "127.0.0.1:7100".parse().unwrap(),
+                dest_name: "dest".into(),
+                certs: "/etc/understudy".into(),
+                name: "src".into(),
+                mode: primary::migrate::Mode::Stopcopy,
+                downtime_ms: 5,
+                max_bandwidth: Some(1 << 30),
+                stop_share: 0.75,
+                max_rounds: 30,
+                timeout_s: 60,
+                verify: true,
+            }),
         ];
         for then in [AfterSnapshot::Resume, AfterSnapshot::Pause, AfterSnapshot::Exit] {
             requests.push(Request::Snapshot { dir: PathBuf::from("/var/lib/understudy/snap \u{1f4be}"), then });

@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod migrate;
 mod runtime;
 
 use std::path::PathBuf;
@@ -267,6 +268,84 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Wait for one migration of a VM (`understudy migrate` on the source), then run it: this
+    /// process is then the VM's process (same admin API).
+    Receive {
+        /// Address to listen on (UDP, QUIC).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Directory with ca.pem and this host's certificate and key.
+        #[arg(long)]
+        certs: PathBuf,
+        /// The guest's memory size (must equal the source's).
+        #[arg(long, value_parser = parse_size)]
+        memory: u64,
+        /// This host's certificate name.
+        #[arg(long, default_value = "dest")]
+        name: String,
+        /// The certificate name of the source to admit; any other peer is refused.
+        #[arg(long, default_value = "src")]
+        source_name: String,
+        /// The VM's name (as the source runs it with `run --vm`).
+        #[arg(long, default_value = "vm")]
+        vm: String,
+        /// Admin API socket (created with mode 0600).
+        #[arg(long)]
+        api: Option<PathBuf>,
+        /// COM1 output of the VM once it runs here: `stdout`, `none` or a file path.
+        #[arg(long, default_value = "stdout")]
+        serial: SerialTarget,
+        /// TAP device for the VM's net device once it runs here.
+        #[arg(long)]
+        tap: Option<String>,
+        /// Record the received memory's digest at the switch-over (tests; costs downtime).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Move a running VM to a destination (`understudy receive` there). Returns once the guest
+    /// runs at the destination (exit 0 with the report; the source process then exits) or the
+    /// migration failed (non-zero; the guest runs on here, untouched).
+    Migrate {
+        /// The source VM's admin API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// The destination's address (host:port).
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// Directory with ca.pem and this host's certificate and key.
+        #[arg(long)]
+        certs: PathBuf,
+        /// This host's certificate name.
+        #[arg(long, default_value = "src")]
+        name: String,
+        /// The destination's certificate name.
+        #[arg(long, default_value = "dest")]
+        dest_name: String,
+        /// precopy | stopcopy (postcopy, hybrid, demand and auto: not implemented yet).
+        #[arg(long, default_value = "precopy")]
+        mode: primary::migrate::Mode,
+        /// Stop pre-copying once the predicted downtime fits this, ms.
+        #[arg(long, default_value_t = 5)]
+        downtime_ms: u64,
+        /// Most bytes a second on the link (K/M/G suffixes, e.g. 100M), or `unlimited`.
+        #[arg(long, value_parser = parse_rate)]
+        max_bandwidth: Option<u64>,
+        /// Stop pre-copying once the data re-sent since round 0 reaches this share of round 0's.
+        #[arg(long, default_value_t = 0.75)]
+        stop_share: f64,
+        /// Stop pre-copying after this many rounds (round 0 included).
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// Stop pre-copying after this many seconds (the migration fails after twice that).
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// Digest guest memory at the switch-over (tests; costs downtime).
+        #[arg(long)]
+        verify: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a CA and certificates for the hosts (mutual TLS on every link).
     Certs {
         /// Output directory: ca.pem and each host's pair (never the CA key).
@@ -305,6 +384,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(bytes)
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    if s == "unlimited" {
+        return Ok(u64::MAX);
+    }
+    let (num, mult) = match s.trim().chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("rate {s:?} is not bytes a second with an optional K/M/G suffix"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err("a rate of 0 would never send anything".into()),
+        Some(r) => Ok(r),
+        None => Err(format!("rate {s:?} is too large")),
+    }
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -359,6 +456,7 @@ fn real_main(cli: Cli) -> Result<()> {
             })
             .context("boot vm")?;
             let rt = Runtime::new(vm_, Origin::Booted { kernel }, memory)?;
+            rt.set_vm_name(&vm);
             if let Some(addr) = metrics {
                 rt.serve_metrics(addr, metrics_public)?;
             }
@@ -408,8 +506,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 "memory-digest" => Request::MemoryDigest,
                 "verify-journal" => Request::VerifyJournal,
                 "output-journal" => Request::OutputJournal,
+                "migrate-cancel" => Request::MigrateCancel,
                 other => {
-                    bail!("unknown action {other:?}; use pause, resume, shutdown, memory-digest or verify-journal")
+                    bail!(
+                        "unknown action {other:?}; use pause, resume, shutdown, memory-digest, verify-journal, \
+                         output-journal or migrate-cancel"
+                    )
                 }
             };
             let v = api::call(&api, &req, Duration::from_secs(60))?;
@@ -536,6 +638,43 @@ fn real_main(cli: Cli) -> Result<()> {
             });
             let cfg = failover::net::WitnessQuicConfig::new(id, data, listen, identity, peers);
             rt.block_on(failover::net::run_witness_quic(cfg)).context("witness")
+        }
+        Command::Receive { listen, certs, memory, name, source_name, vm, api, serial, tap, verify } => {
+            let (cfg, ranges) =
+                node::migrate::destination_config(listen, &certs, &name, &source_name, &vm, memory, verify)?;
+            let rt = Runtime::new_destination(cfg, &ranges, tap, serial, memory)?;
+            rt.run_until_exit(api.as_deref())
+        }
+        Command::Migrate {
+            api,
+            to,
+            certs,
+            name,
+            dest_name,
+            mode,
+            downtime_ms,
+            max_bandwidth,
+            stop_share,
+            max_rounds,
+            timeout_s,
+            verify,
+            json,
+        } => {
+            let req = primary::migrate::MigrateRequest {
+                to,
+                dest_name,
+                certs: std::path::absolute(&certs).unwrap_or(certs),
+                name,
+                mode,
+                downtime_ms,
+                max_bandwidth: max_bandwidth.filter(|&r| r != u64::MAX),
+                stop_share,
+                max_rounds,
+                timeout_s,
+                verify,
+            };
+            req.validate()?;
+            migrate::run(&api, req, json)
         }
         Command::Certs { out, hosts, witnesses, ca_dir } => certs(&out, &hosts, &witnesses, ca_dir),
     }

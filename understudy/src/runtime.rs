@@ -87,6 +87,12 @@ pub struct Runtime {
     backup_node: Mutex<Option<u64>>,
     /// Set when a part this process cannot do without stopped: the process exits non-zero.
     failed: Mutex<Option<String>>,
+    /// The VM's name (its identity on replication and migration sessions).
+    vm_name: Mutex<String>,
+    /// The migration away from here, once one was asked for.
+    migration: Mutex<Option<Arc<primary::migrate::Control>>>,
+    /// A migration destination's progress (this process waits for, or received, a migration).
+    destination: Mutex<Option<Arc<Mutex<backup::receive::ReceiveStatus>>>>,
 }
 
 #[derive(Serialize)]
@@ -116,8 +122,63 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Runtime {
     /// Wraps a VM.
     pub fn new(vm: Vm, origin: Origin, memory_bytes: u64) -> Result<Arc<Self>> {
+        let rt = Self::new_empty(origin, memory_bytes)?;
+        *lock(&rt.vm) = Some(Arc::new(Mutex::new(vm)));
+        Ok(rt)
+    }
+
+    /// Names the VM (`--vm`).
+    pub fn set_vm_name(&self, name: &str) {
+        *lock(&self.vm_name) = name.to_string();
+    }
+
+    /// A migration destination: waits for one migration from `cfg.source_name`; on the hand-over
+    /// runs the guest (with `tap`, `serial`) and from then on is the VM's process. A migration
+    /// that ends before the hand-over ends the process with an error, no guest run.
+    pub fn new_destination(
+        cfg: backup::receive::ReceiveConfig,
+        ranges: &[(u64, u64)],
+        tap: Option<String>,
+        serial: SerialTarget,
+        memory_bytes: u64,
+    ) -> Result<Arc<Self>> {
+        let node = backup::server::BackupNode::new(ranges, false)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let listen = cfg.listen.to_string();
+        let source = cfg.source_name.clone();
+        let status = Arc::new(Mutex::new(backup::receive::ReceiveStatus::default()));
+        let rt = Self::new_empty(Origin::Destination { listen }, memory_bytes)?;
+        *lock(&rt.backup) = Some(BackupRole { node: Arc::clone(&node), stop, tap, serial, digest: false });
+        *lock(&rt.destination) = Some(Arc::clone(&status));
+        *lock(&rt.vm_name) = cfg.vm.name.clone();
+        let weak = Arc::downgrade(&rt);
+        let status2 = Arc::clone(&status);
+        let promote: Box<dyn FnOnce(u64) -> std::result::Result<(), String> + Send> = Box::new(move |epoch| {
+            let rt = weak.upgrade().ok_or("the process is stopping")?;
+            let t0 = Instant::now();
+            rt.promote().map_err(|e| format!("{e:#}"))?;
+            let resume_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let memory_digest = lock(&status2).memory_digest.clone();
+            *lock(&rt.origin) = Origin::Migrated { source: source.clone(), epoch, resume_ms, memory_digest };
+            tracing::info!(epoch, resume_ms, "MIGRATED: the guest runs here");
+            Ok(())
+        });
+        let weak = Arc::downgrade(&rt);
+        rt.tokio.spawn(async move {
+            if let Err(e) = backup::receive::receive(cfg, node, status, stop_rx, promote).await {
+                let why = format!("{:#}", anyhow::Error::from(e));
+                if let Some(rt) = weak.upgrade() {
+                    *lock(&rt.failed) = Some(format!("migration: {why}"));
+                    rt.request_exit(format!("migration: {why}"));
+                }
+            }
+        });
+        Ok(rt)
+    }
+
+    fn new_empty(origin: Origin, memory_bytes: u64) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            vm: Mutex::new(Some(Arc::new(Mutex::new(vm)))),
+            vm: Mutex::new(None),
             origin: Mutex::new(origin),
             started: Instant::now(),
             memory_bytes,
@@ -132,6 +193,9 @@ impl Runtime {
             backup_recorded: Mutex::new(false),
             backup_node: Mutex::new(None),
             failed: Mutex::new(None),
+            vm_name: Mutex::new("vm".into()),
+            migration: Mutex::new(None),
+            destination: Mutex::new(None),
         }))
     }
 
@@ -147,32 +211,16 @@ impl Runtime {
         let (lost_tx, lost_rx) = std::sync::mpsc::channel::<backup::server::PrimaryLost>();
         cfg.on_primary_lost = Some(lost_tx);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let tokio = new_tokio()?;
         let listen = cfg.listen.to_string();
         let digest = cfg.verify;
         let n2 = Arc::clone(&node);
         let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
-        tokio.spawn(async move {
+        let rt = Self::new_empty(Origin::Backup { listen }, memory_bytes)?;
+        *lock(&rt.backup) = Some(BackupRole { node, stop, tap, serial, digest });
+        rt.tokio.spawn(async move {
             if let Err(e) = backup::server::serve(cfg, n2, stop_rx).await {
                 let _ = failed_tx.send(format!("{:#}", anyhow::Error::from(e)));
             }
-        });
-        let rt = Arc::new(Self {
-            vm: Mutex::new(None),
-            origin: Mutex::new(Origin::Backup { listen }),
-            started: Instant::now(),
-            memory_bytes,
-            exit: (Mutex::new(None), Condvar::new()),
-            protection: Mutex::new(None),
-            backup: Mutex::new(Some(BackupRole { node, stop, tap, serial, digest })),
-            tokio,
-            agent: Mutex::new(None),
-            output: Mutex::new(None),
-            fenced: Mutex::new(None),
-            arbitration_failed: Mutex::new(None),
-            backup_recorded: Mutex::new(false),
-            backup_node: Mutex::new(None),
-            failed: Mutex::new(None),
         });
         // The server ends only on an error it cannot serve past (it cannot listen): a backup
         // that no longer listens protects nothing, so the process stops with that error.
@@ -434,6 +482,8 @@ impl Runtime {
             Request::OutputJournal => self.output_journal(),
             Request::Snapshot { dir, then } => self.snapshot(&dir, then),
             Request::MemoryDigest => self.digest(),
+            Request::Migrate(req) => self.migrate(req),
+            Request::MigrateCancel => self.migrate_cancel(),
             Request::Shutdown => {
                 self.request_exit("shutdown requested through the api".into());
                 Ok(serde_json::json!({"state": "stopping"}))
@@ -445,13 +495,65 @@ impl Runtime {
         }
     }
 
+    /// Refuses what would touch a guest being migrated away (or already handed over).
+    fn not_migrating(&self, what: &str) -> Result<()> {
+        if let Some(c) = lock(&self.migration).as_ref() {
+            let phase = c.status().phase;
+            if phase != "failed" {
+                bail!("cannot {what}: a migration is {phase}");
+            }
+        }
+        Ok(())
+    }
+
+    /// `understudy migrate`: runs the migration to its end (this API call waits); on success the
+    /// guest runs at the destination and this process exits.
+    fn migrate(&self, req: primary::migrate::MigrateRequest) -> Result<serde_json::Value> {
+        req.validate()?;
+        let vm = self.vm_arc()?;
+        if lock(&self.protection).is_some() {
+            bail!("the vm is protected: unprotect it before migrating it");
+        }
+        if lock(&self.agent).is_some() {
+            bail!("the vm is under arbitration: migrating it is not supported yet");
+        }
+        let control = {
+            let mut m = lock(&self.migration);
+            if let Some(c) = m.as_ref()
+                && c.status().phase != "failed"
+            {
+                bail!("a migration is already {}", c.status().phase);
+            }
+            let c = Arc::new(primary::migrate::Control::default());
+            *m = Some(Arc::clone(&c));
+            c
+        };
+        let name = lock(&self.vm_name).clone();
+        let src = node::migrate::source(&vm, &name, control)?;
+        let to = req.to;
+        let report = self.tokio.block_on(primary::migrate::migrate(src, req))?;
+        self.request_exit(format!("migrated to {to}"));
+        Ok(serde_json::to_value(report)?)
+    }
+
+    fn migrate_cancel(&self) -> Result<serde_json::Value> {
+        let c = lock(&self.migration).clone().ok_or_else(|| anyhow!("no migration is running"))?;
+        let phase = c.status().phase;
+        if !c.cancel() {
+            bail!("the migration is {phase}: too late to cancel (the guest was handed over, or it failed already)");
+        }
+        Ok(serde_json::json!({"cancelled": true, "phase": phase}))
+    }
+
     fn pause(&self) -> Result<serde_json::Value> {
+        self.not_migrating("pause")?;
         let vm = self.vm_arc()?;
         lock(&vm).pause()?;
         Ok(serde_json::json!({"state": "paused"}))
     }
 
     fn resume(&self) -> Result<serde_json::Value> {
+        self.not_migrating("resume")?;
         let vm = self.vm_arc()?;
         lock(&vm).resume();
         Ok(serde_json::json!({"state": "running"}))
@@ -459,6 +561,7 @@ impl Runtime {
 
     fn protect(&self, req: node::protect::ProtectRequest) -> Result<serde_json::Value> {
         node::protect::validate(&req)?;
+        self.not_migrating("protect")?;
         let vm = self.vm_arc()?;
         let mut p = lock(&self.protection);
         if p.is_some() {
@@ -517,6 +620,9 @@ impl Runtime {
     /// `understudy promote`: with arbitration, ask the group (the `Granted` event promotes)
     /// and wait for it; without, or forced, promote at once.
     fn promote_request(&self, force: bool) -> Result<serde_json::Value> {
+        if lock(&self.destination).is_some() {
+            bail!("this process is a migration destination: it runs the guest when the source hands it over");
+        }
         if lock(&self.backup).is_none() {
             bail!("this process is not a backup (or was promoted already)");
         }
@@ -598,13 +704,15 @@ impl Runtime {
     pub fn typed_status(&self) -> Status {
         let uptime_s = self.started.elapsed().as_secs_f64();
         let Some(vm) = lock(&self.vm).clone() else {
+            let destination = lock(&self.destination).as_ref().map(|d| lock(d).clone());
             return Status::Backup(BackupProcessStatus {
-                role: RoleName::Backup,
+                role: if destination.is_some() { RoleName::Destination } else { RoleName::Backup },
                 uptime_s,
                 memory_bytes: self.memory_bytes,
                 origin: lock(&self.origin).clone(),
-                backup: lock(&self.backup).as_ref().map(|b| b.node.status()),
+                backup: if destination.is_some() { None } else { lock(&self.backup).as_ref().map(|b| b.node.status()) },
                 arbitration: self.arbitration_status(),
+                migration: destination,
             });
         };
         let protection = lock(&self.protection).as_ref().map(|p| p.report());
@@ -630,10 +738,12 @@ impl Runtime {
             stopped_reason,
             protection,
             arbitration: self.arbitration_status(),
+            migration: lock(&self.migration).as_ref().map(|c| c.status()),
         })
     }
 
     fn snapshot(&self, dir: &Path, then: AfterSnapshot) -> Result<serde_json::Value> {
+        self.not_migrating("snapshot")?;
         let vm = self.vm_arc()?;
         let mut vm = lock(&vm);
         let was_paused = vm.is_paused();

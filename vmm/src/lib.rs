@@ -34,6 +34,7 @@ pub mod fuzzing;
 pub mod layout;
 pub mod memory;
 pub mod persist;
+pub mod procstat;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

@@ -1,0 +1,350 @@
+//! The migration destination (`understudy receive`): waits for one migration from the expected
+//! source, commits each epoch into a replica exactly as a backup does, and on the source's
+//! hand-over gives the replica to its owner, who promotes it (restore, take the network
+//! identity, resume); then tells the source the guest runs here (`docs/migration.md`).
+//!
+//! Peers refused at the handshake (a wrong certificate, garbage) are logged and the destination
+//! keeps waiting: an unauthenticated peer cannot end a migration it is not part of. Once the
+//! expected source's session started, anything that ends it before the hand-over (a wrong
+//! version or memory size, a cancel, a cut link, the source's death) ends the migration: the
+//! destination discards what it got and never runs the guest.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replication_proto::{MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, VmIdentity};
+use serde::Serialize;
+use transport::session::StreamCommand;
+use transport::{Endpoint, Identity, PeerPolicy, Tuning};
+
+use crate::server::{BackupNode, lock};
+
+/// What the destination waits for.
+#[derive(Clone)]
+pub struct ReceiveConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Our certificates.
+    pub identity: Identity,
+    /// The certificate name of the only source admitted.
+    pub source_name: String,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+    /// The VM.
+    pub vm: VmIdentity,
+    /// Its memory layout.
+    pub layout: MemoryLayout,
+    /// Heartbeats and the silence after which the source counts as gone.
+    pub timing: replication_proto::Timing,
+    /// Record the replica's digest at the switch-over (tests).
+    pub verify: bool,
+}
+
+/// Where a destination stands (for `status`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReceiveStatus {
+    /// `waiting`, `receiving`, `switch-over`, `resuming`, `running`, `failed`.
+    pub phase: String,
+    /// The source's certificate name once connected.
+    pub source: Option<String>,
+    /// Epochs committed.
+    pub epochs: u64,
+    /// Pages written.
+    pub pages: u64,
+    /// The switch-over epoch, once announced.
+    pub switchover_epoch: Option<u64>,
+    /// Peers refused before a session (wrong certificate, garbage).
+    pub refused_peers: u64,
+    /// The replica's digest at the switch-over (with verify).
+    pub memory_digest: Option<String>,
+    /// Why it failed, or the last refusal.
+    pub error: Option<String>,
+}
+
+/// Errors of a destination.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The endpoint could not be set up.
+    #[error("listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<transport::EndpointError>,
+    },
+    /// No random instance number.
+    #[error("receiver instance number")]
+    Random(#[from] transport::RandomError),
+    /// The session with the source ended before the hand-over.
+    #[error("the migration ended before the hand-over: {0}; nothing runs here")]
+    Ended(String),
+    /// The source's process is gone.
+    #[error("the source's process is gone ({0}) before the hand-over; nothing runs here")]
+    SourceDied(String),
+    /// An epoch did not apply.
+    #[error("epoch {epoch} did not apply: {why}; nothing runs here")]
+    Commit {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        why: String,
+    },
+    /// A hand-over that does not match what was received.
+    #[error("hand-over at epoch {got}, but {why}; nothing runs here")]
+    Handover {
+        /// The epoch named.
+        got: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// Promoting the replica failed.
+    #[error("resume the guest here: {0}")]
+    Promote(String),
+    /// Asked to stop.
+    #[error("stopped before a migration completed")]
+    Stopped,
+}
+
+/// What the owner's promotion reports back (sent to the source in `Resumed`).
+pub struct Resumed {
+    /// CPU µs this process spent so far, vCPUs left out.
+    pub cpu_us: u64,
+    /// Peak RSS, bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// Waits for one migration and runs it to the hand-over. `promote` runs (on a blocking thread)
+/// with the switch-over epoch once the source handed over; when it returns `Ok` the guest runs
+/// here and the source is told so. Returns the switch-over epoch.
+pub async fn receive(
+    cfg: ReceiveConfig,
+    node: Arc<BackupNode>,
+    status: Arc<Mutex<ReceiveStatus>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    promote: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
+) -> Result<u64, ReceiveError> {
+    let policy = PeerPolicy::replication().accept_only([cfg.source_name.clone()]);
+    let endpoint = Endpoint::bind_with(
+        cfg.listen,
+        &cfg.identity,
+        transport::proto::protocol_versions(),
+        cfg.tuning.clone(),
+        policy,
+    )
+    .map_err(|source| ReceiveError::Bind { addr: cfg.listen, source: Box::new(source) })?;
+    let set = |f: &dyn Fn(&mut ReceiveStatus)| f(&mut lock(&status));
+    set(&|s| s.phase = "waiting".into());
+    tracing::info!(listen = %cfg.listen, source = %cfg.source_name, vm = %cfg.vm.name, "destination: waiting for a migration");
+    let lines = match transport::liveness::Listener::bind(cfg.listen).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!("destination: no liveness listener (tcp): {e}; the source's death is seen by silence only");
+            None
+        }
+    };
+    let result = async {
+        let conn = loop {
+            let c = tokio::select! {
+                c = endpoint.accept() => c,
+                _ = stop.changed() => return Err(ReceiveError::Stopped),
+            };
+            match c {
+                Ok(c) => break c,
+                Err(e) => {
+                    let why = transport::error_chain(&e);
+                    tracing::warn!("destination: refused a peer: {why}; still waiting for {}", cfg.source_name);
+                    set(&|s| {
+                        s.refused_peers += 1;
+                        s.error = Some(why.clone());
+                    });
+                }
+            }
+        };
+        let peer = conn.peer_name().map(str::to_string);
+        tracing::info!(peer = ?peer, addr = %conn.remote_address(), "destination: source connected");
+        set(&|s| {
+            s.source = peer.clone();
+            s.phase = "receiving".into();
+        });
+        let watch = lines.as_ref().map(|l| l.watch(&conn));
+        let line = async {
+            match watch {
+                Some(w) => w.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(line);
+        let mut line_open = true;
+        let mut rcfg = ReceiverConfig::new(Role::MigrationDestination, cfg.vm.clone(), cfg.layout.clone(), transport::random_u64()?);
+        rcfg.timing = cfg.timing;
+        // The stream is reliable: frames go missing only with a corrupt frame (asked for at
+        // once) or a broken connection (which ends a migration). A short stall timer only makes
+        // a busy destination ask for multi-MiB epochs still on their way.
+        rcfg.resend_timeout = Duration::from_secs(1);
+        let mut session = transport::proto::receiver_session(conn, Receiver::new(rcfg));
+        let r = async {
+        let mut committed = 0u64;
+        let mut switch: Option<u64> = None;
+        let epoch = loop {
+            let ev = tokio::select! {
+                ev = session.next_event() => ev,
+                _ = stop.changed() => return Err(ReceiveError::Stopped),
+                end = &mut line, if line_open => {
+                    line_open = false;
+                    match end {
+                        transport::liveness::End::Bye => continue,
+                        transport::liveness::End::Died(why) => return Err(ReceiveError::SourceDied(why.to_string())),
+                    }
+                }
+            };
+            let Some(ev) = ev else { return Err(ReceiveError::Ended("the session task ended without a reason".into())) };
+            match ev {
+                ReceiverEvent::Connected { peer } => {
+                    tracing::info!(vm = %peer.vm.name, version = peer.version, "destination: migration session established");
+                    // Build the KVM VM now, while the rounds run, not in the downtime (one
+                    // vCPU, as the fixture guest and most small VMs; another count is built at
+                    // the hand-over).
+                    let n2 = Arc::clone(&node);
+                    tokio::task::spawn_blocking(move || n2.prepare_now(1));
+                }
+                ReceiverEvent::Checkpoint(cp) => {
+                    let epoch = cp.epoch();
+                    let pages = cp.page_count() as u64;
+                    let n2 = Arc::clone(&node);
+                    let r = tokio::task::spawn_blocking(move || n2.commit(&cp, false))
+                        .await
+                        .map_err(|e| ReceiveError::Commit { epoch, why: format!("commit task: {e}") })?;
+                    r.map_err(|why| ReceiveError::Commit { epoch, why })?;
+                    committed = epoch;
+                    set(&|s| {
+                        s.epochs += 1;
+                        s.pages += pages;
+                    });
+                    let cmd = StreamCommand::with(move |r: &mut Receiver, now| {
+                        if let Err(e) = r.committed(now, epoch) {
+                            tracing::error!("destination: committed({epoch}): {e}");
+                        }
+                    });
+                    if session.command(cmd).await.is_err() {
+                        return Err(ended(&mut session).await);
+                    }
+                }
+                ReceiverEvent::SwitchOver(sw) => {
+                    if sw.mode != replication_proto::migration::SwitchMode::Complete {
+                        return Err(ReceiveError::Ended("the source asked for a post-copy switch-over, which this build does not do yet".into()));
+                    }
+                    tracing::info!(epoch = sw.epoch, "destination: the source stopped the guest (switch-over)");
+                    switch = Some(sw.epoch);
+                    set(&|s| {
+                        s.switchover_epoch = Some(sw.epoch);
+                        s.phase = "switch-over".into();
+                    });
+                }
+                ReceiverEvent::Handover { epoch } => {
+                    let why = match switch {
+                        None => Some("no switch-over was announced".to_string()),
+                        Some(sw) if sw != epoch => Some(format!("the switch-over was at {sw}")),
+                        Some(_) if committed < epoch => Some(format!("only epoch {committed} is committed")),
+                        Some(_) => None,
+                    };
+                    if let Some(why) = why {
+                        return Err(ReceiveError::Handover { got: epoch, why });
+                    }
+                    if node.consistent_epoch() != Some(epoch) {
+                        return Err(ReceiveError::Handover { got: epoch, why: format!("the replica is consistent at {:?}", node.consistent_epoch()) });
+                    }
+                    break epoch;
+                }
+                ReceiverEvent::Pages { .. } | ReceiverEvent::PageMap(_) | ReceiverEvent::Liveness(_) => {}
+                ReceiverEvent::Disconnected { error } => return Err(ReceiveError::Ended(error.to_string())),
+            }
+        };
+        // Handed over: the source never resumes. Run the guest here.
+        tracing::info!(epoch, "destination: handed over; resuming the guest here");
+        set(&|s| s.phase = "resuming".into());
+        if cfg.verify {
+            let d = node.replica_digest();
+            set(&|s| s.memory_digest = d.map(|d| format!("{d:016x}")));
+        }
+        tokio::task::spawn_blocking(move || promote(epoch))
+            .await
+            .map_err(|e| ReceiveError::Promote(format!("promote task: {e}")))?
+            .map_err(ReceiveError::Promote)?;
+        set(&|s| s.phase = "running".into());
+        let r = Resumed {
+            cpu_us: vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(0) / 1000,
+            peak_rss_bytes: vmm::procstat::peak_rss_bytes().unwrap_or(0),
+        };
+        let cmd = StreamCommand::with(move |rc: &mut Receiver, _| {
+            if let Err(e) = rc.resumed(epoch, r.cpu_us, r.peak_rss_bytes) {
+                tracing::error!("destination: resumed({epoch}): {e}");
+            }
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = session.command(StreamCommand::with(move |rc: &mut Receiver, _| {
+            let _ = tx.send(rc.stats());
+        })).await;
+        if let Ok(st) = rx.await {
+            tracing::info!(
+                checkpoints = st.checkpoints,
+                stale_frames = st.stale_frames,
+                corrupt_frames = st.corrupt_frames,
+                aborted_epochs = st.aborted_epochs,
+                resend_requests = st.resend_requests,
+                resync_requests = st.resync_requests,
+                "destination: receiver counters"
+            );
+        }
+        if session.command(cmd).await.is_ok() {
+            // The source closes the session once it has the word; do not wait long for it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(ev) = session.next_event().await {
+                    if matches!(ev, ReceiverEvent::Disconnected { .. }) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+            Ok(epoch)
+        }
+        .await;
+        if r.is_err() {
+            // Let the session say goodbye and close the connection with its reason before the
+            // endpoint goes (the source then learns why, not just that the connection ended).
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.finish()).await;
+        }
+        r
+    }
+    .await;
+    if let Err(e) = &result {
+        let why = transport::error_chain(e);
+        tracing::error!("destination: {why}");
+        set(&|s| {
+            s.phase = "failed".into();
+            s.error = Some(why.clone());
+        });
+    }
+    let t = Instant::now();
+    endpoint.shutdown().await;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "destination: endpoint shut down");
+    result
+}
+
+/// Why a session whose task ended did: the `Disconnected` event still queued, if any.
+async fn ended(session: &mut transport::Session<transport::session::StreamCore<Receiver>>) -> ReceiveError {
+    let why = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(ev) = session.next_event().await {
+            if let ReceiverEvent::Disconnected { error } = ev {
+                return Some(error.to_string());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    ReceiveError::Ended(why.unwrap_or_else(|| "the session task ended without a reason".into()))
+}

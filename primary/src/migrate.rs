@@ -1,0 +1,1015 @@
+//! The migration source: pre-copy rounds while the guest runs, stop-and-copy, switch-over and
+//! hand-over to a destination (`docs/migration.md`).
+//!
+//! Round 0 sends every non-zero page while the guest runs (zero pages are not sent: the
+//! destination's memory starts zeroed, and the report counts them), then each round sends the
+//! pages the guest dirtied during the previous one, with the protocol's codecs and dedup. After
+//! each acknowledged round [`precopy::Policy`] decides; on stop the source pauses the guest,
+//! sends the last dirty pages with `VmState` as the switch-over epoch, waits for its ack, hands
+//! over, and waits for the destination to say the guest runs there. Until the hand-over any
+//! failure or a cancel resumes the guest here, untouched; after it the source never resumes.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replication_proto::migration::SwitchMode;
+use replication_proto::precopy::{Decision, Policy, PolicyConfig, RoundStats};
+use replication_proto::{MemoryLayout, PageEncoding, Role, Sender, SenderConfig, SenderEvent, SubmitError, VmIdentity};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+use transport::session::{Session, StreamCommand, StreamCore};
+use transport::{Endpoint, Identity};
+use vmm::memory::{PAGE_SIZE, copy_pages};
+use vmm::vm::Vm;
+
+/// Pages per epoch within a round: rounds are split so encoding, sending and the destination's
+/// commit overlap, and a cancel or the bandwidth limit acts between pieces.
+const CHUNK_PAGES: usize = 4096;
+
+/// How a migration moves the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Rounds while the guest runs, then a short stop-and-copy (the default).
+    #[default]
+    Precopy,
+    /// Pause, send everything, resume at the destination (the baseline).
+    Stopcopy,
+    /// Resume at the destination at once, pages on demand and pushed (issue 14).
+    Postcopy,
+    /// Pre-copy round 0, then post-copy (issue 14).
+    Hybrid,
+    /// Post-copy without the background push (issue 14).
+    Demand,
+    /// Pick one from the workload and the link (issue 14).
+    Auto,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Precopy, Self::Stopcopy, Self::Postcopy, Self::Hybrid, Self::Demand, Self::Auto]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("mode {s:?} is not one of precopy, stopcopy, postcopy, hybrid, demand, auto"))
+    }
+}
+
+impl Mode {
+    /// The mode's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Precopy => "precopy",
+            Self::Stopcopy => "stopcopy",
+            Self::Postcopy => "postcopy",
+            Self::Hybrid => "hybrid",
+            Self::Demand => "demand",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+/// What `understudy migrate` asks the source's process for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination's address.
+    pub to: SocketAddr,
+    /// The destination's certificate name.
+    pub dest_name: String,
+    /// Directory with `ca.pem` and this host's certificate and key.
+    pub certs: PathBuf,
+    /// This host's certificate name.
+    pub name: String,
+    /// How.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Stop pre-copying once the predicted downtime fits this, ms.
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Most bytes a second put on the link (`None`: unlimited).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+    /// Stop once the data re-sent since round 0 reaches this share of round 0's.
+    #[serde(default = "default_share")]
+    pub stop_share: f64,
+    /// Stop after this many rounds, round 0 included.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Stop pre-copying after this many seconds; the whole migration fails after twice that.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Digest guest memory at the switch-over (paused), for tests: costs downtime.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+fn default_downtime() -> u64 {
+    5
+}
+fn default_share() -> f64 {
+    0.75
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_timeout() -> u64 {
+    60
+}
+
+impl MigrateRequest {
+    /// Checks the settings; the error names the bad one.
+    pub fn validate(&self) -> Result<(), MigrateError> {
+        let bad = |what: String| Err(MigrateError::Setting(what));
+        if !matches!(self.mode, Mode::Precopy | Mode::Stopcopy) {
+            return Err(MigrateError::NotImplemented(self.mode.name()));
+        }
+        if self.downtime_ms > 60_000 {
+            return bad(format!("--downtime-ms {} is over 60 s", self.downtime_ms));
+        }
+        if !self.stop_share.is_finite() || self.stop_share < 0.0 {
+            return bad(format!("--stop-share {} is not a share of 0 or more", self.stop_share));
+        }
+        if self.max_rounds == 0 || self.max_rounds > 10_000 {
+            return bad(format!("--max-rounds {} is not within 1..=10000", self.max_rounds));
+        }
+        if self.timeout_s == 0 || self.timeout_s > 86_400 {
+            return bad(format!("--timeout-s {} is not within 1..=86400", self.timeout_s));
+        }
+        if self.max_bandwidth == Some(0) {
+            return bad("--max-bandwidth 0 would never send anything".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a migration failed. Before the hand-over the guest runs on at the source, untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A mode the next issues build.
+    #[error("--mode {0} is not implemented yet (precopy and stopcopy are)")]
+    NotImplemented(&'static str),
+    /// A bad setting.
+    #[error("{0}")]
+    Setting(String),
+    /// The VM cannot migrate now.
+    #[error("{0}")]
+    Busy(String),
+    /// This host's certificates could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] transport::certs::LoadError),
+    /// Our certificate may not carry a migration.
+    #[error(transparent)]
+    Policy(#[from] transport::PolicyError),
+    /// No endpoint to connect from.
+    #[error("bind {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<transport::EndpointError>,
+    },
+    /// The destination could not be reached or refused us (its certificate is checked here).
+    #[error("connect to the destination {addr} ({name})")]
+    Connect {
+        /// Its address.
+        addr: SocketAddr,
+        /// Its expected certificate name.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<transport::EndpointError>,
+    },
+    /// The session with the destination ended.
+    #[error("the session with the destination ended: {0}")]
+    Session(String),
+    /// The destination's process is gone (its liveness line closed).
+    #[error("the destination's process is gone ({0})")]
+    DestinationDied(String),
+    /// The VM failed during a harvest.
+    #[error("vm")]
+    Vm(#[from] vmm::vm::VmError),
+    /// Reading guest memory failed.
+    #[error("read guest memory")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// Encoding the state failed.
+    #[error("encode vm state")]
+    State(#[from] vmm::state::StateError),
+    /// The sender refused an epoch.
+    #[error("epoch refused by the sender: {0}")]
+    Submit(SubmitError),
+    /// Cancelled (`migrate-cancel`).
+    #[error("cancelled by request in phase {0}")]
+    Cancelled(&'static str),
+    /// A step took too long.
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout {
+        /// What.
+        what: &'static str,
+        /// How long.
+        secs: u64,
+    },
+    /// After the hand-over the destination never said it runs the guest: the source stays
+    /// paused (it may not resume: the destination may be running the guest).
+    #[error(
+        "handed over at epoch {epoch}, but the destination did not confirm it runs the guest ({why}); the \
+         source stays paused: check the destination before doing anything"
+    )]
+    Unconfirmed {
+        /// The switch-over epoch.
+        epoch: u64,
+        /// What happened.
+        why: String,
+    },
+}
+
+/// Where a migration stands (for `status` on the source and the CLI's progress).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct MigrationStatus {
+    /// `connecting`, `round-0`, `rounds`, `stop-and-copy`, `handover`, `completed`, `failed`.
+    pub phase: String,
+    /// The mode.
+    pub mode: String,
+    /// The destination.
+    pub to: String,
+    /// Round being sent (0 = the full copy).
+    pub round: u32,
+    /// Pages of guest memory.
+    pub total_pages: u64,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Pages of the current round still to send.
+    pub round_pages_left: u64,
+    /// Bytes put on the link so far.
+    pub bytes_sent: u64,
+    /// Pages dirtied per second during the last round.
+    pub dirty_rate_pages_s: Option<f64>,
+    /// The link's rate during the last round, bytes/s.
+    pub link_rate_bytes_s: Option<u64>,
+    /// Predicted downtime of a stop-and-copy now, ms.
+    pub predicted_downtime_ms: Option<f64>,
+    /// Time since the migration started, ms.
+    pub elapsed_ms: f64,
+    /// Estimated time to the end of the current round, ms.
+    pub eta_ms: Option<f64>,
+    /// Why it failed, once it did.
+    pub error: Option<String>,
+}
+
+/// Shared between the migration task and the admin API: progress and cancel.
+#[derive(Default)]
+pub struct Control {
+    cancel: AtomicBool,
+    wake: Notify,
+    status: Mutex<MigrationStatus>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Control {
+    /// Asks the migration to stop; true if it may still (before the hand-over).
+    pub fn cancel(&self) -> bool {
+        let phase = self.status().phase;
+        if matches!(phase.as_str(), "handover" | "completed" | "failed") {
+            return false;
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+        tracing::warn!(phase, "migration: cancel requested");
+        true
+    }
+
+    /// The status now.
+    pub fn status(&self) -> MigrationStatus {
+        let mut s = lock(&self.status).clone();
+        if let Some(t) = *lock(&self.started) {
+            s.elapsed_ms = t.elapsed().as_secs_f64() * 1e3;
+        }
+        s
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    fn phase(&self, phase: &str) {
+        let mut s = lock(&self.status);
+        if s.phase != phase {
+            tracing::info!("migration: {} -> {phase}", if s.phase.is_empty() { "idle" } else { &s.phase });
+            s.phase = phase.into();
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One round in the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundReport {
+    /// Round number (0: the full copy).
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes put on the link.
+    pub bytes: u64,
+    /// Pages the guest dirtied meanwhile, per second.
+    pub dirty_rate_pages_s: Option<f64>,
+    /// The link's rate, bytes/s.
+    pub link_rate_bytes_s: Option<u64>,
+    /// Duration, ms.
+    pub ms: f64,
+}
+
+/// Pages sent, by how.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    /// Zero pages (round 0's are not sent at all; later ones as one-byte records).
+    pub zero: u64,
+    /// References to a page with the same content sent before.
+    pub dedup: u64,
+    /// Unchanged since last sent.
+    pub unchanged: u64,
+    /// XOR delta against the last sent copy.
+    pub delta: u64,
+    /// lz4.
+    pub lz4: u64,
+    /// Raw.
+    pub raw: u64,
+}
+
+/// What `understudy migrate` prints when the guest runs at the destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The mode.
+    pub mode: String,
+    /// Why pre-copy stopped (`downtime_fits`, `resent_share`, `max_rounds`, `time_limit`;
+    /// `stopcopy` for the baseline mode).
+    pub stop_reason: String,
+    /// The predicted downtime when it stopped, ms.
+    pub predicted_downtime_ms: Option<f64>,
+    /// The rounds before the stop-and-copy.
+    pub rounds: Vec<RoundReport>,
+    /// Pages sent in the stop-and-copy.
+    pub final_pages: u64,
+    /// Migrate call to guest running at the destination, ms.
+    pub total_ms: f64,
+    /// Guest paused at the source to the destination's word that it runs it, ms (half a round
+    /// trip too much).
+    pub downtime_ms: f64,
+    /// Where the downtime went, ms: pause and capture (harvest, copy, state), the last pages
+    /// and state to the destination's ack, hand-over to the destination's word that it runs.
+    pub downtime_parts: DowntimeParts,
+    /// Whether the downtime exceeded the prediction (and the target) by more than 1 ms.
+    pub downtime_over_prediction: bool,
+    /// Bytes put on the link (every frame, control included).
+    pub bytes_transferred: u64,
+    /// Bytes of every epoch after round 0 (the rounds and the stop-and-copy; for `stopcopy`, 0).
+    pub bytes_retransferred: u64,
+    /// Pages by encoding.
+    pub pages: PageCounts,
+    /// The switch-over epoch.
+    pub switchover_epoch: u64,
+    /// CPU the source's process spent on the migration (its vCPUs left out), ms.
+    pub source_cpu_ms: f64,
+    /// CPU the destination's process spent up to the resume (its vCPUs left out), ms.
+    pub dest_cpu_ms: f64,
+    /// The source's peak resident set, bytes.
+    pub source_peak_rss_bytes: u64,
+    /// The destination's peak resident set at the resume, bytes.
+    pub dest_peak_rss_bytes: u64,
+    /// Guest memory digest at the switch-over (with `verify`).
+    pub memory_digest: Option<String>,
+}
+
+/// Where the downtime went, ms.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq)]
+pub struct DowntimeParts {
+    /// Pause, harvest, state capture.
+    pub capture_ms: f64,
+    /// The last pages and the state sent, committed and acknowledged.
+    pub transfer_ms: f64,
+    /// Hand-over sent to `Resumed` received (the destination's restore and resume, and a round
+    /// trip).
+    pub resume_ms: f64,
+}
+
+/// What the driver needs besides the request.
+pub struct Source {
+    /// The VM.
+    pub vm: Arc<Mutex<Vm>>,
+    /// Its identity on the wire.
+    pub identity: VmIdentity,
+    /// Its memory layout on the wire.
+    pub layout: MemoryLayout,
+    /// Progress and cancel.
+    pub control: Arc<Control>,
+    /// QUIC tuning.
+    pub tuning: transport::Tuning,
+    /// Heartbeat and idle timing of the session.
+    pub timing: replication_proto::Timing,
+    /// Speak this protocol version instead of this build's (tests of mixed versions).
+    pub version: Option<u16>,
+}
+
+/// Migrates the guest. On `Ok` the destination runs it and this process's copy is paused for
+/// good; on `Err` before the hand-over it runs on here.
+pub async fn migrate(src: Source, req: MigrateRequest) -> Result<Report, MigrateError> {
+    let t0 = Instant::now();
+    *lock(&src.control.started) = Some(t0);
+    src.control.update(|s| {
+        s.mode = req.mode.name().into();
+        s.to = req.to.to_string();
+        s.error = None;
+    });
+    src.control.phase("connecting");
+    let cpu0 = vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(0);
+    let result = run(&src, &req, t0, cpu0).await;
+    match &result {
+        Ok(r) => {
+            src.control.phase("completed");
+            tracing::info!(total_ms = r.total_ms, downtime_ms = r.downtime_ms, "migration completed");
+        }
+        Err(e) => {
+            let why = transport::error_chain(e);
+            src.control.update(|s| s.error = Some(why.clone()));
+            src.control.phase("failed");
+            tracing::error!("migration failed: {why}");
+        }
+    }
+    result
+}
+
+struct Link {
+    session: Session<StreamCore<Sender>>,
+    conn: transport::Connection,
+    line: std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>>,
+    line_open: bool,
+    acked: u64,
+    resumed: Option<replication_proto::migration::Resumed>,
+    up: bool,
+    control: Arc<Control>,
+    deadline: Instant,
+}
+
+async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Result<Report, MigrateError> {
+    req.validate()?;
+    let identity = Identity::load_named(&req.certs, &req.name)?;
+    transport::PeerPolicy::replication().check_own(&identity)?;
+    let instance = transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
+    let mut scfg = SenderConfig::new(Role::MigrationSource, src.identity.clone(), src.layout.clone(), instance);
+    scfg.timing = src.timing;
+    if let Some(v) = src.version {
+        scfg.version = v;
+    }
+    let sender = Sender::new(scfg);
+    let bind = if req.to.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let endpoint = Endpoint::bind(bind, &identity, transport::proto::protocol_versions(), src.tuning.clone())
+        .map_err(|e| MigrateError::Bind { addr: bind, source: Box::new(e) })?;
+    let result = async {
+        let conn = tokio::time::timeout(Duration::from_secs(10), endpoint.connect(req.to, &req.dest_name))
+            .await
+            .map_err(|_| MigrateError::Timeout { what: "the destination to answer", secs: 10 })?
+            .map_err(|e| MigrateError::Connect { addr: req.to, name: req.dest_name.clone(), source: Box::new(e) })?;
+        let line = Box::pin(transport::liveness::hold(req.to, &conn));
+        let session = transport::proto::sender_session(conn.clone(), sender);
+        let mut link = Link {
+            session,
+            conn,
+            line,
+            line_open: true,
+            acked: 0,
+            resumed: None,
+            up: false,
+            control: Arc::clone(&src.control),
+            deadline: t0 + Duration::from_secs(req.timeout_s.saturating_mul(2).max(10)),
+        };
+        let r = drive(src, req, &mut link, t0, cpu0).await;
+        if r.is_err() {
+            let detail = match &r {
+                Err(MigrateError::Cancelled(_)) => "cancelled by the operator".to_string(),
+                Err(e) => transport::error_chain(e),
+                Ok(_) => unreachable!(),
+            };
+            let _ = link.session.command(StreamCommand::with(move |s: &mut Sender, _| s.cancel(&detail))).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.session.finish()).await;
+        } else {
+            let _ = link.session.close("migration complete").await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.session.finish()).await;
+        }
+        r
+    }
+    .await;
+    endpoint.shutdown().await;
+    result
+}
+
+/// Pages harvested (copied) and waiting to go out.
+struct Pages {
+    pfns: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl Link {
+    /// Takes events until `done` holds, failing on the session's end, the destination's death,
+    /// a cancel (when `cancellable`) or the deadline.
+    async fn until(
+        &mut self,
+        what: &'static str,
+        cancellable: bool,
+        done: impl Fn(&Self) -> bool,
+    ) -> Result<(), MigrateError> {
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            if cancellable && self.control.cancelled() {
+                return Err(MigrateError::Cancelled(phase_name(&self.control)));
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrateError::Timeout { what, secs: self.deadline_secs() });
+            }
+            let control = Arc::clone(&self.control);
+            tokio::select! {
+                ev = self.session.next_event() => match ev {
+                    None => return Err(MigrateError::Session("the session task ended without a reason".into())),
+                    Some(SenderEvent::Connected { .. }) => self.up = true,
+                    Some(SenderEvent::Acked { epoch, .. }) => self.acked = self.acked.max(epoch),
+                    Some(SenderEvent::Resumed(r)) => self.resumed = Some(r),
+                    Some(SenderEvent::Disconnected { error }) => return Err(MigrateError::Session(self.explain(&error))),
+                    Some(SenderEvent::BaselineRequired { reason }) if !matches!(reason, replication_proto::BaselineReason::Initial) => {
+                        return Err(MigrateError::Session(format!("the destination refused an epoch and asked for a new baseline ({reason:?})")));
+                    }
+                    Some(_) => {}
+                },
+                end = &mut self.line, if self.line_open => {
+                    self.line_open = false;
+                    if let transport::liveness::End::Died(why) = end {
+                        return Err(MigrateError::DestinationDied(why.to_string()));
+                    }
+                }
+                _ = control.wake.notified(), if cancellable => {}
+                _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
+            }
+        }
+    }
+
+    fn deadline_secs(&self) -> u64 {
+        let started = lock(&self.control.started).unwrap_or_else(Instant::now);
+        self.deadline.saturating_duration_since(started).as_secs()
+    }
+
+    /// Submits one epoch; waits for room in the window. Returns its epoch and the sender's
+    /// counters after it.
+    async fn submit(
+        &mut self,
+        pages: Pages,
+        state: Vec<u8>,
+        baseline: bool,
+    ) -> Result<(u64, replication_proto::SenderStats), MigrateError> {
+        let job = Arc::new((pages, state));
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let job2 = Arc::clone(&job);
+            let cmd = StreamCommand::with(move |s: &mut Sender, now: Instant| {
+                let (pages, state) = &*job2;
+                let it = pages.pfns.iter().copied().zip(pages.data.chunks(PAGE_SIZE));
+                let r = if baseline { s.submit_baseline(now, it, state) } else { s.submit(now, it, state) };
+                let _ = tx.send(r.map(|e| (e, s.stats())));
+            });
+            if self.session.command(cmd).await.is_err() {
+                return Err(self.gone().await);
+            }
+            match rx.await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. })) => {
+                    let before = self.acked;
+                    self.until("room in the send window", true, |l| l.acked > before).await?;
+                }
+                Ok(Err(e)) => return Err(MigrateError::Submit(e)),
+                Err(_) => return Err(self.gone().await),
+            }
+        }
+    }
+
+    async fn stats(&mut self) -> Result<replication_proto::SenderStats, MigrateError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = StreamCommand::with(move |s: &mut Sender, _| {
+            let _ = tx.send(s.stats());
+        });
+        if self.session.command(cmd).await.is_err() {
+            return Err(self.gone().await);
+        }
+        match rx.await {
+            Ok(s) => Ok(s),
+            Err(_) => Err(self.gone().await),
+        }
+    }
+
+    /// A session error, with the peer's reason for closing the connection when that is all the
+    /// session saw (a goodbye overtaken by the connection's close).
+    fn explain(&self, error: &replication_proto::SessionError) -> String {
+        match (error, self.conn.close_reason()) {
+            (replication_proto::SessionError::ConnectionLost, Some(reason)) => format!("{error}: {reason}"),
+            _ => error.to_string(),
+        }
+    }
+
+    /// Why the session task ended: the `Disconnected` event still queued, if any.
+    async fn gone(&mut self) -> MigrateError {
+        let why = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(ev) = self.session.next_event().await {
+                if let SenderEvent::Disconnected { error } = ev {
+                    return Some(self.explain(&error));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        MigrateError::Session(why.unwrap_or_else(|| "the session task ended without a reason".into()))
+    }
+}
+
+fn phase_name(c: &Control) -> &'static str {
+    match c.status().phase.as_str() {
+        "connecting" => "connecting",
+        "round-0" => "round-0",
+        "rounds" => "rounds",
+        "stop-and-copy" => "stop-and-copy",
+        _ => "migration",
+    }
+}
+
+/// Copies `pfns` from the running (or paused) guest; in round 0, drops zero pages (counted).
+async fn copy(vm: &Arc<Mutex<Vm>>, pfns: Vec<u64>, skip_zero: bool) -> Result<(Pages, u64), MigrateError> {
+    let vm = Arc::clone(vm);
+    tokio::task::spawn_blocking(move || {
+        let vm = lock(&vm);
+        let mut out = Pages { pfns: Vec::with_capacity(pfns.len()), data: Vec::with_capacity(pfns.len() * PAGE_SIZE) };
+        let mut zero = 0;
+        if skip_zero {
+            for pfn in pfns {
+                let at = out.data.len();
+                copy_pages(vm.memory(), std::iter::once(pfn), &mut out.data)?;
+                if out.data[at..].iter().all(|&b| b == 0) {
+                    out.data.truncate(at);
+                    zero += 1;
+                } else {
+                    out.pfns.push(pfn);
+                }
+            }
+        } else {
+            copy_pages(vm.memory(), pfns.iter().copied(), &mut out.data)?;
+            out.pfns = pfns;
+        }
+        Ok::<_, MigrateError>((out, zero))
+    })
+    .await
+    .map_err(|e| MigrateError::Session(format!("copy task: {e}")))?
+}
+
+/// Sends `pfns` as one round (in pieces of [`CHUNK_PAGES`]), paced to `max_bandwidth`, and
+/// waits until the destination acknowledged it. Returns (pages sent, zero pages skipped).
+#[allow(clippy::too_many_arguments)]
+async fn send_round(
+    src: &Source,
+    req: &MigrateRequest,
+    link: &mut Link,
+    pfns: &[u64],
+    baseline: bool,
+    pace: &mut Pace,
+    round: u32,
+) -> Result<(u64, u64), MigrateError> {
+    let mut sent = 0;
+    let mut zero = 0;
+    let mut first = baseline;
+    let mut last_epoch = 0;
+    src.control.update(|s| {
+        s.round = round;
+        s.round_pages_left = pfns.len() as u64;
+    });
+    for chunk in pfns.chunks(CHUNK_PAGES) {
+        if src.control.cancelled() {
+            return Err(MigrateError::Cancelled(phase_name(&src.control)));
+        }
+        let (pages, z) = copy(&src.vm, chunk.to_vec(), baseline).await?;
+        zero += z;
+        if pages.pfns.is_empty() && !first {
+            src.control.update(|s| s.round_pages_left = s.round_pages_left.saturating_sub(chunk.len() as u64));
+            continue;
+        }
+        let n = pages.pfns.len() as u64;
+        let (epoch, stats) = link.submit(pages, Vec::new(), first).await?;
+        first = false;
+        last_epoch = epoch;
+        sent += n;
+        src.control.update(|s| {
+            s.pages_sent += n;
+            s.round_pages_left = s.round_pages_left.saturating_sub(chunk.len() as u64);
+            s.bytes_sent = stats.bytes_sent;
+            if let Some(rate) = s.link_rate_bytes_s.filter(|&r| r > 0) {
+                s.eta_ms = Some(s.round_pages_left as f64 * PAGE_SIZE as f64 / rate as f64 * 1e3);
+            }
+        });
+        pace.wait(stats.epoch_bytes, req.max_bandwidth, &src.control).await?;
+    }
+    if last_epoch > 0 {
+        link.until("the destination to acknowledge a round", true, |l| l.acked >= last_epoch).await?;
+    }
+    Ok((sent, zero))
+}
+
+/// `--max-bandwidth`: keeps the bytes handed to the link at or under the rate since the start.
+struct Pace {
+    start: Instant,
+}
+
+impl Pace {
+    async fn wait(&mut self, bytes: u64, rate: Option<u64>, control: &Control) -> Result<(), MigrateError> {
+        let Some(rate) = rate.filter(|&r| r > 0) else { return Ok(()) };
+        let due = self.start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        while Instant::now() < due {
+            if control.cancelled() {
+                return Err(MigrateError::Cancelled(phase_name(control)));
+            }
+            tokio::time::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_millis(50))).await;
+        }
+        Ok(())
+    }
+}
+
+fn all_pfns(layout: &MemoryLayout) -> Vec<u64> {
+    let ps = u64::from(layout.page_size);
+    layout.ranges.iter().flat_map(|r| r.start / ps..(r.start + r.len) / ps).collect()
+}
+
+async fn drive(
+    src: &Source,
+    req: &MigrateRequest,
+    link: &mut Link,
+    t0: Instant,
+    cpu0: u64,
+) -> Result<Report, MigrateError> {
+    link.until("the destination's hello", true, |l| l.up).await?;
+    let all = all_pfns(&src.layout);
+    src.control.update(|s| s.total_pages = all.len() as u64);
+    let mut policy = Policy::new(PolicyConfig {
+        downtime_target: Duration::from_millis(req.downtime_ms),
+        stop_share: req.stop_share,
+        max_rounds: req.max_rounds,
+        time_limit: Duration::from_secs(req.timeout_s),
+        ..PolicyConfig::new(PAGE_SIZE as u32)
+    });
+    let mut pace = Pace { start: Instant::now() };
+    let mut rounds = Vec::new();
+    let mut zero_skipped = 0;
+    let pending: Vec<u64>;
+    let mut stop_reason = "stopcopy".to_string();
+    let mut predicted = None;
+    let mut round0_bytes = 0;
+    if req.mode == Mode::Precopy {
+        // Round 0: everything, while the guest runs; dirty tracking starts first.
+        src.control.phase("round-0");
+        {
+            let vm = Arc::clone(&src.vm);
+            tokio::task::spawn_blocking(move || lock(&vm).enable_dirty_log())
+                .await
+                .map_err(|e| MigrateError::Session(format!("dirty log task: {e}")))??;
+        }
+        let mut round = 0u32;
+        let mut to_send = all.clone();
+        let mut round_start = Instant::now();
+        loop {
+            let before = link.stats().await?.epoch_bytes;
+            let (sent, zero) = send_round(src, req, link, &to_send, round == 0, &mut pace, round).await?;
+            zero_skipped += zero;
+            let after = link.stats().await?.epoch_bytes;
+            if round == 0 {
+                round0_bytes = after - before;
+            }
+            let vm = Arc::clone(&src.vm);
+            let dirty = tokio::task::spawn_blocking(move || lock(&vm).harvest_dirty())
+                .await
+                .map_err(|e| MigrateError::Session(format!("harvest task: {e}")))??;
+            to_send = dirty.pages().collect();
+            let stats = RoundStats {
+                pages_sent: sent,
+                bytes_sent: after - before,
+                duration: round_start.elapsed(),
+                pages_dirtied: to_send.len() as u64,
+                link_rate: None,
+                rtt: link.conn.stats().rtt,
+            };
+            round_start = Instant::now();
+            let decision = policy.record(stats);
+            let rec = policy.rounds().last().copied();
+            let p = decision.prediction();
+            let pred_ms = p.downtime.map(|d| d.as_secs_f64() * 1e3);
+            if let Some(rec) = rec {
+                rounds.push(RoundReport {
+                    round,
+                    pages: sent,
+                    bytes: stats.bytes_sent,
+                    dirty_rate_pages_s: rec.dirty_rate,
+                    link_rate_bytes_s: rec.link_rate,
+                    ms: stats.duration.as_secs_f64() * 1e3,
+                });
+                src.control.update(|s| {
+                    s.dirty_rate_pages_s = rec.dirty_rate;
+                    s.link_rate_bytes_s = rec.link_rate;
+                    s.predicted_downtime_ms = pred_ms;
+                });
+            }
+            tracing::info!(
+                round,
+                pages = sent,
+                bytes = stats.bytes_sent,
+                ms = stats.duration.as_secs_f64() * 1e3,
+                dirtied = to_send.len(),
+                predicted_downtime_ms = ?pred_ms,
+                "migration: round done"
+            );
+            if let Decision::Stop { reason, prediction } = decision {
+                stop_reason = reason.name().to_string();
+                predicted = prediction.downtime.map(|d| d.as_secs_f64() * 1e3);
+                tracing::info!(reason = %stop_reason, predicted_downtime_ms = ?predicted, "migration: pre-copy stops");
+                break;
+            }
+            round += 1;
+            src.control.phase("rounds");
+        }
+        pending = to_send;
+    } else {
+        pending = Vec::new();
+    }
+
+    // Stop and copy: pause, the last dirty pages (everything for stopcopy) and the state.
+    src.control.phase("stop-and-copy");
+    if src.control.cancelled() {
+        return Err(MigrateError::Cancelled("stop-and-copy"));
+    }
+    let stopcopy = req.mode == Mode::Stopcopy;
+    let verify = req.verify;
+    let vm = Arc::clone(&src.vm);
+    let all2 = all.clone();
+    let paused_at = Instant::now();
+    let (pfns, state, digest) = tokio::task::spawn_blocking(move || {
+        let mut g = lock(&vm);
+        g.pause()?;
+        let r = (|| {
+            let pfns: Vec<u64> = if stopcopy {
+                all2
+            } else {
+                let dirty = g.harvest_dirty()?;
+                let mut v: Vec<u64> = dirty.pages().chain(pending).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            };
+            let state = g.save_state()?.encode()?;
+            let digest = if verify { Some(g.memory_digest()?) } else { None };
+            Ok::<_, MigrateError>((pfns, state, digest))
+        })();
+        if r.is_err() {
+            g.resume();
+        }
+        r
+    })
+    .await
+    .map_err(|e| MigrateError::Session(format!("pause task: {e}")))??;
+    failover::failpoint::hit("migrate.paused");
+    let captured_at = Instant::now();
+    let result = async {
+        if failover::failpoint::fires("migrate.stall-switchover") {
+            // Tests: hold the paused guest long enough for a cancel to land.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until && !src.control.cancelled() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let before = link.stats().await?.epoch_bytes;
+        // The last pieces; the final one carries the state.
+        let chunks: Vec<&[u64]> = if pfns.is_empty() { vec![&[][..]] } else { pfns.chunks(CHUNK_PAGES).collect() };
+        let n = chunks.len();
+        let mut epoch = 0;
+        let mut final_pages = 0;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if src.control.cancelled() {
+                return Err(MigrateError::Cancelled("stop-and-copy"));
+            }
+            let (pages, z) = copy(&src.vm, chunk.to_vec(), stopcopy).await?;
+            zero_skipped += z;
+            final_pages += pages.pfns.len() as u64;
+            let st = if i + 1 == n { state.clone() } else { Vec::new() };
+            let baseline = stopcopy && i == 0;
+            epoch = link.submit(pages, st, baseline).await?.0;
+        }
+        let after = link.stats().await?.epoch_bytes;
+        if stopcopy {
+            round0_bytes = after - before;
+        }
+        let switch = StreamCommand::with(move |s: &mut Sender, _| {
+            if let Err(e) = s.switch_over(epoch, SwitchMode::Complete) {
+                tracing::error!("migration: switch-over: {e}");
+            }
+        });
+        if link.session.command(switch).await.is_err() {
+            return Err(link.gone().await);
+        }
+        link.until("the destination to acknowledge the switch-over epoch", true, |l| l.acked >= epoch).await?;
+        if src.control.cancelled() {
+            return Err(MigrateError::Cancelled("stop-and-copy"));
+        }
+        Ok((epoch, final_pages))
+    }
+    .await;
+    let (epoch, final_pages) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // Before the hand-over: the guest runs on here.
+            let vm = Arc::clone(&src.vm);
+            let _ = tokio::task::spawn_blocking(move || lock(&vm).resume()).await;
+            tracing::warn!(
+                "migration: guest resumed at the source after {} ms paused",
+                paused_at.elapsed().as_millis()
+            );
+            return Err(e);
+        }
+    };
+    // The hand-over: from here on this copy never runs again.
+    let acked_at = Instant::now();
+    src.control.phase("handover");
+    failover::failpoint::hit("migrate.handover");
+    link.session
+        .command(StreamCommand::with(move |s: &mut Sender, _| {
+            if let Err(e) = s.handover(epoch) {
+                tracing::error!("migration: hand-over: {e}");
+            }
+        }))
+        .await
+        .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
+    link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(30));
+    if let Err(e) = link.until("the destination to resume the guest", false, |l| l.resumed.is_some()).await {
+        return Err(MigrateError::Unconfirmed { epoch, why: transport::error_chain(&e) });
+    }
+    let resumed_at = Instant::now();
+    let downtime = resumed_at - paused_at;
+    let resumed = link.resumed.expect("resumed");
+    let stats = link.stats().await?;
+    tracing::info!(
+        frames_sent = stats.frames_sent,
+        frames_resent = stats.frames_resent,
+        bytes_sent = stats.bytes_sent,
+        epoch_bytes = stats.epoch_bytes,
+        "migration: sender counters"
+    );
+    let by = |e: PageEncoding| stats.pages_by_encoding[e as usize];
+    let downtime_ms = downtime.as_secs_f64() * 1e3;
+    let bytes_retransferred = stats.epoch_bytes.saturating_sub(round0_bytes);
+    let cpu1 = vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(cpu0);
+    Ok(Report {
+        mode: req.mode.name().into(),
+        stop_reason,
+        predicted_downtime_ms: predicted,
+        rounds,
+        final_pages,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        downtime_ms,
+        downtime_parts: DowntimeParts {
+            capture_ms: (captured_at - paused_at).as_secs_f64() * 1e3,
+            transfer_ms: (acked_at - captured_at).as_secs_f64() * 1e3,
+            resume_ms: (resumed_at - acked_at).as_secs_f64() * 1e3,
+        },
+        downtime_over_prediction: predicted.is_some_and(|p| downtime_ms > p.max(req.downtime_ms as f64) + 1.0),
+        bytes_transferred: stats.bytes_sent,
+        bytes_retransferred,
+        pages: PageCounts {
+            zero: by(PageEncoding::Zero) + zero_skipped,
+            dedup: by(PageEncoding::Dedup),
+            unchanged: by(PageEncoding::Unchanged),
+            delta: by(PageEncoding::Delta),
+            lz4: by(PageEncoding::Lz4),
+            raw: by(PageEncoding::Raw),
+        },
+        switchover_epoch: epoch,
+        source_cpu_ms: cpu1.saturating_sub(cpu0) as f64 / 1e6,
+        dest_cpu_ms: resumed.cpu_us as f64 / 1e3,
+        source_peak_rss_bytes: vmm::procstat::peak_rss_bytes().unwrap_or(0),
+        dest_peak_rss_bytes: resumed.peak_rss_bytes,
+        memory_digest: digest.map(|d| format!("{d:016x}")),
+    })
+}

@@ -1,0 +1,526 @@
+//! Live migration through the binary (`understudy run` + `understudy receive` + `understudy
+//! migrate`): the guest continues exactly at the destination (counter: no gap, no repeat;
+//! dirty: its self-check; memory digest equal at the switch-over; kv: every acknowledged write
+//! reads back over a TCP connection that survives the move), cancel in each phase, and each bad
+//! input ends the migration with an error naming it, the guest running on at the source and the
+//! destination never running a guest.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A source VM and a destination on this host.
+struct Mig {
+    dir: tempfile::TempDir,
+    src: Proc,
+    dst: Proc,
+    s_sock: PathBuf,
+    d_sock: PathBuf,
+    port: u16,
+    certs: PathBuf,
+}
+
+impl Mig {
+    /// Boots `cmdline` with `memory` as the source (`run --vm vm`) and starts a destination
+    /// for `dest_memory` admitting `src`.
+    fn start(cmdline: &str, memory: &str, dest_memory: &str, src_env: &[(&str, &str)], dst_args: &[&str]) -> Self {
+        Self::start_in(None, cmdline, memory, dest_memory, src_env, dst_args)
+    }
+
+    fn start_in(
+        ns: Option<&NetNs>,
+        cmdline: &str,
+        memory: &str,
+        dest_memory: &str,
+        src_env: &[(&str, &str)],
+        dst_args: &[&str],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let certs = d.join("certs");
+        let (ok, _, err) = run(&[
+            "certs",
+            "--out",
+            certs.to_str().unwrap(),
+            "--host",
+            "src",
+            "--host",
+            "dest",
+            "--host",
+            "intruder",
+            "--witness",
+            "witness",
+        ]);
+        assert!(ok, "certs: {err}");
+        let port = free_udp_port();
+        let s_sock = d.join("s.sock");
+        let d_sock = d.join("d.sock");
+        let ss = d.join("s-serial.log");
+        let ds = d.join("d-serial.log");
+        let kernel = guest_image();
+        let mut sargs = vec![
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--serial",
+            ss.to_str().unwrap(),
+            "--api",
+            s_sock.to_str().unwrap(),
+        ];
+        if ns.is_some() {
+            sargs.extend(["--tap", "tap0", "--mac", "02:55:44:00:00:07"]);
+        }
+        let listen = format!("127.0.0.1:{port}");
+        let mut dargs = vec![
+            "receive",
+            "--listen",
+            &listen,
+            "--certs",
+            certs.to_str().unwrap(),
+            "--memory",
+            dest_memory,
+            "--api",
+            d_sock.to_str().unwrap(),
+            "--serial",
+            ds.to_str().unwrap(),
+        ];
+        if ns.is_some() {
+            dargs.extend(["--tap", "tap1"]);
+        }
+        dargs.extend_from_slice(dst_args);
+        let mut src = Proc::spawn_env(ns, &d, "src", &sargs, src_env);
+        let mut dst = Proc::spawn_env(ns, &d, "dst", &dargs, &[]);
+        wait_for(&ss, Duration::from_secs(10), &mut src, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
+        wait_for(&d_sock, Duration::from_secs(10), &mut dst, "destination api", |_| d_sock.exists());
+        wait_for(&s_sock, Duration::from_secs(30), &mut src, "source api", |_| s_sock.exists());
+        Self { dir, src, dst, s_sock, d_sock, port, certs }
+    }
+
+    fn s_serial(&self) -> PathBuf {
+        self.dir.path().join("s-serial.log")
+    }
+
+    fn d_serial(&self) -> PathBuf {
+        self.dir.path().join("d-serial.log")
+    }
+
+    /// The migrate command's arguments.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "migrate",
+            "--api",
+            self.s_sock.to_str().unwrap(),
+            "--to",
+            &format!("127.0.0.1:{}", self.port),
+            "--certs",
+            self.certs.to_str().unwrap(),
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Runs `understudy migrate`; returns (success, stdout, stderr).
+    fn migrate(&self, extra: &[&str]) -> (bool, String, String) {
+        let a = self.args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(&a)
+    }
+
+    /// Starts `understudy migrate` in the background.
+    fn migrate_bg(&self, extra: &[&str]) -> std::process::Child {
+        std::process::Command::new(bin())
+            .args(self.args(extra))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn migrate")
+    }
+
+    /// A successful migration's report; checks both processes end where they should.
+    fn migrate_ok(&mut self, extra: &[&str]) -> serde_json::Value {
+        let (ok, out, err) = self.migrate(extra);
+        assert!(
+            ok,
+            "migrate failed: {err}\n--- src stderr:\n{}\n--- dst stderr:\n{}",
+            self.src.stderr(),
+            self.dst.stderr()
+        );
+        let report = json(&out);
+        // The source's process exits on its own, successfully.
+        let st = self.src.wait_exit(Duration::from_secs(10)).expect("the source process exits after the migration");
+        assert!(st.success(), "source exit {st}: {}", self.src.stderr());
+        self.dst.assert_alive();
+        report
+    }
+
+    /// The source's migration status (from `status`).
+    fn src_phase(&self) -> Option<String> {
+        let (ok, out, _) = run(&["status", "--api", self.s_sock.to_str().unwrap(), "--json"]);
+        if !ok {
+            return None;
+        }
+        json(&out)["migration"]["phase"].as_str().map(str::to_string)
+    }
+
+    /// Waits until the source's migration reaches `phase`.
+    fn wait_phase(&self, phase: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.src_phase().as_deref() != Some(phase) {
+            assert!(t0.elapsed() < timeout, "migration never reached {phase} (at {:?})", self.src_phase());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// After a failed migration: the guest still runs at the source (its serial output grows),
+    /// the destination's process exits (with `dest_exits`) without ever running a guest.
+    fn assert_failed_cleanly(&mut self, dest_exits: bool) {
+        let status = json(&run(&["status", "--api", self.s_sock.to_str().unwrap(), "--json"]).1);
+        assert_eq!(status["state"], "running", "{status}");
+        assert_eq!(status["migration"]["phase"], "failed", "{status}");
+        let before = read_text(&self.s_serial()).len();
+        let serial = self.s_serial();
+        wait_for(&serial, Duration::from_secs(5), &mut self.src, "the guest going on at the source", |t| {
+            t.len() > before
+        });
+        if dest_exits {
+            let st = self.dst.wait_exit(Duration::from_secs(10)).expect("the destination exits");
+            assert!(!st.success(), "the destination exits non-zero");
+        } else {
+            self.dst.assert_alive();
+        }
+        assert!(
+            read_text(&self.d_serial()).is_empty(),
+            "the destination ran a guest:\n{}",
+            read_text(&self.d_serial())
+        );
+    }
+}
+
+fn setup(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let g = serial_guard();
+    kvm_available(test).then_some(g)
+}
+
+fn assert_report(r: &serde_json::Value, mode: &str) {
+    assert_eq!(r["mode"], mode, "{r}");
+    for k in ["total_ms", "downtime_ms", "bytes_transferred", "source_cpu_ms", "dest_cpu_ms"] {
+        assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {r}");
+    }
+    assert!(r["source_peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["dest_peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() < r["total_ms"].as_f64().unwrap());
+    let digest = r["memory_digest"].as_str().expect("a digest at the switch-over (--verify)");
+    assert!(!digest.is_empty());
+}
+
+/// The destination's memory digest at the hand-over (before its guest ran) equals the source's
+/// at the switch-over.
+fn assert_same_memory(m: &Mig, r: &serde_json::Value) {
+    let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+    assert_eq!(s["origin"]["epoch"], r["switchover_epoch"], "{s}");
+    assert_eq!(s["origin"]["memory_digest"], r["memory_digest"], "memory differs at the switch-over: {s}\n{r}");
+}
+
+/// The counter goes on at the destination exactly where the source stopped: no gap, no repeat.
+fn assert_counter_continues(m: &mut Mig) {
+    let d = m.d_serial();
+    wait_for(&d, Duration::from_secs(10), &mut m.dst, "counter at the destination", |t| counter_lines(t).len() >= 3);
+    let src = counter_lines(&read_text(&m.s_serial()));
+    let dst = counter_lines(&read_text(&d));
+    let (last, _) = *src.last().expect("the source counted");
+    assert_eq!(
+        dst[0].0,
+        last + 1,
+        "the destination starts right after the source's last line (source ..{last}, destination {:?}..)",
+        dst[0]
+    );
+    for w in dst.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "gap or repeat at the destination: {w:?}");
+    }
+}
+
+fn migrate_counter(mode: &str) {
+    let test = format!("counter_migrates_with_{mode}");
+    let Some(_g) = setup(&test) else { return };
+    let mut m = Mig::start("workload=counter", "64M", "64M", &[], &["--verify"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = m.migrate_ok(&["--mode", mode, "--verify"]);
+    eprintln!("{test}: {r}");
+    assert_report(&r, mode);
+    assert_same_memory(&m, &r);
+    assert_counter_continues(&mut m);
+}
+
+#[test]
+fn counter_migrates_with_precopy() {
+    migrate_counter("precopy");
+}
+
+#[test]
+fn counter_migrates_with_stopcopy() {
+    migrate_counter("stopcopy");
+}
+
+fn migrate_dirty(mode: &str) {
+    let test = format!("dirty_migrates_with_{mode}");
+    let Some(_g) = setup(&test) else { return };
+    let mut m = Mig::start("workload=dirty wss=32 rate=20000", "128M", "128M", &[], &["--verify"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = m.migrate_ok(&["--mode", mode, "--verify"]);
+    eprintln!("{test}: {r}");
+    assert_report(&r, mode);
+    assert_same_memory(&m, &r);
+    if mode == "precopy" {
+        let rounds = r["rounds"].as_array().unwrap();
+        assert!(!rounds.is_empty(), "{r}");
+        assert!(rounds[0]["pages"].as_u64().unwrap() >= 32 * 256, "round 0 sends the working set: {r}");
+        assert!(
+            ["downtime_fits", "resent_share", "max_rounds", "time_limit"].contains(&r["stop_reason"].as_str().unwrap())
+        );
+        assert!(r["pages"]["zero"].as_u64().unwrap() > 0, "{r}");
+    } else {
+        assert_eq!(r["stop_reason"], "stopcopy");
+        assert!(r["rounds"].as_array().unwrap().is_empty());
+        assert_eq!(r["bytes_retransferred"], 0);
+    }
+    // The guest's own self-check goes on passing at the destination.
+    let d = m.d_serial();
+    wait_for(&d, Duration::from_secs(15), &mut m.dst, "two dirty lines at the destination", |t| {
+        t.lines().filter(|l| l.starts_with("dirty gen=")).count() >= 2
+    });
+    let text = read_text(&d);
+    // Whole lines only: the guest may be printing the last one.
+    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    assert!(!whole.contains("dirty error"), "self-check failed at the destination:\n{text}");
+    for l in whole.lines().map(str::trim).filter(|l| l.starts_with("dirty gen=")) {
+        assert!(l.ends_with(" errors=0"), "self-check failed at the destination: {l:?}\n{text}");
+    }
+}
+
+#[test]
+fn dirty_migrates_with_precopy() {
+    migrate_dirty("precopy");
+}
+
+#[test]
+fn dirty_migrates_with_stopcopy() {
+    migrate_dirty("stopcopy");
+}
+
+/// A namespace with a bridge `br0` (the host side, 10.<s>.0.1) and two TAPs on it: `tap0` for
+/// the source, `tap1` for the destination, as two hosts on one LAN.
+fn bridged_ns(test: &str, subnet: u8) -> Option<NetNs> {
+    let ns = NetNs::new(test, "mig", subnet)?;
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    };
+    let n = ns.name.as_str();
+    let host = format!("{}/24", ns.host_ip);
+    sh(&["-n", n, "addr", "del", &host, "dev", "tap0"]);
+    sh(&["-n", n, "link", "add", "br0", "type", "bridge", "forward_delay", "0"]);
+    sh(&["-n", n, "tuntap", "add", "dev", "tap1", "mode", "tap"]);
+    sh(&["-n", n, "link", "set", "tap0", "master", "br0"]);
+    sh(&["-n", n, "link", "set", "tap1", "master", "br0"]);
+    sh(&["-n", n, "addr", "add", &host, "dev", "br0"]);
+    for dev in ["br0", "tap1"] {
+        sh(&["-n", n, "link", "set", dev, "up"]);
+    }
+    Some(ns)
+}
+
+/// The kv guest moves under a client's load through a bridge: the client's TCP connection
+/// survives (the guest's TCP stack moved with its memory, its MAC moved with the announcement),
+/// and every write it saw acknowledged reads back afterwards.
+#[test]
+fn kv_migrates_under_load_and_loses_no_acknowledged_write() {
+    let test = "kv_migrates_under_load_and_loses_no_acknowledged_write";
+    let Some(_g) = setup(test) else { return };
+    let Some(ns) = bridged_ns(test, 71) else { return };
+    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
+    let ctl = m.dir.path().join("client");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let script = root().join("testbed/scripts/faults_client.py");
+    let client = ns
+        .command("/usr/bin/python3")
+        .arg(&script)
+        .args([ns.guest_ip.as_str(), ctl.to_str().unwrap(), "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the kv client");
+    let t0 = Instant::now();
+    while !ctl.join("ready").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the kv client never got a reply");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let r = m.migrate_ok(&["--mode", "precopy"]);
+    eprintln!("{test}: {r}");
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(ctl.join("stop"), b"").unwrap();
+    let out = wait_with_timeout(client, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let res = json(last);
+    eprintln!("{test}: client {res}");
+    assert!(res["acknowledged_writes"].as_u64().unwrap() > 50, "{res}");
+    assert_eq!(res["lost"], 0, "{res}");
+    assert_eq!(res["contradictions"], 0, "{res}");
+    assert_eq!(res["reconnects"], 0, "the client's TCP connection survives the migration: {res}");
+    let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
+    assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+}
+
+/// `migrate-cancel` in each phase before the hand-over: the guest runs on at the source, the
+/// destination exits without running one.
+#[test]
+fn cancel_in_each_phase_leaves_the_guest_at_the_source() {
+    let test = "cancel_in_each_phase_leaves_the_guest_at_the_source";
+    let Some(_g) = setup(test) else { return };
+    for (phase, env, extra) in [
+        ("round-0", vec![], vec!["--max-bandwidth", "4M"]),
+        ("rounds", vec![], vec!["--max-bandwidth", "32M", "--downtime-ms", "0", "--stop-share", "100"]),
+        ("stop-and-copy", vec![("UNDERSTUDY_FAILPOINTS", "migrate.stall-switchover")], vec![]),
+    ] {
+        let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &env, &[]);
+        let child = m.migrate_bg(&extra);
+        m.wait_phase(phase, Duration::from_secs(20));
+        let (ok, out, err) = run(&["ctl", "--api", m.s_sock.to_str().unwrap(), "migrate-cancel"]);
+        assert!(ok, "cancel in {phase}: {err}");
+        assert_eq!(json(&out)["phase"], phase);
+        let out = wait_with_timeout(child, Duration::from_secs(20));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a cancelled migration exits non-zero");
+        assert!(err.contains(&format!("cancelled by request in phase {phase}")), "{phase}: {err}");
+        m.assert_failed_cleanly(true);
+        let derr = m.dst.stderr();
+        assert!(derr.contains("Cancelled") || derr.contains("cancelled"), "the destination says why: {derr}");
+        eprintln!("{test}: cancelled in {phase}");
+    }
+}
+
+/// Each bad input ends the migration with an error naming it; the guest runs on at the source;
+/// nothing runs at the destination.
+#[test]
+fn bad_inputs_end_the_migration_with_an_error_naming_them() {
+    let test = "bad_inputs_end_the_migration_with_an_error_naming_them";
+    let Some(_g) = setup(test) else { return };
+
+    // Memory sizes that differ: the handshake refuses, both sides say why.
+    let mut m = Mig::start("workload=counter", "64M", "128M", &[], &[]);
+    let (ok, _, err) = m.migrate(&[]);
+    assert!(!ok);
+    eprintln!("{test}: memory size: {}", err.trim());
+    assert!(err.contains("memory layout"), "{err}");
+    m.assert_failed_cleanly(true);
+    assert!(m.dst.stderr().contains("memory layout"), "{}", m.dst.stderr());
+
+    // A source whose certificate is not the expected one is refused; the destination waits on
+    // for the right one, which then migrates.
+    let mut m = Mig::start("workload=counter", "64M", "64M", &[], &[]);
+    let (ok, _, err) = m.migrate(&["--name", "intruder"]);
+    assert!(!ok);
+    eprintln!("{test}: wrong source certificate: {}", err.trim());
+    assert!(err.contains("connect to the destination"), "{err}");
+    m.assert_failed_cleanly(false);
+    assert!(m.dst.stderr().contains("intruder"), "the destination names the refused peer: {}", m.dst.stderr());
+    // Garbage on the port: refused, still waiting.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..50u8 {
+        let junk: Vec<u8> = (0..1200).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i)).collect();
+        sock.send_to(&junk, ("127.0.0.1", m.port)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    m.dst.assert_alive();
+    let r = m.migrate_ok(&[]);
+    assert_eq!(r["mode"], "precopy");
+
+    // A destination that is not the expected one: the source refuses it.
+    let mut m = Mig::start("workload=counter", "64M", "64M", &[], &[]);
+    let (ok, _, err) = m.migrate(&["--dest-name", "other"]);
+    assert!(!ok);
+    eprintln!("{test}: wrong destination: {}", err.trim());
+    assert!(err.contains("other"), "the error names the expected destination: {err}");
+    m.assert_failed_cleanly(false);
+
+    // A mode of the next issue, and bad settings: refused before anything starts.
+    let (ok, _, err) = m.migrate(&["--mode", "postcopy"]);
+    assert!(!ok && err.contains("--mode postcopy is not implemented yet"), "{err}");
+    let (ok, _, err) = m.migrate(&["--stop-share=-1"]);
+    assert!(!ok && err.contains("--stop-share"), "{err}");
+    let (ok, _, err) = m.migrate(&["--max-bandwidth", "0"]);
+    assert!(!ok && err.contains("0"), "{err}");
+
+    // A protocol version without migration (a build acting as version 1).
+    let mut m = Mig::start("workload=counter", "64M", "64M", &[("UNDERSTUDY_PROTOCOL_VERSION", "1")], &[]);
+    let (ok, _, err) = m.migrate(&[]);
+    assert!(!ok);
+    eprintln!("{test}: version 1: {}", err.trim());
+    assert!(err.contains("version"), "{err}");
+    m.assert_failed_cleanly(true);
+}
+
+/// A destination killed in a round, a link cut in a round (the destination frozen), a source
+/// killed before the switch-over: each ends the migration; the guest runs on at the source (or
+/// nowhere new); no second copy runs.
+#[test]
+fn a_dead_peer_or_a_cut_link_ends_the_migration_cleanly() {
+    let test = "a_dead_peer_or_a_cut_link_ends_the_migration_cleanly";
+    let Some(_g) = setup(test) else { return };
+    let slow = ["--max-bandwidth", "32M", "--downtime-ms", "0", "--stop-share", "100"];
+
+    // The destination killed during the rounds.
+    let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &[], &[]);
+    let child = m.migrate_bg(&slow);
+    m.wait_phase("rounds", Duration::from_secs(20));
+    let _ = m.dst.child.kill();
+    let out = wait_with_timeout(child, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("destination"), "{err}");
+    m.assert_failed_cleanly(true);
+
+    // The link cut during the rounds: the destination stops answering (SIGSTOP), the source
+    // notices the silence; when the destination wakes up its session is gone and it exits.
+    let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &[], &[]);
+    let child = m.migrate_bg(&slow);
+    m.wait_phase("rounds", Duration::from_secs(20));
+    let pid = m.dst.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let t0 = Instant::now();
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let noticed = t0.elapsed();
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("session with the destination ended") || err.contains("timed out"), "{err}");
+    eprintln!("{test}: cut link noticed after {noticed:?}: {}", err.lines().last().unwrap_or_default());
+    m.assert_failed_cleanly(true);
+
+    // The source killed before the switch-over: the destination discards what it got.
+    let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &[], &[]);
+    let child = m.migrate_bg(&slow);
+    m.wait_phase("rounds", Duration::from_secs(20));
+    let _ = m.src.child.kill();
+    let _ = wait_with_timeout(child, Duration::from_secs(20));
+    let st = m.dst.wait_exit(Duration::from_secs(10)).expect("the destination exits");
+    assert!(!st.success());
+    assert!(m.dst.stderr().contains("before the hand-over"), "{}", m.dst.stderr());
+    assert!(read_text(&m.d_serial()).is_empty());
+}
