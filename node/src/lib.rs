@@ -3,6 +3,7 @@
 //! lives here so that later roles (migration source and destination) join as library code.
 //!
 //! Modules:
+//! - [`api`]: the admin API on a Unix socket (requests, responses, serving, calling);
 //! - [`failover`]: what a backup does when the session reports on the primary;
 //! - [`metrics`]: the Prometheus endpoint over the status report;
 //! - [`migrate`]: migration of a running VM, source and destination;
@@ -10,6 +11,7 @@
 //! - [`status`]: what the admin API's `status` answers, per role (its JSON field names are part
 //!   of the API).
 
+pub mod api;
 pub mod failover;
 pub mod metrics;
 pub mod migrate;

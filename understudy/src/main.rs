@@ -2,7 +2,6 @@
 //! parses, wires and reports; the logic lives in the library crates.
 
 mod agent;
-mod api;
 mod migrate;
 mod runtime;
 
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use api::{AfterSnapshot, Request};
+use node::api::{self, AfterSnapshot, Request};
 use runtime::{Origin, Runtime, SerialTarget};
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::api::{self, Request};
+use node::api::{self, Request};
 
 /// Runs the migration through the API at `sock`; returns when it ended.
 pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Result<()> {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use vmm::vcpu::StopReason;
 use vmm::vm::Vm;
 
-use crate::api::{self, AfterSnapshot, Request, Response};
+use node::api::{self, AfterSnapshot, Request, Response};
 
 /// Where COM1's output goes, as given on the command line.
 #[derive(Debug, Clone)]
@@ -491,7 +491,7 @@ impl Runtime {
         };
         match r {
             Ok(v) => Response::ok(v),
-            Err(e) => Response::err(&e),
+            Err(e) => Response::err(e.as_ref()),
         }
     }
 

@@ -1,14 +1,10 @@
-//! `cargo fuzz run api_request`: a request line of the admin API, as `api::serve` reads it.
+//! `cargo fuzz run api_request`: a request line of the admin API, as `node::api::serve` reads it.
 //!
-//! The `understudy` crate is a binary: this target includes its API module by path (the
-//! protect request comes from the `node` library) rather than the whole binary.
 //! Whatever parses must write back to JSON that parses again and writes the same; a line that
 //! does not parse gets an error that says so.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/api.rs"]
-mod api;
+use node::api;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // `serve` reads lines as UTF-8 text: other bytes end the connection before parsing.

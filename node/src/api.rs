@@ -1,7 +1,8 @@
 //! The admin API: one JSON request per line on a Unix socket, one JSON response line back.
 //!
 //! The socket is created with mode 0600 in a directory the admin chooses: only its owner
-//! (root) can talk to the VM. The CLI's `snapshot`, `status`, ... are clients of it.
+//! (root) can talk to the VM. The CLI's `snapshot`, `status`, ... are clients of it
+//! ([`call`]); a node serves it ([`serve`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -9,11 +10,81 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
+
+/// Errors of the admin API, on either end.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request line that is not a request.
+    #[error("bad api request: {0}")]
+    BadRequest(serde_json::Error),
+    /// Another process answers on the socket.
+    #[error("api socket {} is in use by another process", .0.display())]
+    InUse(PathBuf),
+    /// A stale socket file could not be removed.
+    #[error("remove stale api socket {}", path.display())]
+    RemoveStale {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket could not be bound.
+    #[error("bind api socket {}", path.display())]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket's mode could not be set.
+    #[error("chmod api socket {}", path.display())]
+    Chmod {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nobody answers on the socket.
+    #[error("connect to api socket {} (is `understudy run` running?)", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the request failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The request could not be written as JSON.
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// Reading the response failed.
+    #[error("read response from {}", path.display())]
+    Read {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process closed the connection without a response.
+    #[error("api socket {} closed without answering", .0.display())]
+    Closed(PathBuf),
+    /// The response is not a response.
+    #[error("malformed api response")]
+    Malformed(#[source] serde_json::Error),
+    /// The process answered with an error (its chain, as text).
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// A request to a running `understudy` process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +109,7 @@ pub enum Request {
     /// Stop the VM and the process.
     Shutdown,
     /// Start protecting the VM to a backup.
-    Protect(node::protect::ProtectRequest),
+    Protect(crate::protect::ProtectRequest),
     /// Stop protecting.
     Unprotect,
     /// Verification points recorded (memory digest and state crc per sampled epoch).
@@ -90,28 +161,29 @@ impl Response {
         Self { ok: true, result: Some(serde_json::to_value(v).unwrap_or(serde_json::Value::Null)), error: None }
     }
 
-    /// A failure.
-    pub fn err(e: &anyhow::Error) -> Self {
-        Self { ok: false, result: None, error: Some(format!("{e:#}")) }
+    /// A failure: the error and its sources, `: `-separated.
+    pub fn err(e: &dyn std::error::Error) -> Self {
+        Self { ok: false, result: None, error: Some(transport::error_chain(e)) }
     }
 }
 
 /// Parses one request line (surrounding white space ignored); the error names what is wrong.
-pub fn parse_request(line: &str) -> Result<Request> {
-    serde_json::from_str(line.trim()).map_err(|e| anyhow::anyhow!("bad api request: {e}"))
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
+    serde_json::from_str(line.trim()).map_err(ApiError::BadRequest)
 }
 
 /// Binds the API socket with mode 0600, replacing a stale socket file.
-pub fn bind(path: &Path) -> Result<UnixListener> {
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    let path_buf = || path.to_path_buf();
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            bail!("api socket {} is in use by another process", path.display());
+            return Err(ApiError::InUse(path_buf()));
         }
-        std::fs::remove_file(path).with_context(|| format!("remove stale api socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(|source| ApiError::RemoveStale { path: path_buf(), source })?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind api socket {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind { path: path_buf(), source })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod api socket {}", path.display()))?;
+        .map_err(|source| ApiError::Chmod { path: path_buf(), source })?;
     Ok(listener)
 }
 
@@ -167,25 +239,24 @@ fn serve_conn(conn: UnixStream, in_flight: &InFlight, handle: &dyn Fn(Request) -
 }
 
 /// Sends one request and waits for its response.
-pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
-    let conn = UnixStream::connect(path)
-        .with_context(|| format!("connect to api socket {} (is `understudy run` running?)", path.display()))?;
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, ApiError> {
+    let conn = UnixStream::connect(path).map_err(|source| ApiError::Connect { path: path.to_path_buf(), source })?;
     conn.set_read_timeout(Some(timeout))?;
     let mut w = conn.try_clone()?;
-    let mut line = serde_json::to_vec(req)?;
+    let mut line = serde_json::to_vec(req).map_err(ApiError::Encode)?;
     line.push(b'\n');
     w.write_all(&line)?;
     let mut reader = BufReader::new(conn);
     let mut resp = String::new();
-    reader.read_line(&mut resp).with_context(|| format!("read response from {}", path.display()))?;
+    reader.read_line(&mut resp).map_err(|source| ApiError::Read { path: path.to_path_buf(), source })?;
     if resp.is_empty() {
-        bail!("api socket {} closed without answering", path.display());
+        return Err(ApiError::Closed(path.to_path_buf()));
     }
-    let resp: Response = serde_json::from_str(&resp).context("malformed api response")?;
+    let resp: Response = serde_json::from_str(&resp).map_err(ApiError::Malformed)?;
     if resp.ok {
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {
-        bail!("{}", resp.error.unwrap_or_else(|| "unknown error".into()))
+        Err(ApiError::Refused(resp.error.unwrap_or_else(|| "unknown error".into())))
     }
 }
 
@@ -193,8 +264,8 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json:
 mod tests {
     use super::*;
 
-    fn protect(seed: u64) -> node::protect::ProtectRequest {
-        node::protect::ProtectRequest {
+    fn protect(seed: u64) -> crate::protect::ProtectRequest {
+        crate::protect::ProtectRequest {
             backup: if seed.is_multiple_of(2) {
                 "10.0.0.2:7000".parse().unwrap()
             } else {
