@@ -1,5 +1,6 @@
 //! Prometheus metrics on an optional `--metrics <addr>`: every number of `understudy status`
-//! as a gauge (`understudy_<path>`), and the states as labelled gauges. Read-only, but it tells
+//! as a gauge (`understudy_<path>`), the states as labelled gauges, and the node's role with a
+//! counter of its transitions ([`render_role`]). Read-only, but it tells
 //! about the VM: it binds only a loopback address unless `--metrics-public` says otherwise.
 //!
 //! No client can hold it: each connection is served on its own thread, at most
@@ -102,21 +103,31 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// Serves `GET /metrics` on `addr` from `status()` in background threads; returns the address
-/// bound. A non-loopback `addr` is refused unless `public` ([`check_addr`]).
-pub fn serve(
-    addr: SocketAddr,
-    public: bool,
-    limits: Limits,
-    status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-) -> Result<SocketAddr, MetricsError> {
+/// The node's role as a labelled gauge (`understudy_node_role{value="protected"} 1`) and how
+/// often each transition happened (`understudy_node_role_transitions_total{from=..,to=..}`).
+pub fn render_role(role: &str, transitions: &[(&str, &str, u64)]) -> String {
+    let mut out = format!("# TYPE understudy_node_role gauge\nunderstudy_node_role{{value=\"{role}\"}} 1\n");
+    out.push_str("# TYPE understudy_node_role_transitions_total counter\n");
+    for (from, to, n) in transitions {
+        out.push_str(&format!("understudy_node_role_transitions_total{{from=\"{from}\",to=\"{to}\"}} {n}\n"));
+    }
+    out
+}
+
+/// The text a scrape answers, made at each scrape.
+pub type Source = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `addr` from `body()` (e.g. [`render`] of a status) in background
+/// threads; returns the address bound. A non-loopback `addr` is refused unless `public`
+/// ([`check_addr`]).
+pub fn serve(addr: SocketAddr, public: bool, limits: Limits, body: Source) -> Result<SocketAddr, MetricsError> {
     check_addr(addr, public)?;
     let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     tracing::info!(addr = %bound, public, "prometheus metrics at /metrics");
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || accept_loop(listener, limits, status))
+        .spawn(move || accept_loop(listener, limits, body))
         .map_err(MetricsError::Spawn)?;
     Ok(bound)
 }
@@ -138,7 +149,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: TcpListener, limits: Limits, status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>) {
+fn accept_loop(listener: TcpListener, limits: Limits, body: Source) {
     let slots = Arc::new(Slots { open: Mutex::new(0), freed: Condvar::new() });
     let max = limits.max_connections.max(1);
     let mut last_warned: Option<Instant> = None;
@@ -168,10 +179,10 @@ fn accept_loop(listener: TcpListener, limits: Limits, status: Arc<dyn Fn() -> se
                 continue;
             }
         };
-        let status = Arc::clone(&status);
+        let body = Arc::clone(&body);
         let spawned = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
             let _slot = slot;
-            serve_one(conn, limits, &*status);
+            serve_one(conn, limits, &*body);
         });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "metrics: cannot spawn a connection thread");
@@ -236,11 +247,11 @@ fn is_metrics_get(head: &[u8]) -> bool {
     method == Some(b"GET") && target.is_some_and(|t| t == b"/metrics" || t.starts_with(b"/metrics?"))
 }
 
-fn serve_one(mut conn: TcpStream, limits: Limits, status: &dyn Fn() -> serde_json::Value) {
+fn serve_one(mut conn: TcpStream, limits: Limits, body: &dyn Fn() -> String) {
     let deadline = Instant::now() + limits.request_timeout;
     let peer = conn.peer_addr().ok();
     let (code, body) = match read_request(&mut conn, deadline, limits.max_request_bytes) {
-        Ok(head) if is_metrics_get(&head) => ("200 OK", render(&status())),
+        Ok(head) if is_metrics_get(&head) => ("200 OK", body()),
         Ok(_) => ("404 Not Found", "try /metrics\n".to_string()),
         Err(RequestError::TooLarge) => {
             tracing::debug!(?peer, max = limits.max_request_bytes, "metrics: request too large");
@@ -266,8 +277,8 @@ mod tests {
     use super::*;
 
     fn server(limits: Limits) -> SocketAddr {
-        let status = Arc::new(|| serde_json::json!({"state": "running", "epochs": 7}));
-        serve("127.0.0.1:0".parse().unwrap(), false, limits, status).unwrap()
+        let body = Arc::new(|| render(&serde_json::json!({"state": "running", "epochs": 7})));
+        serve("127.0.0.1:0".parse().unwrap(), false, limits, body).unwrap()
     }
 
     /// Sends `request` and reads the whole answer (the server closes), failing after `within`.
@@ -376,7 +387,7 @@ mod tests {
 
     #[test]
     fn a_non_loopback_address_needs_the_opt_in() {
-        let status = || Arc::new(|| serde_json::Value::Null) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+        let status = || Arc::new(String::new) as Source;
         for addr in ["0.0.0.0:0", "[::]:0", "192.0.2.1:9400"] {
             let e = serve(addr.parse().unwrap(), false, Limits::default(), status()).unwrap_err().to_string();
             assert!(e.contains("is not a loopback address") && e.contains("--metrics-public"), "{e}");
@@ -408,5 +419,25 @@ mod tests {
         assert!(text.contains("understudy_protection_epochs 7"), "{text}");
         assert!(text.contains("understudy_protection_state{value=\"protected\"} 1"), "{text}");
         assert!(!text.contains("cmdline"), "{text}");
+    }
+
+    #[test]
+    fn renders_the_role_and_counts_transitions() {
+        let text = render_role("protected", &[("booted", "protected", 2), ("protected", "booted", 1)]);
+        assert!(
+            text.contains("# TYPE understudy_node_role gauge\nunderstudy_node_role{value=\"protected\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE understudy_node_role_transitions_total counter\n"), "{text}");
+        assert!(
+            text.contains("understudy_node_role_transitions_total{from=\"booted\",to=\"protected\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("understudy_node_role_transitions_total{from=\"protected\",to=\"booted\"} 1\n"),
+            "{text}"
+        );
+        let none = render_role("backup", &[]);
+        assert_eq!(none.lines().filter(|l| !l.starts_with('#')).count(), 1, "{none}");
     }
 }

@@ -3,7 +3,6 @@
 
 mod agent;
 mod migrate;
-mod runtime;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use node::api::{self, AfterSnapshot, Request};
-use runtime::{Origin, Runtime, SerialTarget};
+use node::status::Origin;
+use node::{Node, SerialTarget};
 
 #[derive(Parser)]
 #[command(name = "understudy", version, about = "Hot-standby replication for KVM virtual machines")]
@@ -425,8 +425,49 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Blocks SIGINT and SIGTERM in the calling thread and every thread it spawns afterwards;
+/// call first thing in `main`.
+fn block_termination_signals() {
+    // SAFETY: plain sigset manipulation on a local set; pthread_sigmask on the current thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (blocked in every thread by `block_termination_signals`).
+fn wait_for_termination_signal() -> i32 {
+    // SAFETY: sigwait on a local set of signals blocked in every thread (see
+    // `block_termination_signals`).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
+/// Runs `node` until it exits: a signal asks it to, as the API's `shutdown` does.
+fn run_node(node: &std::sync::Arc<Node>, api: Option<&std::path::Path>) -> Result<()> {
+    let n = std::sync::Arc::clone(node);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_for_termination_signal();
+            n.request_exit(format!("signal {sig}"));
+        })
+        .context("spawn signal thread")?;
+    Ok(node.run_until_exit(api)?)
+}
+
 fn main() {
-    runtime::block_termination_signals();
+    block_termination_signals();
     let cli = Cli::parse();
     init_logging();
     if let Err(e) = real_main(cli) {
@@ -454,15 +495,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 net: tap.map(|tap| vmm::vm::NetSpec { tap, mac }),
             })
             .context("boot vm")?;
-            let rt = Runtime::new(vm_, Origin::Booted { kernel }, memory)?;
-            rt.set_vm_name(&vm);
+            let node = Node::run(vm_, Origin::Booted { kernel }, memory, &vm)?;
             if let Some(addr) = metrics {
-                rt.serve_metrics(addr, metrics_public)?;
+                node.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_primary_agent(&agent.config()?, &vm)?;
+                node.start_primary_agent(&agent.config()?)?;
             }
-            rt.run_until_exit(api.as_deref())
+            run_node(&node, api.as_deref())
         }
         Command::Restore { dir, serial, api, paused, tap } => {
             let (mem, state, info) =
@@ -477,8 +517,8 @@ fn real_main(cli: Cli) -> Result<()> {
             let digest = format!("{:016x}", info.memory_digest);
             tracing::info!(from = %dir.display(), digest = %digest, restore_ms, "vm restored");
             let origin = Origin::Restored { from: dir, memory_digest: digest, restore_ms };
-            let rt = Runtime::new(vm, origin, memory_bytes)?;
-            rt.run_until_exit(api.as_deref())
+            let node = Node::run(vm, origin, memory_bytes, "vm")?;
+            run_node(&node, api.as_deref())
         }
         Command::Snapshot { api, then, dir } => {
             let dir = std::path::absolute(&dir).unwrap_or(dir);
@@ -609,14 +649,14 @@ fn real_main(cli: Cli) -> Result<()> {
             if agent.name.is_none() {
                 agent.name = Some(name.clone());
             }
-            let rt = Runtime::new_backup(cfg, tap, serial, memory, auto_promote)?;
+            let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;
             if let Some(addr) = metrics {
-                rt.serve_metrics(addr, metrics_public)?;
+                node.serve_metrics(addr, metrics_public)?;
             }
             if agent.enabled() {
-                rt.start_backup_agent(&agent.config()?, &vm)?;
+                node.start_backup_agent(&agent.config()?)?;
             }
-            rt.run_until_exit(api.as_deref())
+            run_node(&node, api.as_deref())
         }
         Command::Witness { id, data, listen, peers, certs, name } => {
             if peers.len() != 2 {
@@ -631,7 +671,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 .build()
                 .context("start the async runtime")?;
             std::thread::spawn(|| {
-                let sig = runtime::wait_for_termination_signal();
+                let sig = wait_for_termination_signal();
                 tracing::info!("witness stopping: signal {sig}");
                 std::process::exit(0);
             });
@@ -641,8 +681,8 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Receive { listen, certs, memory, name, source_name, vm, api, serial, tap, verify } => {
             let (cfg, ranges) =
                 node::migrate::destination_config(listen, &certs, &name, &source_name, &vm, memory, verify)?;
-            let rt = Runtime::new_destination(cfg, &ranges, tap, serial, memory)?;
-            rt.run_until_exit(api.as_deref())
+            let node = Node::destination(cfg, &ranges, tap, serial, memory)?;
+            run_node(&node, api.as_deref())
         }
         Command::Migrate {
             api,

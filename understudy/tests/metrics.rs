@@ -23,3 +23,77 @@ fn a_non_loopback_metrics_address_is_refused_without_the_opt_in() {
     let (ok, _, err) = run(&["run", "--kernel", "/nonexistent/kernel", "--metrics-public"]);
     assert!(!ok && err.contains("--metrics"), "{err}");
 }
+
+/// The body of `GET /metrics` at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to metrics at {addr}: {e}"));
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+fn free_tcp_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The lines of a scrape about the node's role and its transitions.
+fn role_lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.starts_with("understudy_node_role")).collect()
+}
+
+#[test]
+fn the_role_and_each_transition_are_in_the_metrics() {
+    let _g = common::serial_guard();
+    if !common::kvm_available("the_role_and_each_transition_are_in_the_metrics") {
+        return;
+    }
+    let (pm, bm) = (free_tcp_addr(), free_tcp_addr());
+    let mut pair = common::Pair::start_with(
+        None,
+        "workload=counter",
+        "64M",
+        &["--metrics", bm.as_str()],
+        &["--metrics", pm.as_str()],
+    );
+    assert_eq!(role_lines(&scrape(&pm)), [r#"understudy_node_role{value="booted"} 1"#]);
+    assert_eq!(role_lines(&scrape(&bm)), [r#"understudy_node_role{value="backup"} 1"#]);
+    pair.protect(&[]);
+    pair.wait_protection("protected", std::time::Duration::from_secs(20));
+    let text = scrape(&pm);
+    assert!(text.contains("# TYPE understudy_node_role_transitions_total counter"), "{text}");
+    assert_eq!(
+        role_lines(&text),
+        [
+            r#"understudy_node_role{value="protected"} 1"#,
+            r#"understudy_node_role_transitions_total{from="booted",to="protected"} 1"#
+        ]
+    );
+    // The status numbers are still there beside the role.
+    assert!(text.contains("understudy_protection_state{value=\"protected\"} 1"), "{text}");
+    let (ok, out, err) = run(&["promote", "--api", pair.b_sock.to_str().unwrap()]);
+    assert!(ok, "promote: {err}{out}");
+    assert_eq!(
+        role_lines(&scrape(&bm)),
+        [
+            r#"understudy_node_role{value="promoted"} 1"#,
+            r#"understudy_node_role_transitions_total{from="backup",to="promoted"} 1"#
+        ]
+    );
+    assert!(pair.backup.stderr().contains("role: backup -> promoted"), "the transition is not logged");
+    let (ok, out, err) = run(&["unprotect", "--api", pair.p_sock.to_str().unwrap()]);
+    assert!(ok, "unprotect: {err}{out}");
+    assert_eq!(
+        role_lines(&scrape(&pm)),
+        [
+            r#"understudy_node_role{value="booted"} 1"#,
+            r#"understudy_node_role_transitions_total{from="booted",to="protected"} 1"#,
+            r#"understudy_node_role_transitions_total{from="protected",to="booted"} 1"#
+        ]
+    );
+    assert!(pair.primary.stderr().contains("role: protected -> booted (unprotect requested)"));
+}

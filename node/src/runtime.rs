@@ -1,0 +1,588 @@
+//! One node ([`Node`]): the process that runs a VM or holds a replica of one. Its role is one
+//! [`Role`] behind one lock, changed only by the transitions here and in the handlers, each
+//! logged and counted; beside it stay what is not the role: the arbitration agent (any role
+//! may run one) and exit signalling. The node serves the admin API until it exits
+//! ([`Node::run_until_exit`]).
+
+mod agent;
+mod handlers;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use backup::server::BackupNode;
+use vmm::vcpu::StopReason;
+use vmm::vm::Vm;
+
+use crate::api;
+use crate::role::{Guest, Receiving, Role, Standby, Transitions};
+use crate::status::{BackupProcessStatus, Origin, RoleName, Status, VmState, VmStatus};
+
+/// Where COM1's output goes, as given on the command line.
+#[derive(Debug, Clone)]
+pub enum SerialTarget {
+    /// The process's stdout.
+    Stdout,
+    /// Nowhere.
+    Null,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialTarget {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" | "-" => Self::Stdout,
+            "none" | "null" => Self::Null,
+            p => Self::File(PathBuf::from(p)),
+        })
+    }
+}
+
+impl SerialTarget {
+    /// Opens the target.
+    pub fn open(&self) -> Result<vmm::devices::serial::SerialOut, NodeError> {
+        Ok(match self {
+            Self::Stdout => Box::new(std::io::stdout()),
+            Self::Null => Box::new(std::io::sink()),
+            Self::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| NodeError::Serial { path: p.clone(), source })?,
+            ),
+        })
+    }
+}
+
+/// Errors of a node: starting it, and every admin request it refuses (the API answers with the
+/// chain, so the messages are part of the API).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No async runtime.
+    #[error("start the async runtime")]
+    Tokio(#[source] std::io::Error),
+    /// The serial output could not be opened.
+    #[error("open serial output {}", path.display())]
+    Serial {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread could not start.
+    #[error("spawn {0} thread")]
+    Spawn(&'static str, #[source] std::io::Error),
+    /// The replica (its memory layout) or the backup server.
+    #[error(transparent)]
+    Backup(#[from] backup::server::BackupError),
+    /// The metrics endpoint.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The arbitration agent.
+    #[error(transparent)]
+    Agent(#[from] failover::net::agent::AgentError),
+    /// A call to the arbitration agent.
+    #[error(transparent)]
+    Net(Box<failover::net::NetError>),
+    /// An arbitration agent runs already.
+    #[error("an arbitration agent runs already")]
+    AgentRunning,
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] vmm::vm::VmError),
+    /// The admin API socket.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// A report that does not serialize.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A bad protect request, or protection that did not stop cleanly.
+    #[error(transparent)]
+    Protect(#[from] crate::protect::ProtectError),
+    /// Protection did not start.
+    #[error("start protection")]
+    StartProtection(#[source] crate::protect::ProtectError),
+    /// A migration that was refused or failed.
+    #[error(transparent)]
+    Migrate(#[from] primary::migrate::MigrateError),
+    /// A migration that could not be set up.
+    #[error(transparent)]
+    MigrateSetup(#[from] crate::migrate::SetupError),
+    /// The replica could not be taken for promotion.
+    #[error("promote")]
+    TakeReplica(#[source] backup::server::BackupError),
+    /// Promotion failed.
+    #[error(transparent)]
+    Promote(#[from] backup::promote::PromoteError),
+    /// The VM's state could not be captured for a snapshot.
+    #[error("snapshot into {}", dir.display())]
+    SnapshotState {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: vmm::vm::VmError,
+    },
+    /// A snapshot could not be written.
+    #[error("snapshot into {}", dir.display())]
+    SnapshotWrite {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: vmm::snapshot::SnapshotError,
+    },
+    /// A request for a VM to a backup or destination.
+    #[error("this process holds a backup replica, not a running vm")]
+    NotVm,
+    /// A request that would touch a guest being migrated away.
+    #[error("cannot {what}: a migration is {phase}")]
+    Migrating {
+        /// What was asked.
+        what: &'static str,
+        /// The migration's phase.
+        phase: String,
+    },
+    /// Migrating a protected VM.
+    #[error("the vm is protected: unprotect it before migrating it")]
+    MigrateProtected,
+    /// Migrating a VM under arbitration.
+    #[error("the vm is under arbitration: migrating it is not supported yet")]
+    MigrateArbitrated,
+    /// A second migration.
+    #[error("a migration is already {0}")]
+    MigrationRunning(String),
+    /// Cancelling without a migration.
+    #[error("no migration is running")]
+    NoMigration,
+    /// Cancelling a migration past the hand-over.
+    #[error("the migration is {0}: too late to cancel (the guest was handed over, or it failed already)")]
+    TooLateToCancel(String),
+    /// Protecting twice.
+    #[error("the vm is already protected (unprotect first)")]
+    AlreadyProtected,
+    /// Unprotecting (or reading the output journal of) an unprotected VM.
+    #[error("the vm is not protected")]
+    NotProtected,
+    /// No verification journal.
+    #[error("no protection or backup here: nothing was verified")]
+    NothingVerified,
+    /// No output journal.
+    #[error("the vm has no network device")]
+    NoNetDevice,
+    /// Promoting a migration destination.
+    #[error("this process is a migration destination: it runs the guest when the source hands it over")]
+    Destination,
+    /// Promoting what is not a backup.
+    #[error("this process is not a backup (or was promoted already)")]
+    NotBackup,
+    /// The arbitration group refused to grant the backup activity.
+    #[error(
+        "the arbitration group cannot grant this backup activity ({0}); `understudy promote --force` \
+         promotes without the group, risking two active copies"
+    )]
+    GroupRefused(failover::ArbiterError),
+    /// The arbitration group did not grant the backup activity in time.
+    #[error(
+        "the arbitration group did not grant this backup activity within {0}s: the primary still holds its \
+         lease (it is alive, or the group has no quorum); `understudy promote --force` promotes without the \
+         group, risking two active copies"
+    )]
+    NotGranted(u64),
+    /// A memory digest of a backup.
+    #[error("a backup's replica digest is in `verify-journal`")]
+    ReplicaDigest,
+    /// A part this process cannot do without stopped.
+    #[error("{0}")]
+    Failed(String),
+    /// The VM failed.
+    #[error("vm failed: {0}")]
+    VmFailed(String),
+    /// The arbitration agent died.
+    #[error("arbitration failed: {0}")]
+    ArbitrationFailed(String),
+}
+
+impl From<failover::net::NetError> for NodeError {
+    fn from(e: failover::net::NetError) -> Self {
+        Self::Net(Box::new(e))
+    }
+}
+
+/// The arbitration agent and the gated output it installed on the VM's net device.
+struct Arbitration {
+    agent: Arc<failover::net::agent::Agent>,
+    output: Mutex<Option<Arc<primary::output::OutputBuffer>>>,
+}
+
+/// Why the process is to exit, once it is.
+#[derive(Default)]
+struct ExitState {
+    /// Why it stops (the first reason given).
+    why: Option<String>,
+    /// A part it cannot do without stopped: it exits non-zero with this.
+    failed: Option<String>,
+    /// The arbitration agent died: it exits non-zero with this, whatever else happened.
+    arbitration_failed: Option<String>,
+}
+
+/// One VM process: a VM (or a replica waiting to become one), its role, and what the API
+/// reports about it.
+pub struct Node {
+    role: Mutex<Role>,
+    transitions: Transitions,
+    arbitration: OnceLock<Arbitration>,
+    exit: Mutex<ExitState>,
+    exit_changed: Condvar,
+    started: Instant,
+    memory_bytes: u64,
+    /// The VM's name (its identity on replication, migration and arbitration).
+    vm_name: String,
+    tokio: tokio::runtime::Runtime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the VM from a standby's replica and resumes it; the standby's server is stopped.
+fn promote_standby(standby: &Standby, requested: Instant) -> Result<(Vm, backup::promote::Promoted), NodeError> {
+    let replica = standby.node.take_replica().map_err(NodeError::TakeReplica)?;
+    let _ = standby.stop.send(true);
+    let prepared = standby.node.take_prepared_vm();
+    let opts = backup::promote::PromoteOptions {
+        requested,
+        serial: standby.serial.open()?,
+        tap: standby.tap.clone(),
+        digest: standby.digest,
+    };
+    Ok(backup::promote::promote(replica, prepared, opts)?)
+}
+
+impl Node {
+    fn with_role(role: Role, memory_bytes: u64, vm_name: &str) -> Result<Arc<Self>, NodeError> {
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("understudy-io")
+            .enable_all()
+            .build()
+            .map_err(NodeError::Tokio)?;
+        tracing::info!(role = %role.kind(), vm = vm_name, "node starts");
+        Ok(Arc::new(Self {
+            role: Mutex::new(role),
+            transitions: Transitions::default(),
+            arbitration: OnceLock::new(),
+            exit: Mutex::new(ExitState::default()),
+            exit_changed: Condvar::new(),
+            started: Instant::now(),
+            memory_bytes,
+            vm_name: vm_name.to_string(),
+            tokio,
+        }))
+    }
+
+    /// A VM booted or restored in this process, named `vm_name`.
+    pub fn run(vm: Vm, origin: Origin, memory_bytes: u64, vm_name: &str) -> Result<Arc<Self>, NodeError> {
+        Self::with_role(Role::Booted(Guest::new(vm, origin)), memory_bytes, vm_name)
+    }
+
+    /// A backup: serves the primary until promoted (by `understudy promote`, by the arbitration
+    /// group's grant, or by itself with `auto_promote` when the primary is lost).
+    pub fn backup(
+        mut cfg: backup::server::BackupConfig,
+        tap: Option<String>,
+        serial: SerialTarget,
+        memory_bytes: u64,
+        auto_promote: bool,
+    ) -> Result<Arc<Self>, NodeError> {
+        let node = BackupNode::new(&cfg.layout, cfg.prepare_vm)?;
+        let (lost_tx, lost_rx) = std::sync::mpsc::channel::<backup::server::PrimaryLost>();
+        cfg.on_primary_lost = Some(lost_tx);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let standby =
+            Standby { node: Arc::clone(&node), stop, listen: cfg.listen.to_string(), tap, serial, digest: cfg.verify };
+        let vm_name = cfg.vm.name.clone();
+        let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
+        let rt = Self::with_role(Role::Backup(standby), memory_bytes, &vm_name)?;
+        rt.tokio.spawn(async move {
+            if let Err(e) = backup::server::serve(cfg, node, stop_rx).await {
+                let _ = failed_tx.send(transport::error_chain(&e));
+            }
+        });
+        // The server ends only on an error it cannot serve past (it cannot listen): a backup
+        // that no longer listens protects nothing, so the process stops with that error.
+        let weak = Arc::downgrade(&rt);
+        std::thread::Builder::new()
+            .name("backup-server-watch".into())
+            .spawn(move || {
+                if let Ok(why) = failed_rx.recv() {
+                    tracing::error!("backup server stopped: {why}");
+                    if let Some(rt) = weak.upgrade() {
+                        rt.fail(format!("backup server stopped: {why}"));
+                    }
+                }
+            })
+            .map_err(|e| NodeError::Spawn("server watch", e))?;
+        rt.spawn_failover(lost_rx, auto_promote)?;
+        Ok(rt)
+    }
+
+    /// A migration destination: waits for one migration from `cfg.source_name`; on the hand-over
+    /// runs the guest (with `tap`, `serial`) and from then on is the VM's process. A migration
+    /// that ends before the hand-over ends the process with an error, no guest run.
+    pub fn destination(
+        cfg: backup::receive::ReceiveConfig,
+        ranges: &[(u64, u64)],
+        tap: Option<String>,
+        serial: SerialTarget,
+        memory_bytes: u64,
+    ) -> Result<Arc<Self>, NodeError> {
+        let node = BackupNode::new(ranges, false)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let progress = Arc::new(Mutex::new(backup::receive::ReceiveStatus::default()));
+        let standby =
+            Standby { node: Arc::clone(&node), stop, listen: cfg.listen.to_string(), tap, serial, digest: false };
+        let receiving = Receiving { standby, progress: Arc::clone(&progress), source: cfg.source_name.clone() };
+        let rt = Self::with_role(Role::MigrationDestination(receiving), memory_bytes, &cfg.vm.name)?;
+        let weak = Arc::downgrade(&rt);
+        let promote: Box<dyn FnOnce(u64) -> Result<(), String> + Send> = Box::new(move |epoch| {
+            let rt = weak.upgrade().ok_or("the process is stopping")?;
+            rt.hand_over(epoch)
+        });
+        let weak = Arc::downgrade(&rt);
+        rt.tokio.spawn(async move {
+            if let Err(e) = backup::receive::receive(cfg, node, progress, stop_rx, promote).await {
+                let why = transport::error_chain(&e);
+                if let Some(rt) = weak.upgrade() {
+                    rt.fail(format!("migration: {why}"));
+                }
+            }
+        });
+        Ok(rt)
+    }
+
+    fn role(&self) -> MutexGuard<'_, Role> {
+        lock(&self.role)
+    }
+
+    /// The one way the role changes: logs the transition (`why`), counts it, returns the old
+    /// role.
+    fn enter(&self, role: &mut Role, next: Role, why: &str) -> Role {
+        let (from, to) = (role.kind(), next.kind());
+        let old = std::mem::replace(role, next);
+        self.transitions.count(from, to);
+        tracing::info!(from = from.name(), to = to.name(), "role: {from} -> {to} ({why})");
+        old
+    }
+
+    /// Backup: the replica becomes the running VM.
+    fn promote(&self) -> Result<serde_json::Value, NodeError> {
+        let t0 = Instant::now();
+        let mut role = self.role();
+        let Role::Backup(standby) = &*role else { return Err(NodeError::NotBackup) };
+        let (vm, promoted) = promote_standby(standby, t0)?;
+        let origin = Origin::Promoted {
+            epoch: promoted.epoch,
+            memory_digest: promoted.memory_digest.clone(),
+            promote_ms: promoted.promote_ms,
+        };
+        let why = format!("the replica of epoch {} runs", promoted.epoch);
+        self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
+        drop(role);
+        let mut v = serde_json::to_value(&promoted)?;
+        v["state"] = "running".into();
+        Ok(v)
+    }
+
+    /// Migration destination: the source handed the guest over at `epoch`; run it here.
+    fn hand_over(&self, epoch: u64) -> Result<(), String> {
+        let t0 = Instant::now();
+        let mut role = self.role();
+        let Role::MigrationDestination(r) = &*role else { return Err(NodeError::NotBackup.to_string()) };
+        let (vm, _) = promote_standby(&r.standby, t0).map_err(|e| transport::error_chain(&e))?;
+        let resume_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let memory_digest = lock(&r.progress).memory_digest.clone();
+        let origin = Origin::Migrated { source: r.source.clone(), epoch, resume_ms, memory_digest };
+        let why = format!("handed over by {} at epoch {epoch}", r.source);
+        self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
+        tracing::info!(epoch, resume_ms, "MIGRATED: the guest runs here");
+        Ok(())
+    }
+
+    /// Serves Prometheus metrics built from the status report and the role (a non-loopback
+    /// `addr` only when `public`).
+    pub fn serve_metrics(self: &Arc<Self>, addr: std::net::SocketAddr, public: bool) -> Result<(), NodeError> {
+        let weak = Arc::downgrade(self);
+        crate::metrics::serve(
+            addr,
+            public,
+            crate::metrics::Limits::default(),
+            Arc::new(move || weak.upgrade().map(|n| n.metrics()).unwrap_or_default()),
+        )?;
+        Ok(())
+    }
+
+    /// The metrics text: every number of the status, the role and the transitions so far.
+    fn metrics(&self) -> String {
+        let status = serde_json::to_value(self.status()).unwrap_or(serde_json::Value::Null);
+        let role = self.role().kind();
+        let transitions: Vec<_> =
+            self.transitions.counts().into_iter().map(|(f, t, n)| (f.name(), t.name(), n)).collect();
+        crate::metrics::render(&status) + &crate::metrics::render_role(role.name(), &transitions)
+    }
+
+    /// What `status` answers.
+    pub fn status(&self) -> Status {
+        let uptime_s = self.started.elapsed().as_secs_f64();
+        let arbitration = self.arbitration_status();
+        let role = self.role();
+        let origin = role.origin();
+        let migration = role.migration().map(|c| c.status());
+        let (vm, protection) = match &*role {
+            Role::Backup(s) => {
+                return Status::Backup(BackupProcessStatus {
+                    role: RoleName::Backup,
+                    uptime_s,
+                    memory_bytes: self.memory_bytes,
+                    origin,
+                    backup: Some(s.node.status()),
+                    arbitration,
+                    migration: None,
+                });
+            }
+            Role::MigrationDestination(r) => {
+                return Status::Backup(BackupProcessStatus {
+                    role: RoleName::Destination,
+                    uptime_s,
+                    memory_bytes: self.memory_bytes,
+                    origin,
+                    backup: None,
+                    arbitration,
+                    migration: Some(lock(&r.progress).clone()),
+                });
+            }
+            Role::Protected(p) => (Arc::clone(&p.guest.vm), Some(p.protection.report())),
+            Role::Booted(g) | Role::Promoted(g) => (Arc::clone(&g.vm), None),
+            Role::MigrationSource(m) => (Arc::clone(&m.guest.vm), None),
+        };
+        drop(role);
+        let vm = lock(&vm);
+        let stopped_reason = vm.stopped().map(|r| match r {
+            StopReason::Requested => "stopped by request".to_string(),
+            StopReason::Failed(why) => why,
+        });
+        let state = if stopped_reason.is_some() {
+            VmState::Stopped
+        } else if vm.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        Status::Vm(VmStatus {
+            role: RoleName::Primary,
+            state,
+            uptime_s,
+            memory_bytes: self.memory_bytes,
+            cmdline: vm.cmdline().to_string(),
+            origin,
+            stopped_reason,
+            protection,
+            arbitration,
+            migration,
+        })
+    }
+
+    /// Asks the process to exit (the first reason given is the one logged).
+    pub fn request_exit(&self, why: String) {
+        let mut e = lock(&self.exit);
+        if e.why.is_none() {
+            e.why = Some(why);
+        }
+        self.exit_changed.notify_all();
+    }
+
+    /// A part this process cannot do without stopped: exit non-zero with `why`.
+    fn fail(&self, why: String) {
+        lock(&self.exit).failed = Some(why.clone());
+        self.request_exit(why);
+    }
+
+    /// Serves the API (if a socket is given) and blocks until the VM stops or an exit is
+    /// requested ([`Node::request_exit`]: the API, a signal). Returns an error if the VM failed
+    /// or a part the process cannot do without stopped.
+    pub fn run_until_exit(self: &Arc<Self>, api_socket: Option<&Path>) -> Result<(), NodeError> {
+        let api_in_flight = api::InFlight::default();
+        if let Some(path) = api_socket {
+            let listener = api::bind(path)?;
+            let node = Arc::clone(self);
+            let in_flight = Arc::clone(&api_in_flight);
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || api::serve(listener, in_flight, move |req| node.handle(req)))
+                .map_err(|e| NodeError::Spawn("api", e))?;
+            tracing::info!(socket = %path.display(), "admin api listening");
+        }
+        let outcome = loop {
+            {
+                let e = lock(&self.exit);
+                let (e, _) =
+                    self.exit_changed.wait_timeout(e, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner());
+                if let Some(why) = &e.why {
+                    tracing::info!("stopping: {why}");
+                    break match e.failed.clone() {
+                        Some(f) => Err(NodeError::Failed(f)),
+                        None => Ok(()),
+                    };
+                }
+            }
+            self.record_backup_when_protected();
+            let vm = self.role().vm();
+            if let Some(vm) = vm
+                && let Some(reason) = lock(&vm).stopped()
+            {
+                break match reason {
+                    StopReason::Requested => Ok(()),
+                    StopReason::Failed(why) => Err(NodeError::VmFailed(why)),
+                };
+            }
+        };
+        self.stop();
+        // Answer what is being answered (the `shutdown` that brought us here) before the socket
+        // goes away.
+        api::drain(&api_in_flight, Duration::from_secs(2));
+        if let Some(path) = api_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        let arbitration_failed = lock(&self.exit).arbitration_failed.clone();
+        match arbitration_failed {
+            Some(why) => Err(NodeError::ArbitrationFailed(why)),
+            None => outcome,
+        }
+    }
+
+    /// On the way out: protection stops, a backup's server stops, the VM shuts down.
+    fn stop(&self) {
+        let mut role = self.role();
+        let mut protected = None;
+        if let Role::Protected(p) = &*role {
+            let next = p.guest.clone().settled();
+            protected = Some(self.enter(&mut role, next, "the process stops"));
+        }
+        if let Role::Backup(s) | Role::MigrationDestination(Receiving { standby: s, .. }) = &*role {
+            let _ = s.stop.send(true);
+        }
+        let vm = role.vm();
+        drop(role);
+        if let Some(Role::Protected(p)) = protected {
+            let _ = p.protection.stop(&p.guest.vm, self.tokio.handle());
+        }
+        if let Some(vm) = vm {
+            lock(&vm).shutdown();
+        }
+    }
+}
