@@ -5,6 +5,7 @@
 //!
 //! Modules:
 //! - [`api`]: the admin API on a Unix socket (requests, responses, serving, calling);
+//! - [`arbitration`]: the arbitration agent's settings, as the command line gives them;
 //! - [`failover`]: what a backup does when the session reports on the primary;
 //! - [`metrics`]: the Prometheus endpoint over the status report;
 //! - [`migrate`]: migration of a running VM, source and destination;
@@ -16,6 +17,7 @@
 //!   of the API).
 
 pub mod api;
+pub mod arbitration;
 pub mod failover;
 pub mod metrics;
 pub mod migrate;

@@ -52,45 +52,63 @@ pub enum ProtectError {
     EpochTooLong(u64),
 }
 
-/// What `understudy protect` asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `understudy protect` asks for (its command-line flags, and the API request).
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 pub struct ProtectRequest {
-    /// The backup's address.
+    /// The backup's address (host:port).
+    #[arg(long)]
     pub backup: SocketAddr,
     /// The backup's certificate name.
+    #[arg(long, default_value = "backup")]
     pub backup_name: String,
-    /// Directory with `ca.pem` and this host's certificate and key.
+    /// Directory with ca.pem and this host's certificate and key (`understudy certs`).
+    #[arg(long)]
     pub certs: PathBuf,
     /// This host's certificate name.
+    #[arg(long, default_value = "primary")]
     pub name: String,
-    /// The VM's name (the backup must be started for the same name).
+    /// The VM's name; the backup must be started with the same `--vm`.
+    #[arg(long = "vm", value_name = "VM", default_value = "vm")]
     pub vm_name: String,
-    /// Fixed epoch length in ms (0 = adaptive).
+    /// Fixed epoch length in ms (default: adaptive between --epoch-min-ms and --epoch-max-ms).
     #[serde(default)]
+    #[arg(long, default_value_t = 0)]
     pub epoch_ms: u64,
-    /// Adaptive bounds, ms.
+    /// Shortest adaptive epoch, ms.
     #[serde(default = "default_min")]
+    #[arg(long, default_value_t = default_min())]
     pub epoch_min_ms: u64,
-    /// Adaptive bounds, ms.
+    /// Longest adaptive epoch, ms (a guest that emits no output runs epochs this long at
+    /// most).
     #[serde(default = "default_max")]
+    #[arg(long, default_value_t = default_max())]
     pub epoch_max_ms: u64,
-    /// Output-driven epochs: end the epoch this long after the first held frame, µs (0: off).
+    /// Output-driven epochs: when the guest's output is held, end the epoch this many µs
+    /// after its first held frame (replies emitted together share a checkpoint). Lower:
+    /// less added latency, more pauses under load (CPU for latency). 0: output does not
+    /// shorten epochs.
     #[serde(default = "default_coalesce")]
+    #[arg(long, default_value_t = default_coalesce())]
     pub output_coalesce_us: u64,
-    /// Digest memory every this many checkpoints (tests; 0 = off).
-    #[serde(default)]
-    pub verify_every: u64,
-    /// How long the backup may be unreachable before the primary runs degraded, ms.
+    /// How long the backup may be unreachable before running degraded, ms.
     #[serde(default = "default_degrade")]
+    #[arg(long, default_value_t = default_degrade())]
     pub degrade_after_ms: u64,
-    /// Heartbeat interval, ms.
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat_ms: u64,
-    /// Silence after which the link counts as broken, ms.
-    #[serde(default = "default_detect")]
-    pub detect_ms: u64,
-    /// The backup's arbitration node id (recorded as the VM's backup once it is consistent).
+    /// Digest guest memory every N checkpoints for `ctl verify-journal` (tests; 0 = off).
     #[serde(default)]
+    #[arg(long, default_value_t = 0)]
+    pub verify_every: u64,
+    /// Heartbeat interval to the backup, ms.
+    #[serde(default = "default_heartbeat")]
+    #[arg(long, default_value_t = default_heartbeat())]
+    pub heartbeat_ms: u64,
+    /// Silence after which the link to the backup counts as broken, ms.
+    #[serde(default = "default_detect")]
+    #[arg(long, default_value_t = default_detect())]
+    pub detect_ms: u64,
+    /// The backup's arbitration node id (with arbitration).
+    #[serde(default)]
+    #[arg(long)]
     pub backup_node: Option<u64>,
 }
 

@@ -1,7 +1,6 @@
 //! `understudy`: hot-standby replication for KVM virtual machines. This binary is thin: it
 //! parses, wires and reports; the logic lives in the library crates.
 
-mod agent;
 mod migrate;
 
 use std::path::PathBuf;
@@ -11,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use node::api::{self, AfterSnapshot, Request};
+use node::arbitration::AgentArgs;
 use node::status::Origin;
 use node::{Node, SerialTarget};
 
@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, requires = "metrics")]
         metrics_public: bool,
         #[command(flatten)]
-        agent: agent::AgentArgs,
+        agent: AgentArgs,
     },
     /// Write a snapshot (memory + state) of a running VM into a directory.
     Snapshot {
@@ -114,52 +114,8 @@ enum Command {
         /// The VM's admin API socket.
         #[arg(long)]
         api: PathBuf,
-        /// The backup's address (host:port).
-        #[arg(long)]
-        backup: std::net::SocketAddr,
-        /// The backup's certificate name.
-        #[arg(long, default_value = "backup")]
-        backup_name: String,
-        /// Directory with ca.pem and this host's certificate and key (`understudy certs`).
-        #[arg(long)]
-        certs: PathBuf,
-        /// This host's certificate name.
-        #[arg(long, default_value = "primary")]
-        name: String,
-        /// The VM's name; the backup must be started with the same `--vm`.
-        #[arg(long, default_value = "vm")]
-        vm: String,
-        /// Fixed epoch length in ms (default: adaptive between --epoch-min-ms and --epoch-max-ms).
-        #[arg(long, default_value_t = 0)]
-        epoch_ms: u64,
-        /// Shortest adaptive epoch, ms.
-        #[arg(long, default_value_t = 1)]
-        epoch_min_ms: u64,
-        /// Longest adaptive epoch, ms (a guest that emits no output runs epochs this long at
-        /// most).
-        #[arg(long, default_value_t = 50)]
-        epoch_max_ms: u64,
-        /// Output-driven epochs: when the guest's output is held, end the epoch this many µs
-        /// after its first held frame (replies emitted together share a checkpoint). Lower:
-        /// less added latency, more pauses under load (CPU for latency). 0: output does not
-        /// shorten epochs.
-        #[arg(long, default_value_t = 500)]
-        output_coalesce_us: u64,
-        /// How long the backup may be unreachable before running degraded, ms.
-        #[arg(long, default_value_t = 500)]
-        degrade_after_ms: u64,
-        /// Digest guest memory every N checkpoints for `ctl verify-journal` (tests; 0 = off).
-        #[arg(long, default_value_t = 0)]
-        verify_every: u64,
-        /// Heartbeat interval to the backup, ms.
-        #[arg(long, default_value_t = 20)]
-        heartbeat_ms: u64,
-        /// Silence after which the link to the backup counts as broken, ms.
-        #[arg(long, default_value_t = 1000)]
-        detect_ms: u64,
-        /// The backup's arbitration node id (with arbitration).
-        #[arg(long)]
-        backup_node: Option<u64>,
+        #[command(flatten)]
+        req: node::protect::ProtectRequest,
     },
     /// Stop protecting a VM.
     Unprotect {
@@ -230,7 +186,7 @@ enum Command {
         #[arg(long, requires = "metrics")]
         metrics_public: bool,
         #[command(flatten)]
-        agent: agent::AgentArgs,
+        agent: AgentArgs,
     },
     /// Run a witness: the third voter of the arbitration group, on a third host.
     Witness {
@@ -245,7 +201,7 @@ enum Command {
         listen: std::net::SocketAddr,
         /// The two agents (repeat): `ID=NAME@HOST:PORT`, NAME being the name in the agent's
         /// certificate. Arbitration runs only over QUIC with mutual TLS.
-        #[arg(long = "peer", value_parser = agent::peer_arg)]
+        #[arg(long = "peer", value_parser = node::arbitration::peer_arg)]
         peers: Vec<failover::net::PeerSpec>,
         /// Certificates (ca.pem and this host's pair) for the QUIC link.
         #[arg(long)]
@@ -308,39 +264,8 @@ enum Command {
         /// The source VM's admin API socket.
         #[arg(long)]
         api: PathBuf,
-        /// The destination's address (host:port).
-        #[arg(long)]
-        to: std::net::SocketAddr,
-        /// Directory with ca.pem and this host's certificate and key.
-        #[arg(long)]
-        certs: PathBuf,
-        /// This host's certificate name.
-        #[arg(long, default_value = "src")]
-        name: String,
-        /// The destination's certificate name.
-        #[arg(long, default_value = "dest")]
-        dest_name: String,
-        /// precopy | stopcopy (postcopy, hybrid, demand and auto: not implemented yet).
-        #[arg(long, default_value = "precopy")]
-        mode: primary::migrate::Mode,
-        /// Stop pre-copying once the predicted downtime fits this, ms.
-        #[arg(long, default_value_t = 5)]
-        downtime_ms: u64,
-        /// Most bytes a second on the link (K/M/G suffixes, e.g. 100M), or `unlimited`.
-        #[arg(long, value_parser = parse_rate)]
-        max_bandwidth: Option<u64>,
-        /// Stop pre-copying once the data re-sent since round 0 reaches this share of round 0's.
-        #[arg(long, default_value_t = 0.75)]
-        stop_share: f64,
-        /// Stop pre-copying after this many rounds (round 0 included).
-        #[arg(long, default_value_t = 30)]
-        max_rounds: u32,
-        /// Stop pre-copying after this many seconds (the migration fails after twice that).
-        #[arg(long, default_value_t = 60)]
-        timeout_s: u64,
-        /// Digest guest memory at the switch-over (tests; costs downtime).
-        #[arg(long)]
-        verify: bool,
+        #[command(flatten)]
+        args: node::migrate::MigrateArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -383,24 +308,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(bytes)
-}
-
-fn parse_rate(s: &str) -> Result<u64, String> {
-    if s == "unlimited" {
-        return Ok(u64::MAX);
-    }
-    let (num, mult) = match s.trim().chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("rate {s:?} is not bytes a second with an optional K/M/G suffix"))?;
-    match n.checked_mul(mult) {
-        Some(0) => Err("a rate of 0 would never send anything".into()),
-        Some(r) => Ok(r),
-        None => Err(format!("rate {s:?} is too large")),
-    }
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -522,9 +429,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Snapshot { api, then, dir } => {
             let dir = std::path::absolute(&dir).unwrap_or(dir);
-            let v = api::call(&api, &Request::Snapshot { dir, then }, Duration::from_secs(300))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
+            call_and_print(&api, &Request::Snapshot { dir, then }, Duration::from_secs(300))
         }
         Command::Status { api, json } => {
             let v = api::call(&api, &Request::Status, Duration::from_secs(10))?;
@@ -557,54 +462,12 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&v)?);
             Ok(())
         }
-        Command::Protect {
-            api,
-            backup,
-            backup_name,
-            certs,
-            name,
-            vm,
-            epoch_ms,
-            epoch_min_ms,
-            epoch_max_ms,
-            output_coalesce_us,
-            degrade_after_ms,
-            verify_every,
-            heartbeat_ms,
-            detect_ms,
-            backup_node,
-        } => {
-            let certs = std::path::absolute(&certs).unwrap_or(certs);
-            let req = node::protect::ProtectRequest {
-                backup,
-                backup_name,
-                certs,
-                name,
-                vm_name: vm,
-                epoch_ms,
-                epoch_min_ms,
-                epoch_max_ms,
-                output_coalesce_us,
-                verify_every,
-                degrade_after_ms,
-                heartbeat_ms,
-                detect_ms,
-                backup_node,
-            };
-            let v = api::call(&api, &Request::Protect(req), Duration::from_secs(30))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
+        Command::Protect { api, mut req } => {
+            req.certs = std::path::absolute(&req.certs).unwrap_or(req.certs);
+            call_and_print(&api, &Request::Protect(req), Duration::from_secs(30))
         }
-        Command::Unprotect { api } => {
-            let v = api::call(&api, &Request::Unprotect, Duration::from_secs(30))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
-        }
-        Command::Promote { api, force } => {
-            let v = api::call(&api, &Request::Promote { force }, Duration::from_secs(60))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
-        }
+        Command::Unprotect { api } => call_and_print(&api, &Request::Unprotect, Duration::from_secs(30)),
+        Command::Promote { api, force } => call_and_print(&api, &Request::Promote { force }, Duration::from_secs(60)),
         Command::Backup {
             listen,
             certs,
@@ -642,13 +505,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 on_primary_lost: None,
                 prepare_vm: !no_prepare_vm,
             };
-            let mut agent = agent;
-            if agent.certs.is_none() {
-                agent.certs = Some(certs.clone());
-            }
-            if agent.name.is_none() {
-                agent.name = Some(name.clone());
-            }
+            let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;
             if let Some(addr) = metrics {
                 node.serve_metrics(addr, metrics_public)?;
@@ -684,39 +541,20 @@ fn real_main(cli: Cli) -> Result<()> {
             let node = Node::destination(cfg, &ranges, tap, serial, memory)?;
             run_node(&node, api.as_deref())
         }
-        Command::Migrate {
-            api,
-            to,
-            certs,
-            name,
-            dest_name,
-            mode,
-            downtime_ms,
-            max_bandwidth,
-            stop_share,
-            max_rounds,
-            timeout_s,
-            verify,
-            json,
-        } => {
-            let req = primary::migrate::MigrateRequest {
-                to,
-                dest_name,
-                certs: std::path::absolute(&certs).unwrap_or(certs),
-                name,
-                mode,
-                downtime_ms,
-                max_bandwidth: max_bandwidth.filter(|&r| r != u64::MAX),
-                stop_share,
-                max_rounds,
-                timeout_s,
-                verify,
-            };
+        Command::Migrate { api, args, json } => {
+            let req = args.into_request();
             req.validate()?;
             migrate::run(&api, req, json)
         }
         Command::Certs { out, hosts, witnesses, ca_dir } => certs(&out, &hosts, &witnesses, ca_dir),
     }
+}
+
+/// Sends `req` to the process at `api` and prints its answer as JSON.
+fn call_and_print(api: &std::path::Path, req: &Request, timeout: Duration) -> Result<()> {
+    let v = api::call(api, req, timeout)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
 }
 
 /// `understudy certs`.
