@@ -120,8 +120,13 @@ pub struct ClientVerdict {
     pub errors: u64,
     pub reconnects: u64,
     pub ops: u64,
-    /// The longest wait for one reply, ms: the client-visible outage.
+    /// The longest wait for one reply, ms, over the whole run.
     pub max_gap_ms: f64,
+    /// The longest wait for a reply that overlapped the migration window: the client-visible
+    /// outage (None without a window, or when no wait overlapped it).
+    pub window_max_gap_ms: Option<f64>,
+    /// The longest wait that did not overlap the window: the noise floor.
+    pub outside_max_gap_ms: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -145,6 +150,8 @@ impl ClientVerdict {
             max_gap_ms: v["max_gap_ms"]
                 .as_f64()
                 .with_context(|| format!("client verdict without max_gap_ms: {line}"))?,
+            window_max_gap_ms: v["window_max_gap_ms"].as_f64(),
+            outside_max_gap_ms: v["outside_max_gap_ms"].as_f64(),
             notes: v["notes"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_string)).collect())
@@ -203,7 +210,12 @@ impl KvClient {
     }
 
     /// Tells the client to stop, waits for its verdict (it reads every acknowledged write back).
-    pub fn stop(mut self, timeout: Duration) -> Result<ClientVerdict> {
+    /// With `window` (wall-clock seconds since the Unix epoch, start and end of the migration)
+    /// the verdict splits the longest wait into the one that overlapped it and the rest.
+    pub fn stop(mut self, window: Option<(f64, f64)>, timeout: Duration) -> Result<ClientVerdict> {
+        if let Some((start, end)) = window {
+            std::fs::write(self.ctl.join("window"), format!("{start:.6} {end:.6}"))?;
+        }
         std::fs::write(self.ctl.join("stop"), b"")?;
         let mut out = self.child.stdout.take().context("client stdout")?;
         let reader = std::thread::spawn(move || {
@@ -243,7 +255,8 @@ mod tests {
     fn client_verdict_parses_the_last_json_line() {
         let out = "some noise\n{\"acknowledged_writes\": 812, \"lost\": 0, \"contradictions\": 0, \"errors\": 0, \
                    \"reconnects\": 0, \"ops\": 1624, \"counter\": 812, \"first_reply_after_fault_ms\": null, \
-                   \"max_gap_ms\": 41.5, \"thin_linear_timeouts\": true, \"notes\": [\"a\"]}\n";
+                   \"max_gap_ms\": 41.5, \"thin_linear_timeouts\": true, \"window_max_gap_ms\": 41.5, \
+                   \"outside_max_gap_ms\": null, \"notes\": [\"a\"]}\n";
         let v = ClientVerdict::parse(out).unwrap();
         assert_eq!(
             v,
@@ -255,6 +268,8 @@ mod tests {
                 reconnects: 0,
                 ops: 1624,
                 max_gap_ms: 41.5,
+                window_max_gap_ms: Some(41.5),
+                outside_max_gap_ms: None,
                 notes: vec!["a".into()]
             }
         );

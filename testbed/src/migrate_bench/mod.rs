@@ -236,7 +236,12 @@ pub struct Migrated {
     /// The guest's pause seen from outside the migrator, where we can: QEMU's STOP event at
     /// the source to its RESUME event at the destination (QMP timestamps, one host clock).
     pub paused_ms: Option<f64>,
-    /// Short remarks for the table (stop reason, postcopy start, ...).
+    /// QEMU post-copy: when `migrate-start-postcopy` was sent (ms after `migrate`), and
+    /// whether a post-copy phase really ran (post-copy bytes or page requests; QEMU finishes
+    /// in pre-copy when little is left by the time it looks at the request).
+    pub postcopy_requested_ms: Option<f64>,
+    pub postcopy_ran: Option<bool>,
+    /// Short remarks for the table (stop reason, ...).
     pub notes: Vec<String>,
     /// Everything else the migrator reported.
     pub detail: Value,
@@ -251,6 +256,8 @@ impl Migrated {
             bytes: None,
             wall_ms: None,
             paused_ms: None,
+            postcopy_requested_ms: None,
+            postcopy_ran: None,
             notes: Vec::new(),
             detail: Value::Null,
         }
@@ -268,8 +275,10 @@ pub struct RunResult {
     /// Whether the guest went on at the destination (None: not checked), and how we know.
     pub guest_ok: Option<bool>,
     pub guest_note: String,
-    /// W3: the client's longest wait for one reply, ms.
+    /// W3: the client's longest wait for a reply that overlapped the migration, ms.
     pub outage_ms: Option<f64>,
+    /// W3: the client's longest wait for a reply outside the migration, ms (the noise floor).
+    pub baseline_gap_ms: Option<f64>,
     /// W3: acknowledged writes that did not read back.
     pub lost_writes: Option<u64>,
     /// W3: acknowledged writes.
@@ -286,6 +295,7 @@ impl RunResult {
             guest_ok: None,
             guest_note: String::new(),
             outage_ms: None,
+            baseline_gap_ms: None,
             lost_writes: None,
             acked_writes: None,
         }
@@ -315,6 +325,13 @@ impl RunResult {
         if let Some(o) = self.outage_ms {
             s.push_str(&format!(", outage {o:.1} ms"));
         }
+        if let Some(o) = self.baseline_gap_ms {
+            s.push_str(&format!(" (longest reply otherwise {o:.1} ms)"));
+        }
+        if let Some(at) = m.postcopy_requested_ms {
+            let ran = if m.postcopy_ran == Some(true) { "ran" } else { "did not run: finished in pre-copy" };
+            s.push_str(&format!(", post-copy requested at {at:.0} ms, {ran}"));
+        }
         if let (Some(l), Some(a)) = (self.lost_writes, self.acked_writes) {
             s.push_str(&format!(", {l} of {a} acknowledged writes lost"));
         }
@@ -342,9 +359,10 @@ impl RunResult {
             },
             "total_ms": m.total_ms, "downtime_ms": m.downtime_ms, "bytes": m.bytes, "wall_ms": m.wall_ms,
             "paused_ms": m.paused_ms,
+            "postcopy_requested_ms": m.postcopy_requested_ms, "postcopy_ran": m.postcopy_ran,
             "notes": m.notes, "detail": m.detail,
             "guest_ok": self.guest_ok, "guest_note": self.guest_note,
-            "outage_ms": self.outage_ms, "lost_writes": self.lost_writes, "acked_writes": self.acked_writes,
+            "outage_ms": self.outage_ms, "baseline_gap_ms": self.baseline_gap_ms, "lost_writes": self.lost_writes, "acked_writes": self.acked_writes,
         })
     }
 }
@@ -461,6 +479,10 @@ fn check_dirty(m: &mut dyn Migrator, w: &mut watch::DirtyWatch, timeout: Duratio
     }
 }
 
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 /// One run of one configuration on one workload.
 pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize) -> Result<RunResult> {
     std::fs::create_dir_all(&env.dir)?;
@@ -488,12 +510,15 @@ pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize
     client.wait_ready(Duration::from_secs(15)).with_context(|| side.logs())?;
     sleep(Duration::from_secs(1))?;
     side.start_destination()?;
+    let start = unix_seconds();
     let migrated = side.migrate()?;
+    let end = unix_seconds();
     let completed = migrated.outcome == Outcome::Completed;
     sleep(Duration::from_millis(1500))?;
-    let verdict = client.stop(Duration::from_secs(30))?;
+    let verdict = client.stop(Some((start, end)), Duration::from_secs(30))?;
     let mut r = RunResult::new(workload, config, run, migrated);
-    r.outage_ms = Some(verdict.max_gap_ms);
+    r.outage_ms = verdict.window_max_gap_ms;
+    r.baseline_gap_ms = verdict.outside_max_gap_ms;
     r.lost_writes = Some(verdict.lost);
     r.acked_writes = Some(verdict.acknowledged_writes);
     let mut problems = Vec::new();
@@ -773,7 +798,9 @@ mod tests {
             bytes: Some(30_100_000),
             wall_ms: Some(57.25),
             paused_ms: None,
-            notes: vec!["postcopy at 12 ms".into()],
+            postcopy_requested_ms: Some(12.4),
+            postcopy_ran: Some(false),
+            notes: vec!["a note".into()],
             detail: Value::Null,
         };
         let mut r = RunResult::new(Workload::W1, &Config::Qemu(QemuConfig::Best), 2, m);
@@ -781,7 +808,7 @@ mod tests {
         r.guest_note = "2 progress lines".into();
         assert_eq!(
             r.line(),
-            "W1 qemu-best run 2: completed; total 55.0 ms, downtime 3.0 ms, paused - ms, 30.1 MB, wall 57.2 ms; guest ok: 2 progress lines; postcopy at 12 ms"
+            "W1 qemu-best run 2: completed; total 55.0 ms, downtime 3.0 ms, paused - ms, 30.1 MB, wall 57.2 ms, post-copy requested at 12 ms, did not run: finished in pre-copy; guest ok: 2 progress lines; a note"
         );
         let r = RunResult::new(Workload::W3, &Config::Ours("precopy".into()), 1, Migrated::failed("boom\nline 2"));
         assert!(r.line().starts_with("W3 understudy precopy run 1: FAILED: boom | line 2;"), "{}", r.line());

@@ -166,6 +166,8 @@ pub fn parse_report(stdout: &str) -> Result<Migrated> {
         bytes: v.get("bytes_transferred").and_then(Value::as_u64),
         wall_ms: None,
         paused_ms: None,
+        postcopy_requested_ms: None,
+        postcopy_ran: None,
         notes,
         detail: v,
     })
@@ -202,7 +204,7 @@ impl Migrator for OurMigration {
     }
 
     fn start_destination(&mut self) -> Result<()> {
-        self.port = crate::env::free_local_port()?;
+        self.port = crate::env::free_local_udp_port()?;
         let mut args: Vec<String> = ["receive", "--listen"].map(String::from).to_vec();
         args.push(format!("127.0.0.1:{}", self.port));
         args.extend(["--certs".into(), self.certs.display().to_string(), "--memory".into(), self.memory()]);

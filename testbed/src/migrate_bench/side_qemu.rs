@@ -37,6 +37,17 @@ pub struct QemuMigration {
     dst: Option<Vm>,
 }
 
+/// QEMU's `downtime`, unless it is longer than the whole migration: QEMU 7.2 sometimes reports
+/// the host's uptime there after a post-copy request (seen: 13,029,094 ms for a 935 ms
+/// migration), a start time that was never set.
+pub fn plausible_downtime(info: &MigrateInfo) -> Option<f64> {
+    let d = info.downtime_ms?;
+    match info.total_time_ms {
+        Some(t) if d > t => None,
+        _ => Some(d as f64),
+    }
+}
+
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
@@ -222,13 +233,20 @@ impl Migrator for QemuMigration {
                 )),
             },
             total_ms: info.total_time_ms.map(|t| t as f64),
-            downtime_ms: info.downtime_ms.map(|t| t as f64),
+            downtime_ms: plausible_downtime(&info),
             bytes: info.ram_transferred,
             wall_ms: None,
             paused_ms: None,
+            postcopy_requested_ms: postcopy_at.map(|d| d.as_secs_f64() * 1e3),
+            postcopy_ran: config
+                .postcopy()
+                .then(|| info.postcopy_bytes.unwrap_or(0) > 0 || info.postcopy_requests.unwrap_or(0) > 0),
             notes: Vec::new(),
             detail: Value::Null,
         };
+        if let (Some(d), None) = (info.downtime_ms, m.downtime_ms) {
+            m.notes.push(format!("QEMU reported an implausible downtime ({d} ms), left out"));
+        }
         if m.outcome == Outcome::DidNotConverge {
             m.total_ms = Some(end.as_secs_f64() * 1e3);
             m.bytes = last_active.ram_transferred;
@@ -261,9 +279,6 @@ impl Migrator for QemuMigration {
         }
         src.1.poll_events(Duration::from_millis(5))?;
         let stop_us = src.1.event("STOP").map(|e| e.timestamp_us);
-        if let Some(at) = postcopy_at {
-            m.notes.push(format!("post-copy started at {:.0} ms", at.as_secs_f64() * 1e3));
-        }
         m.paused_ms = stop_us.zip(resume_us).map(|(s, r)| r.saturating_sub(s) as f64 / 1e3);
         let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
         m.detail = json!({
@@ -307,5 +322,27 @@ impl Migrator for QemuMigration {
             self.src.as_ref().map_or("not started".into(), |(g, _)| tail(g)),
             self.dst.as_ref().map_or("not started".into(), |(g, _)| tail(g)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_downtime_longer_than_the_migration_is_left_out() {
+        let info = |down, total| MigrateInfo { downtime_ms: down, total_time_ms: total, ..MigrateInfo::default() };
+        assert_eq!(plausible_downtime(&info(Some(13), Some(108))), Some(13.0));
+        assert_eq!(plausible_downtime(&info(Some(13_029_094), Some(935))), None);
+        assert_eq!(plausible_downtime(&info(Some(5), None)), Some(5.0));
+        assert_eq!(plausible_downtime(&info(None, Some(5))), None);
+    }
+
+    #[test]
+    fn process_numbers_come_from_proc() {
+        let me = std::process::id();
+        assert!(process_cpu_ms(me).is_some());
+        assert!(peak_rss_bytes(me).unwrap() > 1 << 20);
+        assert_eq!(process_cpu_ms(u32::MAX), None);
     }
 }
