@@ -152,8 +152,10 @@ impl OurMigration {
 /// Reads `understudy migrate --json`'s report into the common shape.
 pub fn parse_report(stdout: &str) -> Result<Migrated> {
     let start = stdout.find('{').with_context(|| format!("no JSON report on stdout: {stdout:?}"))?;
-    let v: Value =
-        serde_json::from_str(stdout[start..].trim()).with_context(|| format!("migrate report {stdout:?}"))?;
+    // The first JSON value on stdout; anything printed after it is ignored.
+    let mut de = serde_json::Deserializer::from_str(&stdout[start..]);
+    let v =
+        <Value as serde::Deserialize>::deserialize(&mut de).with_context(|| format!("migrate report {stdout:?}"))?;
     let num = |k: &str| v.get(k).and_then(Value::as_f64);
     let mut notes = Vec::new();
     if let Some(r) = v.get("stop_reason").and_then(Value::as_str) {
@@ -286,7 +288,8 @@ mod tests {
         let out = r#"{"mode": "precopy", "stop_reason": "downtime fits", "rounds": [{"pages": 65536}],
             "total_ms": 41.5, "downtime_ms": 1.25, "bytes_transferred": 12345678, "bytes_retransferred": 1000,
             "pages": {"zero": 40000, "raw": 20000}, "source_cpu_ms": 30.0, "dest_cpu_ms": 20.0,
-            "source_peak_rss_bytes": 300000000, "dest_peak_rss_bytes": 280000000}"#;
+            "source_peak_rss_bytes": 300000000, "dest_peak_rss_bytes": 280000000}
+            migrated in 41 ms"#;
         let m = parse_report(out).unwrap();
         assert_eq!(m.outcome, Outcome::Completed);
         assert_eq!((m.total_ms, m.downtime_ms, m.bytes), (Some(41.5), Some(1.25), Some(12_345_678)));

@@ -317,7 +317,8 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 5, "{t}");
         assert!(
-            lines[0].contains("client outage during the migration ms") && lines[1].matches('|').count() == lines[0].matches('|').count()
+            lines[0].contains("client outage during the migration ms")
+                && lines[1].matches('|').count() == lines[0].matches('|').count()
         );
         assert_eq!(
             lines[2],
