@@ -37,15 +37,29 @@ pub struct QemuMigration {
     dst: Option<Vm>,
 }
 
-/// QEMU's `downtime`, unless it is longer than the whole migration: QEMU 7.2 sometimes reports
-/// the host's uptime there after a post-copy request (seen: 13,029,094 ms for a 935 ms
-/// migration), a start time that was never set.
-pub fn plausible_downtime(info: &MigrateInfo) -> Option<f64> {
-    let d = info.downtime_ms?;
-    match info.total_time_ms {
-        Some(t) if d > t => None,
-        _ => Some(d as f64),
+/// QEMU's `total-time` and `downtime`, each left out (None, with a note) when it cannot be
+/// right. Seen with QEMU 7.2 and `postcopy-ram`: a downtime of 13,029,094 ms (the host's
+/// uptime: a start time never set) for a 935 ms migration, and a total and downtime of 0 for a
+/// migration our clock saw take 12 ms. `seen_ms` is how long our polling saw it run.
+pub fn plausible_times(info: &MigrateInfo, seen_ms: f64) -> (Option<f64>, Option<f64>, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut total = info.total_time_ms.map(|t| t as f64);
+    let mut down = info.downtime_ms.map(|d| d as f64);
+    if let Some(t) = total
+        && t < 1.0
+        && seen_ms >= 5.0
+    {
+        notes.push(format!("QEMU reported total-time {t} ms for a migration seen to take {seen_ms:.0} ms: left out"));
+        total = None;
+        down = None;
     }
+    if let (Some(d), Some(t)) = (down, total)
+        && d > t
+    {
+        notes.push(format!("QEMU reported a downtime of {d} ms, longer than the whole {t} ms: left out"));
+        down = None;
+    }
+    (total, down, notes)
 }
 
 fn now_us() -> u64 {
@@ -223,6 +237,7 @@ impl Migrator for QemuMigration {
         };
         let end = t0.elapsed();
         let cpu1 = (process_cpu_ms(src_pid), process_cpu_ms(dst_pid));
+        let (total_ms, downtime_ms, notes) = plausible_times(&info, end.as_secs_f64() * 1e3);
         let mut m = Migrated {
             outcome: match info.status.as_str() {
                 "completed" => Outcome::Completed,
@@ -232,8 +247,8 @@ impl Migrator for QemuMigration {
                     info.error_desc.clone().unwrap_or_else(|| "no error-desc".into())
                 )),
             },
-            total_ms: info.total_time_ms.map(|t| t as f64),
-            downtime_ms: plausible_downtime(&info),
+            total_ms,
+            downtime_ms,
             bytes: info.ram_transferred,
             wall_ms: None,
             paused_ms: None,
@@ -241,12 +256,9 @@ impl Migrator for QemuMigration {
             postcopy_ran: config
                 .postcopy()
                 .then(|| info.postcopy_bytes.unwrap_or(0) > 0 || info.postcopy_requests.unwrap_or(0) > 0),
-            notes: Vec::new(),
+            notes,
             detail: Value::Null,
         };
-        if let (Some(d), None) = (info.downtime_ms, m.downtime_ms) {
-            m.notes.push(format!("QEMU reported an implausible downtime ({d} ms), left out"));
-        }
         if m.outcome == Outcome::DidNotConverge {
             m.total_ms = Some(end.as_secs_f64() * 1e3);
             m.bytes = last_active.ram_transferred;
@@ -330,12 +342,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_downtime_longer_than_the_migration_is_left_out() {
+    fn impossible_qemu_times_are_left_out_with_a_note() {
         let info = |down, total| MigrateInfo { downtime_ms: down, total_time_ms: total, ..MigrateInfo::default() };
-        assert_eq!(plausible_downtime(&info(Some(13), Some(108))), Some(13.0));
-        assert_eq!(plausible_downtime(&info(Some(13_029_094), Some(935))), None);
-        assert_eq!(plausible_downtime(&info(Some(5), None)), Some(5.0));
-        assert_eq!(plausible_downtime(&info(None, Some(5))), None);
+        assert_eq!(plausible_times(&info(Some(13), Some(108)), 110.0), (Some(108.0), Some(13.0), vec![]));
+        let (t, d, notes) = plausible_times(&info(Some(13_029_094), Some(935)), 940.0);
+        assert_eq!((t, d), (Some(935.0), None));
+        assert!(notes[0].contains("downtime of 13029094 ms"), "{notes:?}");
+        let (t, d, notes) = plausible_times(&info(Some(0), Some(0)), 12.0);
+        assert_eq!((t, d), (None, None));
+        assert!(notes[0].contains("total-time 0 ms") && notes[0].contains("12 ms"), "{notes:?}");
+        // A really short migration may round to 0.
+        assert_eq!(plausible_times(&info(Some(0), Some(0)), 3.0), (Some(0.0), Some(0.0), vec![]));
+        assert_eq!(plausible_times(&info(None, None), 3.0), (None, None, vec![]));
     }
 
     #[test]
