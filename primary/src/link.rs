@@ -128,7 +128,7 @@ pub async fn run(
                 h = async { match pending.take() { Some(h) => Some(h), None => harvests.recv().await } } => {
                     let Some(h) = h else { closed = true; break };
                     match submit(&session, h).await {
-                        Ok((epoch, h)) => {
+                        Ok((epoch, encoded, h)) => {
                             if let Some(d) = h.digest {
                                 journal.lock().unwrap_or_else(|e| e.into_inner()).push(VerifyPoint {
                                     epoch, memory_digest: d, state_crc: crc32(&h.state),
@@ -140,8 +140,13 @@ pub async fn run(
                             }
                             {
                                 let mut s = stats.lock();
-                                s.bytes_sent += h.data.len() as u64 + h.state.len() as u64;
-                                s.wire_bytes.push((h.data.len() + h.state.len()) as f64);
+                                // Encoded bytes (what the sender framed for the wire), and the raw
+                                // harvest beside them.
+                                let raw = h.data.len() as u64 + h.state.len() as u64;
+                                s.bytes_sent += encoded;
+                                s.raw_bytes_sent += raw;
+                                s.wire_bytes.push(encoded as f64);
+                                s.raw_bytes.push(raw as f64);
                             }
                             // The sender encoded the pages: their buffer serves a later epoch.
                             shared.recycle(h.data);
@@ -258,21 +263,24 @@ enum SubmitOutcome {
     Gone,
 }
 
-async fn submit(session: &Session<StreamCore<Sender>>, h: Harvest) -> Result<(u64, Harvest), SubmitOutcome> {
+/// Submits a harvest; on success, its epoch and its encoded bytes.
+async fn submit(session: &Session<StreamCore<Sender>>, h: Harvest) -> Result<(u64, u64, Harvest), SubmitOutcome> {
     let (tx, rx) = oneshot::channel();
     let cmd = StreamCommand::with(move |ep: &mut Sender, now: Instant| {
+        let before = ep.stats().epoch_bytes;
         let r = if h.kind == HarvestKind::Baseline {
             ep.submit_baseline(now, h.pages(), &h.state)
         } else {
             ep.submit(now, h.pages(), &h.state)
         };
-        let _ = tx.send((r, h));
+        let encoded = ep.stats().epoch_bytes - before;
+        let _ = tx.send((r.map(|e| (e, encoded)), h));
     });
     if session.command(cmd).await.is_err() {
         return Err(SubmitOutcome::Gone);
     }
     match rx.await {
-        Ok((Ok(epoch), h)) => Ok((epoch, h)),
+        Ok((Ok((epoch, encoded)), h)) => Ok((epoch, encoded, h)),
         Ok((Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. }), h)) => Err(SubmitOutcome::Retry(h)),
         Ok((Err(SubmitError::BaselineRequired { .. }), h)) if h.kind != HarvestKind::Baseline => {
             Err(SubmitOutcome::Baseline(h.seq))

@@ -455,6 +455,8 @@ struct Link {
     acked: u64,
     resumed: Option<replication_proto::migration::Resumed>,
     up: bool,
+    /// Page buffers the sender is done with (warm memory for the next copies).
+    spare: Vec<Vec<u8>>,
     control: Arc<Control>,
     deadline: Instant,
 }
@@ -492,6 +494,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
             acked: 0,
             resumed: None,
             up: false,
+            spare: Vec::new(),
             control: Arc::clone(&src.control),
             deadline: t0 + Duration::from_secs(req.timeout_s.saturating_mul(2).max(10)),
         };
@@ -572,33 +575,40 @@ impl Link {
     }
 
     /// Submits one epoch; waits for room in the window. Returns its epoch and the sender's
-    /// counters after it.
+    /// counters after it; the page buffer goes back to the spare pool.
     async fn submit(
         &mut self,
         pages: Pages,
         state: Vec<u8>,
         baseline: bool,
     ) -> Result<(u64, replication_proto::SenderStats), MigrateError> {
-        let job = Arc::new((pages, state));
+        let mut job = Some((pages, state));
         loop {
             let (tx, rx) = oneshot::channel();
-            let job2 = Arc::clone(&job);
+            let mine = job.take().expect("the job comes back with every answer");
             let cmd = StreamCommand::with(move |s: &mut Sender, now: Instant| {
-                let (pages, state) = &*job2;
+                let (pages, state) = &mine;
                 let it = pages.pfns.iter().copied().zip(pages.data.chunks(PAGE_SIZE));
                 let r = if baseline { s.submit_baseline(now, it, state) } else { s.submit(now, it, state) };
-                let _ = tx.send(r.map(|e| (e, s.stats())));
+                let stats = s.stats();
+                let _ = tx.send((r.map(|e| (e, stats)), mine));
             });
             if self.session.command(cmd).await.is_err() {
                 return Err(self.gone().await);
             }
             match rx.await {
-                Ok(Ok(r)) => return Ok(r),
-                Ok(Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. })) => {
+                Ok((Ok(r), (pages, _))) => {
+                    if self.spare.len() < 4 {
+                        self.spare.push(pages.data);
+                    }
+                    return Ok(r);
+                }
+                Ok((Err(SubmitError::WindowFull { .. } | SubmitError::RetainedFull { .. }), back)) => {
+                    job = Some(back);
                     let before = self.acked;
                     self.until("room in the send window", true, |l| l.acked > before).await?;
                 }
-                Ok(Err(e)) => return Err(MigrateError::Submit(e)),
+                Ok((Err(e), _)) => return Err(MigrateError::Submit(e)),
                 Err(_) => return Err(self.gone().await),
             }
         }
@@ -654,32 +664,39 @@ fn phase_name(c: &Control) -> &'static str {
     }
 }
 
-/// Copies `pfns` from the running (or paused) guest; in round 0, drops zero pages (counted).
-async fn copy(vm: &Arc<Mutex<Vm>>, pfns: Vec<u64>, skip_zero: bool) -> Result<(Pages, u64), MigrateError> {
+/// Copies `pfns` from the running (or paused) guest into `buf` (a recycled buffer); in round 0,
+/// leaves zero pages out (counted).
+async fn copy(
+    vm: &Arc<Mutex<Vm>>,
+    pfns: Vec<u64>,
+    skip_zero: bool,
+    buf: Vec<u8>,
+) -> Result<(Pages, u64), MigrateError> {
+    joined(start_copy(vm, pfns, skip_zero, buf)).await
+}
+
+type CopyTask = tokio::task::JoinHandle<Result<(Pages, u64), MigrateError>>;
+
+/// [`copy`] started on a blocking thread, to overlap with sending the previous piece.
+fn start_copy(vm: &Arc<Mutex<Vm>>, pfns: Vec<u64>, skip_zero: bool, buf: Vec<u8>) -> CopyTask {
     let vm = Arc::clone(vm);
     tokio::task::spawn_blocking(move || {
         let vm = lock(&vm);
-        let mut out = Pages { pfns: Vec::with_capacity(pfns.len()), data: Vec::with_capacity(pfns.len() * PAGE_SIZE) };
+        let mut out = Pages { pfns: Vec::with_capacity(pfns.len()), data: buf };
+        out.data.clear();
         let mut zero = 0;
         if skip_zero {
-            for pfn in pfns {
-                let at = out.data.len();
-                copy_pages(vm.memory(), std::iter::once(pfn), &mut out.data)?;
-                if out.data[at..].iter().all(|&b| b == 0) {
-                    out.data.truncate(at);
-                    zero += 1;
-                } else {
-                    out.pfns.push(pfn);
-                }
-            }
+            zero = vmm::memory::copy_nonzero_pages(vm.memory(), pfns.into_iter(), &mut out.pfns, &mut out.data)?;
         } else {
             copy_pages(vm.memory(), pfns.iter().copied(), &mut out.data)?;
             out.pfns = pfns;
         }
         Ok::<_, MigrateError>((out, zero))
     })
-    .await
-    .map_err(|e| MigrateError::Session(format!("copy task: {e}")))?
+}
+
+async fn joined(task: CopyTask) -> Result<(Pages, u64), MigrateError> {
+    task.await.map_err(|e| MigrateError::Session(format!("copy task: {e}")))?
 }
 
 /// Sends `pfns` as one round (in pieces of [`CHUNK_PAGES`]), paced to `max_bandwidth`, and
@@ -698,22 +715,34 @@ async fn send_round(
     let mut zero = 0;
     let mut first = baseline;
     let mut last_epoch = 0;
+    let (mut t_copy, mut t_submit) = (Duration::ZERO, Duration::ZERO);
     src.control.update(|s| {
         s.round = round;
         s.round_pages_left = pfns.len() as u64;
     });
-    for chunk in pfns.chunks(CHUNK_PAGES) {
+    // Copy piece i + 1 while piece i is encoded and sent.
+    let chunks: Vec<&[u64]> = pfns.chunks(CHUNK_PAGES).collect();
+    let mut next =
+        chunks.first().map(|c| start_copy(&src.vm, c.to_vec(), baseline, link.spare.pop().unwrap_or_default()));
+    for (i, chunk) in chunks.iter().enumerate() {
         if src.control.cancelled() {
             return Err(MigrateError::Cancelled(phase_name(&src.control)));
         }
-        let (pages, z) = copy(&src.vm, chunk.to_vec(), baseline).await?;
+        let tc = Instant::now();
+        let (pages, z) = joined(next.take().expect("a copy per piece")).await?;
+        t_copy += tc.elapsed();
+        if let Some(c) = chunks.get(i + 1) {
+            next = Some(start_copy(&src.vm, c.to_vec(), baseline, link.spare.pop().unwrap_or_default()));
+        }
         zero += z;
         if pages.pfns.is_empty() && !first {
             src.control.update(|s| s.round_pages_left = s.round_pages_left.saturating_sub(chunk.len() as u64));
             continue;
         }
         let n = pages.pfns.len() as u64;
+        let ts = Instant::now();
         let (epoch, stats) = link.submit(pages, Vec::new(), first).await?;
+        t_submit += ts.elapsed();
         first = false;
         last_epoch = epoch;
         sent += n;
@@ -727,9 +756,17 @@ async fn send_round(
         });
         pace.wait(stats.epoch_bytes, req.max_bandwidth, &src.control).await?;
     }
+    let tw = Instant::now();
     if last_epoch > 0 {
         link.until("the destination to acknowledge a round", true, |l| l.acked >= last_epoch).await?;
     }
+    tracing::debug!(
+        round,
+        copy_ms = t_copy.as_secs_f64() * 1e3,
+        submit_ms = t_submit.as_secs_f64() * 1e3,
+        last_ack_wait_ms = tw.elapsed().as_secs_f64() * 1e3,
+        "migration: where the round's time went"
+    );
     Ok((sent, zero))
 }
 
@@ -911,7 +948,8 @@ async fn drive(
             if src.control.cancelled() {
                 return Err(MigrateError::Cancelled("stop-and-copy"));
             }
-            let (pages, z) = copy(&src.vm, chunk.to_vec(), stopcopy).await?;
+            let buf = link.spare.pop().unwrap_or_default();
+            let (pages, z) = copy(&src.vm, chunk.to_vec(), stopcopy, buf).await?;
             zero_skipped += z;
             final_pages += pages.pfns.len() as u64;
             let st = if i + 1 == n { state.clone() } else { Vec::new() };

@@ -114,8 +114,11 @@ pub struct StatsInner {
     pub pause_us: Samples,
     /// Dirty pages per epoch.
     pub dirty_pages: Samples,
-    /// Encoded bytes on the wire per epoch.
+    /// Encoded bytes on the wire per epoch (what the sender framed: pages after their codecs,
+    /// state, headers; not QUIC/TLS overhead).
     pub wire_bytes: Samples,
+    /// Raw harvested bytes per epoch (4 KiB per dirty page plus the state).
+    pub raw_bytes: Samples,
     /// Ack latency (submit to ack), microseconds.
     pub ack_us: Samples,
     /// Epoch lengths, microseconds.
@@ -124,8 +127,10 @@ pub struct StatsInner {
     pub harvest_times: VecDeque<Instant>,
     /// Initial sync progress: (pages sent, pages total) of the current round, and round.
     pub sync: Option<SyncProgress>,
-    /// Total bytes sent.
+    /// Total encoded bytes sent.
     pub bytes_sent: u64,
+    /// Total raw harvested bytes (before encoding).
+    pub raw_bytes_sent: u64,
 }
 
 /// Progress of the initial sync.
@@ -155,11 +160,13 @@ impl Stats {
                 pause_us: Samples::default(),
                 dirty_pages: Samples::default(),
                 wire_bytes: Samples::default(),
+                raw_bytes: Samples::default(),
                 ack_us: Samples::default(),
                 epoch_us: Samples::default(),
                 harvest_times: VecDeque::new(),
                 sync: None,
                 bytes_sent: 0,
+                raw_bytes_sent: 0,
             }),
         }
     }
@@ -216,11 +223,13 @@ impl Stats {
             dirty_pages_per_epoch_mean: g.dirty_pages.mean(),
             dirty_pages_per_epoch_p99: g.dirty_pages.quantile(0.99),
             wire_bytes_per_epoch_mean: g.wire_bytes.mean(),
+            raw_bytes_per_epoch_mean: g.raw_bytes.mean(),
             ack_latency_us_p50: g.ack_us.quantile(0.5),
             ack_latency_us_p99: g.ack_us.quantile(0.99),
             held_output_frames: held.0,
             held_output_bytes: held.1,
             bytes_sent: g.bytes_sent,
+            raw_bytes_sent: g.raw_bytes_sent,
             sync: g.sync,
         }
     }
@@ -257,8 +266,10 @@ pub struct StatusReport {
     pub dirty_pages_per_epoch_mean: f64,
     /// p99 dirty pages per epoch.
     pub dirty_pages_per_epoch_p99: f64,
-    /// Mean bytes on the wire per epoch.
+    /// Mean encoded bytes per epoch (pages after their codecs, state, framing).
     pub wire_bytes_per_epoch_mean: f64,
+    /// Mean raw harvested bytes per epoch (4 KiB per dirty page plus the state).
+    pub raw_bytes_per_epoch_mean: f64,
     /// Ack latency p50, µs.
     pub ack_latency_us_p50: f64,
     /// Ack latency p99, µs.
@@ -267,8 +278,10 @@ pub struct StatusReport {
     pub held_output_frames: usize,
     /// Bytes held for output commit.
     pub held_output_bytes: usize,
-    /// Bytes sent to the backup.
+    /// Encoded bytes sent to the backup (as framed by the sender).
     pub bytes_sent: u64,
+    /// Raw harvested bytes handed to the sender (before encoding).
+    pub raw_bytes_sent: u64,
     /// Initial sync progress, while syncing.
     pub sync: Option<SyncProgress>,
 }

@@ -6,17 +6,20 @@ usage: faults_client.py HOST CTL_DIR MAX_SECS
 Writes unique keys over ONE TCP connection (memcached text protocol) and increments a counter,
 remembering every acknowledged write. It creates CTL_DIR/ready after its first reply (the
 harness times its faults from then). The harness writes CTL_DIR/fault (wall-clock seconds of the
-injected fault) and later creates CTL_DIR/stop. A failed connection is counted and replaced (a
+injected fault) and later creates CTL_DIR/stop; `testbed migrate-bench` writes CTL_DIR/window
+("START END", wall-clock seconds of a migration) before the stop. A failed connection is counted and replaced (a
 reconnect is tolerated, not hidden). At the end every acknowledged write must be readable with
 its value (multi-get, in batches) and the counter must never have gone back. Prints one final
 JSON line:
   acknowledged_writes, lost, contradictions, errors, reconnects, first_reply_after_fault_ms,
-  max_gap_ms (longest wait for one reply), ops, thin_linear_timeouts (the socket option took).
+  max_gap_ms (longest wait for one reply), ops, thin_linear_timeouts (the socket option took),
+  and with a window: window_max_gap_ms (longest wait for a reply that overlaps it) and
+  outside_max_gap_ms (longest wait that does not).
 """
 import json, os, socket, sys, time
 
 host, ctl, max_secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
-FAULT, STOP = os.path.join(ctl, "fault"), os.path.join(ctl, "stop")
+FAULT, STOP, WINDOW = os.path.join(ctl, "fault"), os.path.join(ctl, "stop"), os.path.join(ctl, "window")
 TIMEOUT = 8.0
 TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)  # linux/tcp.h
 thin_lto = [None]  # whether the kernel took the option (reported)
@@ -77,7 +80,16 @@ acked, counter_last = {}, 0
 contradictions = errors = reconnects = ops = 0
 fault_t = first_after_fault = None
 max_gap = 0.0
+waits = []  # (wall-clock start, seconds) of every wait for a reply
 notes = []
+
+
+def waited(t):
+    global max_gap
+    d = time.monotonic() - t
+    max_gap = max(max_gap, d)
+    waits.append((time.time() - d, d))
+
 if cmd(s, f, "set counter 0 0 1", b"0") != b"STORED":
     errors += 1
 open(os.path.join(ctl, "ready"), "w").close()
@@ -88,7 +100,7 @@ while time.monotonic() - t0 < max_secs and not os.path.exists(STOP):
     try:
         t = time.monotonic()
         r = cmd(s, f, "set %s 0 0 %d" % (key, len(val)), val)
-        max_gap = max(max_gap, time.monotonic() - t)
+        waited(t)
         if r == b"STORED":
             acked[key] = val
         else:
@@ -96,7 +108,7 @@ while time.monotonic() - t0 < max_secs and not os.path.exists(STOP):
             notes.append("set %s -> %r" % (key, r))
         t = time.monotonic()
         c = cmd(s, f, "incr counter 1")
-        max_gap = max(max_gap, time.monotonic() - t)
+        waited(t)
         ops += 2
         try:
             cv = int(c)
@@ -149,7 +161,18 @@ except (OSError, ValueError) as e:
     errors += 1
     lost = len(keys)
     notes.append("verification failed: %s" % e)
+window_gap = outside_gap = None
+if os.path.exists(WINDOW):
+    try:
+        ws, we = (float(x) for x in open(WINDOW).read().split())
+        inside = [d for (b, d) in waits if b <= we and b + d >= ws]
+        outside = [d for (b, d) in waits if not (b <= we and b + d >= ws)]
+        window_gap = max(inside) * 1e3 if inside else None
+        outside_gap = max(outside) * 1e3 if outside else None
+    except (OSError, ValueError) as e:
+        notes.append("bad window file: %s" % e)
 print(json.dumps({"acknowledged_writes": len(acked), "lost": lost, "contradictions": contradictions,
                   "errors": errors, "reconnects": reconnects, "ops": ops, "counter": counter_last,
                   "first_reply_after_fault_ms": first_after_fault, "max_gap_ms": max_gap * 1e3,
-                  "thin_linear_timeouts": thin_lto[0], "notes": notes[:20]}), flush=True)
+                  "thin_linear_timeouts": thin_lto[0], "window_max_gap_ms": window_gap,
+                  "outside_max_gap_ms": outside_gap, "notes": notes[:20]}), flush=True)

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -83,4 +83,10 @@ pub fn memcslap() -> Result<PathBuf> {
 pub fn free_local_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago (QUIC listeners).
+pub fn free_local_udp_port() -> Result<u16> {
+    let s = UdpSocket::bind("127.0.0.1:0").context("bind udp 127.0.0.1:0")?;
+    Ok(s.local_addr()?.port())
 }

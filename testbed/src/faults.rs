@@ -458,11 +458,13 @@ pub fn install_signal_handlers() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+/// An error once SIGINT/SIGTERM arrived (after [`install_signal_handlers`]).
+pub fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) { bail!("interrupted") } else { Ok(()) }
 }
 
-fn sleep(d: Duration) -> Result<()> {
+/// Sleeps, failing early when interrupted.
+pub fn sleep(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     while Instant::now() < end {
         check_interrupted()?;

@@ -15,4 +15,6 @@ pub mod env;
 pub mod faults;
 pub mod impair;
 pub mod lines;
+pub mod migrate_bench;
+pub mod procs;
 pub mod qemu;

@@ -6,6 +6,7 @@
 use crate::env::{QEMU, guest_image};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -25,12 +26,38 @@ pub struct QemuOptions {
     pub hostfwd_port: Option<u16>,
     /// The image (default: [`guest_image`]).
     pub image: Option<PathBuf>,
+    /// A QMP server on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
+    /// `-incoming` (e.g. `defer`): a migration destination.
+    pub incoming: Option<String>,
+    /// A virtio-net device on an existing TAP device (in `netns` when given).
+    pub tap: Option<TapNic>,
+    /// Run QEMU inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+}
+
+/// A virtio-net device backed by a TAP device.
+#[derive(Clone, Debug)]
+pub struct TapNic {
+    /// The TAP device's name (it must exist).
+    pub ifname: String,
+    /// The guest's MAC address (the same on both sides of a migration).
+    pub mac: String,
 }
 
 impl QemuOptions {
     /// 256 MiB, no network.
     pub fn new(cmdline: &str) -> Self {
-        QemuOptions { cmdline: cmdline.into(), mem_mib: 256, hostfwd_port: None, image: None }
+        QemuOptions {
+            cmdline: cmdline.into(),
+            mem_mib: 256,
+            hostfwd_port: None,
+            image: None,
+            qmp: None,
+            incoming: None,
+            tap: None,
+            netns: None,
+        }
     }
 
     /// The QEMU argument list.
@@ -66,6 +93,20 @@ impl QemuOptions {
                 "virtio-net-device,netdev=n0".into(),
             ]);
         }
+        if let Some(tap) = &self.tap {
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=n0,ifname={},script=no,downscript=no", tap.ifname),
+                "-device".into(),
+                format!("virtio-net-device,netdev=n0,mac={}", tap.mac),
+            ]);
+        }
+        if let Some(qmp) = &self.qmp {
+            a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+        }
+        if let Some(incoming) = &self.incoming {
+            a.extend(["-incoming".into(), incoming.clone()]);
+        }
         a
     }
 }
@@ -87,7 +128,23 @@ impl QemuGuest {
             None => guest_image()?,
         };
         let started = Instant::now();
-        let mut child = Command::new(QEMU)
+        let mut cmd = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, QEMU]);
+                c
+            }
+            None => Command::new(QEMU),
+        };
+        // SAFETY: prctl is async-signal-safe and nothing else runs between fork and exec. It
+        // makes the kernel kill QEMU when the thread that started it dies (a killed harness).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(opts.args(&image))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -133,6 +190,28 @@ impl QemuGuest {
     /// Every line read so far.
     pub fn seen(&self) -> &[String] {
         &self.seen
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether QEMU is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The lines that arrived since the last read, without waiting.
+    pub fn drain_lines(&mut self) -> Vec<String> {
+        let new: Vec<String> = self.lines.try_iter().collect();
+        self.seen.extend(new.iter().cloned());
+        new
+    }
+
+    /// QEMU's stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// The next line, within `timeout`.

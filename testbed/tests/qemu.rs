@@ -8,44 +8,14 @@
 use anyhow::{Context, Result, bail, ensure};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use testbed::env::{free_local_port, memcslap, python_with_pymemcache, skip_without_qemu};
 use testbed::lines::{CounterChecker, parse_dirty_progress};
+use testbed::procs::run_bounded;
 use testbed::qemu::{QemuGuest, QemuOptions};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Runs `cmd`, killing it after `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut err = child.stderr.take().context("stderr")?;
-    let out_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
-}
 
 #[test]
 fn counter_is_ready_fast_and_prints_consecutive_checksummed_lines() -> Result<()> {
@@ -160,7 +130,7 @@ fn kv_serves_pymemcache_and_memcslap() -> Result<()> {
     let slap = memcslap()?;
     let (mut g, port) = kv_guest("")?;
 
-    let out =
+    let (out, _) =
         run_bounded(Command::new(&python).args(["-c", PYMEMCACHE_SCRIPT, &port.to_string()]), Duration::from_secs(60))?;
     ensure!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("PYMEMCACHE OK"),
@@ -170,7 +140,7 @@ fn kv_serves_pymemcache_and_memcslap() -> Result<()> {
     );
 
     for test in ["set", "get", "mget"] {
-        let out = run_bounded(
+        let (out, _) = run_bounded(
             Command::new(&slap).args([
                 &format!("--servers=127.0.0.1:{port}"),
                 "--concurrency=4",

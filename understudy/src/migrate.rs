@@ -15,11 +15,19 @@ use node::migrate::{progress_line, report_table};
 pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Result<()> {
     let timeout = Duration::from_secs(req.timeout_s.saturating_mul(2).saturating_add(120));
     let sock2 = sock.to_path_buf();
-    let call = std::thread::spawn(move || api::call(&sock2, &Request::Migrate(req), timeout));
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(api::call(&sock2, &Request::Migrate(req), timeout));
+    });
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
-    while !call.is_finished() {
-        std::thread::sleep(Duration::from_millis(200));
+    // Progress every 200 ms; the answer ends the wait at once (not at the next tick).
+    let result = loop {
+        match done.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the migrate call panicked"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
         let Ok(v) = api::call(sock, &Request::Status, Duration::from_secs(2)) else { continue };
         let Some(m) = v.get("migration").filter(|m| !m.is_null()) else { continue };
         let line = progress_line(m);
@@ -33,11 +41,11 @@ pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Re
                 last = key;
             }
         }
-    }
+    };
     if tty {
         eprintln!();
     }
-    let report = call.join().map_err(|_| anyhow::anyhow!("the migrate call panicked"))??;
+    let report = result?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -346,11 +346,10 @@ fn bridged_ns(test: &str, subnet: u8) -> Option<NetNs> {
 /// The kv guest moves under a client's load through a bridge: the client's TCP connection
 /// survives (the guest's TCP stack moved with its memory, its MAC moved with the announcement),
 /// and every write it saw acknowledged reads back afterwards.
-#[test]
-fn kv_migrates_under_load_and_loses_no_acknowledged_write() {
-    let test = "kv_migrates_under_load_and_loses_no_acknowledged_write";
-    let Some(_g) = setup(test) else { return };
-    let Some(ns) = bridged_ns(test, 71) else { return };
+fn kv_migrates(mode: &str, subnet: u8) {
+    let test = format!("kv_migrates_with_{mode}_under_load");
+    let Some(_g) = setup(&test) else { return };
+    let Some(ns) = bridged_ns(&test, subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
     let ctl = m.dir.path().join("client");
@@ -370,7 +369,7 @@ fn kv_migrates_under_load_and_loses_no_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let r = m.migrate_ok(&["--mode", "precopy"]);
+    let r = m.migrate_ok(&["--mode", mode]);
     eprintln!("{test}: {r}");
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(ctl.join("stop"), b"").unwrap();
@@ -385,6 +384,16 @@ fn kv_migrates_under_load_and_loses_no_acknowledged_write() {
     assert_eq!(res["reconnects"], 0, "the client's TCP connection survives the migration: {res}");
     let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
     assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+}
+
+#[test]
+fn kv_migrates_with_precopy_under_load() {
+    kv_migrates("precopy", 71);
+}
+
+#[test]
+fn kv_migrates_with_stopcopy_under_load() {
+    kv_migrates("stopcopy", 72);
 }
 
 /// `migrate-cancel` in each phase before the hand-over: the guest runs on at the source, the

@@ -212,4 +212,15 @@ fn replica_matches_primary_exactly_kv_under_load() {
     let common = compare_journals(&p, &b);
     eprintln!("kv under load: {common} sampled epochs, memory digest and state crc equal on both sides");
     assert!(common >= 10, "too few sampled epochs in common: {common}");
+    // Honest counters (issue 16): `bytes_sent` and `wire_bytes_per_epoch_mean` are what the
+    // sender encoded, the raw harvest is beside them. kv's dirty pages are mostly zero or
+    // compress: the encoded bytes are well under the raw ones.
+    let s = Pair::status(&pair.p_sock);
+    let p = &s["protection"];
+    let (sent, raw) = (p["bytes_sent"].as_f64().unwrap(), p["raw_bytes_sent"].as_f64().unwrap());
+    let (mean, raw_mean) =
+        (p["wire_bytes_per_epoch_mean"].as_f64().unwrap(), p["raw_bytes_per_epoch_mean"].as_f64().unwrap());
+    eprintln!("kv under load: {sent} encoded bytes of {raw} raw; per epoch {mean:.0} of {raw_mean:.0}");
+    assert!(sent > 0.0 && sent < raw * 0.5, "encoded {sent} vs raw {raw}: {p}");
+    assert!(mean > 0.0 && mean < raw_mean * 0.5, "{p}");
 }

@@ -182,9 +182,11 @@ fn listed_regions(memory: &[u8]) -> Vec<(u64, u64, u64)> {
         return Vec::new();
     }
     let u64_at = |o: usize| u64::from_le_bytes(memory[o..o + 8].try_into().expect("8 bytes"));
+    let version = u32::from_le_bytes(memory[8..12].try_into().expect("4 bytes"));
     let count = u32::from_le_bytes(memory[12..16].try_into().expect("4 bytes")) as usize;
+    // The region table is where the file's version puts it (format 2 moved it from 16 to 32).
     (0..count.min(snapshot::MAX_REGIONS))
-        .map(|i| 16 + i * 32)
+        .map(|i| snapshot::region_entry(version, i))
         .map(|e| (u64_at(e), u64_at(e + 8), u64_at(e + 16)))
         .collect()
 }
@@ -199,10 +201,38 @@ fn reseal_memory(memory: &mut [u8], regions: &[(u64, u64, u64)]) {
             continue;
         };
         let crc = crc32fast::hash(&memory[offset as usize..end as usize]);
-        let e = 16 + i * 32 + 24;
+        let version = u32::from_le_bytes(memory[8..12].try_into().expect("4 bytes"));
+        let e = snapshot::region_entry(version, i) + 24;
         memory[e..e + 4].copy_from_slice(&crc.to_le_bytes());
     }
     let at = MEMORY_HEADER_LEN - 4;
     let crc = crc32fast::hash(&memory[..at]);
     memory[at..MEMORY_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The snapshot target's "reseal" flag finds the region table where a format 2 file has it
+    /// (it read format 1's place, so resealed inputs never got past the checksums).
+    #[test]
+    fn the_snapshot_target_reads_the_region_table_of_this_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = crate::memory::OwnedMemory::new(&[(0, 8192), (0x10_0000, 4096)]).unwrap().into_inner();
+        let mut state = crate::state::tests_support::sample_state();
+        state.memory = crate::memory::layout_of(&mem);
+        // SAFETY: fresh memory, no VM.
+        unsafe { snapshot::write(dir.path(), &mem, &state) }.unwrap();
+        let mut memory = std::fs::read(dir.path().join(snapshot::MEMORY_FILE)).unwrap();
+        let regions = listed_regions(&memory);
+        let layout: Vec<(u64, u64)> = regions.iter().map(|&(gpa, size, _)| (gpa, size)).collect();
+        assert_eq!(layout, state.memory);
+        // Damage a page, reseal: the snapshot reads again.
+        let (_, _, offset) = regions[0];
+        memory[offset as usize + 5] ^= 0xff;
+        reseal_memory(&mut memory, &regions);
+        std::fs::write(dir.path().join(snapshot::MEMORY_FILE), &memory).unwrap();
+        assert!(snapshot::read(dir.path()).is_ok());
+    }
 }

@@ -285,7 +285,7 @@ unsafe fn write_memory(file: &File, path: &Path, mem: &GuestMemory, id: Snapshot
 }
 
 /// Where region `i`'s entry starts in a memory header of `version`.
-fn region_entry(version: u32, i: usize) -> usize {
+pub(crate) fn region_entry(version: u32, i: usize) -> usize {
     let table = if version == MEMORY_VERSION_UNBOUND { 16 } else { 32 };
     table + i * REGION_ENTRY
 }

@@ -1,6 +1,8 @@
 //! `testbed`: the testbed's command line. `testbed faults --runs N [--points a,b] [--out f.json]`
 //! runs the fault-injection harness (`testbed::faults`); `testbed impair ...` (hidden) is the
-//! harness's UDP link impairment proxy (`testbed::impair`).
+//! harness's UDP link impairment proxy (`testbed::impair`); `testbed migrate-bench --workloads
+//! W1,W2,W3 --runs N [--configs ...] [--out table.md]` runs live migrations side by side with
+//! QEMU (`testbed::migrate_bench`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use testbed::faults::{self, Point};
 use testbed::impair;
+use testbed::migrate_bench::{self, Config, Workload};
 
 #[derive(Parser)]
 #[command(name = "testbed", about = "Understudy's testbed")]
@@ -53,6 +56,43 @@ enum Cmd {
         /// Run the backup with `--no-prepare-vm` (promotion builds the VM; the A/B of preparing it).
         #[arg(long)]
         no_prepare_vm: bool,
+    },
+    /// Live migration side by side with QEMU: the same guest, memory and workload under QEMU
+    /// (`-M microvm -accel kvm`, migrated over QMP) and `understudy migrate`, configurations
+    /// interleaved run by run; prints a markdown table of medians. Needs /dev/kvm and QEMU; W3
+    /// needs root (a network namespace with TAP devices) and python3. Our configurations are
+    /// skipped, loudly, while `understudy migrate` does not exist.
+    MigrateBench {
+        /// Comma-separated: W1 (dirty wss=64 rate=20000, 256 MiB), W2 (dirty wss=128
+        /// rate=200000, 512 MiB), W3 (kv, 64 MiB, under a client's load).
+        #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
+        workloads: Vec<String>,
+        /// Runs per configuration (median of them).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Comma-separated: qemu-default, qemu-best, qemu-postcopy, qemu-best-tls,
+        /// qemu-postcopy-tls and our modes (precopy, stopcopy, ...). Default: every QEMU
+        /// configuration, precopy and stopcopy.
+        #[arg(long, value_delimiter = ',')]
+        configs: Vec<String>,
+        /// Write the markdown report here too (rewritten after every run).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write every run's numbers as JSON here (rewritten after every run).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The understudy binary (default: target/release/understudy of this workspace).
+        #[arg(long)]
+        understudy: Option<PathBuf>,
+        /// The guest image (default: target/guest/understudy-guest).
+        #[arg(long)]
+        guest: Option<PathBuf>,
+        /// A QEMU migration still copying after this many seconds is cancelled (did not converge).
+        #[arg(long, default_value_t = 30)]
+        converge_timeout_s: u64,
+        /// Keep the run directories (logs, serial output) and print where.
+        #[arg(long)]
+        keep: bool,
     },
     /// The harness's UDP impairment proxy (run by `testbed faults` inside a namespace): forwards
     /// datagrams between LISTEN's client and TO, with loss, delay ± jitter, duplication and
@@ -116,6 +156,27 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("testbed faults: {failed} run(s) failed");
                 std::process::exit(1);
             }
+        }
+        Cmd::MigrateBench { workloads, runs, configs, out, json, understudy, guest, converge_timeout_s, keep } => {
+            let workloads = workloads.iter().map(|w| Workload::parse(w)).collect::<anyhow::Result<Vec<_>>>()?;
+            let configs = if configs.is_empty() {
+                Config::defaults()
+            } else {
+                configs.iter().map(|c| Config::parse(c)).collect::<anyhow::Result<Vec<_>>>()?
+            };
+            anyhow::ensure!(runs > 0, "--runs must be at least 1");
+            let mut opts = migrate_bench::Options::new(workloads, configs, runs);
+            opts.out = out;
+            opts.json = json;
+            if let Some(u) = understudy {
+                opts.understudy = u;
+            }
+            opts.guest = guest;
+            opts.converge_timeout = Duration::from_secs(converge_timeout_s);
+            opts.keep = keep;
+            opts.command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = migrate_bench::run(&opts)?;
+            println!("{}", report.markdown());
         }
         Cmd::Impair {
             listen,

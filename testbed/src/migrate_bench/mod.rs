@@ -1,0 +1,817 @@
+//! `testbed migrate-bench`: live migration side by side, QEMU 7.2 (`-M microvm -accel kvm`) and
+//! `understudy migrate`, on the same fixture guest, memory and workload, configurations
+//! interleaved run by run, medians in a markdown table (issue 13).
+//!
+//! ```text
+//! testbed migrate-bench --workloads W1,W2,W3 --runs 5 [--configs qemu-default,...,precopy,stopcopy] [--out table.md]
+//! ```
+//!
+//! Workloads ([`Workload`]): W1 `dirty wss=64 rate=20000` at 256 MiB, W2 `dirty wss=128
+//! rate=200000` at 512 MiB, W3 `kv` at 64 MiB under the checker client's load through a TAP.
+//! Configurations ([`Config`]): five QEMU ones (plain unix socket or TLS over TCP on 127.0.0.1)
+//! and our modes. One run ([`run_one`]): start the source, let the workload settle, start the
+//! destination, migrate, check the guest goes on at the destination (`dirty`: a whole generation
+//! rewritten there and checked, no error; `kv`: the client's replies go on, every acknowledged
+//! write reads back). A QEMU migration that has not finished after the time bound (30 s) is
+//! cancelled and counted as not converged. Every child process is killed on every path.
+
+pub mod kv;
+pub mod qmp;
+pub mod side_ours;
+pub mod side_qemu;
+pub mod table;
+pub mod tls;
+pub mod watch;
+
+use crate::env::{guest_image, qemu_skip_reason, workspace_root};
+use crate::faults::{check_interrupted, sleep};
+use crate::procs::loadavg;
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub use table::{Summary, markdown_table, summarize};
+
+/// A workload of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Workload {
+    /// `workload=dirty wss=64 rate=20000`, 256 MiB.
+    W1,
+    /// `workload=dirty wss=128 rate=200000`, 512 MiB.
+    W2,
+    /// `workload=kv`, 64 MiB, under the checker client's load.
+    W3,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [Workload::W1, Workload::W2, Workload::W3];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::W1 => "W1",
+            Workload::W2 => "W2",
+            Workload::W3 => "W3",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name().eq_ignore_ascii_case(s.trim()))
+            .with_context(|| format!("unknown workload {s:?}; known: W1, W2, W3"))
+    }
+
+    /// The guest's command line.
+    pub fn cmdline(self) -> String {
+        match self {
+            Workload::W1 => "workload=dirty wss=64 rate=20000".into(),
+            Workload::W2 => "workload=dirty wss=128 rate=200000".into(),
+            Workload::W3 => format!("workload=kv ip={}/24", kv::GUEST_IP),
+        }
+    }
+
+    pub fn mem_mib(self) -> u32 {
+        match self {
+            Workload::W1 => 256,
+            Workload::W2 => 512,
+            Workload::W3 => 64,
+        }
+    }
+
+    /// The dirty working set in MiB (None for kv).
+    pub fn wss_mib(self) -> Option<u64> {
+        match self {
+            Workload::W1 => Some(64),
+            Workload::W2 => Some(128),
+            Workload::W3 => None,
+        }
+    }
+
+    pub fn kv(self) -> bool {
+        self == Workload::W3
+    }
+
+    /// A line for the report.
+    pub fn describe(self) -> String {
+        let load = if self.kv() { ", under the checker client's load through a TAP" } else { "" };
+        format!("{}: `{}`, {} MiB{load}", self.name(), self.cmdline(), self.mem_mib())
+    }
+}
+
+/// A QEMU configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QemuConfig {
+    /// QEMU's defaults, plain unix socket.
+    Default,
+    /// `max-bandwidth` unlimited (2^40 B/s), `downtime-limit` 50 ms, plain.
+    Best,
+    /// As `Best`, with `postcopy-ram` on both sides and `migrate-start-postcopy` once the first
+    /// pass ended (`dirty-sync-count` >= 2) or after 1 s.
+    Postcopy,
+    /// `Best` over TCP on 127.0.0.1 with `tls-creds-x509` on both sides (verify-peer).
+    BestTls,
+    /// `Postcopy` over TLS.
+    PostcopyTls,
+}
+
+impl QemuConfig {
+    pub const ALL: [QemuConfig; 5] =
+        [QemuConfig::Default, QemuConfig::Best, QemuConfig::Postcopy, QemuConfig::BestTls, QemuConfig::PostcopyTls];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuConfig::Default => "qemu-default",
+            QemuConfig::Best => "qemu-best",
+            QemuConfig::Postcopy => "qemu-postcopy",
+            QemuConfig::BestTls => "qemu-best-tls",
+            QemuConfig::PostcopyTls => "qemu-postcopy-tls",
+        }
+    }
+
+    pub fn tls(self) -> bool {
+        matches!(self, QemuConfig::BestTls | QemuConfig::PostcopyTls)
+    }
+
+    pub fn postcopy(self) -> bool {
+        matches!(self, QemuConfig::Postcopy | QemuConfig::PostcopyTls)
+    }
+
+    /// Unlimited bandwidth and a 50 ms downtime limit.
+    pub fn tuned(self) -> bool {
+        self != QemuConfig::Default
+    }
+
+    /// A line for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            QemuConfig::Default => "QEMU's defaults (128 MiB/s max-bandwidth, 300 ms downtime-limit), unix socket",
+            QemuConfig::Best => "max-bandwidth 2^40 B/s (unlimited), downtime-limit 50 ms, unix socket",
+            QemuConfig::Postcopy => {
+                "as qemu-best + postcopy-ram on both sides, migrate-start-postcopy once dirty-sync-count >= 2 or after 1 s, unix socket"
+            }
+            QemuConfig::BestTls => {
+                "as qemu-best, TCP on 127.0.0.1 with tls-creds-x509 on both sides (verify-peer, ECDSA P-256)"
+            }
+            QemuConfig::PostcopyTls => "as qemu-postcopy, TLS as qemu-best-tls",
+        }
+    }
+}
+
+/// A configuration of the benchmark: QEMU's or one of our modes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Config {
+    Qemu(QemuConfig),
+    /// `understudy migrate --mode MODE`.
+    Ours(String),
+}
+
+/// Our modes benchmarked by default.
+pub const OUR_DEFAULT_MODES: [&str; 2] = ["precopy", "stopcopy"];
+/// Every mode `understudy migrate --mode` names (issue 13; some may answer "not implemented yet").
+pub const OUR_MODES: [&str; 6] = ["precopy", "stopcopy", "postcopy", "hybrid", "demand", "auto"];
+
+impl Config {
+    /// Every QEMU configuration, then our default modes.
+    pub fn defaults() -> Vec<Config> {
+        let mut v: Vec<Config> = QemuConfig::ALL.into_iter().map(Config::Qemu).collect();
+        v.extend(OUR_DEFAULT_MODES.iter().map(|m| Config::Ours(m.to_string())));
+        v
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if let Some(q) = QemuConfig::ALL.into_iter().find(|q| q.name() == s) {
+            return Ok(Config::Qemu(q));
+        }
+        let mode = s.strip_prefix("understudy-").unwrap_or(s);
+        if OUR_MODES.contains(&mode) {
+            return Ok(Config::Ours(mode.to_string()));
+        }
+        let known: Vec<&str> = QemuConfig::ALL.iter().map(|q| q.name()).chain(OUR_MODES).collect();
+        bail!("unknown configuration {s:?}; known: {}", known.join(", "))
+    }
+
+    pub fn is_qemu(&self) -> bool {
+        matches!(self, Config::Qemu(_))
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Config::Qemu(q) => f.write_str(q.name()),
+            Config::Ours(m) => write!(f, "understudy {m}"),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The guest runs at the destination.
+    Completed,
+    /// Still copying when the time bound ran out; cancelled, the guest runs on at the source.
+    DidNotConverge,
+    /// The migration (or the run around it) failed: why.
+    Failed(String),
+    /// Not run: why.
+    Skipped(String),
+}
+
+/// One migration as one side measured it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Migrated {
+    pub outcome: Outcome,
+    /// As the migrator reports it: QEMU's `total-time`, our `total_ms`.
+    pub total_ms: Option<f64>,
+    /// As the migrator reports it: QEMU's `downtime`, our `downtime_ms`.
+    pub downtime_ms: Option<f64>,
+    /// As the migrator reports it: QEMU's `ram.transferred`, our `bytes_transferred`.
+    pub bytes: Option<u64>,
+    /// Our own clock: the migrate command to the guest running at the destination.
+    pub wall_ms: Option<f64>,
+    /// The guest's pause seen from outside the migrator, where we can: QEMU's STOP event at
+    /// the source to its RESUME event at the destination (QMP timestamps, one host clock).
+    pub paused_ms: Option<f64>,
+    /// QEMU post-copy: when `migrate-start-postcopy` was sent (ms after `migrate`), and
+    /// whether a post-copy phase really ran (post-copy bytes or page requests; QEMU finishes
+    /// in pre-copy when little is left by the time it looks at the request).
+    pub postcopy_requested_ms: Option<f64>,
+    pub postcopy_ran: Option<bool>,
+    /// Short remarks for the table (stop reason, ...).
+    pub notes: Vec<String>,
+    /// Everything else the migrator reported.
+    pub detail: Value,
+}
+
+impl Migrated {
+    pub fn failed(why: impl Into<String>) -> Self {
+        Migrated {
+            outcome: Outcome::Failed(why.into()),
+            total_ms: None,
+            downtime_ms: None,
+            bytes: None,
+            wall_ms: None,
+            paused_ms: None,
+            postcopy_requested_ms: None,
+            postcopy_ran: None,
+            notes: Vec::new(),
+            detail: Value::Null,
+        }
+    }
+}
+
+/// One run's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunResult {
+    pub workload: Workload,
+    pub config: Config,
+    /// From 1.
+    pub run: usize,
+    pub migrated: Migrated,
+    /// Whether the guest went on at the destination (None: not checked), and how we know.
+    pub guest_ok: Option<bool>,
+    pub guest_note: String,
+    /// W3: the client's longest wait for a reply that overlapped the migration, ms.
+    pub outage_ms: Option<f64>,
+    /// W3: the client's longest wait for a reply outside the migration, ms (the noise floor).
+    pub baseline_gap_ms: Option<f64>,
+    /// W3: acknowledged writes that did not read back.
+    pub lost_writes: Option<u64>,
+    /// W3: acknowledged writes.
+    pub acked_writes: Option<u64>,
+}
+
+impl RunResult {
+    fn new(workload: Workload, config: &Config, run: usize, migrated: Migrated) -> Self {
+        RunResult {
+            workload,
+            config: config.clone(),
+            run,
+            migrated,
+            guest_ok: None,
+            guest_note: String::new(),
+            outage_ms: None,
+            baseline_gap_ms: None,
+            lost_writes: None,
+            acked_writes: None,
+        }
+    }
+
+    /// One line for the per-run list of the report.
+    pub fn line(&self) -> String {
+        let m = &self.migrated;
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
+        let outcome = match &m.outcome {
+            Outcome::Completed => "completed".to_string(),
+            Outcome::DidNotConverge => "did not converge".to_string(),
+            Outcome::Failed(e) => format!("FAILED: {}", clip(e, 300)),
+            Outcome::Skipped(e) => format!("skipped: {e}"),
+        };
+        let mut s = format!(
+            "{} {} run {}: {outcome}; total {} ms, downtime {} ms, paused {} ms, {} MB, wall {} ms",
+            self.workload.name(),
+            self.config,
+            self.run,
+            f(m.total_ms),
+            f(m.downtime_ms),
+            f(m.paused_ms),
+            m.bytes.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1e6)),
+            f(m.wall_ms),
+        );
+        if let Some(o) = self.outage_ms {
+            s.push_str(&format!(", outage {o:.1} ms"));
+        }
+        if let Some(o) = self.baseline_gap_ms {
+            s.push_str(&format!(" (longest reply otherwise {o:.1} ms)"));
+        }
+        if let Some(at) = m.postcopy_requested_ms {
+            let ran = if m.postcopy_ran == Some(true) { "ran" } else { "did not run: finished in pre-copy" };
+            s.push_str(&format!(", post-copy requested at {at:.0} ms, {ran}"));
+        }
+        if let (Some(l), Some(a)) = (self.lost_writes, self.acked_writes) {
+            s.push_str(&format!(", {l} of {a} acknowledged writes lost"));
+        }
+        match self.guest_ok {
+            Some(true) => s.push_str(&format!("; guest ok: {}", self.guest_note)),
+            Some(false) => s.push_str(&format!("; GUEST BROKEN: {}", self.guest_note)),
+            None if !self.guest_note.is_empty() => s.push_str(&format!("; guest not checked: {}", self.guest_note)),
+            None => {}
+        }
+        if !m.notes.is_empty() {
+            s.push_str(&format!("; {}", m.notes.join("; ")));
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> Value {
+        let m = &self.migrated;
+        json!({
+            "workload": self.workload.name(), "config": self.config.to_string(), "run": self.run,
+            "outcome": match &m.outcome {
+                Outcome::Completed => "completed".to_string(),
+                Outcome::DidNotConverge => "did not converge".to_string(),
+                Outcome::Failed(e) => format!("failed: {e}"),
+                Outcome::Skipped(e) => format!("skipped: {e}"),
+            },
+            "total_ms": m.total_ms, "downtime_ms": m.downtime_ms, "bytes": m.bytes, "wall_ms": m.wall_ms,
+            "paused_ms": m.paused_ms,
+            "postcopy_requested_ms": m.postcopy_requested_ms, "postcopy_ran": m.postcopy_ran,
+            "notes": m.notes, "detail": m.detail,
+            "guest_ok": self.guest_ok, "guest_note": self.guest_note,
+            "outage_ms": self.outage_ms, "baseline_gap_ms": self.baseline_gap_ms, "lost_writes": self.lost_writes, "acked_writes": self.acked_writes,
+        })
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let s = s.replace('\n', " | ");
+    if s.chars().count() <= n { s } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+}
+
+/// The benchmark's settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub workloads: Vec<Workload>,
+    pub configs: Vec<Config>,
+    pub runs: usize,
+    /// Write the report here too (rewritten after every run).
+    pub out: Option<PathBuf>,
+    /// Write every run's numbers as JSON here (rewritten after every run).
+    pub json: Option<PathBuf>,
+    /// The `understudy` binary (our configurations).
+    pub understudy: PathBuf,
+    pub guest: Option<PathBuf>,
+    /// A QEMU migration still copying after this is cancelled (did not converge).
+    pub converge_timeout: Duration,
+    /// Keep the run directories (logs) instead of deleting them.
+    pub keep: bool,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+impl Options {
+    pub fn new(workloads: Vec<Workload>, configs: Vec<Config>, runs: usize) -> Self {
+        Options {
+            workloads,
+            configs,
+            runs,
+            out: None,
+            json: None,
+            understudy: workspace_root().join("target/release/understudy"),
+            guest: None,
+            converge_timeout: Duration::from_secs(30),
+            keep: false,
+            command: String::new(),
+        }
+    }
+}
+
+/// What a run needs to know.
+pub struct RunEnv<'a> {
+    pub opts: &'a Options,
+    pub guest: &'a Path,
+    pub dir: PathBuf,
+    /// QEMU's TLS files (`tls::write_qemu_certs`).
+    pub qemu_certs: &'a Path,
+    /// Our certificates (`understudy certs --host src --host dest`).
+    pub our_certs: &'a Path,
+    /// W3's namespace.
+    pub net: Option<&'a kv::KvNet>,
+}
+
+/// One side of the benchmark: starts a source and a destination and migrates between them.
+pub trait Migrator {
+    /// Starts the source VM; returns when the guest printed `ready`.
+    fn start_source(&mut self) -> Result<()>;
+    /// Lines the source guest printed since the last call.
+    fn source_lines(&mut self) -> Vec<String>;
+    /// Starts the destination, waiting for a migration.
+    fn start_destination(&mut self) -> Result<()>;
+    /// Migrates; returns when the migration ended either way.
+    fn migrate(&mut self) -> Result<Migrated>;
+    /// Lines the destination guest printed since the last call.
+    fn dest_lines(&mut self) -> Vec<String>;
+    /// The tail of the logs, for an error.
+    fn logs(&self) -> String;
+}
+
+/// Lets the workload settle at the source: the `dirty` guest prints its first progress line
+/// (~1 s: its working set was written once); returns the watch that goes on checking.
+fn settle_dirty(m: &mut dyn Migrator, wss: u64) -> Result<watch::DirtyWatch> {
+    let mut w = watch::DirtyWatch::new(wss);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.source_running() {
+        check_interrupted()?;
+        for l in m.source_lines() {
+            w.source_line(&l).map_err(anyhow::Error::msg)?;
+        }
+        if Instant::now() > deadline {
+            bail!("the source printed no dirty progress line in 10 s\n{}", m.logs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(w)
+}
+
+/// Waits for the destination's verdict on the `dirty` guest (bounded).
+fn check_dirty(m: &mut dyn Migrator, w: &mut watch::DirtyWatch, timeout: Duration) -> Result<(bool, String)> {
+    for l in m.source_lines() {
+        let _ = w.source_line(&l);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        for l in m.dest_lines() {
+            match w.dest_line(&l) {
+                watch::Verdict::Pending => {}
+                watch::Verdict::Continued(how) => return Ok((true, how)),
+                watch::Verdict::Broken(why) => return Ok((false, why)),
+            }
+        }
+        if Instant::now() > deadline {
+            return Ok((false, format!("no whole generation rewritten at the destination within {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// One run of one configuration on one workload.
+pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize) -> Result<RunResult> {
+    std::fs::create_dir_all(&env.dir)?;
+    let mut side: Box<dyn Migrator> = match config {
+        Config::Qemu(q) => Box::new(side_qemu::QemuMigration::new(env, workload, *q)),
+        Config::Ours(mode) => Box::new(side_ours::OurMigration::new(env, workload, mode)),
+    };
+    side.start_source()?;
+    if let Some(wss) = workload.wss_mib() {
+        let mut w = settle_dirty(side.as_mut(), wss)?;
+        side.start_destination()?;
+        let migrated = side.migrate()?;
+        let mut r = RunResult::new(workload, config, run, migrated);
+        if r.migrated.outcome == Outcome::Completed {
+            let (ok, note) = check_dirty(side.as_mut(), &mut w, Duration::from_secs(8))?;
+            r.guest_ok = Some(ok);
+            r.guest_note = note;
+        }
+        return Ok(r);
+    }
+    // W3: the client loads the guest for a second before and after the migration.
+    let net = env.net.context("W3 needs its network namespace")?;
+    let script = workspace_root().join("testbed/scripts/faults_client.py");
+    let mut client = kv::KvClient::start(net, &script, &env.dir, 120)?;
+    client.wait_ready(Duration::from_secs(15)).with_context(|| side.logs())?;
+    sleep(Duration::from_secs(1))?;
+    side.start_destination()?;
+    let start = unix_seconds();
+    let migrated = side.migrate()?;
+    let end = unix_seconds();
+    let completed = migrated.outcome == Outcome::Completed;
+    sleep(Duration::from_millis(1500))?;
+    let verdict = client.stop(Some((start, end)), Duration::from_secs(30))?;
+    let mut r = RunResult::new(workload, config, run, migrated);
+    r.outage_ms = verdict.window_max_gap_ms;
+    r.baseline_gap_ms = verdict.outside_max_gap_ms;
+    r.lost_writes = Some(verdict.lost);
+    r.acked_writes = Some(verdict.acknowledged_writes);
+    let mut problems = Vec::new();
+    if verdict.lost > 0 {
+        problems.push(format!("{} acknowledged writes lost", verdict.lost));
+    }
+    if verdict.contradictions > 0 {
+        problems.push(format!("{} contradictions", verdict.contradictions));
+    }
+    if verdict.errors > 0 || verdict.reconnects > 0 {
+        problems
+            .push(format!("{} client errors, {} reconnects: {:?}", verdict.errors, verdict.reconnects, verdict.notes));
+    }
+    let where_ = if completed { "at the destination" } else { "at the source (not migrated)" };
+    r.guest_ok = Some(problems.is_empty());
+    r.guest_note = if problems.is_empty() {
+        format!("{} ops, all {} acknowledged writes read back {where_}", verdict.ops, verdict.acknowledged_writes)
+    } else {
+        problems.join("; ")
+    };
+    Ok(r)
+}
+
+/// The short commit of the workspace (`git rev-parse --short HEAD`, `+dirty` when the tree has
+/// changes).
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{head}+dirty") } else { head }
+}
+
+/// The whole benchmark's outcome.
+#[derive(Debug)]
+pub struct Report {
+    pub command: String,
+    pub commit: String,
+    pub started: String,
+    pub qemu_version: String,
+    pub load_before: String,
+    pub load_after: String,
+    pub workloads: Vec<Workload>,
+    pub configs: Vec<Config>,
+    pub runs: usize,
+    pub skipped: Vec<String>,
+    pub results: Vec<RunResult>,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// The markdown report: how it was made, the table, each run.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("command: `{}`\n", self.command));
+        s.push_str(&format!(
+            "commit {}, {}, {}; {} CPUs; load average before {}, after {}; {} runs per configuration, interleaved; took {:.0} s\n\n",
+            self.commit,
+            self.started,
+            self.qemu_version,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            self.load_before,
+            self.load_after,
+            self.runs,
+            self.elapsed.as_secs_f64(),
+        ));
+        for w in &self.workloads {
+            s.push_str(&format!("- {}\n", w.describe()));
+        }
+        for c in &self.configs {
+            if let Config::Qemu(q) = c {
+                s.push_str(&format!("- {}: {}\n", q.name(), q.describe()));
+            }
+        }
+        for why in &self.skipped {
+            s.push_str(&format!("- **SKIPPED**: {why}\n"));
+        }
+        s.push('\n');
+        s.push_str(&markdown_table(&summarize(&self.results, &self.workloads, &self.configs)));
+        s.push_str("\nEach run:\n\n");
+        for r in &self.results {
+            s.push_str(&format!("- {}\n", r.line()));
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "command": self.command, "commit": self.commit, "started": self.started,
+            "qemu": self.qemu_version, "load_before": self.load_before, "load_after": self.load_after,
+            "runs": self.runs, "skipped": self.skipped,
+            "results": self.results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn qemu_version() -> String {
+    Command::new(crate::env::QEMU)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+        .unwrap_or_else(|| "QEMU version unknown".into())
+}
+
+fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A directory removed on drop (unless kept).
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("migrate-bench: kept {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Runs the benchmark: run 1 of every workload and configuration, then run 2, ...
+pub fn run(opts: &Options) -> Result<Report> {
+    crate::faults::install_signal_handlers();
+    let t0 = Instant::now();
+    let mut configs = opts.configs.clone();
+    let mut skipped = Vec::new();
+    if configs.iter().any(Config::is_qemu)
+        && let Some(why) = qemu_skip_reason()
+    {
+        bail!("cannot run QEMU here: {why}");
+    }
+    let guest = match &opts.guest {
+        Some(g) => g.clone(),
+        None => guest_image()?,
+    };
+    if configs.iter().any(|c| !c.is_qemu())
+        && let Err(why) = side_ours::available(&opts.understudy)
+    {
+        let line = format!("our configurations ({}): {why}", ours_names(&configs));
+        eprintln!("\n*** SKIP: migrate-bench: {line} ***\n");
+        skipped.push(line);
+        configs.retain(Config::is_qemu);
+    }
+    if opts.workloads.iter().any(|w| w.kv()) {
+        kv::clean_stale_namespaces();
+    }
+    let top =
+        RunDir { path: std::env::temp_dir().join(format!("us-migrate-bench-{}", std::process::id())), keep: opts.keep };
+    let _ = std::fs::remove_dir_all(&top.path);
+    std::fs::create_dir_all(&top.path)?;
+    let qemu_certs = top.path.join("qemu-tls");
+    tls::write_qemu_certs(&qemu_certs)?;
+    let our_certs = top.path.join("our-certs");
+    if configs.iter().any(|c| !c.is_qemu()) {
+        side_ours::make_certs(&opts.understudy, &our_certs)?;
+    }
+    let mut report = Report {
+        command: opts.command.clone(),
+        commit: commit(),
+        started: now_utc(),
+        qemu_version: qemu_version(),
+        load_before: loadavg(),
+        load_after: String::new(),
+        workloads: opts.workloads.clone(),
+        configs: configs.clone(),
+        runs: opts.runs,
+        skipped,
+        results: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    for run in 1..=opts.runs {
+        for &workload in &opts.workloads {
+            for config in &configs {
+                check_interrupted()?;
+                let tag = format!("{}-{}-{run}", workload.name(), config.to_string().replace(' ', "-"));
+                eprintln!("migrate-bench: {tag} (load {})", loadavg());
+                let net = if workload.kv() { Some(kv::KvNet::create()?) } else { None };
+                let env = RunEnv {
+                    opts,
+                    guest: &guest,
+                    dir: top.path.join(&tag),
+                    qemu_certs: &qemu_certs,
+                    our_certs: &our_certs,
+                    net: net.as_ref(),
+                };
+                let r = match run_one(&env, workload, config, run) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        check_interrupted()?;
+                        RunResult::new(workload, config, run, Migrated::failed(format!("{e:#}")))
+                    }
+                };
+                eprintln!("migrate-bench:   {}", r.line());
+                report.results.push(r);
+                report.load_after = loadavg();
+                report.elapsed = t0.elapsed();
+                write_outputs(opts, &report)?;
+            }
+        }
+    }
+    report.load_after = loadavg();
+    report.elapsed = t0.elapsed();
+    write_outputs(opts, &report)?;
+    Ok(report)
+}
+
+fn ours_names(configs: &[Config]) -> String {
+    configs.iter().filter(|c| !c.is_qemu()).map(Config::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn write_outputs(opts: &Options, report: &Report) -> Result<()> {
+    if let Some(out) = &opts.out {
+        std::fs::write(out, report.markdown()).with_context(|| format!("write {}", out.display()))?;
+    }
+    if let Some(out) = &opts.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        std::fs::write(out, text).with_context(|| format!("write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(Workload::parse("w2").unwrap(), Workload::W2);
+        assert!(Workload::parse("W4").unwrap_err().to_string().contains("W1, W2, W3"));
+        assert_eq!(Config::parse("qemu-best-tls").unwrap(), Config::Qemu(QemuConfig::BestTls));
+        assert_eq!(Config::parse("precopy").unwrap(), Config::Ours("precopy".into()));
+        assert_eq!(Config::parse("understudy-stopcopy").unwrap(), Config::Ours("stopcopy".into()));
+        let e = Config::parse("qemu-fast").unwrap_err().to_string();
+        assert!(e.contains("unknown configuration \"qemu-fast\"") && e.contains("qemu-postcopy-tls"), "{e}");
+        let d = Config::defaults();
+        assert_eq!(d.len(), 7);
+        assert_eq!(d[0].to_string(), "qemu-default");
+        assert_eq!(d[6].to_string(), "understudy stopcopy");
+        for q in QemuConfig::ALL {
+            assert_eq!(Config::parse(q.name()).unwrap(), Config::Qemu(q));
+        }
+    }
+
+    #[test]
+    fn workloads_are_the_issues() {
+        assert_eq!(Workload::W1.cmdline(), "workload=dirty wss=64 rate=20000");
+        assert_eq!((Workload::W1.mem_mib(), Workload::W2.mem_mib(), Workload::W3.mem_mib()), (256, 512, 64));
+        assert_eq!(Workload::W2.cmdline(), "workload=dirty wss=128 rate=200000");
+        assert_eq!(Workload::W3.cmdline(), "workload=kv ip=10.79.0.2/24");
+        assert!(Workload::W3.kv() && Workload::W3.wss_mib().is_none());
+    }
+
+    #[test]
+    fn run_lines_say_what_happened() {
+        let m = Migrated {
+            outcome: Outcome::Completed,
+            total_ms: Some(55.0),
+            downtime_ms: Some(3.0),
+            bytes: Some(30_100_000),
+            wall_ms: Some(57.25),
+            paused_ms: None,
+            postcopy_requested_ms: Some(12.4),
+            postcopy_ran: Some(false),
+            notes: vec!["a note".into()],
+            detail: Value::Null,
+        };
+        let mut r = RunResult::new(Workload::W1, &Config::Qemu(QemuConfig::Best), 2, m);
+        r.guest_ok = Some(true);
+        r.guest_note = "2 progress lines".into();
+        assert_eq!(
+            r.line(),
+            "W1 qemu-best run 2: completed; total 55.0 ms, downtime 3.0 ms, paused - ms, 30.1 MB, wall 57.2 ms, post-copy requested at 12 ms, did not run: finished in pre-copy; guest ok: 2 progress lines; a note"
+        );
+        let r = RunResult::new(Workload::W3, &Config::Ours("precopy".into()), 1, Migrated::failed("boom\nline 2"));
+        assert!(r.line().starts_with("W3 understudy precopy run 1: FAILED: boom | line 2;"), "{}", r.line());
+        assert_eq!(r.to_json()["outcome"], "failed: boom\nline 2");
+    }
+}

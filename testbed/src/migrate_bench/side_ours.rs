@@ -1,0 +1,313 @@
+//! Our side: `understudy run` as the source, `understudy receive` as the destination,
+//! `understudy migrate --json` between them (the commands of issue 13). The numbers are the
+//! ones `migrate` reports, plus our clock around the command.
+
+use super::watch::FileLines;
+use super::{Migrated, Migrator, Outcome, RunEnv, Workload, kv};
+use crate::faults::check_interrupted;
+use crate::procs::run_bounded;
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The source's certificate name.
+pub const SOURCE_NAME: &str = "src";
+/// The destination's certificate name.
+pub const DEST_NAME: &str = "dest";
+/// Bound of one `understudy migrate`.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether `bin` has the migration commands: an error saying why not (missing binary,
+/// `migrate` or `receive` an unknown subcommand).
+pub fn available(bin: &Path) -> Result<()> {
+    ensure!(bin.is_file(), "{} is missing (cargo build --release -p understudy)", bin.display());
+    for sub in ["migrate", "receive"] {
+        let out = Command::new(bin).args([sub, "--help"]).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let first = err.lines().next().unwrap_or("").trim().to_string();
+            bail!("{} has no `{sub}` command yet ({first})", bin.display());
+        }
+    }
+    Ok(())
+}
+
+/// `understudy certs --out DIR --host src --host dest`.
+pub fn make_certs(bin: &Path, dir: &Path) -> Result<()> {
+    let out = Command::new(bin)
+        .args(["certs", "--out"])
+        .arg(dir)
+        .args(["--host", SOURCE_NAME, "--host", DEST_NAME])
+        .stdin(Stdio::null())
+        .output()
+        .context("run understudy certs")?;
+    ensure!(out.status.success(), "understudy certs failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// One `understudy` process, killed on drop (and by the kernel when the harness dies).
+struct Proc {
+    child: Child,
+    name: &'static str,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn stderr_tail(&self) -> String {
+        let t = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Our migration of one run.
+pub struct OurMigration {
+    bin: PathBuf,
+    mode: String,
+    workload: Workload,
+    dir: PathBuf,
+    guest: PathBuf,
+    certs: PathBuf,
+    netns: Option<String>,
+    port: u16,
+    src: Option<Proc>,
+    dst: Option<Proc>,
+    src_serial: FileLines,
+    dst_serial: FileLines,
+}
+
+impl OurMigration {
+    pub fn new(env: &RunEnv<'_>, workload: Workload, mode: &str) -> Self {
+        OurMigration {
+            bin: env.opts.understudy.clone(),
+            mode: mode.to_string(),
+            workload,
+            dir: env.dir.clone(),
+            guest: env.guest.to_path_buf(),
+            certs: env.our_certs.to_path_buf(),
+            netns: env.net.map(|n| n.ns.clone()),
+            port: 0,
+            src: None,
+            dst: None,
+            src_serial: FileLines::new(env.dir.join("src-serial.log")),
+            dst_serial: FileLines::new(env.dir.join("dst-serial.log")),
+        }
+    }
+
+    /// `understudy ARGS` (inside the namespace for W3).
+    fn command(&self, args: &[String]) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        c.args(args).env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1").stdin(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        c
+    }
+
+    fn spawn(&self, name: &'static str, args: &[String]) -> Result<Proc> {
+        let stderr = self.dir.join(format!("{name}.stderr"));
+        let child = self
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .with_context(|| format!("start understudy ({name})"))?;
+        Ok(Proc { child, name, stderr })
+    }
+
+    fn memory(&self) -> String {
+        format!("{}M", self.workload.mem_mib())
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// Reads `understudy migrate --json`'s report into the common shape.
+pub fn parse_report(stdout: &str) -> Result<Migrated> {
+    let start = stdout.find('{').with_context(|| format!("no JSON report on stdout: {stdout:?}"))?;
+    // The first JSON value on stdout; anything printed after it is ignored.
+    let mut de = serde_json::Deserializer::from_str(&stdout[start..]);
+    let v =
+        <Value as serde::Deserialize>::deserialize(&mut de).with_context(|| format!("migrate report {stdout:?}"))?;
+    let num = |k: &str| v.get(k).and_then(Value::as_f64);
+    let mut notes = Vec::new();
+    if let Some(r) = v.get("stop_reason").and_then(Value::as_str) {
+        notes.push(format!("stop: {r}"));
+    }
+    Ok(Migrated {
+        outcome: Outcome::Completed,
+        total_ms: num("total_ms"),
+        downtime_ms: num("downtime_ms"),
+        bytes: v.get("bytes_transferred").and_then(Value::as_u64),
+        wall_ms: None,
+        paused_ms: None,
+        postcopy_requested_ms: None,
+        postcopy_ran: None,
+        notes,
+        detail: v,
+    })
+}
+
+impl Migrator for OurMigration {
+    fn start_source(&mut self) -> Result<()> {
+        let mut args: Vec<String> = ["run", "--kernel"].map(String::from).to_vec();
+        args.push(self.guest.display().to_string());
+        args.extend(["--cmdline".into(), self.workload.cmdline(), "--memory".into(), self.memory()]);
+        args.extend(["--serial".into(), self.path("src-serial.log"), "--api".into(), self.path("src.sock")]);
+        if self.workload.kv() {
+            args.extend(["--tap".into(), kv::SOURCE_TAP.into()]);
+        }
+        let mut p = self.spawn("source", &args)?;
+        let serial = self.dir.join("src-serial.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            check_interrupted()?;
+            let text = std::fs::read_to_string(&serial).unwrap_or_default();
+            if text.lines().any(|l| l.trim() == "ready") && self.dir.join("src.sock").exists() {
+                break;
+            }
+            ensure!(p.alive(), "understudy run exited early:\n{}", p.stderr_tail());
+            ensure!(Instant::now() < deadline, "the source guest was not ready in 20 s:\n{text}\n{}", p.stderr_tail());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.src = Some(p);
+        Ok(())
+    }
+
+    fn source_lines(&mut self) -> Vec<String> {
+        self.src_serial.poll()
+    }
+
+    fn start_destination(&mut self) -> Result<()> {
+        self.port = crate::env::free_local_udp_port()?;
+        let mut args: Vec<String> = ["receive", "--listen"].map(String::from).to_vec();
+        args.push(format!("127.0.0.1:{}", self.port));
+        args.extend(["--certs".into(), self.certs.display().to_string(), "--memory".into(), self.memory()]);
+        args.extend(["--name".into(), DEST_NAME.into(), "--source-name".into(), SOURCE_NAME.into()]);
+        args.extend(["--api".into(), self.path("dst.sock"), "--serial".into(), self.path("dst-serial.log")]);
+        if self.workload.kv() {
+            args.extend(["--tap".into(), kv::DEST_TAP.into()]);
+        }
+        let mut p = self.spawn("destination", &args)?;
+        // It listens once its API socket is there (or, at the latest, after a moment).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.dir.join("dst.sock").exists() && Instant::now() < deadline {
+            check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ensure!(p.alive(), "understudy receive exited early:\n{}", p.stderr_tail());
+        self.dst = Some(p);
+        Ok(())
+    }
+
+    fn migrate(&mut self) -> Result<Migrated> {
+        let mut args: Vec<String> = ["migrate", "--api"].map(String::from).to_vec();
+        args.extend([self.path("src.sock"), "--to".into(), format!("127.0.0.1:{}", self.port)]);
+        args.extend(["--certs".into(), self.certs.display().to_string()]);
+        args.extend(["--name".into(), SOURCE_NAME.into(), "--dest-name".into(), DEST_NAME.into()]);
+        args.extend(["--mode".into(), self.mode.clone(), "--json".into()]);
+        let (out, took) = run_bounded(&mut self.command(&args), MIGRATE_TIMEOUT)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        std::fs::write(self.dir.join("migrate.stdout"), &stdout)?;
+        std::fs::write(self.dir.join("migrate.stderr"), &stderr)?;
+        if !out.status.success() {
+            let tail: Vec<&str> = stderr.lines().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+            return Ok(Migrated::failed(format!("understudy migrate: {} ({})", tail.join(" / "), out.status)));
+        }
+        let mut m = parse_report(&stdout)?;
+        m.wall_ms = Some(took.as_secs_f64() * 1e3);
+        // The source exits on its own once the destination runs the guest.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut src_exited = false;
+        while Instant::now() < deadline {
+            if let Some(p) = self.src.as_mut()
+                && !p.alive()
+            {
+                src_exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !src_exited {
+            m.notes.push("the source process did not exit within 5 s".into());
+        }
+        if let Some(p) = self.dst.as_mut()
+            && !p.alive()
+        {
+            m.outcome = Outcome::Failed(format!("the destination exited after the migration:\n{}", p.stderr_tail()));
+        }
+        m.detail["harness"] = json!({ "source_exited": src_exited, "migrate_wall_ms": m.wall_ms });
+        Ok(m)
+    }
+
+    fn dest_lines(&mut self) -> Vec<String> {
+        self.dst_serial.poll()
+    }
+
+    fn logs(&self) -> String {
+        let tail =
+            |p: &Option<Proc>| p.as_ref().map_or("not started".into(), |p| format!("{}: {}", p.name, p.stderr_tail()));
+        format!("{}\n{}", tail(&self.src), tail(&self.dst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrate_report_maps_to_the_common_shape() {
+        let out = r#"{"mode": "precopy", "stop_reason": "downtime fits", "rounds": [{"pages": 65536}],
+            "total_ms": 41.5, "downtime_ms": 1.25, "bytes_transferred": 12345678, "bytes_retransferred": 1000,
+            "pages": {"zero": 40000, "raw": 20000}, "source_cpu_ms": 30.0, "dest_cpu_ms": 20.0,
+            "source_peak_rss_bytes": 300000000, "dest_peak_rss_bytes": 280000000}
+            migrated in 41 ms"#;
+        let m = parse_report(out).unwrap();
+        assert_eq!(m.outcome, Outcome::Completed);
+        assert_eq!((m.total_ms, m.downtime_ms, m.bytes), (Some(41.5), Some(1.25), Some(12_345_678)));
+        assert_eq!(m.notes, ["stop: downtime fits"]);
+        assert_eq!(m.detail["pages"]["zero"], 40000);
+        assert!(parse_report("error: nothing").unwrap_err().to_string().contains("no JSON report"));
+    }
+
+    #[test]
+    fn a_binary_without_migrate_is_reported_not_run() {
+        let e = available(Path::new("/nonexistent/understudy")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/understudy is missing"), "{e}");
+        // `true` accepts any arguments: it stands for a binary that has both commands.
+        if let Some(t) = crate::env::find_in_path("true") {
+            available(&t).unwrap();
+        }
+        if let Some(f) = crate::env::find_in_path("false") {
+            assert!(available(&f).unwrap_err().to_string().contains("has no `migrate` command yet"));
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Medians over runs and the markdown table.
+
+use super::{Config, Outcome, RunResult, Workload};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Median, smallest and largest of some runs' values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// The median of the finite values (the mean of the middle two for an even count); None when
+/// there are none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+/// [`Stat`] of the finite values.
+pub fn stat(values: &[f64]) -> Option<Stat> {
+    let median = median(values)?;
+    let finite = values.iter().copied().filter(|x| x.is_finite());
+    Some(Stat {
+        median,
+        min: finite.clone().fold(f64::INFINITY, f64::min),
+        max: finite.fold(f64::NEG_INFINITY, f64::max),
+    })
+}
+
+/// One row of the table: one workload and configuration over its runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub workload: Workload,
+    pub config: Config,
+    /// Runs attempted (not skipped).
+    pub runs: usize,
+    pub completed: usize,
+    pub not_converged: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    /// Over the completed runs.
+    pub total_ms: Option<Stat>,
+    pub downtime_ms: Option<Stat>,
+    pub bytes: Option<Stat>,
+    pub wall_ms: Option<Stat>,
+    pub paused_ms: Option<Stat>,
+    /// Bytes sent before the cancel, over the runs that did not converge.
+    pub bytes_not_converged: Option<Stat>,
+    /// W3: over every run the client finished.
+    pub outage_ms: Option<Stat>,
+    pub baseline_gap_ms: Option<Stat>,
+    pub lost_writes: Option<u64>,
+    /// QEMU post-copy: runs that asked for it, runs where a post-copy phase ran, when it was asked.
+    pub postcopy_requested: usize,
+    pub postcopy_ran: usize,
+    pub postcopy_at_ms: Option<Stat>,
+    /// Completed runs whose guest did not go on correctly at the destination.
+    pub guest_broken: usize,
+    /// Our stop reasons, QEMU's remarks: each distinct note with its count.
+    pub notes: BTreeMap<String, usize>,
+}
+
+/// Rows in the order of `workloads` × `configs`, each over the matching results.
+pub fn summarize(results: &[RunResult], workloads: &[Workload], configs: &[Config]) -> Vec<Summary> {
+    let mut rows = Vec::new();
+    for &w in workloads {
+        for c in configs {
+            let runs: Vec<&RunResult> = results.iter().filter(|r| r.workload == w && &r.config == c).collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let done: Vec<&RunResult> =
+                runs.iter().copied().filter(|r| r.migrated.outcome == Outcome::Completed).collect();
+            let vals = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> Option<f64>| -> Vec<f64> {
+                rs.iter().filter_map(|r| f(r)).collect()
+            };
+            let count = |p: &dyn Fn(&Outcome) -> bool| runs.iter().filter(|r| p(&r.migrated.outcome)).count();
+            let stuck: Vec<&RunResult> =
+                runs.iter().copied().filter(|r| r.migrated.outcome == Outcome::DidNotConverge).collect();
+            let mut notes = BTreeMap::new();
+            for r in &runs {
+                for n in &r.migrated.notes {
+                    *notes.entry(n.clone()).or_insert(0) += 1;
+                }
+            }
+            let skipped = count(&|o| matches!(o, Outcome::Skipped(_)));
+            let lost: Vec<u64> = runs.iter().filter_map(|r| r.lost_writes).collect();
+            rows.push(Summary {
+                workload: w,
+                config: c.clone(),
+                runs: runs.len() - skipped,
+                completed: done.len(),
+                not_converged: stuck.len(),
+                failed: count(&|o| matches!(o, Outcome::Failed(_))),
+                skipped,
+                total_ms: stat(&vals(&done, &|r| r.migrated.total_ms)),
+                downtime_ms: stat(&vals(&done, &|r| r.migrated.downtime_ms)),
+                bytes: stat(&vals(&done, &|r| r.migrated.bytes.map(|b| b as f64))),
+                wall_ms: stat(&vals(&done, &|r| r.migrated.wall_ms)),
+                paused_ms: stat(&vals(&done, &|r| r.migrated.paused_ms)),
+                bytes_not_converged: stat(&vals(&stuck, &|r| r.migrated.bytes.map(|b| b as f64))),
+                outage_ms: stat(&vals(&runs, &|r| r.outage_ms)),
+                baseline_gap_ms: stat(&vals(&runs, &|r| r.baseline_gap_ms)),
+                postcopy_requested: runs.iter().filter(|r| r.migrated.postcopy_requested_ms.is_some()).count(),
+                postcopy_ran: runs.iter().filter(|r| r.migrated.postcopy_ran == Some(true)).count(),
+                postcopy_at_ms: stat(&vals(&runs, &|r| r.migrated.postcopy_requested_ms)),
+                lost_writes: (!lost.is_empty()).then(|| lost.iter().sum()),
+                guest_broken: done.iter().filter(|r| r.guest_ok == Some(false)).count(),
+                notes,
+            });
+        }
+    }
+    rows
+}
+
+/// Milliseconds: one decimal below 10, none above.
+pub fn fmt_ms(x: f64) -> String {
+    if x.abs() < 10.0 { format!("{x:.1}") } else { format!("{x:.0}") }
+}
+
+/// Bytes as MB (10^6): one decimal below 100 MB; GB (10^9) with one decimal from 1 GB.
+pub fn fmt_bytes(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 100e6 {
+        format!("{:.0} MB", b / 1e6)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
+/// `median [min-max]` (just the value for one run).
+pub fn fmt_stat(s: Option<Stat>, f: fn(f64) -> String) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.min == s.max => f(s.median),
+        Some(s) => format!("{} [{}-{}]", f(s.median), f(s.min), f(s.max)),
+    }
+}
+
+/// The markdown table of `rows`; the W3 columns only when a W3 row is there.
+pub fn markdown_table(rows: &[Summary]) -> String {
+    let kv = rows.iter().any(|r| r.workload.kv());
+    let mut s = String::new();
+    s.push_str(
+        "| workload | configuration | converged | total ms, median [min-max] | downtime ms, median [min-max] \
+         | paused ms (STOP→RESUME), median [min-max] | migrate → running at destination ms, median | sent, median |",
+    );
+    if kv {
+        s.push_str(" client outage during the migration ms, median [min-max] | longest reply otherwise ms, median | lost writes |");
+    }
+    s.push_str(" notes |\n|---|---|---|---|---|---|---|---|");
+    if kv {
+        s.push_str("---|---|---|");
+    }
+    s.push_str("---|\n");
+    for r in rows {
+        let mut notes: Vec<String> = Vec::new();
+        if r.skipped > 0 {
+            notes.push(format!("{} skipped", r.skipped));
+        }
+        if r.not_converged > 0 {
+            notes.push(format!(
+                "{} did not converge (cancelled at the time bound; median {} sent by then)",
+                r.not_converged,
+                r.bytes_not_converged.map_or("-".into(), |b| fmt_bytes(b.median))
+            ));
+        }
+        if r.failed > 0 {
+            notes.push(format!("{} failed", r.failed));
+        }
+        if r.guest_broken > 0 {
+            notes.push(format!("**guest broken after {} run(s)**", r.guest_broken));
+        }
+        if r.postcopy_requested > 0 {
+            notes.push(format!(
+                "post-copy requested in {}/{} (median at {} ms), a post-copy phase ran in {}",
+                r.postcopy_requested,
+                r.runs,
+                r.postcopy_at_ms.map_or("-".into(), |s| fmt_ms(s.median)),
+                r.postcopy_ran
+            ));
+        }
+        for (n, count) in &r.notes {
+            notes.push(if *count > 1 { format!("{n} ×{count}") } else { n.clone() });
+        }
+        let _ = write!(
+            s,
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            r.workload.name(),
+            r.config,
+            r.completed,
+            r.runs,
+            fmt_stat(r.total_ms, fmt_ms),
+            fmt_stat(r.downtime_ms, fmt_ms),
+            fmt_stat(r.paused_ms, fmt_ms),
+            r.wall_ms.map_or("-".into(), |w| fmt_ms(w.median)),
+            r.bytes.map_or("-".into(), |b| fmt_bytes(b.median)),
+        );
+        if kv {
+            let _ = write!(
+                s,
+                " {} | {} | {} |",
+                if r.workload.kv() { fmt_stat(r.outage_ms, fmt_ms) } else { String::new() },
+                r.baseline_gap_ms.map_or(String::new(), |b| fmt_ms(b.median)),
+                r.lost_writes.map_or(String::new(), |l| l.to_string()),
+            );
+        }
+        let _ = writeln!(s, " {} |", notes.join("; "));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Migrated, QemuConfig};
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[f64::NAN]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[1.0, f64::NAN, 9.0, 5.0]), Some(5.0));
+        assert_eq!(stat(&[58.0, 52.0, 55.0]), Some(Stat { median: 55.0, min: 52.0, max: 58.0 }));
+        assert_eq!(stat(&[]), None);
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(fmt_ms(2.345), "2.3");
+        assert_eq!(fmt_ms(52.6), "53");
+        assert_eq!(fmt_bytes(30_123_456.0), "30.1 MB");
+        assert_eq!(fmt_bytes(210_397_801.0), "210 MB");
+        assert_eq!(fmt_bytes(7.2e9), "7.2 GB");
+        assert_eq!(fmt_bytes(17.31e9), "17.3 GB");
+        assert_eq!(fmt_bytes(999e6), "999 MB");
+        assert_eq!(fmt_stat(Some(Stat { median: 55.0, min: 52.0, max: 58.0 }), fmt_ms), "55 [52-58]");
+        assert_eq!(fmt_stat(Some(Stat { median: 3.0, min: 3.0, max: 3.0 }), fmt_ms), "3.0");
+        assert_eq!(fmt_stat(None, fmt_ms), "-");
+    }
+
+    fn result(w: Workload, c: &Config, run: usize, outcome: Outcome, total: f64, down: f64, bytes: u64) -> RunResult {
+        let mut r = RunResult::new(
+            w,
+            c,
+            run,
+            Migrated {
+                outcome,
+                total_ms: Some(total),
+                downtime_ms: Some(down),
+                bytes: Some(bytes),
+                wall_ms: Some(total + 2.0),
+                paused_ms: Some(down + 1.0),
+                postcopy_requested_ms: None,
+                postcopy_ran: None,
+                notes: Vec::new(),
+                detail: Value::Null,
+            },
+        );
+        r.guest_ok = Some(true);
+        r
+    }
+
+    #[test]
+    fn summaries_take_medians_of_completed_runs_and_count_the_rest() {
+        let best = Config::Qemu(QemuConfig::Best);
+        let default = Config::Qemu(QemuConfig::Default);
+        let ours = Config::Ours("precopy".into());
+        let mut results = vec![
+            result(Workload::W1, &best, 1, Outcome::Completed, 58.0, 3.0, 30_000_000),
+            result(Workload::W1, &default, 1, Outcome::DidNotConverge, 30_000.0, 0.0, 4_000_000_000),
+            result(Workload::W1, &best, 2, Outcome::Completed, 52.0, 2.0, 32_000_000),
+            result(Workload::W1, &default, 2, Outcome::Completed, 700.0, 14.0, 126_000_000),
+            result(Workload::W1, &best, 3, Outcome::Failed("x".into()), 1.0, 1.0, 1),
+            result(Workload::W1, &default, 3, Outcome::DidNotConverge, 30_000.0, 0.0, 5_000_000_000),
+        ];
+        results[2].guest_ok = Some(false);
+        results[3].migrated.notes = vec!["a note".into()];
+        results[3].migrated.postcopy_requested_ms = Some(400.0);
+        results[3].migrated.postcopy_ran = Some(true);
+        let mut kv = result(Workload::W3, &ours, 1, Outcome::Completed, 20.0, 1.5, 5_000_000);
+        kv.outage_ms = Some(12.5);
+        kv.baseline_gap_ms = Some(3.0);
+        kv.lost_writes = Some(0);
+        kv.migrated.notes = vec!["stop: downtime fits".into()];
+        let mut kv2 = kv.clone();
+        kv2.run = 2;
+        kv2.outage_ms = Some(20.5);
+        results.extend([kv, kv2]);
+        let rows = summarize(&results, &[Workload::W1, Workload::W3], &[default.clone(), best.clone(), ours.clone()]);
+        assert_eq!(rows.len(), 3, "no row for W3 qemu and W1 ours: they have no results");
+        let (d, b, o) = (&rows[0], &rows[1], &rows[2]);
+        assert_eq!((d.config.clone(), b.config.clone(), o.config.clone()), (default, best, ours));
+        assert_eq!((d.runs, d.completed, d.not_converged, d.failed), (3, 1, 2, 0));
+        assert_eq!(d.total_ms, Some(Stat { median: 700.0, min: 700.0, max: 700.0 }));
+        assert_eq!(d.bytes_not_converged.map(|s| s.median), Some(4.5e9));
+        assert_eq!((b.runs, b.completed, b.failed, b.guest_broken), (3, 2, 1, 1));
+        assert_eq!(b.total_ms, Some(Stat { median: 55.0, min: 52.0, max: 58.0 }));
+        assert_eq!(b.downtime_ms.map(|s| s.median), Some(2.5));
+        assert_eq!(b.wall_ms.map(|s| s.median), Some(57.0));
+        assert_eq!(o.outage_ms, Some(Stat { median: 16.5, min: 12.5, max: 20.5 }));
+        assert_eq!(o.lost_writes, Some(0));
+
+        let t = markdown_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5, "{t}");
+        assert!(
+            lines[0].contains("client outage during the migration ms")
+                && lines[1].matches('|').count() == lines[0].matches('|').count()
+        );
+        assert_eq!(
+            lines[2],
+            "| W1 | qemu-default | 1/3 | 700 | 14 | 15 | 702 | 126 MB |  |  |  | 2 did not converge (cancelled at the time bound; median 4.5 GB sent by then); post-copy requested in 1/3 (median at 400 ms), a post-copy phase ran in 1; a note |"
+        );
+        assert_eq!(
+            lines[3],
+            "| W1 | qemu-best | 2/3 | 55 [52-58] | 2.5 [2.0-3.0] | 3.5 [3.0-4.0] | 57 | 31.0 MB |  |  |  | 1 failed; **guest broken after 1 run(s)** |"
+        );
+        assert_eq!(
+            lines[4],
+            "| W3 | understudy precopy | 2/2 | 20 | 1.5 | 2.5 | 22 | 5.0 MB | 16 [12-20] | 3.0 | 0 | stop: downtime fits ×2 |"
+        );
+        let no_kv = markdown_table(&rows[..2]);
+        assert!(!no_kv.contains("outage") && no_kv.lines().nth(2).unwrap().ends_with("ran in 1; a note |"));
+    }
+}
