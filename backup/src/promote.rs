@@ -57,14 +57,48 @@ pub fn promote(
     prepared: Option<PreparedVm>,
     opts: PromoteOptions,
 ) -> Result<(Vm, Promoted), PromoteError> {
+    let (vm, restored) = restore(replica, prepared, opts)?;
+    Ok(activate(vm, restored))
+}
+
+/// A VM built from a replica, paused: it has not run and has not announced itself. Only
+/// [`activate`] makes it the active copy (a migration destination builds it while the source
+/// still decides, and drops it if the source does not hand over).
+#[derive(Debug, Clone)]
+pub struct Restored {
+    requested: std::time::Instant,
+    epoch: u64,
+    memory_digest: String,
+    take_ms: f64,
+    restore_ms: f64,
+}
+
+impl Restored {
+    /// The epoch the replica held.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// Builds the VM from `replica` (over `prepared` if the server built one), paused.
+pub fn restore(
+    replica: Replica,
+    prepared: Option<PreparedVm>,
+    opts: PromoteOptions,
+) -> Result<(Vm, Restored), PromoteError> {
     let t0 = opts.requested;
     let take_ms = t0.elapsed().as_secs_f64() * 1e3;
     let memory_digest = if opts.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
     let (mem, state, epoch) = replica.into_parts()?;
     let t1 = Instant::now();
     let ropts = RestoreOptions { serial: opts.serial, tap: opts.tap };
-    let mut vm = Vm::restore_prepared(prepared, mem, &state, ropts).map_err(PromoteError::Build)?;
+    let vm = Vm::restore_prepared(prepared, mem, &state, ropts).map_err(PromoteError::Build)?;
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
+    Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms }))
+}
+
+/// Announces the restored VM on the network and resumes it: from now on it is the active copy.
+pub fn activate(mut vm: Vm, r: Restored) -> (Vm, Promoted) {
     let t2 = Instant::now();
     if let Some(net) = vm.net() {
         let dev = net.lock().unwrap_or_else(|e| e.into_inner());
@@ -74,7 +108,8 @@ pub fn promote(
     }
     let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
     vm.resume();
-    let promote_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let promote_ms = r.requested.elapsed().as_secs_f64() * 1e3;
+    let Restored { epoch, memory_digest, take_ms, restore_ms, .. } = r;
     tracing::info!(
         epoch,
         digest = %memory_digest,
@@ -84,7 +119,7 @@ pub fn promote(
         announce_ms,
         "PROMOTED: the replica runs as the active vm"
     );
-    Ok((vm, Promoted { epoch, memory_digest, promote_ms, take_ms, restore_ms, announce_ms }))
+    (vm, Promoted { epoch, memory_digest, promote_ms, take_ms, restore_ms, announce_ms })
 }
 
 #[cfg(test)]

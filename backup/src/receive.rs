@@ -115,16 +115,30 @@ pub struct Resumed {
     pub peak_rss_bytes: u64,
 }
 
-/// Waits for one migration and runs it to the hand-over. `promote` runs (on a blocking thread)
-/// with the switch-over epoch once the source handed over; when it returns `Ok` the guest runs
-/// here and the source is told so. Returns the switch-over epoch.
+/// What the owner does with the received guest, each on a blocking thread.
+pub struct Hooks {
+    /// The switch-over epoch is committed and acknowledged: build the guest from the replica,
+    /// **paused** (it must not run, nor announce itself, before the hand-over). Runs while the
+    /// acknowledgement travels to the source and its hand-over comes back, so the downtime does
+    /// not pay for the restore. A migration that ends before the hand-over drops the built VM.
+    pub stage: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
+    /// The source handed over: run the staged guest (announce, resume).
+    pub run: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
+}
+
+/// Waits for one migration and runs it to the hand-over: `hooks.stage` once the switch-over
+/// epoch is committed, `hooks.run` once the source handed over; when that returns `Ok` the guest
+/// runs here and the source is told so. Returns the switch-over epoch.
 pub async fn receive(
     cfg: ReceiveConfig,
     node: Arc<BackupNode>,
     status: Arc<Mutex<ReceiveStatus>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    promote: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
+    hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
+    let Hooks { stage, run } = hooks;
+    let mut stage = Some(stage);
+    let mut staged: Option<(u64, tokio::task::JoinHandle<Result<(), String>>)> = None;
     let policy = PeerPolicy::replication().accept_only([cfg.source_name.clone()]);
     let endpoint = Endpoint::bind_with(
         cfg.listen,
@@ -213,10 +227,12 @@ pub async fn receive(
                     let epoch = cp.epoch();
                     let pages = cp.page_count() as u64;
                     let n2 = Arc::clone(&node);
+                    let t0 = Instant::now();
                     let r = tokio::task::spawn_blocking(move || n2.commit(&cp, false))
                         .await
                         .map_err(|e| ReceiveError::Commit { epoch, why: format!("commit task: {e}") })?;
                     r.map_err(|why| ReceiveError::Commit { epoch, why })?;
+                    tracing::debug!(epoch, pages, ms = t0.elapsed().as_secs_f64() * 1e3, "destination: epoch committed");
                     committed = epoch;
                     set(&|s| {
                         s.epochs += 1;
@@ -231,6 +247,9 @@ pub async fn receive(
                         return Err(ended(&mut session).await);
                     }
                 }
+                ReceiverEvent::SwitchOver(sw) if switch.is_some() => {
+                    return Err(ReceiveError::Ended(format!("a second switch-over (at {})", sw.epoch)));
+                }
                 ReceiverEvent::SwitchOver(sw) => {
                     if sw.mode != replication_proto::migration::SwitchMode::Complete {
                         return Err(ReceiveError::Ended("the source asked for a post-copy switch-over, which this build does not do yet".into()));
@@ -243,34 +262,48 @@ pub async fn receive(
                     });
                 }
                 ReceiverEvent::Handover { epoch } => {
-                    let why = match switch {
-                        None => Some("no switch-over was announced".to_string()),
-                        Some(sw) if sw != epoch => Some(format!("the switch-over was at {sw}")),
-                        Some(_) if committed < epoch => Some(format!("only epoch {committed} is committed")),
-                        Some(_) => None,
+                    let why = match (switch, &staged) {
+                        (None, _) => Some("no switch-over was announced".to_string()),
+                        (Some(sw), _) if sw != epoch => Some(format!("the switch-over was at {sw}")),
+                        (Some(_), None) => Some(format!("only epoch {committed} is committed")),
+                        (Some(_), Some((at, _))) if *at != epoch => Some(format!("the guest was built at epoch {at}")),
+                        _ => None,
                     };
                     if let Some(why) = why {
                         return Err(ReceiveError::Handover { got: epoch, why });
-                    }
-                    if node.consistent_epoch() != Some(epoch) {
-                        return Err(ReceiveError::Handover { got: epoch, why: format!("the replica is consistent at {:?}", node.consistent_epoch()) });
                     }
                     break epoch;
                 }
                 ReceiverEvent::Pages { .. } | ReceiverEvent::PageMap(_) | ReceiverEvent::Liveness(_) => {}
                 ReceiverEvent::Disconnected { error } => return Err(ReceiveError::Ended(error.to_string())),
             }
+            // The switch-over epoch committed (its ack is on its way): build the guest, paused.
+            if let (Some(sw), true, None) = (switch, committed >= switch.unwrap_or(u64::MAX), &staged) {
+                if node.consistent_epoch() != Some(sw) {
+                    return Err(ReceiveError::Handover {
+                        got: sw,
+                        why: format!("the replica is consistent at {:?}", node.consistent_epoch()),
+                    });
+                }
+                if cfg.verify {
+                    let d = node.replica_digest();
+                    set(&|s| s.memory_digest = d.map(|d| format!("{d:016x}")));
+                }
+                let f = stage.take().expect("staged once");
+                staged = Some((sw, tokio::task::spawn_blocking(move || f(sw))));
+            }
         };
         // Handed over: the source never resumes. Run the guest here.
         tracing::info!(epoch, "destination: handed over; resuming the guest here");
         set(&|s| s.phase = "resuming".into());
-        if cfg.verify {
-            let d = node.replica_digest();
-            set(&|s| s.memory_digest = d.map(|d| format!("{d:016x}")));
-        }
-        tokio::task::spawn_blocking(move || promote(epoch))
+        let (_, built) = staged.take().expect("checked at the hand-over");
+        built
             .await
-            .map_err(|e| ReceiveError::Promote(format!("promote task: {e}")))?
+            .map_err(|e| ReceiveError::Promote(format!("restore task: {e}")))?
+            .map_err(ReceiveError::Promote)?;
+        tokio::task::spawn_blocking(move || run(epoch))
+            .await
+            .map_err(|e| ReceiveError::Promote(format!("resume task: {e}")))?
             .map_err(ReceiveError::Promote)?;
         set(&|s| s.phase = "running".into());
         let r = Resumed {

@@ -17,6 +17,8 @@
 //! | `primary.acked` | an ack arrived, before the held output is released |
 //! | `backup.committed` | a checkpoint applied to the replica, before the ack is sent |
 //! | `primary.resync` | a sync round of a *re*-sync starts (output held for the old replica) |
+//! | `migrate.paused` | migration source: the guest paused for the stop-and-copy, nothing sent yet |
+//! | `migrate.handover` | migration source: the switch-over epoch acknowledged, the hand-over not sent |
 //!
 //! Behaviour points do not kill: [`fires`] returns true on the armed hit and the caller
 //! injects the fault itself:
@@ -26,6 +28,8 @@
 //! | `backup.refuse` | the backup refuses a checkpoint as if it did not apply (it then asks for a baseline) |
 //! | `backup.session-panic` | the backup's session task panics (a bug in the session) |
 //! | `primary.link-panic` | the primary's link task panics on an ack (the epoch engine then stops) |
+//! | `migrate.stall-switchover` | migration source: holds the paused guest up to 5 s before sending the last epoch (a cancel ends the wait) |
+//! | `migrate.stall-handover` | migration source: holds up to 5 s after the switch-over epoch's ack, before the hand-over (a cancel ends the wait) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -95,6 +95,9 @@ pub struct Receiving {
     pub(crate) progress: Arc<Mutex<backup::receive::ReceiveStatus>>,
     /// The source's certificate name.
     pub(crate) source: String,
+    /// The guest built from the switch-over epoch, paused, waiting for the hand-over (the
+    /// time from the request to the built VM is in `Restored`).
+    pub(crate) staged: Option<(vmm::vm::Vm, backup::promote::Restored)>,
 }
 
 /// The name of a role, for logs and metrics.

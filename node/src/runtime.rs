@@ -347,16 +347,17 @@ impl Node {
         let progress = Arc::new(Mutex::new(backup::receive::ReceiveStatus::default()));
         let standby =
             Standby { node: Arc::clone(&node), stop, listen: cfg.listen.to_string(), tap, serial, digest: false };
-        let receiving = Receiving { standby, progress: Arc::clone(&progress), source: cfg.source_name.clone() };
+        let receiving =
+            Receiving { standby, progress: Arc::clone(&progress), source: cfg.source_name.clone(), staged: None };
         let rt = Self::with_role(Role::MigrationDestination(receiving), memory_bytes, &cfg.vm.name)?;
-        let weak = Arc::downgrade(&rt);
-        let promote: Box<dyn FnOnce(u64) -> Result<(), String> + Send> = Box::new(move |epoch| {
-            let rt = weak.upgrade().ok_or("the process is stopping")?;
-            rt.hand_over(epoch)
-        });
+        let (w1, w2) = (Arc::downgrade(&rt), Arc::downgrade(&rt));
+        let hooks = backup::receive::Hooks {
+            stage: Box::new(move |epoch| w1.upgrade().ok_or("the process is stopping")?.stage(epoch)),
+            run: Box::new(move |epoch| w2.upgrade().ok_or("the process is stopping")?.hand_over(epoch)),
+        };
         let weak = Arc::downgrade(&rt);
         rt.tokio.spawn(async move {
-            if let Err(e) = backup::receive::receive(cfg, node, progress, stop_rx, promote).await {
+            if let Err(e) = backup::receive::receive(cfg, node, progress, stop_rx, hooks).await {
                 let why = transport::error_chain(&e);
                 if let Some(rt) = weak.upgrade() {
                     rt.fail(format!("migration: {why}"));
@@ -399,12 +400,37 @@ impl Node {
         Ok(v)
     }
 
+    /// Migration destination: the switch-over epoch is committed; build the guest from it,
+    /// paused, while the source decides to hand over.
+    fn stage(&self, epoch: u64) -> Result<(), String> {
+        let t0 = Instant::now();
+        let mut role = self.role();
+        let Role::MigrationDestination(r) = &mut *role else { return Err(NodeError::NotBackup.to_string()) };
+        // (The receive task is not stopped: it still waits for the hand-over.)
+        let replica = r.standby.node.take_replica().map_err(|e| transport::error_chain(&NodeError::TakeReplica(e)))?;
+        let prepared = r.standby.node.take_prepared_vm();
+        let serial = r.standby.serial.open().map_err(|e| transport::error_chain(&e))?;
+        let opts = backup::promote::PromoteOptions { requested: t0, serial, tap: r.standby.tap.clone(), digest: false };
+        let built = backup::promote::restore(replica, prepared, opts).map_err(|e| transport::error_chain(&e))?;
+        tracing::info!(
+            epoch,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "destination: guest built from the switch-over epoch, paused until the hand-over"
+        );
+        r.staged = Some(built);
+        Ok(())
+    }
+
     /// Migration destination: the source handed the guest over at `epoch`; run it here.
     fn hand_over(&self, epoch: u64) -> Result<(), String> {
         let t0 = Instant::now();
         let mut role = self.role();
-        let Role::MigrationDestination(r) = &*role else { return Err(NodeError::NotBackup.to_string()) };
-        let (vm, _) = promote_standby(&r.standby, t0).map_err(|e| transport::error_chain(&e))?;
+        let Role::MigrationDestination(r) = &mut *role else { return Err(NodeError::NotBackup.to_string()) };
+        let (vm, restored) = r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
+        if restored.epoch() != epoch {
+            return Err(format!("handed over at epoch {epoch}, but the guest was built at {}", restored.epoch()));
+        }
+        let (vm, _) = backup::promote::activate(vm, restored);
         let resume_ms = t0.elapsed().as_secs_f64() * 1e3;
         let memory_digest = lock(&r.progress).memory_digest.clone();
         let origin = Origin::Migrated { source: r.source.clone(), epoch, resume_ms, memory_digest };

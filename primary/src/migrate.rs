@@ -969,6 +969,14 @@ async fn drive(
             return Err(link.gone().await);
         }
         link.until("the destination to acknowledge the switch-over epoch", true, |l| l.acked >= epoch).await?;
+        if failover::failpoint::fires("migrate.stall-handover") {
+            // Tests: the destination holds the whole guest (and builds it, paused); hold the
+            // hand-over long enough for a cancel to land.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until && !src.control.cancelled() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if src.control.cancelled() {
             return Err(MigrateError::Cancelled("stop-and-copy"));
         }

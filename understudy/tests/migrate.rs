@@ -406,6 +406,9 @@ fn cancel_in_each_phase_leaves_the_guest_at_the_source() {
         ("round-0", vec![], vec!["--max-bandwidth", "4M"]),
         ("rounds", vec![], vec!["--max-bandwidth", "32M", "--downtime-ms", "0", "--stop-share", "100"]),
         ("stop-and-copy", vec![("UNDERSTUDY_FAILPOINTS", "migrate.stall-switchover")], vec![]),
+        // After the destination acknowledged the switch-over epoch (and built the guest from it,
+        // paused), before the hand-over: the built guest never runs.
+        ("stop-and-copy", vec![("UNDERSTUDY_FAILPOINTS", "migrate.stall-handover")], vec![]),
     ] {
         let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &env, &[]);
         let child = m.migrate_bg(&extra);
