@@ -42,9 +42,10 @@ impl Rng {
         lo + self.below(hi.saturating_sub(lo).max(1))
     }
 
-    /// True with probability `p` (never for p <= 0).
+    /// True with probability `p` (never for p <= 0). Draws one number whatever `p` is, so a
+    /// zero probability leaves the stream where a nonzero one would.
     pub fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && self.unit() < p
+        self.unit() < p
     }
 
     /// Uniform in [0, 1).
@@ -91,7 +92,7 @@ impl XorShift64 {
         unit_of(self.next_u64())
     }
 
-    /// True with probability `p` (never for p <= 0).
+    /// True with probability `p`; draws nothing when p <= 0 (unlike [`Rng::chance`]).
     pub fn chance(&mut self, p: f64) -> bool {
         p > 0.0 && self.unit() < p
     }
@@ -121,6 +122,14 @@ mod tests {
             assert!(!r.chance(0.0) && r.chance(1.0));
             assert!(x.index(3) < 3 && x.index(0) == 0);
         }
+        // Rng::chance draws whatever the probability; XorShift64::chance not for p <= 0.
+        let (mut a, mut b) = (Rng::new(3), Rng::new(3));
+        assert!(!a.chance(0.0));
+        b.next_u64();
+        assert_eq!(a.next_u64(), b.next_u64());
+        let (mut a, b) = (XorShift64(3), XorShift64(3));
+        assert!(!a.chance(0.0));
+        assert_eq!(a.0, b.0);
         let hits = (0..10_000).filter(|_| r.chance(0.25)).count();
         assert!((2200..2800).contains(&hits), "{hits}");
     }
