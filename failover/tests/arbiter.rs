@@ -56,16 +56,9 @@ fn hostile_input_is_refused_cleanly() {
     let w = g.node(3);
     assert!(matches!(w.step(now, 1, b""), Err(ArbiterError::Wire(_))));
     assert!(matches!(w.step(now, 1, &[0x52, 1, 0, 0, 0, 0, 0xff]), Err(ArbiterError::Wire(_))));
-    let mut x = 7u64;
+    let mut x = testbed::harness::rng::XorShift64(7);
     for len in 0..300 {
-        let bytes: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let bytes: Vec<u8> = (0..len).map(|_| x.next_u64() as u8).collect();
         assert!(w.step(now, 1, &bytes).is_err());
     }
     // A real message, replayed by the wrong peer or to the wrong node.

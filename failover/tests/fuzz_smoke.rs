@@ -9,20 +9,7 @@
 use std::path::Path;
 
 use failover::fuzzing;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use testbed::harness::rng::XorShift64;
 
 fn iterations() -> usize {
     std::env::var("FUZZ_SMOKE_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000)
@@ -44,20 +31,20 @@ fn run(target: fn(&[u8]), name: &str, salt: u64, n: usize) {
     for s in &seeds {
         target(s);
     }
-    let mut rng = Rng(0x5eed_0000_0000_0001 ^ salt);
+    let mut rng = XorShift64(0x5eed_0000_0000_0001 ^ salt);
     for i in 0..n {
         let mut input: Vec<u8> = if i % 4 == 0 || seeds.is_empty() {
-            let len = rng.below(300);
-            (0..len).map(|_| rng.next() as u8).collect()
+            let len = rng.index(300);
+            (0..len).map(|_| rng.next_u64() as u8).collect()
         } else {
-            seeds[rng.below(seeds.len())].clone()
+            seeds[rng.index(seeds.len())].clone()
         };
-        for _ in 0..rng.below(8) {
+        for _ in 0..rng.index(8) {
             if input.is_empty() {
                 break;
             }
-            let at = rng.below(input.len());
-            input[at] = rng.next() as u8;
+            let at = rng.index(input.len());
+            input[at] = rng.next_u64() as u8;
         }
         target(&input);
     }

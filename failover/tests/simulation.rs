@@ -15,9 +15,9 @@ fn seeds(default: u64) -> u64 {
     std::env::var("FAILOVER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / MS as f64
+/// The `p` percentile of `v` (ns), in ms.
+fn percentile(v: &[u64], p: f64) -> f64 {
+    testbed::harness::stats::percentile(v, p).expect("some values") as f64 / MS as f64
 }
 
 fn report(name: &str, mut v: Vec<u64>) -> Vec<u64> {

@@ -24,28 +24,16 @@ use replication_proto::{
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use testbed::harness::rng::XorShift64;
+use testbed::harness::stats::percentile;
 
 const PS: usize = 4096;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn vm() -> VmIdentity {
     VmIdentity { uuid: [9; 16], name: "bench".into() }
 }
 
-fn text_page(rng: &mut Rng) -> Vec<u8> {
+fn text_page(rng: &mut XorShift64) -> Vec<u8> {
     const WORDS: [&str; 12] = [
         "the ",
         "replica ",
@@ -68,23 +56,23 @@ fn text_page(rng: &mut Rng) -> Vec<u8> {
     p
 }
 
-fn random_page(rng: &mut Rng) -> Vec<u8> {
-    (0..PS / 8).flat_map(|_| rng.next().to_le_bytes()).collect()
+fn random_page(rng: &mut XorShift64) -> Vec<u8> {
+    (0..PS / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
 }
 
 /// A page of structured binary data (pointers, counters, small integers, padding).
-fn struct_page(rng: &mut Rng) -> Vec<u8> {
+fn struct_page(rng: &mut XorShift64) -> Vec<u8> {
     let mut p = vec![0u8; PS];
     for rec in p.chunks_exact_mut(64) {
         rec[0..8].copy_from_slice(&(0xffff_8880_0000_0000u64 + rng.below(1 << 30) * 64).to_le_bytes());
         rec[8..12].copy_from_slice(&(rng.below(1000) as u32).to_le_bytes());
-        rec[16..24].copy_from_slice(&rng.next().to_le_bytes());
+        rec[16..24].copy_from_slice(&rng.next_u64().to_le_bytes());
     }
     p
 }
 
 /// `page` with a few small edits (a counter bumped, a pointer changed, a short string written).
-fn touch(rng: &mut Rng, page: &[u8]) -> Vec<u8> {
+fn touch(rng: &mut XorShift64, page: &[u8]) -> Vec<u8> {
     let mut p = page.to_vec();
     for _ in 0..1 + rng.below(3) {
         let at = rng.below(PS as u64 - 16) as usize;
@@ -183,9 +171,9 @@ impl Pair {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The upper median.
+fn median(v: Vec<Duration>) -> Duration {
+    percentile(&v, 0.5).expect("some runs")
 }
 
 fn gbps(bytes: u64, d: Duration) -> f64 {
@@ -195,7 +183,7 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
 fn per_kind() {
     const N: usize = 2048;
     const REPS: usize = 9;
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = XorShift64(0x1234_5678);
     let zero = vec![vec![0u8; PS]; N];
     let randoms: Vec<_> = (0..N).map(|_| random_page(&mut rng)).collect();
     let texts: Vec<_> = (0..N).map(|_| text_page(&mut rng)).collect();
@@ -248,7 +236,7 @@ fn time_it(bytes: u64, mut f: impl FnMut()) -> f64 {
 }
 
 fn primitives() {
-    let mut rng = Rng(42);
+    let mut rng = XorShift64(42);
     let n = 4096usize;
     let pages: Vec<Vec<u8>> = (0..n).map(|_| random_page(&mut rng)).collect();
     let copies = pages.clone();
@@ -380,7 +368,7 @@ fn mix() {
         ("no delta", CodecConfig { delta: false, ..on }, false),
         ("neither (zero and unchanged still apply)", CodecConfig { lz4: false, delta: false, ..on }, false),
     ] {
-        let mut rng = Rng(0xfeed);
+        let mut rng = XorShift64(0xfeed);
         let layout = MemoryLayout::flat(PS as u32, PAGES * PS as u64);
         let mut cfg = SenderConfig::new(Role::Primary, vm(), layout, 1);
         cfg.codecs = codecs;
@@ -465,7 +453,7 @@ fn dedup() {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut wire_by = Vec::new();
     for (name, on) in [("off", false), ("on", true)] {
-        let mut rng = Rng(0xd1ce);
+        let mut rng = XorShift64(0xd1ce);
         let layout = MemoryLayout::flat(PS as u32, PAGES * PS as u64);
         let mut cfg = SenderConfig::new(Role::MigrationSource, vm(), layout.clone(), 1);
         cfg.codecs.dedup = on;

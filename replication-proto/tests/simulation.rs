@@ -34,28 +34,15 @@ use replication_proto::{
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-/// xorshift64* seeded through splitmix64: small, fast, and stable across crate versions.
-struct Rng(u64);
+use testbed::harness::rng::Rng;
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Self((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
+/// Delays drawn from the simulation's [`Rng`].
+trait Delays {
+    /// In [lo, hi] ms, at microsecond resolution.
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration;
+}
+
+impl Delays for Rng {
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_micros(lo * 1000 + self.below((hi - lo) * 1000 + 1))
     }
@@ -274,7 +261,7 @@ impl Sim {
                 2 | 3 => {
                     for _ in 0..1 + self.rng.below(8) {
                         let at = self.rng.below(PS as u64) as usize;
-                        page[at] = self.rng.next() as u8;
+                        page[at] = self.rng.next_u64() as u8;
                     }
                 }
                 4 => {
@@ -289,7 +276,7 @@ impl Sim {
                 }
                 5 => {
                     for b in page.iter_mut() {
-                        *b = self.rng.next() as u8;
+                        *b = self.rng.next_u64() as u8;
                     }
                 }
                 _ => {
@@ -301,7 +288,7 @@ impl Sim {
             self.primary.dirty.insert(pfn);
         }
         let len = self.rng.below(3000) as usize;
-        self.primary.state = (0..len).map(|_| self.rng.next() as u8).collect();
+        self.primary.state = (0..len).map(|_| self.rng.next_u64() as u8).collect();
     }
 
     fn tick(&mut self) {

@@ -27,16 +27,23 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
+use testbed::harness::interrupt::{check_interrupted, install_signal_handlers};
+use testbed::harness::netns::NetNs;
+use testbed::harness::proc::{Proc, loadavg, tail};
+use testbed::harness::stats::{median as median_of, percentile};
+use testbed::harness::tempdir::TempDir;
+use testbed::harness::wait::{FileLines, read_text};
 
 /// Write-protect fault cost per newly dirtied page (shared/PLATFORM.md).
 const WP_FAULT_US: f64 = 4.0;
@@ -48,26 +55,12 @@ const KV_SUBNET: &str = "10.99.0";
 // ---------------------------------------------------------------------------------------
 // Interrupts and the global time bound
 
-static STOP: AtomicBool = AtomicBool::new(false);
 static DEADLINE: OnceLock<Instant> = OnceLock::new();
 static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
-        }
-    }
-}
-
 /// Panics (so that every guard's drop runs) when interrupted or past the whole-run bound.
 fn check() {
-    if STOP.load(Ordering::SeqCst) {
+    if check_interrupted().is_err() {
         panic!("interrupted: cleaning up");
     }
     if DEADLINE.get().is_some_and(|d| Instant::now() > *d) {
@@ -117,70 +110,43 @@ impl Cfg {
 // ---------------------------------------------------------------------------------------
 // Processes
 
-/// Runs `cmd` to completion, killing it after `timeout` (or on interrupt).
+/// Runs `cmd` to completion, killing it after `timeout` (or on interrupt: then it panics, so
+/// that every guard cleans up).
 fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let desc = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawn {desc}"))?;
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut err = child.stderr.take().context("stderr")?;
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if STOP.load(Ordering::SeqCst) || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    match testbed::harness::proc::run_bounded(cmd, timeout) {
+        Ok((out, _)) => Ok(out),
+        Err(e) => {
             check();
-            bail!("{desc} did not finish within {timeout:?}");
+            Err(e)
         }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
+    }
 }
 
 fn text(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
-/// A long-running child (backup or primary), shut down through its API and killed on drop.
-struct Proc {
-    child: Child,
-    name: String,
+/// A long-running child (backup or primary), shut down through its API on drop (then killed
+/// with the [`Proc`] it holds).
+struct VmProc {
+    proc: Proc,
     api: PathBuf,
-    stderr_path: PathBuf,
 }
 
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn stderr_tail(&self, n: usize) -> String {
-        tail(&read_text(&self.stderr_path), n)
+impl Deref for VmProc {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
     }
 }
 
-impl Drop for Proc {
+impl DerefMut for VmProc {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+impl Drop for VmProc {
     fn drop(&mut self) {
         if self.alive() {
             // Polite first (the VM shuts down, the socket is removed), then SIGKILL.
@@ -196,97 +162,23 @@ impl Drop for Proc {
                 eprintln!("bench: {} (pid {}) did not stop in 5 s: SIGKILL", self.name, self.pid());
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
-fn read_text(p: &Path) -> String {
-    let mut s = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(p) {
-        let _ = f.read_to_end(&mut s);
+/// A network namespace `usb<pid>-<n>` (loopback up, optionally `tap0` at `<KV_SUBNET>.1/24`),
+/// deleted on drop.
+fn netns(with_tap: bool) -> Result<NetNs> {
+    let ns = NetNs::create(&format!("usb{}-{}", std::process::id(), NS_COUNTER.fetch_add(1, Ordering::SeqCst)))?;
+    if with_tap {
+        ns.add_tap("tap0", Some(&format!("{KV_SUBNET}.1/24")))?;
     }
-    String::from_utf8_lossy(&s).into_owned()
+    Ok(ns)
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A directory removed on drop (unless BENCH_KEEP).
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempDir {
-    fn new(keep: bool) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("us-protect-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)?;
-        Ok(Self { path, keep })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("bench: kept {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("run ip")?;
-    ensure!(out.status.success(), "ip {}: {}", args.join(" "), text(&out.stderr).trim());
-    Ok(())
-}
-
-/// A network namespace (loopback up, optionally `tap0` at `<KV_SUBNET>.1/24`), deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(with_tap: bool) -> Result<Self> {
-        let name = format!("usb{}-{}", std::process::id(), NS_COUNTER.fetch_add(1, Ordering::SeqCst));
-        let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        if with_tap {
-            ip(&["-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
-            ip(&["-n", &ns.name, "addr", "add", &format!("{KV_SUBNET}.1/24"), "dev", "tap0"])?;
-            ip(&["-n", &ns.name, "link", "set", "tap0", "up"])?;
-        }
-        Ok(ns)
-    }
-
-    fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// Bytes transmitted on the namespace's loopback (all replication traffic, both ways).
-    fn lo_tx_bytes(&self) -> Result<u64> {
-        let out = run_bounded(
-            Command::new("ip").args(["netns", "exec", &self.name, "cat", "/sys/class/net/lo/statistics/tx_bytes"]),
-            Duration::from_secs(5),
-        )?;
-        text(&out.stdout).trim().parse().context("lo tx_bytes")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("bench: could not delete namespace {}: {e}", self.name);
-        }
-    }
+/// Bytes transmitted on the namespace's loopback (all replication traffic, both ways).
+fn lo_tx_bytes(ns: &NetNs) -> Result<u64> {
+    let out = run_bounded(ns.command("cat").arg("/sys/class/net/lo/statistics/tx_bytes"), Duration::from_secs(5))?;
+    text(&out.stdout).trim().parse().context("lo tx_bytes")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -377,47 +269,21 @@ fn own_cpu_ms() -> f64 {
     t
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 // ---------------------------------------------------------------------------------------
 // The guest's serial output, timestamped as it appears
 
-struct SerialTail {
-    path: PathBuf,
-    offset: u64,
-    partial: String,
-}
+/// A serial log read as it grows, each line stamped with the time it was read.
+struct SerialTail(FileLines);
 
 impl SerialTail {
     fn new(path: PathBuf) -> Self {
-        Self { path, offset: 0, partial: String::new() }
+        Self(FileLines::new(path))
     }
 
     /// New complete lines, each stamped with the time it was read.
     fn poll(&mut self) -> Vec<(Instant, String)> {
         let now = Instant::now();
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return Vec::new() };
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let mut out = Vec::new();
-        while let Some(i) = self.partial.find('\n') {
-            let line = self.partial[..i].trim().to_string();
-            self.partial.drain(..=i);
-            out.push((now, line));
-        }
-        out
+        self.0.poll().into_iter().map(|l| (now, l)).collect()
     }
 }
 
@@ -463,8 +329,8 @@ fn dirty_window(tail: &mut SerialTail, window: Duration) -> Result<Throughput> {
 
 struct Rig {
     // Drop order: the VM processes first, then the namespace, then the directory.
-    primary: Proc,
-    backup: Proc,
+    primary: VmProc,
+    backup: VmProc,
     ns: NetNs,
     dir: PathBuf,
     bin: PathBuf,
@@ -476,19 +342,12 @@ impl Rig {
         check();
         let dir = top.join(tag);
         std::fs::create_dir_all(&dir)?;
-        let ns = NetNs::new(kv)?;
-        let spawn = |name: &str, args: Vec<String>| -> Result<Proc> {
-            let stderr_path = dir.join(format!("{name}.stderr"));
-            let child = ns
-                .command(&cfg.bin)
-                .args(&args)
-                .env("UNDERSTUDY_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&stderr_path)?)
-                .spawn()
-                .with_context(|| format!("spawn {name}"))?;
-            Ok(Proc { child, name: name.into(), api: dir.join(format!("{name}.sock")), stderr_path })
+        let ns = netns(kv)?;
+        let spawn = |name: &str, args: Vec<String>| -> Result<VmProc> {
+            let mut cmd = ns.command(&cfg.bin);
+            cmd.args(&args).env("UNDERSTUDY_LOG", "info").stdout(Stdio::null());
+            let proc = Proc::start(&mut cmd, name, dir.join(format!("{name}.stderr")))?;
+            Ok(VmProc { proc, api: dir.join(format!("{name}.sock")) })
         };
         let s = |x: &Path| x.display().to_string();
         let mut backup = spawn(
@@ -641,7 +500,7 @@ impl Snap {
         Ok(Self {
             at: Instant::now(),
             st: rig.status()?,
-            lo: rig.ns.lo_tx_bytes()?,
+            lo: lo_tx_bytes(&rig.ns)?,
             primary_cpu: thread_cpu(rig.primary.pid()),
             backup_cpu: cpu_total(&thread_cpu(rig.backup.pid())),
             machine_busy_ms: machine_busy_ms(),
@@ -726,23 +585,12 @@ fn epoch_label(e: u64) -> String {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+fn median(v: Vec<f64>) -> f64 {
+    median_of(&v).unwrap_or(f64::NAN)
 }
 
 fn quantile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    s[((s.len() - 1) as f64 * p).round() as usize]
+    percentile(v, p).unwrap_or(f64::NAN)
 }
 
 /// Median over runs of the number at `path` (e.g. "protected/pause_us_p99").
@@ -1262,15 +1110,15 @@ fn main() -> Result<()> {
         eprintln!("\n*** SKIP: protect bench: /dev/kvm is not usable ({e}) ***\n");
         return Ok(());
     }
-    if let Err(e) = NetNs::new(false) {
+    if let Err(e) = netns(false) {
         eprintln!("\n*** SKIP: protect bench: cannot create a network namespace ({e:#}); needs root ***\n");
         return Ok(());
     }
     ensure!(cfg.guest.is_file(), "{} is missing: run `make guest` first", cfg.guest.display());
     build(&cfg)?;
 
-    let top = TempDir::new(cfg.keep)?;
-    let certs = top.path.join("certs");
+    let top = TempDir::for_process("us-protect-bench", cfg.keep)?;
+    let certs = top.join("certs");
     let out = run_bounded(
         Command::new(&cfg.bin).args([
             "certs",
@@ -1323,7 +1171,7 @@ fn main() -> Result<()> {
             "pause",
             &keys,
             cfg.runs,
-            |i, run| pause_run(&cfg, &top.path, &certs, &PAUSE_POINTS[*i], run),
+            |i, run| pause_run(&cfg, top.path(), &certs, &PAUSE_POINTS[*i], run),
             &mut failures,
             |i| PAUSE_POINTS[*i].label.to_string(),
         );
@@ -1340,7 +1188,7 @@ fn main() -> Result<()> {
                 "dirty",
                 &cfg.epochs_ms,
                 cfg.runs,
-                |e, run| dirty_run(&cfg, &top.path, &certs, v, *e, run),
+                |e, run| dirty_run(&cfg, top.path(), &certs, v, *e, run),
                 &mut failures,
                 |e| format!("{} epoch {}", var.label, epoch_label(*e)),
             );
@@ -1359,7 +1207,7 @@ fn main() -> Result<()> {
             "kv",
             &cfg.epochs_ms,
             cfg.runs,
-            |e, run| kv_run(&cfg, &top.path, &certs, *e, run),
+            |e, run| kv_run(&cfg, top.path(), &certs, *e, run),
             &mut failures,
             |e| format!("epoch {}", epoch_label(*e)),
         );

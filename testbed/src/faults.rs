@@ -24,15 +24,20 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
+use crate::harness::interrupt::{check_interrupted, install_signal_handlers, sleep};
+use crate::harness::netns::{self, NetNs};
+use crate::harness::proc::{Proc, die_with_parent, sh};
+use crate::harness::rng::XorShift64;
+use crate::harness::stats::percentile;
+use crate::harness::tempdir::TempDir;
+use crate::harness::wait::poll_until as wait_until;
 use crate::impair::Impairment;
 
 /// A fault the harness injects.
@@ -444,78 +449,17 @@ impl RunReport {
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGINT/SIGTERM stop the harness at its next poll (so every guard cleans up).
-pub fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-/// An error once SIGINT/SIGTERM arrived (after [`install_signal_handlers`]).
-pub fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) { bail!("interrupted") } else { Ok(()) }
-}
-
-/// Sleeps, failing early when interrupted.
-pub fn sleep(d: Duration) -> Result<()> {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        check_interrupted()?;
-        std::thread::sleep(Duration::from_millis(10).min(end.saturating_duration_since(Instant::now())));
-    }
-    Ok(())
-}
-
 fn wall() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// A small xorshift generator (no dependency; the seed is in the report).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo).max(1)
-    }
-}
+/// The prefix of every namespace this harness makes (`usf<pid>...`).
+const NS_PREFIX: &str = "usf";
 
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().context(args[0].to_string())?;
-    if !out.status.success() {
-        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// Deletes namespaces left by harness processes that no longer exist (a SIGKILLed harness).
-pub fn clean_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("usf") else { continue };
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = sh(&["ip", "netns", "del", name]);
-        }
-    }
-}
-
-/// The namespaces of one run; deleted on drop.
+/// The namespaces of one run; deleted on drop (in the reverse order of their making).
 struct Topology {
     prefix: String,
-    made: Vec<String>,
+    made: Vec<NetNs>,
 }
 
 const ROLES: [&str; 5] = ["sw", "p", "b", "w", "c"];
@@ -526,53 +470,37 @@ impl Topology {
     }
 
     fn create(run: usize) -> Result<Self> {
-        let mut t = Topology { prefix: format!("usf{}r{run}", std::process::id()), made: Vec::new() };
+        let mut t = Topology { prefix: format!("{NS_PREFIX}{}r{run}", std::process::id()), made: Vec::new() };
         for role in ROLES {
-            let ns = t.ns(role);
-            let _ = sh(&["ip", "netns", "del", &ns]);
-            sh(&["ip", "netns", "add", &ns])?;
-            t.made.push(ns.clone());
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            t.made.push(NetNs::create(&t.ns(role))?);
         }
-        let sw = t.ns("sw");
+        let [sw, p, b, w, c] = &t.made[..] else { unreachable!("one namespace per role") };
         for br in ["br-lan", "br-ctl"] {
-            sh(&["ip", "-n", &sw, "link", "add", br, "type", "bridge", "forward_delay", "0"])?;
-            sh(&["ip", "-n", &sw, "link", "set", br, "up"])?;
+            sw.add_bridge(br, None, &[])?;
         }
-        let veth = |sw_end: &str, bridge: &str, ns: &str, end: &str| -> Result<()> {
-            sh(&["ip", "-n", &sw, "link", "add", sw_end, "type", "veth", "peer", "name", end, "netns", ns])?;
-            sh(&["ip", "-n", &sw, "link", "set", sw_end, "master", bridge, "up"])?;
-            Ok(())
+        let veth = |sw_end: &str, bridge: &str, ns: &NetNs, end: &str| -> Result<()> {
+            sw.ip(&["link", "add", sw_end, "type", "veth", "peer", "name", end, "netns", ns.name()])?;
+            sw.ip(&["link", "set", sw_end, "master", bridge, "up"])
         };
-        for (host, ip) in [("p", "10.78.0.1/24"), ("b", "10.78.0.2/24")] {
-            let ns = t.ns(host);
-            sh(&["ip", "-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
-            sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
-            veth(&format!("l-{host}"), "br-lan", &ns, "lan")?;
-            for dev in ["tap0", "lan"] {
-                sh(&["ip", "-n", &ns, "link", "set", dev, "master", "br0", "up"])?;
-            }
-            sh(&["ip", "-n", &ns, "link", "set", "br0", "up"])?;
-            veth(&format!("c-{host}"), "br-ctl", &ns, "ctl")?;
-            sh(&["ip", "-n", &ns, "addr", "add", ip, "dev", "ctl"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "ctl", "up"])?;
+        for (host, ns, ip) in [("p", p, "10.78.0.1/24"), ("b", b, "10.78.0.2/24")] {
+            ns.add_tap("tap0", None)?;
+            veth(&format!("l-{host}"), "br-lan", ns, "lan")?;
+            ns.add_bridge("br0", None, &["tap0", "lan"])?;
+            veth(&format!("c-{host}"), "br-ctl", ns, "ctl")?;
+            ns.ip(&["addr", "add", ip, "dev", "ctl"])?;
+            ns.ip(&["link", "set", "ctl", "up"])?;
         }
-        let w = t.ns("w");
-        veth("c-w", "br-ctl", &w, "ctl")?;
-        sh(&["ip", "-n", &w, "addr", "add", "10.78.0.3/24", "dev", "ctl"])?;
-        sh(&["ip", "-n", &w, "link", "set", "ctl", "up"])?;
-        let c = t.ns("c");
-        veth("l-c", "br-lan", &c, "eth0")?;
-        sh(&["ip", "-n", &c, "addr", "add", "10.77.0.1/24", "dev", "eth0"])?;
-        sh(&["ip", "-n", &c, "link", "set", "eth0", "up"])?;
+        veth("c-w", "br-ctl", w, "ctl")?;
+        w.ip(&["addr", "add", "10.78.0.3/24", "dev", "ctl"])?;
+        w.ip(&["link", "set", "ctl", "up"])?;
+        veth("l-c", "br-lan", c, "eth0")?;
+        c.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"])?;
+        c.ip(&["link", "set", "eth0", "up"])?;
         // A LAN client: let TCP retransmit after 10 ms (as demo.sh), so failover, not Linux's
         // 200 ms minimum RTO, dominates the pause the client sees. The client also sets
         // TCP_THIN_LINEAR_TIMEOUTS on its socket (scripts/faults_client.py): its one-request
         // stream is thin, so retransmits stay 10 ms apart instead of backing off exponentially.
-        sh(&[
-            "ip",
-            "-n",
-            &c,
+        c.ip(&[
             "route",
             "replace",
             "10.77.0.0/24",
@@ -625,15 +553,15 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for ns in self.made.drain(..).rev() {
-            let _ = sh(&["ip", "netns", "del", &ns]);
+        while let Some(ns) = self.made.pop() {
+            drop(ns);
         }
     }
 }
 
 /// Child processes of one run: SIGKILLed on drop (and, through PDEATHSIG, when the harness dies).
 struct Procs {
-    list: Vec<(String, Child)>,
+    list: Vec<Proc>,
 }
 
 impl Procs {
@@ -646,29 +574,21 @@ impl Procs {
         env: &[(&str, String)],
         log: &Path,
     ) -> Result<u32> {
-        let stderr = fs::File::create(log)?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(program).args(args);
         c.env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1");
         for (k, v) in env {
             c.env(k, v);
         }
-        c.stdin(Stdio::null()).stdout(if name == "client" { Stdio::piped() } else { Stdio::null() }).stderr(stderr);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            c.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = c.spawn().with_context(|| format!("spawn {name}"))?;
-        let pid = child.id();
-        self.list.push((name.to_string(), child));
+        c.stdout(if name == "client" { Stdio::piped() } else { Stdio::null() });
+        let p = Proc::start(die_with_parent(&mut c), name, log.to_path_buf())?;
+        let pid = p.pid();
+        self.list.push(p);
         Ok(pid)
     }
 
     fn get(&mut self, name: &str) -> &mut Child {
-        &mut self.list.iter_mut().find(|(n, _)| n == name).expect("known process").1
+        &mut self.list.iter_mut().find(|p| p.name == name).expect("known process").child
     }
 
     fn exited(&mut self, name: &str) -> bool {
@@ -684,20 +604,10 @@ impl Procs {
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, c) in &mut self.list {
-            let _ = c.kill();
+        // SIGKILL every one first; each guard then reaps its own.
+        for p in &mut self.list {
+            let _ = p.child.kill();
         }
-        for (_, c) in &mut self.list {
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -787,20 +697,6 @@ fn status(bin: &Path, sock: &Path) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// Polls `f` every 10 ms until it returns Some, the deadline passes (None) or the run is interrupted.
-fn wait_until<T>(deadline: Instant, mut f: impl FnMut() -> Option<T>) -> Result<Option<T>> {
-    loop {
-        check_interrupted()?;
-        if let Some(v) = f() {
-            return Ok(Some(v));
-        }
-        if Instant::now() > deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 const LAN_GUEST: &str = "10.77.0.2";
 
 fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
@@ -808,14 +704,16 @@ fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
 }
 
 /// Runs one fault once.
-fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<RunReport> {
+fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Result<RunReport> {
     let t_start = Instant::now();
     let deadline = t_start + point.run_timeout(opts.run_timeout);
     let mut rep = RunReport { point: point.name().into(), run, ..Default::default() };
-    let dir = TempDir(std::env::temp_dir().join(format!("usf-{}-{run}-{}", std::process::id(), point.name())));
-    let _ = fs::remove_dir_all(&dir.0);
-    fs::create_dir_all(dir.0.join("ctl"))?;
-    let d = |f: &str| dir.0.join(f);
+    let dir = TempDir::create(
+        std::env::temp_dir().join(format!("{NS_PREFIX}-{}-{run}-{}", std::process::id(), point.name())),
+        false,
+    )?;
+    fs::create_dir_all(dir.join("ctl"))?;
+    let d = |f: &str| dir.join(f);
     let result = (|| -> Result<()> {
         let topo = Topology::create(run).context("create the topology")?;
         let mut procs = Procs { list: Vec::new() };
@@ -909,7 +807,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
                 "--to",
                 "10.78.0.2:7400",
                 "--seed",
-                &rng.next().to_string(),
+                &rng.next_u64().to_string(),
                 "--start-file",
                 &s(d("impair.start")),
                 "--window-ms",
@@ -1389,14 +1287,9 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut Rng) -> Result<Ru
     Ok(rep)
 }
 
+/// The `p`th percentile (0-100).
 fn pct(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
-    Some(v[i.min(v.len() - 1)])
+    percentile(v, p / 100.0)
 }
 
 fn fmt_ms(x: Option<f64>) -> String {
@@ -1449,22 +1342,20 @@ pub fn preflight(opts: &Options) -> Result<()> {
             bail!("{what} {} is missing (cargo build --release -p understudy; make guest)", p.display());
         }
     }
-    let probe = format!("usf{}probe", std::process::id());
-    let r = sh(&["ip", "netns", "add", &probe]).and_then(|_| {
-        sh(&["ip", "-n", &probe, "tuntap", "add", "dev", "t0", "mode", "tap"])?;
-        sh(&["ip", "-n", &probe, "link", "add", "b0", "type", "bridge"])
+    let probe = format!("{NS_PREFIX}{}probe", std::process::id());
+    let r = NetNs::create(&probe).and_then(|ns| {
+        ns.ip(&["tuntap", "add", "dev", "t0", "mode", "tap"])?;
+        ns.ip(&["link", "add", "b0", "type", "bridge"])
     });
-    let _ = sh(&["ip", "netns", "del", &probe]);
     r.context("network namespaces, TAP devices or bridges are not available (needs root, iproute2)")
 }
 
 /// Whether this kernel has `sch_netem` (some minimal kernels have only tbf/htb).
 pub fn netem_available() -> bool {
-    let probe = format!("usf{}netem", std::process::id());
-    let r = sh(&["ip", "netns", "add", &probe]).and_then(|_| {
-        sh(&["ip", "netns", "exec", &probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
+    let probe = format!("{NS_PREFIX}{}netem", std::process::id());
+    let r = NetNs::create(&probe).and_then(|ns| {
+        sh(&["ip", "netns", "exec", ns.name(), "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
     });
-    let _ = sh(&["ip", "netns", "del", &probe]);
     r.is_ok()
 }
 
@@ -1484,10 +1375,10 @@ pub fn degradation() -> &'static str {
 /// Runs the whole campaign; writes the report; returns the runs.
 pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
     install_signal_handlers();
-    clean_stale_namespaces();
+    netns::clean_stale(NS_PREFIX);
     preflight(opts)?;
     let t0 = Instant::now();
-    let mut rng = Rng(opts.seed);
+    let mut rng = XorShift64(opts.seed);
     let mut reports = Vec::new();
     let mut n = 0;
     'outer: for &point in &opts.points {
@@ -1520,7 +1411,7 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
             if let Some(out) = &opts.out {
                 write_report(out, opts, &reports)?;
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            if check_interrupted().is_err() {
                 break 'outer;
             }
         }
@@ -1556,7 +1447,7 @@ mod tests {
 
     /// The env of both processes for `point`, with hit numbers drawn from `seed`.
     fn arm(point: Point, seed: u64) -> (Failpoints, Env, Env) {
-        let mut rng = Rng(seed | 1);
+        let mut rng = XorShift64(seed | 1);
         let f = Failpoints::choose(point, &mut |lo, hi| rng.range(lo, hi));
         let victim = Path::new("/run/x/primary.pid");
         let (p, b) = (f.env("primary", victim), f.env("backup", victim));

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::harness::rng::XorShift64;
+
 /// What to do to datagrams while the window is open. Probabilities are in `0.0..=1.0`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Impairment {
@@ -146,35 +148,6 @@ impl Proxy {
     }
 }
 
-/// splitmix64: decorrelates the per-direction seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// xorshift64.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(mix(seed) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && self.unit() < p
-    }
-}
-
 /// Where a direction sends: the target (connected socket) or the latest client.
 #[derive(Clone)]
 enum Out {
@@ -226,7 +199,7 @@ fn spawn_sender(out: Out, q: Queue, c: Arc<Counters>) {
 
 /// One direction: receive, decide, forward.
 struct Lane {
-    rng: Rng,
+    rng: XorShift64,
     imp: Impairment,
     active: Arc<AtomicBool>,
     out: Out,
@@ -260,10 +233,10 @@ impl Lane {
             let mut d = data.to_vec();
             if !d.is_empty() && self.rng.chance(self.imp.corrupt) {
                 c.corrupted.fetch_add(1, Ordering::Relaxed);
-                let flips = 1 + self.rng.next() % 3;
+                let flips = 1 + self.rng.next_u64() % 3;
                 for _ in 0..flips {
-                    let i = (self.rng.next() % d.len() as u64) as usize;
-                    d[i] ^= (self.rng.next() as u8) | 1;
+                    let i = (self.rng.next_u64() % d.len() as u64) as usize;
+                    d[i] ^= (self.rng.next_u64() as u8) | 1;
                 }
             }
             let delay = self.delay();
@@ -311,7 +284,7 @@ pub fn start(cfg: &Config) -> Result<Proxy> {
         let queue: Queue = Arc::new((Mutex::new(BinaryHeap::new()), Condvar::new()));
         spawn_sender(out.clone(), Arc::clone(&queue), Arc::clone(counters));
         Lane {
-            rng: Rng::new(cfg.seed ^ dir.wrapping_mul(0x5851_f42d_4c95_7f2d)),
+            rng: XorShift64::seeded(cfg.seed ^ dir.wrapping_mul(0x5851_f42d_4c95_7f2d)),
             imp: cfg.impairment.clone(),
             active: Arc::clone(&active),
             out,
@@ -569,7 +542,7 @@ mod tests {
     #[test]
     fn same_seed_same_fates() {
         let fates = |seed: u64| {
-            let mut r = Rng::new(seed);
+            let mut r = XorShift64::seeded(seed);
             (0..100).map(|_| r.chance(0.3)).collect::<Vec<_>>()
         };
         assert_eq!(fates(5), fates(5));

@@ -13,8 +13,8 @@
 
 pub mod env;
 pub mod faults;
+pub mod harness;
 pub mod impair;
 pub mod lines;
 pub mod migrate_bench;
-pub mod procs;
 pub mod qemu;

@@ -12,6 +12,21 @@ pub fn parse_counter(line: &str) -> Option<(u64, u64)> {
     Some((n.parse().ok()?, u64::from_str_radix(sum, 16).ok()?))
 }
 
+/// The complete lines of `text`: up to its last newline (the guest may be printing the last).
+pub fn whole_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+}
+
+/// The `seq=<n> sum=<hex>` lines of a counter guest's output (whole lines only), in order.
+pub fn counter_lines(text: &str) -> Vec<(u64, u64)> {
+    whole_lines(text).lines().filter_map(|l| parse_counter(l.trim())).collect()
+}
+
+/// The last sequence number a counter guest printed (0 before the first).
+pub fn last_seq(text: &str) -> u64 {
+    counter_lines(text).last().map_or(0, |l| l.0)
+}
+
 /// `dirty gen=<g> pages=<p> errors=<e>` → (g, p, e).
 pub fn parse_dirty_progress(line: &str) -> Option<(u64, u64, u64)> {
     let mut it = line.strip_prefix("dirty ")?.split(' ');
@@ -69,6 +84,21 @@ mod tests {
         let mut c = CounterChecker::new();
         c.check(&l1).unwrap();
         assert!(c.check("seq=2 sum=0000000000000000").unwrap_err().contains("expected"));
+    }
+
+    #[test]
+    fn counter_output() {
+        let text =
+            format!("ready\r\nseq=1 sum={:016x}\r\nseq=2 sum={:016x}\nseq=3 sum=00", counter_sum(1), counter_sum(2));
+        assert_eq!(
+            super::counter_lines(&text),
+            [(1, counter_sum(1)), (2, counter_sum(2))],
+            "the cut last line is left out"
+        );
+        assert_eq!(last_seq(&text), 2);
+        assert_eq!(last_seq("ready\n"), 0);
+        assert_eq!(whole_lines("a\nb"), "a\n");
+        assert_eq!(whole_lines("a"), "");
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! bounded, and the QEMU process is killed when the [`QemuGuest`] is dropped, on every path.
 
 use crate::env::{QEMU, guest_image};
+use crate::harness::netns::command_in;
+use crate::harness::proc::die_with_parent;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -128,23 +129,9 @@ impl QemuGuest {
             None => guest_image()?,
         };
         let started = Instant::now();
-        let mut cmd = match &opts.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, QEMU]);
-                c
-            }
-            None => Command::new(QEMU),
-        };
-        // SAFETY: prctl is async-signal-safe and nothing else runs between fork and exec. It
-        // makes the kernel kill QEMU when the thread that started it dies (a killed harness).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
+        // The kernel kills QEMU when the thread that started it dies (a killed harness).
+        let mut cmd = command_in(opts.netns.as_deref(), QEMU);
+        let mut child = die_with_parent(&mut cmd)
             .args(opts.args(&image))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

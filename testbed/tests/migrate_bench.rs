@@ -9,12 +9,12 @@ use anyhow::Result;
 use std::path::Path;
 use std::time::Duration;
 use testbed::env::{guest_image, skip_without_qemu};
+use testbed::harness::tempdir::TempDir;
 use testbed::migrate_bench::kv::KvNet;
 use testbed::migrate_bench::{Config, Options, Outcome, QemuConfig, RunEnv, Workload, run_one, tls};
 
 fn with_env<T>(name: &str, timeout: Duration, net: Option<&KvNet>, f: impl FnOnce(&RunEnv<'_>) -> T) -> Result<T> {
-    let top = std::env::temp_dir().join(format!("us-mb-it-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&top);
+    let top = TempDir::create(std::env::temp_dir().join(format!("us-mb-it-{name}-{}", std::process::id())), false)?;
     let certs = top.join("qemu-tls");
     tls::write_qemu_certs(&certs)?;
     let guest = guest_image()?;
@@ -28,9 +28,7 @@ fn with_env<T>(name: &str, timeout: Duration, net: Option<&KvNet>, f: impl FnOnc
         our_certs: Path::new("/nonexistent"),
         net,
     };
-    let out = f(&env);
-    let _ = std::fs::remove_dir_all(&top);
-    Ok(out)
+    Ok(f(&env))
 }
 
 #[test]

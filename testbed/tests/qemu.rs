@@ -11,8 +11,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use testbed::env::{free_local_port, memcslap, python_with_pymemcache, skip_without_qemu};
+use testbed::harness::proc::run_bounded;
 use testbed::lines::{CounterChecker, parse_dirty_progress};
-use testbed::procs::run_bounded;
 use testbed::qemu::{QemuGuest, QemuOptions};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);

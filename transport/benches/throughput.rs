@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use testbed::harness::proc::loadavg;
+use testbed::harness::stats::percentile;
 use transport::certs::{Authority, HostSpec, Identity, Validity};
 use transport::{Endpoint, ProtocolVersions, Tuning, tls};
 
@@ -120,16 +122,9 @@ async fn transport(primary: &Identity, backup: &Identity, tuning: &Tuning, total
     (frames * FRAME) as f64 / elapsed.as_secs_f64() / 1e6
 }
 
+/// The upper median.
 fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
+    percentile(values, 0.5).expect("some runs")
 }
 
 fn main() {

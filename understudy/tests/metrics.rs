@@ -37,8 +37,7 @@ fn scrape(addr: &str) -> String {
 }
 
 fn free_tcp_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", testbed::env::free_local_port().expect("a free tcp port"))
 }
 
 /// The lines of a scrape about the node's role and its transitions.

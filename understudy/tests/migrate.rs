@@ -321,35 +321,13 @@ fn dirty_migrates_with_stopcopy() {
     migrate_dirty("stopcopy");
 }
 
-/// A namespace with a bridge `br0` (the host side, 10.<s>.0.1) and two TAPs on it: `tap0` for
-/// the source, `tap1` for the destination, as two hosts on one LAN.
-fn bridged_ns(test: &str, subnet: u8) -> Option<NetNs> {
-    let ns = NetNs::new(test, "mig", subnet)?;
-    let sh = |args: &[&str]| {
-        let out = std::process::Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    };
-    let n = ns.name.as_str();
-    let host = format!("{}/24", ns.host_ip);
-    sh(&["-n", n, "addr", "del", &host, "dev", "tap0"]);
-    sh(&["-n", n, "link", "add", "br0", "type", "bridge", "forward_delay", "0"]);
-    sh(&["-n", n, "tuntap", "add", "dev", "tap1", "mode", "tap"]);
-    sh(&["-n", n, "link", "set", "tap0", "master", "br0"]);
-    sh(&["-n", n, "link", "set", "tap1", "master", "br0"]);
-    sh(&["-n", n, "addr", "add", &host, "dev", "br0"]);
-    for dev in ["br0", "tap1"] {
-        sh(&["-n", n, "link", "set", dev, "up"]);
-    }
-    Some(ns)
-}
-
 /// The kv guest moves under a client's load through a bridge: the client's TCP connection
 /// survives (the guest's TCP stack moved with its memory, its MAC moved with the announcement),
 /// and every write it saw acknowledged reads back afterwards.
 fn kv_migrates(mode: &str, subnet: u8) {
     let test = format!("kv_migrates_with_{mode}_under_load");
     let Some(_g) = setup(&test) else { return };
-    let Some(ns) = bridged_ns(&test, subnet) else { return };
+    let Some(ns) = NetNs::bridged(&test, "mig", subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
     let ctl = m.dir.path().join("client");

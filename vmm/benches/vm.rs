@@ -10,13 +10,8 @@ use std::time::{Duration, Instant};
 
 use vmm::vm::{Vm, VmConfig};
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
+fn percentile(v: &[f64], p: f64) -> f64 {
+    testbed::harness::stats::percentile(v, p).unwrap_or(f64::NAN)
 }
 
 fn guest() -> Option<PathBuf> {
@@ -47,8 +42,7 @@ fn main() {
         println!("vm: bench");
         return;
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        eprintln!("*** SKIP: vm bench: /dev/kvm is not usable ***");
+    if !testbed::harness::kvm_available("vm bench") {
         return;
     }
     let Some(kernel) = guest() else {
@@ -91,14 +85,14 @@ fn main() {
         }
         println!(
             "| {rate} | {interval_ms} ms | {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |",
-            percentile(&mut pages, 0.5),
-            percentile(&mut pause.clone(), 0.5),
-            percentile(&mut pause, 0.99),
-            percentile(&mut harvest.clone(), 0.5),
-            percentile(&mut harvest, 0.99),
-            percentile(&mut capture.clone(), 0.5),
-            percentile(&mut capture, 0.99),
-            percentile(&mut resume, 0.5),
+            percentile(&pages, 0.5),
+            percentile(&pause, 0.5),
+            percentile(&pause, 0.99),
+            percentile(&harvest, 0.5),
+            percentile(&harvest, 0.99),
+            percentile(&capture, 0.5),
+            percentile(&capture, 0.99),
+            percentile(&resume, 0.5),
         );
         vm.shutdown();
     }
@@ -123,5 +117,5 @@ fn main() {
     println!("| restore p50 µs | restore p99 µs | runs |");
     println!("|---|---|---|");
     let n = restore.len();
-    println!("| {:.0} | {:.0} | {n} |", percentile(&mut restore.clone(), 0.5), percentile(&mut restore, 0.99));
+    println!("| {:.0} | {:.0} | {n} |", percentile(&restore, 0.5), percentile(&restore, 0.99));
 }

@@ -483,11 +483,9 @@ mod tests {
         bad[1] = 9;
         assert_eq!(Heartbeat::decode(&bad).unwrap_err().to_string(), "heartbeat: unknown version 9");
         // Arbitrary bytes never panic.
-        let mut x = 0x1234_5678_9abc_def0_u64;
+        let mut rng = testbed::harness::rng::XorShift64(0x1234_5678_9abc_def0);
         for len in 0..64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
             let _ = Heartbeat::decode(&bytes);
         }

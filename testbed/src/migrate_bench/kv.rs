@@ -4,13 +4,14 @@
 //! checker client `testbed/scripts/faults_client.py` (one TCP connection, unique acknowledged
 //! writes, the longest wait for one reply, every acknowledged write read back at the end).
 
-use crate::faults::check_interrupted;
+use crate::harness::interrupt::check_interrupted;
+use crate::harness::netns::{self, NetNs};
+use crate::harness::proc::{Proc, die_with_parent};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,29 +30,15 @@ pub const NS_PREFIX: &str = "usm";
 
 static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().context(args[0].to_string())?;
-    ensure!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(())
-}
-
 /// Deletes namespaces left by harness processes that no longer exist (a SIGKILLed harness).
 pub fn clean_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = sh(&["ip", "netns", "del", name]);
-        }
-    }
+    netns::clean_stale(NS_PREFIX);
 }
 
 /// The namespace of one W3 run; deleted on drop.
 #[derive(Debug)]
 pub struct KvNet {
-    pub ns: String,
+    pub net: NetNs,
 }
 
 impl KvNet {
@@ -61,23 +48,13 @@ impl KvNet {
     /// rather than Linux's 200 ms minimum, so the outage measured is the migration's, for
     /// every configuration alike.
     pub fn create() -> Result<Self> {
-        let ns = format!("{NS_PREFIX}{}-{}", std::process::id(), NS_COUNTER.fetch_add(1, Ordering::SeqCst));
-        let _ = sh(&["ip", "netns", "del", &ns]);
-        sh(&["ip", "netns", "add", &ns])?;
-        let net = KvNet { ns };
-        let n = net.ns.as_str();
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", n, "link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
+        let net =
+            NetNs::create(&format!("{NS_PREFIX}{}-{}", std::process::id(), NS_COUNTER.fetch_add(1, Ordering::SeqCst)))?;
         for tap in [SOURCE_TAP, DEST_TAP] {
-            sh(&["ip", "-n", n, "tuntap", "add", "dev", tap, "mode", "tap"])?;
-            sh(&["ip", "-n", n, "link", "set", tap, "master", "br0", "up"])?;
+            net.add_tap(tap, None)?;
         }
-        sh(&["ip", "-n", n, "addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"])?;
-        sh(&["ip", "-n", n, "link", "set", "br0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            n,
+        net.add_bridge("br0", Some(&format!("{HOST_IP}/24")), &[SOURCE_TAP, DEST_TAP])?;
+        net.ip(&[
             "route",
             "replace",
             "10.79.0.0/24",
@@ -92,22 +69,17 @@ impl KvNet {
             "rto_min",
             "10ms",
         ])?;
-        Ok(net)
+        Ok(KvNet { net })
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        self.net.name()
     }
 
     /// A command running `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns]).arg(program);
-        c
-    }
-}
-
-impl Drop for KvNet {
-    fn drop(&mut self) {
-        if let Err(e) = sh(&["ip", "netns", "del", &self.ns]) {
-            eprintln!("migrate-bench: could not delete namespace {}: {e}", self.ns);
-        }
+        self.net.command(program)
     }
 }
 
@@ -162,9 +134,8 @@ impl ClientVerdict {
 
 /// The checker client, running in the namespace. Killed on drop.
 pub struct KvClient {
-    child: Child,
+    proc: Proc,
     ctl: PathBuf,
-    log: PathBuf,
 }
 
 impl KvClient {
@@ -175,20 +146,8 @@ impl KvClient {
         let log = dir.join("client.log");
         let mut cmd = net.command("/usr/bin/python3");
         cmd.arg(script).arg(GUEST_IP).arg(&ctl).arg(max_secs.to_string());
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("start the kv client")?;
-        Ok(KvClient { child, ctl, log })
+        let proc = Proc::start(die_with_parent(&mut cmd).stdout(Stdio::piped()), "the kv client", log)?;
+        Ok(KvClient { proc, ctl })
     }
 
     /// Waits for the client's first reply (it creates `ready`).
@@ -196,7 +155,7 @@ impl KvClient {
         let deadline = Instant::now() + timeout;
         while !self.ctl.join("ready").exists() {
             check_interrupted()?;
-            if let Ok(Some(s)) = self.child.try_wait() {
+            if let Ok(Some(s)) = self.proc.child.try_wait() {
                 bail!("the kv client exited ({s}) before its first reply: {}", self.log_text());
             }
             ensure!(Instant::now() < deadline, "the kv client got no reply in {timeout:?}: {}", self.log_text());
@@ -206,7 +165,7 @@ impl KvClient {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default().trim().to_string()
+        self.proc.stderr().trim().to_string()
     }
 
     /// Tells the client to stop, waits for its verdict (it reads every acknowledged write back).
@@ -217,7 +176,7 @@ impl KvClient {
             std::fs::write(self.ctl.join("window"), format!("{start:.6} {end:.6}"))?;
         }
         std::fs::write(self.ctl.join("stop"), b"")?;
-        let mut out = self.child.stdout.take().context("client stdout")?;
+        let mut out = self.proc.child.stdout.take().context("client stdout")?;
         let reader = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = out.read_to_string(&mut s);
@@ -225,25 +184,17 @@ impl KvClient {
         });
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
                 break;
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.proc.kill();
                 bail!("the kv client gave no verdict within {timeout:?}: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let stdout = reader.join().unwrap_or_default();
         ClientVerdict::parse(&stdout).with_context(|| self.log_text())
-    }
-}
-
-impl Drop for KvClient {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -24,8 +24,9 @@ pub mod tls;
 pub mod watch;
 
 use crate::env::{guest_image, qemu_skip_reason, workspace_root};
-use crate::faults::{check_interrupted, sleep};
-use crate::procs::loadavg;
+use crate::harness::interrupt::{check_interrupted, sleep};
+use crate::harness::proc::loadavg;
+use crate::harness::tempdir::TempDir;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::fmt;
@@ -641,25 +642,9 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
-/// A directory removed on drop (unless kept).
-struct RunDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("migrate-bench: kept {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Runs the benchmark: run 1 of every workload and configuration, then run 2, ...
 pub fn run(opts: &Options) -> Result<Report> {
-    crate::faults::install_signal_handlers();
+    crate::harness::interrupt::install_signal_handlers();
     let t0 = Instant::now();
     let mut configs = opts.configs.clone();
     let mut skipped = Vec::new();
@@ -683,13 +668,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     if opts.workloads.iter().any(|w| w.kv()) {
         kv::clean_stale_namespaces();
     }
-    let top =
-        RunDir { path: std::env::temp_dir().join(format!("us-migrate-bench-{}", std::process::id())), keep: opts.keep };
-    let _ = std::fs::remove_dir_all(&top.path);
-    std::fs::create_dir_all(&top.path)?;
-    let qemu_certs = top.path.join("qemu-tls");
+    let top = TempDir::for_process("us-migrate-bench", opts.keep)?;
+    let qemu_certs = top.join("qemu-tls");
     tls::write_qemu_certs(&qemu_certs)?;
-    let our_certs = top.path.join("our-certs");
+    let our_certs = top.join("our-certs");
     if configs.iter().any(|c| !c.is_qemu()) {
         side_ours::make_certs(&opts.understudy, &our_certs)?;
     }
@@ -717,7 +699,7 @@ pub fn run(opts: &Options) -> Result<Report> {
                 let env = RunEnv {
                     opts,
                     guest: &guest,
-                    dir: top.path.join(&tag),
+                    dir: top.join(&tag),
                     qemu_certs: &qemu_certs,
                     our_certs: &our_certs,
                     net: net.as_ref(),

@@ -2,15 +2,15 @@
 //! `understudy migrate --json` between them (the commands of issue 13). The numbers are the
 //! ones `migrate` reports, plus our clock around the command.
 
-use super::watch::FileLines;
 use super::{Migrated, Migrator, Outcome, RunEnv, Workload, kv};
-use crate::faults::check_interrupted;
-use crate::procs::run_bounded;
+use crate::harness::interrupt::check_interrupted;
+use crate::harness::netns::command_in;
+use crate::harness::proc::{Proc, die_with_parent, run_bounded};
+use crate::harness::wait::FileLines;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The source's certificate name.
@@ -48,32 +48,6 @@ pub fn make_certs(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One `understudy` process, killed on drop (and by the kernel when the harness dies).
-struct Proc {
-    child: Child,
-    name: &'static str,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn stderr_tail(&self) -> String {
-        let t = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(8)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Our migration of one run.
 pub struct OurMigration {
     bin: PathBuf,
@@ -99,7 +73,7 @@ impl OurMigration {
             dir: env.dir.clone(),
             guest: env.guest.to_path_buf(),
             certs: env.our_certs.to_path_buf(),
-            netns: env.net.map(|n| n.ns.clone()),
+            netns: env.net.map(|n| n.name().to_string()),
             port: 0,
             src: None,
             dst: None,
@@ -110,34 +84,16 @@ impl OurMigration {
 
     /// `understudy ARGS` (inside the namespace for W3).
     fn command(&self, args: &[String]) -> Command {
-        let mut c = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.bin);
-                c
-            }
-            None => Command::new(&self.bin),
-        };
-        c.args(args).env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1").stdin(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            c.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut c = command_in(self.netns.as_deref(), &self.bin);
+        c.args(args).env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1");
+        die_with_parent(&mut c);
         c
     }
 
     fn spawn(&self, name: &'static str, args: &[String]) -> Result<Proc> {
         let stderr = self.dir.join(format!("{name}.stderr"));
-        let child = self
-            .command(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr)?)
-            .spawn()
-            .with_context(|| format!("start understudy ({name})"))?;
-        Ok(Proc { child, name, stderr })
+        Proc::start(self.command(args).stdout(Stdio::null()), name, stderr)
+            .with_context(|| format!("start understudy ({name})"))
     }
 
     fn memory(&self) -> String {
@@ -193,8 +149,8 @@ impl Migrator for OurMigration {
             if text.lines().any(|l| l.trim() == "ready") && self.dir.join("src.sock").exists() {
                 break;
             }
-            ensure!(p.alive(), "understudy run exited early:\n{}", p.stderr_tail());
-            ensure!(Instant::now() < deadline, "the source guest was not ready in 20 s:\n{text}\n{}", p.stderr_tail());
+            ensure!(p.alive(), "understudy run exited early:\n{}", p.stderr_tail(8));
+            ensure!(Instant::now() < deadline, "the source guest was not ready in 20 s:\n{text}\n{}", p.stderr_tail(8));
             std::thread::sleep(Duration::from_millis(5));
         }
         self.src = Some(p);
@@ -222,7 +178,7 @@ impl Migrator for OurMigration {
             check_interrupted()?;
             std::thread::sleep(Duration::from_millis(5));
         }
-        ensure!(p.alive(), "understudy receive exited early:\n{}", p.stderr_tail());
+        ensure!(p.alive(), "understudy receive exited early:\n{}", p.stderr_tail(8));
         self.dst = Some(p);
         Ok(())
     }
@@ -262,7 +218,7 @@ impl Migrator for OurMigration {
         if let Some(p) = self.dst.as_mut()
             && !p.alive()
         {
-            m.outcome = Outcome::Failed(format!("the destination exited after the migration:\n{}", p.stderr_tail()));
+            m.outcome = Outcome::Failed(format!("the destination exited after the migration:\n{}", p.stderr_tail(8)));
         }
         m.detail["harness"] = json!({ "source_exited": src_exited, "migrate_wall_ms": m.wall_ms });
         Ok(m)
@@ -274,7 +230,7 @@ impl Migrator for OurMigration {
 
     fn logs(&self) -> String {
         let tail =
-            |p: &Option<Proc>| p.as_ref().map_or("not started".into(), |p| format!("{}: {}", p.name, p.stderr_tail()));
+            |p: &Option<Proc>| p.as_ref().map_or("not started".into(), |p| format!("{}: {}", p.name, p.stderr_tail(8)));
         format!("{}\n{}", tail(&self.src), tail(&self.dst))
     }
 }

@@ -5,7 +5,7 @@
 use super::qmp::{MigrateInfo, Qmp};
 use super::{Migrated, Migrator, Outcome, QemuConfig, RunEnv, Workload, kv};
 use crate::env::free_local_port;
-use crate::faults::check_interrupted;
+use crate::harness::interrupt::check_interrupted;
 use crate::qemu::{QemuGuest, QemuOptions, TapNic};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -121,7 +121,7 @@ impl QemuMigration {
             dir: env.dir.clone(),
             guest: env.guest.to_path_buf(),
             certs: env.qemu_certs.to_path_buf(),
-            netns: env.net.map(|n| n.ns.clone()),
+            netns: env.net.map(|n| n.name().to_string()),
             converge_timeout: env.opts.converge_timeout,
             src: None,
             dst: None,

@@ -1,6 +1,7 @@
 //! Medians over runs and the markdown table.
 
 use super::{Config, Outcome, RunResult, Workload};
+use crate::harness::stats::median;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -10,18 +11,6 @@ pub struct Stat {
     pub median: f64,
     pub min: f64,
     pub max: f64,
-}
-
-/// The median of the finite values (the mean of the middle two for an even count); None when
-/// there are none.
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 /// [`Stat`] of the finite values.

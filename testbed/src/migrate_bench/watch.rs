@@ -1,41 +1,8 @@
-//! The guest's serial output during a migration: read as it grows, and the `dirty` workload's
-//! check that the guest went on at the destination with its memory intact.
+//! The `dirty` workload's check, on the guest's serial output during a migration, that the guest
+//! went on at the destination with its memory intact (the output is read with
+//! [`crate::harness::wait::FileLines`]).
 
 use crate::lines::parse_dirty_progress;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
-
-/// A serial log file read as it grows, complete lines only.
-#[derive(Debug)]
-pub struct FileLines {
-    path: PathBuf,
-    offset: u64,
-    partial: String,
-}
-
-impl FileLines {
-    pub fn new(path: PathBuf) -> Self {
-        FileLines { path, offset: 0, partial: String::new() }
-    }
-
-    /// The complete lines written since the last call.
-    pub fn poll(&mut self) -> Vec<String> {
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return Vec::new() };
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let mut out = Vec::new();
-        while let Some(i) = self.partial.find('\n') {
-            out.push(self.partial[..i].trim().to_string());
-            self.partial.drain(..=i);
-        }
-        out
-    }
-}
 
 /// What the destination's output says so far.
 #[derive(Clone, Debug, PartialEq)]
@@ -147,18 +114,5 @@ mod tests {
         );
         assert!(w.source_line("guest panic: x at y:1").is_err());
         assert!(w.source_line("dirty gen=3 pages=60000 errors=1").is_err());
-    }
-
-    #[test]
-    fn file_lines_returns_complete_lines_once() {
-        let p = std::env::temp_dir().join(format!("us-mb-lines-{}", std::process::id()));
-        std::fs::write(&p, "ready\r\ndirty gen=1").unwrap();
-        let mut f = FileLines::new(p.clone());
-        assert_eq!(f.poll(), ["ready"]);
-        assert!(f.poll().is_empty());
-        use std::io::Write;
-        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b" pages=1 errors=0\r\n").unwrap();
-        assert_eq!(f.poll(), ["dirty gen=1 pages=1 errors=0"]);
-        std::fs::remove_file(&p).unwrap();
     }
 }

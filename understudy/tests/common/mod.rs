@@ -1,34 +1,21 @@
-//! Helpers for tests that run real VMs through the `understudy` binary.
-#![allow(dead_code)]
+//! Helpers for tests that run real VMs through the `understudy` binary: the understudy layer
+//! (the binary, the guest image, a primary/backup pair) over `testbed::harness`, which holds
+//! the general scaffolding (child guards, namespaces, waits).
+// Each test binary uses its own subset of these helpers and re-exports.
+#![allow(dead_code, unused_imports)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// VM tests share two cores: run them one at a time.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-/// Takes the VM test lock.
-pub fn serial_guard() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether /dev/kvm is usable; prints a loud SKIP line when it is not.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("\n*** SKIP: {test}: /dev/kvm is not usable ({e}); this test needs KVM ***\n");
-            false
-        }
-    }
-}
+pub use testbed::harness::proc::Proc;
+pub use testbed::harness::wait::{read_text, wait_for, wait_with_timeout};
+pub use testbed::harness::{kvm_available, serial_guard};
+pub use testbed::lines::{counter_lines, last_seq};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    testbed::env::workspace_root()
 }
 
 /// The fixture guest image; panics (not skips) when it has not been built.
@@ -45,68 +32,28 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_understudy"))
 }
 
-/// A child process killed on drop.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-    pub stderr_path: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `understudy args...`, stderr to `<dir>/<name>.stderr`.
-    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+/// `understudy` processes as [`Proc`]s: stderr to `<dir>/<name>.stderr`, stdout closed,
+/// `UNDERSTUDY_LOG=info`.
+pub trait SpawnUnderstudy: Sized {
+    /// Spawns `understudy args...`.
+    fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
         Self::spawn_env(None, dir, name, args, &[])
     }
 
+    /// Spawns `understudy args...` inside a network namespace.
+    fn spawn_in(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_env(Some(ns), dir, name, args, &[])
+    }
+
     /// Spawns `understudy args...` (inside `ns` when given) with extra environment variables.
-    pub fn spawn_env(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let stderr_path = dir.join(format!("{name}.stderr"));
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut cmd = match ns {
-            Some(ns) => ns.command(bin().to_str().expect("utf-8 path")),
-            None => Command::new(bin()),
-        };
-        let child = cmd
-            .args(args)
-            .env("UNDERSTUDY_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn understudy");
-        Self { child, name: name.into(), stderr_path }
-    }
-
-    /// Its stderr so far.
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Panics with its stderr if it has exited.
-    pub fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited early ({status}):\n{}", self.name, self.stderr());
-        }
-    }
-
-    /// Waits for exit up to `timeout`; returns the status.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
+    fn spawn_env(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self;
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl SpawnUnderstudy for Proc {
+    fn spawn_env(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = testbed::harness::netns::command_in(ns.map(|n| n.net.name()), bin());
+        cmd.args(args).env("UNDERSTUDY_LOG", "info").envs(env.iter().copied()).stdout(Stdio::null());
+        Proc::start(&mut cmd, name, dir.join(format!("{name}.stderr"))).expect("spawn understudy")
     }
 }
 
@@ -114,55 +61,6 @@ impl Drop for Proc {
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("run understudy");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-/// Reads a file as text (empty if missing).
-pub fn read_text(p: &Path) -> String {
-    let mut s = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(p) {
-        let _ = f.read_to_end(&mut s);
-    }
-    String::from_utf8_lossy(&s).into_owned()
-}
-
-/// Polls `p` until `pred(text)` holds; panics with the text and `proc`'s stderr on timeout.
-pub fn wait_for(p: &Path, timeout: Duration, proc: &mut Proc, what: &str, pred: impl Fn(&str) -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let text = read_text(p);
-        if pred(&text) {
-            return t0.elapsed();
-        }
-        proc.assert_alive();
-        if t0.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what} in {}:\n{text}\n--- {} stderr:\n{}",
-                p.display(),
-                proc.name,
-                proc.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The `seq=<n> sum=<hex>` lines of counter output, in order.
-pub fn counter_lines(text: &str) -> Vec<(u64, u64)> {
-    // Only whole lines: the guest may be in the middle of printing the last one.
-    let text = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l.strip_prefix("seq=")?;
-            let (n, s) = rest.split_once(" sum=")?;
-            Some((n.parse().ok()?, u64::from_str_radix(s.trim(), 16).ok()?))
-        })
-        .collect()
-}
-
-/// The last sequence number printed.
-pub fn last_seq(text: &str) -> u64 {
-    counter_lines(text).last().map(|l| l.0).unwrap_or(0)
 }
 
 /// Parses `understudy`'s JSON output.
@@ -173,68 +71,47 @@ pub fn json(s: &str) -> serde_json::Value {
 /// A network namespace with a TAP device for the guest, deleted on drop. The host side of the
 /// TAP gets `host_ip`; the guest is told `guest_ip` on its command line.
 pub struct NetNs {
-    pub name: String,
+    pub net: testbed::harness::netns::NetNs,
     pub tap: String,
     pub host_ip: String,
     pub guest_ip: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
 }
 
 impl NetNs {
     /// Creates namespace `us-<tag>-<pid>` holding `tap0` at 10.<subnet>.0.1/24; None (with a
     /// loud SKIP line) when namespaces or TAP devices cannot be made here.
     pub fn new(test: &str, tag: &str, subnet: u8) -> Option<Self> {
-        let name = format!("us-{tag}-{}", std::process::id());
-        let tap = "tap0".to_string();
         let host_ip = format!("10.{subnet}.0.1");
-        let guest_ip = format!("10.{subnet}.0.2");
-        let _ = ip(&["netns", "del", &name]);
-        let setup = || -> Result<(), String> {
-            ip(&["netns", "add", &name])?;
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-            ip(&["-n", &name, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
-            ip(&["-n", &name, "addr", "add", &format!("{host_ip}/24"), "dev", &tap])?;
-            ip(&["-n", &name, "link", "set", &tap, "up"])?;
-            Ok(())
-        };
-        match setup() {
-            Ok(()) => Some(Self { name, tap, host_ip, guest_ip }),
+        let made = testbed::harness::netns::NetNs::create(&format!("us-{tag}-{}", std::process::id()))
+            .and_then(|net| net.add_tap("tap0", Some(&format!("{host_ip}/24"))).map(|()| net));
+        match made {
+            Ok(net) => Some(Self { net, tap: "tap0".into(), host_ip, guest_ip: format!("10.{subnet}.0.2") }),
             Err(e) => {
-                let _ = ip(&["netns", "del", &name]);
                 eprintln!(
-                    "\n*** SKIP: {test}: cannot create a network namespace with a TAP device ({e}); needs root ***\n"
+                    "\n*** SKIP: {test}: cannot create a network namespace with a TAP device ({e:#}); needs root ***\n"
                 );
                 None
             }
         }
     }
 
+    /// [`NetNs::new`] with a bridge `br0` (the host side, 10.<subnet>.0.1) and two TAPs on it:
+    /// `tap0` for one VM, `tap1` for another, as two hosts on one LAN.
+    pub fn bridged(test: &str, tag: &str, subnet: u8) -> Option<Self> {
+        let ns = Self::new(test, tag, subnet)?;
+        let host = format!("{}/24", ns.host_ip);
+        let bridge = || -> anyhow::Result<()> {
+            ns.net.ip(&["addr", "del", &host, "dev", "tap0"])?;
+            ns.net.add_tap("tap1", None)?;
+            ns.net.add_bridge("br0", Some(&host), &["tap0", "tap1"])
+        };
+        bridge().unwrap_or_else(|e| panic!("bridge tap0 and tap1 in {}: {e:#}", ns.net.name()));
+        Some(ns)
+    }
+
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-impl Proc {
-    /// Spawns `understudy args...` inside a network namespace.
-    pub fn spawn_in(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Self {
-        Self::spawn_env(Some(ns), dir, name, args, &[])
+        self.net.command(program)
     }
 }
 
@@ -250,7 +127,7 @@ pub struct Pair {
 
 /// A free UDP port on 127.0.0.1 (racy but fine for tests run one at a time).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    testbed::env::free_local_udp_port().expect("a free udp port")
 }
 
 impl Pair {
@@ -443,22 +320,6 @@ pub fn python_in(ns: &NetNs, script: &str, args: &[&str], timeout: Duration) -> 
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Waits for a child with a timeout (kills it when over).
-pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::Output {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("child timed out after {timeout:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Sets keys one by one, prints `ok <i>` after each STORED (flushing), then reads a list back.
