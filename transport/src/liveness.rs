@@ -47,6 +47,10 @@ const MAGIC: &[u8; 8] = b"USLIVE02";
 const MAGIC_V1: &[u8; 8] = b"USLIVE01";
 /// The backup's answer to a hello whose token a session claimed.
 pub const ACK: u8 = 0xA5;
+/// The backup's answer to a hello it refuses (no session claims its token): a refusal is said,
+/// so that a line closed without any answer means the backup's process died before it could
+/// answer.
+pub const NAK: u8 = 0x5A;
 const BYE: u8 = 0xB7;
 /// Connections that have not (yet) shown a token a session claims, at once.
 pub const MAX_PENDING: usize = 32;
@@ -132,8 +136,12 @@ pub enum LivenessError {
     },
     #[error("connecting to {addr} (tcp) timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("{addr} closed the line before accepting it: no session there claims our token")]
+    #[error("{addr} refused the line: no session there claims our token")]
     Refused { addr: SocketAddr },
+    /// The backup closed the line without answering our hello: its process is gone (a backup
+    /// that refuses says so with [`NAK`]).
+    #[error("{addr} closed the line before answering our hello: its process is gone")]
+    ClosedUnanswered { addr: SocketAddr },
     #[error("{addr} answered {byte:#04x} to our hello, not the acknowledgement")]
     BadAnswer { addr: SocketAddr, byte: u8 },
 }
@@ -152,8 +160,9 @@ pub async fn connect(addr: SocketAddr, token: Token) -> Result<Line, LivenessErr
     let mut answer = [0u8; 1];
     match tokio::time::timeout(ACK_TIMEOUT, stream.read(&mut answer)).await {
         Ok(Ok(1)) if answer[0] == ACK => Ok(Line::spawn(stream)),
+        Ok(Ok(1)) if answer[0] == NAK => Err(LivenessError::Refused { addr }),
         Ok(Ok(1)) => Err(LivenessError::BadAnswer { addr, byte: answer[0] }),
-        Ok(Ok(_) | Err(_)) => Err(LivenessError::Refused { addr }),
+        Ok(Ok(_) | Err(_)) => Err(LivenessError::ClosedUnanswered { addr }),
         Err(_) => {
             tracing::info!(%addr, "liveness: no acknowledgement (an older backup): keeping the line unconfirmed");
             Ok(Line::spawn(stream))
@@ -176,12 +185,20 @@ pub fn hold(addr: SocketAddr, session: &crate::Connection) -> impl std::future::
     let token = session.keying_material(LABEL);
     async move {
         let Some(token) = token else { return std::future::pending().await };
-        match connect(addr, token).await {
-            Ok(mut line) => line.ended().await,
-            Err(e) => {
-                tracing::info!(%addr, "liveness: no line to the backup ({e}): detection by heartbeats only");
-                std::future::pending().await
-            }
+        hold_token(addr, token).await
+    }
+}
+
+/// [`hold`] with the session's token.
+async fn hold_token(addr: SocketAddr, token: Token) -> End {
+    match connect(addr, token).await {
+        Ok(mut line) => line.ended().await,
+        // The backup died between our session and its line's answer: that is process death
+        // too (taken for a refusal, it left detection to heartbeats alone).
+        Err(e @ LivenessError::ClosedUnanswered { .. }) => End::Died(e.to_string()),
+        Err(e) => {
+            tracing::info!(%addr, "liveness: no line to the backup ({e}): detection by heartbeats only");
+            std::future::pending().await
         }
     }
 }
@@ -331,6 +348,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             if refused.is_power_of_two() {
                 tracing::warn!(%peer, refused, "liveness: refused a connection: too many unauthenticated ones");
             }
+            // Said, not just closed: a primary refused here must not take it for our death.
+            let _ = stream.try_write(&[NAK]);
             drop(stream);
             continue;
         };
@@ -362,6 +381,9 @@ async fn serve_hello(mut stream: TcpStream, peer: SocketAddr, slot: PendingSlot)
         }
         if tokio::time::timeout_at(deadline, watched).await.is_err() {
             tracing::warn!(%peer, "liveness: refused a connection: no session claims its token");
+            if acknowledge {
+                let _ = stream.write_all(&[NAK]).await;
+            }
             return;
         }
     };
@@ -404,10 +426,18 @@ mod tests {
         socket.connect(addr).await.unwrap()
     }
 
-    /// Whether the other end closed `stream` (end of file or reset) within `ms`.
+    /// Whether the other end closed `stream` (end of file or reset) within `ms`, after at
+    /// most a refusal ([`NAK`]).
     async fn closed_within(stream: &mut TcpStream, ms: u64) -> bool {
         let mut buf = [0u8; 8];
-        matches!(within(ms, stream.read(&mut buf)).await, Some(Ok(0) | Err(_)))
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(n)) if buf[..n].iter().all(|&b| b == NAK) => continue,
+                _ => return false,
+            }
+        }
     }
 
     #[tokio::test]
@@ -445,6 +475,35 @@ mod tests {
         let mut primary = connect(a2, T).await.unwrap();
         drop(accept.await.unwrap());
         assert!(matches!(within(2000, primary.ended()).await, Some(End::Died(_))));
+    }
+
+    /// A backup whose process dies after the primary's hello but before its answer: the line
+    /// ends as death (it used to read as a refusal, leaving detection to heartbeats: one of the
+    /// backup kills that stalled ~900 ms).
+    #[tokio::test]
+    async fn a_backup_dying_before_its_answer_is_death() {
+        let raw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = raw_listener.local_addr().unwrap();
+        let dies = tokio::spawn(async move {
+            let mut s = raw_listener.accept().await.unwrap().0;
+            let mut hello = [0u8; 40];
+            s.read_exact(&mut hello).await.unwrap();
+            drop(s);
+        });
+        let error = connect(addr, T).await.err().expect("no line");
+        assert!(matches!(error, LivenessError::ClosedUnanswered { .. }), "{error}");
+        dies.await.unwrap();
+
+        // Through `hold`, as the primary's link uses it: resolves, as death.
+        let raw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = raw_listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut s = raw_listener.accept().await.unwrap().0;
+            let mut hello = [0u8; 40];
+            s.read_exact(&mut hello).await.unwrap();
+        });
+        let end = within(3000, hold_token(addr, T)).await;
+        assert!(matches!(end, Some(End::Died(_))), "{end:?}");
     }
 
     #[tokio::test]
