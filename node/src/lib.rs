@@ -25,5 +25,6 @@ pub mod protect;
 pub mod role;
 pub mod runtime;
 pub mod status;
+pub mod status_text;
 
 pub use runtime::{Node, NodeError, SerialTarget};

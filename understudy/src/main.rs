@@ -96,9 +96,12 @@ enum Command {
         /// The VM's admin API socket.
         #[arg(long)]
         api: PathBuf,
-        /// Print JSON instead of text.
+        /// Print JSON instead of text (the schema: docs/operations.md, "Status").
         #[arg(long)]
         json: bool,
+        /// Refresh every this many seconds until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<f64>,
     },
     /// Pause, resume, stop a VM, digest its memory or read its verification journal.
     Ctl {
@@ -431,16 +434,30 @@ fn real_main(cli: Cli) -> Result<()> {
             let dir = std::path::absolute(&dir).unwrap_or(dir);
             call_and_print(&api, &Request::Snapshot { dir, then }, Duration::from_secs(300))
         }
-        Command::Status { api, json } => {
-            let v = api::call(&api, &Request::Status, Duration::from_secs(10))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else if let Some(obj) = v.as_object() {
-                for (k, val) in obj {
-                    println!("{k:>16}: {}", val.as_str().map(str::to_string).unwrap_or_else(|| val.to_string()));
+        Command::Status { api, json, watch } => {
+            let every = match watch {
+                Some(w) if !(0.1..=3600.0).contains(&w) => bail!("--watch {w} is not within 0.1..=3600 seconds"),
+                w => w.map(Duration::from_secs_f64),
+            };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            loop {
+                let v = api::call(&api, &Request::Status, Duration::from_secs(10))?;
+                let text = if json { serde_json::to_string_pretty(&v)? + "\n" } else { node::status_text::render(&v) };
+                if every.is_some() && tty {
+                    // Clear the screen and go home: one screenful per refresh.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{text}");
+                match every {
+                    Some(d) => {
+                        if !tty {
+                            println!();
+                        }
+                        std::thread::sleep(d);
+                    }
+                    None => return Ok(()),
                 }
             }
-            Ok(())
         }
         Command::Ctl { api, action } => {
             let req = match action.as_str() {

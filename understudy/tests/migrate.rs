@@ -189,6 +189,10 @@ impl Mig {
         let status = json(&run(&["status", "--api", self.s_sock.to_str().unwrap(), "--json"]).1);
         assert_eq!(status["state"], "running", "{status}");
         assert_eq!(status["migration"]["phase"], "failed", "{status}");
+        // The same for people.
+        let (ok, text, _) = run(&["status", "--api", self.s_sock.to_str().unwrap()]);
+        assert!(ok && text.starts_with("vm: running (primary)"), "{text}");
+        assert!(text.contains("): failed, round "), "{text}");
         let before = read_text(&self.s_serial()).len();
         let serial = self.s_serial();
         wait_for(&serial, Duration::from_secs(5), &mut self.src, "the guest going on at the source", |t| {

@@ -1,0 +1,351 @@
+//! `understudy status` for people: the status JSON (`status --json`, see [`crate::status`]) in
+//! sections with units and ages. Reads the JSON rather than the typed structs, so the CLI
+//! renders what any build's API answered, and a missing field is left out, not a failure.
+
+use serde_json::Value;
+
+/// A duration in seconds as `2m 13s`, `1h 04m`, `850 ms`.
+pub fn age(s: f64) -> String {
+    if !s.is_finite() || s < 0.0 {
+        return "?".into();
+    }
+    if s < 1.0 {
+        return format!("{:.0} ms", s * 1e3);
+    }
+    let t = s as u64;
+    match t {
+        0..=59 => format!("{t}s"),
+        60..=3599 => format!("{}m {:02}s", t / 60, t % 60),
+        3600..=86_399 => format!("{}h {:02}m", t / 3600, t % 3600 / 60),
+        _ => format!("{}d {:02}h", t / 86_400, t % 86_400 / 3600),
+    }
+}
+
+/// Bytes as `0 B`, `12.3 KiB`, `1.5 GiB`.
+pub fn bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    if !b.is_finite() || b < 0.0 {
+        return "?".into();
+    }
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{v:.0} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Microseconds as `174 µs` or `1.3 ms`.
+pub fn micros(us: f64) -> String {
+    if !us.is_finite() {
+        "?".into()
+    } else if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{:.1} ms", us / 1e3)
+    }
+}
+
+/// An integer with thousands separators: `2,113`.
+pub fn count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k)?.as_f64()
+}
+
+fn u(v: &Value, k: &str) -> Option<u64> {
+    v.get(k)?.as_u64()
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+    v.get(k)?.as_str()
+}
+
+/// How the VM came to be, in words.
+fn origin(o: &Value) -> String {
+    match s(o, "kind") {
+        Some("booted") => format!("booted from {}", s(o, "kernel").unwrap_or("?")),
+        Some("restored") => format!("restored from snapshot {}", s(o, "from").unwrap_or("?")),
+        Some("promoted") => format!(
+            "promoted from the replica of epoch {} ({:.1} ms to run)",
+            count(u(o, "epoch").unwrap_or(0)),
+            f(o, "promote_ms").unwrap_or(0.0)
+        ),
+        Some("migrated") => format!(
+            "migrated from {} at epoch {} (resumed {:.1} ms after the hand-over)",
+            s(o, "source").unwrap_or("?"),
+            count(u(o, "epoch").unwrap_or(0)),
+            f(o, "resume_ms").unwrap_or(0.0)
+        ),
+        Some("backup") => format!("backup listening on {}", s(o, "listen").unwrap_or("?")),
+        Some("destination") => format!("migration destination listening on {}", s(o, "listen").unwrap_or("?")),
+        Some(other) => other.to_string(),
+        None => "?".into(),
+    }
+}
+
+fn protection(p: &Value, out: &mut Vec<String>) {
+    let state = s(p, "state").unwrap_or("?");
+    out.push(format!(
+        "protection: {state} for {} ({}), backup {}",
+        age(f(p, "state_for_s").unwrap_or(0.0)),
+        s(p, "reason").unwrap_or(""),
+        s(p, "backup").unwrap_or("?")
+    ));
+    if let Some(sync) = p.get("sync").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  sync round {}: {} of {} pages",
+            u(sync, "round").unwrap_or(0),
+            count(u(sync, "pages").unwrap_or(0)),
+            count(u(sync, "total_pages").unwrap_or(0))
+        ));
+    }
+    out.push(format!(
+        "  {:.0} epochs/s ({} in all, {:.1} ms mean), pause {} p50 / {} p99, {:.0} dirty pages per epoch",
+        f(p, "epoch_rate_per_s").unwrap_or(0.0),
+        count(u(p, "epochs").unwrap_or(0)),
+        f(p, "epoch_ms_mean").unwrap_or(0.0),
+        micros(f(p, "pause_us_p50").unwrap_or(f64::NAN)),
+        micros(f(p, "pause_us_p99").unwrap_or(f64::NAN)),
+        f(p, "dirty_pages_per_epoch_mean").unwrap_or(0.0)
+    ));
+    out.push(format!(
+        "  replica {} epochs behind (shipped {}, committed {}), ack {} p50 / {} p99",
+        count(u(p, "replica_lag_epochs").unwrap_or(0)),
+        count(u(p, "last_submitted_epoch").unwrap_or(0)),
+        count(u(p, "last_acked_epoch").unwrap_or(0)),
+        micros(f(p, "ack_latency_us_p50").unwrap_or(f64::NAN)),
+        micros(f(p, "ack_latency_us_p99").unwrap_or(f64::NAN))
+    ));
+    out.push(format!(
+        "  output held {} ({} frames); sent {} encoded ({} raw)",
+        bytes(f(p, "held_output_bytes").unwrap_or(0.0)),
+        count(u(p, "held_output_frames").unwrap_or(0)),
+        bytes(f(p, "bytes_sent").unwrap_or(0.0)),
+        bytes(f(p, "raw_bytes_sent").unwrap_or(0.0))
+    ));
+}
+
+fn backup(b: &Value, out: &mut Vec<String>) {
+    let state = s(b, "state").unwrap_or("?");
+    let consistent = match u(b, "consistent_epoch") {
+        Some(e) => format!("consistent at epoch {}", count(e)),
+        None => "no consistent epoch yet".into(),
+    };
+    let last = match f(b, "since_last_commit_s") {
+        Some(t) => format!("last commit {} ago", age(t)),
+        None => "no commit yet".into(),
+    };
+    out.push(format!("backup: {state}, {consistent}, {last}"));
+    let primary = match (b.get("connected").and_then(Value::as_bool), s(b, "primary")) {
+        (Some(true), Some(p)) => format!("primary {p} connected"),
+        (Some(true), None) => "primary connected".into(),
+        _ => "no primary connected".into(),
+    };
+    out.push(format!(
+        "  {primary}; {} commits ({} mean), {} refused, {} pages written",
+        count(u(b, "commits").unwrap_or(0)),
+        micros(f(b, "commit_us_mean").unwrap_or(0.0)),
+        count(u(b, "rejected").unwrap_or(0)),
+        count(u(b, "pages").unwrap_or(0))
+    ));
+    if let Some(r) = u(b, "rollback_epoch") {
+        out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
+    }
+    if let Some(e) = s(b, "last_error") {
+        out.push(format!("  last error: {e}"));
+    }
+}
+
+fn source_migration(m: &Value, out: &mut Vec<String>) {
+    out.push(format!(
+        "migration to {} ({}): {}, round {}, {} sent, {} of {} pages sent, {} pages left in the round",
+        s(m, "to").unwrap_or("?"),
+        s(m, "mode").unwrap_or("?"),
+        s(m, "phase").unwrap_or("?"),
+        u(m, "round").unwrap_or(0),
+        bytes(f(m, "bytes_sent").unwrap_or(0.0)),
+        count(u(m, "pages_sent").unwrap_or(0)),
+        count(u(m, "total_pages").unwrap_or(0)),
+        count(u(m, "round_pages_left").unwrap_or(0))
+    ));
+    let mut line = format!("  for {}", age(f(m, "elapsed_ms").unwrap_or(0.0) / 1e3));
+    if let Some(d) = f(m, "dirty_rate_pages_s") {
+        line += &format!(", dirty {d:.0} pages/s");
+    }
+    if let Some(p) = f(m, "predicted_downtime_ms") {
+        line += &format!(", predicted downtime {p:.1} ms");
+    }
+    out.push(line);
+    if let Some(e) = s(m, "error") {
+        out.push(format!("  error: {e}"));
+    }
+}
+
+fn destination_migration(m: &Value, out: &mut Vec<String>) {
+    let source = s(m, "source").map(|s| format!(" from {s}")).unwrap_or_default();
+    out.push(format!(
+        "migration{source}: {}, {} epochs ({} pages) received{}",
+        s(m, "phase").unwrap_or("?"),
+        count(u(m, "epochs").unwrap_or(0)),
+        count(u(m, "pages").unwrap_or(0)),
+        u(m, "switchover_epoch").map(|e| format!(", switch-over at epoch {}", count(e))).unwrap_or_default()
+    ));
+    if u(m, "refused_peers").unwrap_or(0) > 0 {
+        out.push(format!("  refused {} peers", count(u(m, "refused_peers").unwrap_or(0))));
+    }
+    if let Some(e) = s(m, "error") {
+        out.push(format!("  last error: {e}"));
+    }
+}
+
+fn arbitration(a: &Value, out: &mut Vec<String>) {
+    let mut line = format!("arbitration: node {}, {}", u(a, "node").unwrap_or(0), s(a, "state").unwrap_or("?"));
+    if let Some(r) = s(a, "reason") {
+        line += &format!(" ({r})");
+    }
+    out.push(line);
+}
+
+/// The status for people, one section per part, ending in a newline.
+pub fn render(v: &Value) -> String {
+    let mut out = Vec::new();
+    let role = s(v, "role").unwrap_or("?");
+    let uptime = age(f(v, "uptime_s").unwrap_or(0.0));
+    let memory = bytes(f(v, "memory_bytes").unwrap_or(0.0));
+    let origin = v.get("origin").map(origin).unwrap_or_else(|| "?".into());
+    match s(v, "state") {
+        Some(state) => {
+            out.push(format!("vm: {state} ({role}), up {uptime}, {memory}, {origin}"));
+            if let Some(why) = s(v, "stopped_reason") {
+                out.push(format!("  stopped: {why}"));
+            }
+            if let Some(c) = s(v, "cmdline").filter(|c| !c.is_empty()) {
+                out.push(format!("  cmdline: {c}"));
+            }
+        }
+        None => out.push(format!("{role}: up {uptime}, {memory}, {origin}")),
+    }
+    match v.get("protection").filter(|p| !p.is_null()) {
+        Some(p) => protection(p, &mut out),
+        None if s(v, "state").is_some() => out.push("protection: none".into()),
+        None => {}
+    }
+    if let Some(b) = v.get("backup").filter(|b| !b.is_null()) {
+        backup(b, &mut out);
+    }
+    if let Some(m) = v.get("migration").filter(|m| !m.is_null()) {
+        if role == "destination" {
+            destination_migration(m, &mut out);
+        } else {
+            source_migration(m, &mut out);
+        }
+    }
+    match v.get("arbitration").filter(|a| !a.is_null()) {
+        Some(a) => arbitration(a, &mut out),
+        None => out.push("arbitration: not configured".into()),
+    }
+    out.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn units_read_for_people() {
+        assert_eq!(age(0.008), "8 ms");
+        assert_eq!(age(7.0), "7s");
+        assert_eq!(age(133.0), "2m 13s");
+        assert_eq!(age(3840.0), "1h 04m");
+        assert_eq!(age(90_000.0), "1d 01h");
+        assert_eq!(bytes(0.0), "0 B");
+        assert_eq!(bytes(1536.0), "1.5 KiB");
+        assert_eq!(bytes(3.0 * (1u64 << 30) as f64), "3.0 GiB");
+        assert_eq!(micros(174.4), "174 µs");
+        assert_eq!(micros(1300.0), "1.3 ms");
+        assert_eq!(count(2113), "2,113");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(count(12), "12");
+    }
+
+    #[test]
+    fn a_protected_primary() {
+        let v = json!({
+            "role": "primary", "state": "running", "uptime_s": 140.0, "memory_bytes": 256u64 << 20,
+            "cmdline": "workload=kv", "origin": {"kind": "booted", "kernel": "guest.elf"}, "stopped_reason": null,
+            "protection": {"state": "protected", "state_for_s": 133.0, "reason": "backup committed consistent epoch 4",
+                "backup": "10.0.0.2:7000", "epochs": 12800, "epoch_rate_per_s": 96.2, "last_submitted_epoch": 2114,
+                "last_acked_epoch": 2113, "replica_lag_epochs": 1, "pause_us_p50": 174.0, "pause_us_p99": 649.0,
+                "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "ack_latency_us_p50": 820.0,
+                "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
+                "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null},
+            "arbitration": {"node": 1, "state": "running"}
+        });
+        let t = render(&v);
+        assert_eq!(
+            t,
+            "vm: running (primary), up 2m 20s, 256.0 MiB, booted from guest.elf\n  cmdline: workload=kv\n\
+             protection: protected for 2m 13s (backup committed consistent epoch 4), backup 10.0.0.2:7000\n  \
+             96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch\n  \
+             replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
+             output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n\
+             arbitration: node 1, running\n"
+        );
+    }
+
+    #[test]
+    fn a_backup_a_destination_and_a_migrating_source() {
+        let b = json!({"role": "backup", "uptime_s": 5.0, "memory_bytes": 64u64 << 20,
+            "origin": {"kind": "backup", "listen": "0.0.0.0:7000"},
+            "backup": {"state": "consistent", "connected": true, "primary": "primary", "committed_epoch": 2113,
+                "consistent_epoch": 2113, "rollback_epoch": null, "failed_sessions": 0, "commits": 2113,
+                "rejected": 0, "pages": 90000, "commit_us_mean": 120.0, "since_last_commit_s": 0.008, "last_error": null},
+            "arbitration": null});
+        let t = render(&b);
+        assert!(t.starts_with("backup: up 5s, 64.0 MiB, backup listening on 0.0.0.0:7000\n"), "{t}");
+        assert!(t.contains("backup: consistent, consistent at epoch 2,113, last commit 8 ms ago\n"), "{t}");
+        assert!(
+            t.contains("  primary primary connected; 2,113 commits (120 µs mean), 0 refused, 90,000 pages written\n"),
+            "{t}"
+        );
+        assert!(t.ends_with("arbitration: not configured\n"), "{t}");
+
+        let d = json!({"role": "destination", "uptime_s": 1.0, "memory_bytes": 64u64 << 20,
+            "origin": {"kind": "destination", "listen": "127.0.0.1:7300"}, "backup": null,
+            "migration": {"phase": "receiving", "source": "src", "epochs": 3, "pages": 4096,
+                "switchover_epoch": null, "refused_peers": 1, "error": "peer refused"}});
+        let t = render(&d);
+        assert!(
+            t.contains("migration from src: receiving, 3 epochs (4,096 pages) received\n  refused 1 peers\n"),
+            "{t}"
+        );
+
+        let m = json!({"role": "primary", "state": "running", "uptime_s": 9.0, "memory_bytes": 1u64 << 28,
+            "origin": {"kind": "booted", "kernel": "k"}, "protection": null,
+            "migration": {"phase": "rounds", "mode": "precopy", "to": "10.0.0.3:7300", "round": 2,
+                "total_pages": 65536, "pages_sent": 30000, "round_pages_left": 1200, "bytes_sent": 120u64 << 20,
+                "dirty_rate_pages_s": 18000.0, "predicted_downtime_ms": 4.25, "elapsed_ms": 512.0, "error": null}});
+        let t = render(&m);
+        assert!(t.contains("protection: none\n"), "{t}");
+        assert!(
+            t.contains(
+                "migration to 10.0.0.3:7300 (precopy): rounds, round 2, 120.0 MiB sent, 30,000 of 65,536 pages sent, \
+                 1,200 pages left in the round\n  for 512 ms, dirty 18000 pages/s, predicted downtime 4.2 ms\n"
+            ),
+            "{t}"
+        );
+    }
+}
