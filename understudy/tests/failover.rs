@@ -42,19 +42,7 @@ fn start_group_with(cmdline: &str, agent_extra: &[&str]) -> Group {
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_path_buf();
-    let certs = d.join("certs");
-    let (ok, _, err) = run(&[
-        "certs",
-        "--out",
-        certs.to_str().unwrap(),
-        "--host",
-        "primary",
-        "--host",
-        "backup",
-        "--witness",
-        "witness",
-    ]);
-    assert!(ok, "certs: {err}");
+    let certs = make_certs(&d, &["primary", "backup"], "witness");
     let wargs: Vec<String> = vec![
         "witness".into(),
         "--data".into(),

@@ -40,40 +40,14 @@ impl Mig {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
-        let certs = d.join("certs");
-        let (ok, _, err) = run(&[
-            "certs",
-            "--out",
-            certs.to_str().unwrap(),
-            "--host",
-            "src",
-            "--host",
-            "dest",
-            "--host",
-            "intruder",
-            "--witness",
-            "witness",
-        ]);
-        assert!(ok, "certs: {err}");
+        let certs = make_certs(&d, &["src", "dest", "intruder"], "witness");
         let port = free_udp_port();
         let s_sock = d.join("s.sock");
         let d_sock = d.join("d.sock");
         let ss = d.join("s-serial.log");
         let ds = d.join("d-serial.log");
-        let kernel = guest_image();
-        let mut sargs = vec![
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--memory",
-            memory,
-            "--serial",
-            ss.to_str().unwrap(),
-            "--api",
-            s_sock.to_str().unwrap(),
-        ];
+        let sargs = vm_args(cmdline, memory, &ss, &s_sock);
+        let mut sargs: Vec<&str> = sargs.iter().map(String::as_str).collect();
         if ns.is_some() {
             sargs.extend(["--tap", "tap0", "--mac", "02:55:44:00:00:07"]);
         }

@@ -20,26 +20,10 @@ struct RoundTrip {
 fn round_trip(test: &str, cmdline: &str, memory: &str, until: impl Fn(&str) -> bool) -> RoundTrip {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let kernel = guest_image();
     let s1 = d.join("serial1.log");
     let api1 = d.join("vm1.sock");
-    let mut p1 = Proc::spawn(
-        d,
-        "run",
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--memory",
-            memory,
-            "--serial",
-            s1.to_str().unwrap(),
-            "--api",
-            api1.to_str().unwrap(),
-        ],
-    );
+    let args = vm_args(cmdline, memory, &s1, &api1);
+    let mut p1 = Proc::spawn(d, "run", &args.iter().map(String::as_str).collect::<Vec<_>>());
     let boot = wait_for(&s1, Duration::from_secs(10), &mut p1, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
     eprintln!("{test}: guest ready {:.1} ms after spawning understudy run", boot.as_secs_f64() * 1e3);
     wait_for(&s1, Duration::from_secs(20), &mut p1, "workload progress", &until);

@@ -63,6 +63,42 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `understudy certs` into `dir/certs` for VM hosts `hosts` and witness `witness`; the
+/// certificate directory.
+pub fn make_certs(dir: &Path, hosts: &[&str], witness: &str) -> PathBuf {
+    let certs = dir.join("certs");
+    let mut args = vec!["certs", "--out", certs.to_str().expect("utf-8 path")];
+    for h in hosts {
+        args.extend(["--host", h]);
+    }
+    args.extend(["--witness", witness]);
+    let (ok, _, err) = run(&args);
+    assert!(ok, "certs: {err}");
+    certs
+}
+
+/// The arguments of `understudy run` for the fixture guest with `cmdline` and `memory`, its
+/// serial output into `serial`, its API on `api`.
+pub fn vm_args(cmdline: &str, memory: &str, serial: &Path, api: &Path) -> Vec<String> {
+    let kernel = guest_image();
+    [
+        "run",
+        "--kernel",
+        kernel.to_str().expect("utf-8 path"),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        memory,
+        "--serial",
+        serial.to_str().expect("utf-8 path"),
+        "--api",
+        api.to_str().expect("utf-8 path"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Parses `understudy`'s JSON output.
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not json ({e}): {s}"))
@@ -158,21 +194,7 @@ impl Pair {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
-        let certs = d.join("certs");
-        let (ok, _, err) = run(&[
-            "certs",
-            "--out",
-            certs.to_str().unwrap(),
-            "--host",
-            "primary",
-            "--host",
-            "backup",
-            "--host",
-            "intruder",
-            "--witness",
-            "witness",
-        ]);
-        assert!(ok, "certs: {err}");
+        let certs = make_certs(&d, &["primary", "backup", "intruder"], "witness");
         let port = free_udp_port();
         let listen = format!("127.0.0.1:{port}");
         let b_sock = d.join("b.sock");
@@ -197,20 +219,8 @@ impl Pair {
         .collect();
         bargs.extend(backup_args.iter().map(|s| s.to_string()));
         let bargs: Vec<&str> = bargs.iter().map(String::as_str).collect();
-        let kernel = guest_image();
-        let mut pargs = vec![
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--memory",
-            memory,
-            "--serial",
-            ps.to_str().unwrap(),
-            "--api",
-            p_sock.to_str().unwrap(),
-        ];
+        let pargs = vm_args(cmdline, memory, &ps, &p_sock);
+        let mut pargs: Vec<&str> = pargs.iter().map(String::as_str).collect();
         if ns.is_some() {
             pargs.extend(["--tap", "tap0"]);
         }
