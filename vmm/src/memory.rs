@@ -236,6 +236,9 @@ pub fn copy_pages(
 /// `kept`), as [`copy_pages`] does; returns how many zero pages it left out. Each page goes
 /// through a stack buffer first, so a zero page (most of a fresh guest) costs a copy within the
 /// cache and a check, and never touches `out`.
+///
+/// Pages of anonymous memory that were never touched (not resident and not swapped, per
+/// `/proc/self/pagemap`) are zero without being read: reading them would fault each one in.
 pub fn copy_nonzero_pages(
     mem: &GuestMemory,
     pfns: impl Iterator<Item = u64>,
@@ -244,7 +247,13 @@ pub fn copy_nonzero_pages(
 ) -> Result<u64, vm_memory::GuestMemoryError> {
     let mut buf = [0u8; PAGE_SIZE];
     let mut zero = 0;
-    for pfn in pfns {
+    let pfns: Vec<u64> = pfns.collect();
+    let untouched = never_touched(mem, &pfns);
+    for (i, &pfn) in pfns.iter().enumerate() {
+        if untouched.get(i).copied().unwrap_or(false) {
+            zero += 1;
+            continue;
+        }
         let src = mem.get_slice(GuestAddress(pfn * PAGE_SIZE as u64), PAGE_SIZE)?;
         if src.len() != PAGE_SIZE {
             return Err(vm_memory::GuestMemoryError::PartialBuffer { expected: PAGE_SIZE, completed: src.len() });
@@ -260,6 +269,44 @@ pub fn copy_nonzero_pages(
     Ok(zero)
 }
 
+/// For each of `pfns`: whether it lies in anonymous memory and was never touched (its
+/// `/proc/self/pagemap` entry is neither present, bit 63, nor swapped, bit 62), so it reads as
+/// zeros. False when unsure (file-backed memory, pagemap unreadable). Reads the entries of each
+/// run of consecutive pages at once.
+fn never_touched(mem: &GuestMemory, pfns: &[u64]) -> Vec<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![false; pfns.len()];
+    let Ok(pagemap) = File::open("/proc/self/pagemap") else { return out };
+    let ps = PAGE_SIZE as u64;
+    let mut i = 0;
+    let mut entries = Vec::new();
+    while i < pfns.len() {
+        let gpa = GuestAddress(pfns[i] * ps);
+        let Some(region) = mem.find_region(gpa).filter(|r| r.file_offset().is_none()) else {
+            i += 1;
+            continue;
+        };
+        // The run of consecutive pages from i within this region.
+        let region_end = (region.start_addr().raw_value() + region.len()) / ps;
+        let mut j = i + 1;
+        while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 && pfns[j] < region_end {
+            j += 1;
+        }
+        let offset = vm_memory::MemoryRegionAddress(gpa.unchecked_offset_from(region.start_addr()));
+        if let Ok(hva) = region.get_host_address(offset) {
+            entries.resize((j - i) * 8, 0);
+            if pagemap.read_exact_at(&mut entries, (hva as u64 / ps) * 8).is_ok() {
+                for (k, e) in entries.chunks_exact(8).enumerate() {
+                    let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                    out[i + k] = e & (3 << 62) == 0;
+                }
+            }
+        }
+        i = j;
+    }
+    out
+}
+
 /// Whether a page is all zero (an OR over 64-bit words, which the compiler vectorises).
 pub fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
@@ -272,6 +319,24 @@ pub fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod owned_tests {
     use super::*;
+
+    /// Pages of anonymous memory never touched are known zero without reading them; a written
+    /// page is not (and neither is one that was read: its zero page is mapped). Those skipped
+    /// still count as zero pages.
+    #[test]
+    fn never_touched_pages_are_zero_without_a_read() {
+        let mut m = OwnedMemory::new(&[(0, 1 << 20), (0x1_0000_0000, 1 << 20)]).unwrap();
+        m.page_mut(3).unwrap().fill(7);
+        let mem = m.into_inner();
+        let t = never_touched(&mem, &[3, 0x10_0000, 0x10_0001, 0x10_00ff]);
+        assert_eq!(t, [false, true, true, true]);
+        let (mut kept, mut data) = (Vec::new(), Vec::new());
+        let zero = copy_nonzero_pages(&mem, [3u64, 0x10_0000, 0x10_0001].into_iter(), &mut kept, &mut data).unwrap();
+        assert_eq!((zero, kept.as_slice(), data.len()), (2, &[3u64][..], 4096));
+        assert!(data.iter().all(|&b| b == 7));
+        // Still untouched: the check did not read them.
+        assert_eq!(never_touched(&mem, &[0x10_0000, 0x10_0001]), [true, true]);
+    }
 
     #[test]
     fn owned_pages_and_zeroing() {
