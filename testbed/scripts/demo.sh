@@ -74,7 +74,19 @@ for _ in $(seq 300); do grep -q PROMOTED "$D/backup.log" && break; sleep 0.01; d
 sed 's/\x1b\[[0-9;]*m//g' "$D/backup.log" | grep -E "process is gone|primary suspect|primary lost|arbitration: granted|vm restored|PROMOTED" | sed 's/^[^ ]* *[A-Z]* [^ ]* /         /' | cut -c1-150 || true
 say "the backup runs the guest now; the client carries on"
 wait $CLIENT && RC=0 || RC=$?
-tail -n 4 "$D/client.log" | sed 's/^/         client: /'
+tail -n 4 "$D/client.log" | $PY -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        v = json.loads(line)
+    except ValueError:
+        print("         client: " + line.rstrip())
+        continue
+    if "t" in v:
+        print("         client: %4.1f s, %d acknowledged writes, counter %d, slowest reply %.1f ms" % (v["t"], v["writes"], v["counter"], v["slowest_ms"]))
+    elif "error" in v:
+        print("         client error: %s" % v["error"])
+'
 VERDICT=$(tail -n 1 "$D/client.log")
 $PY - "$VERDICT" <<'PY'
 import json, sys
