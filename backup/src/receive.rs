@@ -182,13 +182,7 @@ pub async fn receive(
             s.source = peer.clone();
             s.phase = "receiving".into();
         });
-        let watch = lines.as_ref().map(|l| l.watch(&conn));
-        let line = async {
-            match watch {
-                Some(w) => w.await,
-                None => std::future::pending().await,
-            }
-        };
+        let line = transport::liveness::Listener::watch_if(lines.as_ref(), &conn);
         tokio::pin!(line);
         let mut line_open = true;
         let mut rcfg = ReceiverConfig::new(Role::MigrationDestination, cfg.vm.clone(), cfg.layout.clone(), transport::random_u64()?);

@@ -409,13 +409,7 @@ pub async fn serve(
             s.connected = true;
             s.primary = peer;
         }
-        let watch = lines.as_ref().map(|l| l.watch(&conn));
-        let line = async {
-            match watch {
-                Some(w) => w.await,
-                None => std::future::pending().await,
-            }
-        };
+        let line = transport::liveness::Listener::watch_if(lines.as_ref(), &conn);
         tokio::pin!(line);
         let mut line_open = true;
         let mut process_gone = false;

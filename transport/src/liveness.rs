@@ -290,6 +290,21 @@ impl Listener {
         }
     }
 
+    /// [`Listener::watch`] when there is a listener; without one a future that never resolves
+    /// (heartbeats alone then decide).
+    pub fn watch_if<'a>(
+        lines: Option<&'a Listener>,
+        session: &crate::Connection,
+    ) -> impl std::future::Future<Output = End> + 'a {
+        let watch = lines.map(|l| l.watch(session));
+        async move {
+            match watch {
+                Some(w) => w.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Waits for the line of the session whose token is `token` (one that arrived up to
     /// [`CLAIM_TIMEOUT`] before counts too). Cancel-safe: dropping the future withdraws the
     /// claim.
