@@ -58,6 +58,10 @@ pub struct ReceiveStatus {
     pub refused_peers: u64,
     /// The replica's digest at the switch-over (with verify).
     pub memory_digest: Option<String>,
+    /// Post-copy: pages not here yet.
+    pub postcopy_missing: Option<u64>,
+    /// Post-copy: faults that needed a page from the source.
+    pub postcopy_faults: u64,
     /// Why it failed, or the last refusal.
     pub error: Option<String>,
 }
@@ -105,6 +109,17 @@ pub enum ReceiveError {
     /// Asked to stop.
     #[error("stopped before a migration completed")]
     Stopped,
+    /// Post-copy could not be set up or a page could not be placed.
+    #[error("post-copy: {0}")]
+    Postcopy(String),
+    /// Post-copy broke off with pages only the source held: the guest is lost.
+    #[error("post-copy broke off with {missing} pages still at the source ({why}): the guest is lost")]
+    PostcopyLost {
+        /// Pages that never arrived.
+        missing: u64,
+        /// What happened.
+        why: String,
+    },
 }
 
 /// What the owner's promotion reports back (sent to the source in `Resumed`).
@@ -195,7 +210,9 @@ pub async fn receive(
         let r = async {
         let mut committed = 0u64;
         let mut switch: Option<u64> = None;
-        let epoch = loop {
+        let mut map: Option<MapState> = None;
+        let mut early = Early::default();
+        let next = loop {
             let ev = tokio::select! {
                 ev = session.next_event() => ev,
                 _ = stop.changed() => return Err(ReceiveError::Stopped),
@@ -245,10 +262,17 @@ pub async fn receive(
                     return Err(ReceiveError::Ended(format!("a second switch-over (at {})", sw.epoch)));
                 }
                 ReceiverEvent::SwitchOver(sw) => {
-                    if sw.mode != replication_proto::migration::SwitchMode::Complete {
-                        return Err(ReceiveError::Ended("the source asked for a post-copy switch-over, which this build does not do yet".into()));
+                    if sw.mode == replication_proto::migration::SwitchMode::PostCopy {
+                        tracing::info!(
+                            epoch = sw.epoch,
+                            held = sw.held_pages,
+                            map_frames = sw.map_frames,
+                            "destination: the source stopped the guest (post-copy switch-over)"
+                        );
+                        map = Some(MapState { epoch: sw.epoch, frames: sw.map_frames, held: sw.held_pages, runs: Vec::new(), seen: 0 });
+                    } else {
+                        tracing::info!(epoch = sw.epoch, "destination: the source stopped the guest (switch-over)");
                     }
-                    tracing::info!(epoch = sw.epoch, "destination: the source stopped the guest (switch-over)");
                     switch = Some(sw.epoch);
                     set(&|s| {
                         s.switchover_epoch = Some(sw.epoch);
@@ -266,13 +290,34 @@ pub async fn receive(
                     if let Some(why) = why {
                         return Err(ReceiveError::Handover { got: epoch, why });
                     }
-                    break epoch;
+                    break Next::Handover(epoch);
                 }
-                ReceiverEvent::Pages { .. } | ReceiverEvent::PageMap(_) | ReceiverEvent::Liveness(_) => {}
+                ReceiverEvent::PageMap(m) => match &mut map {
+                    Some(st) => st.add(&m).map_err(ReceiveError::Ended)?,
+                    None => return Err(ReceiveError::Ended("a page map without a post-copy switch-over".into())),
+                },
+                // Pushed pages may overtake the switch-over on their own streams: kept until
+                // post-copy starts.
+                ReceiverEvent::Pages { pfns, data, .. } => early.keep(pfns, data),
+                ReceiverEvent::Liveness(_) => {}
                 ReceiverEvent::Disconnected { error } => return Err(ReceiveError::Ended(error.to_string())),
             }
+            // Post-copy: the state and the whole map are here.
+            if let (Some(sw), Some(st)) = (switch, &map)
+                && committed >= sw
+                && st.complete()
+            {
+                if node.consistent_epoch() != Some(sw) {
+                    return Err(ReceiveError::Handover {
+                        got: sw,
+                        why: format!("the replica is consistent at {:?}", node.consistent_epoch()),
+                    });
+                }
+                let st = map.take().expect("checked");
+                break Next::Postcopy(sw, st.runs);
+            }
             // The switch-over epoch committed (its ack is on its way): build the guest, paused.
-            if let (Some(sw), true, None) = (switch, committed >= switch.unwrap_or(u64::MAX), &staged) {
+            if let (Some(sw), true, None, None) = (switch, committed >= switch.unwrap_or(u64::MAX), &staged, &map) {
                 if node.consistent_epoch() != Some(sw) {
                     return Err(ReceiveError::Handover {
                         got: sw,
@@ -285,6 +330,14 @@ pub async fn receive(
                 }
                 let f = stage.take().expect("staged once");
                 staged = Some((sw, tokio::task::spawn_blocking(move || f(sw))));
+            }
+        };
+        let epoch = match next {
+            Next::Handover(epoch) => epoch,
+            Next::Postcopy(epoch, held) => {
+                let hooks = Hooks { stage: stage.take().expect("not staged in post-copy"), run };
+                let pc = PostcopyIo { node: &node, status: &status, stop: &mut stop, line: line.as_mut(), line_open };
+                return crate::postcopy::run(pc, &mut session, epoch, held, early, hooks).await;
             }
         };
         // Handed over: the source never resumes. Run the guest here.
@@ -360,8 +413,78 @@ pub async fn receive(
     result
 }
 
+/// How the receiving loop ended.
+enum Next {
+    /// Pre-copy: the source handed over at this epoch.
+    Handover(u64),
+    /// Post-copy: the state of this epoch and the map of held pages are here.
+    Postcopy(u64, Vec<replication_proto::migration::PfnRange>),
+}
+
+/// The post-copy map being put together.
+pub(crate) struct MapState {
+    epoch: u64,
+    frames: u32,
+    held: u64,
+    runs: Vec<replication_proto::migration::PfnRange>,
+    seen: u32,
+}
+
+impl MapState {
+    fn add(&mut self, m: &replication_proto::migration::PageMap) -> Result<(), String> {
+        if m.epoch != self.epoch || m.seq != self.seen || self.seen >= self.frames {
+            return Err(format!(
+                "page map frame {} of epoch {} out of order (expected frame {} of {} for epoch {})",
+                m.seq, m.epoch, self.seen, self.frames, self.epoch
+            ));
+        }
+        self.seen += 1;
+        self.runs.extend_from_slice(&m.held);
+        let got: u64 = self.runs.iter().map(|r| u64::from(r.count)).sum();
+        if self.complete() && got != self.held {
+            return Err(format!("the page map holds {got} pages, the switch-over said {}", self.held));
+        }
+        Ok(())
+    }
+
+    fn complete(&self) -> bool {
+        self.seen == self.frames
+    }
+}
+
+/// Pages that arrived before post-copy started, at most [`Early::MAX_BYTES`] (beyond that
+/// they are dropped: the guest demands them when it needs them).
+#[derive(Default)]
+pub(crate) struct Early {
+    pub(crate) batches: Vec<(Vec<u64>, Vec<u8>)>,
+    bytes: usize,
+    pub(crate) dropped: u64,
+}
+
+impl Early {
+    const MAX_BYTES: usize = 64 << 20;
+
+    fn keep(&mut self, pfns: Vec<u64>, data: Vec<u8>) {
+        if self.bytes + data.len() > Self::MAX_BYTES {
+            self.dropped += pfns.len() as u64;
+            return;
+        }
+        self.bytes += data.len();
+        self.batches.push((pfns, data));
+    }
+}
+
+/// What post-copy borrows from the receiving loop.
+pub(crate) struct PostcopyIo<'a> {
+    pub(crate) node: &'a Arc<BackupNode>,
+    pub(crate) status: &'a Arc<Mutex<ReceiveStatus>>,
+    pub(crate) stop: &'a mut tokio::sync::watch::Receiver<bool>,
+    pub(crate) line: std::pin::Pin<&'a mut (dyn std::future::Future<Output = transport::liveness::End> + Send)>,
+    pub(crate) line_open: bool,
+}
+
 /// Why a session whose task ended did: the `Disconnected` event still queued, if any.
-async fn ended(session: &mut transport::Session<transport::session::StreamCore<Receiver>>) -> ReceiveError {
+pub(crate) async fn ended(session: &mut transport::Session<transport::session::StreamCore<Receiver>>) -> ReceiveError {
     let why = tokio::time::timeout(Duration::from_millis(500), async {
         while let Some(ev) = session.next_event().await {
             if let ReceiverEvent::Disconnected { error } = ev {

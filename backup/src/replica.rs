@@ -242,6 +242,12 @@ impl Replica {
         self.mem.page(pfn)
     }
 
+    /// A handle on the replica's memory (post-copy: registered with userfaultfd before the
+    /// replica is given up).
+    pub fn memory_handle(&self) -> vmm::memory::GuestMemory {
+        self.mem.handle()
+    }
+
     /// The encoded `VmState` of the consistent checkpoint.
     pub fn state_bytes(&self) -> Option<&[u8]> {
         self.state.as_deref()

@@ -292,6 +292,11 @@ impl BackupNode {
         };
     }
 
+    /// A handle on the replica's memory (`None` once promoted).
+    pub(crate) fn replica_memory(&self) -> Option<vmm::memory::GuestMemory> {
+        lock(&self.replica).as_ref().map(|r| r.memory_handle())
+    }
+
     /// The replica's memory digest (`None` once promoted).
     pub(crate) fn replica_digest(&self) -> Option<u64> {
         lock(&self.replica).as_ref().map(|r| r.digest())

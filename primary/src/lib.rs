@@ -7,7 +7,6 @@
 
 pub mod engine;
 pub mod link;
-pub mod auto;
 pub mod migrate;
 pub mod output;
 pub mod stats;

@@ -202,6 +202,13 @@ impl OwnedMemory {
     pub fn into_inner(self) -> GuestMemory {
         self.mem
     }
+
+    /// Another handle on the same mappings (post-copy registers them with userfaultfd and
+    /// places pages through it, never through a slice, so this owner's slices stay sound as
+    /// long as it is not writing pages at the same time).
+    pub fn handle(&self) -> GuestMemory {
+        self.mem.clone()
+    }
 }
 
 /// Copies the pages `pfns` (ascending or not) of `mem` into `out`, one 4 KiB page after the
@@ -273,7 +280,7 @@ pub fn copy_nonzero_pages(
 /// `/proc/self/pagemap` entry is neither present, bit 63, nor swapped, bit 62), so it reads as
 /// zeros. False when unsure (file-backed memory, pagemap unreadable). Reads the entries of each
 /// run of consecutive pages at once.
-fn never_touched(mem: &GuestMemory, pfns: &[u64]) -> Vec<bool> {
+pub fn never_touched(mem: &GuestMemory, pfns: &[u64]) -> Vec<bool> {
     use std::os::unix::fs::FileExt;
     let mut out = vec![false; pfns.len()];
     let Ok(pagemap) = File::open("/proc/self/pagemap") else { return out };

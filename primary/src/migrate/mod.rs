@@ -25,6 +25,11 @@ use transport::{Endpoint, Identity};
 use vmm::memory::{PAGE_SIZE, copy_pages};
 use vmm::vm::Vm;
 
+pub mod auto;
+mod postcopy;
+
+use postcopy::Held;
+
 /// Pages per epoch within a round: rounds are split so encoding, sending and the destination's
 /// commit overlap, and a cancel or the bandwidth limit acts between pieces.
 const CHUNK_PAGES: usize = 4096;
@@ -123,9 +128,6 @@ impl MigrateRequest {
     /// Checks the settings; the error names the bad one.
     pub fn validate(&self) -> Result<(), MigrateError> {
         let bad = |what: String| Err(MigrateError::Setting(what));
-        if !matches!(self.mode, Mode::Precopy | Mode::Stopcopy) {
-            return Err(MigrateError::NotImplemented(self.mode.name()));
-        }
         if self.downtime_ms > 60_000 {
             return bad(format!("--downtime-ms {} is over 60 s", self.downtime_ms));
         }
@@ -148,9 +150,6 @@ impl MigrateRequest {
 /// Why a migration failed. Before the hand-over the guest runs on at the source, untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// A mode the next issues build.
-    #[error("--mode {0} is not implemented yet (precopy and stopcopy are)")]
-    NotImplemented(&'static str),
     /// A bad setting.
     #[error("{0}")]
     Setting(String),
@@ -212,6 +211,17 @@ pub enum MigrateError {
         /// How long.
         secs: u64,
     },
+    /// Post-copy broke off: the guest ran at the destination with pages only this host had.
+    #[error(
+        "post-copy from epoch {epoch} broke off ({why}): the guest resumed at the destination while this host \
+         held pages it had not received; it is lost (reverse checkpoints close this window); this host stays paused"
+    )]
+    PostcopyLost {
+        /// The switch-over epoch.
+        epoch: u64,
+        /// What happened.
+        why: String,
+    },
     /// After the hand-over the destination never said it runs the guest: the source stays
     /// paused (it may not resume: the destination may be running the guest).
     #[error(
@@ -255,6 +265,10 @@ pub struct MigrationStatus {
     pub elapsed_ms: f64,
     /// Estimated time to the end of the current round, ms.
     pub eta_ms: Option<f64>,
+    /// Post-copy: pages the destination does not hold yet and the push has not sent.
+    pub postcopy_pages_left: Option<u64>,
+    /// `auto`: the mode chosen, once chosen.
+    pub chosen_mode: Option<String>,
     /// Why it failed, once it did.
     pub error: Option<String>,
 }
@@ -272,7 +286,7 @@ impl Control {
     /// Asks the migration to stop; true if it may still (before the hand-over).
     pub fn cancel(&self) -> bool {
         let phase = self.status().phase;
-        if matches!(phase.as_str(), "handover" | "completed" | "failed") {
+        if matches!(phase.as_str(), "handover" | "postcopy" | "completed" | "failed") {
             return false;
         }
         self.cancel.store(true, Ordering::SeqCst);
@@ -387,6 +401,44 @@ pub struct Report {
     pub dest_peak_rss_bytes: u64,
     /// Guest memory digest at the switch-over (with `verify`).
     pub memory_digest: Option<String>,
+    /// `auto`: the mode it chose (`precopy`, `hybrid`, `postcopy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen_mode: Option<String>,
+    /// `auto`: why, with the numbers behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choice_reason: Option<String>,
+    /// Hybrid (and `auto` when it switched): the pre-copy rounds done before post-copy (round 0
+    /// counts as one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_round: Option<u32>,
+    /// Post-copy's numbers (post-copy, demand, hybrid, and `auto` when it switched).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
+}
+
+/// What post-copy did (`docs/migration.md`, "The report").
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct PostcopyReport {
+    /// Pages the destination held at the switch-over (sent and not dirtied since, or known zero).
+    pub pages_held_at_switchover: u64,
+    /// Pages it did not hold: moved after the resume.
+    pub pages_postcopied: u64,
+    /// Faults on missing pages at the destination that needed a page from here.
+    pub postcopy_faults: u64,
+    /// Fault raised to page placed at the destination, µs, median.
+    pub fault_us_p50: f64,
+    /// The same, 99th percentile.
+    pub fault_us_p99: f64,
+    /// Time the destination's vCPUs (and VMM threads) waited for missing pages, ms.
+    pub vcpu_blocked_ms: f64,
+    /// Pages pushed unasked.
+    pub pages_pushed: u64,
+    /// Pages sent because the destination asked.
+    pub pages_demanded: u64,
+    /// Page requests answered.
+    pub page_requests: u64,
+    /// The destination resumed to every page there, ms.
+    pub postcopy_ms: f64,
 }
 
 /// Where the downtime went, ms.
@@ -455,6 +507,8 @@ struct Link {
     acked: u64,
     resumed: Option<replication_proto::migration::Resumed>,
     up: bool,
+    /// Epochs submitted.
+    submitted: u64,
     /// Page buffers the sender is done with (warm memory for the next copies).
     spare: Vec<Vec<u8>>,
     control: Arc<Control>,
@@ -494,6 +548,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
             acked: 0,
             resumed: None,
             up: false,
+            submitted: 0,
             spare: Vec::new(),
             control: Arc::clone(&src.control),
             deadline: t0 + Duration::from_secs(req.timeout_s.saturating_mul(2).max(10)),
@@ -598,6 +653,7 @@ impl Link {
             }
             match rx.await {
                 Ok((Ok(r), (pages, _))) => {
+                    self.submitted += 1;
                     if self.spare.len() < 4 {
                         self.spare.push(pages.data);
                     }
@@ -707,9 +763,10 @@ async fn send_round(
     req: &MigrateRequest,
     link: &mut Link,
     pfns: &[u64],
-    baseline: bool,
+    (baseline, skip_zero): (bool, bool),
     pace: &mut Pace,
     round: u32,
+    held: &mut Held,
 ) -> Result<(u64, u64), MigrateError> {
     let mut sent = 0;
     let mut zero = 0;
@@ -723,7 +780,7 @@ async fn send_round(
     // Copy piece i + 1 while piece i is encoded and sent.
     let chunks: Vec<&[u64]> = pfns.chunks(CHUNK_PAGES).collect();
     let mut next =
-        chunks.first().map(|c| start_copy(&src.vm, c.to_vec(), baseline, link.spare.pop().unwrap_or_default()));
+        chunks.first().map(|c| start_copy(&src.vm, c.to_vec(), skip_zero, link.spare.pop().unwrap_or_default()));
     for (i, chunk) in chunks.iter().enumerate() {
         if src.control.cancelled() {
             return Err(MigrateError::Cancelled(phase_name(&src.control)));
@@ -732,9 +789,11 @@ async fn send_round(
         let (pages, z) = joined(next.take().expect("a copy per piece")).await?;
         t_copy += tc.elapsed();
         if let Some(c) = chunks.get(i + 1) {
-            next = Some(start_copy(&src.vm, c.to_vec(), baseline, link.spare.pop().unwrap_or_default()));
+            next = Some(start_copy(&src.vm, c.to_vec(), skip_zero, link.spare.pop().unwrap_or_default()));
         }
         zero += z;
+        // Sent now, or zero (which the destination's fresh memory is): held until dirtied.
+        held.set(chunk.iter().copied(), true);
         if pages.pfns.is_empty() && !first {
             src.control.update(|s| s.round_pages_left = s.round_pages_left.saturating_sub(chunk.len() as u64));
             continue;
@@ -794,6 +853,313 @@ fn all_pfns(layout: &MemoryLayout) -> Vec<u64> {
     layout.ranges.iter().flat_map(|r| r.start / ps..(r.start + r.len) / ps).collect()
 }
 
+
+/// `auto` probes the link and the guest with the first pieces of round 0: at least this many
+/// bytes acknowledged...
+const PROBE_BYTES: u64 = 8 << 20;
+/// ...and at least this long.
+const PROBE_MIN: Duration = Duration::from_millis(50);
+/// The state's size for predictions made before it is captured (a vCPU's registers and the
+/// devices: ~10-20 KiB measured).
+const STATE_BYTES_GUESS: u64 = 32 << 10;
+
+/// How the rounds before the pause ended.
+#[derive(Default)]
+struct Precopied {
+    rounds: Vec<RoundReport>,
+    zero_skipped: u64,
+    stop_reason: String,
+    predicted: Option<f64>,
+    round0_bytes: u64,
+    /// Dirtied during the last round: the stop-and-copy sends them (pre-copy).
+    pending: Vec<u64>,
+    /// Switch to post-copy instead of a complete stop-and-copy.
+    postcopy: bool,
+    /// `auto`: (mode, reason).
+    chosen: Option<(String, String)>,
+    /// Rounds finished (round 0 included).
+    rounds_done: u32,
+}
+
+/// The end of `auto`'s probe.
+enum Probe {
+    /// Switch to post-copy now.
+    Switch { sent: u64, zero: u64, reason: String },
+    /// Go on with pre-copy from `next`; `dirtied` are due in round 1.
+    Continue { sent: u64, zero: u64, next: usize, dirtied: Vec<u64> },
+}
+
+async fn harvest(src: &Source) -> Result<Vec<u64>, MigrateError> {
+    let vm = Arc::clone(&src.vm);
+    let dirty = tokio::task::spawn_blocking(move || lock(&vm).harvest_dirty())
+        .await
+        .map_err(|e| MigrateError::Session(format!("harvest task: {e}")))??;
+    Ok(dirty.pages().collect())
+}
+
+async fn enable_dirty_log(src: &Source) -> Result<(), MigrateError> {
+    let vm = Arc::clone(&src.vm);
+    tokio::task::spawn_blocking(move || lock(&vm).enable_dirty_log())
+        .await
+        .map_err(|e| MigrateError::Session(format!("dirty log task: {e}")))??;
+    Ok(())
+}
+
+/// How many of `pfns` the guest ever touched (the others are zero and cost nothing to move).
+async fn touched(src: &Source, pfns: Vec<u64>) -> Result<u64, MigrateError> {
+    let vm = Arc::clone(&src.vm);
+    tokio::task::spawn_blocking(move || {
+        let g = lock(&vm);
+        vmm::memory::never_touched(g.memory(), &pfns).iter().filter(|&&u| !u).count() as u64
+    })
+    .await
+    .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))
+}
+
+/// `auto`: sends round 0 piece by piece until the link and the guest are measured, then
+/// decides whether pre-copy is worth going on with.
+async fn probe(
+    src: &Source,
+    req: &MigrateRequest,
+    link: &mut Link,
+    to_send: &[u64],
+    pace: &mut Pace,
+    held: &mut Held,
+) -> Result<Probe, MigrateError> {
+    let t = Instant::now();
+    let b0 = link.stats().await?.epoch_bytes;
+    let (mut sent, mut zero, mut i, mut bytes) = (0, 0, 0, 0);
+    while i < to_send.len() {
+        let chunk = &to_send[i..(i + CHUNK_PAGES).min(to_send.len())];
+        let (s, z) = send_round(src, req, link, chunk, (i == 0, true), pace, 0, held).await?;
+        (sent, zero, i) = (sent + s, zero + z, i + chunk.len());
+        bytes = link.stats().await?.epoch_bytes - b0;
+        if bytes >= PROBE_BYTES && t.elapsed() >= PROBE_MIN {
+            break;
+        }
+    }
+    if i >= to_send.len() {
+        // Round 0 is over before the probe: decide at its end, as after any round.
+        return Ok(Probe::Continue { sent, zero, next: i, dirtied: Vec::new() });
+    }
+    let dirtied = harvest(src).await?;
+    held.set(dirtied.iter().copied(), false);
+    let secs = t.elapsed().as_secs_f64();
+    let rest = touched(src, to_send[i..].to_vec()).await?;
+    let m = auto::Measured {
+        link_bytes_s: bytes as f64 / secs,
+        dirty_pages_s: dirtied.len() as f64 / secs,
+        bytes_per_page: if sent > 0 { bytes as f64 / sent as f64 } else { (PAGE_SIZE + 4) as f64 },
+        pages_left: rest + dirtied.len() as u64,
+        working_set_pages: None,
+        state_bytes: STATE_BYTES_GUESS,
+        rtt_s: link.conn.stats().rtt.as_secs_f64(),
+        downtime_target_s: req.downtime_ms as f64 / 1e3,
+    };
+    let (choice, reason) = auto::choose(&m);
+    tracing::info!(?choice, probe_ms = secs * 1e3, "auto: after probing {} pages: {reason}", i);
+    Ok(match choice {
+        auto::Choice::PostcopyNow => Probe::Switch { sent, zero, reason },
+        auto::Choice::Precopy => Probe::Continue { sent, zero, next: i, dirtied },
+    })
+}
+
+/// Pre-copy rounds (`precopy`, `hybrid`, `auto`) until the stopping rule (or, for `hybrid` and
+/// `auto`, the switch to post-copy) says pause.
+async fn precopy(
+    src: &Source,
+    req: &MigrateRequest,
+    link: &mut Link,
+    all: &[u64],
+    held: &mut Held,
+) -> Result<Precopied, MigrateError> {
+    let mut policy = Policy::new(PolicyConfig {
+        downtime_target: Duration::from_millis(req.downtime_ms),
+        stop_share: req.stop_share,
+        max_rounds: req.max_rounds,
+        time_limit: Duration::from_secs(req.timeout_s),
+        ..PolicyConfig::new(PAGE_SIZE as u32)
+    });
+    let mut out = Precopied::default();
+    let mut pace = Pace { start: Instant::now() };
+    src.control.phase("round-0");
+    enable_dirty_log(src).await?;
+    let mut round = 0u32;
+    let mut to_send = all.to_vec();
+    let mut round_start = Instant::now();
+    let mut prev_dirtied: Option<u64> = None;
+    loop {
+        let before = link.stats().await?.epoch_bytes;
+        let mut carried = Vec::new();
+        let (sent, zero) = if round == 0 && req.mode == Mode::Auto {
+            match probe(src, req, link, &to_send, &mut pace, held).await? {
+                Probe::Switch { zero, reason, .. } => {
+                    out.zero_skipped += zero;
+                    out.round0_bytes = link.stats().await?.epoch_bytes - before;
+                    out.stop_reason = "auto".into();
+                    out.postcopy = true;
+                    out.chosen = Some(("postcopy".into(), reason));
+                    src.control.update(|s| s.chosen_mode = Some("postcopy".into()));
+                    return Ok(out);
+                }
+                Probe::Continue { sent, zero, next, dirtied } => {
+                    carried = dirtied;
+                    let (s, z) =
+                        send_round(src, req, link, &to_send[next..], (false, true), &mut pace, 0, held).await?;
+                    (sent + s, zero + z)
+                }
+            }
+        } else {
+            send_round(src, req, link, &to_send, (round == 0, round == 0), &mut pace, round, held).await?
+        };
+        out.zero_skipped += zero;
+        let after = link.stats().await?.epoch_bytes;
+        if round == 0 {
+            out.round0_bytes = after - before;
+        }
+        let dirty = harvest(src).await?;
+        held.set(dirty.iter().copied(), false);
+        to_send = dirty;
+        if !carried.is_empty() {
+            to_send.extend(carried);
+            to_send.sort_unstable();
+            to_send.dedup();
+        }
+        let stats = RoundStats {
+            pages_sent: sent,
+            bytes_sent: after - before,
+            duration: round_start.elapsed(),
+            pages_dirtied: to_send.len() as u64,
+            link_rate: None,
+            rtt: link.conn.stats().rtt,
+        };
+        round_start = Instant::now();
+        let decision = policy.record(stats);
+        let rec = policy.rounds().last().copied();
+        let p = decision.prediction();
+        let pred_ms = p.downtime.map(|d| d.as_secs_f64() * 1e3);
+        if let Some(rec) = rec {
+            out.rounds.push(RoundReport {
+                round,
+                pages: sent,
+                bytes: stats.bytes_sent,
+                dirty_rate_pages_s: rec.dirty_rate,
+                link_rate_bytes_s: rec.link_rate,
+                ms: stats.duration.as_secs_f64() * 1e3,
+            });
+            src.control.update(|s| {
+                s.dirty_rate_pages_s = rec.dirty_rate;
+                s.link_rate_bytes_s = rec.link_rate;
+                s.predicted_downtime_ms = pred_ms;
+            });
+        }
+        tracing::info!(
+            round,
+            pages = sent,
+            bytes = stats.bytes_sent,
+            ms = stats.duration.as_secs_f64() * 1e3,
+            dirtied = to_send.len(),
+            predicted_downtime_ms = ?pred_ms,
+            "migration: round done"
+        );
+        out.rounds_done = round + 1;
+        let dirtied = to_send.len() as u64;
+        let converging = prev_dirtied.is_none_or(|p| auto::still_converging(p, dirtied));
+        let stalled_why = prev_dirtied.map(|p| format!("round {round} dirtied {dirtied} pages after {p}"));
+        prev_dirtied = Some(dirtied);
+        let stop = match decision {
+            Decision::Stop { reason, prediction } => {
+                Some((reason, prediction.downtime.map(|d| d.as_secs_f64() * 1e3)))
+            }
+            Decision::Continue(_) => None,
+        };
+        let fits = matches!(stop, Some((replication_proto::precopy::StopReason::DowntimeFits, _)));
+        let switch = match req.mode {
+            Mode::Precopy => {
+                if let Some((reason, predicted)) = stop {
+                    out.stop_reason = reason.name().into();
+                    out.predicted = predicted;
+                    tracing::info!(reason = %out.stop_reason, predicted_downtime_ms = ?predicted, "migration: pre-copy stops");
+                    break;
+                }
+                None
+            }
+            // Hybrid: more rounds only while they shrink; then post-copy, whatever the rule says.
+            Mode::Hybrid => match (stop, converging) {
+                (Some((reason, _)), _) => Some(format!("hybrid: pre-copy stopped ({})", reason.name())),
+                (None, false) => Some(format!("hybrid: pre-copy stopped converging ({})", stalled_why.unwrap_or_default())),
+                (None, true) if round == 0 => None,
+                (None, true) => None,
+            },
+            Mode::Auto => {
+                if fits {
+                    let (reason, predicted) = stop.expect("fits is a stop");
+                    out.stop_reason = reason.name().into();
+                    out.predicted = predicted;
+                    let why = format!(
+                        "pre-copy: round {round} left {dirtied} dirty pages, a predicted {:.1} ms stop-and-copy within the {} ms target",
+                        predicted.unwrap_or(0.0),
+                        req.downtime_ms
+                    );
+                    out.chosen = Some(("precopy".into(), why));
+                    src.control.update(|s| s.chosen_mode = Some("precopy".into()));
+                    break;
+                } else if let Some((reason, _)) = stop {
+                    Some(format!("hybrid: pre-copy gave up ({}) instead of a long stop-and-copy", reason.name()))
+                } else if !converging {
+                    Some(format!("hybrid: pre-copy stopped converging ({})", stalled_why.unwrap_or_default()))
+                } else if round == 0 {
+                    let r = rec.expect("a recorded round");
+                    let secs = stats.duration.as_secs_f64().max(1e-6);
+                    let m = auto::Measured {
+                        link_bytes_s: r.link_rate.map_or(stats.bytes_sent as f64 / secs, |l| l as f64),
+                        dirty_pages_s: r.dirty_rate.unwrap_or(dirtied as f64 / secs),
+                        bytes_per_page: if sent > 0 {
+                            stats.bytes_sent as f64 / sent as f64
+                        } else {
+                            (PAGE_SIZE + 4) as f64
+                        },
+                        pages_left: dirtied,
+                        working_set_pages: Some(dirtied),
+                        state_bytes: STATE_BYTES_GUESS,
+                        rtt_s: stats.rtt.as_secs_f64(),
+                        downtime_target_s: req.downtime_ms as f64 / 1e3,
+                    };
+                    let (choice, reason) = auto::choose(&m);
+                    tracing::info!(?choice, "auto: after round 0: {reason}");
+                    match choice {
+                        auto::Choice::PostcopyNow => Some(format!("hybrid after round 0: {reason}")),
+                        auto::Choice::Precopy => {
+                            src.control.update(|s| s.chosen_mode = Some("precopy".into()));
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+            Mode::Stopcopy | Mode::Postcopy | Mode::Demand => unreachable!("no pre-copy rounds"),
+        };
+        if let Some(why) = switch {
+            out.stop_reason = match stop {
+                Some((reason, _)) => reason.name().into(),
+                None => "not_converging".into(),
+            };
+            out.postcopy = true;
+            if req.mode == Mode::Auto {
+                out.chosen = Some(("hybrid".into(), why.clone()));
+                src.control.update(|s| s.chosen_mode = Some("hybrid".into()));
+            }
+            tracing::info!(rounds = round + 1, "migration: switching to post-copy: {why}");
+            return Ok(out);
+        }
+        round += 1;
+        src.control.phase("rounds");
+    }
+    out.pending = to_send;
+    Ok(out)
+}
+
 async fn drive(
     src: &Source,
     req: &MigrateRequest,
@@ -804,97 +1170,30 @@ async fn drive(
     link.until("the destination's hello", true, |l| l.up).await?;
     let all = all_pfns(&src.layout);
     src.control.update(|s| s.total_pages = all.len() as u64);
-    let mut policy = Policy::new(PolicyConfig {
-        downtime_target: Duration::from_millis(req.downtime_ms),
-        stop_share: req.stop_share,
-        max_rounds: req.max_rounds,
-        time_limit: Duration::from_secs(req.timeout_s),
-        ..PolicyConfig::new(PAGE_SIZE as u32)
-    });
-    let mut pace = Pace { start: Instant::now() };
-    let mut rounds = Vec::new();
-    let mut zero_skipped = 0;
-    let pending: Vec<u64>;
-    let mut stop_reason = "stopcopy".to_string();
-    let mut predicted = None;
-    let mut round0_bytes = 0;
-    if req.mode == Mode::Precopy {
-        // Round 0: everything, while the guest runs; dirty tracking starts first.
-        src.control.phase("round-0");
-        {
+    let mut held = Held::new(&src.layout);
+    let mut pre = match req.mode {
+        Mode::Stopcopy => Precopied { stop_reason: "stopcopy".into(), ..Precopied::default() },
+        Mode::Postcopy | Mode::Demand => {
+            // Pages the guest never touched are zero, as the destination's fresh memory is:
+            // they are held. The dirty log (on first) takes back any touched before the pause.
+            enable_dirty_log(src).await?;
             let vm = Arc::clone(&src.vm);
-            tokio::task::spawn_blocking(move || lock(&vm).enable_dirty_log())
-                .await
-                .map_err(|e| MigrateError::Session(format!("dirty log task: {e}")))??;
+            let all2 = all.clone();
+            let untouched = tokio::task::spawn_blocking(move || {
+                let g = lock(&vm);
+                vmm::memory::never_touched(g.memory(), &all2)
+            })
+            .await
+            .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))?;
+            held.set(all.iter().zip(&untouched).filter(|&(_, &u)| u).map(|(&p, _)| p), true);
+            Precopied { stop_reason: req.mode.name().into(), postcopy: true, ..Precopied::default() }
         }
-        let mut round = 0u32;
-        let mut to_send = all.clone();
-        let mut round_start = Instant::now();
-        loop {
-            let before = link.stats().await?.epoch_bytes;
-            let (sent, zero) = send_round(src, req, link, &to_send, round == 0, &mut pace, round).await?;
-            zero_skipped += zero;
-            let after = link.stats().await?.epoch_bytes;
-            if round == 0 {
-                round0_bytes = after - before;
-            }
-            let vm = Arc::clone(&src.vm);
-            let dirty = tokio::task::spawn_blocking(move || lock(&vm).harvest_dirty())
-                .await
-                .map_err(|e| MigrateError::Session(format!("harvest task: {e}")))??;
-            to_send = dirty.pages().collect();
-            let stats = RoundStats {
-                pages_sent: sent,
-                bytes_sent: after - before,
-                duration: round_start.elapsed(),
-                pages_dirtied: to_send.len() as u64,
-                link_rate: None,
-                rtt: link.conn.stats().rtt,
-            };
-            round_start = Instant::now();
-            let decision = policy.record(stats);
-            let rec = policy.rounds().last().copied();
-            let p = decision.prediction();
-            let pred_ms = p.downtime.map(|d| d.as_secs_f64() * 1e3);
-            if let Some(rec) = rec {
-                rounds.push(RoundReport {
-                    round,
-                    pages: sent,
-                    bytes: stats.bytes_sent,
-                    dirty_rate_pages_s: rec.dirty_rate,
-                    link_rate_bytes_s: rec.link_rate,
-                    ms: stats.duration.as_secs_f64() * 1e3,
-                });
-                src.control.update(|s| {
-                    s.dirty_rate_pages_s = rec.dirty_rate;
-                    s.link_rate_bytes_s = rec.link_rate;
-                    s.predicted_downtime_ms = pred_ms;
-                });
-            }
-            tracing::info!(
-                round,
-                pages = sent,
-                bytes = stats.bytes_sent,
-                ms = stats.duration.as_secs_f64() * 1e3,
-                dirtied = to_send.len(),
-                predicted_downtime_ms = ?pred_ms,
-                "migration: round done"
-            );
-            if let Decision::Stop { reason, prediction } = decision {
-                stop_reason = reason.name().to_string();
-                predicted = prediction.downtime.map(|d| d.as_secs_f64() * 1e3);
-                tracing::info!(reason = %stop_reason, predicted_downtime_ms = ?predicted, "migration: pre-copy stops");
-                break;
-            }
-            round += 1;
-            src.control.phase("rounds");
-        }
-        pending = to_send;
-    } else {
-        pending = Vec::new();
-    }
+        Mode::Precopy | Mode::Hybrid | Mode::Auto => precopy(src, req, link, &all, &mut held).await?,
+    };
+    let postcopy = pre.postcopy;
 
-    // Stop and copy: pause, the last dirty pages (everything for stopcopy) and the state.
+    // Stop: pause; the last dirty pages (everything for stopcopy, nothing for post-copy, whose
+    // pages move after the resume) and the state.
     src.control.phase("stop-and-copy");
     if src.control.cancelled() {
         return Err(MigrateError::Cancelled("stop-and-copy"));
@@ -903,23 +1202,26 @@ async fn drive(
     let verify = req.verify;
     let vm = Arc::clone(&src.vm);
     let all2 = all.clone();
+    let pending = std::mem::take(&mut pre.pending);
     let paused_at = Instant::now();
-    let (pfns, state, digest) = tokio::task::spawn_blocking(move || {
+    let (pfns, dirty, state, digest) = tokio::task::spawn_blocking(move || {
         let mut g = lock(&vm);
         g.pause()?;
         let r = (|| {
+            let dirty: Vec<u64> = if stopcopy { Vec::new() } else { g.harvest_dirty()?.pages().collect() };
             let pfns: Vec<u64> = if stopcopy {
                 all2
+            } else if postcopy {
+                Vec::new()
             } else {
-                let dirty = g.harvest_dirty()?;
-                let mut v: Vec<u64> = dirty.pages().chain(pending).collect();
+                let mut v: Vec<u64> = dirty.iter().copied().chain(pending).collect();
                 v.sort_unstable();
                 v.dedup();
                 v
             };
             let state = g.save_state()?.encode()?;
             let digest = if verify { Some(g.memory_digest()?) } else { None };
-            Ok::<_, MigrateError>((pfns, state, digest))
+            Ok::<_, MigrateError>((pfns, dirty, state, digest))
         })();
         if r.is_err() {
             g.resume();
@@ -928,8 +1230,11 @@ async fn drive(
     })
     .await
     .map_err(|e| MigrateError::Session(format!("pause task: {e}")))??;
+    held.set(dirty, false);
     failover::failpoint::hit("migrate.paused");
     let captured_at = Instant::now();
+    let mut zero_skipped = pre.zero_skipped;
+    let mut round0_bytes = pre.round0_bytes;
     let result = async {
         if failover::failpoint::fires("migrate.stall-switchover") {
             // Tests: hold the paused guest long enough for a cancel to land.
@@ -953,15 +1258,22 @@ async fn drive(
             zero_skipped += z;
             final_pages += pages.pfns.len() as u64;
             let st = if i + 1 == n { state.clone() } else { Vec::new() };
-            let baseline = stopcopy && i == 0;
+            // The session's first epoch is a baseline (stop-and-copy, and a post-copy with no
+            // round before it).
+            let baseline = i == 0 && (stopcopy || link.submitted == 0);
             epoch = link.submit(pages, st, baseline).await?.0;
         }
         let after = link.stats().await?.epoch_bytes;
         if stopcopy {
             round0_bytes = after - before;
         }
+        if postcopy {
+            // From here the source never resumes: the destination runs the guest as soon as it
+            // has the state and the map.
+            return Ok((epoch, final_pages));
+        }
         let switch = StreamCommand::with(move |s: &mut Sender, _| {
-            if let Err(e) = s.switch_over(epoch, SwitchMode::Complete) {
+            if let Err(e) = s.switch_over(epoch, SwitchMode::Complete, &[]) {
                 tracing::error!("migration: switch-over: {e}");
             }
         });
@@ -986,7 +1298,7 @@ async fn drive(
     let (epoch, final_pages) = match result {
         Ok(v) => v,
         Err(e) => {
-            // Before the hand-over: the guest runs on here.
+            // Before the hand-over (or the post-copy switch-over): the guest runs on here.
             let vm = Arc::clone(&src.vm);
             let _ = tokio::task::spawn_blocking(move || lock(&vm).resume()).await;
             tracing::warn!(
@@ -996,25 +1308,64 @@ async fn drive(
             return Err(e);
         }
     };
-    // The hand-over: from here on this copy never runs again.
-    let acked_at = Instant::now();
-    src.control.phase("handover");
-    failover::failpoint::hit("migrate.handover");
-    link.session
-        .command(StreamCommand::with(move |s: &mut Sender, _| {
-            if let Err(e) = s.handover(epoch) {
-                tracing::error!("migration: hand-over: {e}");
+    let (resumed_at, acked_at, postcopy_report) = if postcopy {
+        let runs = held.runs();
+        let held_pages = held.count();
+        let missing = held.missing();
+        let map_runs = runs.len();
+        src.control.phase("postcopy");
+        let cmd = StreamCommand::with(move |s: &mut Sender, _| {
+            if let Err(e) = s.switch_over(epoch, SwitchMode::PostCopy, &runs) {
+                tracing::error!("migration: post-copy switch-over: {e}");
             }
-        }))
-        .await
-        .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
-    link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(30));
-    if let Err(e) = link.until("the destination to resume the guest", false, |l| l.resumed.is_some()).await {
-        return Err(MigrateError::Unconfirmed { epoch, why: transport::error_chain(&e) });
-    }
-    let resumed_at = Instant::now();
+        });
+        link.session.command(cmd).await.map_err(|_| MigrateError::PostcopyLost {
+            epoch,
+            why: "the session task ended at the switch-over".into(),
+        })?;
+        tracing::info!(epoch, held = held_pages, missing, map_runs, "migration: post-copy switch-over sent");
+        failover::failpoint::hit("migrate.postcopy");
+        let acked_at = Instant::now();
+        link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
+        let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand)
+            .await
+            .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
+        let complete = served.complete.unwrap_or_default();
+        let resumed_at = served.resumed_at.unwrap_or_else(Instant::now);
+        let report = PostcopyReport {
+            pages_held_at_switchover: held_pages,
+            pages_postcopied: missing,
+            postcopy_faults: complete.faults,
+            fault_us_p50: f64::from(complete.fault_us_p50),
+            fault_us_p99: f64::from(complete.fault_us_p99),
+            vcpu_blocked_ms: complete.blocked_us as f64 / 1e3,
+            pages_pushed: served.pages_pushed,
+            pages_demanded: served.pages_served,
+            page_requests: served.requests,
+            postcopy_ms: resumed_at.elapsed().as_secs_f64() * 1e3,
+        };
+        (resumed_at, acked_at, Some(report))
+    } else {
+        // The hand-over: from here on this copy never runs again.
+        let acked_at = Instant::now();
+        src.control.phase("handover");
+        failover::failpoint::hit("migrate.handover");
+        link.session
+            .command(StreamCommand::with(move |s: &mut Sender, _| {
+                if let Err(e) = s.handover(epoch) {
+                    tracing::error!("migration: hand-over: {e}");
+                }
+            }))
+            .await
+            .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
+        link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(30));
+        if let Err(e) = link.until("the destination to resume the guest", false, |l| l.resumed.is_some()).await {
+            return Err(MigrateError::Unconfirmed { epoch, why: transport::error_chain(&e) });
+        }
+        (Instant::now(), acked_at, None)
+    };
     let downtime = resumed_at - paused_at;
-    let resumed = link.resumed.expect("resumed");
+    let resumed = link.resumed.unwrap_or(replication_proto::migration::Resumed { epoch, cpu_us: 0, peak_rss_bytes: 0 });
     let stats = link.stats().await?;
     tracing::info!(
         frames_sent = stats.frames_sent,
@@ -1027,20 +1378,21 @@ async fn drive(
     let downtime_ms = downtime.as_secs_f64() * 1e3;
     let bytes_retransferred = stats.epoch_bytes.saturating_sub(round0_bytes);
     let cpu1 = vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(cpu0);
+    let (chosen_mode, choice_reason) = pre.chosen.map_or((None, None), |(m, r)| (Some(m), Some(r)));
     Ok(Report {
         mode: req.mode.name().into(),
-        stop_reason,
-        predicted_downtime_ms: predicted,
-        rounds,
+        stop_reason: pre.stop_reason,
+        predicted_downtime_ms: pre.predicted,
+        rounds: pre.rounds,
         final_pages,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         downtime_ms,
         downtime_parts: DowntimeParts {
             capture_ms: (captured_at - paused_at).as_secs_f64() * 1e3,
             transfer_ms: (acked_at - captured_at).as_secs_f64() * 1e3,
-            resume_ms: (resumed_at - acked_at).as_secs_f64() * 1e3,
+            resume_ms: resumed_at.saturating_duration_since(acked_at).as_secs_f64() * 1e3,
         },
-        downtime_over_prediction: predicted.is_some_and(|p| downtime_ms > p.max(req.downtime_ms as f64) + 1.0),
+        downtime_over_prediction: pre.predicted.is_some_and(|p| downtime_ms > p.max(req.downtime_ms as f64) + 1.0),
         bytes_transferred: stats.bytes_sent,
         bytes_retransferred,
         pages: PageCounts {
@@ -1057,5 +1409,9 @@ async fn drive(
         source_peak_rss_bytes: vmm::procstat::peak_rss_bytes().unwrap_or(0),
         dest_peak_rss_bytes: resumed.peak_rss_bytes,
         memory_digest: digest.map(|d| format!("{d:016x}")),
+        chosen_mode,
+        choice_reason,
+        switchover_round: if postcopy && pre.rounds_done > 0 { Some(pre.rounds_done) } else { None },
+        postcopy: postcopy_report,
     })
 }

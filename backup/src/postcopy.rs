@@ -1,0 +1,225 @@
+//! Post-copy at the destination (`docs/migration.md`, "Post-copy and hybrid").
+//!
+//! The state of the switch-over epoch and the map of the pages held are here: the replica's
+//! memory is registered with userfaultfd (every page not held dropped, so stale pre-copy content
+//! is never read), the guest is built from the replica and resumed at once, and from then on a
+//! fault anywhere (a vCPU, a device, the VMM) waits for its page. The fault thread asks the
+//! source for missing pages on the control stream; answers and the source's background pushes
+//! (bulk streams) are placed with UFFDIO_COPY while still missing, never over what the guest
+//! wrote since. When every page is here, userfaultfd lets go and the source is told
+//! (`Complete`, with the fault numbers for its report).
+//!
+//! A link that breaks, or a source that dies, before every page is here loses the guest: its
+//! missing pages exist nowhere else (reverse checkpoints, issue 15, close this). The guest's
+//! vCPUs then wait on their faults; the process fails with the reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replication_proto::limits::MAX_REQUEST_PAGES;
+use replication_proto::migration::{Complete, PfnRange};
+use replication_proto::{Receiver, ReceiverEvent};
+use transport::Session;
+use transport::session::{StreamCommand, StreamCore};
+use vmm::memory::PAGE_SIZE;
+use vmm::postcopy::{Postcopy, Via};
+
+use crate::receive::{Early, Hooks, PostcopyIo, ReceiveError, ended};
+use crate::server::lock;
+
+/// Pages asked for after a faulting one, if missing (the guest often walks on).
+const PREFETCH: usize = 7;
+
+type RxSession = Session<StreamCore<Receiver>>;
+
+/// Places `pfns` (ascending, with their pages in `data`) as runs; returns pages placed.
+fn place(pc: &Postcopy, pfns: &[u64], data: &[u8], via: Via) -> Result<u64, ReceiveError> {
+    let mut placed = 0;
+    let mut i = 0;
+    while i < pfns.len() {
+        let mut j = i + 1;
+        while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+            j += 1;
+        }
+        placed += pc
+            .place_run(pfns[i], &data[i * PAGE_SIZE..j * PAGE_SIZE], via)
+            .map_err(|e| ReceiveError::Postcopy(transport::error_chain(&e)))?;
+        i = j;
+    }
+    Ok(placed)
+}
+
+/// Runs post-copy from the switch-over at `epoch`: registers memory, builds and resumes the guest,
+/// places pages until every one is here, tells the source. Returns `epoch`.
+pub(crate) async fn run(
+    io: PostcopyIo<'_>,
+    session: &mut RxSession,
+    epoch: u64,
+    held: Vec<PfnRange>,
+    early: Early,
+    hooks: Hooks,
+) -> Result<u64, ReceiveError> {
+    let PostcopyIo { node, status, stop, mut line, mut line_open } = io;
+    let set = |f: &dyn Fn(&mut crate::receive::ReceiveStatus)| f(&mut lock(status));
+    let t0 = Instant::now();
+    set(&|s| s.phase = "postcopy".into());
+    let mem = node.replica_memory().ok_or_else(|| ReceiveError::Postcopy("the replica is gone".into()))?;
+    let held_runs: Vec<(u64, u32)> = held.iter().map(|r| (r.first, r.count)).collect();
+    let tx = session.command_sender();
+    let fetch = Box::new(move |pfns: Vec<u64>| {
+        let cmd = StreamCommand::with(move |r: &mut Receiver, _| {
+            for c in pfns.chunks(MAX_REQUEST_PAGES) {
+                if let Err(e) = r.request_pages(c) {
+                    tracing::warn!("post-copy: page request not sent: {e}");
+                }
+            }
+        });
+        if tx.blocking_send(cmd).is_err() {
+            tracing::debug!("post-copy: the session is gone; page request dropped");
+        }
+    });
+    let pc = tokio::task::spawn_blocking(move || Postcopy::start(&mem, &held_runs, PREFETCH, fetch))
+        .await
+        .map_err(|e| ReceiveError::Postcopy(format!("userfaultfd task: {e}")))?
+        .map_err(|e| ReceiveError::Postcopy(transport::error_chain(&e)))?;
+    let missing0 = pc.missing();
+    tracing::info!(
+        epoch,
+        missing = missing0,
+        held = held.iter().map(|r| u64::from(r.count)).sum::<u64>(),
+        early = early.batches.len(),
+        early_dropped = early.dropped,
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "destination: post-copy memory registered; resuming the guest"
+    );
+    for (pfns, data) in &early.batches {
+        place(&pc, pfns, data, Via::Push)?;
+    }
+    let Hooks { stage, run } = hooks;
+    // Build (paused), then run: on blocking threads, while pages keep being placed here (a
+    // restore that touches a missing page waits for it like anyone).
+    let mut building = Some(tokio::task::spawn_blocking(move || stage(epoch)));
+    let mut running: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    let mut run = Some(run);
+    let mut resumed = false;
+    let mut resumed_at = None;
+    let mut last_status = Instant::now();
+    let result = loop {
+        if resumed && pc.is_complete() {
+            break Ok(());
+        }
+        if last_status.elapsed() >= Duration::from_millis(50) {
+            last_status = Instant::now();
+            let st = pc.stats();
+            set(&|s| {
+                s.postcopy_missing = Some(st.missing);
+                s.postcopy_faults = st.faults;
+            });
+        }
+        tokio::select! {
+            ev = session.next_event() => match ev {
+                None => break Err(ReceiveError::Ended("the session task ended without a reason".into())),
+                Some(ReceiverEvent::Pages { id, pfns, data }) => {
+                    let via = if id == 0 { Via::Push } else { Via::Demand };
+                    place(&pc, &pfns, &data, via)?;
+                }
+                Some(ReceiverEvent::Disconnected { error }) => break Err(ReceiveError::Ended(error.to_string())),
+                Some(_) => {}
+            },
+            r = async { building.as_mut().expect("guarded").await }, if building.is_some() => {
+                building = None;
+                r.map_err(|e| ReceiveError::Promote(format!("restore task: {e}")))?.map_err(ReceiveError::Promote)?;
+                let run = run.take().expect("run once");
+                running = Some(tokio::task::spawn_blocking(move || run(epoch)));
+            }
+            r = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                r.map_err(|e| ReceiveError::Promote(format!("resume task: {e}")))?.map_err(ReceiveError::Promote)?;
+                resumed = true;
+                resumed_at = Some(Instant::now());
+                set(&|s| s.phase = "postcopy-running".into());
+                let (cpu_us, rss) = (
+                    vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(0) / 1000,
+                    vmm::procstat::peak_rss_bytes().unwrap_or(0),
+                );
+                tracing::info!(epoch, ms = t0.elapsed().as_secs_f64() * 1e3, missing = pc.missing(), "destination: the guest runs here (post-copy)");
+                let cmd = StreamCommand::with(move |rc: &mut Receiver, _| {
+                    if let Err(e) = rc.resumed(epoch, cpu_us, rss) {
+                        tracing::error!("destination: resumed({epoch}): {e}");
+                    }
+                });
+                if session.command(cmd).await.is_err() {
+                    break Err(ended(session).await);
+                }
+            }
+            _ = stop.changed() => break Err(ReceiveError::Stopped),
+            end = &mut line, if line_open => {
+                line_open = false;
+                if let transport::liveness::End::Died(why) = end {
+                    break Err(ReceiveError::SourceDied(why.to_string()));
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        let st = pc.stats();
+        tracing::error!(
+            missing = st.missing,
+            "destination: post-copy broke off with {} pages still at the source: the guest is lost ({})",
+            st.missing,
+            transport::error_chain(&e)
+        );
+        return Err(ReceiveError::PostcopyLost { missing: st.missing, why: transport::error_chain(&e) });
+    }
+    let st = tokio::task::spawn_blocking({
+        let pc = Arc::clone(&pc);
+        move || pc.finish(false)
+    })
+    .await
+    .map_err(|e| ReceiveError::Postcopy(format!("finish task: {e}")))?
+    .map_err(|e| ReceiveError::Postcopy(transport::error_chain(&e)))?;
+    let postcopy_ms = resumed_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+    tracing::info!(
+        faults = st.faults,
+        local_zero_faults = st.local_zero_faults,
+        fault_us_p50 = st.fault_us_p50,
+        fault_us_p99 = st.fault_us_p99,
+        blocked_ms = st.blocked_ms,
+        demanded = st.pages_demanded,
+        pushed = st.pages_pushed,
+        dropped = st.pages_dropped,
+        postcopy_ms,
+        "destination: every page is here; post-copy complete"
+    );
+    set(&|s| {
+        s.phase = "running".into();
+        s.postcopy_missing = Some(0);
+        s.postcopy_faults = st.faults;
+    });
+    let c = Complete {
+        pages: held.iter().map(|r| u64::from(r.count)).sum::<u64>() + missing0,
+        faults: st.faults,
+        fault_us_p50: st.fault_us_p50.round().clamp(0.0, f64::from(u32::MAX)) as u32,
+        fault_us_p99: st.fault_us_p99.round().clamp(0.0, f64::from(u32::MAX)) as u32,
+        blocked_us: (st.blocked_ms * 1e3).round().max(0.0) as u64,
+        demanded: st.pages_demanded,
+        pushed: st.pages_pushed,
+    };
+    let cmd = StreamCommand::with(move |rc: &mut Receiver, _| {
+        if let Err(e) = rc.complete(c) {
+            tracing::error!("destination: complete: {e}");
+        }
+    });
+    if session.command(cmd).await.is_ok() {
+        // The source closes the session once it has the word.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(ev) = session.next_event().await {
+                if matches!(ev, ReceiverEvent::Disconnected { .. }) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    Ok(epoch)
+}
