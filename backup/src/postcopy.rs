@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 
 use replication_proto::limits::MAX_REQUEST_PAGES;
 use replication_proto::migration::{Complete, PfnRange};
-use replication_proto::{Receiver, ReceiverEvent};
+use replication_proto::{Receiver, ReceiverConfig, ReceiverEvent, Role};
 use transport::Session;
 use transport::session::{StreamCommand, StreamCore};
 use vmm::memory::PAGE_SIZE;
 use vmm::postcopy::{Postcopy, Via};
 
-use crate::receive::{Early, Hooks, PostcopyIo, ReceiveError, ended};
+use crate::receive::{Early, Hooks, PostcopyIo, ReceiveError};
 use crate::server::lock;
 
 /// Pages asked for after a faulting one, if missing (the guest often walks on).
@@ -59,14 +59,17 @@ pub(crate) async fn run(
     early: Early,
     hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
-    let PostcopyIo { node, status, stop, mut line, mut line_open } = io;
+    let PostcopyIo { node, status, stop, mut line, mut line_open, endpoint, lines, cfg } = io;
     let set = |f: &dyn Fn(&mut crate::receive::ReceiveStatus)| f(&mut lock(status));
     let t0 = Instant::now();
     set(&|s| s.phase = "postcopy".into());
     let mem = node.replica_memory().ok_or_else(|| ReceiveError::Postcopy("the replica is gone".into()))?;
     let held_runs: Vec<(u64, u32)> = held.iter().map(|r| (r.first, r.count)).collect();
-    let tx = session.command_sender();
+    // The fault thread's way to the session (swapped when the source reconnects).
+    let commands = Arc::new(std::sync::Mutex::new(session.command_sender()));
+    let tx_slot = Arc::clone(&commands);
     let fetch = Box::new(move |pfns: Vec<u64>| {
+        let tx = lock(&tx_slot).clone();
         let cmd = StreamCommand::with(move |r: &mut Receiver, _| {
             for c in pfns.chunks(MAX_REQUEST_PAGES) {
                 if let Err(e) = r.request_pages(c) {
@@ -104,6 +107,9 @@ pub(crate) async fn run(
     let mut resumed = false;
     let mut resumed_at = None;
     let mut last_status = Instant::now();
+    // Set while the link is down: until when the source may come back.
+    let mut down_until: Option<Instant> = None;
+    let mut reconnects = 0u32;
     let result = loop {
         if resumed && pc.is_complete() {
             break Ok(());
@@ -117,15 +123,72 @@ pub(crate) async fn run(
             });
         }
         tokio::select! {
-            ev = session.next_event() => match ev {
-                None => break Err(ReceiveError::Ended("the session task ended without a reason".into())),
+            ev = session.next_event(), if down_until.is_none() => match ev {
+                None => {
+                    down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
+                }
                 Some(ReceiverEvent::Pages { id, pfns, data }) => {
                     let via = if id == 0 { Via::Push } else { Via::Demand };
                     place(&pc, &pfns, &data, via)?;
                 }
-                Some(ReceiverEvent::Disconnected { error }) => break Err(ReceiveError::Ended(error.to_string())),
+                Some(ReceiverEvent::Connected { .. }) if reconnects > 0 => {
+                    // The source is back: tell it what is here, ask again for what was asked
+                    // and never came, and say again that the guest runs (if it does).
+                    let runs: Vec<PfnRange> =
+                        pc.present_runs().into_iter().map(|(first, count)| PfnRange { first, count }).collect();
+                    let again = pc.rerequest();
+                    let (cpu_us, rss) = (
+                        vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(0) / 1000,
+                        vmm::procstat::peak_rss_bytes().unwrap_or(0),
+                    );
+                    tracing::info!(held = runs.len(), again = again.len(), "post-copy: the source is back");
+                    let cmd = StreamCommand::with(move |r: &mut Receiver, _| {
+                        if let Err(e) = r.send_held(epoch, &runs) {
+                            tracing::error!("post-copy: map after reconnect: {e}");
+                        }
+                        for c in again.chunks(MAX_REQUEST_PAGES) {
+                            if let Err(e) = r.request_pages(c) {
+                                tracing::warn!("post-copy: page request not sent: {e}");
+                            }
+                        }
+                        if resumed && let Err(e) = r.resumed(epoch, cpu_us, rss) {
+                            tracing::warn!("post-copy: resumed again: {e}");
+                        }
+                    });
+                    if session.command(cmd).await.is_err() {
+                        down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
+                    }
+                }
+                Some(ReceiverEvent::Disconnected { error }) => {
+                    if down_until.is_none() {
+                        tracing::warn!("post-copy: the link to the source broke ({error}); the guest waits on its faults for the source to reconnect");
+                        set(&|s| s.phase = "postcopy-reconnecting".into());
+                    }
+                    down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
+                }
                 Some(_) => {}
             },
+            c = endpoint.accept(), if down_until.is_some() => match c {
+                Ok(conn) => {
+                    tracing::info!(peer = ?conn.peer_name(), "post-copy: the source reconnected");
+                    let mut rcfg = ReceiverConfig::new(Role::MigrationDestination, cfg.vm.clone(), cfg.layout.clone(), transport::random_u64()?);
+                    rcfg.timing = cfg.timing;
+                    rcfg.resend_timeout = Duration::from_secs(1);
+                    let mut rx = Receiver::new(rcfg);
+                    rx.set_postcopy(true);
+                    line = Box::pin(transport::liveness::Listener::watch_if(lines, &conn));
+                    line_open = true;
+                    *session = transport::proto::receiver_session(conn, rx);
+                    *lock(&commands) = session.command_sender();
+                    down_until = None;
+                    reconnects += 1;
+                    set(&|s| s.phase = if resumed { "postcopy-running".into() } else { "postcopy".into() });
+                }
+                Err(e) => tracing::warn!("post-copy: refused a peer while waiting for the source: {}", transport::error_chain(&e)),
+            },
+            () = tokio::time::sleep_until(down_until.unwrap_or_else(Instant::now).into()), if down_until.is_some() => {
+                break Err(ReceiveError::Ended(format!("the source did not come back within {:?}", cfg.postcopy_recover)));
+            }
             r = async { building.as_mut().expect("guarded").await }, if building.is_some() => {
                 building = None;
                 r.map_err(|e| ReceiveError::Promote(format!("restore task: {e}")))?.map_err(ReceiveError::Promote)?;
@@ -149,7 +212,7 @@ pub(crate) async fn run(
                     }
                 });
                 if session.command(cmd).await.is_err() {
-                    break Err(ended(session).await);
+                    down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
                 }
             }
             _ = stop.changed() => break Err(ReceiveError::Stopped),

@@ -39,6 +39,9 @@ pub struct ReceiveConfig {
     pub timing: replication_proto::Timing,
     /// Record the replica's digest at the switch-over (tests).
     pub verify: bool,
+    /// Post-copy: how long to wait for the source to come back after the link broke before the
+    /// guest counts as lost.
+    pub postcopy_recover: Duration,
 }
 
 /// Where a destination stands (for `status`).
@@ -197,8 +200,7 @@ pub async fn receive(
             s.source = peer.clone();
             s.phase = "receiving".into();
         });
-        let line = transport::liveness::Listener::watch_if(lines.as_ref(), &conn);
-        tokio::pin!(line);
+        let mut line: LineWatch<'_> = Box::pin(transport::liveness::Listener::watch_if(lines.as_ref(), &conn));
         let mut line_open = true;
         let mut rcfg = ReceiverConfig::new(Role::MigrationDestination, cfg.vm.clone(), cfg.layout.clone(), transport::random_u64()?);
         rcfg.timing = cfg.timing;
@@ -336,7 +338,16 @@ pub async fn receive(
             Next::Handover(epoch) => epoch,
             Next::Postcopy(epoch, held) => {
                 let hooks = Hooks { stage: stage.take().expect("not staged in post-copy"), run };
-                let pc = PostcopyIo { node: &node, status: &status, stop: &mut stop, line: line.as_mut(), line_open };
+                let pc = PostcopyIo {
+                    node: &node,
+                    status: &status,
+                    stop: &mut stop,
+                    line,
+                    line_open,
+                    endpoint: &endpoint,
+                    lines: lines.as_ref(),
+                    cfg: &cfg,
+                };
                 return crate::postcopy::run(pc, &mut session, epoch, held, early, hooks).await;
             }
         };
@@ -474,13 +485,21 @@ impl Early {
     }
 }
 
+/// The watch of a source's liveness line.
+pub(crate) type LineWatch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send + 'a>>;
+
 /// What post-copy borrows from the receiving loop.
 pub(crate) struct PostcopyIo<'a> {
     pub(crate) node: &'a Arc<BackupNode>,
     pub(crate) status: &'a Arc<Mutex<ReceiveStatus>>,
     pub(crate) stop: &'a mut tokio::sync::watch::Receiver<bool>,
-    pub(crate) line: std::pin::Pin<&'a mut (dyn std::future::Future<Output = transport::liveness::End> + Send)>,
+    pub(crate) line: LineWatch<'a>,
     pub(crate) line_open: bool,
+    /// To accept the same source again after a broken link.
+    pub(crate) endpoint: &'a Endpoint,
+    pub(crate) lines: Option<&'a transport::liveness::Listener>,
+    pub(crate) cfg: &'a ReceiveConfig,
 }
 
 /// Why a session whose task ended did: the `Disconnected` event still queued, if any.

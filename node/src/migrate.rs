@@ -83,6 +83,7 @@ pub fn destination_config(
         layout: backup::server::proto_layout(&ranges)?,
         timing: timing(),
         verify,
+        postcopy_recover: std::time::Duration::from_secs(60),
     };
     Ok((cfg, ranges))
 }

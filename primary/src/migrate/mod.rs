@@ -269,6 +269,8 @@ pub struct MigrationStatus {
     pub postcopy_pages_left: Option<u64>,
     /// `auto`: the mode chosen, once chosen.
     pub chosen_mode: Option<String>,
+    /// Post-copy: times the link broke and was reconnected.
+    pub postcopy_reconnects: u32,
     /// Why it failed, once it did.
     pub error: Option<String>,
 }
@@ -437,6 +439,8 @@ pub struct PostcopyReport {
     pub pages_demanded: u64,
     /// Page requests answered.
     pub page_requests: u64,
+    /// Times the link broke during post-copy and was reconnected.
+    pub reconnects: u32,
     /// The destination resumed to every page there, ms.
     pub postcopy_ms: f64,
 }
@@ -499,7 +503,16 @@ pub async fn migrate(src: Source, req: MigrateRequest) -> Result<Report, Migrate
     result
 }
 
+/// What it takes to connect again (post-copy survives a broken link).
+struct Redial {
+    endpoint: Option<Endpoint>,
+    cfg: SenderConfig,
+    to: SocketAddr,
+    dest_name: String,
+}
+
 struct Link {
+    redial: Redial,
     session: Session<StreamCore<Sender>>,
     conn: transport::Connection,
     line: std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>>,
@@ -525,6 +538,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
     if let Some(v) = src.version {
         scfg.version = v;
     }
+    let redial = Redial { endpoint: None, cfg: scfg.clone(), to: req.to, dest_name: req.dest_name.clone() };
     let sender = Sender::new(scfg);
     let bind = if req.to.is_ipv4() {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
@@ -541,6 +555,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
         let line = Box::pin(transport::liveness::hold(req.to, &conn));
         let session = transport::proto::sender_session(conn.clone(), sender);
         let mut link = Link {
+            redial: Redial { endpoint: Some(endpoint.clone()), ..redial },
             session,
             conn,
             line,
@@ -621,6 +636,48 @@ impl Link {
                 _ = control.wake.notified(), if cancellable => {}
                 _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
             }
+        }
+    }
+
+    /// Connects to the destination again (post-copy: the destination accepts the same source
+    /// again), retrying every 100 ms to 1 s until `until`; the old session is dropped.
+    async fn reconnect(&mut self, until: Instant) -> Result<(), MigrateError> {
+        let endpoint = self.redial.endpoint.clone().ok_or_else(|| MigrateError::Session("no endpoint to reconnect from".into()))?;
+        let mut wait = Duration::from_millis(100);
+        let mut tries = 0u32;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrateError::Timeout { what: "the link to the destination to come back", secs: self.deadline_secs() });
+            }
+            tries += 1;
+            let attempt = tokio::time::timeout(left.min(Duration::from_secs(2)), endpoint.connect(self.redial.to, &self.redial.dest_name)).await;
+            match attempt {
+                Ok(Ok(conn)) => {
+                    let mut cfg = self.redial.cfg.clone();
+                    cfg.instance = transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
+                    self.line = Box::pin(transport::liveness::hold(self.redial.to, &conn));
+                    self.line_open = true;
+                    self.session = transport::proto::sender_session(conn.clone(), Sender::new(cfg));
+                    self.conn = conn;
+                    self.up = false;
+                    let deadline = self.deadline;
+                    self.deadline = until.min(Instant::now() + Duration::from_secs(5));
+                    let r = self.until("the destination's hello after a reconnect", false, |l| l.up).await;
+                    self.deadline = deadline;
+                    match r {
+                        Ok(()) => {
+                            tracing::info!(tries, "post-copy: reconnected to the destination");
+                            return Ok(());
+                        }
+                        Err(e) => tracing::warn!("post-copy: reconnect: {}", transport::error_chain(&e)),
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!("post-copy: reconnect attempt {tries}: {}", transport::error_chain(&e)),
+                Err(_) => tracing::debug!("post-copy: reconnect attempt {tries} timed out"),
+            }
+            tokio::time::sleep(wait.min(until.saturating_duration_since(Instant::now()))).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -1327,7 +1384,8 @@ async fn drive(
         failover::failpoint::hit("migrate.postcopy");
         let acked_at = Instant::now();
         link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
-        let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand)
+        let recover = Duration::from_secs(req.timeout_s);
+        let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand, recover)
             .await
             .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
         let complete = served.complete.unwrap_or_default();
@@ -1342,6 +1400,7 @@ async fn drive(
             pages_pushed: served.pages_pushed,
             pages_demanded: served.pages_served,
             page_requests: served.requests,
+            reconnects: served.reconnects,
             postcopy_ms: resumed_at.elapsed().as_secs_f64() * 1e3,
         };
         (resumed_at, acked_at, Some(report))

@@ -161,6 +161,20 @@ impl Pusher {
         out
     }
 
+    /// The destination holds these runs (its map after a reconnect): not pushed again.
+    fn present(&mut self, runs: &[(u64, u32)]) {
+        for &(first, count) in runs {
+            for pfn in first..first + u64::from(count) {
+                if let Some(i) = self.index.of(pfn)
+                    && self.todo[i]
+                {
+                    self.todo[i] = false;
+                    self.left -= 1;
+                }
+            }
+        }
+    }
+
     /// The destination asked for `pfns`: they go now, and the push follows behind the last.
     fn demanded(&mut self, pfns: &[u64]) {
         for &pfn in pfns {
@@ -190,6 +204,8 @@ pub(super) struct Served {
     pub resumed_at: Option<Instant>,
     /// The destination's numbers (`Complete`).
     pub complete: Option<replication_proto::migration::Complete>,
+    /// Times the link broke and came back.
+    pub reconnects: u32,
 }
 
 /// Copies `pfns` out of the paused guest.
@@ -201,8 +217,16 @@ fn read_pages(src: &Source, pfns: &[u64], buf: &mut Vec<u8>) -> Result<(), Migra
 }
 
 /// Serves the destination until it holds every page. The guest is paused here and never resumes.
-pub(super) async fn serve(src: &Source, link: &mut Link, held: &Held, demand_only: bool) -> Result<Served, MigrateError> {
+pub(super) async fn serve(
+    src: &Source,
+    link: &mut Link,
+    held: &Held,
+    demand_only: bool,
+    recover: Duration,
+) -> Result<Served, MigrateError> {
     let mut push = Pusher::new(held);
+    // After a reconnect: no push until the destination's map of what it holds is in.
+    let mut map_until: Option<Instant> = None;
     let mut served = Served::default();
     let mut last_request = Instant::now();
     let mut pushing = !demand_only;
@@ -212,12 +236,21 @@ pub(super) async fn serve(src: &Source, link: &mut Link, held: &Held, demand_onl
     src.control.update(|s| s.postcopy_pages_left = Some(total));
     tracing::info!(pages = total, held = held.count(), demand_only, "post-copy: serving the destination");
     loop {
-        let can_push = pushing && room && push.left > 0;
+        let mapped = map_until.is_none_or(|t| Instant::now() >= t);
+        let can_push = pushing && room && mapped && push.left > 0;
+        let mut broken: Option<String> = None;
         let idle_at = last_request + DEMAND_IDLE;
         tokio::select! {
             biased;
             ev = link.session.next_event() => match ev {
-                None => return Err(MigrateError::Session("the session task ended without a reason".into())),
+                None => broken = Some("the session task ended".into()),
+                Some(SenderEvent::PageMap(m)) => {
+                    let runs: Vec<(u64, u32)> = m.held.iter().map(|r| (r.first, r.count)).collect();
+                    push.present(&runs);
+                    if m.held.len() < replication_proto::migration::MAP_RANGES_PER_FRAME {
+                        map_until = None;
+                    }
+                }
                 Some(SenderEvent::PagesRequested { id, pfns }) => {
                     last_request = Instant::now();
                     push.demanded(&pfns);
@@ -247,7 +280,7 @@ pub(super) async fn serve(src: &Source, link: &mut Link, held: &Held, demand_onl
                     return Ok(served);
                 }
                 Some(SenderEvent::Acked { epoch, .. }) => link.acked = link.acked.max(epoch),
-                Some(SenderEvent::Disconnected { error }) => return Err(MigrateError::Session(link.explain(&error))),
+                Some(SenderEvent::Disconnected { error }) => broken = Some(link.explain(&error)),
                 Some(_) => {}
             },
             end = &mut link.line, if link.line_open => {
@@ -285,7 +318,19 @@ pub(super) async fn serve(src: &Source, link: &mut Link, held: &Held, demand_onl
                 tracing::info!(left = push.left, "demand: no request for {DEMAND_IDLE:?}; pushing what is left");
                 pushing = true;
             }
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = tokio::time::sleep(Duration::from_millis(if map_until.is_some() { 10 } else { 100 })) => {}
+        }
+        if let Some(why) = broken {
+            // Both processes may well live: the destination's vCPUs wait on their faults while
+            // the link comes back. Its map then says what it holds; what it asked for and did
+            // not get it asks again.
+            tracing::warn!("post-copy: the link to the destination broke ({why}); reconnecting");
+            src.control.update(|s| s.postcopy_reconnects += 1);
+            link.reconnect(Instant::now() + recover).await?;
+            served.reconnects += 1;
+            push = Pusher::new(held);
+            room = true;
+            map_until = Some(Instant::now() + Duration::from_millis(200));
         }
     }
 }
