@@ -182,6 +182,16 @@ pub fn progress_line(m: &serde_json::Value) -> String {
         Some(x) => format!("{x:.1}{unit}"),
         None => "?".into(),
     };
+    if let Some(left) = m["postcopy_pages_left"].as_u64() {
+        return format!(
+            "migrate [{bar}] {:<13} post-copy | sent {:.1} MiB | {} pages left to push | {} reconnects{}",
+            m["phase"].as_str().unwrap_or("?"),
+            mib(&m["bytes_sent"]),
+            left,
+            m["postcopy_reconnects"].as_u64().unwrap_or(0),
+            m["chosen_mode"].as_str().map(|c| format!(" | auto chose {c}")).unwrap_or_default(),
+        );
+    }
     format!(
         "migrate [{bar}] {:<13} round {} | sent {:.1} MiB, {} pages left in round | dirty {} pages/s | downtime ~{} | eta {}",
         m["phase"].as_str().unwrap_or("?"),
@@ -230,6 +240,29 @@ pub fn report_table(r: &serde_json::Value) -> String {
         mib(&r["source_peak_rss_bytes"]),
         mib(&r["dest_peak_rss_bytes"])
     );
+    if let Some(c) = r["chosen_mode"].as_str() {
+        out += &format!("  auto chose {c}: {}\n", r["choice_reason"].as_str().unwrap_or("?"));
+    }
+    if r.get("postcopy_faults").is_some() {
+        out += &format!(
+            "  post-copy{}: {} pages held at the switch-over, {} moved after the resume in {:.1} ms ({} pushed, {} demanded in {} requests, {} reconnects)\n",
+            r["switchover_round"].as_u64().map(|n| format!(" after {n} pre-copy rounds")).unwrap_or_default(),
+            r["pages_held_at_switchover"],
+            r["pages_postcopied"],
+            f("postcopy_ms"),
+            r["pages_pushed"],
+            r["pages_demanded"],
+            r["page_requests"],
+            r["reconnects"],
+        );
+        out += &format!(
+            "  faults at the destination: {}, fault to page placed p50 {:.0} us, p99 {:.0} us; vCPUs blocked {:.1} ms\n",
+            r["postcopy_faults"],
+            f("fault_us_p50"),
+            f("fault_us_p99"),
+            f("vcpu_blocked_ms"),
+        );
+    }
     out += "  round      pages     MiB   dirty pages/s    link MiB/s       ms\n";
     for round in r["rounds"].as_array().into_iter().flatten() {
         out += &format!(

@@ -187,7 +187,17 @@ fn source_migration(m: &Value, out: &mut Vec<String>) {
     if let Some(p) = f(m, "predicted_downtime_ms") {
         line += &format!(", predicted downtime {p:.1} ms");
     }
+    if let Some(c) = s(m, "chosen_mode") {
+        line += &format!(", auto chose {c}");
+    }
     out.push(line);
+    if let Some(left) = u(m, "postcopy_pages_left") {
+        out.push(format!(
+            "  post-copy: {} pages left to push, {} reconnects",
+            count(left),
+            u(m, "postcopy_reconnects").unwrap_or(0)
+        ));
+    }
     if let Some(e) = s(m, "error") {
         out.push(format!("  error: {e}"));
     }
@@ -202,6 +212,13 @@ fn destination_migration(m: &Value, out: &mut Vec<String>) {
         count(u(m, "pages").unwrap_or(0)),
         u(m, "switchover_epoch").map(|e| format!(", switch-over at epoch {}", count(e))).unwrap_or_default()
     ));
+    if let Some(missing) = u(m, "postcopy_missing") {
+        out.push(format!(
+            "  post-copy: {} pages still at the source, {} faults served",
+            count(missing),
+            count(u(m, "postcopy_faults").unwrap_or(0))
+        ));
+    }
     if u(m, "refused_peers").unwrap_or(0) > 0 {
         out.push(format!("  refused {} peers", count(u(m, "refused_peers").unwrap_or(0))));
     }
