@@ -282,6 +282,8 @@ pub struct PostcopyStats {
     pub choice_reason: Option<String>,
     /// Switch-over to every page present at the destination, ms.
     pub postcopy_ms: Option<f64>,
+    /// Times the link broke during post-copy and was reconnected.
+    pub reconnects: Option<u64>,
 }
 
 impl PostcopyStats {
@@ -301,6 +303,7 @@ impl PostcopyStats {
             chosen_mode: s("chosen_mode"),
             choice_reason: s("choice_reason"),
             postcopy_ms: f("postcopy_ms"),
+            reconnects: u("reconnects"),
         }
     }
 
@@ -322,6 +325,7 @@ impl PostcopyStats {
         put("chosen_mode", json!(self.chosen_mode));
         put("choice_reason", json!(self.choice_reason));
         put("postcopy_ms", json!(self.postcopy_ms));
+        put("reconnects", json!(self.reconnects));
         Value::Object(m)
     }
 }
@@ -431,6 +435,9 @@ impl RunResult {
         }
         if let Some(r) = p.switchover_round {
             s.push_str(&format!(", switched to post-copy after round {r}"));
+        }
+        if let Some(n) = p.reconnects.filter(|&n| n > 0) {
+            s.push_str(&format!(", {n} reconnects during post-copy"));
         }
         if let Some(c) = &p.chosen_mode {
             s.push_str(&format!(", chose {c} ({})", p.choice_reason.as_deref().unwrap_or("no reason given")));

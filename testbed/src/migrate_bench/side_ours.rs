@@ -299,7 +299,8 @@ mod tests {
         let out = r#"{"mode": "auto", "stop_reason": "postcopy", "total_ms": 500.0, "downtime_ms": 2.5,
             "bytes_transferred": 1000, "postcopy_faults": 812, "fault_us_p50": 95.5, "fault_us_p99": 640.0,
             "pages_pushed": 30000, "pages_demanded": 812, "vcpu_blocked_ms": 120.25, "switchover_round": 1,
-            "chosen_mode": "hybrid", "choice_reason": "dirty rate 2.1 GB/s > link 1.2 GB/s", "postcopy_ms": 420.0}"#;
+            "chosen_mode": "hybrid", "choice_reason": "dirty rate 2.1 GB/s > link 1.2 GB/s", "postcopy_ms": 420.0,
+            "reconnects": 1, "pages_held_at_switchover": 100, "page_requests": 800}"#;
         let m = parse_report(out).unwrap();
         let p = &m.postcopy;
         assert_eq!(
@@ -310,6 +311,18 @@ mod tests {
         assert_eq!(p.chosen_mode.as_deref(), Some("hybrid"));
         assert_eq!(p.to_json()["choice_reason"], "dirty rate 2.1 GB/s > link 1.2 GB/s");
         assert_eq!(p.to_json()["postcopy_faults"], 812);
+        assert_eq!(p.reconnects, Some(1));
+        let mut r =
+            super::super::RunResult::new(Workload::W2, &super::super::Config::Ours("auto".into()), 1, m.clone());
+        r.guest_ok = Some(true);
+        r.guest_note = "ok".into();
+        assert_eq!(
+            r.line(),
+            "W2 understudy auto run 1: completed; total 500.0 ms, downtime 2.5 ms, paused - ms, 0.0 MB, wall - ms, \
+             812 faults (p50 95.5 µs, p99 640.0 µs), pages pushed 30000 / demanded 812, vCPU blocked 120.2 ms, \
+             switched to post-copy after round 1, 1 reconnects during post-copy, \
+             chose hybrid (dirty rate 2.1 GB/s > link 1.2 GB/s); guest ok: ok; stop: postcopy"
+        );
         // Resumed 420 ms before every page was there, paused 2.5 ms before that.
         assert_eq!(
             report_markers(&m),
