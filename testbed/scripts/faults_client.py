@@ -7,7 +7,9 @@ Writes unique keys over ONE TCP connection (memcached text protocol) and increme
 remembering every acknowledged write. It creates CTL_DIR/ready after its first reply (the
 harness times its faults from then). The harness writes CTL_DIR/fault (wall-clock seconds of the
 injected fault) and later creates CTL_DIR/stop; `testbed migrate-bench` writes CTL_DIR/window
-("START END", wall-clock seconds of a migration) before the stop. A failed connection is counted and replaced (a
+("START END", wall-clock seconds of a migration) before the stop; then the client also writes
+CTL_DIR/completions, the wall-clock second of every reply from 2 s before START to 2 s after
+END, one a line (the benchmark's throughput over time). A failed connection is counted and replaced (a
 reconnect is tolerated, not hidden). At the end every acknowledged write must be readable with
 its value (multi-get, in batches) and the counter must never have gone back. Prints one final
 JSON line:
@@ -169,6 +171,8 @@ if os.path.exists(WINDOW):
         outside = [d for (b, d) in waits if not (b <= we and b + d >= ws)]
         window_gap = max(inside) * 1e3 if inside else None
         outside_gap = max(outside) * 1e3 if outside else None
+        with open(os.path.join(ctl, "completions"), "w") as out:
+            out.writelines("%.6f\n" % (b + d) for (b, d) in waits if ws - 2 <= b + d <= we + 2)
     except (OSError, ValueError) as e:
         notes.append("bad window file: %s" % e)
 print(json.dumps({"acknowledged_writes": len(acked), "lost": lost, "contradictions": contradictions,

@@ -71,8 +71,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Comma-separated: qemu-default, qemu-best, qemu-postcopy, qemu-best-tls,
-        /// qemu-postcopy-tls and our modes (precopy, stopcopy, ...). Default: every QEMU
-        /// configuration, precopy and stopcopy.
+        /// qemu-postcopy-tls and our modes (precopy, stopcopy, postcopy, demand, hybrid, auto).
+        /// Default: every QEMU configuration and every mode of ours.
         #[arg(long, value_delimiter = ',')]
         configs: Vec<String>,
         /// Write the markdown report here too (rewritten after every run).
@@ -81,6 +81,11 @@ enum Cmd {
         /// Write every run's numbers as JSON here (rewritten after every run).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// At the end, plot each workload's throughput over time through each configuration's
+        /// migration into DIR/migration-<workload>.png (testbed/scripts/plot_migration.py,
+        /// python3-matplotlib; the same script redraws them from a --json file).
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
         /// The understudy binary (default: target/release/understudy of this workspace).
         #[arg(long)]
         understudy: Option<PathBuf>,
@@ -157,7 +162,18 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Cmd::MigrateBench { workloads, runs, configs, out, json, understudy, guest, converge_timeout_s, keep } => {
+        Cmd::MigrateBench {
+            workloads,
+            runs,
+            configs,
+            out,
+            json,
+            plots,
+            understudy,
+            guest,
+            converge_timeout_s,
+            keep,
+        } => {
             let workloads = workloads.iter().map(|w| Workload::parse(w)).collect::<anyhow::Result<Vec<_>>>()?;
             let configs = if configs.is_empty() {
                 Config::defaults()
@@ -168,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             let mut opts = migrate_bench::Options::new(workloads, configs, runs);
             opts.out = out;
             opts.json = json;
+            opts.plots = plots;
             if let Some(u) = understudy {
                 opts.understudy = u;
             }

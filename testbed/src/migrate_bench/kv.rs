@@ -132,6 +132,16 @@ impl ClientVerdict {
     }
 }
 
+/// The client's control directory in a run's directory.
+pub fn ctl_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("client-ctl")
+}
+
+/// Where the client writes the wall-clock time of each reply around the migration window.
+pub fn completions_file(run_dir: &Path) -> PathBuf {
+    ctl_dir(run_dir).join("completions")
+}
+
 /// The checker client, running in the namespace. Killed on drop.
 pub struct KvClient {
     proc: Proc,
@@ -141,7 +151,7 @@ pub struct KvClient {
 impl KvClient {
     /// Starts `script` against [`GUEST_IP`]; it stops by itself after `max_secs`.
     pub fn start(net: &KvNet, script: &Path, dir: &Path, max_secs: u64) -> Result<Self> {
-        let ctl = dir.join("client-ctl");
+        let ctl = ctl_dir(dir);
         std::fs::create_dir_all(&ctl)?;
         let log = dir.join("client.log");
         let mut cmd = net.command("/usr/bin/python3");

@@ -3,7 +3,8 @@
 //! interleaved run by run, medians in a markdown table (issue 13).
 //!
 //! ```text
-//! testbed migrate-bench --workloads W1,W2,W3 --runs 5 [--configs qemu-default,...,precopy,stopcopy] [--out table.md]
+//! testbed migrate-bench --workloads W1,W2,W3 --runs 5 [--configs qemu-default,...,precopy,...,auto]
+//!     [--out table.md] [--json runs.json] [--plots DIR]
 //! ```
 //!
 //! Workloads ([`Workload`]): W1 `dirty wss=64 rate=20000` at 256 MiB, W2 `dirty wss=128
@@ -14,9 +15,15 @@
 //! rewritten there and checked, no error; `kv`: the client's replies go on, every acknowledged
 //! write reads back). A QEMU migration that has not finished after the time bound (30 s) is
 //! cancelled and counted as not converged. Every child process is killed on every path.
+//!
+//! Issue 14: our post-copy modes' report fields ([`PostcopyStats`], QEMU's post-copy blocktime
+//! beside them), W3's throughput over time through each migration ([`series`]: the client's
+//! replies per 10 ms, markers for pause, resume and complete) in the JSON, and a PNG per
+//! workload drawn from it ([`plot`], `testbed/scripts/plot_migration.py`).
 
 pub mod kv;
 pub mod qmp;
+pub mod series;
 pub mod side_ours;
 pub mod side_qemu;
 pub mod table;
@@ -169,8 +176,8 @@ pub enum Config {
     Ours(String),
 }
 
-/// Our modes benchmarked by default.
-pub const OUR_DEFAULT_MODES: [&str; 2] = ["precopy", "stopcopy"];
+/// Our modes benchmarked by default: every mode.
+pub const OUR_DEFAULT_MODES: [&str; 6] = ["precopy", "stopcopy", "postcopy", "demand", "hybrid", "auto"];
 /// Every mode `understudy migrate --mode` names (issue 13; some may answer "not implemented yet").
 pub const OUR_MODES: [&str; 6] = ["precopy", "stopcopy", "postcopy", "hybrid", "demand", "auto"];
 
@@ -244,8 +251,83 @@ pub struct Migrated {
     pub postcopy_ran: Option<bool>,
     /// Short remarks for the table (stop reason, ...).
     pub notes: Vec<String>,
+    /// Post-copy's numbers (issue 14), where the migrator reports them.
+    pub postcopy: PostcopyStats,
+    /// When the migration started (Unix seconds): QEMU's `migrate` command sent, our source's
+    /// migration started (its log's `migration: idle -> connecting`). The series' zero.
+    pub started_unix_s: Option<f64>,
+    /// The migration's moments, ms since it started ([`series::Marker`]).
+    pub markers: Vec<series::Marker>,
     /// Everything else the migrator reported.
     pub detail: Value,
+}
+
+/// What a post-copy migration reports beyond pre-copy's numbers (all absent for pre-copy).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PostcopyStats {
+    /// Faults on missing pages at the destination.
+    pub faults: Option<u64>,
+    /// Fault raised to page placed, µs, at the destination.
+    pub fault_us_p50: Option<f64>,
+    pub fault_us_p99: Option<f64>,
+    /// Pages pushed in the background, pages sent on demand (QEMU: `postcopy-requests`).
+    pub pages_pushed: Option<u64>,
+    pub pages_demanded: Option<u64>,
+    /// Time vCPUs waited on missing pages, ms (QEMU: the sum of `postcopy-vcpu-blocktime`).
+    pub vcpu_blocked_ms: Option<f64>,
+    /// Hybrid: the pre-copy round after which it switched to post-copy.
+    pub switchover_round: Option<u32>,
+    /// Auto: the mode it chose and why.
+    pub chosen_mode: Option<String>,
+    pub choice_reason: Option<String>,
+    /// Switch-over to every page present at the destination, ms.
+    pub postcopy_ms: Option<f64>,
+    /// Times the link broke during post-copy and was reconnected.
+    pub reconnects: Option<u64>,
+}
+
+impl PostcopyStats {
+    /// The fields of `understudy migrate --json`'s report (each optional).
+    pub fn from_report(v: &Value) -> Self {
+        let u = |k: &str| v.get(k).and_then(Value::as_u64);
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        PostcopyStats {
+            faults: u("postcopy_faults"),
+            fault_us_p50: f("fault_us_p50"),
+            fault_us_p99: f("fault_us_p99"),
+            pages_pushed: u("pages_pushed"),
+            pages_demanded: u("pages_demanded"),
+            vcpu_blocked_ms: f("vcpu_blocked_ms"),
+            switchover_round: u("switchover_round").and_then(|r| u32::try_from(r).ok()),
+            chosen_mode: s("chosen_mode"),
+            choice_reason: s("choice_reason"),
+            postcopy_ms: f("postcopy_ms"),
+            reconnects: u("reconnects"),
+        }
+    }
+
+    /// As the report names them; absent fields left out.
+    pub fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("postcopy_faults", json!(self.faults));
+        put("fault_us_p50", json!(self.fault_us_p50));
+        put("fault_us_p99", json!(self.fault_us_p99));
+        put("pages_pushed", json!(self.pages_pushed));
+        put("pages_demanded", json!(self.pages_demanded));
+        put("vcpu_blocked_ms", json!(self.vcpu_blocked_ms));
+        put("switchover_round", json!(self.switchover_round));
+        put("chosen_mode", json!(self.chosen_mode));
+        put("choice_reason", json!(self.choice_reason));
+        put("postcopy_ms", json!(self.postcopy_ms));
+        put("reconnects", json!(self.reconnects));
+        Value::Object(m)
+    }
 }
 
 impl Migrated {
@@ -260,6 +342,9 @@ impl Migrated {
             postcopy_requested_ms: None,
             postcopy_ran: None,
             notes: Vec::new(),
+            postcopy: PostcopyStats::default(),
+            started_unix_s: None,
+            markers: Vec::new(),
             detail: Value::Null,
         }
     }
@@ -284,6 +369,9 @@ pub struct RunResult {
     pub lost_writes: Option<u64>,
     /// W3: acknowledged writes.
     pub acked_writes: Option<u64>,
+    /// The workload's progress over time through the migration (W3: the client's completed
+    /// operations; the `dirty` guest reports progress only once a second, too coarse).
+    pub series: Option<series::Series>,
 }
 
 impl RunResult {
@@ -299,6 +387,7 @@ impl RunResult {
             baseline_gap_ms: None,
             lost_writes: None,
             acked_writes: None,
+            series: None,
         }
     }
 
@@ -333,6 +422,26 @@ impl RunResult {
             let ran = if m.postcopy_ran == Some(true) { "ran" } else { "did not run: finished in pre-copy" };
             s.push_str(&format!(", post-copy requested at {at:.0} ms, {ran}"));
         }
+        let p = &m.postcopy;
+        if let Some(faults) = p.faults {
+            s.push_str(&format!(", {faults} faults (p50 {} µs, p99 {} µs)", f(p.fault_us_p50), f(p.fault_us_p99)));
+        }
+        if p.pages_pushed.is_some() || p.pages_demanded.is_some() {
+            let n = |x: Option<u64>| x.map_or("-".to_string(), |x| x.to_string());
+            s.push_str(&format!(", pages pushed {} / demanded {}", n(p.pages_pushed), n(p.pages_demanded)));
+        }
+        if let Some(b) = p.vcpu_blocked_ms {
+            s.push_str(&format!(", vCPU blocked {b:.1} ms"));
+        }
+        if let Some(r) = p.switchover_round {
+            s.push_str(&format!(", switched to post-copy after round {r}"));
+        }
+        if let Some(n) = p.reconnects.filter(|&n| n > 0) {
+            s.push_str(&format!(", {n} reconnects during post-copy"));
+        }
+        if let Some(c) = &p.chosen_mode {
+            s.push_str(&format!(", chose {c} ({})", p.choice_reason.as_deref().unwrap_or("no reason given")));
+        }
         if let (Some(l), Some(a)) = (self.lost_writes, self.acked_writes) {
             s.push_str(&format!(", {l} of {a} acknowledged writes lost"));
         }
@@ -364,6 +473,10 @@ impl RunResult {
             "notes": m.notes, "detail": m.detail,
             "guest_ok": self.guest_ok, "guest_note": self.guest_note,
             "outage_ms": self.outage_ms, "baseline_gap_ms": self.baseline_gap_ms, "lost_writes": self.lost_writes, "acked_writes": self.acked_writes,
+            "postcopy": m.postcopy.to_json(),
+            "started_unix_s": m.started_unix_s,
+            "markers": series::markers_json(&m.markers),
+            "series": self.series.as_ref().map(series::Series::to_json),
         })
     }
 }
@@ -383,6 +496,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// Write every run's numbers as JSON here (rewritten after every run).
     pub json: Option<PathBuf>,
+    /// Plot the throughput over time into this directory at the end ([`plot`]).
+    pub plots: Option<PathBuf>,
     /// The `understudy` binary (our configurations).
     pub understudy: PathBuf,
     pub guest: Option<PathBuf>,
@@ -402,6 +517,7 @@ impl Options {
             runs,
             out: None,
             json: None,
+            plots: None,
             understudy: workspace_root().join("target/release/understudy"),
             guest: None,
             converge_timeout: Duration::from_secs(30),
@@ -484,6 +600,24 @@ fn unix_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// W3's throughput over time: the client's replies per [`series::BUCKET_MS`], from
+/// [`series::BEFORE_MS`] before the migration started to [`series::AFTER_MS`] after it ended
+/// (the later of the harness's end and the last marker). `start`/`end`: the harness's clock
+/// around the migration, the zero when the migrator gave none.
+fn kv_series(dir: &Path, m: &Migrated, start: f64, end: f64) -> Option<series::Series> {
+    let text = std::fs::read_to_string(kv::completions_file(dir)).ok()?;
+    let zero = m.started_unix_s.unwrap_or(start);
+    let times = series::parse_completions(&text, zero);
+    let last = m.markers.iter().map(|k| k.ms).fold((end - zero) * 1e3, f64::max);
+    Some(series::Series::bucket(
+        "kv client replies",
+        &times,
+        -series::BEFORE_MS,
+        last + series::AFTER_MS,
+        series::BUCKET_MS,
+    ))
+}
+
 /// One run of one configuration on one workload.
 pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize) -> Result<RunResult> {
     std::fs::create_dir_all(&env.dir)?;
@@ -522,6 +656,7 @@ pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize
     r.baseline_gap_ms = verdict.outside_max_gap_ms;
     r.lost_writes = Some(verdict.lost);
     r.acked_writes = Some(verdict.acknowledged_writes);
+    r.series = kv_series(&env.dir, &r.migrated, start, end);
     let mut problems = Vec::new();
     if verdict.lost > 0 {
         problems.push(format!("{} acknowledged writes lost", verdict.lost));
@@ -722,7 +857,43 @@ pub fn run(opts: &Options) -> Result<Report> {
     report.load_after = loadavg();
     report.elapsed = t0.elapsed();
     write_outputs(opts, &report)?;
+    if let Some(dir) = &opts.plots {
+        let json = match &opts.json {
+            Some(j) => j.clone(),
+            None => {
+                std::fs::create_dir_all(dir)?;
+                let j = dir.join("migrate-bench.json");
+                std::fs::write(&j, serde_json::to_string_pretty(&report.to_json())?)?;
+                j
+            }
+        };
+        for png in plot(&json, dir)? {
+            eprintln!("migrate-bench: plot {}", png.display());
+        }
+    }
     Ok(report)
+}
+
+/// `testbed/scripts/plot_migration.py JSON DIR` with Debian's python3 (where
+/// python3-matplotlib is): a PNG per workload whose runs carry a series; returns the files
+/// written.
+pub fn plot(json: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
+    let script = workspace_root().join("testbed/scripts/plot_migration.py");
+    let out = Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(json)
+        .arg(dir)
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() {
+        let hint = if stderr.contains("No module named") { " (python3-matplotlib: make deps)" } else { "" };
+        bail!("plot_migration.py failed ({}): {stderr}{hint}", out.status);
+    }
+    for line in stderr.lines() {
+        eprintln!("migrate-bench: plot: {line}");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect())
 }
 
 fn ours_names(configs: &[Config]) -> String {
@@ -754,9 +925,26 @@ mod tests {
         let e = Config::parse("qemu-fast").unwrap_err().to_string();
         assert!(e.contains("unknown configuration \"qemu-fast\"") && e.contains("qemu-postcopy-tls"), "{e}");
         let d = Config::defaults();
-        assert_eq!(d.len(), 7);
-        assert_eq!(d[0].to_string(), "qemu-default");
-        assert_eq!(d[6].to_string(), "understudy stopcopy");
+        let names: Vec<String> = d.iter().map(Config::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "qemu-default",
+                "qemu-best",
+                "qemu-postcopy",
+                "qemu-best-tls",
+                "qemu-postcopy-tls",
+                "understudy precopy",
+                "understudy stopcopy",
+                "understudy postcopy",
+                "understudy demand",
+                "understudy hybrid",
+                "understudy auto"
+            ]
+        );
+        for m in ["postcopy", "demand", "hybrid", "auto"] {
+            assert_eq!(Config::parse(m).unwrap(), Config::Ours(m.into()));
+        }
         for q in QemuConfig::ALL {
             assert_eq!(Config::parse(q.name()).unwrap(), Config::Qemu(q));
         }
@@ -772,6 +960,59 @@ mod tests {
     }
 
     #[test]
+    fn kv_series_counts_the_clients_replies_from_before_the_start_to_after_the_end() {
+        let dir = TempDir::for_process("us-kv-series-test", false).unwrap();
+        let run = dir.join("run");
+        std::fs::create_dir_all(kv::ctl_dir(&run)).unwrap();
+        // Migration started at 1000 s (the migrator's clock), harness window 999.99-1000.05.
+        let replies = ["999.4", "999.505", "999.995", "1000.001", "1000.002", "1000.0301", "1000.7", "1002.0"];
+        std::fs::write(kv::completions_file(&run), replies.join("\n")).unwrap();
+        let mut m = Migrated::failed("");
+        m.outcome = Outcome::Completed;
+        m.started_unix_s = Some(1000.0);
+        m.markers = vec![series::Marker::new("pause", 20.0), series::Marker::new("complete", 120.0)];
+        let s = kv_series(&run, &m, 999.99, 1000.05).unwrap();
+        // From -500 ms to the last marker (120 ms) + 500 ms: 112 buckets of 10 ms.
+        assert_eq!((s.from_ms, s.bucket_ms, s.counts.len()), (-500.0, 10.0, 112));
+        let nonzero: Vec<(usize, u64)> = s.counts.iter().copied().enumerate().filter(|&(_, c)| c > 0).collect();
+        // 999.505 -> bucket 0; 999.995 -> [-10, 0) = 49; 1000.001/002 -> 50; 1000.0301 -> 53;
+        // 999.4 is before the start (-600 ms), 1000.7 after the end (700 > 620 ms).
+        assert_eq!(nonzero, [(0, 1), (49, 1), (50, 2), (53, 1)]);
+        // Without the migrator's start, the harness's start is the zero.
+        m.started_unix_s = None;
+        m.markers.clear();
+        let s = kv_series(&run, &m, 1000.5, 1000.625).unwrap();
+        assert_eq!(s.counts.len(), 113, "-500 to 125 + 500 ms");
+        assert_eq!(s.counts.iter().sum::<u64>(), 4, "1000.001 .. 1000.7 fall in [-500, 625) ms of 1000.5");
+        assert!(kv_series(&dir.join("none"), &m, 0.0, 1.0).is_none());
+    }
+
+    #[test]
+    fn plots_a_png_per_workload_with_a_series() {
+        let ok = Command::new("/usr/bin/python3").args(["-c", "import matplotlib"]).status();
+        if !ok.is_ok_and(|s| s.success()) {
+            eprintln!("\n*** SKIP: plots_a_png_per_workload_with_a_series: no python3-matplotlib (make deps) ***\n");
+            return;
+        }
+        let dir = TempDir::for_process("us-plot-test", false).unwrap();
+        let mut m = Migrated::failed("");
+        m.outcome = Outcome::Completed;
+        m.total_ms = Some(30.0);
+        m.markers = vec![series::Marker::new("pause", 20.0), series::Marker::new("resume", 30.0)];
+        let mut kv = RunResult::new(Workload::W3, &Config::Ours("precopy".into()), 1, m.clone());
+        let times: Vec<f64> = (0..1000).map(|i| -500.0 + i as f64).filter(|t| !(20.0..30.0).contains(t)).collect();
+        kv.series = Some(series::Series::bucket("kv client replies", &times, -500.0, 500.0, 10.0));
+        let dirty = RunResult::new(Workload::W1, &Config::Qemu(QemuConfig::Best), 1, m);
+        let json = dir.join("bench.json");
+        let bench = json!({"results": [kv.to_json(), dirty.to_json()]});
+        std::fs::write(&json, bench.to_string()).unwrap();
+        let written = plot(&json, &dir.join("plots")).unwrap();
+        assert_eq!(written, [dir.join("plots/migration-W3.png")], "W1 has no series: no plot");
+        let png = std::fs::read(&written[0]).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    }
+
+    #[test]
     fn run_lines_say_what_happened() {
         let m = Migrated {
             outcome: Outcome::Completed,
@@ -783,6 +1024,9 @@ mod tests {
             postcopy_requested_ms: Some(12.4),
             postcopy_ran: Some(false),
             notes: vec!["a note".into()],
+            postcopy: PostcopyStats::default(),
+            started_unix_s: None,
+            markers: Vec::new(),
             detail: Value::Null,
         };
         let mut r = RunResult::new(Workload::W1, &Config::Qemu(QemuConfig::Best), 2, m);

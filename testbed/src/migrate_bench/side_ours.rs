@@ -2,7 +2,8 @@
 //! `understudy migrate --json` between them (the commands of issue 13). The numbers are the
 //! ones `migrate` reports, plus our clock around the command.
 
-use super::{Migrated, Migrator, Outcome, RunEnv, Workload, kv};
+use super::series::{self, Marker};
+use super::{Migrated, Migrator, Outcome, PostcopyStats, RunEnv, Workload, kv};
 use crate::harness::interrupt::check_interrupted;
 use crate::harness::netns::command_in;
 use crate::harness::proc::{Proc, die_with_parent, run_bounded};
@@ -127,8 +128,29 @@ pub fn parse_report(stdout: &str) -> Result<Migrated> {
         postcopy_requested_ms: None,
         postcopy_ran: None,
         notes,
+        postcopy: PostcopyStats::from_report(&v),
+        started_unix_s: None,
+        markers: Vec::new(),
         detail: v,
     })
+}
+
+/// The source logs this right after it starts the migration (the report's clock starts there).
+pub const START_LINE: &str = "migration: idle -> connecting";
+
+/// The migration's moments from the report, ms since it started: `pause` and `resume` (the
+/// downtime ends with the destination's word that it runs the guest), `complete` (`total_ms`:
+/// for post-copy modes, every page at the destination, `postcopy_ms` after the resume).
+pub fn report_markers(m: &Migrated) -> Vec<Marker> {
+    let Some(total) = m.total_ms else { return Vec::new() };
+    let resume = total - m.postcopy.postcopy_ms.unwrap_or(0.0);
+    let mut v = Vec::new();
+    if let Some(down) = m.downtime_ms {
+        v.push(Marker::new("pause", resume - down));
+    }
+    v.push(Marker::new("resume", resume));
+    v.push(Marker::new("complete", total));
+    v
 }
 
 impl Migrator for OurMigration {
@@ -189,6 +211,7 @@ impl Migrator for OurMigration {
         args.extend(["--certs".into(), self.certs.display().to_string()]);
         args.extend(["--name".into(), SOURCE_NAME.into(), "--dest-name".into(), DEST_NAME.into()]);
         args.extend(["--mode".into(), self.mode.clone(), "--json".into()]);
+        let command_unix_s = super::unix_seconds();
         let (out, took) = run_bounded(&mut self.command(&args), MIGRATE_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -200,6 +223,17 @@ impl Migrator for OurMigration {
         }
         let mut m = parse_report(&stdout)?;
         m.wall_ms = Some(took.as_secs_f64() * 1e3);
+        // The series' zero: when the source started the migration (its log says), else when
+        // the command started.
+        let src_log = std::fs::read_to_string(self.dir.join("source.stderr")).unwrap_or_default();
+        let started = series::log_time(&src_log, START_LINE);
+        if started.is_none() {
+            m.notes.push(format!("no {START_LINE:?} in the source's log: times from the command's start"));
+        }
+        let zero = started.unwrap_or(command_unix_s);
+        m.started_unix_s = Some(zero);
+        m.markers = report_markers(&m);
+        m.markers.insert(0, Marker::new("command", (command_unix_s - zero) * 1e3));
         // The source exits on its own once the destination runs the guest.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut src_exited = false;
@@ -252,6 +286,48 @@ mod tests {
         assert_eq!(m.notes, ["stop: downtime fits"]);
         assert_eq!(m.detail["pages"]["zero"], 40000);
         assert!(parse_report("error: nothing").unwrap_err().to_string().contains("no JSON report"));
+        assert_eq!(m.postcopy, PostcopyStats::default(), "pre-copy reports none of post-copy's fields");
+        assert_eq!(m.postcopy.to_json(), json!({}));
+        assert_eq!(
+            report_markers(&m),
+            [Marker::new("pause", 40.25), Marker::new("resume", 41.5), Marker::new("complete", 41.5)]
+        );
+    }
+
+    #[test]
+    fn postcopy_report_fields_and_markers() {
+        let out = r#"{"mode": "auto", "stop_reason": "postcopy", "total_ms": 500.0, "downtime_ms": 2.5,
+            "bytes_transferred": 1000, "postcopy_faults": 812, "fault_us_p50": 95.5, "fault_us_p99": 640.0,
+            "pages_pushed": 30000, "pages_demanded": 812, "vcpu_blocked_ms": 120.25, "switchover_round": 1,
+            "chosen_mode": "hybrid", "choice_reason": "dirty rate 2.1 GB/s > link 1.2 GB/s", "postcopy_ms": 420.0,
+            "reconnects": 1, "pages_held_at_switchover": 100, "page_requests": 800}"#;
+        let m = parse_report(out).unwrap();
+        let p = &m.postcopy;
+        assert_eq!(
+            (p.faults, p.pages_pushed, p.pages_demanded, p.switchover_round),
+            (Some(812), Some(30000), Some(812), Some(1))
+        );
+        assert_eq!((p.fault_us_p50, p.fault_us_p99, p.vcpu_blocked_ms), (Some(95.5), Some(640.0), Some(120.25)));
+        assert_eq!(p.chosen_mode.as_deref(), Some("hybrid"));
+        assert_eq!(p.to_json()["choice_reason"], "dirty rate 2.1 GB/s > link 1.2 GB/s");
+        assert_eq!(p.to_json()["postcopy_faults"], 812);
+        assert_eq!(p.reconnects, Some(1));
+        let mut r =
+            super::super::RunResult::new(Workload::W2, &super::super::Config::Ours("auto".into()), 1, m.clone());
+        r.guest_ok = Some(true);
+        r.guest_note = "ok".into();
+        assert_eq!(
+            r.line(),
+            "W2 understudy auto run 1: completed; total 500.0 ms, downtime 2.5 ms, paused - ms, 0.0 MB, wall - ms, \
+             812 faults (p50 95.5 µs, p99 640.0 µs), pages pushed 30000 / demanded 812, vCPU blocked 120.2 ms, \
+             switched to post-copy after round 1, 1 reconnects during post-copy, \
+             chose hybrid (dirty rate 2.1 GB/s > link 1.2 GB/s); guest ok: ok; stop: postcopy"
+        );
+        // Resumed 420 ms before every page was there, paused 2.5 ms before that.
+        assert_eq!(
+            report_markers(&m),
+            [Marker::new("pause", 77.5), Marker::new("resume", 80.0), Marker::new("complete", 500.0)]
+        );
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub struct Summary {
     pub postcopy_requested: usize,
     pub postcopy_ran: usize,
     pub postcopy_at_ms: Option<Stat>,
+    /// Post-copy's numbers over the completed runs that report them (issue 14).
+    pub faults: Option<Stat>,
+    pub fault_us_p50: Option<Stat>,
+    pub fault_us_p99: Option<Stat>,
+    pub pages_pushed: Option<Stat>,
+    pub pages_demanded: Option<Stat>,
+    pub vcpu_blocked_ms: Option<Stat>,
+    pub switchover_round: Option<Stat>,
+    /// Auto: each mode it chose, with its count.
+    pub chosen: BTreeMap<String, usize>,
     /// Completed runs whose guest did not go on correctly at the destination.
     pub guest_broken: usize,
     /// Our stop reasons, QEMU's remarks: each distinct note with its count.
@@ -82,6 +92,12 @@ pub fn summarize(results: &[RunResult], workloads: &[Workload], configs: &[Confi
             }
             let skipped = count(&|o| matches!(o, Outcome::Skipped(_)));
             let lost: Vec<u64> = runs.iter().filter_map(|r| r.lost_writes).collect();
+            let pc =
+                |f: &dyn Fn(&super::PostcopyStats) -> Option<f64>| stat(&vals(&done, &|r| f(&r.migrated.postcopy)));
+            let mut chosen = BTreeMap::new();
+            for m in done.iter().filter_map(|r| r.migrated.postcopy.chosen_mode.clone()) {
+                *chosen.entry(m).or_insert(0) += 1;
+            }
             rows.push(Summary {
                 workload: w,
                 config: c.clone(),
@@ -102,6 +118,14 @@ pub fn summarize(results: &[RunResult], workloads: &[Workload], configs: &[Confi
                 postcopy_ran: runs.iter().filter(|r| r.migrated.postcopy_ran == Some(true)).count(),
                 postcopy_at_ms: stat(&vals(&runs, &|r| r.migrated.postcopy_requested_ms)),
                 lost_writes: (!lost.is_empty()).then(|| lost.iter().sum()),
+                faults: pc(&|p| p.faults.map(|x| x as f64)),
+                fault_us_p50: pc(&|p| p.fault_us_p50),
+                fault_us_p99: pc(&|p| p.fault_us_p99),
+                pages_pushed: pc(&|p| p.pages_pushed.map(|x| x as f64)),
+                pages_demanded: pc(&|p| p.pages_demanded.map(|x| x as f64)),
+                vcpu_blocked_ms: pc(&|p| p.vcpu_blocked_ms),
+                switchover_round: pc(&|p| p.switchover_round.map(f64::from)),
+                chosen,
                 guest_broken: done.iter().filter(|r| r.guest_ok == Some(false)).count(),
                 notes,
             });
@@ -135,9 +159,61 @@ pub fn fmt_stat(s: Option<Stat>, f: fn(f64) -> String) -> String {
     }
 }
 
-/// The markdown table of `rows`; the W3 columns only when a W3 row is there.
+/// A whole number (a count), no decimals.
+pub fn fmt_count(x: f64) -> String {
+    format!("{x:.0}")
+}
+
+/// A column shown only when some row has it: its header and its cell.
+struct Optional {
+    header: &'static str,
+    cell: fn(&Summary) -> Option<String>,
+}
+
+/// Post-copy's columns (issue 14), each only where a row reports it.
+const POSTCOPY_COLUMNS: [Optional; 6] = [
+    Optional { header: "faults, median", cell: |r| r.faults.map(|s| fmt_count(s.median)) },
+    Optional {
+        header: "fault µs p50, median [min-max]",
+        cell: |r| r.fault_us_p50.map(|s| fmt_stat(Some(s), fmt_count)),
+    },
+    Optional {
+        header: "fault µs p99, median [min-max]",
+        cell: |r| r.fault_us_p99.map(|s| fmt_stat(Some(s), fmt_count)),
+    },
+    Optional {
+        header: "pages pushed / demanded, median",
+        cell: |r| {
+            (r.pages_pushed.is_some() || r.pages_demanded.is_some()).then(|| {
+                let m = |s: Option<Stat>| s.map_or("-".into(), |s| fmt_count(s.median));
+                format!("{} / {}", m(r.pages_pushed), m(r.pages_demanded))
+            })
+        },
+    },
+    Optional {
+        header: "vCPU blocked ms, median [min-max]",
+        cell: |r| r.vcpu_blocked_ms.map(|s| fmt_stat(Some(s), fmt_ms)),
+    },
+    Optional {
+        header: "switch-over round / chosen mode",
+        cell: |r| {
+            let round = r.switchover_round.map(|s| format!("round {}", fmt_stat(Some(s), fmt_count)));
+            let chosen = (!r.chosen.is_empty())
+                .then(|| r.chosen.iter().map(|(m, n)| format!("{m} ×{n}")).collect::<Vec<_>>().join(", "));
+            match (round, chosen) {
+                (None, None) => None,
+                (a, b) => Some([a, b].into_iter().flatten().collect::<Vec<_>>().join("; ")),
+            }
+        },
+    },
+];
+
+/// The markdown table of `rows`; the W3 columns only when a W3 row is there, each post-copy
+/// column only when a row has a value for it.
 pub fn markdown_table(rows: &[Summary]) -> String {
     let kv = rows.iter().any(|r| r.workload.kv());
+    let extra: Vec<&Optional> =
+        POSTCOPY_COLUMNS.iter().filter(|c| rows.iter().any(|r| (c.cell)(r).is_some())).collect();
     let mut s = String::new();
     s.push_str(
         "| workload | configuration | converged | total ms, median [min-max] | downtime ms, median [min-max] \
@@ -146,10 +222,14 @@ pub fn markdown_table(rows: &[Summary]) -> String {
     if kv {
         s.push_str(" client outage during the migration ms, median [min-max] | longest reply otherwise ms, median | lost writes |");
     }
+    for c in &extra {
+        let _ = write!(s, " {} |", c.header);
+    }
     s.push_str(" notes |\n|---|---|---|---|---|---|---|---|");
     if kv {
         s.push_str("---|---|---|");
     }
+    s.push_str(&"---|".repeat(extra.len()));
     s.push_str("---|\n");
     for r in rows {
         let mut notes: Vec<String> = Vec::new();
@@ -203,6 +283,9 @@ pub fn markdown_table(rows: &[Summary]) -> String {
                 r.lost_writes.map_or(String::new(), |l| l.to_string()),
             );
         }
+        for c in &extra {
+            let _ = write!(s, " {} |", (c.cell)(r).unwrap_or_default());
+        }
         let _ = writeln!(s, " {} |", notes.join("; "));
     }
     s
@@ -210,7 +293,7 @@ pub fn markdown_table(rows: &[Summary]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Migrated, QemuConfig};
+    use super::super::{Migrated, PostcopyStats, QemuConfig};
     use super::*;
     use serde_json::Value;
 
@@ -255,6 +338,9 @@ mod tests {
                 postcopy_requested_ms: None,
                 postcopy_ran: None,
                 notes: Vec::new(),
+                postcopy: PostcopyStats::default(),
+                started_unix_s: None,
+                markers: Vec::new(),
                 detail: Value::Null,
             },
         );
@@ -323,5 +409,59 @@ mod tests {
         );
         let no_kv = markdown_table(&rows[..2]);
         assert!(!no_kv.contains("outage") && no_kv.lines().nth(2).unwrap().ends_with("ran in 1; a note |"));
+    }
+
+    #[test]
+    fn postcopy_columns_only_where_a_row_has_them() {
+        let ours = |m: &str| Config::Ours(m.into());
+        let mut pc = result(Workload::W2, &ours("postcopy"), 1, Outcome::Completed, 500.0, 2.0, 600_000_000);
+        pc.migrated.postcopy = PostcopyStats {
+            faults: Some(900),
+            fault_us_p50: Some(95.4),
+            fault_us_p99: Some(640.0),
+            pages_pushed: Some(130_000),
+            pages_demanded: Some(900),
+            vcpu_blocked_ms: Some(120.0),
+            postcopy_ms: Some(450.0),
+            ..PostcopyStats::default()
+        };
+        let mut pc2 = pc.clone();
+        pc2.run = 2;
+        pc2.migrated.postcopy.fault_us_p50 = Some(105.0);
+        pc2.migrated.postcopy.faults = Some(1100);
+        let mut auto = result(Workload::W2, &ours("auto"), 1, Outcome::Completed, 480.0, 2.0, 600_000_000);
+        auto.migrated.postcopy =
+            PostcopyStats { chosen_mode: Some("hybrid".into()), switchover_round: Some(1), ..PostcopyStats::default() };
+        let pre = result(Workload::W2, &ours("precopy"), 1, Outcome::Completed, 900.0, 4.0, 900_000_000);
+        let rows =
+            summarize(&[pc, pc2, auto, pre], &[Workload::W2], &[ours("postcopy"), ours("auto"), ours("precopy")]);
+        assert_eq!(rows[0].faults.map(|s| s.median), Some(1000.0));
+        assert_eq!(rows[1].chosen.get("hybrid"), Some(&1));
+        let t = markdown_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].ends_with(
+                "| sent, median | faults, median | fault µs p50, median [min-max] | fault µs p99, median [min-max] \
+                 | pages pushed / demanded, median | vCPU blocked ms, median [min-max] | switch-over round / chosen mode | notes |"
+            ),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert_eq!(
+            lines[2],
+            "| W2 | understudy postcopy | 2/2 | 500 | 2.0 | 3.0 | 502 | 600 MB | 1000 | 100 [95-105] | 640 | 130000 / 900 | 120 |  |  |"
+        );
+        assert_eq!(
+            lines[3],
+            "| W2 | understudy auto | 1/1 | 480 | 2.0 | 3.0 | 482 | 600 MB |  |  |  |  |  | round 1; hybrid ×1 |  |"
+        );
+        assert_eq!(lines[4], "| W2 | understudy precopy | 1/1 | 900 | 4.0 | 5.0 | 902 | 900 MB |  |  |  |  |  |  |  |");
+        // Only auto's column when only auto reports anything.
+        let t = markdown_table(&rows[1..]);
+        assert!(
+            t.lines().next().unwrap().ends_with("| sent, median | switch-over round / chosen mode | notes |"),
+            "{t}"
+        );
     }
 }
