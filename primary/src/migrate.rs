@@ -961,7 +961,7 @@ async fn drive(
             round0_bytes = after - before;
         }
         let switch = StreamCommand::with(move |s: &mut Sender, _| {
-            if let Err(e) = s.switch_over(epoch, SwitchMode::Complete) {
+            if let Err(e) = s.switch_over(epoch, SwitchMode::Complete, &[]) {
                 tracing::error!("migration: switch-over: {e}");
             }
         });
