@@ -229,7 +229,11 @@ pub async fn run(
                             }
                         }
                         // Migration messages: a backup never sends them (the session refuses them).
-                        SenderEvent::PagesRequested { .. } | SenderEvent::Resumed(_) | SenderEvent::Complete { .. } => {}
+                        SenderEvent::PagesRequested { .. }
+                        | SenderEvent::Resumed(_)
+                        | SenderEvent::Complete { .. }
+                        | SenderEvent::PushRoom { .. }
+                        | SenderEvent::PageMap(_) => {}
                         SenderEvent::Disconnected { error } => {
                             tracing::warn!("link: disconnected from backup: {error}");
                             break;

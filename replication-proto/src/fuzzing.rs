@@ -96,12 +96,17 @@ fn fuzz_vm() -> VmIdentity {
 
 /// A receiver that has completed its handshake with a (pretend) primary.
 fn connected_receiver(now: Instant) -> Receiver {
-    let mut r = Receiver::new(ReceiverConfig::new(Role::Backup, fuzz_vm(), fuzz_layout(), 2));
+    connected_as(now, Role::Backup)
+}
+
+/// A receiver of `role` that has completed its handshake with its (pretend) counterpart.
+fn connected_as(now: Instant, role: Role) -> Receiver {
+    let mut r = Receiver::new(ReceiverConfig::new(role, fuzz_vm(), fuzz_layout(), 2));
     r.connect(now);
     let hello = Hello {
         version: PROTOCOL_VERSION,
         min_version: oldest_accepted(PROTOCOL_VERSION),
-        role: Role::Primary,
+        role: role.counterpart(),
         instance: 1,
         vm: fuzz_vm(),
         layout: fuzz_layout(),
@@ -227,6 +232,49 @@ pub fn receiver(data: &[u8]) {
     }
     r.handle_timeout(now + std::time::Duration::from_millis(60));
     drain(&mut r, now);
+}
+
+/// A migration destination's bulk path: each `(kind u8, len u16, payload)` of the input becomes
+/// one whole frame handed to `handle_frame` (kind codes with the high bit set get a wrong payload
+/// crc). Whatever comes out as pages holds exactly `pfns.len()` pages of the layout, ascending;
+/// anything but a page response ends the session.
+pub fn bulk(data: &[u8]) {
+    let now = Instant::now();
+    let mut r = connected_as(now, Role::MigrationDestination);
+    while r.poll_event().is_some() {}
+    let mut rd = Reader::new(data);
+    let mut ended = false;
+    while let (Ok(code), Ok(len)) = (rd.u8("kind"), rd.u16("len")) {
+        let payload = rd.bytes(usize::from(len).min(rd.remaining()), "payload").unwrap_or(&[]);
+        let Some(kind) = MessageKind::from_code((code & 0x7f) % (MessageKind::ALL.len() as u8 + 1)) else {
+            r.handle_frame(now, payload);
+            continue;
+        };
+        let mut frame = Vec::new();
+        let at = begin_frame(&mut frame, kind);
+        frame.extend_from_slice(payload);
+        if frame.len() - at - crate::limits::FRAME_HEADER_LEN <= kind.max_payload() {
+            finish_frame(&mut frame, at);
+        }
+        if code & 0x80 != 0 && frame.len() > crate::limits::FRAME_HEADER_LEN {
+            let last = frame.len() - 1;
+            frame[last] ^= 1;
+        }
+        r.handle_frame(now, &frame);
+        while let Some(ev) = r.poll_event() {
+            match ev {
+                ReceiverEvent::Pages { pfns, data, .. } => {
+                    assert!(!ended, "pages after the session ended");
+                    assert_eq!(data.len(), pfns.len() * 4096, "pages back to back");
+                    assert!(pfns.windows(2).all(|w| w[0] < w[1]), "pfns ascend");
+                    assert!(pfns.iter().all(|&p| p < FUZZ_PAGES), "pfns in the layout");
+                }
+                ReceiverEvent::Disconnected { .. } => ended = true,
+                _ => {}
+            }
+        }
+        while r.poll_transmit(now).is_some() {}
+    }
 }
 
 /// Pages of the staged layout in [`apply`] (few: each input builds and compares whole replicas).

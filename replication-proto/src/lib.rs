@@ -101,9 +101,11 @@
 //! # For a transport
 //! Drive a [`Sender`] or a [`Receiver`] through [`Endpoint`]: [`Endpoint::connect`] on each new
 //! connection, [`Endpoint::handle_input`] with stream bytes (any split),
-//! [`Endpoint::handle_datagram`] with datagrams, [`Endpoint::handle_timeout`] at
-//! [`Endpoint::poll_timeout`], and after each call drain [`Endpoint::poll_transmit`] (each
-//! [`Transmit`] is one whole frame; [`Channel::Datagram`] ones may go as datagrams) and
+//! [`Endpoint::handle_datagram`] with datagrams, [`Endpoint::handle_frame`] with whole frames
+//! from bulk streams, [`Endpoint::handle_timeout`] at [`Endpoint::poll_timeout`], and after each
+//! call drain [`Endpoint::poll_transmit`] (each [`Transmit`] is one whole frame;
+//! [`Channel::Datagram`] ones may go as datagrams, [`Channel::Bulk`] ones (post-copy pushes) on a
+//! bulk stream; while a bulk frame waits, [`Endpoint::poll_urgent_transmit`] gives the rest) and
 //! [`Endpoint::poll_event`]. On a `Disconnected` event close the connection and reconnect unless
 //! [`SessionError::is_permanent`]. Call [`Endpoint::disconnect`] when the connection breaks.
 //!

@@ -80,6 +80,17 @@ pub struct PageMap {
     pub held: Vec<PfnRange>,
 }
 
+impl PageMap {
+    /// In the map of held pages a destination sends after a reconnect
+    /// ([`crate::Receiver::send_held`]), whether this frame is the last: every frame but the
+    /// last is full ([`MAP_RANGES_PER_FRAME`] runs), and the last is not (it is empty when the
+    /// runs fill whole frames, or when the destination holds nothing). (The source's map at a
+    /// switch-over needs no such rule: [`SwitchOver::map_frames`] counts its frames.)
+    pub fn ends_held_map(&self) -> bool {
+        self.held.len() < MAP_RANGES_PER_FRAME
+    }
+}
+
 /// The source gives up its copy of the guest for good: from now on it never resumes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handover {
@@ -214,6 +225,36 @@ pub fn switch_over(epoch: u64, mode: SwitchMode, held: &[PfnRange]) -> (SwitchOv
     (SwitchOver { epoch, mode, map_frames: maps.len() as u32, held_pages }, maps)
 }
 
+/// Splits the runs of pages a destination holds into the [`PageMap`] frames it sends after a
+/// reconnect (see [`PageMap::ends_held_map`]): full frames, then one that is not full (empty
+/// if need be).
+pub fn held_map(epoch: u64, held: &[PfnRange]) -> Vec<PageMap> {
+    let mut maps: Vec<PageMap> = held
+        .chunks(MAP_RANGES_PER_FRAME)
+        .enumerate()
+        .map(|(seq, c)| PageMap { epoch, seq: seq as u32, held: c.to_vec() })
+        .collect();
+    if maps.last().is_none_or(|m| !m.ends_held_map()) {
+        maps.push(PageMap { epoch, seq: maps.len() as u32, held: Vec::new() });
+    }
+    maps
+}
+
+/// The first run of `runs` that is empty, outside the layout `index` describes (its first or last
+/// page), or not above the run before it; `None` when they make a valid map.
+pub(crate) fn bad_run(index: &crate::message::PageIndex, runs: &[PfnRange]) -> Option<PfnRange> {
+    let mut next_free = 0u64;
+    for (i, r) in runs.iter().enumerate() {
+        let last = r.first.checked_add(u64::from(r.count).saturating_sub(1));
+        let inside = r.count > 0 && index.index(r.first).is_some() && last.is_some_and(|l| index.index(l).is_some());
+        if !inside || (i > 0 && r.first < next_free) {
+            return Some(*r);
+        }
+        next_free = r.first + u64::from(r.count);
+    }
+    None
+}
+
 /// Runs of `pfns` (ascending, distinct), for a [`PageMap`].
 pub fn runs(pfns: impl IntoIterator<Item = u64>) -> Vec<PfnRange> {
     let mut out: Vec<PfnRange> = Vec::new();
@@ -246,6 +287,20 @@ mod tests {
         assert!(out.len() <= MAX_PAYLOAD_LEN, "a full map frame fits a frame: {}", out.len());
         let (s, maps) = switch_over(9, SwitchMode::Complete, &held);
         assert_eq!((s.map_frames, s.held_pages, maps.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_held_map_ends_with_a_frame_that_is_not_full() {
+        let full = runs((0..MAP_RANGES_PER_FRAME as u64).map(|i| 2 * i));
+        let maps = held_map(4, &full);
+        assert_eq!(maps.len(), 2);
+        assert!(!maps[0].ends_held_map() && maps[1].ends_held_map() && maps[1].held.is_empty());
+        assert_eq!((maps[1].seq, maps[1].epoch), (1, 4));
+        let maps = held_map(4, &full[..3]);
+        assert_eq!(maps.len(), 1);
+        assert!(maps[0].ends_held_map() && maps[0].held.len() == 3);
+        let maps = held_map(4, &[]);
+        assert_eq!(maps, [PageMap { epoch: 4, seq: 0, held: Vec::new() }]);
     }
 
     #[test]

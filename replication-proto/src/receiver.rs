@@ -74,12 +74,17 @@ pub enum ReceiverEvent {
     /// A whole, checked checkpoint, in epoch order. Apply it ([`Checkpoint::apply`]), then call
     /// [`Receiver::committed`] (or [`Receiver::reject`] if it does not apply).
     Checkpoint(Checkpoint),
-    /// Post-copy: pages answering request `id`, decoded.
+    /// Post-copy: pages of one `PageResponse` frame, decoded: the answer to request `id`, or
+    /// pages the source pushed unasked (`id` 0). A large answer comes in several events with the
+    /// same id.
     Pages {
-        /// The request id.
+        /// The request id (0: a push).
         id: u64,
-        /// `(pfn, page bytes)`, ascending.
-        pages: Vec<(u64, Vec<u8>)>,
+        /// The pages' frame numbers, ascending.
+        pfns: Vec<u64>,
+        /// `pfns.len()` pages of the layout's page size, back to back in the order of `pfns`
+        /// (so a run of consecutive pfns is one contiguous slice).
+        data: Vec<u8>,
     },
     /// Migration: the source stopped the guest; `epoch` carries its final state.
     SwitchOver(crate::migration::SwitchOver),
@@ -127,6 +132,15 @@ pub enum ReceiverError {
         /// The page concerned.
         pfn: u64,
     },
+    /// A map of held pages must be ascending, disjoint runs of pages of the layout, for a
+    /// switch-over epoch (not 0).
+    #[error("map of held pages: run at page {first:#x} of {count} pages is out of order or outside the layout")]
+    BadMap {
+        /// The run's first page (the epoch, when it is 0).
+        first: u64,
+        /// Its page count.
+        count: u32,
+    },
 }
 
 /// Counters for monitoring and tests.
@@ -146,6 +160,9 @@ pub struct ReceiverStats {
     pub resend_requests: u64,
     /// Resync requests sent.
     pub resync_requests: u64,
+    /// Bulk frames dropped: beyond the few held before the sender's `Hello`, or with no
+    /// session.
+    pub bulk_dropped: u64,
 }
 
 /// Frames held ahead of a gap, at most.
@@ -276,6 +293,7 @@ impl Receiver {
     pub fn stats(&self) -> ReceiverStats {
         let mut s = self.stats;
         s.corrupt_frames = self.link.crc_errors;
+        s.bulk_dropped = self.link.bulk_dropped;
         s
     }
 
@@ -319,25 +337,54 @@ impl Receiver {
     /// Migration: tells the source the guest runs here, resumed from switch-over epoch `epoch`
     /// (with what the destination's process spent: CPU µs without its vCPUs, peak RSS bytes).
     pub fn resumed(&mut self, epoch: u64, cpu_us: u64, peak_rss_bytes: u64) -> Result<(), ReceiverError> {
+        self.migration_established()?;
+        self.link.push(&Message::Resumed(crate::migration::Resumed { epoch: epoch.max(1), cpu_us, peak_rss_bytes }));
+        Ok(())
+    }
+
+    /// Migration: tells the source every page is here (post-copy is over); `pages` is the count
+    /// the destination holds (the layout's page count).
+    pub fn complete(&mut self, pages: u64) -> Result<(), ReceiverError> {
+        self.migration_established()?;
+        self.link.push(&Message::Complete(crate::migration::Complete { pages }));
+        Ok(())
+    }
+
+    /// Post-copy, after a reconnect: tells the source which pages the destination holds (runs
+    /// ascending and disjoint, pages of the layout), for switch-over epoch `epoch`, as `PageMap`
+    /// frames (`seq` from 0; the last one is not full, see
+    /// [`crate::migration::PageMap::ends_held_map`]); the source reports them as
+    /// [`crate::SenderEvent::PageMap`] and re-derives what it still has to send.
+    pub fn send_held(&mut self, epoch: u64, runs: &[crate::migration::PfnRange]) -> Result<(), ReceiverError> {
+        self.migration_established()?;
+        if epoch == 0 {
+            return Err(ReceiverError::BadMap { first: 0, count: 0 });
+        }
+        if let Some(r) = crate::migration::bad_run(&self.index, runs) {
+            return Err(ReceiverError::BadMap { first: r.first, count: r.count });
+        }
+        let maps = crate::migration::held_map(epoch, runs);
+        for m in maps {
+            self.link.push(&Message::PageMap(m));
+        }
+        Ok(())
+    }
+
+    /// A migration destination's message can go: the role and an established session.
+    fn migration_established(&self) -> Result<(), ReceiverError> {
         if self.cfg.role != Role::MigrationDestination {
             return Err(ReceiverError::NotMigration { role: self.cfg.role });
         }
         if self.link.state != LinkState::Established {
             return Err(ReceiverError::NotConnected);
         }
-        self.link.push(&Message::Resumed(crate::migration::Resumed { epoch: epoch.max(1), cpu_us, peak_rss_bytes }));
         Ok(())
     }
 
     /// Post-copy: asks the sender for pages (ascending, in the layout, at most
     /// [`MAX_REQUEST_PAGES`]); the answer comes as [`ReceiverEvent::Pages`] with the returned id.
     pub fn request_pages(&mut self, pfns: &[u64]) -> Result<u64, ReceiverError> {
-        if self.cfg.role != Role::MigrationDestination {
-            return Err(ReceiverError::NotMigration { role: self.cfg.role });
-        }
-        if self.link.state != LinkState::Established {
-            return Err(ReceiverError::NotConnected);
-        }
+        self.migration_established()?;
         let bad = |what, pfn| Err(ReceiverError::BadRequest { what, pfn });
         if pfns.is_empty() || pfns.len() > MAX_REQUEST_PAGES {
             return bad("needs 1..=4096 pages", pfns.len() as u64);
@@ -655,22 +702,31 @@ impl Receiver {
         }
     }
 
-    fn on_pages(&mut self, id: u64, pages: Vec<crate::pageset::EncodedPage>) -> Result<(), SessionError> {
+    /// A `PageResponse` payload: decoded straight into one contiguous buffer.
+    fn on_pages(&mut self, payload: &[u8]) -> Result<(), SessionError> {
+        let kind = MessageKind::PageResponse;
+        let mut r = Reader::new(payload);
+        let id = r.u64("id").map_err(|source| SessionError::Message(MessageError::Wire { kind, source }))?;
+        let records =
+            parse_page_set(&mut r).map_err(|source| SessionError::Message(MessageError::PageSet { kind, source }))?;
+        if r.remaining() != 0 {
+            return Err(SessionError::Protocol { what: "page response with trailing bytes", epoch: 0 });
+        }
         let ps = self.cfg.layout.page_size as usize;
-        let mut out = Vec::with_capacity(pages.len());
-        for p in pages {
+        let mut pfns = Vec::with_capacity(records.len());
+        let mut data = vec![0u8; records.len() * ps];
+        for (p, page) in records.iter().zip(data.chunks_exact_mut(ps)) {
             if !p.encoding.is_self_contained() || self.index.index(p.pfn).is_none() {
                 return Err(SessionError::Protocol {
                     what: "page response page not self-contained or outside the layout",
                     epoch: 0,
                 });
             }
-            let mut page = vec![0u8; ps];
-            decode_page(p.encoding, &p.data, &mut page)
+            decode_page(p.encoding, p.data, page)
                 .map_err(|_| SessionError::Protocol { what: "page response page does not decode", epoch: 0 })?;
-            out.push((p.pfn, page));
+            pfns.push(p.pfn);
         }
-        self.events.push_back(ReceiverEvent::Pages { id, pages: out });
+        self.events.push_back(ReceiverEvent::Pages { id, pfns, data });
         Ok(())
     }
 
@@ -689,6 +745,7 @@ impl Receiver {
                 }
             }
             Input::EpochData(kind, payload) => self.on_epoch_data(now, kind, payload)?,
+            Input::Pages(payload) => self.on_pages(&payload)?,
             Input::Message(msg) => match msg {
                 Message::EpochBegin(b) => self.on_begin(now, b)?,
                 Message::EpochEnd(e) => self.on_end(now, e),
@@ -696,7 +753,6 @@ impl Receiver {
                     self.peer_known = hb.last_sent;
                     self.maybe_request_if_stalled(now);
                 }
-                Message::PageResponse(p) => self.on_pages(p.id, p.pages)?,
                 Message::SwitchOver(s) => self.events.push_back(ReceiverEvent::SwitchOver(s)),
                 Message::PageMap(m) => self.events.push_back(ReceiverEvent::PageMap(m)),
                 Message::Handover(h) => self.events.push_back(ReceiverEvent::Handover { epoch: h.epoch }),
@@ -811,6 +867,17 @@ impl Endpoint for Receiver {
         self.process(now, inputs, r);
     }
 
+    fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        let mut inputs = Vec::new();
+        let local = self.local.clone();
+        let r = self.link.bulk(now, frame, &local, &mut |i| {
+            inputs.push(i);
+            Ok(())
+        });
+        self.liveness_event();
+        self.process(now, inputs, r);
+    }
+
     fn handle_timeout(&mut self, now: Instant) {
         let beat = crate::message::Heartbeat { last_sent: 0, committed: self.committed.map_or(0, |c| c.epoch) };
         let r = self.link.on_timeout(now, beat);
@@ -830,6 +897,11 @@ impl Endpoint for Receiver {
         let t = self.link.pop_control()?;
         self.link.sent(now);
         Some(t)
+    }
+
+    /// A receiver sends nothing on bulk streams: the same as [`Endpoint::poll_transmit`].
+    fn poll_urgent_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.poll_transmit(now)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

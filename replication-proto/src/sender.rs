@@ -57,6 +57,9 @@ pub struct SenderConfig {
     /// accepts to act as an older build (tests of mixed versions, a staged rollout). Clamped to
     /// the versions this build accepts.
     pub version: u16,
+    /// Post-copy pushes: [`SenderEvent::PushRoom`] is reported when sending takes the push queue
+    /// from above this many frames to at most this many. Default 2.
+    pub push_low_water: usize,
 }
 
 impl SenderConfig {
@@ -76,6 +79,7 @@ impl SenderConfig {
             state_chunk: 256 << 10,
             timing: Timing::default(),
             version: PROTOCOL_VERSION,
+            push_low_water: 2,
         }
     }
 }
@@ -127,6 +131,17 @@ pub enum SenderEvent {
         /// Pages wanted, ascending.
         pfns: Vec<u64>,
     },
+    /// Post-copy: sending took the push queue down to [`SenderConfig::push_low_water`] frames
+    /// (from above it): push more ([`Sender::push_pages`]). Once per crossing.
+    PushRoom {
+        /// Push frames still queued.
+        queued: usize,
+    },
+    /// Post-copy, after a reconnect: part of the map of pages the destination holds
+    /// ([`crate::Receiver::send_held`]); frames come with `seq` from 0, and the frame with fewer
+    /// than [`crate::migration::MAP_RANGES_PER_FRAME`] runs is the last
+    /// ([`crate::migration::PageMap::ends_held_map`]).
+    PageMap(crate::migration::PageMap),
     /// Migration: the destination runs the guest, resumed from the state of the switch-over
     /// epoch.
     Resumed(crate::migration::Resumed),
@@ -156,6 +171,14 @@ pub enum MigrationError {
     NotConnected {
         /// The message.
         what: &'static str,
+    },
+    /// The map of held pages is not ascending, disjoint runs of pages of the layout.
+    #[error("switch-over map: run at page {first:#x} of {count} pages is out of order or outside the layout")]
+    BadMap {
+        /// The run's first page.
+        first: u64,
+        /// Its page count.
+        count: u32,
     },
     /// The switch-over names an epoch that was never submitted.
     #[error("switch-over at epoch {epoch}, but the last epoch submitted is {last}")]
@@ -265,6 +288,14 @@ pub struct SenderStats {
     pub frames_resent: u64,
     /// Baselines required.
     pub resyncs: u64,
+    /// Post-copy: pages sent in answer to requests ([`Sender::send_pages`]).
+    pub pages_served: u64,
+    /// Post-copy: frame bytes of those answers.
+    pub bytes_served: u64,
+    /// Post-copy: pages pushed unasked ([`Sender::push_pages`]).
+    pub pages_pushed: u64,
+    /// Post-copy: frame bytes of those pushes.
+    pub bytes_pushed: u64,
 }
 
 struct OutEpoch {
@@ -305,6 +336,8 @@ pub struct Sender {
     last_request: Option<u32>,
     last_sent: u64,
     responses: VecDeque<Transmit>,
+    /// Post-copy pushes ([`crate::session::Channel::Bulk`]), sent after everything else.
+    pushes: VecDeque<Transmit>,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
     /// The pfns of the epoch being encoded, when dedup needs them (reused buffer).
@@ -374,6 +407,7 @@ impl Sender {
             last_request: None,
             last_sent: 0,
             responses: VecDeque::new(),
+            pushes: VecDeque::new(),
             events,
             stats: SenderStats::default(),
             epoch_pfns: Vec::new(),
@@ -682,14 +716,66 @@ impl Sender {
         }
     }
 
-    /// Post-copy: answers page request `id` with `pages` (ascending pfns, each one page). Pages go
-    /// self-contained (zero, lz4 or raw) and ahead of checkpoint data.
+    /// Post-copy: answers page request `id` (>= 1) with `pages` (ascending pfns, each one page).
+    /// Pages go self-contained (zero, lz4 or raw) on [`crate::Channel::Stream`], ahead of
+    /// checkpoint data and of every push. Not kept across a reconnect: the destination asks
+    /// again.
     pub fn send_pages<'a, I>(&mut self, id: u64, pages: I) -> Result<(), SubmitError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+    {
+        let (frames, count) = self.encode_pages(id, pages)?;
+        self.stats.pages_served += count;
+        for f in frames {
+            self.stats.bytes_served += f.len() as u64;
+            self.responses.push_back(Transmit::new(Arc::new(f), crate::session::Channel::Stream));
+        }
+        Ok(())
+    }
+
+    /// Post-copy: pages pushed unasked (ascending pfns, each one page), as `PageResponse` id 0
+    /// frames encoded as [`Sender::send_pages`] does. They queue apart and go on
+    /// [`crate::Channel::Bulk`] after every other transmit, so a demand answer never waits behind
+    /// them. Push while [`Sender::pushes_queued`] is small and wait for
+    /// [`SenderEvent::PushRoom`]: the queue has no limit of its own. Unsent pushes stay queued
+    /// across a reconnect ([`Sender::discard_pushes`] drops them).
+    pub fn push_pages<'a, I>(&mut self, pages: I) -> Result<(), SubmitError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+    {
+        let (frames, count) = self.encode_pages(0, pages)?;
+        if count == 0 {
+            return Ok(());
+        }
+        self.stats.pages_pushed += count;
+        for f in frames {
+            self.stats.bytes_pushed += f.len() as u64;
+            self.pushes.push_back(Transmit::new(Arc::new(f), crate::session::Channel::Bulk));
+        }
+        Ok(())
+    }
+
+    /// Push frames queued, not yet taken by [`Endpoint::poll_transmit`].
+    pub fn pushes_queued(&self) -> usize {
+        self.pushes.len()
+    }
+
+    /// Drops every push frame not yet sent (e.g. after a reconnect, once the destination's map
+    /// of held pages says what is still missing); returns how many frames.
+    pub fn discard_pushes(&mut self) -> usize {
+        let n = self.pushes.len();
+        self.pushes.clear();
+        n
+    }
+
+    /// Encodes `pages` into `PageResponse` frames with id `id`; returns them and the page count.
+    fn encode_pages<'a, I>(&mut self, id: u64, pages: I) -> Result<(Vec<Vec<u8>>, u64), SubmitError>
     where
         I: IntoIterator<Item = (u64, &'a [u8])>,
     {
         let page_size = self.zero_page.len();
         let mut prev: Option<u64> = None;
+        let mut count = 0u64;
         let mut out = Vec::new();
         let mut at = begin_frame(&mut out, MessageKind::PageResponse);
         put_u64(&mut out, id);
@@ -708,6 +794,7 @@ impl Sender {
                 return Err(SubmitError::PageLength { pfn, len: page.len(), page_size });
             }
             prev = Some(pfn);
+            count += 1;
             let (encoding, data) =
                 if is_zero(page) { (PageEncoding::Zero, &[][..]) } else { self.encoder.encode(page, None) };
             w.push(&mut out, pfn, encoding, data);
@@ -725,10 +812,7 @@ impl Sender {
             finish_frame(&mut out, at);
             frames.push(out);
         }
-        for f in frames {
-            self.responses.push_back(Transmit::new(Arc::new(f), crate::session::Channel::Stream));
-        }
-        Ok(())
+        Ok((frames, count))
     }
 
     fn hello(&self) -> Hello {
@@ -855,7 +939,7 @@ impl Sender {
     fn on_input(&mut self, now: Instant, input: Input) -> Result<(), SessionError> {
         match input {
             Input::Established(h) => self.established(now, *h),
-            Input::Corrupt | Input::EpochData(..) => {}
+            Input::Corrupt | Input::EpochData(..) | Input::Pages(_) => {}
             Input::Message(msg) => match msg {
                 Message::Ack { epoch } => self.on_ack(now, epoch),
                 Message::Heartbeat(hb) if hb.committed > 0 => self.on_ack(now, hb.committed),
@@ -872,6 +956,15 @@ impl Sender {
                 }
                 Message::Resumed(r) => self.events.push_back(SenderEvent::Resumed(r)),
                 Message::Complete(c) => self.events.push_back(SenderEvent::Complete { pages: c.pages }),
+                Message::PageMap(m) => {
+                    if let Some(r) = crate::migration::bad_run(&self.index, &m.held) {
+                        return Err(SessionError::Protocol {
+                            what: "map of held pages outside the memory layout",
+                            epoch: r.first,
+                        });
+                    }
+                    self.events.push_back(SenderEvent::PageMap(m));
+                }
                 _ => {}
             },
         }
@@ -945,16 +1038,30 @@ impl Sender {
 
     /// Migration: the guest is stopped at the source and epoch `epoch` (submitted) carries its
     /// final state; with [`SwitchMode::Complete`] the epochs up to it hold every page (pre-copy,
-    /// stop-and-copy). Queued ahead of epoch frames still unsent: the destination acts on it
-    /// once it has committed `epoch`.
+    /// stop-and-copy); with [`SwitchMode::PostCopy`] the destination holds the pages of `held`
+    /// (ascending, disjoint runs; empty for pure post-copy, round 0's clean pages for hybrid),
+    /// sent as `PageMap` frames after the switch-over (`held` is ignored for `Complete`). Queued
+    /// ahead of epoch frames still unsent: the destination acts on it once it has committed
+    /// `epoch`.
     ///
     /// [`SwitchMode::Complete`]: crate::migration::SwitchMode::Complete
-    pub fn switch_over(&mut self, epoch: u64, mode: crate::migration::SwitchMode) -> Result<(), MigrationError> {
+    /// [`SwitchMode::PostCopy`]: crate::migration::SwitchMode::PostCopy
+    pub fn switch_over(
+        &mut self,
+        epoch: u64,
+        mode: crate::migration::SwitchMode,
+        held: &[crate::migration::PfnRange],
+    ) -> Result<(), MigrationError> {
         self.migration_ready("a switch-over")?;
         if epoch == 0 || epoch > self.last_submitted {
             return Err(MigrationError::NotSubmitted { epoch, last: self.last_submitted });
         }
-        let (switch, maps) = crate::migration::switch_over(epoch, mode, &[]);
+        if mode == crate::migration::SwitchMode::PostCopy
+            && let Some(r) = crate::migration::bad_run(&self.index, held)
+        {
+            return Err(MigrationError::BadMap { first: r.first, count: r.count });
+        }
+        let (switch, maps) = crate::migration::switch_over(epoch, mode, held);
         self.link.push(&Message::SwitchOver(switch));
         for m in maps {
             self.link.push(&Message::PageMap(m));
@@ -1014,6 +1121,18 @@ impl Endpoint for Sender {
         self.process(now, inputs, r);
     }
 
+    fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        let mut inputs = Vec::new();
+        let local = self.local.clone();
+        // Nothing travels to a sender on bulk: the link refuses anything but a page response,
+        // and a page response to a sender fails the direction check.
+        let r = self.link.bulk(now, frame, &local, &mut |i| {
+            inputs.push(i);
+            Ok(())
+        });
+        self.process(now, inputs, r);
+    }
+
     fn handle_timeout(&mut self, now: Instant) {
         let beat = Heartbeat { last_sent: self.last_sent, committed: 0 };
         if let Err(e) = self.link.on_timeout(now, beat) {
@@ -1022,16 +1141,11 @@ impl Endpoint for Sender {
     }
 
     fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        let t = self.link.pop_control().or_else(|| {
-            if !self.ready || self.link.state != LinkState::Established {
-                return None;
-            }
-            self.responses.pop_front().or_else(|| self.next_epoch_frame())
-        })?;
-        self.link.sent(now);
-        self.stats.frames_sent += 1;
-        self.stats.bytes_sent += t.len() as u64;
-        Some(t)
+        self.transmit(now, true)
+    }
+
+    fn poll_urgent_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.transmit(now, false)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -1048,6 +1162,30 @@ impl Endpoint for Sender {
 }
 
 impl Sender {
+    /// The next transmit: control, demand answers, epoch frames, then (when `bulk`) pushes.
+    fn transmit(&mut self, now: Instant, bulk: bool) -> Option<Transmit> {
+        let t = self.link.pop_control().or_else(|| {
+            if !self.ready || self.link.state != LinkState::Established {
+                return None;
+            }
+            self.responses.pop_front().or_else(|| self.next_epoch_frame()).or_else(|| {
+                if !bulk {
+                    return None;
+                }
+                let t = self.pushes.pop_front()?;
+                // One frame taken: the queue crossed the low water exactly when it is now at it.
+                if self.pushes.len() == self.cfg.push_low_water {
+                    self.events.push_back(SenderEvent::PushRoom { queued: self.pushes.len() });
+                }
+                Some(t)
+            })
+        })?;
+        self.link.sent(now);
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += t.len() as u64;
+        Some(t)
+    }
+
     fn process(&mut self, now: Instant, inputs: Vec<Input>, r: Result<(), SessionError>) {
         for input in inputs {
             if self.link.state == LinkState::Down {

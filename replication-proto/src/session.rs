@@ -19,6 +19,12 @@ pub enum Channel {
     /// May go as an unreliable datagram (heartbeats): losing or reordering it is harmless. It
     /// is also a whole valid frame, so a transport without datagrams writes it to the stream.
     Datagram,
+    /// A whole frame for one of the transport's parallel bulk streams: unordered with respect to
+    /// everything else, and it may wait behind flow control while the stream's frames go on
+    /// (post-copy pushes, `PageResponse` id 0). The peer hands it to [`Endpoint::handle_frame`].
+    /// A transport without bulk streams may write it to the stream instead: it is a whole valid
+    /// frame there too.
+    Bulk,
 }
 
 /// Bytes to send: exactly one whole frame.
@@ -180,6 +186,13 @@ pub enum SessionError {
         /// How long, in milliseconds.
         idle_ms: u64,
     },
+    /// The peer sent a frame on a bulk stream that does not travel there (only page responses
+    /// do, from a migration source to its destination).
+    #[error("peer sent {kind:?} on a bulk stream, where only page responses travel")]
+    Bulk {
+        /// The message kind.
+        kind: MessageKind,
+    },
     /// The peer ended the session.
     #[error("peer said goodbye ({reason:?}): {detail}")]
     PeerGoodbye {
@@ -238,9 +251,13 @@ impl SessionError {
 ///
 /// 1. on a new connection: [`Endpoint::connect`];
 /// 2. bytes from the stream: [`Endpoint::handle_input`]; a datagram: [`Endpoint::handle_datagram`];
-/// 3. after any call: drain [`Endpoint::poll_transmit`] (write each in order; a
-///    [`Channel::Datagram`] one may go as a datagram), drain [`Endpoint::poll_event`], and arm a
-///    timer for [`Endpoint::poll_timeout`], calling [`Endpoint::handle_timeout`] when it fires;
+///    a whole frame from a bulk stream: [`Endpoint::handle_frame`];
+/// 3. after any call: drain [`Endpoint::poll_transmit`] (write each [`Channel::Stream`] one in
+///    order; a [`Channel::Datagram`] one may go as a datagram, a [`Channel::Bulk`] one on a bulk
+///    stream), drain [`Endpoint::poll_event`], and arm a timer for [`Endpoint::poll_timeout`],
+///    calling [`Endpoint::handle_timeout`] when it fires. While a bulk frame cannot be written
+///    (its stream's flow control), keep taking [`Endpoint::poll_urgent_transmit`]: it never
+///    hands out a bulk frame, so acks, requests and page answers do not wait behind pushes;
 /// 4. when the connection breaks: [`Endpoint::disconnect`]; on an `Disconnected` event, close
 ///    the connection, and reconnect unless the error [`SessionError::is_permanent`].
 pub trait Endpoint {
@@ -252,12 +269,21 @@ pub trait Endpoint {
     fn disconnect(&mut self, now: Instant);
     /// Bytes received on the stream, in order, in pieces of any size.
     fn handle_input(&mut self, now: Instant, data: &[u8]);
+    /// Exactly one whole frame received on a bulk stream (independent of the stream's framing
+    /// state). Only a `PageResponse` (from a migration source to its destination) travels there:
+    /// anything else ends the session ([`SessionError::Bulk`]); a frame whose payload crc fails
+    /// is counted and dropped, as on the stream. Bulk frames that arrive before the peer's
+    /// `Hello` (another QUIC stream may overtake it) are held, a few, until it arrives.
+    fn handle_frame(&mut self, now: Instant, frame: &[u8]);
     /// One datagram received (holds exactly one frame).
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]);
     /// The time from [`Endpoint::poll_timeout`] has come.
     fn handle_timeout(&mut self, now: Instant);
     /// The next frame to send (`now` is when it will be written).
     fn poll_transmit(&mut self, now: Instant) -> Option<Transmit>;
+    /// The next frame to send that is not [`Channel::Bulk`], leaving bulk frames queued: for a
+    /// transport whose bulk stream is blocked while control frames must still go.
+    fn poll_urgent_transmit(&mut self, now: Instant) -> Option<Transmit>;
     /// When to call [`Endpoint::handle_timeout`] next.
     fn poll_timeout(&self) -> Option<Instant>;
     /// The next event for the owner.
@@ -344,6 +370,9 @@ pub(crate) enum Input {
     /// A page batch or state chunk payload (decoded by the caller, which also needs the raw
     /// payload for the epoch checksum).
     EpochData(MessageKind, Vec<u8>),
+    /// A page response payload (decoded by the receiver straight into its pages, without a
+    /// copy per page).
+    Pages(Vec<u8>),
     /// A frame was dropped for a bad payload crc.
     Corrupt,
 }
@@ -370,7 +399,15 @@ pub(crate) struct Link {
     suspected: bool,
     /// A liveness change not yet taken by the owner.
     liveness: Option<PeerLiveness>,
+    /// Bulk frames that arrived before the peer's `Hello` (at most [`MAX_EARLY_BULK`]).
+    early_bulk: Vec<Vec<u8>>,
+    /// Bulk frames dropped: beyond [`MAX_EARLY_BULK`] before the `Hello`, or on a link down.
+    pub bulk_dropped: u64,
 }
+
+/// Bulk frames held until the peer's `Hello` arrives on the stream (a push on another QUIC
+/// stream may overtake it when the `Hello`'s packet is lost); beyond this they are dropped.
+pub(crate) const MAX_EARLY_BULK: usize = 16;
 
 impl Link {
     pub fn new(timing: Timing) -> Self {
@@ -390,6 +427,8 @@ impl Link {
             last_peer: None,
             suspected: false,
             liveness: None,
+            early_bulk: Vec::new(),
+            bulk_dropped: 0,
         }
     }
 
@@ -423,6 +462,7 @@ impl Link {
         self.peer = None;
         self.suspected = false;
         self.liveness = None;
+        self.early_bulk.clear();
         self.push(&Message::Hello(hello));
     }
 
@@ -455,6 +495,7 @@ impl Link {
         // for itself why we part.
         self.state = LinkState::Down;
         self.decoder = FrameDecoder::new();
+        self.early_bulk.clear();
         if matches!(error, SessionError::ConnectionLost) {
             self.control.clear();
         }
@@ -570,6 +611,58 @@ impl Link {
         }
     }
 
+    /// Feeds one whole frame from a bulk stream (see [`Endpoint::handle_frame`]).
+    pub fn bulk(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        local: &Local,
+        f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        match self.state {
+            LinkState::Down => {
+                self.bulk_dropped += 1;
+                Ok(())
+            }
+            LinkState::Handshaking => {
+                self.awake(now);
+                if self.early_bulk.len() < MAX_EARLY_BULK {
+                    self.early_bulk.push(data.to_vec());
+                } else {
+                    self.bulk_dropped += 1;
+                }
+                Ok(())
+            }
+            LinkState::Established => {
+                self.awake(now);
+                self.heard(now);
+                self.bulk_frame(data, local, f)
+            }
+        }
+    }
+
+    fn bulk_frame(
+        &mut self,
+        data: &[u8],
+        local: &Local,
+        f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        let frame = match crate::frame::decode_datagram(data) {
+            Ok(frame) => frame,
+            Err(e) if !e.is_fatal() => {
+                // The frame is gone; what it held is asked for again by whoever waits for it
+                // (a page request is re-sent, a pushed page is demanded when touched).
+                self.crc_errors += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(SessionError::Frame(e)),
+        };
+        if frame.kind != MessageKind::PageResponse {
+            return Err(SessionError::Bulk { kind: frame.kind });
+        }
+        self.frame(frame.kind, frame.payload, local, f)
+    }
+
     /// Feeds one datagram.
     pub fn datagram(
         &mut self,
@@ -603,11 +696,14 @@ impl Link {
         local: &Local,
         f: &mut dyn FnMut(Input) -> Result<(), SessionError>,
     ) -> Result<(), SessionError> {
-        if matches!(kind, MessageKind::PageBatch | MessageKind::StateChunk) {
+        if matches!(kind, MessageKind::PageBatch | MessageKind::StateChunk | MessageKind::PageResponse) {
             if self.state != LinkState::Established {
                 return Ok(());
             }
             self.check_direction(kind, local)?;
+            if kind == MessageKind::PageResponse {
+                return f(Input::Pages(payload));
+            }
             return f(Input::EpochData(kind, payload));
         }
         let msg = Message::decode(kind, &payload).map_err(SessionError::Message)?;
@@ -623,7 +719,12 @@ impl Link {
                 self.last_peer = Some((h.instance, h.session));
                 self.peer = Some(h.clone());
                 self.state = LinkState::Established;
-                f(Input::Established(Box::new(h)))
+                f(Input::Established(Box::new(h)))?;
+                // Bulk frames that overtook the Hello, in the order they came.
+                for data in std::mem::take(&mut self.early_bulk) {
+                    self.bulk_frame(&data, local, f)?;
+                }
+                Ok(())
             }
             // A second Hello on one connection (a duplicate): ignored.
             (LinkState::Established, Message::Hello(_)) => Ok(()),
@@ -640,7 +741,9 @@ impl Link {
     /// Who may send what, once the peer's `Hello` is accepted: checkpoint traffic one way,
     /// acks and requests the other; post-copy and switch-over messages only between the source
     /// that sends checkpoints and the destination that receives them (the forward session of a
-    /// migration); and nothing the session's version does not have.
+    /// migration), `PageMap` either way in it (the source's map at the switch-over, the
+    /// destination's held pages after a reconnect); and nothing the session's version does not
+    /// have.
     fn check_direction(&self, kind: MessageKind, local: &Local) -> Result<(), SessionError> {
         use MessageKind as K;
         let Some(peer) = &self.peer else {
@@ -657,7 +760,8 @@ impl Link {
             K::Hello | K::Heartbeat | K::Goodbye => true,
             K::EpochBegin | K::PageBatch | K::StateChunk | K::EpochEnd => peer_sends,
             K::Ack | K::ResendRequest | K::ResyncRequest => !peer_sends,
-            K::PageResponse | K::SwitchOver | K::PageMap | K::Handover => forward_source,
+            K::PageResponse | K::SwitchOver | K::Handover => forward_source,
+            K::PageMap => forward_source || forward_destination,
             K::PageRequest | K::Resumed | K::Complete => forward_destination,
         };
         if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role, sends: peer_sends }) }

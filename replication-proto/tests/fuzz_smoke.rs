@@ -7,7 +7,7 @@
 
 use replication_proto::frame::{MessageKind, begin_frame, finish_frame};
 use replication_proto::fuzzing::{self, smoke};
-use replication_proto::message::{EpochBegin, EpochEnd, Heartbeat, Lineage, Message, PageBatch};
+use replication_proto::message::{EpochBegin, EpochEnd, Heartbeat, Lineage, Message, PageBatch, PageResponse};
 use replication_proto::pageset::{EncodedPage, PageEncoding, write_page_set};
 
 /// Valid inputs to start mutating from.
@@ -31,6 +31,7 @@ fn seeds() -> Vec<Vec<u8>> {
         Message::EpochEnd(EpochEnd { epoch: 1, frames: 1, page_count: 4, state_len: 0, checksum: 0, digest: 0 }),
         Message::Heartbeat(Heartbeat::default()),
         Message::Ack { epoch: 3 },
+        Message::PageResponse(PageResponse { id: 0, pages: pages[..2].to_vec() }),
     ];
     let mut stream = vec![7u8];
     for m in &msgs {
@@ -125,4 +126,9 @@ fn fuzz_smoke_apply() {
 #[test]
 fn fuzz_smoke_receiver() {
     run(fuzzing::receiver, "receiver", 4, 4);
+}
+
+#[test]
+fn fuzz_smoke_bulk() {
+    run(fuzzing::bulk, "bulk", 6, 4);
 }

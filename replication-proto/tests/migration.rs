@@ -554,18 +554,18 @@ fn a_precopy_switch_over_and_hand_over() {
     let mut r = receiver(Role::MigrationDestination, PROTOCOL_VERSION);
     let mut replica = MemoryImage::new(&layout());
     assert_eq!(
-        s.switch_over(1, SwitchMode::Complete).unwrap_err().to_string(),
+        s.switch_over(1, SwitchMode::Complete, &[]).unwrap_err().to_string(),
         "no established session to send a switch-over on"
     );
     connect(&mut s, &mut r, now);
     assert_eq!(
-        s.switch_over(1, SwitchMode::Complete).unwrap_err().to_string(),
+        s.switch_over(1, SwitchMode::Complete, &[]).unwrap_err().to_string(),
         "switch-over at epoch 1, but the last epoch submitted is 0"
     );
     let p = page(7);
     s.submit_baseline(now, [(1u64, &p[..])], b"").unwrap();
     let last = s.submit(now, [(2u64, &p[..])], b"state").unwrap();
-    s.switch_over(last, SwitchMode::Complete).unwrap();
+    s.switch_over(last, SwitchMode::Complete, &[]).unwrap();
     pump(&mut s, &mut r, now);
     // The switch-over overtakes the last epoch's frames; the destination acts once it committed.
     let mut switch = None;

@@ -356,15 +356,16 @@ fn post_copy_page_requests_are_answered() {
     let mem: Vec<Vec<u8>> = (0..PAGES as u8).map(page).collect();
     s.send_pages(id, pfns.iter().map(|&p| (p, &mem[p as usize][..]))).unwrap();
     pump(&mut s, &mut r, now);
-    let pages = std::iter::from_fn(|| r.poll_event())
+    let (got, data) = std::iter::from_fn(|| r.poll_event())
         .find_map(|e| match e {
-            ReceiverEvent::Pages { id: got, pages } if got == id => Some(pages),
+            ReceiverEvent::Pages { id: got, pfns, data } if got == id => Some((pfns, data)),
             _ => None,
         })
         .unwrap();
-    assert_eq!(pages.len(), 3);
-    for (pfn, bytes) in pages {
-        assert_eq!(bytes, mem[pfn as usize]);
+    assert_eq!(got, [2, 3, 7]);
+    assert_eq!(data.len(), 3 * PS);
+    for (pfn, bytes) in got.iter().zip(data.chunks(PS)) {
+        assert_eq!(bytes, mem[*pfn as usize]);
     }
 }
 

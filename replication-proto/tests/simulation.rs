@@ -475,7 +475,11 @@ impl Sim {
                 SenderEvent::Connected { resumed_from, .. } => {
                     self.note(format!("sender connected, resume from {resumed_from:?}"))
                 }
-                SenderEvent::PagesRequested { .. } | SenderEvent::Resumed(_) | SenderEvent::Complete { .. } => {
+                SenderEvent::PagesRequested { .. }
+                | SenderEvent::Resumed(_)
+                | SenderEvent::Complete { .. }
+                | SenderEvent::PushRoom { .. }
+                | SenderEvent::PageMap(_) => {
                     unreachable!("no migration here")
                 }
             }

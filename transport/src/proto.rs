@@ -1,10 +1,11 @@
 //! Running `replication-proto`'s [`Sender`] and [`Receiver`] over a [`Connection`].
 //!
-//! Both implement `replication_proto::Endpoint` (one ordered byte stream plus datagrams), which
-//! this module bridges to [`StreamEndpoint`]: each `Transmit` on the stream channel becomes one
-//! control frame (without copying), each datagram transmit a QUIC datagram, and received
-//! control frames are fed back as stream bytes in order, so the peer's core reads exactly the
-//! byte stream ours wrote. [`sender_session`] and [`receiver_session`] start the driver; the
+//! Both implement `replication_proto::Endpoint` (one ordered byte stream, datagrams and whole
+//! bulk frames), which this module bridges to [`StreamEndpoint`]: each `Transmit` on the stream
+//! channel becomes one control frame (without copying), each datagram transmit a QUIC datagram,
+//! each bulk transmit (post-copy pushes) a frame on a bulk stream; received control frames are
+//! fed back as stream bytes in order, so the peer's core reads exactly the byte stream ours
+//! wrote, and bulk frames whole through `handle_frame`. [`sender_session`] and [`receiver_session`] start the driver; the
 //! session ends with the core's `Disconnected` event (closing the connection with its reason)
 //! or with the connection, and [`crate::session::Finished`] gives the core back to reconnect.
 //!
@@ -75,13 +76,16 @@ where
         Endpoint::handle_timeout(self, now);
     }
 
+    fn handle_bulk(&mut self, now: Instant, frame: &[u8]) {
+        Endpoint::handle_frame(self, now, frame);
+    }
+
     fn poll_transmit(&mut self, now: Instant) -> Option<Frame> {
-        let transmit = Endpoint::poll_transmit(self, now)?;
-        let channel = match transmit.channel() {
-            replication_proto::Channel::Stream => Channel::Control,
-            replication_proto::Channel::Datagram => Channel::Datagram,
-        };
-        Some(Frame { channel, payload: Bytes::from_owner(transmit) })
+        Endpoint::poll_transmit(self, now).map(frame)
+    }
+
+    fn poll_urgent_transmit(&mut self, now: Instant) -> Option<Frame> {
+        Endpoint::poll_urgent_transmit(self, now).map(frame)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -95,6 +99,16 @@ where
     fn close(&mut self, now: Instant, detail: &str) {
         Endpoint::close(self, now, detail);
     }
+}
+
+/// A core's transmit as a driver frame (without copying).
+fn frame(transmit: replication_proto::Transmit) -> Frame {
+    let channel = match transmit.channel() {
+        replication_proto::Channel::Stream => Channel::Control,
+        replication_proto::Channel::Datagram => Channel::Datagram,
+        replication_proto::Channel::Bulk => Channel::Bulk,
+    };
+    Frame { channel, payload: Bytes::from_owner(transmit) }
 }
 
 /// The primary's (or migration source's) side: drives `sender` over `connection`.

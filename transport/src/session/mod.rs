@@ -7,8 +7,12 @@
 //! virtual time), passes the application's commands in and the core's events out.
 //!
 //! Backpressure reaches the core instead of piling up in memory: the driver takes the next
-//! transmit from the core only when the previous one is in quinn's send window, and keeps
-//! receiving (acks, requests) while a send waits. Events wait in a bounded channel.
+//! transmit from the core only when the previous one of its kind is in quinn's send window, and
+//! keeps receiving (acks, requests) while a send waits. Control and bulk sends are independent:
+//! at most one control send and one bulk send are in flight, and while the bulk send waits (a
+//! bulk stream's flow control, a peer slow to read pushes) the driver keeps taking
+//! [`Protocol::poll_urgent_transmit`] for control frames and datagrams, so acks, page requests
+//! and page answers never wait behind bulk traffic. Events wait in a bounded channel.
 //!
 //! [`Protocol`] is the general shape (frames on the control, bulk and datagram channels);
 //! [`StreamCore`] adapts a core that speaks one ordered byte stream plus datagrams, which is the
@@ -66,6 +70,12 @@ pub trait Protocol: Send + 'static {
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error>;
     /// The next frame to send, if any; `now` is when it goes out.
     fn poll_transmit(&mut self, now: Instant) -> Option<Frame>;
+    /// The next frame to send that is not [`Channel::Bulk`], leaving bulk frames queued; the
+    /// driver asks for it while a bulk send is in flight. By default none (such a core's control
+    /// frames then wait for its bulk sends).
+    fn poll_urgent_transmit(&mut self, _now: Instant) -> Option<Frame> {
+        None
+    }
     /// The next event for the application, if any.
     fn poll_event(&mut self) -> Option<Self::Event>;
     /// When to call [`Protocol::handle_timeout`] next.
@@ -150,6 +160,14 @@ impl<P: Protocol> Session<P> {
         Session { commands, events, task: Some(task) }
     }
 
+    /// A handle to pass commands to the core from elsewhere: another task, or a plain thread
+    /// with [`mpsc::Sender::blocking_send`] (e.g. a userfaultfd fault thread asking for a page)
+    /// without going through the session's owner. The session ends when the `Session` is
+    /// dropped or finished, whatever handles remain.
+    pub fn command_sender(&self) -> mpsc::Sender<P::Command> {
+        self.commands.clone()
+    }
+
     /// Hands a command to the core; waits while the driver is behind. `Err` gives the command
     /// back when the session has ended.
     pub async fn command(&self, command: P::Command) -> Result<(), P::Command> {
@@ -196,13 +214,20 @@ async fn drive<P: Protocol>(
 
 /// The driver loop. The control channel's end is the connection's end: the bulk and datagram
 /// channels and sending may fail earlier, but the frames already received are passed on first.
+///
+/// Sending: one control send and one bulk send may be in flight at a time. With neither in
+/// flight the driver takes [`Protocol::poll_transmit`] (any channel); with only a bulk send in
+/// flight, [`Protocol::poll_urgent_transmit`] (never a bulk frame); with a control send in
+/// flight, nothing (control sends wait on the control stream's window, which has the higher
+/// send priority and drains first). Datagrams go at once.
 async fn run<P: Protocol>(
     connection: &Connection,
     core: &mut P,
     commands: &mut mpsc::Receiver<P::Command>,
     events: &mpsc::Sender<P::Event>,
 ) -> Result<(), SessionError<P::Error>> {
-    let mut sending: Option<SendFuture> = None;
+    let mut control: Option<SendFuture> = None;
+    let mut bulk: Option<SendFuture> = None;
     let mut can_send = true;
     let mut commands_open = true;
     let mut bulk_open = true;
@@ -212,8 +237,9 @@ async fn run<P: Protocol>(
             // Nobody listening is not an error: the application may only want the result.
             let _ = events.send(event).await;
         }
-        while can_send && sending.is_none() {
-            let Some(frame) = core.poll_transmit(now()) else {
+        while can_send && control.is_none() {
+            let next = if bulk.is_none() { core.poll_transmit(now()) } else { core.poll_urgent_transmit(now()) };
+            let Some(frame) = next else {
                 break;
             };
             let connection = connection.clone();
@@ -231,14 +257,29 @@ async fn run<P: Protocol>(
                     }
                 },
                 Channel::Control => {
-                    sending = Some(Box::pin(async move { connection.send_frame(frame.payload).await }));
+                    control = Some(Box::pin(async move { connection.send_frame(frame.payload).await }));
+                }
+                Channel::Bulk if bulk.is_none() => {
+                    bulk = Some(Box::pin(async move { connection.send_bulk(frame.payload).await }));
                 }
                 Channel::Bulk => {
-                    sending = Some(Box::pin(async move { connection.send_bulk(frame.payload).await }));
+                    // Only a core that breaks the urgent poll's contract gets here: the frame
+                    // waits for the bulk send in flight (and stops the loop, as a control send
+                    // would).
+                    tracing::warn!("urgent poll returned a bulk frame; it waits for the bulk send in flight");
+                    let previous = bulk.take();
+                    bulk = Some(Box::pin(async move {
+                        if let Some(previous) = previous {
+                            previous.await?;
+                        }
+                        connection.send_bulk(frame.payload).await
+                    }));
+                    break;
                 }
             }
         }
-        if sending.is_none()
+        if control.is_none()
+            && bulk.is_none()
             && let Some(reason) = core.finished()
         {
             connection.close(&reason).await;
@@ -246,10 +287,19 @@ async fn run<P: Protocol>(
         }
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            result = async { sending.as_mut().expect("guarded by the branch condition").await },
-                if sending.is_some() =>
+            result = async { control.as_mut().expect("guarded by the branch condition").await },
+                if control.is_some() =>
             {
-                sending = None;
+                control = None;
+                if let Err(error) = result {
+                    tracing::debug!("sending stopped: {error}");
+                    can_send = false;
+                }
+            }
+            result = async { bulk.as_mut().expect("guarded by the branch condition").await },
+                if bulk.is_some() =>
+            {
+                bulk = None;
                 if let Err(error) = result {
                     tracing::debug!("sending stopped: {error}");
                     can_send = false;

@@ -1,7 +1,8 @@
-//! Runs a core that speaks one ordered byte stream plus datagrams, the shape of
-//! `replication-proto`'s `Endpoint` trait: its outgoing stream frames go on the control stream
-//! (each transmit is one of our frames, so the peer's core receives the same byte stream), its
-//! datagrams as QUIC datagrams.
+//! Runs a core that speaks one ordered byte stream plus datagrams and whole bulk frames, the
+//! shape of `replication-proto`'s `Endpoint` trait: its outgoing stream frames go on the control
+//! stream (each transmit is one of our frames, so the peer's core receives the same byte
+//! stream), its datagrams as QUIC datagrams, its bulk frames on the bulk streams (each handed to
+//! the peer's core whole).
 //!
 //! [`crate::proto`] implements [`StreamEndpoint`] for every replication-proto `Endpoint`
 //! (`Sender`, `Receiver`).
@@ -26,11 +27,22 @@ pub trait StreamEndpoint: Send + 'static {
     fn handle_input(&mut self, now: Instant, data: &[u8]);
     /// One datagram.
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]);
+    /// One whole frame from a bulk stream. By default dropped with a warning (an endpoint that
+    /// never sends bulk frames has a peer that never does either).
+    fn handle_bulk(&mut self, _now: Instant, frame: &[u8]) {
+        tracing::warn!(len = frame.len(), "bulk frame for a stream endpoint dropped");
+    }
     /// The time from [`StreamEndpoint::poll_timeout`] has come.
     fn handle_timeout(&mut self, now: Instant);
     /// The next frame to send: [`Channel::Control`] for stream bytes (written in order),
-    /// [`Channel::Datagram`] for a datagram; `now` is when it goes out.
+    /// [`Channel::Datagram`] for a datagram, [`Channel::Bulk`] for a bulk stream; `now` is when
+    /// it goes out.
     fn poll_transmit(&mut self, now: Instant) -> Option<Frame>;
+    /// The next frame to send that is not [`Channel::Bulk`] (see
+    /// [`Protocol::poll_urgent_transmit`]). By default none.
+    fn poll_urgent_transmit(&mut self, _now: Instant) -> Option<Frame> {
+        None
+    }
     /// When to call [`StreamEndpoint::handle_timeout`] next.
     fn poll_timeout(&self) -> Option<Instant>;
     /// The next event for the owner.
@@ -109,8 +121,7 @@ impl<E: StreamEndpoint> Protocol for StreamCore<E> {
         match frame.channel {
             Channel::Control => self.endpoint.handle_input(now, &frame.payload),
             Channel::Datagram => self.endpoint.handle_datagram(now, &frame.payload),
-            // The endpoint never sends bulk frames, so a peer running the same one never does.
-            Channel::Bulk => tracing::warn!("bulk frame for a stream endpoint dropped"),
+            Channel::Bulk => self.endpoint.handle_bulk(now, &frame.payload),
         }
         Ok(())
     }
@@ -133,6 +144,10 @@ impl<E: StreamEndpoint> Protocol for StreamCore<E> {
 
     fn poll_transmit(&mut self, now: Instant) -> Option<Frame> {
         self.endpoint.poll_transmit(now)
+    }
+
+    fn poll_urgent_transmit(&mut self, now: Instant) -> Option<Frame> {
+        self.endpoint.poll_urgent_transmit(now)
     }
 
     fn poll_event(&mut self) -> Option<E::Event> {
