@@ -174,8 +174,7 @@ pub(crate) async fn run(
                     let mut rcfg = ReceiverConfig::new(Role::MigrationDestination, cfg.vm.clone(), cfg.layout.clone(), transport::random_u64()?);
                     rcfg.timing = cfg.timing;
                     rcfg.resend_timeout = Duration::from_secs(1);
-                    let mut rx = Receiver::new(rcfg);
-                    rx.set_postcopy(true);
+                    let rx = Receiver::new(rcfg);
                     line = Box::pin(transport::liveness::Listener::watch_if(lines, &conn));
                     line_open = true;
                     *session = transport::proto::receiver_session(conn, rx);

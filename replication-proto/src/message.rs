@@ -671,7 +671,7 @@ impl Message {
                 put_u64(out, r.cpu_us);
                 put_u64(out, r.peak_rss_bytes);
             }
-            Self::Complete(c) => put_u64(out, c.pages),
+            Self::Complete(c) => crate::migration::put_complete(out, c),
         }
     }
 
@@ -894,7 +894,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             cpu_us: r.u64("cpu_us")?,
             peak_rss_bytes: r.u64("peak_rss_bytes")?,
         }),
-        MessageKind::Complete => Message::Complete(Complete { pages: r.u64("pages")? }),
+        MessageKind::Complete => Message::Complete(crate::migration::get_complete(r)?),
     })
 }
 
@@ -958,7 +958,16 @@ mod tests {
         round_trip(Message::Handover(Handover { epoch: 0 }));
         round_trip(Message::Handover(Handover { epoch: 12 }));
         round_trip(Message::Resumed(Resumed { epoch: 12, cpu_us: 3_400, peak_rss_bytes: 70 << 20 }));
-        round_trip(Message::Complete(Complete { pages: 1 << 16 }));
+        round_trip(Message::Complete(Complete { pages: 1 << 16, ..Complete::default() }));
+        round_trip(Message::Complete(Complete {
+            pages: 1 << 16,
+            faults: 9,
+            fault_us_p50: 120,
+            fault_us_p99: 900,
+            blocked_us: 1_234,
+            demanded: 40,
+            pushed: 60_000,
+        }));
         // Epoch 0 names no epoch: refused where an epoch is named.
         let mut p = Vec::new();
         Message::Resumed(Resumed { epoch: 0, cpu_us: 0, peak_rss_bytes: 0 }).encode_payload(&mut p);

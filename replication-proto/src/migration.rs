@@ -111,11 +111,46 @@ pub struct Resumed {
     pub peak_rss_bytes: u64,
 }
 
-/// Every page is at the destination: post-copy is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Every page is at the destination: post-copy is over. With the destination's numbers of it,
+/// for the source's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Complete {
     /// Pages the destination holds (the layout's page count: a check).
     pub pages: u64,
+    /// Faults that needed a page from the source.
+    pub faults: u64,
+    /// Fault raised to page placed, median, µs.
+    pub fault_us_p50: u32,
+    /// The same, 99th percentile, µs.
+    pub fault_us_p99: u32,
+    /// Time threads waited on those faults, summed, µs.
+    pub blocked_us: u64,
+    /// Pages placed because they were asked for.
+    pub demanded: u64,
+    /// Pages placed from the source's pushes.
+    pub pushed: u64,
+}
+
+pub(crate) fn put_complete(out: &mut Vec<u8>, c: &Complete) {
+    put_u64(out, c.pages);
+    put_u64(out, c.faults);
+    put_u32(out, c.fault_us_p50);
+    put_u32(out, c.fault_us_p99);
+    put_u64(out, c.blocked_us);
+    put_u64(out, c.demanded);
+    put_u64(out, c.pushed);
+}
+
+pub(crate) fn get_complete(r: &mut Reader<'_>) -> Result<Complete, WireError> {
+    Ok(Complete {
+        pages: r.u64("pages")?,
+        faults: r.u64("faults")?,
+        fault_us_p50: r.u32("fault_us_p50")?,
+        fault_us_p99: r.u32("fault_us_p99")?,
+        blocked_us: r.u64("blocked_us")?,
+        demanded: r.u64("demanded")?,
+        pushed: r.u64("pushed")?,
+    })
 }
 
 /// Most runs one [`PageMap`] frame can carry.

@@ -342,11 +342,11 @@ impl Receiver {
         Ok(())
     }
 
-    /// Migration: tells the source every page is here (post-copy is over); `pages` is the count
-    /// the destination holds (the layout's page count).
-    pub fn complete(&mut self, pages: u64) -> Result<(), ReceiverError> {
+    /// Migration: tells the source every page is here (post-copy is over); `c.pages` is the
+    /// count the destination holds (the layout's page count), the rest its fault numbers.
+    pub fn complete(&mut self, c: crate::migration::Complete) -> Result<(), ReceiverError> {
         self.migration_established()?;
-        self.link.push(&Message::Complete(crate::migration::Complete { pages }));
+        self.link.push(&Message::Complete(c));
         Ok(())
     }
 

@@ -145,11 +145,8 @@ pub enum SenderEvent {
     /// Migration: the destination runs the guest, resumed from the state of the switch-over
     /// epoch.
     Resumed(crate::migration::Resumed),
-    /// Migration: every page is at the destination (post-copy is over).
-    Complete {
-        /// Pages the destination holds.
-        pages: u64,
-    },
+    /// Migration: every page is at the destination (post-copy is over), with its numbers.
+    Complete(crate::migration::Complete),
     /// The connection ended; reconnect unless `error` [`SessionError::is_permanent`].
     Disconnected {
         /// Why.
@@ -955,7 +952,7 @@ impl Sender {
                     self.events.push_back(SenderEvent::PagesRequested { id: r.id, pfns: r.pfns });
                 }
                 Message::Resumed(r) => self.events.push_back(SenderEvent::Resumed(r)),
-                Message::Complete(c) => self.events.push_back(SenderEvent::Complete { pages: c.pages }),
+                Message::Complete(c) => self.events.push_back(SenderEvent::Complete(c)),
                 Message::PageMap(m) => {
                     if let Some(r) = crate::migration::bad_run(&self.index, &m.held) {
                         return Err(SessionError::Protocol {

@@ -307,7 +307,7 @@ fn migration_messages_go_one_way_and_only_in_version_2() {
         [Message::SwitchOver(switch), Message::PageMap(maps[0].clone()), Message::Handover(Handover { epoch: 3 })];
     let from_destination = [
         Message::Resumed(Resumed { epoch: 3, cpu_us: 5, peak_rss_bytes: 6 }),
-        Message::Complete(Complete { pages: PAGES }),
+        Message::Complete(Complete { pages: PAGES, ..Complete::default() }),
         Message::PageRequest(PageRequest { id: 1, pfns: vec![2, 3] }),
     ];
     // Accepted where they belong, each reported to the owner.
@@ -325,7 +325,7 @@ fn migration_messages_go_one_way_and_only_in_version_2() {
     }
     for (m, want) in from_destination[..2].iter().zip([
         SenderEvent::Resumed(Resumed { epoch: 3, cpu_us: 5, peak_rss_bytes: 6 }),
-        SenderEvent::Complete { pages: PAGES },
+        SenderEvent::Complete(Complete { pages: PAGES, ..Complete::default() }),
     ]) {
         let mut s = crafted_sender(Role::MigrationSource, Role::MigrationDestination, now);
         s.handle_input(now, &frame(m));

@@ -8,7 +8,7 @@ mod common;
 use common::{connect, deliver, pump};
 use replication_proto::frame::decode_datagram;
 use replication_proto::message::Message;
-use replication_proto::migration::{MAP_RANGES_PER_FRAME, PageMap, PfnRange, SwitchMode};
+use replication_proto::migration::{Complete, MAP_RANGES_PER_FRAME, PageMap, PfnRange, SwitchMode};
 use replication_proto::{
     Channel, Endpoint, MemoryImage, MemoryLayout, PROTOCOL_VERSION, Receiver, ReceiverConfig, ReceiverError,
     ReceiverEvent, ReplicaMemory, Role, Sender, SenderConfig, SenderEvent, SessionError, Transmit, VmIdentity,
@@ -357,7 +357,7 @@ fn a_destination_sends_its_held_map_to_the_source() {
     // A backup has no map to send.
     let mut b = Receiver::new(ReceiverConfig::new(Role::Backup, vm(), layout(), 5));
     assert_eq!(b.send_held(3, &held), Err(ReceiverError::NotMigration { role: Role::Backup }));
-    assert_eq!(b.complete(PAGES), Err(ReceiverError::NotMigration { role: Role::Backup }));
+    assert_eq!(b.complete(Complete { pages: PAGES, ..Complete::default() }), Err(ReceiverError::NotMigration { role: Role::Backup }));
 }
 
 /// A map that spans frames: every frame but the last is full, `seq` counts from 0.
@@ -382,12 +382,12 @@ fn a_large_held_map_spans_frames() {
 fn complete_reaches_the_source() {
     let now = Instant::now();
     let (mut s, mut r) = (source(), destination());
-    assert_eq!(r.complete(PAGES), Err(ReceiverError::NotConnected));
+    assert_eq!(r.complete(Complete { pages: PAGES, ..Complete::default() }), Err(ReceiverError::NotConnected));
     connect(&mut s, &mut r, now);
     sender_events(&mut s);
-    r.complete(PAGES).unwrap();
+    r.complete(Complete { pages: PAGES, ..Complete::default() }).unwrap();
     pump(&mut s, &mut r, now);
-    assert_eq!(sender_events(&mut s), [SenderEvent::Complete { pages: PAGES }]);
+    assert_eq!(sender_events(&mut s), [SenderEvent::Complete(Complete { pages: PAGES, ..Complete::default() })]);
 }
 
 /// The map given to a post-copy switch-over reaches the destination (hybrid: round 0's clean

@@ -189,7 +189,11 @@ fn migration_message() -> BoxedStrategy<Message> {
             cpu_us,
             peak_rss_bytes
         })),
-        any::<u64>().prop_map(|pages| Message::Complete(Complete { pages })),
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(pages, faults, fault_us_p50, fault_us_p99, blocked_us, demanded, pushed)| {
+                Message::Complete(Complete { pages, faults, fault_us_p50, fault_us_p99, blocked_us, demanded, pushed })
+            }
+        ),
     ]
     .boxed()
 }

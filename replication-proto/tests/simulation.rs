@@ -477,7 +477,7 @@ impl Sim {
                 }
                 SenderEvent::PagesRequested { .. }
                 | SenderEvent::Resumed(_)
-                | SenderEvent::Complete { .. }
+                | SenderEvent::Complete(_)
                 | SenderEvent::PushRoom { .. }
                 | SenderEvent::PageMap(_) => {
                     unreachable!("no migration here")

@@ -535,6 +535,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
     let instance = transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
     let mut scfg = SenderConfig::new(Role::MigrationSource, src.identity.clone(), src.layout.clone(), instance);
     scfg.timing = src.timing;
+    scfg.push_low_water = postcopy::PUSH_LOW_WATER;
     if let Some(v) = src.version {
         scfg.version = v;
     }
@@ -941,7 +942,7 @@ struct Precopied {
 /// The end of `auto`'s probe.
 enum Probe {
     /// Switch to post-copy now.
-    Switch { sent: u64, zero: u64, reason: String },
+    Switch { zero: u64, reason: String },
     /// Go on with pre-copy from `next`; `dirtied` are due in round 1.
     Continue { sent: u64, zero: u64, next: usize, dirtied: Vec<u64> },
 }
@@ -1016,7 +1017,7 @@ async fn probe(
     let (choice, reason) = auto::choose(&m);
     tracing::info!(?choice, probe_ms = secs * 1e3, "auto: after probing {} pages: {reason}", i);
     Ok(match choice {
-        auto::Choice::PostcopyNow => Probe::Switch { sent, zero, reason },
+        auto::Choice::PostcopyNow => Probe::Switch { zero, reason },
         auto::Choice::Precopy => Probe::Continue { sent, zero, next: i, dirtied },
     })
 }

@@ -247,7 +247,7 @@ pub(super) async fn serve(
                 Some(SenderEvent::PageMap(m)) => {
                     let runs: Vec<(u64, u32)> = m.held.iter().map(|r| (r.first, r.count)).collect();
                     push.present(&runs);
-                    if m.held.len() < replication_proto::migration::MAP_RANGES_PER_FRAME {
+                    if m.ends_held_map() {
                         map_until = None;
                     }
                 }
@@ -268,7 +268,7 @@ pub(super) async fn serve(
                     served.requests += 1;
                     served.pages_served += n;
                 }
-                Some(SenderEvent::PushRoom) => room = true,
+                Some(SenderEvent::PushRoom { .. }) => room = true,
                 Some(SenderEvent::Resumed(r)) => {
                     served.resumed_at.get_or_insert_with(Instant::now);
                     link.resumed = Some(r);
