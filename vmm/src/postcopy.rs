@@ -35,6 +35,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::uffd::{Fill, Uffd, UffdError};
 
 const PS: u64 = PAGE_SIZE as u64;
+type Fetch = Box<dyn Fn(Vec<u64>) + Send + Sync>;
 /// How long the fault thread's poll waits before it checks whether to stop.
 const POLL_MS: i32 = 20;
 
@@ -173,7 +174,8 @@ struct Shared {
     requested: Bits,
     missing: AtomicU64,
     prefetch: usize,
-    fetch: Box<dyn Fn(Vec<u64>) + Send + Sync>,
+    /// Taken (dropped) by `finish`, so a channel it sends into disconnects.
+    fetch: Mutex<Option<Fetch>>,
     /// Remote faults waiting for their page: when the fault thread read each.
     pending: Mutex<HashMap<u64, Vec<Instant>>>,
     /// Fault-to-placed latencies, µs.
@@ -217,7 +219,7 @@ impl Postcopy {
         mem: &GuestMemory,
         held: &[(u64, u32)],
         prefetch: usize,
-        fetch: Box<dyn Fn(Vec<u64>) + Send + Sync>,
+        fetch: Fetch,
     ) -> Result<Arc<Self>, PostcopyError> {
         let uffd = Uffd::open()?;
         let mut spans = Vec::new();
@@ -237,7 +239,7 @@ impl Postcopy {
             missing: AtomicU64::new(0),
             spans,
             prefetch,
-            fetch,
+            fetch: Mutex::new(Some(fetch)),
             pending: Mutex::new(HashMap::new()),
             samples: Mutex::new(Vec::new()),
             faults: AtomicU64::new(0),
@@ -414,7 +416,8 @@ impl Postcopy {
     }
 
     /// Ends post-copy: stops the fault thread and unregisters userfaultfd from all memory,
-    /// which is plain memory again. Fails while pages are missing unless `force`.
+    /// which is plain memory again, and drops `fetch` (a channel it sends into disconnects).
+    /// Fails while pages are missing unless `force`.
     ///
     /// `force` is for an abandoned migration: the missing pages are then lost — every thread
     /// waiting on one is woken and it, like any later access, reads zeros. The guest is lost
@@ -437,6 +440,7 @@ impl Postcopy {
         {
             tracing::error!("post-copy fault thread panicked");
         }
+        drop(s.fetch.lock().expect("fetch lock").take());
         let mut first_err = None;
         for span in &s.spans {
             if let Err(e) = s.uffd.unregister(span.host, span.count * PS) {
@@ -583,7 +587,9 @@ impl Shared {
         }
         if !pfns.is_empty() {
             tracing::trace!(pfn, asked = pfns.len(), "post-copy: fault, asking the source");
-            (self.fetch)(pfns);
+            if let Some(fetch) = self.fetch.lock().expect("fetch lock").as_ref() {
+                fetch(pfns);
+            }
         }
         Ok(())
     }
