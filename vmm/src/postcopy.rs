@@ -313,34 +313,22 @@ impl Postcopy {
     /// UFFDIO_COPY for each maximal run of them that is missing (the whole run when all are),
     /// dropping the present ones. Returns the pages placed.
     pub fn place_run(&self, first: u64, pages: &[u8], via: Via) -> Result<u64, PostcopyError> {
-        let s = &self.shared;
         if pages.is_empty() || !pages.len().is_multiple_of(PAGE_SIZE) {
             let expected = pages.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
             return Err(PostcopyError::Length { pfn: first, len: pages.len(), expected });
         }
-        if s.finished.load(Ordering::SeqCst) {
-            return Err(PostcopyError::Finished(first));
-        }
         let n = (pages.len() / PAGE_SIZE) as u64;
-        let mut placed = 0;
-        let mut pfn = first;
-        while pfn < first + n {
-            let span = s.span(pfn).ok_or(PostcopyError::NotInMemory(pfn))?;
-            if s.present(span.index(pfn)) {
-                s.pages_dropped.fetch_add(1, Ordering::Relaxed);
-                pfn += 1;
-                continue;
-            }
-            // The run of missing pages from `pfn`, within the span and the input.
-            let mut end = pfn + 1;
-            while end < first + n && span.contains(end) && !s.present(span.index(end)) {
-                end += 1;
-            }
-            let data = &pages[((pfn - first) * PS) as usize..((end - first) * PS) as usize];
-            placed += s.copy_run(&span, pfn, data, via)?;
-            pfn = end;
-        }
-        Ok(placed)
+        self.shared.fill_pages(first, n, via, |hva, at, len| {
+            let off = ((at - first) * PS) as usize;
+            self.shared.uffd.copy(hva, &pages[off..off + len as usize])
+        })
+    }
+
+    /// Zero pages arrived for `first..first + n`: maps the zero page (UFFDIO_ZEROPAGE, no
+    /// buffer, no memory used until written) at those still missing, one ioctl per run of
+    /// missing pages, and drops the rest. Returns the pages placed.
+    pub fn place_zeros(&self, first: u64, n: u64, via: Via) -> Result<u64, PostcopyError> {
+        self.shared.fill_pages(first, n, via, |hva, _, len| self.shared.uffd.zeropage(hva, len))
     }
 
     /// Pages neither held nor placed.
@@ -484,31 +472,53 @@ impl Shared {
         self.held.get(i) || self.placed.get(i)
     }
 
-    /// UFFDIO_COPY of `data` to the missing pages from `pfn` (all in `span`), going on past a
-    /// page that turned out present (placed concurrently: dropped). Returns the pages placed.
-    fn copy_run(&self, span: &Span, pfn: u64, data: &[u8], via: Via) -> Result<u64, PostcopyError> {
-        let mut off = 0;
+    /// Fills the missing pages among `first..first + n` with `fill(hva, pfn, bytes)` (one call
+    /// per run of missing pages, and again past a page found present), drops the others.
+    /// Returns the pages placed.
+    fn fill_pages(
+        &self,
+        first: u64,
+        n: u64,
+        via: Via,
+        fill: impl Fn(u64, u64, u64) -> Result<Fill, UffdError>,
+    ) -> Result<u64, PostcopyError> {
+        if self.finished.load(Ordering::SeqCst) {
+            return Err(PostcopyError::Finished(first));
+        }
         let mut placed = 0;
-        while off < data.len() {
-            let at = pfn + (off / PAGE_SIZE) as u64;
-            match self.uffd.copy(span.hva(at), &data[off..])? {
-                Fill::Done => {
-                    let n = ((data.len() - off) / PAGE_SIZE) as u64;
-                    self.mark_placed(span, at, n, via);
-                    placed += n;
-                    off = data.len();
+        let mut pfn = first;
+        while pfn < first + n {
+            let span = self.span(pfn).ok_or(PostcopyError::NotInMemory(pfn))?;
+            if self.present(span.index(pfn)) {
+                self.pages_dropped.fetch_add(1, Ordering::Relaxed);
+                pfn += 1;
+                continue;
+            }
+            // The run of missing pages from `pfn`, within the span and the input.
+            let mut end = pfn + 1;
+            while end < first + n && span.contains(end) && !self.present(span.index(end)) {
+                end += 1;
+            }
+            // Fill it, going on past a page that turned out present (placed concurrently).
+            while pfn < end {
+                match fill(span.hva(pfn), pfn, (end - pfn) * PS)? {
+                    Fill::Done => {
+                        self.mark_placed(&span, pfn, end - pfn, via);
+                        placed += end - pfn;
+                        pfn = end;
+                    }
+                    Fill::Partial(bytes) => {
+                        let k = bytes / PS;
+                        self.mark_placed(&span, pfn, k, via);
+                        placed += k;
+                        pfn += k;
+                    }
+                    Fill::Exists => {
+                        self.pages_dropped.fetch_add(1, Ordering::Relaxed);
+                        pfn += 1;
+                    }
+                    Fill::Again => std::thread::yield_now(),
                 }
-                Fill::Partial(bytes) => {
-                    let n = bytes / PS;
-                    self.mark_placed(span, at, n, via);
-                    placed += n;
-                    off += (n * PS) as usize;
-                }
-                Fill::Exists => {
-                    self.pages_dropped.fetch_add(1, Ordering::Relaxed);
-                    off += PAGE_SIZE;
-                }
-                Fill::Again => std::thread::yield_now(),
             }
         }
         Ok(placed)

@@ -468,3 +468,25 @@ fn kvm_guest_runs_on_post_copy_memory() {
     dst.shutdown();
     server.join().unwrap();
 }
+
+/// Zero pages from the source are mapped as the zero page, waking the waiter, never over a
+/// present page.
+#[test]
+fn zero_pages_are_placed_without_a_buffer() {
+    let mem = create_anonymous(MEM).unwrap();
+    mem.write_slice(&page(0xAA), gpa(400)).unwrap();
+    let (pc, rx) = start(&mem, &[], 0);
+    let (reader, read) = read_page_async(&mem, 400);
+    assert_eq!(asked(&rx), vec![400]);
+    assert!(pc.place(399, &page(0x39), Via::Push).unwrap());
+    assert_eq!(pc.place_zeros(398, 4, Via::Demand).unwrap(), 3);
+    assert_eq!(read.recv_timeout(Duration::from_secs(5)).unwrap(), page(0));
+    reader.join().unwrap();
+    assert_eq!(read_page(&mem, 399), page(0x39));
+    assert_eq!(pc.place_zeros(400, 1, Via::Push).unwrap(), 0);
+    mem.write_slice(&[5u8; 8], gpa(401)).unwrap();
+    assert_eq!(read_page(&mem, 401)[..9], [5, 5, 5, 5, 5, 5, 5, 5, 0]);
+    let st = pc.stats();
+    assert_eq!((st.pages_demanded, st.pages_pushed, st.pages_dropped, st.faults), (3, 1, 2, 1));
+    pc.finish(true).unwrap();
+}
