@@ -34,9 +34,11 @@ pub mod fuzzing;
 pub mod layout;
 pub mod memory;
 pub mod persist;
+pub mod postcopy;
 pub mod procstat;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
