@@ -81,7 +81,8 @@ pub(crate) async fn run(
             tracing::debug!("post-copy: the session is gone; page request dropped");
         }
     });
-    let pc = tokio::task::spawn_blocking(move || Postcopy::start(&mem, &held_runs, PREFETCH, fetch))
+    let verify = cfg.verify;
+    let pc = tokio::task::spawn_blocking(move || Postcopy::start_verified(&mem, &held_runs, PREFETCH, fetch, verify))
         .await
         .map_err(|e| ReceiveError::Postcopy(format!("userfaultfd task: {e}")))?
         .map_err(|e| ReceiveError::Postcopy(transport::error_chain(&e)))?;
@@ -232,6 +233,11 @@ pub(crate) async fn run(
             transport::error_chain(&e)
         );
         return Err(ReceiveError::PostcopyLost { missing: st.missing, why: transport::error_chain(&e) });
+    }
+    let digest = pc.digest().map(|d| format!("{d:016x}"));
+    if let Some(d) = &digest {
+        tracing::info!("post-copy memory digest {d} (every page as held or placed)");
+        set(&|s| s.memory_digest = Some(d.clone()));
     }
     let st = tokio::task::spawn_blocking({
         let pc = Arc::clone(&pc);

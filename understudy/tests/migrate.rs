@@ -191,8 +191,39 @@ fn setup(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
     kvm_available(test).then_some(g)
 }
 
+/// Whether `mode` ends in post-copy (auto may or may not).
+fn ends_in_postcopy(r: &serde_json::Value) -> bool {
+    r.get("postcopy_faults").is_some()
+}
+
 fn assert_report(r: &serde_json::Value, mode: &str) {
     assert_eq!(r["mode"], mode, "{r}");
+    if ["postcopy", "demand", "hybrid"].contains(&mode) {
+        assert!(ends_in_postcopy(r), "{mode} reports post-copy numbers: {r}");
+    }
+    if mode == "auto" {
+        let chosen = r["chosen_mode"].as_str().expect("auto reports its choice");
+        assert!(["precopy", "hybrid", "postcopy"].contains(&chosen), "{r}");
+        assert!(r["choice_reason"].as_str().is_some_and(|w| w.contains("MB/s") || w.contains("pages")), "{r}");
+        assert_eq!(ends_in_postcopy(r), chosen != "precopy", "{r}");
+    }
+    if ends_in_postcopy(r) {
+        let moved = r["pages_postcopied"].as_u64().unwrap();
+        let (pushed, demanded) = (r["pages_pushed"].as_u64().unwrap(), r["pages_demanded"].as_u64().unwrap());
+        assert!(moved > 0, "post-copy moved pages: {r}");
+        assert!(pushed + demanded >= moved, "every missing page went, pushed or demanded: {r}");
+        assert!(r["postcopy_ms"].as_f64().unwrap() > 0.0, "{r}");
+        if r["postcopy_faults"].as_u64().unwrap() > 0 {
+            let (p50, p99) = (r["fault_us_p50"].as_f64().unwrap(), r["fault_us_p99"].as_f64().unwrap());
+            assert!(p50 > 0.0 && p99 >= p50, "{r}");
+        }
+        if mode == "demand" {
+            assert!(demanded > 0, "demand paging demands: {r}");
+        }
+        if mode == "hybrid" {
+            assert!(r["switchover_round"].as_u64().unwrap() >= 1, "{r}");
+        }
+    }
     for k in ["total_ms", "downtime_ms", "bytes_transferred", "source_cpu_ms", "dest_cpu_ms"] {
         assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {r}");
     }
@@ -204,8 +235,23 @@ fn assert_report(r: &serde_json::Value, mode: &str) {
 }
 
 /// The destination's memory digest at the hand-over (before its guest ran) equals the source's
-/// at the switch-over.
+/// at the switch-over. After post-copy: the digest of every page as it was when it arrived (or
+/// held) equals the source's at the switch-over.
 fn assert_same_memory(m: &Mig, r: &serde_json::Value) {
+    if ends_in_postcopy(r) {
+        let want = r["memory_digest"].as_str().expect("a digest at the switch-over");
+        let err = m.dst.stderr();
+        let got = err
+            .lines()
+            .find_map(|l| l.split("post-copy memory digest ").nth(1))
+            .map(|d| d.split_whitespace().next().unwrap_or_default().trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("the destination logs its post-copy digest:\n{err}"));
+        assert_eq!(got, want, "memory differs after post-copy: {r}");
+        let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
+        assert_eq!(s["state"], "running", "{s}");
+        assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+        return;
+    }
     let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
     assert_eq!(s["state"], "running", "{s}");
     assert_eq!(s["origin"]["kind"], "migrated", "{s}");
@@ -253,6 +299,26 @@ fn counter_migrates_with_stopcopy() {
     migrate_counter("stopcopy");
 }
 
+#[test]
+fn counter_migrates_with_postcopy() {
+    migrate_counter("postcopy");
+}
+
+#[test]
+fn counter_migrates_with_demand() {
+    migrate_counter("demand");
+}
+
+#[test]
+fn counter_migrates_with_hybrid() {
+    migrate_counter("hybrid");
+}
+
+#[test]
+fn counter_migrates_with_auto() {
+    migrate_counter("auto");
+}
+
 fn migrate_dirty(mode: &str) {
     let test = format!("dirty_migrates_with_{mode}");
     let Some(_g) = setup(&test) else { return };
@@ -262,7 +328,11 @@ fn migrate_dirty(mode: &str) {
     eprintln!("{test}: {r}");
     assert_report(&r, mode);
     assert_same_memory(&m, &r);
-    if mode == "precopy" {
+    if ["postcopy", "demand", "hybrid", "auto"].contains(&mode) {
+        if mode != "auto" {
+            assert_eq!(r["stop_reason"].as_str().unwrap() == mode, mode != "hybrid", "{r}");
+        }
+    } else if mode == "precopy" {
         let rounds = r["rounds"].as_array().unwrap();
         assert!(!rounds.is_empty(), "{r}");
         assert!(rounds[0]["pages"].as_u64().unwrap() >= 32 * 256, "round 0 sends the working set: {r}");
@@ -275,7 +345,11 @@ fn migrate_dirty(mode: &str) {
         assert!(r["rounds"].as_array().unwrap().is_empty());
         assert_eq!(r["bytes_retransferred"], 0);
     }
-    // The guest's own self-check goes on passing at the destination.
+    assert_dirty_continues(&mut m);
+}
+
+/// The dirty guest's own self-check goes on passing at the destination.
+fn assert_dirty_continues(m: &mut Mig) {
     let d = m.d_serial();
     wait_for(&d, Duration::from_secs(15), &mut m.dst, "two dirty lines at the destination", |t| {
         t.lines().filter(|l| l.starts_with("dirty gen=")).count() >= 2
@@ -297,6 +371,67 @@ fn dirty_migrates_with_precopy() {
 #[test]
 fn dirty_migrates_with_stopcopy() {
     migrate_dirty("stopcopy");
+}
+
+/// A link cut for longer than the session's idle timeout in the middle of post-copy, then
+/// healed: both processes live, the guest waits on its faults, the source reconnects, the
+/// destination says what it holds and asks again; the migration completes and the guest is
+/// intact (memory digest as at the switch-over, its self-check passing).
+#[test]
+fn a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact() {
+    let test = "a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact";
+    let Some(_g) = setup(test) else { return };
+    let Some(ns) = NetNs::bridged(test, "mcut", 77) else { return };
+    let mut m = Mig::start_in(Some(&ns), "workload=dirty wss=32 rate=20000", "128M", "128M", &[], &["--verify"]);
+    std::thread::sleep(Duration::from_millis(500));
+    // `demand`: nothing is pushed for the first second, so post-copy is still on when the cut
+    // lands.
+    let child = m.migrate_bg(&["--mode", "demand", "--verify"]);
+    m.wait_phase("postcopy", Duration::from_secs(20));
+    let tc = |args: &[&str]| {
+        let st = ns.command("tc").args(args).status().expect("run tc");
+        assert!(st.success(), "tc {args:?}");
+    };
+    tc(&["qdisc", "add", "dev", "lo", "root", "netem", "loss", "100%"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    tc(&["qdisc", "del", "dev", "lo", "root"]);
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the migration completes after the heal: {stderr}\n--- src:\n{}\n--- dst:\n{}",
+        m.src.stderr(),
+        m.dst.stderr()
+    );
+    let r = json(&stdout);
+    eprintln!("{test}: {r}");
+    assert!(r["reconnects"].as_u64().unwrap() >= 1, "the cut broke the session and it came back: {r}");
+    let st = m.src.wait_exit(Duration::from_secs(10)).expect("the source process exits after the migration");
+    assert!(st.success(), "source exit {st}: {}", m.src.stderr());
+    m.dst.assert_alive();
+    assert_report(&r, "demand");
+    assert_same_memory(&m, &r);
+    assert_dirty_continues(&mut m);
+}
+
+#[test]
+fn dirty_migrates_with_postcopy() {
+    migrate_dirty("postcopy");
+}
+
+#[test]
+fn dirty_migrates_with_demand() {
+    migrate_dirty("demand");
+}
+
+#[test]
+fn dirty_migrates_with_hybrid() {
+    migrate_dirty("hybrid");
+}
+
+#[test]
+fn dirty_migrates_with_auto() {
+    migrate_dirty("auto");
 }
 
 /// The kv guest moves under a client's load through a bridge: the client's TCP connection
@@ -350,6 +485,26 @@ fn kv_migrates_with_precopy_under_load() {
 #[test]
 fn kv_migrates_with_stopcopy_under_load() {
     kv_migrates("stopcopy", 72);
+}
+
+#[test]
+fn kv_migrates_with_postcopy_under_load() {
+    kv_migrates("postcopy", 73);
+}
+
+#[test]
+fn kv_migrates_with_demand_under_load() {
+    kv_migrates("demand", 74);
+}
+
+#[test]
+fn kv_migrates_with_hybrid_under_load() {
+    kv_migrates("hybrid", 75);
+}
+
+#[test]
+fn kv_migrates_with_auto_under_load() {
+    kv_migrates("auto", 76);
 }
 
 /// `migrate-cancel` in each phase before the hand-over: the guest runs on at the source, the

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::uffd::{Fill, Uffd, UffdError};
@@ -187,6 +187,9 @@ struct Shared {
     pages_dropped: AtomicU64,
     stop: AtomicBool,
     finished: AtomicBool,
+    /// With verification: the crc32 of each page as it was held at the start or placed (by bit
+    /// index), for [`Postcopy::digest`].
+    crcs: Option<Vec<std::sync::atomic::AtomicU32>>,
 }
 
 /// Guest memory under post-copy (see the module doc). `Send + Sync`; share it with `Arc`.
@@ -221,6 +224,21 @@ impl Postcopy {
         prefetch: usize,
         fetch: Fetch,
     ) -> Result<Arc<Self>, PostcopyError> {
+        Self::start_verified(mem, held, prefetch, fetch, false)
+    }
+
+    /// [`Postcopy::start`]; with `verify`, also records the crc32 of every page as held now
+    /// (reading the held pages, before the guest runs) and as placed, so that
+    /// [`Postcopy::digest`] gives the digest of memory as the source had it at the switch-over
+    /// ([`crate::memory::digest`]'s fold), whatever the guest wrote since. For tests: costs a
+    /// read of the held memory at the start.
+    pub fn start_verified(
+        mem: &GuestMemory,
+        held: &[(u64, u32)],
+        prefetch: usize,
+        fetch: Fetch,
+        verify: bool,
+    ) -> Result<Arc<Self>, PostcopyError> {
         let uffd = Uffd::open()?;
         let mut spans = Vec::new();
         let mut base = 0;
@@ -249,6 +267,7 @@ impl Postcopy {
             pages_dropped: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            crcs: verify.then(|| (0..base).map(|_| std::sync::atomic::AtomicU32::new(0)).collect()),
         };
         let mut held_pages = 0;
         let mut next = 0;
@@ -299,7 +318,40 @@ impl Postcopy {
             prefetch,
             "post-copy memory: userfaultfd registered, fault thread started"
         );
+        if let Some(crcs) = &shared.crcs {
+            // Held pages as they are now (a never-written one faults and is zero-filled by the
+            // fault thread, as it would for the guest).
+            let mut buf = [0u8; PAGE_SIZE];
+            for sp in &shared.spans {
+                for k in 0..sp.count {
+                    let i = sp.base + k as usize;
+                    if shared.held.get(i) {
+                        let addr = vm_memory::GuestAddress((sp.first + k) * PS);
+                        mem.read_slice(&mut buf, addr).map_err(|_| PostcopyError::NotInMemory(sp.first + k))?;
+                        crcs[i].store(crc32fast::hash(&buf), Ordering::Relaxed);
+                    }
+                }
+            }
+        }
         Ok(Arc::new(Self { shared, thread: Mutex::new(Some(thread)) }))
+    }
+
+    /// With verification ([`Postcopy::start_verified`]) and every page present: the digest of
+    /// memory as each page was held or placed, as [`crate::memory::digest`] computes it.
+    pub fn digest(&self) -> Option<u64> {
+        let crcs = self.shared.crcs.as_ref()?;
+        if self.missing() > 0 {
+            return None;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for sp in &self.shared.spans {
+            for k in 0..sp.count {
+                let c = u64::from(crcs[sp.base + k as usize].load(Ordering::Relaxed));
+                h = (h ^ (c | ((sp.first + k) << 32))).wrapping_mul(0x0100_0000_01b3);
+                h ^= h >> 29;
+            }
+        }
+        Some(h)
     }
 
     /// A page arrived: places it with UFFDIO_COPY if still missing (waking whoever waits on
@@ -318,17 +370,28 @@ impl Postcopy {
             return Err(PostcopyError::Length { pfn: first, len: pages.len(), expected });
         }
         let n = (pages.len() / PAGE_SIZE) as u64;
-        self.shared.fill_pages(first, n, via, |hva, at, len| {
-            let off = ((at - first) * PS) as usize;
-            self.shared.uffd.copy(hva, &pages[off..off + len as usize])
-        })
+        let crc = |pfn: u64| {
+            let off = ((pfn - first) * PS) as usize;
+            crc32fast::hash(&pages[off..off + PAGE_SIZE])
+        };
+        self.shared.fill_pages(
+            first,
+            n,
+            via,
+            |hva, at, len| {
+                let off = ((at - first) * PS) as usize;
+                self.shared.uffd.copy(hva, &pages[off..off + len as usize])
+            },
+            crc,
+        )
     }
 
     /// Zero pages arrived for `first..first + n`: maps the zero page (UFFDIO_ZEROPAGE, no
     /// buffer, no memory used until written) at those still missing, one ioctl per run of
     /// missing pages, and drops the rest. Returns the pages placed.
     pub fn place_zeros(&self, first: u64, n: u64, via: Via) -> Result<u64, PostcopyError> {
-        self.shared.fill_pages(first, n, via, |hva, _, len| self.shared.uffd.zeropage(hva, len))
+        let zero = crc32fast::hash(&[0u8; PAGE_SIZE]);
+        self.shared.fill_pages(first, n, via, |hva, _, len| self.shared.uffd.zeropage(hva, len), |_| zero)
     }
 
     /// Pages neither held nor placed.
@@ -481,7 +544,15 @@ impl Shared {
         n: u64,
         via: Via,
         fill: impl Fn(u64, u64, u64) -> Result<Fill, UffdError>,
+        crc: impl Fn(u64) -> u32,
     ) -> Result<u64, PostcopyError> {
+        let record = |span: &Span, pfn: u64, k: u64| {
+            if let Some(crcs) = &self.crcs {
+                for p in pfn..pfn + k {
+                    crcs[span.index(p)].store(crc(p), Ordering::Relaxed);
+                }
+            }
+        };
         if self.finished.load(Ordering::SeqCst) {
             return Err(PostcopyError::Finished(first));
         }
@@ -503,12 +574,14 @@ impl Shared {
             while pfn < end {
                 match fill(span.hva(pfn), pfn, (end - pfn) * PS)? {
                     Fill::Done => {
+                        record(&span, pfn, end - pfn);
                         self.mark_placed(&span, pfn, end - pfn, via);
                         placed += end - pfn;
                         pfn = end;
                     }
                     Fill::Partial(bytes) => {
                         let k = bytes / PS;
+                        record(&span, pfn, k);
                         self.mark_placed(&span, pfn, k, via);
                         placed += k;
                         pfn += k;
