@@ -3,12 +3,13 @@
 
 usage: plot_migration.py BENCH_JSON OUT_DIR
 
-Writes OUT_DIR/migration-<workload>.png for every workload whose runs carry a series (today W3:
-the kv checker client's replies per 10 ms bucket; the `dirty` guest of W1/W2 reports its
-progress only once a second). One panel per configuration, stacked on one time axis (ms since
-the migration started: QEMU's `migrate` command, our source starting the migration), each the
-configuration's median run by total time among its completed runs (the first run with a series
-when none completed); a workload without a series is left out (said on stderr). The guest's pause -> resume at the destination is shaded; a dotted line
+Writes OUT_DIR/migration-<workload>.png for every workload whose runs carry a series (W3: the kv
+checker client's replies per 10 ms bucket; W1/W2: the pages the `dirty` guest wrote per 10 ms
+bucket, from its `dirty prog` lines, `report_ms=10`). One panel per configuration, stacked on
+one time axis (ms since the migration started: QEMU's `migrate` command, our source starting
+the migration), each the configuration's median run by total time among its completed runs
+(the first run with a series when none completed); a workload without a series is left out
+(said on stderr). The guest's pause -> resume at the destination is shaded; a dotted line
 marks "complete" (every page at the destination) when it comes later than the resume
 (post-copy), a dashed one QEMU's `migrate-start-postcopy`, a dash-dotted one the start of
 the `understudy migrate` process (before its migration starts: its start-up shares the CPUs

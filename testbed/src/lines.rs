@@ -34,6 +34,17 @@ pub fn parse_dirty_progress(line: &str) -> Option<(u64, u64, u64)> {
     Some((field("gen")?, field("pages")?, field("errors")?))
 }
 
+/// `dirty prog t=<guest ms> pages=<total written>` (the `dirty` workload's `report_ms=`
+/// lines) → (t, pages); anything else, a cut line included, → None.
+pub fn parse_dirty_prog(line: &str) -> Option<(u64, u64)> {
+    let (t, pages) = line.strip_prefix("dirty prog t=")?.split_once(" pages=")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(t) || !digits(pages) {
+        return None;
+    }
+    Some((t.parse().ok()?, pages.parse().ok()?))
+}
+
 /// Checks consecutive counter lines: numbers strictly consecutive from `first`'s, each sum
 /// the fold of every number up to it. Returns the last (n, sum).
 #[derive(Debug, Default)]
@@ -106,5 +117,22 @@ mod tests {
         assert_eq!(parse_dirty_progress("dirty gen=3 pages=1200 errors=0"), Some((3, 1200, 0)));
         assert_eq!(parse_dirty_progress("dirty error page=5"), None);
         assert_eq!(parse_dirty_progress("dirty gen=x pages=1 errors=0"), None);
+        // The fine progress lines are not mistaken for the once-a-second ones, nor back.
+        assert_eq!(parse_dirty_progress("dirty prog t=10 pages=200"), None);
+        assert_eq!(parse_dirty_prog("dirty gen=3 pages=1200 errors=0"), None);
+        assert_eq!(parse_dirty_prog("dirty prog t=10 pages=200"), Some((10, 200)));
+        assert_eq!(parse_dirty_prog("dirty prog t=123456 pages=98765432"), Some((123_456, 98_765_432)));
+        // Cut or garbled (a line split across a migration's two serial outputs).
+        for bad in [
+            "dirty prog t=10 pages=",
+            "dirty prog t=10",
+            "prog t=10 pages=200",
+            "dirty prog t= pages=1",
+            "dirty prog t=1 pages=2 x",
+            "dirty prog t=-1 pages=2",
+            "dirty prog t=1 pages=+2",
+        ] {
+            assert_eq!(parse_dirty_prog(bad), None, "{bad:?}");
+        }
     }
 }

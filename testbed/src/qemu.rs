@@ -1,11 +1,13 @@
 //! The fixture guest under QEMU microvm: the peer VMM the tests compare against.
 //!
-//! The guest's COM1 goes to QEMU's stdout, read line by line on a thread. Every wait is
+//! The guest's COM1 goes to QEMU's stdout, read line by line on a thread (which notes the
+//! wall-clock time each line arrived, [`QemuGuest::drain_stamped`]). Every wait is
 //! bounded, and the QEMU process is killed when the [`QemuGuest`] is dropped, on every path.
 
 use crate::env::{QEMU, guest_image};
 use crate::harness::netns::command_in;
 use crate::harness::proc::die_with_parent;
+use crate::harness::wait::unix_seconds;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -115,7 +117,8 @@ impl QemuOptions {
 /// A running QEMU with the fixture guest. Killed on drop.
 pub struct QemuGuest {
     child: Child,
-    lines: Receiver<String>,
+    /// Each line with the time (Unix seconds) the reader thread read it.
+    lines: Receiver<(f64, String)>,
     seen: Vec<String>,
     stderr: Arc<Mutex<String>>,
     started: Instant,
@@ -150,7 +153,7 @@ impl QemuGuest {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
-                        if tx.send(line).is_err() {
+                        if tx.send((unix_seconds(), line)).is_err() {
                             break;
                         }
                     }
@@ -191,8 +194,13 @@ impl QemuGuest {
 
     /// The lines that arrived since the last read, without waiting.
     pub fn drain_lines(&mut self) -> Vec<String> {
-        let new: Vec<String> = self.lines.try_iter().collect();
-        self.seen.extend(new.iter().cloned());
+        self.drain_stamped().into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// [`Self::drain_lines`], each line with the wall-clock time (Unix seconds) it arrived.
+    pub fn drain_stamped(&mut self) -> Vec<(f64, String)> {
+        let new: Vec<(f64, String)> = self.lines.try_iter().collect();
+        self.seen.extend(new.iter().map(|(_, l)| l.clone()));
         new
     }
 
@@ -204,7 +212,7 @@ impl QemuGuest {
     /// The next line, within `timeout`.
     pub fn next_line(&mut self, timeout: Duration) -> Result<String> {
         match self.lines.recv_timeout(timeout) {
-            Ok(l) => {
+            Ok((_, l)) => {
                 self.seen.push(l.clone());
                 Ok(l)
             }

@@ -6,7 +6,7 @@
 //! ```
 //! use guest_kv::cmdline::{parse, Workload};
 //! let c = parse("acpi=off workload=dirty wss=8 rate=500 virtio_mmio.device=512@0xfeb00e00:12").unwrap();
-//! assert_eq!(c.workload, Workload::Dirty { wss_mib: 8, rate: 500 });
+//! assert_eq!(c.workload, Workload::Dirty { wss_mib: 8, rate: 500, report_ms: 0 });
 //! assert_eq!(c.virtio_mmio[0].base, 0xfeb0_0e00);
 //! assert_eq!(c.virtio_mmio[0].irq, 12);
 //! ```
@@ -37,12 +37,14 @@ pub enum Workload {
         /// Milliseconds between lines.
         period_ms: u32,
     },
-    /// `workload=dirty [wss=MiB] [rate=pages/s]`.
+    /// `workload=dirty [wss=MiB] [rate=pages/s] [report_ms=N]`.
     Dirty {
         /// Working set in MiB.
         wss_mib: u64,
         /// Pages rewritten per second.
         rate: u64,
+        /// Milliseconds between `dirty prog` lines (0: none, the default).
+        report_ms: u32,
     },
     /// `workload=kv [ip=A.B.C.D/len] [gw=A.B.C.D] [mem=MiB] [conns=N]`.
     Kv(KvConfig),
@@ -225,6 +227,7 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError> {
         "dirty" => Workload::Dirty {
             wss_mib: num(cmdline, "wss", DEFAULT_WSS_MIB, |n| n <= 1 << 20)?,
             rate: num(cmdline, "rate", DEFAULT_RATE, |n| n <= 100_000_000)?,
+            report_ms: num(cmdline, "report_ms", 0, |n| n <= 3_600_000)?,
         },
         "kv" => {
             let ip = match get(cmdline, "ip") {
@@ -334,7 +337,11 @@ mod tests {
         assert_eq!(c.hz, DEFAULT_HZ);
         assert!(c.virtio_mmio.is_empty());
         let c = parse("workload=dirty").unwrap();
-        assert_eq!(c.workload, Workload::Dirty { wss_mib: DEFAULT_WSS_MIB, rate: DEFAULT_RATE });
+        assert_eq!(c.workload, Workload::Dirty { wss_mib: DEFAULT_WSS_MIB, rate: DEFAULT_RATE, report_ms: 0 });
+        let c = parse("workload=dirty wss=64 rate=20000 report_ms=10").unwrap();
+        assert_eq!(c.workload, Workload::Dirty { wss_mib: 64, rate: 20000, report_ms: 10 });
+        assert_eq!(parse("workload=dirty report_ms=3600001").unwrap_err().key, "report_ms");
+        assert_eq!(parse("workload=dirty report_ms=x").unwrap_err().key, "report_ms");
         let c = parse("workload=kv").unwrap();
         assert_eq!(
             c.workload,

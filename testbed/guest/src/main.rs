@@ -59,12 +59,12 @@ extern "C" fn guest_main(start_info: u64) -> ! {
     );
     match cfg.workload {
         Workload::Counter { period_ms } => workloads::counter::run(period_ms),
-        Workload::Dirty { wss_mib, rate } => {
+        Workload::Dirty { wss_mib, rate, report_ms } => {
             let free = arena.free();
             let Some(ws) = arena.take(wss_mib * MIB, 2 * MIB) else {
                 panic!("dirty: wss={wss_mib}MiB does not fit in {}MiB of free RAM", free / MIB);
             };
-            workloads::dirty::run(ws, rate)
+            workloads::dirty::run(ws, rate, report_ms)
         }
         Workload::Kv(kv) => {
             // The heap takes the whole arena; the store gets a quarter of it unless `mem=`

@@ -1,6 +1,6 @@
 //! Waiting within bounds: for a file's text to say something ([`wait_for`]), for a child to
 //! exit ([`wait_with_timeout`]), for a condition ([`poll_until`]); and reading files that grow
-//! ([`read_text`], [`FileLines`]).
+//! ([`read_text`], [`FileLines`], [`StampedLines`]).
 
 use super::interrupt::check_interrupted;
 use super::proc::Proc;
@@ -8,7 +8,15 @@ use anyhow::Result;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The host's wall clock, seconds since the Unix epoch.
+pub fn unix_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
 
 /// Reads a file as text (empty if missing; invalid UTF-8 replaced).
 pub fn read_text(p: &Path) -> String {
@@ -105,6 +113,47 @@ impl FileLines {
     }
 }
 
+/// A growing file's complete lines, each with the wall-clock time ([`unix_seconds`]) a thread
+/// polling the file every `every` read it: when a line arrived, to within `every`, however
+/// late the caller collects it. The thread ends when this is dropped.
+pub struct StampedLines {
+    lines: Receiver<(f64, String)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StampedLines {
+    pub fn follow(path: PathBuf, every: Duration) -> Self {
+        let (tx, lines) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut file = FileLines::new(path);
+            while !stopped.load(Ordering::Relaxed) {
+                let new = file.poll();
+                let now = unix_seconds();
+                for l in new {
+                    if tx.send((now, l)).is_err() {
+                        return;
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        });
+        StampedLines { lines, stop }
+    }
+
+    /// The lines read since the last call, with their times, without waiting.
+    pub fn drain(&self) -> Vec<(f64, String)> {
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for StampedLines {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +190,33 @@ mod tests {
         use std::io::Write;
         std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b" pages=1 errors=0\r\n").unwrap();
         assert_eq!(f.poll(), ["dirty gen=1 pages=1 errors=0"]);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn stamped_lines_carry_the_time_they_were_read() {
+        let p = std::env::temp_dir().join(format!("us-mb-stamped-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let lines = StampedLines::follow(p.clone(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(lines.drain().is_empty(), "a missing file has no lines yet");
+        let t0 = unix_seconds();
+        std::fs::write(&p, "dirty prog t=10 pages=200\r\ndirty prog t=20").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Collected 300 ms late, stamped when read: within a few ms of t0; the cut line waits.
+        let got = lines.drain();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1, "dirty prog t=10 pages=200");
+        assert!(got[0].0 >= t0 && got[0].0 < t0 + 0.1, "read at {}, written at {t0}", got[0].0);
+        let t1 = unix_seconds();
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b" pages=400\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let got = lines.drain();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1, "dirty prog t=20 pages=400");
+        assert!(got[0].0 >= t1 && got[0].0 < t1 + 0.05, "read at {}, completed at {t1}", got[0].0);
+        drop(lines);
         std::fs::remove_file(&p).unwrap();
     }
 }

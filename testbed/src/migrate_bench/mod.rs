@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Workloads ([`Workload`]): W1 `dirty wss=64 rate=20000` at 256 MiB, W2 `dirty wss=128
-//! rate=200000` at 512 MiB, W3 `kv` at 64 MiB under the checker client's load through a TAP.
+//! rate=200000` at 512 MiB (both with `report_ms=10`), W3 `kv` at 64 MiB under the checker client's load through a TAP.
 //! Configurations ([`Config`]): five QEMU ones (plain unix socket or TLS over TCP on 127.0.0.1)
 //! and our modes. One run ([`run_one`]): start the source, let the workload settle, start the
 //! destination, migrate, check the guest goes on at the destination (`dirty`: a whole generation
@@ -17,8 +17,9 @@
 //! cancelled and counted as not converged. Every child process is killed on every path.
 //!
 //! Issue 14: our post-copy modes' report fields ([`PostcopyStats`], QEMU's post-copy blocktime
-//! beside them), W3's throughput over time through each migration ([`series`]: the client's
-//! replies per 10 ms, markers for pause, resume and complete) in the JSON, and a PNG per
+//! beside them), each workload's throughput over time through each migration ([`series`]: W3's
+//! client replies, W1/W2's pages the guest wrote, per 10 ms, markers for pause, resume and
+//! complete) in the JSON, and a PNG per
 //! workload drawn from it ([`plot`], `testbed/scripts/plot_migration.py`).
 
 pub mod kv;
@@ -34,6 +35,7 @@ use crate::env::{guest_image, qemu_skip_reason, workspace_root};
 use crate::harness::interrupt::{check_interrupted, sleep};
 use crate::harness::proc::loadavg;
 use crate::harness::tempdir::TempDir;
+use crate::harness::wait::unix_seconds;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::fmt;
@@ -43,12 +45,15 @@ use std::time::{Duration, Instant};
 
 pub use table::{Summary, markdown_table, summarize};
 
+/// The `dirty` guest's `report_ms`: a `dirty prog` line every 10 ms, one per 100 Hz tick.
+pub const REPORT_MS: u32 = 10;
+
 /// A workload of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Workload {
-    /// `workload=dirty wss=64 rate=20000`, 256 MiB.
+    /// `workload=dirty wss=64 rate=20000 report_ms=10`, 256 MiB.
     W1,
-    /// `workload=dirty wss=128 rate=200000`, 512 MiB.
+    /// `workload=dirty wss=128 rate=200000 report_ms=10`, 512 MiB.
     W2,
     /// `workload=kv`, 64 MiB, under the checker client's load.
     W3,
@@ -72,11 +77,12 @@ impl Workload {
             .with_context(|| format!("unknown workload {s:?}; known: W1, W2, W3"))
     }
 
-    /// The guest's command line.
+    /// The guest's command line (the `dirty` guest prints its progress every [`REPORT_MS`]
+    /// for the series).
     pub fn cmdline(self) -> String {
         match self {
-            Workload::W1 => "workload=dirty wss=64 rate=20000".into(),
-            Workload::W2 => "workload=dirty wss=128 rate=200000".into(),
+            Workload::W1 => format!("workload=dirty wss=64 rate=20000 report_ms={REPORT_MS}"),
+            Workload::W2 => format!("workload=dirty wss=128 rate=200000 report_ms={REPORT_MS}"),
             Workload::W3 => format!("workload=kv ip={}/24", kv::GUEST_IP),
         }
     }
@@ -370,7 +376,7 @@ pub struct RunResult {
     /// W3: acknowledged writes.
     pub acked_writes: Option<u64>,
     /// The workload's progress over time through the migration (W3: the client's completed
-    /// operations; the `dirty` guest reports progress only once a second, too coarse).
+    /// operations; W1/W2: the pages the guest wrote).
     pub series: Option<series::Series>,
 }
 
@@ -552,6 +558,8 @@ pub trait Migrator {
     fn migrate(&mut self) -> Result<Migrated>;
     /// Lines the destination guest printed since the last call.
     fn dest_lines(&mut self) -> Vec<String>;
+    /// Every `dirty prog` line either guest printed so far, with the time it arrived.
+    fn progress(&mut self) -> Vec<series::Progress>;
     /// The tail of the logs, for an error.
     fn logs(&self) -> String;
 }
@@ -596,8 +604,35 @@ fn check_dirty(m: &mut dyn Migrator, w: &mut watch::DirtyWatch, timeout: Duratio
     }
 }
 
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+/// The series' zero (the migrator's, else the harness's `start`) and its end, ms after the
+/// zero: the later of the harness's `end` and the last marker.
+fn series_span(m: &Migrated, start: f64, end: f64) -> (f64, f64) {
+    let zero = m.started_unix_s.unwrap_or(start);
+    (zero, m.markers.iter().map(|k| k.ms).fold((end - zero) * 1e3, f64::max))
+}
+
+/// W1/W2's throughput over time: the pages the guest wrote per [`series::BUCKET_MS`], from its
+/// `dirty prog` lines at the source and then the destination (waiting, at most 2 s, until the
+/// guest has printed [`series::AFTER_MS`] past the end).
+/// The points are also written to `DIR/progress.tsv` (kept with `--keep`): host ms since the
+/// zero, the guest's ms, pages.
+fn dirty_series(
+    side: &mut dyn Migrator,
+    dir: &Path,
+    m: &Migrated,
+    start: f64,
+    end: f64,
+) -> Result<Option<series::Series>> {
+    let (zero, last) = series_span(m, start, end);
+    let until = zero + (last + series::AFTER_MS) / 1e3 + 0.05;
+    let wait = (until - unix_seconds()).clamp(0.0, 2.0);
+    sleep(Duration::from_secs_f64(wait))?;
+    let points = side.progress();
+    let tsv: String =
+        points.iter().map(|p| format!("{:.3}\t{}\t{}\n", (p.unix_s - zero) * 1e3, p.guest_ms, p.pages)).collect();
+    std::fs::write(dir.join("progress.tsv"), format!("host_ms\tguest_ms\tpages\n{tsv}"))?;
+    let at = |name: &str| m.markers.iter().find(|k| k.name == name).map(|k| k.ms);
+    Ok(series::pages_series(&points, zero, last, at("pause").zip(at("resume"))))
 }
 
 /// W3's throughput over time: the client's replies per [`series::BUCKET_MS`], from
@@ -606,9 +641,8 @@ fn unix_seconds() -> f64 {
 /// around the migration, the zero when the migrator gave none.
 fn kv_series(dir: &Path, m: &Migrated, start: f64, end: f64) -> Option<series::Series> {
     let text = std::fs::read_to_string(kv::completions_file(dir)).ok()?;
-    let zero = m.started_unix_s.unwrap_or(start);
+    let (zero, last) = series_span(m, start, end);
     let times = series::parse_completions(&text, zero);
-    let last = m.markers.iter().map(|k| k.ms).fold((end - zero) * 1e3, f64::max);
     Some(series::Series::bucket(
         "kv client replies",
         &times,
@@ -629,13 +663,16 @@ pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize
     if let Some(wss) = workload.wss_mib() {
         let mut w = settle_dirty(side.as_mut(), wss)?;
         side.start_destination()?;
+        let start = unix_seconds();
         let migrated = side.migrate()?;
+        let end = unix_seconds();
         let mut r = RunResult::new(workload, config, run, migrated);
         if r.migrated.outcome == Outcome::Completed {
             let (ok, note) = check_dirty(side.as_mut(), &mut w, Duration::from_secs(8))?;
             r.guest_ok = Some(ok);
             r.guest_note = note;
         }
+        r.series = dirty_series(side.as_mut(), &env.dir, &r.migrated, start, end)?;
         return Ok(r);
     }
     // W3: the client loads the guest for a second before and after the migration.
@@ -952,9 +989,9 @@ mod tests {
 
     #[test]
     fn workloads_are_the_issues() {
-        assert_eq!(Workload::W1.cmdline(), "workload=dirty wss=64 rate=20000");
+        assert_eq!(Workload::W1.cmdline(), "workload=dirty wss=64 rate=20000 report_ms=10");
         assert_eq!((Workload::W1.mem_mib(), Workload::W2.mem_mib(), Workload::W3.mem_mib()), (256, 512, 64));
-        assert_eq!(Workload::W2.cmdline(), "workload=dirty wss=128 rate=200000");
+        assert_eq!(Workload::W2.cmdline(), "workload=dirty wss=128 rate=200000 report_ms=10");
         assert_eq!(Workload::W3.cmdline(), "workload=kv ip=10.79.0.2/24");
         assert!(Workload::W3.kv() && Workload::W3.wss_mib().is_none());
     }

@@ -2,12 +2,12 @@
 //! `understudy migrate --json` between them (the commands of issue 13). The numbers are the
 //! ones `migrate` reports, plus our clock around the command.
 
-use super::series::{self, Marker};
+use super::series::{self, GuestLines, Marker, Progress};
 use super::{Migrated, Migrator, Outcome, PostcopyStats, RunEnv, Workload, kv};
 use crate::harness::interrupt::check_interrupted;
 use crate::harness::netns::command_in;
 use crate::harness::proc::{Proc, die_with_parent, run_bounded};
-use crate::harness::wait::FileLines;
+use crate::harness::wait::StampedLines;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -61,9 +61,15 @@ pub struct OurMigration {
     port: u16,
     src: Option<Proc>,
     dst: Option<Proc>,
-    src_serial: FileLines,
-    dst_serial: FileLines,
+    /// The guests' serial files, read every [`SERIAL_POLL`] by a thread each.
+    src_serial: StampedLines,
+    dst_serial: StampedLines,
+    src_lines: GuestLines,
+    dst_lines: GuestLines,
 }
+
+/// How often the serial files are read: the precision of the `dirty prog` lines' times.
+const SERIAL_POLL: Duration = Duration::from_millis(2);
 
 impl OurMigration {
     pub fn new(env: &RunEnv<'_>, workload: Workload, mode: &str) -> Self {
@@ -78,8 +84,10 @@ impl OurMigration {
             port: 0,
             src: None,
             dst: None,
-            src_serial: FileLines::new(env.dir.join("src-serial.log")),
-            dst_serial: FileLines::new(env.dir.join("dst-serial.log")),
+            src_serial: StampedLines::follow(env.dir.join("src-serial.log"), SERIAL_POLL),
+            dst_serial: StampedLines::follow(env.dir.join("dst-serial.log"), SERIAL_POLL),
+            src_lines: GuestLines::default(),
+            dst_lines: GuestLines::default(),
         }
     }
 
@@ -180,7 +188,8 @@ impl Migrator for OurMigration {
     }
 
     fn source_lines(&mut self) -> Vec<String> {
-        self.src_serial.poll()
+        self.src_lines.add(self.src_serial.drain());
+        self.src_lines.take()
     }
 
     fn start_destination(&mut self) -> Result<()> {
@@ -259,7 +268,14 @@ impl Migrator for OurMigration {
     }
 
     fn dest_lines(&mut self) -> Vec<String> {
-        self.dst_serial.poll()
+        self.dst_lines.add(self.dst_serial.drain());
+        self.dst_lines.take()
+    }
+
+    fn progress(&mut self) -> Vec<Progress> {
+        self.src_lines.add(self.src_serial.drain());
+        self.dst_lines.add(self.dst_serial.drain());
+        [self.src_lines.progress(), self.dst_lines.progress()].concat()
     }
 
     fn logs(&self) -> String {

@@ -3,7 +3,7 @@
 //! our clock and QMP event timestamps.
 
 use super::qmp::{MigrateInfo, Qmp};
-use super::series::Marker;
+use super::series::{GuestLines, Marker, Progress};
 use super::{Migrated, Migrator, Outcome, PostcopyStats, QemuConfig, RunEnv, Workload, kv};
 use crate::env::free_local_port;
 use crate::harness::interrupt::check_interrupted;
@@ -36,6 +36,8 @@ pub struct QemuMigration {
     converge_timeout: Duration,
     src: Option<Vm>,
     dst: Option<Vm>,
+    src_lines: GuestLines,
+    dst_lines: GuestLines,
 }
 
 /// QEMU's `total-time` and `downtime`, each left out (None, with a note) when it cannot be
@@ -159,6 +161,8 @@ impl QemuMigration {
             converge_timeout: env.opts.converge_timeout,
             src: None,
             dst: None,
+            src_lines: GuestLines::default(),
+            dst_lines: GuestLines::default(),
         }
     }
 
@@ -175,6 +179,16 @@ impl QemuMigration {
             o.incoming = Some("defer".into());
         }
         o
+    }
+
+    /// Takes the lines both QEMUs printed (stamped on arrival by their reader threads).
+    fn pump(&mut self) {
+        if let Some((g, _)) = self.src.as_mut() {
+            self.src_lines.add(g.drain_stamped());
+        }
+        if let Some((g, _)) = self.dst.as_mut() {
+            self.dst_lines.add(g.drain_stamped());
+        }
     }
 
     fn sides(&mut self) -> Result<(&mut Vm, &mut Vm)> {
@@ -196,7 +210,8 @@ impl Migrator for QemuMigration {
     }
 
     fn source_lines(&mut self) -> Vec<String> {
-        self.src.as_mut().map(|(g, _)| g.drain_lines()).unwrap_or_default()
+        self.pump();
+        self.src_lines.take()
     }
 
     fn start_destination(&mut self) -> Result<()> {
@@ -382,7 +397,13 @@ impl Migrator for QemuMigration {
     }
 
     fn dest_lines(&mut self) -> Vec<String> {
-        self.dst.as_mut().map(|(g, _)| g.drain_lines()).unwrap_or_default()
+        self.pump();
+        self.dst_lines.take()
+    }
+
+    fn progress(&mut self) -> Vec<Progress> {
+        self.pump();
+        [self.src_lines.progress(), self.dst_lines.progress()].concat()
     }
 
     fn logs(&self) -> String {
