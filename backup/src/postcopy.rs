@@ -110,6 +110,7 @@ pub(crate) async fn run(
     let mut last_status = Instant::now();
     // Set while the link is down: until when the source may come back.
     let mut down_until: Option<Instant> = None;
+    let mut stop_open = true;
     let mut reconnects = 0u32;
     let result = loop {
         if resumed && pc.is_complete() {
@@ -215,7 +216,13 @@ pub(crate) async fn run(
                     down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
                 }
             }
-            _ = stop.changed() => break Err(ReceiveError::Stopped),
+            // Once the guest runs here the node owns it and drops the stop switch: only an
+            // explicit stop counts.
+            r = stop.changed(), if stop_open => match r {
+                Ok(()) if *stop.borrow() => break Err(ReceiveError::Stopped),
+                Ok(()) => {}
+                Err(_) => stop_open = false,
+            },
             end = &mut line, if line_open => {
                 line_open = false;
                 if let transport::liveness::End::Died(why) = end {
