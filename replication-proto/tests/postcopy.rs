@@ -357,7 +357,10 @@ fn a_destination_sends_its_held_map_to_the_source() {
     // A backup has no map to send.
     let mut b = Receiver::new(ReceiverConfig::new(Role::Backup, vm(), layout(), 5));
     assert_eq!(b.send_held(3, &held), Err(ReceiverError::NotMigration { role: Role::Backup }));
-    assert_eq!(b.complete(Complete { pages: PAGES, ..Complete::default() }), Err(ReceiverError::NotMigration { role: Role::Backup }));
+    assert_eq!(
+        b.complete(Complete { pages: PAGES, ..Complete::default() }),
+        Err(ReceiverError::NotMigration { role: Role::Backup })
+    );
 }
 
 /// A map that spans frames: every frame but the last is full, `seq` counts from 0.

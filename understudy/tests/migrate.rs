@@ -581,9 +581,9 @@ fn bad_inputs_end_the_migration_with_an_error_naming_them() {
     assert!(err.contains("other"), "the error names the expected destination: {err}");
     m.assert_failed_cleanly(false);
 
-    // A mode of the next issue, and bad settings: refused before anything starts.
-    let (ok, _, err) = m.migrate(&["--mode", "postcopy"]);
-    assert!(!ok && err.contains("--mode postcopy is not implemented yet"), "{err}");
+    // An unknown mode, and bad settings: refused before anything starts.
+    let (ok, _, err) = m.migrate(&["--mode", "lazy"]);
+    assert!(!ok && err.contains("lazy") && err.contains("postcopy, hybrid, demand, auto"), "{err}");
     let (ok, _, err) = m.migrate(&["--stop-share=-1"]);
     assert!(!ok && err.contains("--stop-share"), "{err}");
     let (ok, _, err) = m.migrate(&["--max-bandwidth", "0"]);

@@ -79,8 +79,8 @@ fn secs_for(m: &Measured, pages: f64) -> f64 {
 /// dirty, until the stop-and-copy fits the target (or the rounds stop shrinking).
 pub fn predict_precopy(m: &Measured) -> Predicted {
     let cap = m.working_set_pages.map_or(f64::INFINITY, |w| w as f64);
-    let target_pages = ((m.downtime_target_s - 1.5 * m.rtt_s).max(0.0) * m.link_bytes_s / m.bytes_per_page.max(1.0))
-        .max(0.0);
+    let target_pages =
+        ((m.downtime_target_s - 1.5 * m.rtt_s).max(0.0) * m.link_bytes_s / m.bytes_per_page.max(1.0)).max(0.0);
     let mut left = m.pages_left as f64;
     let mut total = 0.0;
     let mut rounds = 0;

@@ -643,20 +643,32 @@ impl Link {
     /// Connects to the destination again (post-copy: the destination accepts the same source
     /// again), retrying every 100 ms to 1 s until `until`; the old session is dropped.
     async fn reconnect(&mut self, until: Instant) -> Result<(), MigrateError> {
-        let endpoint = self.redial.endpoint.clone().ok_or_else(|| MigrateError::Session("no endpoint to reconnect from".into()))?;
+        let endpoint = self
+            .redial
+            .endpoint
+            .clone()
+            .ok_or_else(|| MigrateError::Session("no endpoint to reconnect from".into()))?;
         let mut wait = Duration::from_millis(100);
         let mut tries = 0u32;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(MigrateError::Timeout { what: "the link to the destination to come back", secs: self.deadline_secs() });
+                return Err(MigrateError::Timeout {
+                    what: "the link to the destination to come back",
+                    secs: self.deadline_secs(),
+                });
             }
             tries += 1;
-            let attempt = tokio::time::timeout(left.min(Duration::from_secs(2)), endpoint.connect(self.redial.to, &self.redial.dest_name)).await;
+            let attempt = tokio::time::timeout(
+                left.min(Duration::from_secs(2)),
+                endpoint.connect(self.redial.to, &self.redial.dest_name),
+            )
+            .await;
             match attempt {
                 Ok(Ok(conn)) => {
                     let mut cfg = self.redial.cfg.clone();
-                    cfg.instance = transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
+                    cfg.instance =
+                        transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
                     self.line = Box::pin(transport::liveness::hold(self.redial.to, &conn));
                     self.line_open = true;
                     self.session = transport::proto::sender_session(conn.clone(), Sender::new(cfg));
@@ -911,7 +923,6 @@ fn all_pfns(layout: &MemoryLayout) -> Vec<u64> {
     layout.ranges.iter().flat_map(|r| r.start / ps..(r.start + r.len) / ps).collect()
 }
 
-
 /// `auto` probes the link and the guest with the first pieces of round 0: at least this many
 /// bytes acknowledged...
 const PROBE_BYTES: u64 = 8 << 20;
@@ -1126,9 +1137,7 @@ async fn precopy(
         let stalled_why = prev_dirtied.map(|p| format!("round {round} dirtied {dirtied} pages after {p}"));
         prev_dirtied = Some(dirtied);
         let stop = match decision {
-            Decision::Stop { reason, prediction } => {
-                Some((reason, prediction.downtime.map(|d| d.as_secs_f64() * 1e3)))
-            }
+            Decision::Stop { reason, prediction } => Some((reason, prediction.downtime.map(|d| d.as_secs_f64() * 1e3))),
             Decision::Continue(_) => None,
         };
         let fits = matches!(stop, Some((replication_proto::precopy::StopReason::DowntimeFits, _)));
@@ -1145,7 +1154,9 @@ async fn precopy(
             // Hybrid: more rounds only while they shrink; then post-copy, whatever the rule says.
             Mode::Hybrid => match (stop, converging) {
                 (Some((reason, _)), _) => Some(format!("hybrid: pre-copy stopped ({})", reason.name())),
-                (None, false) => Some(format!("hybrid: pre-copy stopped converging ({})", stalled_why.unwrap_or_default())),
+                (None, false) => {
+                    Some(format!("hybrid: pre-copy stopped converging ({})", stalled_why.unwrap_or_default()))
+                }
                 (None, true) if round == 0 => None,
                 (None, true) => None,
             },
@@ -1384,7 +1395,8 @@ async fn drive(
         tracing::info!(epoch, held = held_pages, missing, map_runs, "migration: post-copy switch-over sent");
         failover::failpoint::hit("migrate.postcopy");
         let acked_at = Instant::now();
-        link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
+        link.deadline =
+            link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
         let recover = Duration::from_secs(req.timeout_s);
         let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand, recover)
             .await

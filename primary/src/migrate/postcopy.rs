@@ -58,7 +58,10 @@ impl Index {
     }
 
     pub(super) fn of(&self, pfn: u64) -> Option<usize> {
-        self.runs.iter().find(|&&(first, n, _)| pfn >= first && pfn < first + n).map(|&(first, _, base)| base + (pfn - first) as usize)
+        self.runs
+            .iter()
+            .find(|&&(first, n, _)| pfn >= first && pfn < first + n)
+            .map(|&(first, _, base)| base + (pfn - first) as usize)
     }
 
     pub(super) fn pfn(&self, i: usize) -> u64 {
