@@ -32,6 +32,63 @@ const PREFETCH: usize = 7;
 
 type RxSession = Session<StreamCore<Receiver>>;
 
+/// Places pushed pages on its own thread, so the receiving loop is free for answers.
+struct Placer {
+    tx: Option<std::sync::mpsc::SyncSender<(Vec<u64>, Vec<u8>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Signalled after each batch (the loop then checks for completion and errors).
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Placer {
+    fn start(pc: Arc<Postcopy>) -> Result<Self, ReceiveError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u64>, Vec<u8>)>(64);
+        let error = Arc::new(std::sync::Mutex::new(None));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (e2, d2) = (Arc::clone(&error), Arc::clone(&done));
+        let thread = std::thread::Builder::new()
+            .name("postcopy-place".into())
+            .spawn(move || {
+                while let Ok((pfns, data)) = rx.recv() {
+                    if let Err(e) = place(&pc, &pfns, &data, Via::Push) {
+                        *lock(&e2) = Some(transport::error_chain(&e));
+                        d2.notify_one();
+                        return;
+                    }
+                    d2.notify_one();
+                }
+            })
+            .map_err(|e| ReceiveError::Postcopy(format!("placer thread: {e}")))?;
+        Ok(Self { tx: Some(tx), thread: Some(thread), error, done })
+    }
+
+    /// Hands pushed pages to the thread (placed here if it is behind by 64 batches).
+    fn push(&self, pc: &Postcopy, pfns: Vec<u64>, data: Vec<u8>) -> Result<(), ReceiveError> {
+        let tx = self.tx.as_ref().expect("until dropped");
+        match tx.try_send((pfns, data)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full((pfns, data))) => place(pc, &pfns, &data, Via::Push).map(|_| ()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                Err(self.error().unwrap_or_else(|| ReceiveError::Postcopy("the placer thread stopped".into())))
+            }
+        }
+    }
+
+    fn error(&self) -> Option<ReceiveError> {
+        lock(&self.error).clone().map(ReceiveError::Postcopy)
+    }
+}
+
+impl Drop for Placer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Places `pfns` (ascending, with their pages in `data`) as runs; returns pages placed.
 fn place(pc: &Postcopy, pfns: &[u64], data: &[u8], via: Via) -> Result<u64, ReceiveError> {
     let mut placed = 0;
@@ -99,6 +156,7 @@ pub(crate) async fn run(
     for (pfns, data) in &early.batches {
         place(&pc, pfns, data, Via::Push)?;
     }
+    let placer = Placer::start(Arc::clone(&pc))?;
     let Hooks { stage, run } = hooks;
     // Build (paused), then run: on blocking threads, while pages keep being placed here (a
     // restore that touches a missing page waits for it like anyone).
@@ -129,9 +187,11 @@ pub(crate) async fn run(
                 None => {
                     down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
                 }
-                Some(ReceiverEvent::Pages { id, pfns, data }) => {
-                    let via = if id == 0 { Via::Push } else { Via::Demand };
-                    place(&pc, &pfns, &data, via)?;
+                // Answers are placed here at once (a vCPU waits on them); pushes go to the placer
+                // thread so answers never queue behind them.
+                Some(ReceiverEvent::Pages { id: 0, pfns, data }) => placer.push(&pc, pfns, data)?,
+                Some(ReceiverEvent::Pages { pfns, data, .. }) => {
+                    place(&pc, &pfns, &data, Via::Demand)?;
                 }
                 Some(ReceiverEvent::Connected { .. }) if reconnects > 0 => {
                     // The source is back: tell it what is here, ask again for what was asked
@@ -216,6 +276,11 @@ pub(crate) async fn run(
                     down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
                 }
             }
+            () = placer.done.notified() => {
+                if let Some(e) = placer.error() {
+                    break Err(e);
+                }
+            }
             // Once the guest runs here the node owns it and drops the stop switch: only an
             // explicit stop counts.
             r = stop.changed(), if stop_open => match r {
@@ -241,6 +306,7 @@ pub(crate) async fn run(
         );
         return Err(ReceiveError::PostcopyLost { missing: st.missing, why: transport::error_chain(&e) });
     }
+    drop(placer);
     let digest = pc.digest().map(|d| format!("{d:016x}"));
     if let Some(d) = &digest {
         tracing::info!("post-copy memory digest {d} (every page as held or placed)");

@@ -58,7 +58,7 @@ pub struct SenderConfig {
     /// the versions this build accepts.
     pub version: u16,
     /// Post-copy pushes: [`SenderEvent::PushRoom`] is reported when sending takes the push queue
-    /// from above this many frames to at most this many. Default 2.
+    /// to at most this many frames after pushes were queued. Default 2.
     pub push_low_water: usize,
 }
 
@@ -131,8 +131,10 @@ pub enum SenderEvent {
         /// Pages wanted, ascending.
         pfns: Vec<u64>,
     },
-    /// Post-copy: sending took the push queue down to [`SenderConfig::push_low_water`] frames
-    /// (from above it): push more ([`Sender::push_pages`]). Once per crossing.
+    /// Post-copy: sending took the push queue to at most [`SenderConfig::push_low_water`]
+    /// frames: push more ([`Sender::push_pages`]). Once after each run of pushes (owed from the
+    /// first `push_pages` after the last one), so a driver that counts its pushes always hears the
+    /// real count again.
     PushRoom {
         /// Push frames still queued.
         queued: usize,
@@ -335,6 +337,8 @@ pub struct Sender {
     responses: VecDeque<Transmit>,
     /// Post-copy pushes ([`crate::session::Channel::Bulk`]), sent after everything else.
     pushes: VecDeque<Transmit>,
+    /// A `PushRoom` is owed: pushes were queued since the last one.
+    push_room_owed: bool,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
     /// The pfns of the epoch being encoded, when dedup needs them (reused buffer).
@@ -405,6 +409,7 @@ impl Sender {
             last_sent: 0,
             responses: VecDeque::new(),
             pushes: VecDeque::new(),
+            push_room_owed: false,
             events,
             stats: SenderStats::default(),
             epoch_pfns: Vec::new(),
@@ -745,6 +750,7 @@ impl Sender {
             return Ok(());
         }
         self.stats.pages_pushed += count;
+        self.push_room_owed = true;
         for f in frames {
             self.stats.bytes_pushed += f.len() as u64;
             self.pushes.push_back(Transmit::new(Arc::new(f), crate::session::Channel::Bulk));
@@ -1170,8 +1176,9 @@ impl Sender {
                     return None;
                 }
                 let t = self.pushes.pop_front()?;
-                // One frame taken: the queue crossed the low water exactly when it is now at it.
-                if self.pushes.len() == self.cfg.push_low_water {
+                // Owed since the last push: the queue is at or under the low water now.
+                if self.push_room_owed && self.pushes.len() <= self.cfg.push_low_water {
+                    self.push_room_owed = false;
                     self.events.push_back(SenderEvent::PushRoom { queued: self.pushes.len() });
                 }
                 Some(t)

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use replication_proto::migration::PfnRange;
 use replication_proto::{MemoryLayout, Sender, SenderEvent};
-use tokio::sync::oneshot;
 use transport::session::StreamCommand;
 use vmm::memory::{PAGE_SIZE, copy_pages};
 
@@ -27,6 +26,9 @@ const PUSH_PAGES: usize = 64;
 /// `push_low_water`): enough to keep the bulk streams busy, little enough that a push never
 /// sits long in memory.
 pub(super) const PUSH_LOW_WATER: usize = 4;
+
+/// The push waits at most this long for the destination's `Resumed`.
+const RESUME_WAIT: Duration = Duration::from_millis(100);
 
 /// `demand`: the source starts pushing what is left once the destination asked for nothing
 /// for this long (a source that waits for the guest to touch every page might wait forever).
@@ -233,14 +235,20 @@ pub(super) async fn serve(
     let mut served = Served::default();
     let mut last_request = Instant::now();
     let mut pushing = !demand_only;
-    let mut room = true;
+    // Push frames the sender holds, as far as this loop knows (it only grows here; the sender
+    // says the real count when it falls to the low water).
+    let mut queued = 0usize;
     let mut buf = Vec::new();
+    // No push before the destination runs the guest: its restore and resume (the downtime)
+    // get the CPU and the link; a guest that faults meanwhile is answered anyway.
+    let switched_at = Instant::now();
     let total = push.left as u64;
     src.control.update(|s| s.postcopy_pages_left = Some(total));
     tracing::info!(pages = total, held = held.count(), demand_only, "post-copy: serving the destination");
     loop {
         let mapped = map_until.is_none_or(|t| Instant::now() >= t);
-        let can_push = pushing && room && mapped && push.left > 0;
+        let resumed = served.resumed_at.is_some() || switched_at.elapsed() >= RESUME_WAIT;
+        let can_push = pushing && resumed && queued <= PUSH_LOW_WATER && mapped && push.left > 0;
         let mut broken: Option<String> = None;
         let idle_at = last_request + DEMAND_IDLE;
         tokio::select! {
@@ -271,7 +279,7 @@ pub(super) async fn serve(
                     served.requests += 1;
                     served.pages_served += n;
                 }
-                Some(SenderEvent::PushRoom { .. }) => room = true,
+                Some(SenderEvent::PushRoom { queued: q }) => queued = q,
                 Some(SenderEvent::Resumed(r)) => {
                     served.resumed_at.get_or_insert_with(Instant::now);
                     link.resumed = Some(r);
@@ -297,19 +305,15 @@ pub(super) async fn serve(
                 read_pages(src, &batch, &mut buf)?;
                 let data = std::mem::take(&mut buf);
                 let n = batch.len() as u64;
-                let (tx, rx) = oneshot::channel();
                 let cmd = StreamCommand::with(move |s: &mut Sender, _| {
-                    let r = s.push_pages(batch.iter().copied().zip(data.chunks(PAGE_SIZE)));
-                    let _ = tx.send(r.map(|()| s.pushes_queued()));
+                    if let Err(e) = s.push_pages(batch.iter().copied().zip(data.chunks(PAGE_SIZE))) {
+                        tracing::error!("post-copy: push: {e}");
+                    }
                 });
                 if link.session.command(cmd).await.is_err() {
-                    return Err(link.gone().await);
+                    broken = Some("the session task ended".into());
                 }
-                match rx.await {
-                    Ok(Ok(queued)) => room = queued <= PUSH_LOW_WATER,
-                    Ok(Err(e)) => return Err(MigrateError::Submit(e)),
-                    Err(_) => return Err(link.gone().await),
-                }
+                queued += 1;
                 served.pages_pushed += n;
                 let left = push.left as u64;
                 src.control.update(|s| {
@@ -332,7 +336,7 @@ pub(super) async fn serve(
             link.reconnect(Instant::now() + recover).await?;
             served.reconnects += 1;
             push = Pusher::new(held);
-            room = true;
+            queued = 0;
             map_until = Some(Instant::now() + Duration::from_millis(200));
         }
     }
