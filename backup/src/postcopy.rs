@@ -32,47 +32,95 @@ const PREFETCH: usize = 7;
 
 type RxSession = Session<StreamCore<Receiver>>;
 
-/// Places pushed pages on its own thread, so the receiving loop is free for answers.
-struct Placer {
-    tx: Option<std::sync::mpsc::SyncSender<(Vec<u64>, Vec<u8>)>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    error: Arc<std::sync::Mutex<Option<String>>>,
-    /// Signalled after each batch (the loop then checks for completion and errors).
+/// Where arriving pages go once post-copy started: answers are placed at once in the session's
+/// own task (a vCPU waits on them), pushes are handed to a placer thread, so neither waits for
+/// the receiving loop nor answers behind pushes.
+pub(crate) struct Placing {
+    pc: Arc<Postcopy>,
+    pushes: std::sync::mpsc::SyncSender<(Vec<u64>, Vec<u8>)>,
+    /// Signalled after each placement (the loop then checks for completion and errors).
     done: Arc<tokio::sync::Notify>,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Set when post-copy starts; every session of the migration taps it ([`place_tap`]).
+pub(crate) type PlaceSlot = Arc<std::sync::OnceLock<Placing>>;
+
+impl Placing {
+    fn fail(&self, e: &ReceiveError) {
+        lock(&self.error).get_or_insert_with(|| transport::error_chain(e));
+        self.done.notify_one();
+    }
+
+    fn take(&self, id: u64, pfns: Vec<u64>, data: Vec<u8>) {
+        if self.pc.is_complete() {
+            return;
+        }
+        if id != 0 {
+            match place(&self.pc, &pfns, &data, Via::Demand) {
+                Ok(_) => self.done.notify_one(),
+                Err(e) => self.fail(&e),
+            }
+            return;
+        }
+        match self.pushes.try_send((pfns, data)) {
+            Ok(()) => {}
+            // The placer is 64 batches behind: place here.
+            Err(std::sync::mpsc::TrySendError::Full((pfns, data))) => match place(&self.pc, &pfns, &data, Via::Push) {
+                Ok(_) => self.done.notify_one(),
+                Err(e) => self.fail(&e),
+            },
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// The destination session's tap: once post-copy started, pages go to [`Placing`] and never
+/// reach the receiving loop; before, everything passes.
+pub(crate) fn place_tap(slot: &PlaceSlot) -> transport::session::Tap<Receiver> {
+    let slot = Arc::clone(slot);
+    Box::new(move |_: &mut Receiver, ev: ReceiverEvent| match (ev, slot.get()) {
+        (ReceiverEvent::Pages { id, pfns, data }, Some(p)) => {
+            p.take(id, pfns, data);
+            None
+        }
+        (ev, _) => Some(ev),
+    })
+}
+
+/// The placer thread (pushed pages).
+struct Placer {
+    thread: Option<std::thread::JoinHandle<()>>,
+    done: Arc<tokio::sync::Notify>,
+    error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Placer {
-    fn start(pc: Arc<Postcopy>) -> Result<Self, ReceiveError> {
+    /// Starts the thread and opens `slot` to the sessions' taps.
+    fn start(pc: Arc<Postcopy>, slot: &PlaceSlot) -> Result<Self, ReceiveError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u64>, Vec<u8>)>(64);
         let error = Arc::new(std::sync::Mutex::new(None));
         let done = Arc::new(tokio::sync::Notify::new());
-        let (e2, d2) = (Arc::clone(&error), Arc::clone(&done));
+        let (e2, d2, pc2) = (Arc::clone(&error), Arc::clone(&done), Arc::clone(&pc));
         let thread = std::thread::Builder::new()
             .name("postcopy-place".into())
             .spawn(move || {
                 while let Ok((pfns, data)) = rx.recv() {
-                    if let Err(e) = place(&pc, &pfns, &data, Via::Push) {
-                        *lock(&e2) = Some(transport::error_chain(&e));
-                        d2.notify_one();
-                        return;
+                    if pc2.is_complete() {
+                        continue;
+                    }
+                    if let Err(e) = place(&pc2, &pfns, &data, Via::Push) {
+                        lock(&e2).get_or_insert_with(|| transport::error_chain(&e));
                     }
                     d2.notify_one();
                 }
             })
             .map_err(|e| ReceiveError::Postcopy(format!("placer thread: {e}")))?;
-        Ok(Self { tx: Some(tx), thread: Some(thread), error, done })
-    }
-
-    /// Hands pushed pages to the thread (placed here if it is behind by 64 batches).
-    fn push(&self, pc: &Postcopy, pfns: Vec<u64>, data: Vec<u8>) -> Result<(), ReceiveError> {
-        let tx = self.tx.as_ref().expect("until dropped");
-        match tx.try_send((pfns, data)) {
-            Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full((pfns, data))) => place(pc, &pfns, &data, Via::Push).map(|_| ()),
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                Err(self.error().unwrap_or_else(|| ReceiveError::Postcopy("the placer thread stopped".into())))
-            }
+        let placing = Placing { pc, pushes: tx, done: Arc::clone(&done), error: Arc::clone(&error) };
+        if slot.set(placing).is_err() {
+            return Err(ReceiveError::Postcopy("post-copy started twice".into()));
         }
+        Ok(Self { thread: Some(thread), done, error })
     }
 
     fn error(&self) -> Option<ReceiveError> {
@@ -82,10 +130,8 @@ impl Placer {
 
 impl Drop for Placer {
     fn drop(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // The thread ends when the last sender goes (the slot's, with the sessions): detach it.
+        drop(self.thread.take());
     }
 }
 
@@ -116,7 +162,7 @@ pub(crate) async fn run(
     early: Early,
     hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
-    let PostcopyIo { node, status, stop, mut line, mut line_open, endpoint, lines, cfg } = io;
+    let PostcopyIo { node, status, stop, mut line, mut line_open, endpoint, lines, cfg, slot } = io;
     let set = |f: &dyn Fn(&mut crate::receive::ReceiveStatus)| f(&mut lock(status));
     let t0 = Instant::now();
     set(&|s| s.phase = "postcopy".into());
@@ -156,7 +202,7 @@ pub(crate) async fn run(
     for (pfns, data) in &early.batches {
         place(&pc, pfns, data, Via::Push)?;
     }
-    let placer = Placer::start(Arc::clone(&pc))?;
+    let placer = Placer::start(Arc::clone(&pc), slot)?;
     let Hooks { stage, run } = hooks;
     // Build (paused), then run: on blocking threads, while pages keep being placed here (a
     // restore that touches a missing page waits for it like anyone).
@@ -187,9 +233,8 @@ pub(crate) async fn run(
                 None => {
                     down_until.get_or_insert(Instant::now() + cfg.postcopy_recover);
                 }
-                // Answers are placed here at once (a vCPU waits on them); pushes go to the placer
-                // thread so answers never queue behind them.
-                Some(ReceiverEvent::Pages { id: 0, pfns, data }) => placer.push(&pc, pfns, data)?,
+                // (Pages arrive here only if the tap let them through: it does not once the slot
+                // is set, which it is from here.)
                 Some(ReceiverEvent::Pages { pfns, data, .. }) => {
                     place(&pc, &pfns, &data, Via::Demand)?;
                 }
@@ -239,7 +284,7 @@ pub(crate) async fn run(
                     let rx = Receiver::new(rcfg);
                     line = Box::pin(transport::liveness::Listener::watch_if(lines, &conn));
                     line_open = true;
-                    *session = transport::proto::receiver_session(conn, rx);
+                    *session = transport::proto::receiver_session_tapped(conn, rx, place_tap(slot));
                     *lock(&commands) = session.command_sender();
                     down_until = None;
                     reconnects += 1;

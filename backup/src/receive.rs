@@ -208,7 +208,9 @@ pub async fn receive(
         // once) or a broken connection (which ends a migration). A short stall timer only makes
         // a busy destination ask for multi-MiB epochs still on their way.
         rcfg.resend_timeout = Duration::from_secs(1);
-        let mut session = transport::proto::receiver_session(conn, Receiver::new(rcfg));
+        let slot: crate::postcopy::PlaceSlot = Arc::default();
+        let mut session =
+            transport::proto::receiver_session_tapped(conn, Receiver::new(rcfg), crate::postcopy::place_tap(&slot));
         let r = async {
         let mut committed = 0u64;
         let mut switch: Option<u64> = None;
@@ -347,6 +349,7 @@ pub async fn receive(
                     endpoint: &endpoint,
                     lines: lines.as_ref(),
                     cfg: &cfg,
+                    slot: &slot,
                 };
                 return crate::postcopy::run(pc, &mut session, epoch, held, early, hooks).await;
             }
@@ -500,6 +503,8 @@ pub(crate) struct PostcopyIo<'a> {
     pub(crate) endpoint: &'a Endpoint,
     pub(crate) lines: Option<&'a transport::liveness::Listener>,
     pub(crate) cfg: &'a ReceiveConfig,
+    /// Where the sessions' taps place pages once post-copy starts.
+    pub(crate) slot: &'a crate::postcopy::PlaceSlot,
 }
 
 /// Why a session whose task ended did: the `Disconnected` event still queued, if any.

@@ -113,22 +113,42 @@ fn frame(transmit: replication_proto::Transmit) -> Frame {
 
 /// The primary's (or migration source's) side: drives `sender` over `connection`.
 pub fn sender_session(connection: Connection, sender: Sender) -> Session<StreamCore<Sender>> {
-    Session::spawn(
-        connection,
-        StreamCore::new(sender, |event| match event {
-            SenderEvent::Disconnected { error } => Some(error.to_string()),
-            _ => None,
-        }),
-    )
+    Session::spawn(connection, sender_core(sender))
+}
+
+/// [`sender_session`] with a [`crate::session::Tap`] on its events.
+pub fn sender_session_tapped(
+    connection: Connection,
+    sender: Sender,
+    tap: crate::session::Tap<Sender>,
+) -> Session<StreamCore<Sender>> {
+    Session::spawn(connection, sender_core(sender).with_tap(tap))
+}
+
+fn sender_core(sender: Sender) -> StreamCore<Sender> {
+    StreamCore::new(sender, |event| match event {
+        SenderEvent::Disconnected { error } => Some(error.to_string()),
+        _ => None,
+    })
 }
 
 /// The backup's (or migration destination's) side: drives `receiver` over `connection`.
 pub fn receiver_session(connection: Connection, receiver: Receiver) -> Session<StreamCore<Receiver>> {
-    Session::spawn(
-        connection,
-        StreamCore::new(receiver, |event| match event {
-            ReceiverEvent::Disconnected { error } => Some(error.to_string()),
-            _ => None,
-        }),
-    )
+    Session::spawn(connection, receiver_core(receiver))
+}
+
+/// [`receiver_session`] with a [`crate::session::Tap`] on its events.
+pub fn receiver_session_tapped(
+    connection: Connection,
+    receiver: Receiver,
+    tap: crate::session::Tap<Receiver>,
+) -> Session<StreamCore<Receiver>> {
+    Session::spawn(connection, receiver_core(receiver).with_tap(tap))
+}
+
+fn receiver_core(receiver: Receiver) -> StreamCore<Receiver> {
+    StreamCore::new(receiver, |event| match event {
+        ReceiverEvent::Disconnected { error } => Some(error.to_string()),
+        _ => None,
+    })
 }

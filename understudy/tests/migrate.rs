@@ -210,7 +210,8 @@ fn assert_report(r: &serde_json::Value, mode: &str) {
     if ends_in_postcopy(r) {
         let moved = r["pages_postcopied"].as_u64().unwrap();
         let (pushed, demanded) = (r["pages_pushed"].as_u64().unwrap(), r["pages_demanded"].as_u64().unwrap());
-        assert!(moved > 0, "post-copy moved pages: {r}");
+        // (A hybrid whose rounds left nothing dirty moves nothing after the resume.)
+        assert!(moved > 0 || mode == "hybrid" || mode == "auto", "post-copy moved pages: {r}");
         assert!(pushed + demanded >= moved, "every missing page went, pushed or demanded: {r}");
         assert!(r["postcopy_ms"].as_f64().unwrap() > 0.0, "{r}");
         if r["postcopy_faults"].as_u64().unwrap() > 0 {

@@ -509,6 +509,9 @@ struct Redial {
     cfg: SenderConfig,
     to: SocketAddr,
     dest_name: String,
+    /// Post-copy: the paused guest's memory, once the switch-over is sent; the session answers
+    /// page requests from it in its own task ([`postcopy::answer_tap`]).
+    serve_from: Arc<std::sync::OnceLock<vmm::memory::GuestMemory>>,
 }
 
 struct Link {
@@ -539,7 +542,13 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
     if let Some(v) = src.version {
         scfg.version = v;
     }
-    let redial = Redial { endpoint: None, cfg: scfg.clone(), to: req.to, dest_name: req.dest_name.clone() };
+    let redial = Redial {
+        endpoint: None,
+        cfg: scfg.clone(),
+        to: req.to,
+        dest_name: req.dest_name.clone(),
+        serve_from: Arc::new(std::sync::OnceLock::new()),
+    };
     let sender = Sender::new(scfg);
     let bind = if req.to.is_ipv4() {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
@@ -554,7 +563,8 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
             .map_err(|_| MigrateError::Timeout { what: "the destination to answer", secs: 10 })?
             .map_err(|e| MigrateError::Connect { addr: req.to, name: req.dest_name.clone(), source: Box::new(e) })?;
         let line = Box::pin(transport::liveness::hold(req.to, &conn));
-        let session = transport::proto::sender_session(conn.clone(), sender);
+        let session =
+            transport::proto::sender_session_tapped(conn.clone(), sender, postcopy::answer_tap(&redial.serve_from));
         let mut link = Link {
             redial: Redial { endpoint: Some(endpoint.clone()), ..redial },
             session,
@@ -671,7 +681,8 @@ impl Link {
                         transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
                     self.line = Box::pin(transport::liveness::hold(self.redial.to, &conn));
                     self.line_open = true;
-                    self.session = transport::proto::sender_session(conn.clone(), Sender::new(cfg));
+                    let tap = postcopy::answer_tap(&self.redial.serve_from);
+                    self.session = transport::proto::sender_session_tapped(conn.clone(), Sender::new(cfg), tap);
                     self.conn = conn;
                     self.up = false;
                     let deadline = self.deadline;
@@ -1383,6 +1394,10 @@ async fn drive(
         let missing = held.missing();
         let map_runs = runs.len();
         src.control.phase("postcopy");
+        // From here the guest's memory does not change: the session answers page requests from
+        // it directly.
+        let mem = lock(&src.vm).memory().clone();
+        let _ = link.redial.serve_from.set(mem);
         let cmd = StreamCommand::with(move |s: &mut Sender, _| {
             if let Err(e) = s.switch_over(epoch, SwitchMode::PostCopy, &runs) {
                 tracing::error!("migration: post-copy switch-over: {e}");

@@ -19,8 +19,10 @@ use vmm::memory::{PAGE_SIZE, copy_pages};
 
 use super::{Link, MigrateError, Source, lock};
 
-/// Pages per push batch.
-const PUSH_PAGES: usize = 64;
+/// Pages per push batch (one frame). Small frames keep the work each one costs in the
+/// sessions' tasks short, so an answer waits less behind them: on W2 here, 16-page frames gave a
+/// fault p50 of ~350 µs against ~850 µs with 64, for ~10% more total time.
+const PUSH_PAGES: usize = 16;
 
 /// Push frames the sender may hold before the driver waits for `PushRoom` (the sender's
 /// `push_low_water`): enough to keep the bulk streams busy, little enough that a push never
@@ -213,6 +215,28 @@ pub(super) struct Served {
     pub reconnects: u32,
 }
 
+/// The source session's tap: once post-copy started (`serve_from` set), answers each page
+/// request in the session's own task, from the paused guest's memory, and passes the event on
+/// for the push's bookkeeping. Before, it passes everything on untouched.
+pub(super) fn answer_tap(
+    serve_from: &std::sync::Arc<std::sync::OnceLock<vmm::memory::GuestMemory>>,
+) -> transport::session::Tap<Sender> {
+    let serve_from = std::sync::Arc::clone(serve_from);
+    let mut buf = Vec::new();
+    Box::new(move |s: &mut Sender, ev: SenderEvent| {
+        if let (SenderEvent::PagesRequested { id, pfns }, Some(mem)) = (&ev, serve_from.get()) {
+            buf.clear();
+            let r = copy_pages(mem, pfns.iter().copied(), &mut buf).map_err(|e| e.to_string()).and_then(|()| {
+                s.send_pages(*id, pfns.iter().copied().zip(buf.chunks(PAGE_SIZE))).map_err(|e| e.to_string())
+            });
+            if let Err(e) = r {
+                tracing::error!("post-copy: answer request {id}: {e}");
+            }
+        }
+        Some(ev)
+    })
+}
+
 /// Copies `pfns` out of the paused guest.
 fn read_pages(src: &Source, pfns: &[u64], buf: &mut Vec<u8>) -> Result<(), MigrateError> {
     buf.clear();
@@ -262,22 +286,12 @@ pub(super) async fn serve(
                         map_until = None;
                     }
                 }
-                Some(SenderEvent::PagesRequested { id, pfns }) => {
+                // Answered already, in the session's task (`answer_tap`): the push follows behind.
+                Some(SenderEvent::PagesRequested { pfns, .. }) => {
                     last_request = Instant::now();
                     push.demanded(&pfns);
-                    read_pages(src, &pfns, &mut buf)?;
-                    let data = std::mem::take(&mut buf);
-                    let n = pfns.len() as u64;
-                    let cmd = StreamCommand::with(move |s: &mut Sender, _| {
-                        if let Err(e) = s.send_pages(id, pfns.iter().copied().zip(data.chunks(PAGE_SIZE))) {
-                            tracing::error!("post-copy: answer request {id}: {e}");
-                        }
-                    });
-                    if link.session.command(cmd).await.is_err() {
-                        return Err(link.gone().await);
-                    }
                     served.requests += 1;
-                    served.pages_served += n;
+                    served.pages_served += pfns.len() as u64;
                 }
                 Some(SenderEvent::PushRoom { queued: q }) => queued = q,
                 Some(SenderEvent::Resumed(r)) => {

@@ -20,7 +20,7 @@
 
 mod stream;
 
-pub use stream::{EndpointCall, StreamCommand, StreamCore, StreamEndpoint};
+pub use stream::{EndpointCall, StreamCommand, StreamCore, StreamEndpoint, Tap};
 
 use std::future::Future;
 use std::pin::Pin;

@@ -80,11 +80,17 @@ impl<E> std::fmt::Debug for StreamCommand<E> {
 
 type EndsSession<Event> = Box<dyn Fn(&Event) -> Option<String> + Send>;
 
+/// Handles events inside the session's task, before they reach the owner (post-copy answers a
+/// page request, or places an answered page, without two hops through the owner's task): gets
+/// the endpoint and each event; returns the event to pass on, or `None` when it consumed it.
+pub type Tap<E> = Box<dyn FnMut(&mut E, <E as StreamEndpoint>::Event) -> Option<<E as StreamEndpoint>::Event> + Send>;
+
 /// A [`StreamEndpoint`] as a [`Protocol`] for [`super::Session`].
 pub struct StreamCore<E: StreamEndpoint> {
     endpoint: E,
     ends: EndsSession<E::Event>,
     finished: Option<String>,
+    tap: Option<Tap<E>>,
 }
 
 impl<E: StreamEndpoint> std::fmt::Debug for StreamCore<E> {
@@ -98,7 +104,13 @@ impl<E: StreamEndpoint> StreamCore<E> {
     /// the session is over (e.g. replication-proto's `Disconnected`); the driver then closes the
     /// connection with that reason.
     pub fn new(endpoint: E, ends: impl Fn(&E::Event) -> Option<String> + Send + 'static) -> Self {
-        StreamCore { endpoint, ends: Box::new(ends), finished: None }
+        StreamCore { endpoint, ends: Box::new(ends), finished: None, tap: None }
+    }
+
+    /// Lets `tap` see (and consume) each event first, in the session's task (see [`Tap`]).
+    pub fn with_tap(mut self, tap: Tap<E>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// The endpoint.
@@ -151,11 +163,19 @@ impl<E: StreamEndpoint> Protocol for StreamCore<E> {
     }
 
     fn poll_event(&mut self) -> Option<E::Event> {
-        let event = self.endpoint.poll_event()?;
-        if let Some(reason) = (self.ends)(&event) {
-            self.finished.get_or_insert(reason);
+        loop {
+            let event = self.endpoint.poll_event()?;
+            if let Some(reason) = (self.ends)(&event) {
+                self.finished.get_or_insert(reason);
+            }
+            match &mut self.tap {
+                Some(tap) => match tap(&mut self.endpoint, event) {
+                    Some(event) => return Some(event),
+                    None => continue,
+                },
+                None => return Some(event),
+            }
         }
-        Some(event)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
