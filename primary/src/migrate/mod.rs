@@ -936,9 +936,12 @@ fn all_pfns(layout: &MemoryLayout) -> Vec<u64> {
 
 /// `auto` probes the link and the guest with the first pieces of round 0: at least this many
 /// bytes acknowledged...
-const PROBE_BYTES: u64 = 8 << 20;
+const PROBE_BYTES: u64 = 2 << 20;
 /// ...and at least this long.
-const PROBE_MIN: Duration = Duration::from_millis(50);
+const PROBE_MIN: Duration = Duration::from_millis(20);
+/// ...in pieces of this many pages (a probe that decides for post-copy costs what it sent
+/// slower than post-copy would have: keep it short).
+const PROBE_PAGES: usize = 1024;
 /// The state's size for predictions made before it is captured (a vCPU's registers and the
 /// devices: ~10-20 KiB measured).
 const STATE_BYTES_GUESS: u64 = 32 << 10;
@@ -1010,7 +1013,7 @@ async fn probe(
     let b0 = link.stats().await?.epoch_bytes;
     let (mut sent, mut zero, mut i, mut bytes) = (0, 0, 0, 0);
     while i < to_send.len() {
-        let chunk = &to_send[i..(i + CHUNK_PAGES).min(to_send.len())];
+        let chunk = &to_send[i..(i + PROBE_PAGES).min(to_send.len())];
         let (s, z) = send_round(src, req, link, chunk, (i == 0, true), pace, 0, held).await?;
         (sent, zero, i) = (sent + s, zero + z, i + chunk.len());
         bytes = link.stats().await?.epoch_bytes - b0;
@@ -1039,7 +1042,22 @@ async fn probe(
     let (choice, reason) = auto::choose(&m);
     tracing::info!(?choice, probe_ms = secs * 1e3, "auto: after probing {} pages: {reason}", i);
     Ok(match choice {
-        auto::Choice::PostcopyNow => Probe::Switch { zero, reason },
+        auto::Choice::PostcopyNow => {
+            // The rest of round 0 that the guest never touched is zero, as the destination's
+            // fresh memory is: held (the dirty log, on since before, takes back any page touched
+            // before the pause).
+            let rest = to_send[i..].to_vec();
+            let vm = Arc::clone(&src.vm);
+            let untouched = tokio::task::spawn_blocking(move || {
+                let g = lock(&vm);
+                let u = vmm::memory::never_touched(g.memory(), &rest);
+                rest.into_iter().zip(u).filter(|&(_, u)| u).map(|(p, _)| p).collect::<Vec<u64>>()
+            })
+            .await
+            .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))?;
+            held.set(untouched, true);
+            Probe::Switch { zero, reason }
+        }
         auto::Choice::Precopy => Probe::Continue { sent, zero, next: i, dirtied },
     })
 }

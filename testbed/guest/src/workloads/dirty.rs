@@ -7,9 +7,10 @@
 //! migration benchmark plots.
 //!
 //! The target count is `rate * elapsed ticks / hz`; each tick the guest writes up to it, then
-//! halts until the next tick. If it falls more than [`CATCH_UP_MS`] behind (its clock leapt:
-//! KVM delivers a restored VM's missed timer ticks in a rush; or its writes are too slow) it
-//! paces from now, forgetting the backlog instead of bursting to catch up.
+//! halts until the next tick. If it falls more than a second behind (the VM was stopped) it
+//! forgets the backlog instead of bursting. Less than that it catches up: a guest slowed by its
+//! migration (write faults, missing pages) still writes its rate on average, which is what makes
+//! W2 a workload pre-copy cannot converge on (issue 14 kept this on purpose).
 
 use crate::arch::{halt_until_changed, irq_count, ticks};
 use crate::println;
@@ -19,9 +20,6 @@ use guest_kv::checksum::{PAGE_WORDS, dirty_rewrite};
 
 /// Error lines printed before the guest only counts them.
 const MAX_ERROR_LINES: u64 = 16;
-
-/// The most the guest catches up, in ms of its rate (at least two ticks' worth).
-const CATCH_UP_MS: u64 = 100;
 
 /// Runs forever over the working set `ws`.
 pub fn run(ws: Region, rate: u64, report_ms: u32) -> ! {
@@ -35,7 +33,7 @@ pub fn run(ws: Region, rate: u64, report_ms: u32) -> ! {
     let mut base_tick = ticks();
     let mut base_written = 0u64;
     let mut next_report = base_tick + hz;
-    let max_behind = (rate * CATCH_UP_MS / 1000).max(2 * rate / hz).max(1);
+    let max_behind = rate.max(hz);
     let report_ms = u64::from(report_ms);
     let mut next_prog = now_ms() + report_ms;
     loop {
