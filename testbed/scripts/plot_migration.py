@@ -78,6 +78,13 @@ def plot(workload, by_config, out_dir):
         ax.tick_params(labelsize=7)
         ax.set_ylim(0, max(top, 1.0) * 1.05)
         ax.grid(True, linewidth=0.3, alpha=0.5)
+    # The time axis spans the completed runs (a run cancelled at the time bound, e.g. QEMU's
+    # default on W2 at 30 s, would squash every other panel; its panel shows its start).
+    ends = [max(m for m in markers(r).values()) for _, r, how in picked
+            if r.get("outcome") == "completed" and markers(r)]
+    if ends:
+        lo = min(r["series"]["from_ms"] for _, r, _ in picked)
+        axes[-1][0].set_xlim(lo, max(ends) + 500.0)
     what = picked[0][1]["series"].get("what", "events")
     b = picked[0][1]["series"]["bucket_ms"]
     axes[-1][0].set_xlabel("ms since the migration started (shaded: paused -> running at the destination; "
