@@ -116,6 +116,7 @@ fn connected_as(now: Instant, role: Role) -> Receiver {
         high_water: 0,
         session: 1,
         sends_checkpoints: true,
+        start: None,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

@@ -146,6 +146,7 @@ pub use codec::CodecConfig;
 pub use message::{
     GoodbyeReason, GuestRange, Hello, Lineage, MemoryLayout, Message, Position, ResyncReason, Role, VmIdentity,
 };
+pub use migration::StartError;
 pub use pageset::PageEncoding;
 pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
 pub use sender::{BaselineReason, MigrationError, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError};

@@ -321,10 +321,18 @@ pub struct Hello {
     /// version 2 adds). A `Hello` of version 1 has no flags byte: its role decides
     /// ([`Role::is_sender`]), and so it is decoded.
     pub sends_checkpoints: bool,
+    /// The agreed position the session's checkpoint series starts at, instead of a baseline (a
+    /// reverse session: [`crate::Sender::start_at`], [`crate::Receiver::start_at`]); both sides
+    /// announce it and must announce the same. Bit 1 of the flags byte, then the position's
+    /// lineage and epoch (24 bytes); version 2 on (a build without reverse sessions ignores both,
+    /// and so announces none).
+    pub start: Option<Position>,
 }
 
 /// Bit 0 of the `Hello` flags byte (version 2): the speaker sends checkpoints.
 const HELLO_SENDS_CHECKPOINTS: u8 = 1;
+/// Bit 1 of the `Hello` flags byte (version 2): a starting position follows the flags byte.
+const HELLO_START: u8 = 2;
 
 /// Start of an epoch's checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -606,7 +614,14 @@ impl Message {
                 put_u64(out, h.high_water);
                 put_u64(out, h.session);
                 if crate::version::Feature::Migration.in_version(h.version) {
-                    out.push(if h.sends_checkpoints { HELLO_SENDS_CHECKPOINTS } else { 0 });
+                    let sends = if h.sends_checkpoints { HELLO_SENDS_CHECKPOINTS } else { 0 };
+                    let start = if h.start.is_some() { HELLO_START } else { 0 };
+                    out.push(sends | start);
+                    if let Some(p) = h.start {
+                        put_u64(out, p.lineage.origin);
+                        put_u64(out, p.lineage.baseline);
+                        put_u64(out, p.epoch);
+                    }
                 }
             }
             Self::EpochBegin(b) => {
@@ -768,10 +783,19 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let high_water = r.u64("high_water")?;
             let session = r.u64("session")?;
             // Version 2 adds the flags byte; unknown flag bits are for later versions.
-            let sends_checkpoints = if crate::version::Feature::Migration.in_version(version) {
-                r.u8("flags")? & HELLO_SENDS_CHECKPOINTS != 0
+            let (sends_checkpoints, start) = if crate::version::Feature::Migration.in_version(version) {
+                let flags = r.u8("flags")?;
+                let start = if flags & HELLO_START != 0 {
+                    Some(Position {
+                        lineage: Lineage { origin: r.u64("start origin")?, baseline: r.u64("start baseline")? },
+                        epoch: r.u64("start epoch")?,
+                    })
+                } else {
+                    None
+                };
+                (flags & HELLO_SENDS_CHECKPOINTS != 0, start)
             } else {
-                role.is_sender()
+                (role.is_sender(), None)
             };
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
@@ -788,6 +812,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 high_water,
                 session,
                 sends_checkpoints,
+                start,
             })
         }
         MessageKind::EpochBegin => {
@@ -929,6 +954,7 @@ mod tests {
             high_water: 11,
             session: 3,
             sends_checkpoints: false,
+            start: None,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -988,6 +1014,7 @@ mod tests {
             high_water: 0,
             session: 1,
             sends_checkpoints,
+            start: None,
         }
     }
 
@@ -1012,6 +1039,34 @@ mod tests {
         Message::Hello(hello(2, Role::Primary, true)).encode_payload(&mut cut);
         cut.pop();
         assert!(Message::decode(MessageKind::Hello, &cut).is_err());
+    }
+
+    #[test]
+    fn hello_carries_a_starting_position_after_its_flags() {
+        let start = Position { lineage: Lineage { origin: 0xfeed, baseline: 12 }, epoch: 12 };
+        let h = Hello { start: Some(start), ..hello(2, Role::MigrationDestination, true) };
+        let mut with = Vec::new();
+        Message::Hello(h.clone()).encode_payload(&mut with);
+        assert_eq!(Message::decode(MessageKind::Hello, &with).unwrap(), Message::Hello(h.clone()));
+        let mut without = Vec::new();
+        Message::Hello(hello(2, Role::MigrationDestination, true)).encode_payload(&mut without);
+        // The flags byte gets bit 1 and the position's 24 bytes follow it.
+        assert_eq!(with.len(), without.len() + 24);
+        assert_eq!(with[without.len() - 1], HELLO_SENDS_CHECKPOINTS | HELLO_START);
+        // A build that knows only bit 0 reads the same Hello without the start: the start is a
+        // tail it ignores (what a build without reverse sessions sees).
+        let mut old = with.clone();
+        old.truncate(without.len());
+        old[without.len() - 1] = HELLO_SENDS_CHECKPOINTS;
+        assert_eq!(old, without);
+        // A start flag whose position is cut short does not decode.
+        let mut cut = with.clone();
+        cut.truncate(with.len() - 1);
+        assert!(Message::decode(MessageKind::Hello, &cut).is_err());
+        // Version 1 has no flags byte, so no start either.
+        let mut v1 = Vec::new();
+        Message::Hello(Hello { start: Some(start), ..hello(1, Role::Primary, true) }).encode_payload(&mut v1);
+        assert_eq!(Message::decode(MessageKind::Hello, &v1).unwrap(), Message::Hello(hello(1, Role::Primary, true)));
     }
 
     #[test]

@@ -290,6 +290,75 @@ pub(crate) fn bad_run(index: &crate::message::PageIndex, runs: &[PfnRange]) -> O
     None
 }
 
+/// The position a reverse session's series starts at, for a post-copy switch-over at
+/// `switch_over` (the forward session's lineage and the switch-over epoch N: the source's sender
+/// has it as its lineage and the epoch it switched over at, the destination's receiver as the
+/// position of the switch-over checkpoint it committed). Both sides compute it alone, and get the
+/// same, without a round trip: the lineage's origin is the XXH64 (seed 0) of the 32 bytes
+/// `"reverse\0"`, forward origin, forward baseline, N (u64 little-endian each), its baseline is
+/// N, and the position's epoch is N. So the reverse series' first epoch is N + 1 (a delta on the
+/// guest as it was at N, which the source holds), and its numbers never meet the forward
+/// session's lineage.
+///
+/// Hand the result to [`crate::Sender::start_at`] (destination) and [`crate::Receiver::start_at`]
+/// (source) before their first connect.
+pub fn reverse_start(switch_over: crate::message::Position) -> crate::message::Position {
+    use crate::message::{Lineage, Position};
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(b"reverse\0");
+    b[8..16].copy_from_slice(&switch_over.lineage.origin.to_le_bytes());
+    b[16..24].copy_from_slice(&switch_over.lineage.baseline.to_le_bytes());
+    b[24..].copy_from_slice(&switch_over.epoch.to_le_bytes());
+    let n = switch_over.epoch;
+    Position { lineage: Lineage { origin: crate::hash::xxh64(&b), baseline: n }, epoch: n }
+}
+
+/// A starting position ([`crate::Sender::start_at`], [`crate::Receiver::start_at`]) that cannot be
+/// taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// Only a reverse session starts at an agreed position: the destination sends, the source
+    /// receives.
+    #[error(
+        "a {role} {side} does not start at an agreed position (only a reverse session does: a migration destination sends, its source receives)"
+    )]
+    Role {
+        /// Our role.
+        role: crate::message::Role,
+        /// `"sending checkpoints"` or `"receiving checkpoints"`.
+        side: &'static str,
+    },
+    /// The series is under way (connected, or a checkpoint submitted or handed over): a start is
+    /// set before the first connect.
+    #[error("starting position given after the series began ({what})")]
+    Begun {
+        /// What happened already.
+        what: &'static str,
+    },
+    /// The position's epoch is 0, beyond the epoch limit a `Hello` may announce, or below its
+    /// lineage's baseline.
+    #[error(
+        "starting position at epoch {epoch} (lineage baseline {baseline}) is not within 1..={limit} and at or above its baseline"
+    )]
+    Epoch {
+        /// The epoch.
+        epoch: u64,
+        /// The lineage's baseline.
+        baseline: u64,
+        /// [`crate::limits::MAX_ANNOUNCED_EPOCH`].
+        limit: u64,
+    },
+}
+
+/// Checks a starting position's numbers (see [`StartError::Epoch`]).
+pub(crate) fn check_start(p: &crate::message::Position) -> Result<(), StartError> {
+    let limit = crate::limits::MAX_ANNOUNCED_EPOCH;
+    if p.epoch == 0 || p.epoch > limit || p.lineage.baseline > p.epoch {
+        return Err(StartError::Epoch { epoch: p.epoch, baseline: p.lineage.baseline, limit });
+    }
+    Ok(())
+}
+
 /// Runs of `pfns` (ascending, distinct), for a [`PageMap`].
 pub fn runs(pfns: impl IntoIterator<Item = u64>) -> Vec<PfnRange> {
     let mut out: Vec<PfnRange> = Vec::new();

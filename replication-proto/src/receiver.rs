@@ -205,6 +205,8 @@ pub struct Receiver {
     next_page_request: u64,
     events: VecDeque<ReceiverEvent>,
     stats: ReceiverStats,
+    /// The agreed position the series started at, instead of a baseline ([`Receiver::start_at`]).
+    start: Option<Position>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -240,6 +242,7 @@ impl Receiver {
             layout: config.layout.clone(),
             sends: false,
             version: config.version,
+            start: None,
         };
         Self {
             index: PageIndex::new(&config.layout),
@@ -261,7 +264,46 @@ impl Receiver {
             next_page_request: 1,
             events: VecDeque::new(),
             stats: ReceiverStats::default(),
+            start: None,
         }
+    }
+
+    /// Holds the agreed position `start` (committed, the owner's replica being exactly that
+    /// epoch of that lineage) instead of waiting for a baseline: a reverse session's source, which
+    /// holds the guest as it was at the switch-over ([`crate::migration::reverse_start`] gives the
+    /// position both sides compute). The receiver then accepts epoch `start.epoch + 1` of
+    /// `start.lineage` (a delta on its replica) and acknowledges it once committed. It announces
+    /// the position in its `Hello` and refuses a sender that starts elsewhere, or nowhere
+    /// ([`SessionError::Start`]); a sender that starts at a position refuses a receiver told none.
+    /// Keep the receiver across reconnects (its position moves on with each commit).
+    ///
+    /// Only for a [`Role::MigrationSource`], before the first [`Endpoint::connect`] and the first
+    /// checkpoint.
+    pub fn start_at(&mut self, start: Position) -> Result<(), crate::migration::StartError> {
+        use crate::migration::StartError;
+        if self.cfg.role != Role::MigrationSource {
+            return Err(StartError::Role { role: self.cfg.role, side: "receiving checkpoints" });
+        }
+        if self.link.session > 0 {
+            return Err(StartError::Begun { what: "connected" });
+        }
+        if self.delivered.is_some() || self.stats.checkpoints > 0 {
+            return Err(StartError::Begun { what: "a checkpoint was handed over" });
+        }
+        crate::migration::check_start(&start)?;
+        self.delivered = Some(start);
+        self.committed = Some(start);
+        self.high_water = self.high_water.max(start.epoch);
+        self.peer_known = self.peer_known.max(start.epoch);
+        self.needs_baseline = false;
+        self.start = Some(start);
+        self.local.start = Some(start);
+        Ok(())
+    }
+
+    /// The agreed position the series started at ([`Receiver::start_at`]), if any.
+    pub fn start(&self) -> Option<Position> {
+        self.start
     }
 
     /// The last epoch committed by the owner.
@@ -417,6 +459,7 @@ impl Receiver {
             high_water: self.high_water,
             session: self.link.session,
             sends_checkpoints: false,
+            start: self.start,
         }
     }
 

@@ -343,6 +343,8 @@ pub struct Sender {
     stats: SenderStats,
     /// The pfns of the epoch being encoded, when dedup needs them (reused buffer).
     epoch_pfns: Vec<u64>,
+    /// The agreed position the series started at, instead of a baseline ([`Sender::start_at`]).
+    start: Option<Position>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -382,6 +384,7 @@ impl Sender {
             layout: config.layout.clone(),
             sends: true,
             version: config.version,
+            start: None,
         };
         let mut events = VecDeque::new();
         events.push_back(SenderEvent::BaselineRequired { reason: BaselineReason::Initial });
@@ -413,7 +416,51 @@ impl Sender {
             events,
             stats: SenderStats::default(),
             epoch_pfns: Vec::new(),
+            start: None,
         }
+    }
+
+    /// Starts the series at an agreed position instead of a baseline: a reverse session, in
+    /// which the migration destination checkpoints the guest back to its source, which holds the
+    /// guest as it was at the switch-over already ([`crate::migration::reverse_start`] gives the
+    /// position both sides compute). The sender then needs no baseline: its first epoch is
+    /// `start.epoch + 1`, in `start.lineage`, a delta on what the receiver holds; it announces
+    /// the position in its `Hello`, and the session is refused ([`SessionError::Start`]) unless
+    /// the receiver was told the same one ([`crate::Receiver::start_at`]). The page cache starts
+    /// empty, so no epoch refers to content this series did not send (no dedup reference, delta
+    /// or "unchanged" against the switch-over's pages). Reconnects resume from the receiver's
+    /// last delivered epoch as in protection; a receiver that lost its copy asks for a baseline
+    /// ([`SenderEvent::BaselineRequired`]).
+    ///
+    /// Only for a [`Role::MigrationDestination`], before the first [`Endpoint::connect`] and the
+    /// first checkpoint.
+    pub fn start_at(&mut self, start: Position) -> Result<(), crate::migration::StartError> {
+        use crate::migration::StartError;
+        if self.cfg.role != Role::MigrationDestination {
+            return Err(StartError::Role { role: self.cfg.role, side: "sending checkpoints" });
+        }
+        if self.link.session > 0 {
+            return Err(StartError::Begun { what: "connected" });
+        }
+        if self.stats.epochs > 0 {
+            return Err(StartError::Begun { what: "a checkpoint was submitted" });
+        }
+        crate::migration::check_start(&start)?;
+        self.lineage = Some(start.lineage);
+        self.acked = start.epoch;
+        self.last_submitted = start.epoch;
+        self.next_epoch = start.epoch + 1;
+        self.needs_baseline = false;
+        self.cache.clear();
+        self.events.retain(|e| !matches!(e, SenderEvent::BaselineRequired { reason: BaselineReason::Initial }));
+        self.start = Some(start);
+        self.local.start = Some(start);
+        Ok(())
+    }
+
+    /// The agreed position the series started at ([`Sender::start_at`]), if any.
+    pub fn start(&self) -> Option<Position> {
+        self.start
     }
 
     /// Whether epochs encoded now may use the dedup encoding: allowed by the configuration and
@@ -835,6 +882,7 @@ impl Sender {
             high_water: self.last_submitted,
             session: self.link.session,
             sends_checkpoints: true,
+            start: self.start,
         }
     }
 
@@ -909,8 +957,10 @@ impl Sender {
             self.peer_instance = Some(h.instance);
             self.last_request = None;
         }
+        // The receiver's commit counts as an ack in a series this sender started: one of its
+        // baselines, or the agreed position it started at.
         if let Some(c) = h.committed
-            && c.lineage.origin == self.cfg.instance
+            && (c.lineage.origin == self.cfg.instance || self.start.is_some_and(|s| s.lineage == c.lineage))
         {
             self.on_ack(now, c.epoch);
         }

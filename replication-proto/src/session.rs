@@ -3,7 +3,7 @@
 //! exchange, heartbeats, idle detection, goodbye).
 
 use crate::frame::{FrameDecoder, FrameError, MessageKind};
-use crate::message::{Goodbye, GoodbyeReason, Heartbeat, Hello, Message, MessageError, Role};
+use crate::message::{Goodbye, GoodbyeReason, Heartbeat, Hello, Message, MessageError, Position, Role};
 use crate::version::{Feature, VersionError, negotiate_with};
 use std::collections::VecDeque;
 use std::ops::Deref;
@@ -113,6 +113,29 @@ pub enum SessionError {
         peer: Role,
         /// Whether the peer says it sends checkpoints (and so do we), or not (and neither do we).
         peer_sends: bool,
+    },
+    /// The peer's `Hello` announces a starting position, but the session is not a reverse one
+    /// (a migration destination sending checkpoints to its source): only that series starts at an
+    /// agreed position instead of a baseline.
+    #[error(
+        "peer ({peer}, {}) announces a starting position: only a reverse session (a migration destination sending \
+         checkpoints to its source) starts at one",
+        if *peer_sends { "sending checkpoints" } else { "receiving checkpoints" }
+    )]
+    StartRole {
+        /// The peer's role.
+        peer: Role,
+        /// Whether the peer sends the session's checkpoints.
+        peer_sends: bool,
+    },
+    /// The two sides of a reverse session do not start the series at the same position: one was
+    /// told another switch-over, or none (a build without reverse sessions announces none).
+    #[error("{}", start_mismatch(ours, peer))]
+    Start {
+        /// Where we start the series ([`crate::Sender::start_at`], [`crate::Receiver::start_at`]).
+        ours: Option<Position>,
+        /// Where the peer's `Hello` says it starts it.
+        peer: Option<Position>,
     },
     /// The peer is about another VM.
     #[error("peer vm {peer} is not our vm {ours}")]
@@ -224,6 +247,7 @@ impl SessionError {
         match self {
             Self::Version(_) | Self::Role { .. } | Self::Vm { .. } | Self::Layout { .. } => true,
             Self::MigrationVersion { .. } | Self::Direction { .. } => true,
+            Self::StartRole { .. } | Self::Start { .. } => true,
             Self::EpochLimit { .. } => true,
             Self::Closed { .. } | Self::Cancelled { .. } => true,
             Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
@@ -238,6 +262,8 @@ impl SessionError {
             | Self::Vm { .. }
             | Self::Layout { .. }
             | Self::EpochLimit { .. }
+            | Self::StartRole { .. }
+            | Self::Start { .. }
             | Self::Direction { .. } => GoodbyeReason::Mismatch,
             Self::Closed { .. } => GoodbyeReason::Normal,
             Self::Cancelled { .. } => GoodbyeReason::Cancelled,
@@ -359,6 +385,8 @@ pub(crate) struct Local {
     pub sends: bool,
     /// The protocol version this side speaks (its `Hello.version`).
     pub version: u16,
+    /// Where this side starts the session's series instead of a baseline (a reverse session).
+    pub start: Option<Position>,
 }
 
 /// What a decoded input means to the sender or receiver.
@@ -769,8 +797,9 @@ impl Link {
 
     /// The handshake rules, in order: a common version; roles that pair (protection with
     /// protection, migration with migration, never a role with itself); a version with
-    /// migration for a migration session; exactly one side sending checkpoints; the same VM and
-    /// memory layout; epoch numbers within bounds.
+    /// migration for a migration session; exactly one side sending checkpoints; a starting
+    /// position only in a reverse session and the same on both sides; the same VM and memory
+    /// layout; epoch numbers within bounds.
     fn accept_hello(&mut self, h: &Hello, local: &Local) -> Result<(), SessionError> {
         self.version = negotiate_with(local.version, h.version, h.min_version)?;
         if h.role != local.role.counterpart() {
@@ -785,6 +814,14 @@ impl Link {
         }
         if h.sends_checkpoints == local.sends {
             return Err(SessionError::Direction { peer: h.role, peer_sends: h.sends_checkpoints });
+        }
+        // A starting position: only in a reverse session, and the same on both sides.
+        let sender_role = if h.sends_checkpoints { h.role } else { local.role };
+        if h.start.is_some() && sender_role != Role::MigrationDestination {
+            return Err(SessionError::StartRole { peer: h.role, peer_sends: h.sends_checkpoints });
+        }
+        if h.start != local.start {
+            return Err(SessionError::Start { ours: local.start, peer: h.start });
         }
         if h.vm.uuid != local.vm.uuid {
             return Err(SessionError::Vm { ours: hex(&local.vm.uuid), peer: hex(&h.vm.uuid) });
@@ -813,6 +850,29 @@ fn check_epochs(h: &Hello) -> Result<(), SessionError> {
     match fields.into_iter().find(|(_, v)| v.is_some_and(|v| v > limit)) {
         Some((field, Some(value))) => Err(SessionError::EpochLimit { field, value, limit }),
         _ => Ok(()),
+    }
+}
+
+/// A starting position for an error message (`epoch 12 of lineage 0x…/12`).
+fn position(p: &Position) -> String {
+    format!("epoch {} of lineage {:#x}/{}", p.epoch, p.lineage.origin, p.lineage.baseline)
+}
+
+/// The message of [`SessionError::Start`].
+fn start_mismatch(ours: &Option<Position>, peer: &Option<Position>) -> String {
+    match (ours, peer) {
+        (Some(o), Some(p)) => {
+            format!("peer starts the series at {}, we at {}: not the same switch-over", position(p), position(o))
+        }
+        (Some(o), None) => format!(
+            "peer announces no starting position, we start the series at {} (a peer without reverse sessions, or not \
+             told the switch-over)",
+            position(o)
+        ),
+        (None, Some(p)) => {
+            format!("peer starts the series at {}, we were told no starting position", position(p))
+        }
+        (None, None) => "both sides start the series with a baseline".to_owned(),
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{connect, pump};
+use common::{connect, goodbye_reason, pump, receiver_error, sender_error};
 use replication_proto::message::{EpochBegin, EpochEnd, Hello, Lineage, Message, PageBatch, PageRequest};
 use replication_proto::migration::{Complete, Handover, PfnRange, Resumed, SwitchMode};
 use replication_proto::pageset::{EncodedPage, PageEncoding};
@@ -36,29 +36,6 @@ fn receiver(role: Role, version: u16) -> Receiver {
     let mut cfg = ReceiverConfig::new(role, vm(), layout(), 22);
     cfg.version = version;
     Receiver::new(cfg)
-}
-
-fn sender_error(s: &mut Sender) -> Option<SessionError> {
-    std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
-        SenderEvent::Disconnected { error } => Some(error),
-        _ => None,
-    })
-}
-
-fn receiver_error(r: &mut Receiver) -> Option<SessionError> {
-    std::iter::from_fn(|| r.poll_event()).find_map(|e| match e {
-        ReceiverEvent::Disconnected { error } => Some(error),
-        _ => None,
-    })
-}
-
-/// The goodbye reason of frame `t`, if it is a goodbye.
-fn goodbye_reason(t: &[u8]) -> Option<GoodbyeReason> {
-    let f = replication_proto::frame::decode_datagram(t).ok()?;
-    match Message::decode(f.kind, &f.payload).ok()? {
-        Message::Goodbye(g) => Some(g.reason),
-        _ => None,
-    }
 }
 
 fn page(fill: u8) -> Vec<u8> {
@@ -267,6 +244,7 @@ fn hello(role: Role, version: u16) -> Hello {
         high_water: 0,
         session: 1,
         sends_checkpoints: role.is_sender(),
+        start: None,
     }
 }
 

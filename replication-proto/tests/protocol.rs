@@ -253,6 +253,7 @@ fn peer_hello(role: Role, instance: u64) -> Hello {
         high_water: 0,
         session: 1,
         sends_checkpoints: role.is_sender(),
+        start: None,
     }
 }
 

@@ -83,10 +83,22 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             position(),
             position(),
-            (any::<u64>(), any::<u64>(), any::<bool>())
+            (any::<u64>(), any::<u64>(), any::<bool>(), position())
         )
             .prop_map(
-                |(version, min_version, role, instance, uuid, name, layout, window, c, d, (hw, session, sends))| {
+                |(
+                    version,
+                    min_version,
+                    role,
+                    instance,
+                    uuid,
+                    name,
+                    layout,
+                    window,
+                    c,
+                    d,
+                    (hw, session, sends, start),
+                )| {
                     Message::Hello(Hello {
                         version,
                         min_version,
@@ -101,6 +113,8 @@ fn message() -> impl Strategy<Value = Message> {
                         session,
                         // Version 1 has no flags byte: the role decides.
                         sends_checkpoints: if version >= 2 { sends } else { role.is_sender() },
+                        // The starting position rides on the flags byte: version 2 on.
+                        start: if version >= 2 { start } else { None },
                     })
                 }
             ),

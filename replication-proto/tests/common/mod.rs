@@ -1,6 +1,9 @@
 //! Helpers the scenario tests share.
 
-use replication_proto::{Channel, Endpoint, Transmit};
+use replication_proto::message::Message;
+use replication_proto::{
+    Channel, Endpoint, GoodbyeReason, Receiver, ReceiverEvent, Sender, SenderEvent, SessionError, Transmit,
+};
 use std::time::Instant;
 
 /// Hands `t` to `to` as a transport would: a bulk frame whole, anything else as stream bytes.
@@ -34,4 +37,34 @@ pub fn connect<A: Endpoint, B: Endpoint>(a: &mut A, b: &mut B, now: Instant) {
     a.connect(now);
     b.connect(now);
     pump(a, b, now);
+}
+
+/// The error of the first `Disconnected` among the sender's pending events (the others are
+/// dropped).
+#[allow(dead_code)]
+pub fn sender_error(s: &mut Sender) -> Option<SessionError> {
+    std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
+        SenderEvent::Disconnected { error } => Some(error),
+        _ => None,
+    })
+}
+
+/// The error of the first `Disconnected` among the receiver's pending events (the others are
+/// dropped).
+#[allow(dead_code)]
+pub fn receiver_error(r: &mut Receiver) -> Option<SessionError> {
+    std::iter::from_fn(|| r.poll_event()).find_map(|e| match e {
+        ReceiverEvent::Disconnected { error } => Some(error),
+        _ => None,
+    })
+}
+
+/// The goodbye reason of frame `t`, if it is a goodbye.
+#[allow(dead_code)]
+pub fn goodbye_reason(t: &[u8]) -> Option<GoodbyeReason> {
+    let f = replication_proto::frame::decode_datagram(t).ok()?;
+    match Message::decode(f.kind, &f.payload).ok()? {
+        Message::Goodbye(g) => Some(g.reason),
+        _ => None,
+    }
 }
