@@ -4,7 +4,7 @@
 
 use crate::codec::{apply_delta, decode_page, validate_delta};
 use crate::frame::{FrameDecoder, MessageKind, begin_frame, decode_datagram, finish_frame};
-use crate::message::{EpochBegin, EpochEnd, Hello, Lineage, MemoryLayout, Message, Role, VmIdentity};
+use crate::message::{EpochBegin, EpochEnd, Hello, Lineage, MemoryLayout, Message, Position, Role, VmIdentity};
 use crate::pageset::{PageEncoding, parse_page_set};
 use crate::session::Endpoint;
 use crate::version::{PROTOCOL_VERSION, oldest_accepted};
@@ -96,12 +96,22 @@ fn fuzz_vm() -> VmIdentity {
 
 /// A receiver that has completed its handshake with a (pretend) primary.
 fn connected_receiver(now: Instant) -> Receiver {
-    connected_as(now, Role::Backup)
+    connected_as(now, Role::Backup, None)
 }
 
-/// A receiver of `role` that has completed its handshake with its (pretend) counterpart.
-fn connected_as(now: Instant, role: Role) -> Receiver {
+/// Where the reverse session of [`reverse`] starts: a switch-over at epoch 5 of a forward
+/// lineage (so its first epoch is 6, in the lineage [`crate::migration::reverse_start`] derives).
+pub fn reverse_fuzz_start() -> Position {
+    crate::migration::reverse_start(Position { lineage: Lineage { origin: 1, baseline: 1 }, epoch: 5 })
+}
+
+/// A receiver of `role` that has completed its handshake with its (pretend) counterpart, both
+/// told `start` (a reverse session) or neither.
+fn connected_as(now: Instant, role: Role, start: Option<Position>) -> Receiver {
     let mut r = Receiver::new(ReceiverConfig::new(role, fuzz_vm(), fuzz_layout(), 2));
+    if let Some(p) = start {
+        r.start_at(p).expect("a migration source may start at a position");
+    }
     r.connect(now);
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -116,7 +126,7 @@ fn connected_as(now: Instant, role: Role) -> Receiver {
         high_water: 0,
         session: 1,
         sends_checkpoints: true,
-        start: None,
+        start,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);
@@ -126,10 +136,15 @@ fn connected_as(now: Instant, role: Role) -> Receiver {
 }
 
 fn drain(r: &mut Receiver, now: Instant) {
+    let start = r.start();
     while r.poll_transmit(now).is_some() {}
     while let Some(ev) = r.poll_event() {
         if let ReceiverEvent::Checkpoint(cp) = ev {
             assert!(cp.page_count() as u64 <= FUZZ_PAGES);
+            if let Some(p) = start {
+                // Nothing at or before the position the series starts at is ever handed over.
+                assert!(cp.epoch() > p.epoch, "checkpoint {} at or before the start {}", cp.epoch(), p.epoch);
+            }
             let _ = r.committed(now, cp.epoch());
         }
     }
@@ -213,6 +228,20 @@ pub fn state(data: &[u8]) {
 pub fn receiver(data: &[u8]) {
     let now = Instant::now();
     let mut r = connected_receiver(now);
+    feed_frames(&mut r, data, now);
+}
+
+/// The receiver of a reverse session (a migration source told where the series starts,
+/// [`reverse_fuzz_start`]) against arbitrary frames with valid crcs, as in [`receiver`]: it hands
+/// over nothing at or before the start, and whatever it hands over is checked as there.
+pub fn reverse(data: &[u8]) {
+    let now = Instant::now();
+    let mut r = connected_as(now, Role::MigrationSource, Some(reverse_fuzz_start()));
+    feed_frames(&mut r, data, now);
+}
+
+/// Feeds `(kind u8, len u16, payload)` items as frames with valid crcs (see [`receiver`]).
+fn feed_frames(r: &mut Receiver, data: &[u8], now: Instant) {
     let mut rd = Reader::new(data);
     let mut stream = Vec::new();
     while let (Ok(kind), Ok(len)) = (rd.u8("kind"), rd.u16("len")) {
@@ -229,10 +258,10 @@ pub fn receiver(data: &[u8]) {
     }
     for piece in stream.chunks(997) {
         r.handle_input(now, piece);
-        drain(&mut r, now);
+        drain(r, now);
     }
     r.handle_timeout(now + std::time::Duration::from_millis(60));
-    drain(&mut r, now);
+    drain(r, now);
 }
 
 /// A migration destination's bulk path: each `(kind u8, len u16, payload)` of the input becomes
@@ -241,7 +270,7 @@ pub fn receiver(data: &[u8]) {
 /// anything but a page response ends the session.
 pub fn bulk(data: &[u8]) {
     let now = Instant::now();
-    let mut r = connected_as(now, Role::MigrationDestination);
+    let mut r = connected_as(now, Role::MigrationDestination, None);
     while r.poll_event().is_some() {}
     let mut rd = Reader::new(data);
     let mut ended = false;

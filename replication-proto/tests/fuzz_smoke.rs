@@ -63,6 +63,7 @@ fn seeds() -> Vec<Vec<u8>> {
         rx.extend_from_slice(&p);
     }
     out.push(rx);
+    out.push(reverse_seed(&pages[2..]));
     out.push(vec![3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
     // A frame whose crcs we fix after mutating, below.
     let mut f = Vec::new();
@@ -71,6 +72,29 @@ fn seeds() -> Vec<Vec<u8>> {
     finish_frame(&mut f, at);
     out.push([vec![10], f].concat());
     out
+}
+
+/// A receiver input for the reverse session of `fuzzing::reverse`: its first epoch (the one after
+/// the start, in the start's lineage, not a baseline), whole, with a true checksum.
+fn reverse_seed(pages: &[EncodedPage]) -> Vec<u8> {
+    let start = fuzzing::reverse_fuzz_start();
+    let epoch = start.epoch + 1;
+    let begin =
+        EpochBegin { epoch, lineage: start.lineage, baseline: false, page_count: pages.len() as u64, state_len: 0 };
+    let batch = Message::PageBatch(PageBatch { epoch, seq: 0, pages: pages.to_vec() });
+    let mut payload = Vec::new();
+    batch.encode_payload(&mut payload);
+    let checksum = crc32fast::hash(&payload);
+    let end = EpochEnd { epoch, frames: 1, page_count: pages.len() as u64, state_len: 0, checksum, digest: 0 };
+    let mut rx = Vec::new();
+    for m in [Message::EpochBegin(begin), batch, Message::EpochEnd(end), Message::Ack { epoch }] {
+        let mut p = Vec::new();
+        m.encode_payload(&mut p);
+        rx.push(m.kind().code());
+        rx.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        rx.extend_from_slice(&p);
+    }
+    rx
 }
 
 /// Re-seals every frame whose header still parses, so mutated payloads reach the decoders.
@@ -126,6 +150,11 @@ fn fuzz_smoke_apply() {
 #[test]
 fn fuzz_smoke_receiver() {
     run(fuzzing::receiver, "receiver", 4, 4);
+}
+
+#[test]
+fn fuzz_smoke_reverse() {
+    run(fuzzing::reverse, "reverse", 7, 4);
 }
 
 #[test]

@@ -20,16 +20,20 @@
 //! Each seed also picks the session's roles (protection, a migration, or reverse checkpoints
 //! from a destination back to its source: the same machinery, roles of the session), and in
 //! protection a restarted backup may come back as a build of the previous protocol version (no
-//! dedup, so the sender must not resend epochs encoded with it). The guest copies pages onto
+//! dedup, so the sender must not resend epochs encoded with it). Half the reverse seeds start the
+//! series at a switch-over (`Sender::start_at` / `Receiver::start_at`, both memories equal at
+//! epoch N) instead of a baseline: they must never need one. The guest copies pages onto
 //! others, so dedup references (resolved against the replica) are exercised throughout.
 //!
 //! `SIM_SEEDS=n` sets the number of seeds (default 2000 in release, 150 in debug);
 //! `SIM_SEED=s` runs one seed with a trace. The ignored test `simulation_long` runs 50,000.
 
+use replication_proto::message::Position;
+use replication_proto::migration::reverse_start;
 use replication_proto::pageset::PageEncoding;
 use replication_proto::{
     BaselineReason, Channel, Endpoint, Lineage, MemoryImage, MemoryLayout, PROTOCOL_VERSION, Receiver, ReceiverConfig,
-    ReceiverEvent, Role, Sender, SenderConfig, SenderEvent, SessionError, Timing, Transmit, VmIdentity,
+    ReceiverEvent, ReplicaMemory, Role, Sender, SenderConfig, SenderEvent, SessionError, Timing, Transmit, VmIdentity,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -70,6 +74,9 @@ struct Faults {
     /// A restarted backup may speak the previous protocol version (protection only; a migration
     /// needs version 2).
     old_backups: bool,
+    /// Reverse checkpoints only: the series starts at this switch-over epoch N (both sides told
+    /// `reverse_start`, both memories equal at N, first epoch N + 1) instead of a baseline.
+    start: Option<u64>,
 }
 
 impl Faults {
@@ -81,6 +88,7 @@ impl Faults {
             (Role::MigrationSource, Role::MigrationDestination),
             (Role::MigrationDestination, Role::MigrationSource),
         ][rng.below(3) as usize];
+        let start = (roles.0 == Role::MigrationDestination && rng.chance(0.5)).then(|| 2 + rng.below(1000));
         Faults {
             mode,
             drop: if mode == Mode::Chaos { 0.08 * level } else { 0.0 },
@@ -90,9 +98,11 @@ impl Faults {
             stale: if mode == Mode::Chaos { 0.3 } else { 0.0 },
             cut_mean_ms: [40, 100, 300, 100_000][rng.below(4) as usize],
             partition_ms: (1, [5, 30, 150][rng.below(3) as usize]),
-            backup_crash: rng.chance(0.1),
+            // A source that restarts has lost the copy the series started from: not simulated.
+            backup_crash: rng.chance(0.1) && start.is_none(),
             old_backups: roles.0 == Role::Primary,
             roles,
+            start,
         }
     }
 }
@@ -230,7 +240,29 @@ impl Sim {
             rng,
         };
         sim.next_cut = t0 + sim.cut_delay();
+        if let Some(n) = f.start {
+            sim.start_at_switch_over(seed, n);
+        }
         sim
+    }
+
+    /// A reverse series that starts at switch-over epoch `n`: both memories hold the guest as
+    /// it was then, both sides are told the position, and nothing is a baseline.
+    fn start_at_switch_over(&mut self, seed: u64, n: u64) {
+        let forward = Position { lineage: Lineage { origin: 0x5eed ^ seed, baseline: 1 }, epoch: n };
+        let start = reverse_start(forward);
+        self.sender.start_at(start).expect("a destination sender starts at a position");
+        self.receiver.start_at(start).expect("a source receiver starts at a position");
+        for b in self.primary.mem.iter_mut().skip(PS) {
+            *b = self.rng.next_u64() as u8;
+        }
+        for pfn in 0..PAGES {
+            let page = &self.primary.mem[pfn as usize * PS..(pfn as usize + 1) * PS];
+            self.backup.replica.page_mut(pfn).expect("in the layout").copy_from_slice(page);
+        }
+        self.backup.applied = Some((start.lineage, n));
+        self.max_committed = n;
+        self.note(format!("reverse series starts at switch-over {n}"));
     }
 
     fn t(&self) -> f64 {
@@ -630,6 +662,7 @@ impl Sim {
             restarts: self.receiver_instance - 1,
             dedups: self.sender.stats().pages_by_encoding[PageEncoding::Dedup as usize],
             older_peer_resyncs: self.older_peer_resyncs,
+            started: u64::from(self.f.start.is_some()),
             log_hash: self
                 .log
                 .iter()
@@ -650,6 +683,8 @@ struct Stats {
     restarts: u64,
     dedups: u64,
     older_peer_resyncs: u64,
+    /// Reverse series started at a switch-over (1 for such a seed).
+    started: u64,
     log_hash: u64,
 }
 
@@ -681,11 +716,13 @@ fn run_many(count: u64, first: u64) {
         total.restarts += s.restarts;
         total.dedups += s.dedups;
         total.older_peer_resyncs += s.older_peer_resyncs;
+        total.started += s.started;
     }
     println!(
         "{count} seeds: {} epochs, {} disconnects, {} backup restarts, {} resyncs, {} aborted \
          epochs, {} corrupt frames, {} stale or duplicate frames, {} frames resent, {} pages sent \
-         as dedup references, {} baselines for a backup restarted at the previous version",
+         as dedup references, {} baselines for a backup restarted at the previous version, {} reverse \
+         series started at a switch-over",
         total.epochs,
         total.disconnects,
         total.restarts,
@@ -695,13 +732,15 @@ fn run_many(count: u64, first: u64) {
         total.stale,
         total.resent,
         total.dedups,
-        total.older_peer_resyncs
+        total.older_peer_resyncs,
+        total.started
     );
     assert!(total.epochs > count * 10, "the runs did work");
     if count >= 500 {
         // The faults really happened.
         assert!(total.disconnects > 0 && total.corrupt > 0 && total.stale > 0);
         assert!(total.resent > 0 && total.restarts > 0 && total.resyncs > 0 && total.dedups > 0);
+        assert!(total.started > 0, "some series started at a switch-over");
     }
 }
 
@@ -746,6 +785,7 @@ fn clean_network_needs_no_resends() {
         backup_crash: false,
         roles: (Role::Primary, Role::Backup),
         old_backups: false,
+        start: None,
     };
     sim.next_cut = sim.t0 + Duration::from_secs(1000);
     let s = sim.run(400, 5_000);
