@@ -118,7 +118,8 @@
 //! - [`cache`]: the sender's bounded cache of last-sent pages (and its content index for dedup);
 //! - [`checkpoint`]: what the owner gets and how it applies it;
 //! - [`sender`], [`receiver`]: the state machines; [`session`]: what they share;
-//! - [`migration`]: the messages a migration adds; [`precopy`]: when pre-copy stops;
+//! - [`migration`]: the messages a migration adds and where a reverse session's series starts
+//!   ([`migration::reverse_start`]); [`precopy`]: when pre-copy stops;
 //! - [`limits`], [`version`]: the numbers and the versioning rule.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
