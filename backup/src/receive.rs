@@ -522,3 +522,34 @@ pub(crate) async fn ended(session: &mut transport::Session<transport::session::S
     .flatten();
     ReceiveError::Ended(why.unwrap_or_else(|| "the session task ended without a reason".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication_proto::migration::{PageMap, PfnRange};
+
+    fn frame(epoch: u64, seq: u32, runs: &[(u64, u32)]) -> PageMap {
+        PageMap { epoch, seq, held: runs.iter().map(|&(first, count)| PfnRange { first, count }).collect() }
+    }
+
+    /// The post-copy map is taken frame by frame in order, for the announced epoch, and must
+    /// add up to the page count the switch-over announced; anything else ends the migration with
+    /// an error naming what is wrong.
+    #[test]
+    fn a_page_map_must_come_in_order_and_add_up() {
+        let mut m = MapState { epoch: 7, frames: 2, held: 5, runs: Vec::new(), seen: 0 };
+        assert!(!m.complete());
+        let e = m.add(&frame(7, 1, &[(0, 2)])).unwrap_err();
+        assert!(e.contains("out of order") && e.contains("expected frame 0 of 2"), "{e}");
+        let e = m.add(&frame(8, 0, &[(0, 2)])).unwrap_err();
+        assert!(e.contains("epoch 8") && e.contains("for epoch 7"), "{e}");
+        m.add(&frame(7, 0, &[(0, 2)])).unwrap();
+        let e = m.add(&frame(7, 1, &[(10, 2)])).unwrap_err();
+        assert!(e.contains("holds 4 pages, the switch-over said 5"), "{e}");
+
+        let mut m = MapState { epoch: 7, frames: 1, held: 3, runs: Vec::new(), seen: 0 };
+        m.add(&frame(7, 0, &[(0, 1), (4, 2)])).unwrap();
+        assert!(m.complete());
+        assert!(m.add(&frame(7, 1, &[])).unwrap_err().contains("out of order"), "no frame after the last");
+    }
+}
