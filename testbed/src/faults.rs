@@ -600,22 +600,13 @@ impl Procs {
         env: &[(&str, String)],
         log: &Path,
     ) -> Result<u32> {
-        let stdout = if name == "client" { Stdio::piped() } else { Stdio::null() };
-        self.spawn_out(name, ns, program, args, env, log, stdout)
-    }
-
-    /// [`Procs::spawn`] with its stdout going to `stdout`.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_out(
-        &mut self,
-        name: &str,
-        ns: &str,
-        program: &Path,
-        args: &[String],
-        env: &[(&str, String)],
-        log: &Path,
-        stdout: Stdio,
-    ) -> Result<u32> {
+        // The client's verdict is read from a pipe; `migrate --json`'s report goes to
+        // `<log>.out` (`migrate.out` beside `migrate.log`).
+        let stdout = match name {
+            "client" => Stdio::piped(),
+            "migrate" => Stdio::from(fs::File::create(log.with_extension("out"))?),
+            _ => Stdio::null(),
+        };
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(program).args(args);
         c.env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1");

@@ -23,7 +23,6 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -201,6 +200,9 @@ impl MigRun {
 pub struct Observed {
     /// The fault landed in the point's phases (else the run is `invalid`).
     pub fault_in_phase: bool,
+    /// The link was cut for longer than the session's idle timeout: the report must count a
+    /// reconnect.
+    pub cut_past_idle: bool,
     /// `understudy migrate` exited 0.
     pub migrate_ok: bool,
     pub migrate_stderr: String,
@@ -289,6 +291,12 @@ pub fn judge(expect: Expect, o: &Observed) -> (String, Vec<String>, u64) {
             if !o.migrate_ok {
                 p.push(format!("the migration did not complete: {}", last_line(&o.migrate_stderr)));
             }
+            let reconnects = o.report.as_ref().and_then(|r| r["reconnects"].as_u64());
+            if o.cut_past_idle && o.migrate_ok && reconnects.unwrap_or(0) < 1 {
+                p.push(format!(
+                    "the link was cut past the idle timeout but the report counts {reconnects:?} reconnects"
+                ));
+            }
             if o.src_exit_ok != Some(true) {
                 p.push(format!("the source process did not exit 0 after the migration ({:?})", o.src_state));
             }
@@ -335,10 +343,7 @@ pub fn judge(expect: Expect, o: &Observed) -> (String, Vec<String>, u64) {
                 p.push("the migration reported success".into());
             }
             if !(o.migrate_stderr.contains("broke off") && o.migrate_stderr.contains("lost")) {
-                p.push(format!(
-                    "the source does not report the guest lost: {}",
-                    last_line(&o.migrate_stderr)
-                ));
+                p.push(format!("the source does not report the guest lost: {}", last_line(&o.migrate_stderr)));
             }
             if src_running {
                 p.push("the source resumed the guest after post-copy broke off".into());
@@ -367,12 +372,7 @@ fn phase(bin: &Path, sock: &Path) -> Option<String> {
 }
 
 /// Runs one migration fault once.
-pub(super) fn run_one(
-    opts: &super::Options,
-    point: Point,
-    run: usize,
-    rng: &mut XorShift64,
-) -> Result<RunReport> {
+pub(super) fn run_one(opts: &super::Options, point: Point, run: usize, rng: &mut XorShift64) -> Result<RunReport> {
     let expect = point.migration_expect().context("not a migration point")?;
     let t_start = Instant::now();
     let mut rep = RunReport { point: point.name().into(), run, ..Default::default() };
@@ -493,8 +493,7 @@ pub(super) fn run_one(
             "--json",
         ]);
         margs.extend(args(point.migrate_args()));
-        let out = fs::File::create(d("migrate.out"))?;
-        procs.spawn_out("migrate", &ns, bin, &margs, &[], &d("migrate.log"), Stdio::from(out))?;
+        procs.spawn("migrate", &ns, bin, &margs, &[], &d("migrate.log"))?;
         // The fault: at a moment drawn from the run's RNG after the phase is first seen.
         let phases = point.fault_phases();
         let seen = poll_until(Instant::now() + Duration::from_secs(20), || {
@@ -522,6 +521,7 @@ pub(super) fn run_one(
             Point::MigrateSourceKillPrecopy => procs.kill("source"),
             Point::MigratePartition => {
                 link("down")?;
+                obs.cut_past_idle = true;
                 let held = rng.range(1500, 2500);
                 let r = sleep(Duration::from_millis(held));
                 link("up")?;
@@ -601,7 +601,8 @@ pub(super) fn run_one(
     if let Some(logs) = &opts.logs {
         let to = logs.join(format!("{}-{run}", point.name()));
         let _ = fs::create_dir_all(&to);
-        for f in ["source.log", "destination.log", "migrate.log", "migrate.out", "client.log", "impair.log", "d-serial.log"]
+        for f in
+            ["source.log", "destination.log", "migrate.log", "migrate.out", "client.log", "impair.log", "d-serial.log"]
         {
             let _ = fs::copy(d(f), to.join(f));
         }
@@ -737,6 +738,18 @@ mod tests {
         assert_eq!(stayed().ended(), "failed");
         assert_eq!(gone().ended(), "source-gone");
         assert_eq!(lost().ended(), "lost");
+    }
+
+    #[test]
+    fn a_cut_past_the_idle_timeout_must_show_a_reconnect() {
+        let mut o = completed();
+        o.cut_past_idle = true;
+        o.report = Some(json!({"reconnects": 0}));
+        let (outcome, problems, _) = judge(Expect::Completes, &o);
+        assert_eq!(outcome, "fail");
+        assert!(problems[0].contains("reconnects"), "{problems:?}");
+        o.report = Some(json!({"reconnects": 2}));
+        assert_eq!(judge(Expect::Completes, &o).0, "pass");
     }
 
     #[test]
