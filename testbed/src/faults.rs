@@ -40,6 +40,8 @@ use crate::harness::tempdir::TempDir;
 use crate::harness::wait::poll_until as wait_until;
 use crate::impair::Impairment;
 
+pub mod migrate;
+
 /// A fault the harness injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Point {
@@ -91,11 +93,22 @@ pub enum Point {
     /// (`primary.resync@2`): the backup has committed the new baseline, its replica is no longer
     /// consistent, and it must roll back to its last consistent checkpoint to promote.
     ResyncLate,
+    /// Live migration ([`migrate`]): `kill -9` of the destination during the pre-copy rounds.
+    MigrateDestKillPrecopy,
+    /// `kill -9` of the source during the pre-copy rounds.
+    MigrateSourceKillPrecopy,
+    /// The migration's link cut (both ways) during post-copy for longer than the session's idle
+    /// timeout, then healed.
+    MigratePartition,
+    /// Loss, delay, duplication and corruption through the impairment proxy during post-copy.
+    MigrateLink,
+    /// `kill -9` of the destination during post-copy.
+    MigrateDestKill,
 }
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 21] = [
+    pub const ALL: [Point; 26] = [
         Point::Kill,
         Point::Paused,
         Point::Harvest,
@@ -117,6 +130,11 @@ impl Point {
         Point::LinkMix,
         Point::Resync,
         Point::ResyncLate,
+        Point::MigrateDestKillPrecopy,
+        Point::MigrateSourceKillPrecopy,
+        Point::MigratePartition,
+        Point::MigrateLink,
+        Point::MigrateDestKill,
     ];
 
     /// The name used on the command line and in reports.
@@ -143,6 +161,11 @@ impl Point {
             Point::LinkMix => "link.mix",
             Point::Resync => "resync",
             Point::ResyncLate => "resync.late",
+            Point::MigrateDestKillPrecopy => "migrate.dest-kill-precopy",
+            Point::MigrateSourceKillPrecopy => "migrate.source-kill-precopy",
+            Point::MigratePartition => "migrate.partition",
+            Point::MigrateLink => "migrate.link",
+            Point::MigrateDestKill => "migrate.dest-kill",
         }
     }
 
@@ -427,6 +450,8 @@ pub struct RunReport {
     pub max_gap_ms: Option<f64>,
     pub client_notes: Vec<String>,
     pub elapsed_s: f64,
+    /// The migration points' own account.
+    pub migration: Option<migrate::MigRun>,
 }
 
 impl RunReport {
@@ -445,6 +470,7 @@ impl RunReport {
             "acked_writes": self.acked_writes, "lost_writes": self.lost_writes,
             "contradictions": self.contradictions, "errors": self.errors, "reconnects": self.reconnects,
             "max_gap_ms": self.max_gap_ms, "client_notes": self.client_notes, "elapsed_s": self.elapsed_s,
+            "migration": self.migration.as_ref().map(migrate::MigRun::to_json),
         })
     }
 }
@@ -574,13 +600,20 @@ impl Procs {
         env: &[(&str, String)],
         log: &Path,
     ) -> Result<u32> {
+        // The client's verdict is read from a pipe; `migrate --json`'s report goes to
+        // `<log>.out` (`migrate.out` beside `migrate.log`).
+        let stdout = match name {
+            "client" => Stdio::piped(),
+            "migrate" => Stdio::from(fs::File::create(log.with_extension("out"))?),
+            _ => Stdio::null(),
+        };
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(program).args(args);
         c.env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1");
         for (k, v) in env {
             c.env(k, v);
         }
-        c.stdout(if name == "client" { Stdio::piped() } else { Stdio::null() });
+        c.stdout(stdout);
         let p = Proc::start(die_with_parent(&mut c), name, log.to_path_buf())?;
         let pid = p.pid();
         self.list.push(p);
@@ -1305,7 +1338,7 @@ pub fn summary(reports: &[RunReport]) -> String {
     let mut out = String::from(
         "| point | runs | pass | invalid | promoted | lost acked writes | contradictions | reconnects | repl. reconnects | fenced | failover p50 ms | failover p99 ms | longest reply wait ms | detect p50 ms | grant p50 ms | promote p50 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for p in Point::ALL {
+    for p in Point::ALL.into_iter().filter(|p| !p.migration()) {
         let Some(rs) = by.get(p.name()) else { continue };
         let valid: Vec<&&RunReport> = rs.iter().filter(|r| r.outcome != "invalid").collect();
         let n = valid.len().max(1) as f64;
@@ -1330,6 +1363,14 @@ pub fn summary(reports: &[RunReport]) -> String {
             fmt_ms(pct(&col(&|r| r.grant_ms), 50.0)),
             fmt_ms(pct(&col(&|r| r.promote_ms), 50.0)),
         );
+    }
+    if reports.iter().any(|r| r.migration.is_some()) {
+        if reports.iter().all(|r| r.migration.is_some()) {
+            out.clear();
+        } else {
+            out.push('\n');
+        }
+        out += &migrate::summary(reports);
     }
     out
 }
@@ -1376,6 +1417,7 @@ pub fn degradation() -> &'static str {
 pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
     install_signal_handlers();
     netns::clean_stale(NS_PREFIX);
+    crate::migrate_bench::kv::clean_stale_namespaces();
     preflight(opts)?;
     let t0 = Instant::now();
     let mut rng = XorShift64(opts.seed);
@@ -1388,25 +1430,42 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>> {
                 break 'outer;
             }
             n += 1;
-            let r = run_one(opts, point, n, &mut rng)?;
-            let _ = writeln!(
-                std::io::stderr(),
-                "[faults {:6.1}s] {:<17} run {}: {:<7} promoted={} failover={} ms lost={} contradictions={} reconnects={} fenced={} final={} repl_reconnects={} states=[{}] {}",
-                t0.elapsed().as_secs_f64(),
-                point.name(),
-                i + 1,
-                r.outcome,
-                r.promoted,
-                fmt_ms(r.failover_ms),
-                r.lost_writes,
-                r.contradictions,
-                r.reconnects,
-                r.fenced,
-                r.final_state.as_deref().unwrap_or("-"),
-                r.session_reconnects,
-                r.state_changes.join(","),
-                if r.problems.is_empty() { String::new() } else { format!("problems: {}", r.problems.join("; ")) }
-            );
+            let r = if point.migration() {
+                migrate::run_one(opts, point, n, &mut rng)?
+            } else {
+                run_one(opts, point, n, &mut rng)?
+            };
+            let problems =
+                if r.problems.is_empty() { String::new() } else { format!("problems: {}", r.problems.join("; ")) };
+            if let Some(m) = &r.migration {
+                eprintln!(
+                    "[faults {:6.1}s] {:<27} run {}: {:<13} {} {problems}",
+                    t0.elapsed().as_secs_f64(),
+                    point.name(),
+                    i + 1,
+                    r.outcome,
+                    m.line(&r)
+                );
+            } else {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "[faults {:6.1}s] {:<17} run {}: {:<7} promoted={} failover={} ms lost={} contradictions={} reconnects={} fenced={} final={} repl_reconnects={} states=[{}] {}",
+                    t0.elapsed().as_secs_f64(),
+                    point.name(),
+                    i + 1,
+                    r.outcome,
+                    r.promoted,
+                    fmt_ms(r.failover_ms),
+                    r.lost_writes,
+                    r.contradictions,
+                    r.reconnects,
+                    r.fenced,
+                    r.final_state.as_deref().unwrap_or("-"),
+                    r.session_reconnects,
+                    r.state_changes.join(","),
+                    problems
+                );
+            }
             reports.push(r);
             if let Some(out) = &opts.out {
                 write_report(out, opts, &reports)?;
@@ -1430,8 +1489,12 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "topology": "namespaces sw (bridges br-lan, br-ctl), p, b, w, c; primary's control link cut/netem'd; \
                      partition.x-y: blackhole routes between two hosts; link.*: replication through \
                      `testbed impair` in ns b (10.78.0.2:7410 -> 7400)",
-        "impairments": Point::ALL.iter().filter_map(|p| Some((p.name(), p.impairment()?.describe())))
+        "impairments": Point::ALL.iter()
+            .filter_map(|p| Some((p.name(), p.impairment().or(p.migration_impairment())?.describe())))
             .collect::<BTreeMap<_, _>>(),
+        "migration_topology": "one namespace usm<pid>-<n>: bridge br0 10.79.0.1 with tap-s (source) and tap-d \
+                     (destination); source and destination on its loopback (127.0.0.1:7300; migrate.link \
+                     through `testbed impair` on :7310); migrate.partition takes lo down",
         "runs": reports.iter().map(RunReport::to_json).collect::<Vec<_>>(),
         "summary_markdown": summary(reports),
     });

@@ -32,7 +32,9 @@ enum Cmd {
         /// Comma-separated points: kill, primary.paused, primary.harvest, primary.shipped,
         /// primary.acked, committed-unacked, backup.committed, backup, witness, partition,
         /// partition.p-b, partition.p-w, partition.b-w, netem, link.loss, link.delay, link.dup,
-        /// link.corrupt, link.mix, resync, resync.late (default: all).
+        /// link.corrupt, link.mix, resync, resync.late, and live migration's
+        /// migrate.dest-kill-precopy, migrate.source-kill-precopy, migrate.partition,
+        /// migrate.link, migrate.dest-kill (default: all).
         #[arg(long, value_delimiter = ',')]
         points: Vec<String>,
         /// Write the JSON report here (rewritten after every run).
@@ -249,6 +251,10 @@ mod tests {
     fn points_parse_from_the_command_line() {
         assert_eq!(points(&["--points", "resync,resync.late"]).unwrap(), [Point::Resync, Point::ResyncLate]);
         assert_eq!(points(&["--points", "kill", "--points", "resync"]).unwrap(), [Point::Kill, Point::Resync]);
+        assert_eq!(
+            points(&["--points", "migrate.dest-kill-precopy,migrate.dest-kill"]).unwrap(),
+            [Point::MigrateDestKillPrecopy, Point::MigrateDestKill]
+        );
         assert_eq!(points(&[]).unwrap(), Point::ALL);
         let e = points(&["--points", "resync,resync.early"]).unwrap_err().to_string();
         assert!(e.contains("unknown fault point \"resync.early\"") && e.contains("resync.late"), "{e}");
