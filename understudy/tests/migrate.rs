@@ -442,7 +442,7 @@ fn kv_migrates(mode: &str, subnet: u8) {
     let Some(_g) = setup(&test) else { return };
     let Some(ns) = NetNs::bridged(&test, "mig", subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
-    let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
+    let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &["--verify"]);
     let ctl = m.dir.path().join("client");
     std::fs::create_dir_all(&ctl).unwrap();
     let script = root().join("testbed/scripts/faults_client.py");
@@ -460,8 +460,10 @@ fn kv_migrates(mode: &str, subnet: u8) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let r = m.migrate_ok(&["--mode", mode]);
+    let r = m.migrate_ok(&["--mode", mode, "--verify"]);
     eprintln!("{test}: {r}");
+    assert_report(&r, mode);
+    assert_same_memory(&m, &r);
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(ctl.join("stop"), b"").unwrap();
     let out = wait_with_timeout(client, Duration::from_secs(60));
