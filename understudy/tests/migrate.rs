@@ -601,6 +601,33 @@ fn bad_inputs_end_the_migration_with_an_error_naming_them() {
     m.assert_failed_cleanly(true);
 }
 
+/// A destination killed while `--max-bandwidth` holds the source between two pieces (seconds at
+/// this rate) is noticed at once through its liveness line, and reported as its death: the
+/// pacing wait watches the line and the session (it used to sleep through them, and the
+/// session's silence after 1 s was reported instead, found by `testbed faults --points
+/// migrate.dest-kill-precopy`).
+#[test]
+fn a_destination_killed_while_the_bandwidth_limit_paces_is_noticed_at_once() {
+    let test = "a_destination_killed_while_the_bandwidth_limit_paces_is_noticed_at_once";
+    let Some(_g) = setup(test) else { return };
+    let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &[], &[]);
+    let child = m.migrate_bg(&["--max-bandwidth", "2M", "--downtime-ms", "0", "--stop-share", "100"]);
+    m.wait_phase("round-0", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    let _ = m.dst.child.kill();
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let noticed = killed.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("the destination's process is gone"), "{err}");
+    assert!(
+        noticed < Duration::from_millis(900),
+        "noticed after {noticed:?} (the session's idle timeout is 1 s): {err}"
+    );
+    m.assert_failed_cleanly(true);
+}
+
 /// A destination killed in a round, a link cut in a round (the destination frozen), a source
 /// killed before the switch-over: each ends the migration; the guest runs on at the source (or
 /// nowhere new); no second copy runs.
@@ -614,11 +641,16 @@ fn a_dead_peer_or_a_cut_link_ends_the_migration_cleanly() {
     let mut m = Mig::start("workload=dirty wss=16 rate=20000", "128M", "128M", &[], &[]);
     let child = m.migrate_bg(&slow);
     m.wait_phase("rounds", Duration::from_secs(20));
+    let killed = Instant::now();
     let _ = m.dst.child.kill();
     let out = wait_with_timeout(child, Duration::from_secs(20));
+    let noticed = killed.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("destination"), "{err}");
+    // Its process death (the liveness line), not a silence, and at once: the bandwidth limit's
+    // pacing watches the line too.
+    assert!(err.contains("the destination's process is gone"), "{err}");
+    assert!(noticed < Duration::from_millis(900), "noticed after {noticed:?} (the session's idle timeout is 1 s)");
     m.assert_failed_cleanly(true);
 
     // The link cut during the rounds: the destination stops answering (SIGSTOP), the source

@@ -614,6 +614,18 @@ impl Link {
         cancellable: bool,
         done: impl Fn(&Self) -> bool,
     ) -> Result<(), MigrateError> {
+        self.until_at(what, cancellable, done, None).await
+    }
+
+    /// [`Link::until`], also checking `done` at `wake` (a time-based condition: the bandwidth
+    /// limit's pacing, which so keeps watching the destination's line and the session).
+    async fn until_at(
+        &mut self,
+        what: &'static str,
+        cancellable: bool,
+        done: impl Fn(&Self) -> bool,
+        wake: Option<Instant>,
+    ) -> Result<(), MigrateError> {
         loop {
             if done(self) {
                 return Ok(());
@@ -626,7 +638,17 @@ impl Link {
                 return Err(MigrateError::Timeout { what, secs: self.deadline_secs() });
             }
             let control = Arc::clone(&self.control);
+            let nap = wake.map_or(left, |w| w.saturating_duration_since(Instant::now())).min(left);
             tokio::select! {
+                // The line first: a destination whose process died also ends the session soon
+                // after, and its death is the reason to report.
+                biased;
+                end = &mut self.line, if self.line_open => {
+                    self.line_open = false;
+                    if let transport::liveness::End::Died(why) = end {
+                        return Err(MigrateError::DestinationDied(why.to_string()));
+                    }
+                }
                 ev = self.session.next_event() => match ev {
                     None => return Err(MigrateError::Session("the session task ended without a reason".into())),
                     Some(SenderEvent::Connected { .. }) => self.up = true,
@@ -638,14 +660,8 @@ impl Link {
                     }
                     Some(_) => {}
                 },
-                end = &mut self.line, if self.line_open => {
-                    self.line_open = false;
-                    if let transport::liveness::End::Died(why) = end {
-                        return Err(MigrateError::DestinationDied(why.to_string()));
-                    }
-                }
                 _ = control.wake.notified(), if cancellable => {}
-                _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
+                _ = tokio::time::sleep(nap.min(Duration::from_millis(100))) => {}
             }
         }
     }
@@ -894,7 +910,9 @@ async fn send_round(
                 s.eta_ms = Some(s.round_pages_left as f64 * PAGE_SIZE as f64 / rate as f64 * 1e3);
             }
         });
-        pace.wait(stats.epoch_bytes, req.max_bandwidth, &src.control).await?;
+        if let Some(due) = pace.due(stats.epoch_bytes, req.max_bandwidth) {
+            link.until_at("the bandwidth limit", true, |_| Instant::now() >= due, Some(due)).await?;
+        }
     }
     let tw = Instant::now();
     if last_epoch > 0 {
@@ -916,16 +934,11 @@ struct Pace {
 }
 
 impl Pace {
-    async fn wait(&mut self, bytes: u64, rate: Option<u64>, control: &Control) -> Result<(), MigrateError> {
-        let Some(rate) = rate.filter(|&r| r > 0) else { return Ok(()) };
-        let due = self.start + Duration::from_secs_f64(bytes as f64 / rate as f64);
-        while Instant::now() < due {
-            if control.cancelled() {
-                return Err(MigrateError::Cancelled(phase_name(control)));
-            }
-            tokio::time::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_millis(50))).await;
-        }
-        Ok(())
+    /// When `bytes` may have been handed to the link at `rate` (`None`: no limit). The wait goes
+    /// through [`Link::until_at`], so a destination that dies meanwhile is noticed at once.
+    fn due(&self, bytes: u64, rate: Option<u64>) -> Option<Instant> {
+        let rate = rate.filter(|&r| r > 0)?;
+        Some(self.start + Duration::from_secs_f64(bytes as f64 / rate as f64))
     }
 }
 
