@@ -396,16 +396,6 @@ pub(crate) async fn run(
             tracing::error!("destination: complete: {e}");
         }
     });
-    if session.command(cmd).await.is_ok() {
-        // The source closes the session once it has the word.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(ev) = session.next_event().await {
-                if matches!(ev, ReceiverEvent::Disconnected { .. }) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
+    crate::receive::last_word(session, cmd).await;
     Ok(epoch)
 }

@@ -1003,10 +1003,16 @@ async fn enable_dirty_log(src: &Source) -> Result<(), MigrateError> {
 
 /// How many of `pfns` the guest ever touched (the others are zero and cost nothing to move).
 async fn touched(src: &Source, pfns: Vec<u64>) -> Result<u64, MigrateError> {
+    let n = pfns.len() as u64;
+    Ok(n - untouched(src, pfns).await?.len() as u64)
+}
+
+/// Those of `pfns` the guest never touched (zero, as the destination's fresh memory is).
+async fn untouched(src: &Source, pfns: Vec<u64>) -> Result<Vec<u64>, MigrateError> {
     let vm = Arc::clone(&src.vm);
     tokio::task::spawn_blocking(move || {
-        let g = lock(&vm);
-        vmm::memory::never_touched(g.memory(), &pfns).iter().filter(|&&u| !u).count() as u64
+        let u = vmm::memory::never_touched(lock(&vm).memory(), &pfns);
+        pfns.into_iter().zip(u).filter(|&(_, u)| u).map(|(p, _)| p).collect()
     })
     .await
     .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))
@@ -1059,16 +1065,7 @@ async fn probe(
             // The rest of round 0 that the guest never touched is zero, as the destination's
             // fresh memory is: held (the dirty log, on since before, takes back any page touched
             // before the pause).
-            let rest = to_send[i..].to_vec();
-            let vm = Arc::clone(&src.vm);
-            let untouched = tokio::task::spawn_blocking(move || {
-                let g = lock(&vm);
-                let u = vmm::memory::never_touched(g.memory(), &rest);
-                rest.into_iter().zip(u).filter(|&(_, u)| u).map(|(p, _)| p).collect::<Vec<u64>>()
-            })
-            .await
-            .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))?;
-            held.set(untouched, true);
+            held.set(untouched(src, to_send[i..].to_vec()).await?, true);
             Probe::Switch { zero, reason }
         }
         auto::Choice::Precopy => Probe::Continue { sent, zero, next: i, dirtied },
@@ -1288,15 +1285,7 @@ async fn drive(
             // Pages the guest never touched are zero, as the destination's fresh memory is:
             // they are held. The dirty log (on first) takes back any touched before the pause.
             enable_dirty_log(src).await?;
-            let vm = Arc::clone(&src.vm);
-            let all2 = all.clone();
-            let untouched = tokio::task::spawn_blocking(move || {
-                let g = lock(&vm);
-                vmm::memory::never_touched(g.memory(), &all2)
-            })
-            .await
-            .map_err(|e| MigrateError::Session(format!("pagemap task: {e}")))?;
-            held.set(all.iter().zip(&untouched).filter(|&(_, &u)| u).map(|(&p, _)| p), true);
+            held.set(untouched(src, all.clone()).await?, true);
             Precopied { stop_reason: req.mode.name().into(), postcopy: true, ..Precopied::default() }
         }
         Mode::Precopy | Mode::Hybrid | Mode::Auto => precopy(src, req, link, &all, &mut held).await?,
