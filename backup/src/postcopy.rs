@@ -441,11 +441,9 @@ async fn reverse_to(
     if session.command(cmd).await.is_err() {
         return Err(crate::receive::ended(session).await);
     }
-    let pos = rx
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| ReceiveError::Postcopy("no committed switch-over epoch to start reverse checkpoints at".into()))?;
+    let pos = rx.await.ok().flatten().ok_or_else(|| {
+        ReceiveError::Postcopy("no committed switch-over epoch to start reverse checkpoints at".into())
+    })?;
     Ok(crate::receive::ReverseTo {
         addr,
         name: cfg.source_name.clone(),

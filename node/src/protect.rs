@@ -259,7 +259,12 @@ impl Protection {
             endpoint: Some(to.endpoint.clone()),
             line: false,
             fence: Some(Arc::clone(&fence)),
-            ..LinkConfig::protection(to.addr, to.name.clone(), to.identity.clone(), to.endpoint.local_addr().unwrap_or(to.addr))
+            ..LinkConfig::protection(
+                to.addr,
+                to.name.clone(),
+                to.identity.clone(),
+                to.endpoint.local_addr().unwrap_or(to.addr),
+            )
         };
         let link = rt.spawn(primary::link::run(
             link_cfg,
@@ -271,9 +276,16 @@ impl Protection {
             Arc::clone(&journal),
         ));
         let lost = Arc::clone(&fence);
-        let engine =
-            Engine::new(Arc::clone(vm), output.clone(), Arc::clone(&stats), Arc::clone(&shared), cfg, tx, Duration::MAX)
-                .on_backup_lost(Arc::new(move || lost("the reverse checkpoints stopped".into())));
+        let engine = Engine::new(
+            Arc::clone(vm),
+            output.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&shared),
+            cfg,
+            tx,
+            Duration::MAX,
+        )
+        .on_backup_lost(Arc::new(move || lost("the reverse checkpoints stopped".into())));
         let engine = std::thread::Builder::new()
             .name("reverse-engine".into())
             .spawn(move || engine.run())

@@ -568,7 +568,9 @@ impl Node {
                 });
             }
             Role::Protected(p) => (Arc::clone(&p.guest.vm), Some(p.protection.report())),
-            Role::Booted(g) | Role::Promoted(g) => (Arc::clone(&g.vm), lock(&self.reverse).as_ref().map(|p| p.report())),
+            Role::Booted(g) | Role::Promoted(g) => {
+                (Arc::clone(&g.vm), lock(&self.reverse).as_ref().map(|p| p.report()))
+            }
             Role::MigrationSource(m) => (Arc::clone(&m.guest.vm), None),
         };
         drop(role);

@@ -53,16 +53,7 @@ impl LinkConfig {
     /// A link to `backup` named `backup_name`, dialing from a fresh endpoint at `bind`, with a
     /// liveness line: protection's link.
     pub fn protection(backup: SocketAddr, backup_name: String, identity: Identity, bind: SocketAddr) -> Self {
-        Self {
-            backup,
-            backup_name,
-            identity,
-            bind,
-            tuning: Tuning::default(),
-            endpoint: None,
-            line: true,
-            fence: None,
-        }
+        Self { backup, backup_name, identity, bind, tuning: Tuning::default(), endpoint: None, line: true, fence: None }
     }
 }
 
@@ -97,10 +88,11 @@ pub async fn run(
 ) {
     let versions = transport::proto::protocol_versions();
     let own_endpoint = cfg.endpoint.is_none();
-    let endpoint = match cfg.endpoint.clone().map_or_else(
-        || Endpoint::bind(cfg.bind, &cfg.identity, versions, cfg.tuning.clone()),
-        Ok,
-    ) {
+    let endpoint = match cfg
+        .endpoint
+        .clone()
+        .map_or_else(|| Endpoint::bind(cfg.bind, &cfg.identity, versions, cfg.tuning.clone()), Ok)
+    {
         Ok(e) => e,
         Err(e) => {
             tracing::error!("link: bind {}: {e}", cfg.bind);
@@ -147,7 +139,11 @@ pub async fn run(
         backoff = Duration::from_millis(20);
         // Process-death evidence beside the session (transport::liveness).
         let mut line: std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>> =
-            if cfg.line { Box::pin(transport::liveness::hold(cfg.backup, &conn)) } else { Box::pin(std::future::pending()) };
+            if cfg.line {
+                Box::pin(transport::liveness::hold(cfg.backup, &conn))
+            } else {
+                Box::pin(std::future::pending())
+            };
         let mut line_open = cfg.line;
         let mut session = transport::proto::sender_session(conn, sender);
         let mut closed = false;

@@ -1479,9 +1479,14 @@ async fn drive(
                 epoch,
                 why: "the forward session has no lineage for the reverse session".into(),
             })?;
-            let start = replication_proto::migration::reverse_start(replication_proto::message::Position { lineage, epoch });
-            let mut cfg =
-                replication_proto::ReceiverConfig::new(Role::MigrationSource, src.identity.clone(), src.layout.clone(), 0);
+            let start =
+                replication_proto::migration::reverse_start(replication_proto::message::Position { lineage, epoch });
+            let mut cfg = replication_proto::ReceiverConfig::new(
+                Role::MigrationSource,
+                src.identity.clone(),
+                src.layout.clone(),
+                0,
+            );
             cfg.timing = src.timing;
             cfg.resend_timeout = Duration::from_secs(1);
             let setup = reverse::Setup {
@@ -1496,8 +1501,9 @@ async fn drive(
             // SAFETY: the guest stays paused until `Reverse::stop` returned: `recover` stops it
             // before the rebuild and resume, and a completed post-copy stops it before handing
             // over (the guest never runs here again then).
-            let rev = unsafe { reverse::Reverse::start(setup, mem, reverse::Committed { epoch, state: state.clone() }) }
-                .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
+            let rev =
+                unsafe { reverse::Reverse::start(setup, mem, reverse::Committed { epoch, state: state.clone() }) }
+                    .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
             // The VM a recovery would resume, built now: a recovery then only loads state.
             let vm = Arc::clone(&src.vm);
             let prepared = tokio::task::spawn_blocking(move || lock(&vm).prepare_rebuild());
@@ -1525,7 +1531,9 @@ async fn drive(
             (Err(e), None) => return Err(MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) }),
             (Err(e), Some(rev)) => {
                 let prepared = match prepared {
-                    Some(p) => p.await.ok().and_then(|r| r.map_err(|e| tracing::warn!("prepare the recovery vm: {e}")).ok()),
+                    Some(p) => {
+                        p.await.ok().and_then(|r| r.map_err(|e| tracing::warn!("prepare the recovery vm: {e}")).ok())
+                    }
                     None => None,
                 };
                 return Err(reverse::recover(src, rev, prepared, epoch, transport::error_chain(&e)).await);
@@ -1553,7 +1561,9 @@ async fn drive(
                     .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
                 let deadline = link.deadline;
                 link.deadline = Instant::now() + Duration::from_secs(5);
-                if let Err(e) = link.until("the destination to confirm the hand-over", false, |l| l.resumed.is_some()).await {
+                if let Err(e) =
+                    link.until("the destination to confirm the hand-over", false, |l| l.resumed.is_some()).await
+                {
                     tracing::warn!(
                         "post-copy: the destination did not confirm the hand-over ({}): it holds the guest's output until it learns of it",
                         transport::error_chain(&e)

@@ -128,20 +128,17 @@ impl Reverse {
     /// # Safety
     /// The guest of `mem` must not run until [`Reverse::stop`] returned (see
     /// [`OwnedMemory::from_paused`]).
-    pub(super) unsafe fn start(setup: Setup, mem: vmm::memory::GuestMemory, copy: Committed) -> Result<Self, MigrateError> {
+    pub(super) unsafe fn start(
+        setup: Setup,
+        mem: vmm::memory::GuestMemory,
+        copy: Committed,
+    ) -> Result<Self, MigrateError> {
         let receiver = setup.receiver()?;
         // SAFETY: the caller keeps the guest paused until `stop` returned, and the task that
         // owns this is joined there.
         let mem = unsafe { OwnedMemory::from_paused(mem) };
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                copy,
-                up: false,
-                down_since: Instant::now(),
-                commits: 0,
-                pages: 0,
-                sessions: 0,
-            }),
+            state: Mutex::new(State { copy, up: false, down_since: Instant::now(), commits: 0, pages: 0, sessions: 0 }),
             changed: tokio::sync::Notify::new(),
         });
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -266,7 +263,9 @@ async fn serve(
                     }
                     // Nothing was written: the copy stays at the last committed epoch, which
                     // the destination's output never went past.
-                    Err(why) => tracing::error!(epoch = cp.epoch(), "reverse: checkpoint refused, not acknowledged: {why}"),
+                    Err(why) => {
+                        tracing::error!(epoch = cp.epoch(), "reverse: checkpoint refused, not acknowledged: {why}")
+                    }
                 },
                 Some(ReceiverEvent::Disconnected { error }) => {
                     tracing::warn!("reverse: session ended: {error}");
