@@ -273,7 +273,7 @@ pub async fn run(
                                     replication_proto::SessionError::PeerGoodbye {
                                         reason: replication_proto::GoodbyeReason::Superseded,
                                         detail,
-                                    } => format!("superseded: {detail}"),
+                                    } => detail.clone(),
                                     e => format!("the reverse session cannot go on: {e}"),
                                 });
                                 closed = true;

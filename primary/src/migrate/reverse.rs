@@ -285,7 +285,13 @@ async fn serve(
             drop(session);
             return;
         }
-        receiver = match session.finish().await {
+        // (A session that ended on a cut link may take until the link heals to finish: a stop
+        // does not wait for it.)
+        let finished = tokio::select! {
+            f = session.finish() => f,
+            _ = stop.changed() => return,
+        };
+        receiver = match finished {
             Ok(f) => f.core.into_endpoint(),
             Err(e) => {
                 tracing::error!("reverse: session task failed: {e}");
