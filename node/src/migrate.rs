@@ -188,8 +188,14 @@ pub fn progress_line(m: &serde_json::Value) -> String {
         None => "?".into(),
     };
     if let Some(left) = m["postcopy_pages_left"].as_u64() {
+        let reverse = match (m["reverse_commits"].as_u64(), m["reverse_up"].as_bool()) {
+            (Some(n), Some(up)) => {
+                format!(" | {n} reverse checkpoints{}", if up { "" } else { " (reverse session down)" })
+            }
+            _ => String::new(),
+        };
         return format!(
-            "migrate [{bar}] {:<13} post-copy | sent {:.1} MiB | {} pages left to push | {} reconnects{}",
+            "migrate [{bar}] {:<13} post-copy | sent {:.1} MiB | {} pages left to push | {} reconnects{reverse}{}",
             m["phase"].as_str().unwrap_or("?"),
             mib(&m["bytes_sent"]),
             left,

@@ -490,10 +490,19 @@ impl Node {
         let Some(p) = lock(&self.reverse).take() else { return Ok(()) };
         let vm = self.role().vm().ok_or("no guest runs here")?;
         let held = p.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
+        let r = p.report();
         p.stop(&vm, self.tokio.handle()).map_err(|e| transport::error_chain(&e))?;
         tracing::info!(
             frames = held.0,
             bytes = held.1,
+            epochs = r.epochs,
+            last_acked = r.last_acked_epoch,
+            pause_us_p50 = r.pause_us_p50,
+            pause_us_p99 = r.pause_us_p99,
+            dirty_pages_mean = r.dirty_pages_per_epoch_mean,
+            dirty_pages_p99 = r.dirty_pages_per_epoch_p99,
+            ack_us_p50 = r.ack_latency_us_p50,
+            ack_us_p99 = r.ack_latency_us_p99,
             "reverse checkpoints stopped ({why}): held output released, output flows straight again"
         );
         Ok(())

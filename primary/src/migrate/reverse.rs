@@ -401,3 +401,188 @@ fn supersede(setup: Setup, detail: String) {
         setup.endpoint.shutdown().await;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication_proto::message::{GuestRange, Lineage};
+    use replication_proto::migration::reverse_start;
+    use replication_proto::{MemoryLayout, Role, Sender, SenderConfig, SenderEvent, VmIdentity};
+    use transport::certs::{Authority, HostSpec, Identity, Validity};
+    use transport::session::{Session, StreamCore};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const PS: usize = 4096;
+
+    struct World {
+        ca: Authority,
+        src: Endpoint,
+        dest: Endpoint,
+        mem: vmm::memory::GuestMemory,
+        layout: MemoryLayout,
+        vm: VmIdentity,
+        start: Position,
+    }
+
+    fn identity(ca: &Authority, host: &str) -> Identity {
+        let issued = ca.issue(&HostSpec::new(host), Validity::days_from_now(1)).unwrap();
+        Identity::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    fn world() -> World {
+        let ca = Authority::generate(Validity::days_from_now(1)).unwrap();
+        let any = "127.0.0.1:0".parse().unwrap();
+        let v = transport::proto::protocol_versions;
+        let src = Endpoint::bind(any, &identity(&ca, "src"), v(), transport::Tuning::default()).unwrap();
+        let dest = Endpoint::bind(any, &identity(&ca, "dest"), v(), transport::Tuning::default()).unwrap();
+        let mem = vmm::memory::create_anonymous(2 << 20).unwrap();
+        let ranges = vmm::memory::layout_of(&mem).into_iter().map(|(start, len)| GuestRange { start, len }).collect();
+        let layout = MemoryLayout { page_size: PS as u32, ranges };
+        let vm = VmIdentity { uuid: [7; 16], name: "reverse".into() };
+        let start = reverse_start(Position { lineage: Lineage { origin: 1, baseline: 1 }, epoch: 5 });
+        World { ca, src, dest, mem, layout, vm, start }
+    }
+
+    /// An encoded state for this memory whose first vCPU's rip is `rip`.
+    fn state(w: &World, rip: u64) -> Vec<u8> {
+        let mut s = vmm::state::tests_support::sample_state();
+        s.memory = vmm::memory::layout_of(&w.mem);
+        s.vcpus[0].regs.rip = rip;
+        s.encode().unwrap()
+    }
+
+    fn setup(w: &World) -> Setup {
+        Setup {
+            endpoint: w.src.clone(),
+            dest_name: "dest".into(),
+            cfg: ReceiverConfig::new(Role::MigrationSource, w.vm.clone(), w.layout.clone(), 0),
+            start: w.start,
+        }
+    }
+
+    /// The destination's side: a reverse sender dialing the source, connected.
+    async fn dial(w: &World, dest: &Endpoint) -> Session<StreamCore<Sender>> {
+        let conn = dest.connect(w.src.local_addr().unwrap(), "src").await.unwrap();
+        let mut sender = Sender::new(SenderConfig::new(Role::MigrationDestination, w.vm.clone(), w.layout.clone(), 9));
+        sender.start_at(w.start).unwrap();
+        let mut s = transport::proto::sender_session(conn, sender);
+        loop {
+            match s.next_event().await.expect("a session event") {
+                SenderEvent::Connected { .. } => return s,
+                SenderEvent::Disconnected { error } => panic!("reverse session refused: {error}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn submit(s: &Session<StreamCore<Sender>>, pfn: u64, fill: u8, state: Vec<u8>) -> u64 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let page = vec![fill; PS];
+        let cmd = StreamCommand::with(move |snd: &mut Sender, now| {
+            let _ = tx.send(snd.submit(now, [(pfn, &page[..])], &state));
+        });
+        assert!(s.command(cmd).await.is_ok());
+        rx.await.unwrap().unwrap()
+    }
+
+    /// The next ack within `wait`, if any.
+    async fn ack(s: &mut Session<StreamCore<Sender>>, wait: Duration) -> Option<u64> {
+        tokio::time::timeout(wait, async {
+            loop {
+                match s.next_event().await {
+                    Some(SenderEvent::Acked { epoch, .. }) => return Some(epoch),
+                    Some(SenderEvent::Disconnected { .. }) | None => return None,
+                    Some(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    fn page(w: &World, pfn: u64) -> Vec<u8> {
+        let mut b = vec![0u8; PS];
+        w.mem.read_slice(&mut b, GuestAddress(pfn * PS as u64)).unwrap();
+        b
+    }
+
+    /// Each reverse checkpoint is written into the paused guest's memory and acknowledged; one
+    /// whose state does not decode is neither written nor acknowledged; and once the source
+    /// stopped (it is about to resume the guest), nothing is committed or acknowledged any more:
+    /// the copy it takes is exactly the last acknowledged one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_source_acks_what_it_committed_and_nothing_once_stopped() {
+        let w = world();
+        // SAFETY: no guest runs on this memory.
+        let rev =
+            unsafe { Reverse::start(setup(&w), w.mem.clone(), Committed { epoch: 5, state: state(&w, 5) }) }.unwrap();
+        assert!(!rev.up());
+        let mut s = dial(&w, &w.dest).await;
+        assert_eq!(submit(&s, 3, 0xab, state(&w, 6)).await, 6);
+        assert_eq!(ack(&mut s, Duration::from_secs(5)).await, Some(6));
+        assert_eq!(page(&w, 3), vec![0xab; PS]);
+        assert!(rev.up() && rev.down_for().is_zero());
+        assert_eq!(rev.counts().commits, 1);
+
+        // A checkpoint whose state is garbage: refused whole.
+        assert_eq!(submit(&s, 4, 0xcd, b"not a vm state".to_vec()).await, 7);
+        assert_eq!(ack(&mut s, Duration::from_millis(500)).await, None, "a refused checkpoint is not acknowledged");
+        assert_eq!(page(&w, 4), vec![0; PS], "nor written");
+
+        let (_, copy, counts) = rev.stop().await;
+        assert_eq!((copy.epoch, counts.commits, counts.sessions), (6, 1, 1));
+        let st = vmm::VmState::decode(&copy.state).unwrap();
+        assert_eq!(st.vcpus[0].regs.rip, 6);
+        // Stopped: the session is gone; a checkpoint sent now is never acknowledged.
+        let late = tokio::time::timeout(Duration::from_secs(2), submit(&s, 5, 0xef, state(&w, 8))).await;
+        if late.is_ok() {
+            assert_eq!(ack(&mut s, Duration::from_millis(500)).await, None);
+        }
+        assert_eq!(page(&w, 5), vec![0; PS]);
+    }
+
+    /// A destination that reaches the source after it resumed the guest (a healed partition)
+    /// is told it was superseded: its reverse link ends for good and calls its fence with the
+    /// reason. A peer with another certificate name gets nowhere.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_superseded_destination_fences_itself() {
+        let w = world();
+        supersede(setup(&w), "the source resumed the guest from reverse checkpoint 6".into());
+        // An intruder (a valid host certificate, another name) is closed at once.
+        let intruder = Endpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity(&w.ca, "intruder"),
+            transport::proto::protocol_versions(),
+            transport::Tuning::default(),
+        )
+        .unwrap();
+        let conn = intruder.connect(w.src.local_addr().unwrap(), "src").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(closed.is_ok(), "the intruder's connection is closed");
+
+        // The destination's real reverse link: the link task with a fence.
+        let fenced = Arc::new(Mutex::new(None::<String>));
+        let f2 = Arc::clone(&fenced);
+        let cfg = crate::link::LinkConfig {
+            endpoint: Some(w.dest.clone()),
+            line: false,
+            fence: Some(Arc::new(move |why| *f2.lock().unwrap() = Some(why))),
+            ..crate::link::LinkConfig::protection(
+                w.src.local_addr().unwrap(),
+                "src".into(),
+                identity(&w.ca, "dest"),
+                "127.0.0.1:0".parse().unwrap(),
+            )
+        };
+        let mut sender = Sender::new(SenderConfig::new(Role::MigrationDestination, w.vm.clone(), w.layout.clone(), 9));
+        sender.start_at(w.start).unwrap();
+        let (_tx, rx) = tokio::sync::mpsc::channel(4);
+        let shared = Arc::new(crate::engine::LinkShared::default());
+        let stats = Arc::new(crate::stats::Stats::new("src".into()));
+        let link = tokio::spawn(crate::link::run(cfg, sender, rx, shared, None, stats, Arc::default()));
+        tokio::time::timeout(Duration::from_secs(10), link).await.expect("the link ends by itself").unwrap();
+        let why = fenced.lock().unwrap().clone().expect("fenced");
+        assert!(why.contains("reverse checkpoint 6"), "{why}");
+    }
+}
