@@ -401,7 +401,7 @@ pub(crate) async fn run(
         }
     });
     if !reverse {
-        crate::receive::last_word(session, cmd).await;
+        transport::proto::last_word(session, cmd).await;
         return Ok(epoch);
     }
     // Reverse checkpoints: the guest's output stays held until the source gave its copy up.
@@ -422,7 +422,7 @@ pub(crate) async fn run(
             tracing::warn!("destination: confirm the hand-over: {e}");
         }
     });
-    crate::receive::last_word(session, cmd).await;
+    transport::proto::last_word(session, cmd).await;
     Ok(epoch)
 }
 

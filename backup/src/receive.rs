@@ -426,7 +426,7 @@ pub async fn receive(
                 "destination: receiver counters"
             );
         }
-        last_word(&mut session, cmd).await;
+        transport::proto::last_word(&mut session, cmd).await;
             Ok(epoch)
         }
         .await;
@@ -450,24 +450,6 @@ pub async fn receive(
     endpoint.shutdown().await;
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "destination: endpoint shut down");
     result
-}
-
-/// Sends the destination's last word (`Resumed`, `Complete`) and waits up to 2 s for the
-/// source to close the session on it.
-pub(crate) async fn last_word(
-    session: &mut transport::Session<transport::session::StreamCore<Receiver>>,
-    cmd: StreamCommand<Receiver>,
-) {
-    if session.command(cmd).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(ev) = session.next_event().await {
-                if matches!(ev, ReceiverEvent::Disconnected { .. }) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
 }
 
 /// How the receiving loop ended.

@@ -181,9 +181,6 @@ impl Protection {
             Some(o) => Some(o),
             None => primary::output::install(vm, None)?,
         };
-        let stats = Arc::new(Stats::new(req.backup.to_string()));
-        let shared = Arc::new(LinkShared::default());
-        let journal: Journal = Arc::new(Mutex::new(Vec::new()));
         let cfg = EngineConfig {
             timing: EpochTiming {
                 min: Duration::from_millis(req.epoch_min_ms.max(1)),
@@ -194,13 +191,36 @@ impl Protection {
             verify_every: req.verify_every,
             ..EngineConfig::default()
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
         let bind = if req.backup.is_ipv4() {
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
         } else {
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
         };
         let link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
+        let degrade = Duration::from_millis(req.degrade_after_ms);
+        let p = Self::spawn(vm, output, sender, cfg, link_cfg, degrade, backup_lost, rt, "epoch-engine")?;
+        tracing::info!(backup = %req.backup, "protection starting");
+        Ok(p)
+    }
+
+    /// Starts the link task (to `link_cfg`'s backup, running `sender`) and the epoch engine
+    /// thread (`cfg`; `backup_lost` instead of releasing output when the backup is lost).
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        vm: &Arc<Mutex<Vm>>,
+        output: Option<Arc<OutputBuffer>>,
+        sender: Sender,
+        cfg: EngineConfig,
+        link_cfg: LinkConfig,
+        degrade_after: Duration,
+        backup_lost: Option<Arc<dyn Fn() + Send + Sync>>,
+        rt: &tokio::runtime::Handle,
+        thread: &str,
+    ) -> Result<Self, ProtectError> {
+        let stats = Arc::new(Stats::new(link_cfg.backup.to_string()));
+        let shared = Arc::new(LinkShared::default());
+        let journal: Journal = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
         let link = rt.spawn(primary::link::run(
             link_cfg,
             sender,
@@ -217,16 +237,13 @@ impl Protection {
             Arc::clone(&shared),
             cfg,
             tx,
-            Duration::from_millis(req.degrade_after_ms),
+            degrade_after,
         );
         if let Some(hook) = backup_lost {
             engine = engine.on_backup_lost(hook);
         }
-        let engine = std::thread::Builder::new()
-            .name("epoch-engine".into())
-            .spawn(move || engine.run())
-            .map_err(ProtectError::Spawn)?;
-        tracing::info!(backup = %req.backup, "protection starting");
+        let engine =
+            std::thread::Builder::new().name(thread.into()).spawn(move || engine.run()).map_err(ProtectError::Spawn)?;
         Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
     }
 
@@ -250,11 +267,7 @@ impl Protection {
         scfg.timing = to.timing;
         let mut sender = Sender::new(scfg);
         sender.start_at(to.start).map_err(ProtectError::Start)?;
-        let stats = Arc::new(Stats::new(to.addr.to_string()));
-        let shared = Arc::new(LinkShared::default());
-        let journal: Journal = Arc::new(Mutex::new(Vec::new()));
         let cfg = EngineConfig { reverse: true, ..EngineConfig::default() };
-        let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
         let link_cfg = LinkConfig {
             endpoint: Some(to.endpoint.clone()),
             line: false,
@@ -266,32 +279,10 @@ impl Protection {
                 to.endpoint.local_addr().unwrap_or(to.addr),
             )
         };
-        let link = rt.spawn(primary::link::run(
-            link_cfg,
-            sender,
-            rx,
-            Arc::clone(&shared),
-            output.clone(),
-            Arc::clone(&stats),
-            Arc::clone(&journal),
-        ));
-        let lost = Arc::clone(&fence);
-        let engine = Engine::new(
-            Arc::clone(vm),
-            output.clone(),
-            Arc::clone(&stats),
-            Arc::clone(&shared),
-            cfg,
-            tx,
-            Duration::MAX,
-        )
-        .on_backup_lost(Arc::new(move || lost("the reverse checkpoints stopped".into())));
-        let engine = std::thread::Builder::new()
-            .name("reverse-engine".into())
-            .spawn(move || engine.run())
-            .map_err(ProtectError::Spawn)?;
+        let lost: Arc<dyn Fn() + Send + Sync> = Arc::new(move || fence("the reverse checkpoints stopped".into()));
+        let p = Self::spawn(vm, output, sender, cfg, link_cfg, Duration::MAX, Some(lost), rt, "reverse-engine")?;
         tracing::info!(source = %to.addr, start = to.start.epoch, "reverse checkpoints starting");
-        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
+        Ok(p)
     }
 
     /// Stops the engine and the link and drops what output is held, never releasing it (a

@@ -137,6 +137,22 @@ pub fn receiver_session(connection: Connection, receiver: Receiver) -> Session<S
     Session::spawn(connection, receiver_core(receiver))
 }
 
+/// Sends a receiver's last word (`cmd`: a migration destination's `Resumed` or `Complete`, a
+/// source's `Superseded` goodbye) and waits up to 2 s for the session to end on it (the peer
+/// closing, or the goodbye gone out).
+pub async fn last_word(session: &mut Session<StreamCore<Receiver>>, cmd: crate::session::StreamCommand<Receiver>) {
+    if session.command(cmd).await.is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(ev) = session.next_event().await {
+                if matches!(ev, replication_proto::ReceiverEvent::Disconnected { .. }) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// [`receiver_session`] with a [`crate::session::Tap`] on its events.
 pub fn receiver_session_tapped(
     connection: Connection,

@@ -805,6 +805,19 @@ impl Link {
         }
     }
 
+    /// Sends the hand-over of `epoch`: this copy gives the guest up for good.
+    async fn handover(&mut self, epoch: u64) -> Result<(), MigrateError> {
+        let cmd = StreamCommand::with(move |s: &mut Sender, _| {
+            if let Err(e) = s.handover(epoch) {
+                tracing::error!("migration: hand-over: {e}");
+            }
+        });
+        self.session
+            .command(cmd)
+            .await
+            .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })
+    }
+
     /// The forward series' lineage (a reverse series starts from it).
     async fn lineage(&mut self) -> Result<Option<replication_proto::message::Lineage>, MigrateError> {
         let (tx, rx) = oneshot::channel();
@@ -1551,14 +1564,7 @@ async fn drive(
                 );
                 failover::failpoint::hit("migrate.reverse-given-up");
                 let before = link.resumed.take();
-                link.session
-                    .command(StreamCommand::with(move |s: &mut Sender, _| {
-                        if let Err(e) = s.handover(epoch) {
-                            tracing::error!("migration: post-copy hand-over: {e}");
-                        }
-                    }))
-                    .await
-                    .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
+                link.handover(epoch).await?;
                 let deadline = link.deadline;
                 link.deadline = Instant::now() + Duration::from_secs(5);
                 if let Err(e) =
@@ -1595,14 +1601,7 @@ async fn drive(
         let acked_at = Instant::now();
         src.control.phase("handover");
         failover::failpoint::hit("migrate.handover");
-        link.session
-            .command(StreamCommand::with(move |s: &mut Sender, _| {
-                if let Err(e) = s.handover(epoch) {
-                    tracing::error!("migration: hand-over: {e}");
-                }
-            }))
-            .await
-            .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
+        link.handover(epoch).await?;
         link.deadline = link.deadline.max(Instant::now() + Duration::from_secs(30));
         if let Err(e) = link.until("the destination to resume the guest", false, |l| l.resumed.is_some()).await {
             return Err(MigrateError::Unconfirmed { epoch, why: transport::error_chain(&e) });

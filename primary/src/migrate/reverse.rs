@@ -387,16 +387,7 @@ fn supersede(setup: Setup, detail: String) {
             let mut session = transport::proto::receiver_session(conn, receiver);
             let d = detail.clone();
             let cmd = StreamCommand::with(move |r: &mut Receiver, _| r.supersede(&d));
-            if session.command(cmd).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while let Some(ev) = session.next_event().await {
-                        if matches!(ev, ReceiverEvent::Disconnected { .. }) {
-                            break;
-                        }
-                    }
-                })
-                .await;
-            }
+            transport::proto::last_word(&mut session, cmd).await;
         }
         setup.endpoint.shutdown().await;
     });
