@@ -288,6 +288,14 @@ impl Protection {
     /// Stops the engine and the link and drops what output is held, never releasing it (a
     /// fenced reverse copy, or a process that exits while it is held).
     pub fn abandon(mut self, rt: &tokio::runtime::Handle) {
+        self.halt(rt);
+        let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
+        tracing::warn!(frames = held.0, bytes = held.1, "held output dropped, never released");
+        self.stats.set_state(ProtectionState::Unprotected, "abandoned");
+    }
+
+    /// Stops the engine thread and the link task (the output buffer is left as it is).
+    fn halt(&mut self, rt: &tokio::runtime::Handle) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake();
         if let Some(e) = self.engine.take() {
@@ -297,9 +305,6 @@ impl Protection {
             l.abort();
             let _ = rt.block_on(l);
         }
-        let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
-        tracing::warn!(frames = held.0, bytes = held.1, "held output dropped, never released");
-        self.stats.set_state(ProtectionState::Unprotected, "abandoned");
     }
 
     /// The status report.
@@ -310,15 +315,7 @@ impl Protection {
 
     /// Stops protecting; output flows straight to the TAP again.
     pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.wake();
-        if let Some(e) = self.engine.take() {
-            let _ = e.join();
-        }
-        if let Some(l) = self.link.take() {
-            l.abort();
-            let _ = rt.block_on(l);
-        }
+        self.halt(rt);
         if let Some(o) = &self.output {
             o.set_passthrough(true);
             primary::output::restore_plain_sink(vm)?;
