@@ -274,6 +274,14 @@ pub fn report_table(r: &serde_json::Value) -> String {
             f("vcpu_blocked_ms"),
         );
     }
+    if let Some(n) = r["reverse_checkpoints"].as_u64() {
+        out += &format!(
+            "  reverse checkpoints: {n} committed at the source ({} pages, {} sessions); hand-over {}\n",
+            r["reverse_pages"],
+            r["reverse_sessions"],
+            if r["handover_confirmed"].as_bool() == Some(true) { "confirmed" } else { "NOT confirmed" },
+        );
+    }
     out += "  round      pages     MiB   dirty pages/s    link MiB/s       ms\n";
     for round in r["rounds"].as_array().into_iter().flatten() {
         out += &format!(

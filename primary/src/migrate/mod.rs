@@ -470,8 +470,26 @@ pub struct PostcopyReport {
     pub page_requests: u64,
     /// Times the link broke during post-copy and was reconnected.
     pub reconnects: u32,
-    /// The destination resumed to every page there, ms.
+    /// The destination resumed to every page there (and, with reverse checkpoints, its
+    /// confirmation of the hand-over), ms.
     pub postcopy_ms: f64,
+    /// Reverse checkpoints' numbers (absent with `--no-reverse`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseReport>,
+}
+
+/// What reverse checkpoints did during a post-copy that completed.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct ReverseReport {
+    /// Reverse checkpoints the source committed.
+    pub reverse_checkpoints: u64,
+    /// Pages they carried.
+    pub reverse_pages: u64,
+    /// Reverse sessions the destination opened (more than 1: reconnects).
+    pub reverse_sessions: u32,
+    /// Whether the destination confirmed the source's hand-over (it then released the output it
+    /// held); without it the destination holds its output until it learns of the hand-over.
+    pub handover_confirmed: bool,
 }
 
 /// Where the downtime went, ms.
@@ -1539,8 +1557,8 @@ async fn drive(
             link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
         let recover = Duration::from_secs(req.timeout_s);
         let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand, recover, reverse.as_ref()).await;
-        let served = match (served, reverse) {
-            (Ok(s), None) => s,
+        let (served, reverse_report) = match (served, reverse) {
+            (Ok(s), None) => (s, None),
             (Err(e), None) => return Err(MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) }),
             (Err(e), Some(rev)) => {
                 let prepared = match prepared {
@@ -1567,17 +1585,23 @@ async fn drive(
                 link.handover(epoch).await?;
                 let deadline = link.deadline;
                 link.deadline = Instant::now() + Duration::from_secs(5);
-                if let Err(e) =
-                    link.until("the destination to confirm the hand-over", false, |l| l.resumed.is_some()).await
-                {
+                let confirmed =
+                    link.until("the destination to confirm the hand-over", false, |l| l.resumed.is_some()).await;
+                if let Err(e) = &confirmed {
                     tracing::warn!(
                         "post-copy: the destination did not confirm the hand-over ({}): it holds the guest's output until it learns of it",
-                        transport::error_chain(&e)
+                        transport::error_chain(e)
                     );
                 }
                 link.deadline = deadline;
                 link.resumed = link.resumed.or(before);
-                s
+                let r = ReverseReport {
+                    reverse_checkpoints: counts.commits,
+                    reverse_pages: counts.pages,
+                    reverse_sessions: counts.sessions,
+                    handover_confirmed: confirmed.is_ok(),
+                };
+                (s, Some(r))
             }
         };
         let complete = served.complete.unwrap_or_default();
@@ -1594,6 +1618,7 @@ async fn drive(
             page_requests: served.requests,
             reconnects: served.reconnects,
             postcopy_ms: resumed_at.elapsed().as_secs_f64() * 1e3,
+            reverse: reverse_report,
         };
         (resumed_at, acked_at, Some(report))
     } else {
