@@ -159,7 +159,7 @@ pub(crate) async fn run(
     session: &mut RxSession,
     epoch: u64,
     held: Vec<PfnRange>,
-    reverse: bool,
+    reverse_from: Option<replication_proto::message::Position>,
     early: Early,
     hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
@@ -204,7 +204,8 @@ pub(crate) async fn run(
         place(&pc, pfns, data, Via::Push)?;
     }
     let placer = Placer::start(Arc::clone(&pc), slot)?;
-    let reverse_to = if reverse { Some(reverse_to(session, cfg, endpoint, source_addr).await?) } else { None };
+    let reverse = reverse_from.is_some();
+    let reverse_to = reverse_from.map(|pos| reverse_to(pos, cfg, endpoint, source_addr));
     let Hooks { stage, run, given_up } = hooks;
     let mut reverse_to = reverse_to;
     // Build (paused), then run: on blocking threads, while pages keep being placed here (a
@@ -427,24 +428,16 @@ pub(crate) async fn run(
 }
 
 /// Where the reverse checkpoints go: back to the source, at the address it came from, in the
-/// series that starts at the switch-over the forward receiver committed.
-async fn reverse_to(
-    session: &mut RxSession,
+/// series that starts at the switch-over `pos` the forward receiver committed. (Taken from the
+/// committed checkpoint, not asked of the session: its task may be waiting for this loop to take
+/// the pushes that arrived meanwhile.)
+fn reverse_to(
+    pos: replication_proto::message::Position,
     cfg: &crate::receive::ReceiveConfig,
     endpoint: &transport::Endpoint,
     addr: std::net::SocketAddr,
-) -> Result<crate::receive::ReverseTo, ReceiveError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let cmd = StreamCommand::with(move |r: &mut Receiver, _| {
-        let _ = tx.send(r.committed_epoch());
-    });
-    if session.command(cmd).await.is_err() {
-        return Err(crate::receive::ended(session).await);
-    }
-    let pos = rx.await.ok().flatten().ok_or_else(|| {
-        ReceiveError::Postcopy("no committed switch-over epoch to start reverse checkpoints at".into())
-    })?;
-    Ok(crate::receive::ReverseTo {
+) -> crate::receive::ReverseTo {
+    crate::receive::ReverseTo {
         addr,
         name: cfg.source_name.clone(),
         endpoint: endpoint.clone(),
@@ -453,7 +446,7 @@ async fn reverse_to(
         vm: cfg.vm.clone(),
         layout: cfg.layout.clone(),
         timing: cfg.timing,
-    })
+    }
 }
 
 /// After `Complete`, with reverse checkpoints: waits until the source gave its copy up (its

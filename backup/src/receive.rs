@@ -245,6 +245,8 @@ pub async fn receive(
             transport::proto::receiver_session_tapped(conn, Receiver::new(rcfg), crate::postcopy::place_tap(&slot));
         let r = async {
         let mut committed = 0u64;
+        // The position of the last committed epoch (a reverse series starts from it).
+        let mut position: Option<replication_proto::message::Position> = None;
         let mut switch: Option<u64> = None;
         let mut map: Option<MapState> = None;
         let mut early = Early::default();
@@ -272,6 +274,7 @@ pub async fn receive(
                 }
                 ReceiverEvent::Checkpoint(cp) => {
                     let epoch = cp.epoch();
+                    let lineage = cp.lineage();
                     let pages = cp.page_count() as u64;
                     let n2 = Arc::clone(&node);
                     let t0 = Instant::now();
@@ -281,6 +284,7 @@ pub async fn receive(
                     r.map_err(|why| ReceiveError::Commit { epoch, why })?;
                     tracing::debug!(epoch, pages, ms = t0.elapsed().as_secs_f64() * 1e3, "destination: epoch committed");
                     committed = epoch;
+                    position = Some(replication_proto::message::Position { lineage, epoch });
                     set(&|s| {
                         s.epochs += 1;
                         s.pages += pages;
@@ -352,7 +356,14 @@ pub async fn receive(
                     });
                 }
                 let st = map.take().expect("checked");
-                break Next::Postcopy(sw, st.runs, st.reverse);
+                let reverse_from = if st.reverse { position } else { None };
+                if st.reverse && reverse_from.is_none_or(|p| p.epoch != sw) {
+                    return Err(ReceiveError::Handover {
+                        got: sw,
+                        why: format!("the last committed position is {position:?}: no reverse series can start there"),
+                    });
+                }
+                break Next::Postcopy(sw, st.runs, reverse_from);
             }
             // The switch-over epoch committed (its ack is on its way): build the guest, paused.
             if let (Some(sw), true, None, None) = (switch, committed >= switch.unwrap_or(u64::MAX), &staged, &map) {
@@ -372,7 +383,7 @@ pub async fn receive(
         };
         let epoch = match next {
             Next::Handover(epoch) => epoch,
-            Next::Postcopy(epoch, held, reverse) => {
+            Next::Postcopy(epoch, held, reverse_from) => {
                 let hooks = Hooks { stage: stage.take().expect("not staged in post-copy"), run, given_up };
                 let pc = PostcopyIo {
                     node: &node,
@@ -386,7 +397,7 @@ pub async fn receive(
                     slot: &slot,
                     source_addr,
                 };
-                return crate::postcopy::run(pc, &mut session, epoch, held, reverse, early, hooks).await;
+                return crate::postcopy::run(pc, &mut session, epoch, held, reverse_from, early, hooks).await;
             }
         };
         // Handed over: the source never resumes. Run the guest here.
@@ -456,9 +467,9 @@ pub async fn receive(
 enum Next {
     /// Pre-copy: the source handed over at this epoch.
     Handover(u64),
-    /// Post-copy: the state of this epoch and the map of held pages are here (and whether
-    /// the guest is checkpointed back to the source).
-    Postcopy(u64, Vec<replication_proto::migration::PfnRange>, bool),
+    /// Post-copy: the state of this epoch and the map of held pages are here (and, when the
+    /// guest is checkpointed back to the source, the switch-over's position).
+    Postcopy(u64, Vec<replication_proto::migration::PfnRange>, Option<replication_proto::message::Position>),
 }
 
 /// The post-copy map being put together.

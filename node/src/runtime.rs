@@ -509,18 +509,15 @@ impl Node {
     }
 
     /// This copy must stop: the source resumed the guest from a reverse checkpoint (it said so),
-    /// or reverse checkpoints cannot go on. The guest is paused at once, its held output is
-    /// never released, and the process exits non-zero.
+    /// or reverse checkpoints cannot go on. Its held output is never released (only the
+    /// source's acknowledgements release it, and there are none any more) and the process exits
+    /// non-zero at once, without stopping the guest first: a guest of a superseded post-copy
+    /// may be waiting for pages that will never come, and so may anything that pauses it.
     fn fence(&self, why: String) {
         if self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         tracing::error!("FENCED: {why}; this copy of the guest stops and its held output is dropped");
-        if let Some(vm) = self.role().vm()
-            && let Err(e) = lock(&vm).pause()
-        {
-            tracing::error!("fence: pause the guest: {e}");
-        }
         self.fail(format!("fenced: {why}"));
     }
 
@@ -654,9 +651,14 @@ impl Node {
             }
             self.record_backup_when_protected();
             let vm = self.role().vm();
-            if let Some(vm) = vm
-                && let Some(reason) = lock(&vm).stopped()
-            {
+            // (try_lock: a pause that waits on a guest stuck in a fault must not keep this loop
+            // from seeing an exit request; the next round looks again.)
+            let stopped = vm.and_then(|vm| match vm.try_lock() {
+                Ok(g) => g.stopped(),
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().stopped(),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            });
+            if let Some(reason) = stopped {
                 break match reason {
                     StopReason::Requested => Ok(()),
                     StopReason::Failed(why) => Err(NodeError::VmFailed(why)),
@@ -677,8 +679,13 @@ impl Node {
         }
     }
 
-    /// On the way out: protection stops, a backup's server stops, the VM shuts down.
+    /// On the way out: protection stops, a backup's server stops, the VM shuts down. A fenced
+    /// copy just goes (its guest may wait on pages that never come: see [`Node::fence`]).
     fn stop(&self) {
+        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("fenced: exiting without stopping the guest (its output was never released)");
+            return;
+        }
         let mut role = self.role();
         let mut protected = None;
         if let Role::Protected(p) = &*role {

@@ -232,8 +232,8 @@ pub enum MigrateError {
     /// is fenced (it learns it was superseded if it reaches this host again).
     #[error(
         "post-copy from epoch {switchover} broke off ({why}): recovered: the guest runs here again from reverse \
-         checkpoint {epoch} (resumed in {recover_ms:.1} ms; {commits} reverse checkpoints committed); the \
-         destination is fenced"
+         checkpoint {epoch} (resumed in {recover_ms:.1} ms; {commits} reverse checkpoints committed); a \
+         destination that lives on is fenced when it reaches this host again"
     )]
     Recovered {
         /// The switch-over epoch.
