@@ -598,59 +598,68 @@ fn kv_migrates(mode: &str, subnet: u8) {
     assert_eq!(s["origin"]["kind"], "migrated", "{s}");
 }
 
-/// The destination killed (`kill -9`) during post-copy while the kv guest answers a client from
-/// there: the source notices at once (the liveness line), resumes the guest from the last
-/// reverse checkpoint it committed and takes its network identity back. Every write the client
-/// saw acknowledged (by the guest at the destination too: its output was held until the source
-/// had the state that produced it) reads back, nothing contradicts, the client's connection
-/// survives, and only the source runs the guest.
-#[test]
-fn kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy() {
-    let test = "kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy";
+/// A fault during post-copy ([`kv_postcopy_fault`]).
+enum PostcopyFault {
+    /// `kill -9` of the destination.
+    KillDestination,
+    /// The namespace's loopback (source <-> destination) down for this long, then up.
+    CutLink(Duration),
+}
+
+/// `fault` during post-copy while the kv guest answers the checker client from the
+/// destination: the source recovers the guest from the last reverse checkpoint it committed
+/// and takes its network identity back; the destination is gone (killed, or fenced once the
+/// link healed). Every write the client saw acknowledged (by the guest at the destination too:
+/// its output was held until the source had the state that produced it) reads back, nothing
+/// contradicts, the client's connection survives, and only the source runs the guest.
+fn kv_postcopy_fault(test: &str, tag: &str, subnet: u8, fault: PostcopyFault) {
     let Some(_g) = setup(test) else { return };
-    let Some(ns) = NetNs::bridged(test, "mkil", 79) else { return };
+    let Some(ns) = NetNs::bridged(test, tag, subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
     let load = KvLoad::start(&m, &ns);
     // `demand`: nothing pushed until the guest asked for nothing for a second, so post-copy is
-    // still on when the kill lands.
+    // still on when the fault lands.
     let child = m.migrate_bg(&["--mode", "demand"]);
     m.wait_guest_at_destination();
-    // Some load served from the destination (through reverse epochs), then the kill.
+    // Some load served from the destination (through reverse epochs), then the fault.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(m.src_phase().as_deref(), Some("postcopy"), "post-copy ended before the kill");
-    let _ = m.dst.child.kill();
+    assert_eq!(m.src_phase().as_deref(), Some("postcopy"), "post-copy ended before the fault");
+    let fenced = match fault {
+        PostcopyFault::KillDestination => {
+            let _ = m.dst.child.kill();
+            false
+        }
+        PostcopyFault::CutLink(cut) => {
+            let link = |state: &str| ns.net.ip(&["link", "set", "lo", state]).expect("set lo");
+            link("down");
+            std::thread::sleep(cut);
+            link("up");
+            true
+        }
+    };
     let out = wait_with_timeout(child, Duration::from_secs(60));
-    m.assert_recovered(&out, false, Duration::from_secs(10));
+    m.assert_recovered(&out, fenced, Duration::from_secs(30));
     load.stop_and_check(test);
     let s = m.src_status();
     assert_eq!((s["state"].as_str(), s["migration"]["phase"].as_str()), (Some("running"), Some("recovered")), "{s}");
 }
 
-/// The link cut (the namespace's loopback down ~2 s, past the session's 1 s idle timeout)
-/// during post-copy while the kv guest answers a client from the destination: the source
+/// The destination killed (`kill -9`) during post-copy: the source notices at once (the
+/// liveness line) and recovers; nothing acknowledged is lost; one copy ([`kv_postcopy_fault`]).
+#[test]
+fn kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy() {
+    let test = "kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy";
+    kv_postcopy_fault(test, "mkil", 79, PostcopyFault::KillDestination);
+}
+
+/// The link cut (~2 s, past the session's 1 s idle timeout) during post-copy: the source
 /// recovers the guest, the destination fences itself when the link heals; one copy runs (the
-/// source), nothing acknowledged is lost, nothing contradicts.
+/// source), nothing acknowledged is lost, nothing contradicts ([`kv_postcopy_fault`]).
 #[test]
 fn kv_partition_during_postcopy_leaves_one_copy_at_the_source_and_fences_the_destination() {
     let test = "kv_partition_during_postcopy_leaves_one_copy_at_the_source_and_fences_the_destination";
-    let Some(_g) = setup(test) else { return };
-    let Some(ns) = NetNs::bridged(test, "mprt", 80) else { return };
-    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
-    let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
-    let load = KvLoad::start(&m, &ns);
-    let child = m.migrate_bg(&["--mode", "demand"]);
-    m.wait_guest_at_destination();
-    std::thread::sleep(Duration::from_millis(300));
-    let link = |state: &str| ns.net.ip(&["link", "set", "lo", state]).expect("set lo");
-    link("down");
-    std::thread::sleep(Duration::from_millis(2000));
-    link("up");
-    let out = wait_with_timeout(child, Duration::from_secs(60));
-    m.assert_recovered(&out, true, Duration::from_secs(30));
-    load.stop_and_check(test);
-    let s = m.src_status();
-    assert_eq!((s["state"].as_str(), s["migration"]["phase"].as_str()), (Some("running"), Some("recovered")), "{s}");
+    kv_postcopy_fault(test, "mprt", 80, PostcopyFault::CutLink(Duration::from_millis(2000)));
 }
 
 #[test]
