@@ -159,10 +159,11 @@ pub(crate) async fn run(
     session: &mut RxSession,
     epoch: u64,
     held: Vec<PfnRange>,
+    reverse: bool,
     early: Early,
     hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
-    let PostcopyIo { node, status, stop, mut line, mut line_open, endpoint, lines, cfg, slot } = io;
+    let PostcopyIo { node, status, stop, mut line, mut line_open, endpoint, lines, cfg, slot, source_addr } = io;
     let set = |f: &dyn Fn(&mut crate::receive::ReceiveStatus)| f(&mut lock(status));
     let t0 = Instant::now();
     set(&|s| s.phase = "postcopy".into());
@@ -203,7 +204,9 @@ pub(crate) async fn run(
         place(&pc, pfns, data, Via::Push)?;
     }
     let placer = Placer::start(Arc::clone(&pc), slot)?;
-    let Hooks { stage, run } = hooks;
+    let reverse_to = if reverse { Some(reverse_to(session, cfg, endpoint, source_addr).await?) } else { None };
+    let Hooks { stage, run, given_up } = hooks;
+    let mut reverse_to = reverse_to;
     // Build (paused), then run: on blocking threads, while pages keep being placed here (a
     // restore that touches a missing page waits for it like anyone).
     let mut building = Some(tokio::task::spawn_blocking(move || stage(epoch)));
@@ -299,7 +302,8 @@ pub(crate) async fn run(
                 building = None;
                 r.map_err(|e| ReceiveError::Promote(format!("restore task: {e}")))?.map_err(ReceiveError::Promote)?;
                 let run = run.take().expect("run once");
-                running = Some(tokio::task::spawn_blocking(move || run(epoch)));
+                let to = reverse_to.take();
+                running = Some(tokio::task::spawn_blocking(move || run(epoch, to)));
             }
             r = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
                 running = None;
@@ -396,6 +400,108 @@ pub(crate) async fn run(
             tracing::error!("destination: complete: {e}");
         }
     });
+    if !reverse {
+        crate::receive::last_word(session, cmd).await;
+        return Ok(epoch);
+    }
+    // Reverse checkpoints: the guest's output stays held until the source gave its copy up.
+    let _ = session.command(cmd).await;
+    set(&|s| s.phase = "postcopy-handover".into());
+    let why = wait_given_up(session, epoch, &mut line, line_open, stop, cfg.postcopy_recover).await?;
+    tracing::info!("destination: {why}; the guest runs here alone: releasing its held output");
+    tokio::task::spawn_blocking(move || given_up(why))
+        .await
+        .map_err(|e| ReceiveError::Promote(format!("release task: {e}")))?
+        .map_err(ReceiveError::Promote)?;
+    set(&|s| s.phase = "running".into());
+    // The confirmation the source waits for before it exits.
+    let (cpu_us, rss) =
+        (vmm::procstat::cpu_ns_excluding_vcpus().unwrap_or(0) / 1000, vmm::procstat::peak_rss_bytes().unwrap_or(0));
+    let cmd = StreamCommand::with(move |rc: &mut Receiver, _| {
+        if let Err(e) = rc.resumed(epoch, cpu_us, rss) {
+            tracing::warn!("destination: confirm the hand-over: {e}");
+        }
+    });
     crate::receive::last_word(session, cmd).await;
     Ok(epoch)
+}
+
+/// Where the reverse checkpoints go: back to the source, at the address it came from, in the
+/// series that starts at the switch-over the forward receiver committed.
+async fn reverse_to(
+    session: &mut RxSession,
+    cfg: &crate::receive::ReceiveConfig,
+    endpoint: &transport::Endpoint,
+    addr: std::net::SocketAddr,
+) -> Result<crate::receive::ReverseTo, ReceiveError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = StreamCommand::with(move |r: &mut Receiver, _| {
+        let _ = tx.send(r.committed_epoch());
+    });
+    if session.command(cmd).await.is_err() {
+        return Err(crate::receive::ended(session).await);
+    }
+    let pos = rx.await.ok().flatten().ok_or_else(|| {
+        ReceiveError::Postcopy("no committed switch-over epoch to start reverse checkpoints at".into())
+    })?;
+    Ok(crate::receive::ReverseTo {
+        addr,
+        name: cfg.source_name.clone(),
+        endpoint: endpoint.clone(),
+        identity: cfg.identity.clone(),
+        start: replication_proto::migration::reverse_start(pos),
+        vm: cfg.vm.clone(),
+        layout: cfg.layout.clone(),
+        timing: cfg.timing,
+    })
+}
+
+/// After `Complete`, with reverse checkpoints: waits until the source gave its copy up (its
+/// hand-over) or its process is gone (then it can never resume the guest either). Returns which.
+/// A source that resumed the guest instead tells the reverse session (the owner fences this
+/// copy); one that says nothing within `recover` leaves this copy unable to run alone: an error.
+async fn wait_given_up(
+    session: &mut RxSession,
+    epoch: u64,
+    line: &mut crate::receive::LineWatch<'_>,
+    mut line_open: bool,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    recover: Duration,
+) -> Result<String, ReceiveError> {
+    let deadline = Instant::now() + recover;
+    let mut session_open = true;
+    let mut stop_open = true;
+    loop {
+        tokio::select! {
+            ev = session.next_event(), if session_open => match ev {
+                Some(ReceiverEvent::Handover { epoch: e }) if e == epoch => {
+                    return Ok(format!("the source gave its copy up (hand-over at epoch {epoch})"));
+                }
+                Some(ReceiverEvent::Handover { epoch: e }) => {
+                    return Err(ReceiveError::Handover { got: e, why: format!("post-copy switched over at {epoch}") });
+                }
+                None | Some(ReceiverEvent::Disconnected { .. }) => {
+                    tracing::warn!("destination: the session with the source ended before its hand-over; waiting for it");
+                    session_open = false;
+                }
+                Some(_) => {}
+            },
+            end = &mut *line, if line_open => {
+                line_open = false;
+                if let transport::liveness::End::Died(why) = end {
+                    return Ok(format!("the source's process is gone ({why}) after every page arrived"));
+                }
+            }
+            r = stop.changed(), if stop_open => match r {
+                Ok(()) if *stop.borrow() => return Err(ReceiveError::Stopped),
+                Ok(()) => {}
+                Err(_) => stop_open = false,
+            },
+            () = tokio::time::sleep_until(deadline.into()) => {
+                return Err(ReceiveError::Ended(format!(
+                    "the source neither handed the guest over nor went away within {recover:?} after every page arrived"
+                )));
+            }
+        }
+    }
 }

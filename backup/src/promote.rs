@@ -57,8 +57,9 @@ pub fn promote(
     prepared: Option<PreparedVm>,
     opts: PromoteOptions,
 ) -> Result<(Vm, Promoted), PromoteError> {
-    let (vm, restored) = restore(replica, prepared, opts)?;
-    Ok(activate(vm, restored))
+    let (mut vm, restored) = restore(replica, prepared, opts)?;
+    let promoted = activate(&mut vm, restored);
+    Ok((vm, promoted))
 }
 
 /// A VM built from a replica, paused: it has not run and has not announced itself. Only
@@ -98,7 +99,7 @@ pub fn restore(
 }
 
 /// Announces the restored VM on the network and resumes it: from now on it is the active copy.
-pub fn activate(mut vm: Vm, r: Restored) -> (Vm, Promoted) {
+pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
     let t2 = Instant::now();
     if let Some(net) = vm.net() {
         let dev = net.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,7 +120,7 @@ pub fn activate(mut vm: Vm, r: Restored) -> (Vm, Promoted) {
         announce_ms,
         "PROMOTED: the replica runs as the active vm"
     );
-    (vm, Promoted { epoch, memory_digest, promote_ms, take_ms, restore_ms, announce_ms })
+    Promoted { epoch, memory_digest, promote_ms, take_ms, restore_ms, announce_ms }
 }
 
 #[cfg(test)]

@@ -133,6 +133,33 @@ pub struct Resumed {
     pub peak_rss_bytes: u64,
 }
 
+/// Where a post-copy destination checkpoints the guest back to (reverse checkpoints,
+/// `docs/failure-model.md`): the source, dialed from this destination's own endpoint.
+#[derive(Clone)]
+pub struct ReverseTo {
+    /// The source's address as this destination sees it (its migration endpoint).
+    pub addr: SocketAddr,
+    /// Its certificate name.
+    pub name: String,
+    /// The endpoint to dial from: the destination's own, the address the source knows.
+    pub endpoint: Endpoint,
+    /// Our certificates.
+    pub identity: Identity,
+    /// Where the reverse series starts ([`replication_proto::migration::reverse_start`]).
+    pub start: replication_proto::message::Position,
+    /// The VM.
+    pub vm: VmIdentity,
+    /// Its memory layout.
+    pub layout: MemoryLayout,
+    /// Heartbeats and the silence after which the source counts as gone.
+    pub timing: replication_proto::Timing,
+}
+
+/// Runs the staged guest (announce, resume) at the switch-over `epoch`; with reverse
+/// checkpoints (`Some`), first starts checkpointing it back to the source with its output held
+/// (before it runs at all).
+pub type RunHook = Box<dyn FnOnce(u64, Option<ReverseTo>) -> Result<(), String> + Send>;
+
 /// What the owner does with the received guest, each on a blocking thread.
 pub struct Hooks {
     /// The switch-over epoch is committed and acknowledged: build the guest from the replica,
@@ -141,7 +168,11 @@ pub struct Hooks {
     /// not pay for the restore. A migration that ends before the hand-over drops the built VM.
     pub stage: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
     /// The source handed over: run the staged guest (announce, resume).
-    pub run: Box<dyn FnOnce(u64) -> Result<(), String> + Send>,
+    pub run: RunHook,
+    /// Post-copy with reverse checkpoints is over: the source gave its copy up (or its process
+    /// is gone): stop the reverse checkpoints and release the held output; the guest runs
+    /// here alone from now on. The reason is given.
+    pub given_up: Box<dyn FnOnce(String) -> Result<(), String> + Send>,
 }
 
 /// Waits for one migration and runs it to the hand-over: `hooks.stage` once the switch-over
@@ -154,7 +185,7 @@ pub async fn receive(
     mut stop: tokio::sync::watch::Receiver<bool>,
     hooks: Hooks,
 ) -> Result<u64, ReceiveError> {
-    let Hooks { stage, run } = hooks;
+    let Hooks { stage, run, given_up } = hooks;
     let mut stage = Some(stage);
     let mut staged: Option<(u64, tokio::task::JoinHandle<Result<(), String>>)> = None;
     let policy = PeerPolicy::replication().accept_only([cfg.source_name.clone()]);
@@ -195,7 +226,8 @@ pub async fn receive(
             }
         };
         let peer = conn.peer_name().map(str::to_string);
-        tracing::info!(peer = ?peer, addr = %conn.remote_address(), "destination: source connected");
+        let source_addr = conn.remote_address();
+        tracing::info!(peer = ?peer, addr = %source_addr, "destination: source connected");
         set(&|s| {
             s.source = peer.clone();
             s.phase = "receiving".into();
@@ -266,14 +298,16 @@ pub async fn receive(
                     return Err(ReceiveError::Ended(format!("a second switch-over (at {})", sw.epoch)));
                 }
                 ReceiverEvent::SwitchOver(sw) => {
-                    if sw.mode == replication_proto::migration::SwitchMode::PostCopy {
+                    if sw.mode.is_postcopy() {
+                        let reverse = sw.mode == replication_proto::migration::SwitchMode::PostCopyReverse;
                         tracing::info!(
                             epoch = sw.epoch,
                             held = sw.held_pages,
                             map_frames = sw.map_frames,
+                            reverse,
                             "destination: the source stopped the guest (post-copy switch-over)"
                         );
-                        map = Some(MapState { epoch: sw.epoch, frames: sw.map_frames, held: sw.held_pages, runs: Vec::new(), seen: 0 });
+                        map = Some(MapState { epoch: sw.epoch, frames: sw.map_frames, held: sw.held_pages, runs: Vec::new(), seen: 0, reverse });
                     } else {
                         tracing::info!(epoch = sw.epoch, "destination: the source stopped the guest (switch-over)");
                     }
@@ -318,7 +352,7 @@ pub async fn receive(
                     });
                 }
                 let st = map.take().expect("checked");
-                break Next::Postcopy(sw, st.runs);
+                break Next::Postcopy(sw, st.runs, st.reverse);
             }
             // The switch-over epoch committed (its ack is on its way): build the guest, paused.
             if let (Some(sw), true, None, None) = (switch, committed >= switch.unwrap_or(u64::MAX), &staged, &map) {
@@ -338,8 +372,8 @@ pub async fn receive(
         };
         let epoch = match next {
             Next::Handover(epoch) => epoch,
-            Next::Postcopy(epoch, held) => {
-                let hooks = Hooks { stage: stage.take().expect("not staged in post-copy"), run };
+            Next::Postcopy(epoch, held, reverse) => {
+                let hooks = Hooks { stage: stage.take().expect("not staged in post-copy"), run, given_up };
                 let pc = PostcopyIo {
                     node: &node,
                     status: &status,
@@ -350,8 +384,9 @@ pub async fn receive(
                     lines: lines.as_ref(),
                     cfg: &cfg,
                     slot: &slot,
+                    source_addr,
                 };
-                return crate::postcopy::run(pc, &mut session, epoch, held, early, hooks).await;
+                return crate::postcopy::run(pc, &mut session, epoch, held, reverse, early, hooks).await;
             }
         };
         // Handed over: the source never resumes. Run the guest here.
@@ -362,7 +397,7 @@ pub async fn receive(
             .await
             .map_err(|e| ReceiveError::Promote(format!("restore task: {e}")))?
             .map_err(ReceiveError::Promote)?;
-        tokio::task::spawn_blocking(move || run(epoch))
+        tokio::task::spawn_blocking(move || run(epoch, None))
             .await
             .map_err(|e| ReceiveError::Promote(format!("resume task: {e}")))?
             .map_err(ReceiveError::Promote)?;
@@ -439,8 +474,9 @@ pub(crate) async fn last_word(
 enum Next {
     /// Pre-copy: the source handed over at this epoch.
     Handover(u64),
-    /// Post-copy: the state of this epoch and the map of held pages are here.
-    Postcopy(u64, Vec<replication_proto::migration::PfnRange>),
+    /// Post-copy: the state of this epoch and the map of held pages are here (and whether
+    /// the guest is checkpointed back to the source).
+    Postcopy(u64, Vec<replication_proto::migration::PfnRange>, bool),
 }
 
 /// The post-copy map being put together.
@@ -450,6 +486,8 @@ pub(crate) struct MapState {
     held: u64,
     runs: Vec<replication_proto::migration::PfnRange>,
     seen: u32,
+    /// Reverse checkpoints ([`replication_proto::migration::SwitchMode::PostCopyReverse`]).
+    reverse: bool,
 }
 
 impl MapState {
@@ -513,6 +551,8 @@ pub(crate) struct PostcopyIo<'a> {
     pub(crate) cfg: &'a ReceiveConfig,
     /// Where the sessions' taps place pages once post-copy starts.
     pub(crate) slot: &'a crate::postcopy::PlaceSlot,
+    /// The source's address as seen from here (reverse checkpoints dial it).
+    pub(crate) source_addr: SocketAddr,
 }
 
 /// Why a session whose task ended did: the `Disconnected` event still queued, if any.
@@ -545,7 +585,7 @@ mod tests {
     /// an error naming what is wrong.
     #[test]
     fn a_page_map_must_come_in_order_and_add_up() {
-        let mut m = MapState { epoch: 7, frames: 2, held: 5, runs: Vec::new(), seen: 0 };
+        let mut m = MapState { epoch: 7, frames: 2, held: 5, runs: Vec::new(), seen: 0, reverse: false };
         assert!(!m.complete());
         let e = m.add(&frame(7, 1, &[(0, 2)])).unwrap_err();
         assert!(e.contains("out of order") && e.contains("expected frame 0 of 2"), "{e}");
@@ -555,7 +595,7 @@ mod tests {
         let e = m.add(&frame(7, 1, &[(10, 2)])).unwrap_err();
         assert!(e.contains("holds 4 pages, the switch-over said 5"), "{e}");
 
-        let mut m = MapState { epoch: 7, frames: 1, held: 3, runs: Vec::new(), seen: 0 };
+        let mut m = MapState { epoch: 7, frames: 1, held: 3, runs: Vec::new(), seen: 0, reverse: false };
         m.add(&frame(7, 0, &[(0, 1), (4, 2)])).unwrap();
         assert!(m.complete());
         assert!(m.add(&frame(7, 1, &[])).unwrap_err().contains("out of order"), "no frame after the last");

@@ -315,6 +315,7 @@ mod tests {
                 max_rounds: 30,
                 timeout_s: 60,
                 verify: true,
+                no_reverse: true,
             }),
         ];
         for then in [AfterSnapshot::Resume, AfterSnapshot::Pause, AfterSnapshot::Exit] {

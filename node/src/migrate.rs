@@ -103,7 +103,7 @@ pub struct MigrateArgs {
     /// The destination's certificate name.
     #[arg(long, default_value = "dest")]
     pub dest_name: String,
-    /// precopy | stopcopy (postcopy, hybrid, demand and auto: not implemented yet).
+    /// precopy | stopcopy | postcopy | demand | hybrid | auto.
     #[arg(long, default_value = "precopy")]
     pub mode: Mode,
     /// Stop pre-copying once the predicted downtime fits this, ms.
@@ -124,6 +124,10 @@ pub struct MigrateArgs {
     /// Digest guest memory at the switch-over (tests; costs downtime).
     #[arg(long)]
     pub verify: bool,
+    /// Post-copy without reverse checkpoints: the guest's output is not held during post-copy,
+    /// but a destination that dies then loses the guest.
+    #[arg(long)]
+    pub no_reverse: bool,
 }
 
 impl MigrateArgs {
@@ -142,6 +146,7 @@ impl MigrateArgs {
             max_rounds: self.max_rounds,
             timeout_s: self.timeout_s,
             verify: self.verify,
+            no_reverse: self.no_reverse,
         }
     }
 }

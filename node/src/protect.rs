@@ -50,6 +50,9 @@ pub enum ProtectError {
     /// A fixed epoch over 10 s.
     #[error("epoch of {0} ms is longer than 10 s")]
     EpochTooLong(u64),
+    /// A reverse series that cannot start where the switch-over was.
+    #[error("reverse checkpoints cannot start")]
+    Start(#[source] replication_proto::migration::StartError),
 }
 
 /// What `understudy protect` asks for (its command-line flags, and the API request).
@@ -192,17 +195,12 @@ impl Protection {
             ..EngineConfig::default()
         };
         let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
-        let link_cfg = LinkConfig {
-            backup: req.backup,
-            backup_name: req.backup_name.clone(),
-            identity,
-            bind: if req.backup.is_ipv4() {
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-            } else {
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-            },
-            tuning: transport::Tuning::default(),
+        let bind = if req.backup.is_ipv4() {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
         };
+        let link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
         let link = rt.spawn(primary::link::run(
             link_cfg,
             sender,
@@ -230,6 +228,87 @@ impl Protection {
             .map_err(ProtectError::Spawn)?;
         tracing::info!(backup = %req.backup, "protection starting");
         Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
+    }
+
+    /// Reverse checkpoints of a post-copy destination (`docs/failure-model.md`): checkpoints
+    /// `vm` back to its source, `to`, from the switch-over on. `vm` is paused and has not run
+    /// since it was built: dirty logging goes on and its output is held from the first frame
+    /// (`output`, from [`primary::output::install_held`], holding from harvest 1), so nothing
+    /// the guest does escapes a checkpoint. No sync (the source holds the switch-over), never
+    /// degraded: output leaves only once the source acknowledged the epoch that produced it, or
+    /// once it gave its copy up ([`Protection::stop`]). `fence` ends this copy when the source
+    /// superseded it or the series cannot go on.
+    pub fn start_reverse(
+        vm: &Arc<Mutex<Vm>>,
+        output: Option<Arc<OutputBuffer>>,
+        to: backup::receive::ReverseTo,
+        rt: &tokio::runtime::Handle,
+        fence: primary::link::Fence,
+    ) -> Result<Self, ProtectError> {
+        let instance = transport::random_u64().map_err(ProtectError::Random)?;
+        let mut scfg = SenderConfig::new(Role::MigrationDestination, to.vm.clone(), to.layout.clone(), instance);
+        scfg.timing = to.timing;
+        let mut sender = Sender::new(scfg);
+        sender.start_at(to.start).map_err(ProtectError::Start)?;
+        let stats = Arc::new(Stats::new(to.addr.to_string()));
+        let shared = Arc::new(LinkShared::default());
+        let journal: Journal = Arc::new(Mutex::new(Vec::new()));
+        let cfg = EngineConfig { reverse: true, ..EngineConfig::default() };
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
+        let link_cfg = LinkConfig {
+            endpoint: Some(to.endpoint.clone()),
+            line: false,
+            fence: Some(Arc::clone(&fence)),
+            ..LinkConfig::protection(
+                to.addr,
+                to.name.clone(),
+                to.identity.clone(),
+                to.endpoint.local_addr().unwrap_or(to.addr),
+            )
+        };
+        let link = rt.spawn(primary::link::run(
+            link_cfg,
+            sender,
+            rx,
+            Arc::clone(&shared),
+            output.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&journal),
+        ));
+        let lost = Arc::clone(&fence);
+        let engine = Engine::new(
+            Arc::clone(vm),
+            output.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&shared),
+            cfg,
+            tx,
+            Duration::MAX,
+        )
+        .on_backup_lost(Arc::new(move || lost("the reverse checkpoints stopped".into())));
+        let engine = std::thread::Builder::new()
+            .name("reverse-engine".into())
+            .spawn(move || engine.run())
+            .map_err(ProtectError::Spawn)?;
+        tracing::info!(source = %to.addr, start = to.start.epoch, "reverse checkpoints starting");
+        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
+    }
+
+    /// Stops the engine and the link and drops what output is held, never releasing it (a
+    /// fenced reverse copy, or a process that exits while it is held).
+    pub fn abandon(mut self, rt: &tokio::runtime::Handle) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        if let Some(e) = self.engine.take() {
+            let _ = e.join();
+        }
+        if let Some(l) = self.link.take() {
+            l.abort();
+            let _ = rt.block_on(l);
+        }
+        let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
+        tracing::warn!(frames = held.0, bytes = held.1, "held output dropped, never released");
+        self.stats.set_state(ProtectionState::Unprotected, "abandoned");
     }
 
     /// The status report.

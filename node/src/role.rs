@@ -232,7 +232,7 @@ impl Role {
     pub(crate) fn migrating(&self) -> Option<String> {
         let Self::MigrationSource(m) = self else { return None };
         let phase = m.control.status().phase;
-        (phase != "failed").then_some(phase)
+        (phase != "failed" && phase != "recovered").then_some(phase)
     }
 }
 

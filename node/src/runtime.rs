@@ -243,6 +243,10 @@ pub struct Node {
     memory_bytes: u64,
     /// The VM's name (its identity on replication, migration and arbitration).
     vm_name: String,
+    /// A post-copy destination's reverse checkpoints to its source, while they run.
+    reverse: Mutex<Option<crate::protect::Protection>>,
+    /// This copy was fenced (the source resumed the guest, or reverse checkpoints failed).
+    fenced: std::sync::atomic::AtomicBool,
     tokio: tokio::runtime::Runtime,
 }
 
@@ -282,6 +286,8 @@ impl Node {
             started: Instant::now(),
             memory_bytes,
             vm_name: vm_name.to_string(),
+            reverse: Mutex::new(None),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             tokio,
         }))
     }
@@ -350,10 +356,19 @@ impl Node {
         let receiving =
             Receiving { standby, progress: Arc::clone(&progress), source: cfg.source_name.clone(), staged: None };
         let rt = Self::with_role(Role::MigrationDestination(receiving), memory_bytes, &cfg.vm.name)?;
-        let (w1, w2) = (Arc::downgrade(&rt), Arc::downgrade(&rt));
+        let (w1, w2, w3) = (Arc::downgrade(&rt), Arc::downgrade(&rt), Arc::downgrade(&rt));
         let hooks = backup::receive::Hooks {
             stage: Box::new(move |epoch| w1.upgrade().ok_or("the process is stopping")?.stage(epoch)),
-            run: Box::new(move |epoch| w2.upgrade().ok_or("the process is stopping")?.hand_over(epoch)),
+            run: Box::new(move |epoch, to| {
+                let fence_node = w2.clone();
+                let fence: primary::link::Fence = Arc::new(move |why: String| {
+                    if let Some(n) = fence_node.upgrade() {
+                        n.fence(why);
+                    }
+                });
+                w2.upgrade().ok_or("the process is stopping")?.hand_over(epoch, to, fence)
+            }),
+            given_up: Box::new(move |why| w3.upgrade().ok_or("the process is stopping")?.reverse_given_up(&why)),
         };
         let weak = Arc::downgrade(&rt);
         rt.tokio.spawn(async move {
@@ -421,23 +436,83 @@ impl Node {
         Ok(())
     }
 
-    /// Migration destination: the source handed the guest over at `epoch`; run it here.
-    fn hand_over(&self, epoch: u64) -> Result<(), String> {
+    /// Migration destination: the source handed the guest over at `epoch` (or switched over
+    /// to post-copy); run it here. With reverse checkpoints (`to`), dirty logging and held
+    /// output go in before the guest first runs, and the checkpoints start right after.
+    fn hand_over(
+        &self,
+        epoch: u64,
+        to: Option<backup::receive::ReverseTo>,
+        fence: primary::link::Fence,
+    ) -> Result<(), String> {
         let t0 = Instant::now();
         let mut role = self.role();
         let Role::MigrationDestination(r) = &mut *role else { return Err(NodeError::NotBackup.to_string()) };
-        let (vm, restored) = r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
+        let (mut vm, restored) = r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
         if restored.epoch() != epoch {
             return Err(format!("handed over at epoch {epoch}, but the guest was built at {}", restored.epoch()));
         }
-        let (vm, _) = backup::promote::activate(vm, restored);
+        let output = match &to {
+            Some(_) => {
+                vm.enable_dirty_log().map_err(|e| transport::error_chain(&e))?;
+                primary::output::install_held(&vm, 1).map_err(|e| transport::error_chain(&e))?
+            }
+            None => None,
+        };
+        backup::promote::activate(&mut vm, restored);
         let resume_ms = t0.elapsed().as_secs_f64() * 1e3;
         let memory_digest = lock(&r.progress).memory_digest.clone();
         let origin = Origin::Migrated { source: r.source.clone(), epoch, resume_ms, memory_digest };
         let why = format!("handed over by {} at epoch {epoch}", r.source);
-        self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
+        let guest = Guest::new(vm, origin);
+        if let Some(to) = to {
+            match crate::protect::Protection::start_reverse(&guest.vm, output, to, self.tokio.handle(), fence) {
+                Ok(p) => *lock(&self.reverse) = Some(p),
+                Err(e) => {
+                    // The guest runs with its output held and nothing to release it: this copy
+                    // cannot go on (the source resumes once this process is gone).
+                    let why = transport::error_chain(&e);
+                    self.enter(&mut role, Role::Promoted(guest), "post-copy started");
+                    drop(role);
+                    self.fence(format!("reverse checkpoints did not start: {why}"));
+                    return Err(why);
+                }
+            }
+        }
+        self.enter(&mut role, Role::Promoted(guest), &why);
         tracing::info!(epoch, resume_ms, "MIGRATED: the guest runs here");
         Ok(())
+    }
+
+    /// Post-copy destination: the source gave its copy up (or is gone for good): reverse
+    /// checkpoints stop and the held output goes out; the guest runs here alone.
+    fn reverse_given_up(&self, why: &str) -> Result<(), String> {
+        let Some(p) = lock(&self.reverse).take() else { return Ok(()) };
+        let vm = self.role().vm().ok_or("no guest runs here")?;
+        let held = p.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
+        p.stop(&vm, self.tokio.handle()).map_err(|e| transport::error_chain(&e))?;
+        tracing::info!(
+            frames = held.0,
+            bytes = held.1,
+            "reverse checkpoints stopped ({why}): held output released, output flows straight again"
+        );
+        Ok(())
+    }
+
+    /// This copy must stop: the source resumed the guest from a reverse checkpoint (it said so),
+    /// or reverse checkpoints cannot go on. The guest is paused at once, its held output is
+    /// never released, and the process exits non-zero.
+    fn fence(&self, why: String) {
+        if self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!("FENCED: {why}; this copy of the guest stops and its held output is dropped");
+        if let Some(vm) = self.role().vm()
+            && let Err(e) = lock(&vm).pause()
+        {
+            tracing::error!("fence: pause the guest: {e}");
+        }
+        self.fail(format!("fenced: {why}"));
     }
 
     /// Serves Prometheus metrics built from the status report and the role (a non-loopback
@@ -493,7 +568,9 @@ impl Node {
                 });
             }
             Role::Protected(p) => (Arc::clone(&p.guest.vm), Some(p.protection.report())),
-            Role::Booted(g) | Role::Promoted(g) => (Arc::clone(&g.vm), None),
+            Role::Booted(g) | Role::Promoted(g) => {
+                (Arc::clone(&g.vm), lock(&self.reverse).as_ref().map(|p| p.report()))
+            }
             Role::MigrationSource(m) => (Arc::clone(&m.guest.vm), None),
         };
         drop(role);
@@ -604,6 +681,9 @@ impl Node {
         }
         let vm = role.vm();
         drop(role);
+        if let Some(p) = lock(&self.reverse).take() {
+            p.abandon(self.tokio.handle());
+        }
         if let Some(Role::Protected(p)) = protected {
             let _ = p.protection.stop(&p.guest.vm, self.tokio.handle());
         }

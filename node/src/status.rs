@@ -148,9 +148,11 @@ pub struct BackupProcessStatus {
     pub migration: Option<backup::receive::ReceiveStatus>,
 }
 
-/// What `status` answers.
+/// What `status` answers (one per request, serialized at once: the size of its variants does
+/// not matter).
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)]
 pub enum Status {
     /// A VM runs here.
     Vm(VmStatus),

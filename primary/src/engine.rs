@@ -84,6 +84,13 @@ pub struct EngineConfig {
     pub precopy_stop_pages: u64,
     /// Every this many checkpoints, digest guest memory while paused (for verification; 0 = off).
     pub verify_every: u64,
+    /// Reverse checkpoints (a post-copy destination checkpointing back to its source): the peer
+    /// holds the guest as it was when the engine starts (the switch-over), so there is no sync:
+    /// the first epoch is a checkpoint of what the guest dirtied since (the caller turned dirty
+    /// logging on and held output before the guest first ran). It never runs degraded: output
+    /// stays held while the source is unreachable, and a lost source or a failed engine calls
+    /// the backup-lost hook (which fences this copy) instead of releasing it.
+    pub reverse: bool,
 }
 
 impl Default for EngineConfig {
@@ -94,6 +101,7 @@ impl Default for EngineConfig {
             precopy_max_rounds: 8,
             precopy_stop_pages: 4096,
             verify_every: 0,
+            reverse: false,
         }
     }
 }
@@ -270,6 +278,10 @@ pub enum EngineError {
     /// The link went away for good.
     #[error("the link task to the backup ended")]
     LinkClosed,
+    /// Reverse checkpoints: the source asked for a new baseline, which a reverse series cannot
+    /// give.
+    #[error("the source asked for a new baseline, which reverse checkpoints cannot give")]
+    Baseline,
 }
 
 /// The engine's phase.
@@ -350,6 +362,14 @@ impl Engine {
     /// so a dead engine never leaves output held with nobody to release it.
     pub fn run(mut self) -> Result<(), EngineError> {
         let result = self.run_epochs();
+        if let Err(e) = &result
+            && self.stopping()
+        {
+            // Asked to stop: the link may have ended first. Not a failure (and a reverse copy
+            // whose source gave it up must not be fenced for it).
+            tracing::debug!("epoch engine stopped on request ({e})");
+            return Ok(());
+        }
         if let Err(e) = &result {
             tracing::error!("epoch engine stopped: {e}");
             self.give_up_backup();
@@ -365,6 +385,8 @@ impl Engine {
         self.protected_once = false;
         match &self.backup_lost {
             Some(hook) => hook(),
+            // Reverse checkpoints never release output the source did not acknowledge.
+            None if self.cfg.reverse => tracing::error!("reverse checkpoints stopped: output stays held"),
             None => {
                 if let Some(o) = &self.output {
                     o.set_passthrough(true);
@@ -374,8 +396,15 @@ impl Engine {
     }
 
     fn run_epochs(&mut self) -> Result<(), EngineError> {
-        let mut phase = Phase::Sync { round: 0 };
-        self.stats.set_state(ProtectionState::Syncing, "protection started");
+        let mut phase = if self.cfg.reverse {
+            // The source holds the guest as of the switch-over: nothing to sync.
+            self.protected_once = true;
+            self.stats.set_state(ProtectionState::Syncing, "reverse checkpoints started");
+            Phase::Protected
+        } else {
+            self.stats.set_state(ProtectionState::Syncing, "protection started");
+            Phase::Sync { round: 0 }
+        };
         let mut link_down_since: Option<Instant> = None;
         let mut failures = 0u32;
         while !self.stopping() {
@@ -394,7 +423,9 @@ impl Engine {
             } else {
                 let since = *link_down_since.get_or_insert_with(Instant::now);
                 let dead = self.link.backup_dead.load(Ordering::SeqCst);
-                if phase != Phase::Degraded && (dead || since.elapsed() >= self.degrade_after) {
+                // Reverse checkpoints never run degraded: output waits for the source (or the
+                // copy is fenced), see `EngineConfig::reverse`.
+                if !self.cfg.reverse && phase != Phase::Degraded && (dead || since.elapsed() >= self.degrade_after) {
                     phase = Phase::Degraded;
                     self.give_up_backup();
                     self.link.reset_in_flight();
@@ -411,6 +442,11 @@ impl Engine {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
+            }
+            if self.link.need_baseline.load(Ordering::SeqCst) && self.cfg.reverse {
+                // A reverse series has no baseline to give (this copy may not even hold every
+                // page yet): it cannot go on.
+                return Err(EngineError::Baseline);
             }
             if self.link.need_baseline.load(Ordering::SeqCst) {
                 // Harvests taken before this point are stale once the new baseline is sent: mark
@@ -448,7 +484,11 @@ impl Engine {
             };
         }
         self.stats.set_state(ProtectionState::Stopping, "protection stopped");
-        if let Some(o) = &self.output {
+        // A reverse series stopped on purpose: the owner decides what its held output becomes
+        // (released once the source gave its copy up, never otherwise).
+        if !self.cfg.reverse
+            && let Some(o) = &self.output
+        {
             o.set_passthrough(true);
         }
         Ok(())

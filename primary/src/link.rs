@@ -20,6 +20,9 @@ use crate::engine::{Harvest, HarvestKind, LinkShared};
 use crate::output::OutputBuffer;
 use crate::stats::{ProtectionState, Stats};
 
+/// What ends a reverse series' copy (see [`LinkConfig::fence`]), with the reason.
+pub type Fence = Arc<dyn Fn(String) + Send + Sync>;
+
 /// Where the backup is and who we are.
 #[derive(Clone)]
 pub struct LinkConfig {
@@ -33,6 +36,25 @@ pub struct LinkConfig {
     pub bind: SocketAddr,
     /// QUIC tuning.
     pub tuning: Tuning,
+    /// Dial from this endpoint instead of binding one at `bind` (a post-copy destination dials
+    /// its source back from its own endpoint: the address the source knows it by).
+    pub endpoint: Option<Endpoint>,
+    /// Hold a liveness line beside each session (a backup serves one on its address; a
+    /// migration source does not).
+    pub line: bool,
+    /// Reverse checkpoints: ends this copy when the peer superseded it (it resumed the guest
+    /// from a reverse checkpoint) or the series cannot go on with this peer (a permanent
+    /// session error). Harvests are then never dropped while the peer is away (each is needed:
+    /// there is no baseline to fall back on); the engine's window bounds them.
+    pub fence: Option<Fence>,
+}
+
+impl LinkConfig {
+    /// A link to `backup` named `backup_name`, dialing from a fresh endpoint at `bind`, with a
+    /// liveness line: protection's link.
+    pub fn protection(backup: SocketAddr, backup_name: String, identity: Identity, bind: SocketAddr) -> Self {
+        Self { backup, backup_name, identity, bind, tuning: Tuning::default(), endpoint: None, line: true, fence: None }
+    }
 }
 
 /// A sampled verification point: memory digest and state checksum at a committed epoch.
@@ -65,7 +87,12 @@ pub async fn run(
     journal: Journal,
 ) {
     let versions = transport::proto::protocol_versions();
-    let endpoint = match Endpoint::bind(cfg.bind, &cfg.identity, versions, cfg.tuning.clone()) {
+    let own_endpoint = cfg.endpoint.is_none();
+    let endpoint = match cfg
+        .endpoint
+        .clone()
+        .map_or_else(|| Endpoint::bind(cfg.bind, &cfg.identity, versions, cfg.tuning.clone()), Ok)
+    {
         Ok(e) => e,
         Err(e) => {
             tracing::error!("link: bind {}: {e}", cfg.bind);
@@ -73,6 +100,7 @@ pub async fn run(
             return;
         }
     };
+    let reverse = cfg.fence.is_some();
     let mut pending: Option<Harvest> = None;
     let mut backoff = Duration::from_millis(20);
     // Epochs submitted and not yet acknowledged, across reconnects: a resumed session acks
@@ -93,7 +121,7 @@ pub async fn run(
                 // Keep the engine from blocking on a full channel while we are away. A dropped
                 // harvest's pages would never reach the replica: force a new baseline.
                 let mut dropped = 0;
-                while let Ok(h) = harvests.try_recv() {
+                while !reverse && let Ok(h) = harvests.try_recv() {
                     if pending.replace(h).is_some() {
                         dropped += 1;
                     }
@@ -110,9 +138,13 @@ pub async fn run(
         };
         backoff = Duration::from_millis(20);
         // Process-death evidence beside the session (transport::liveness).
-        let line = transport::liveness::hold(cfg.backup, &conn);
-        tokio::pin!(line);
-        let mut line_open = true;
+        let mut line: std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>> =
+            if cfg.line {
+                Box::pin(transport::liveness::hold(cfg.backup, &conn))
+            } else {
+                Box::pin(std::future::pending())
+            };
+        let mut line_open = cfg.line;
         let mut session = transport::proto::sender_session(conn, sender);
         let mut closed = false;
         loop {
@@ -236,6 +268,16 @@ pub async fn run(
                         | SenderEvent::PageMap(_) => {}
                         SenderEvent::Disconnected { error } => {
                             tracing::warn!("link: disconnected from backup: {error}");
+                            if let Some(fence) = &cfg.fence && error.is_permanent() {
+                                fence(match &error {
+                                    replication_proto::SessionError::PeerGoodbye {
+                                        reason: replication_proto::GoodbyeReason::Superseded,
+                                        detail,
+                                    } => format!("superseded: {detail}"),
+                                    e => format!("the reverse session cannot go on: {e}"),
+                                });
+                                closed = true;
+                            }
                             break;
                         }
                     }
@@ -256,7 +298,9 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    endpoint.shutdown().await;
+    if own_endpoint {
+        endpoint.shutdown().await;
+    }
 }
 
 enum SubmitOutcome {

@@ -310,22 +310,46 @@ fn lock_vm(vm: &Mutex<Vm>) -> MutexGuard<'_, Vm> {
 /// and arbitration both come here.
 pub fn install(vm: &Mutex<Vm>, gate: Option<Gate>) -> Result<Option<Arc<OutputBuffer>>, VmError> {
     let mut g = lock_vm(vm);
-    let Some(net) = g.net().cloned() else { return Ok(None) };
+    if g.net().is_none() {
+        return Ok(None);
+    }
     g.pause()?;
+    let out = swap_in(&g, gate, None);
+    g.resume();
+    Ok(out)
+}
+
+/// Output commit on a paused VM that has not run yet (a post-copy destination before its
+/// first resume, checkpointing back to its source): holding from the first frame on, which
+/// belongs to harvest `first_epoch`. The VM stays paused. `None` without a net device.
+pub fn install_held(vm: &Vm, first_epoch: u64) -> Result<Option<Arc<OutputBuffer>>, VmError> {
+    if !vm.is_paused() {
+        return Err(VmError::NotPaused("installing held output"));
+    }
+    Ok(swap_in(vm, None, Some(first_epoch)))
+}
+
+/// Puts a new holding buffer in `vm`'s net device (paused): passing frames through, or holding
+/// them from harvest `held_from` on.
+fn swap_in(vm: &Vm, gate: Option<Gate>, held_from: Option<u64>) -> Option<Arc<OutputBuffer>> {
+    let net = vm.net()?;
     let dev = net.lock().unwrap_or_else(|e| e.into_inner());
     let out = OutputBuffer::new(Arc::clone(dev.device().tap()), DEFAULT_HOLD_CAP);
     if let Some(gate) = gate {
         out.set_gate(gate);
     }
-    out.set_passthrough(true);
+    match held_from {
+        Some(epoch) => out.begin(epoch),
+        None => out.set_passthrough(true),
+    }
     let _old = dev.device().set_tx_sink(out.sink());
     drop(dev);
-    g.resume();
     tracing::info!(
         gated = out.gate.lock().unwrap_or_else(|e| e.into_inner()).is_some(),
+        held_from,
         "output: holding buffer installed"
     );
-    Ok(Some(out))
+    Some(out)
 }
 
 /// Undoes [`install`]: the net device writes straight to its TAP again (frames still held in

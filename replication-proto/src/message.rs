@@ -444,6 +444,9 @@ pub enum GoodbyeReason {
     Mismatch = 3,
     /// The migration was cancelled (version 2): the destination discards what it got.
     Cancelled = 4,
+    /// The migration source resumed the guest from a reverse checkpoint (version 2): the
+    /// destination's copy is superseded and must stop (fence itself).
+    Superseded = 5,
 }
 
 /// Orderly end of the session.
@@ -884,6 +887,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 2 => GoodbyeReason::Version,
                 3 => GoodbyeReason::Mismatch,
                 4 => GoodbyeReason::Cancelled,
+                5 => GoodbyeReason::Superseded,
                 v => return Err(BodyError::Invalid("reason", u64::from(v))),
             };
             let detail = r.string(MAX_DETAIL_LEN, "detail")?;
@@ -967,6 +971,7 @@ mod tests {
         round_trip(Message::Goodbye(Goodbye { reason: GoodbyeReason::Normal, detail: "bye".into() }));
         round_trip(Message::PageRequest(PageRequest { id: 1, pfns: vec![1, 2, 3, 10, 12] }));
         round_trip(Message::Goodbye(Goodbye { reason: GoodbyeReason::Cancelled, detail: "cancelled".into() }));
+        round_trip(Message::Goodbye(Goodbye { reason: GoodbyeReason::Superseded, detail: "resumed".into() }));
     }
 
     #[test]

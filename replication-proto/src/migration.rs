@@ -33,6 +33,11 @@ pub enum SwitchMode {
     /// of the switch-over epoch) and the state; it resumes at once and gets every other page by
     /// request or push.
     PostCopy = 2,
+    /// [`SwitchMode::PostCopy`] with reverse checkpoints: the destination also checkpoints the
+    /// running guest back to the source (a reverse session it opens,
+    /// [`reverse_start`]) and holds the guest's network output until the source acknowledged
+    /// the epoch that produced it, until the source gives its copy up ([`Handover`]).
+    PostCopyReverse = 3,
 }
 
 impl SwitchMode {
@@ -41,8 +46,15 @@ impl SwitchMode {
         match code {
             1 => Some(Self::Complete),
             2 => Some(Self::PostCopy),
+            3 => Some(Self::PostCopyReverse),
             _ => None,
         }
+    }
+
+    /// Whether the destination resumes at once and fetches pages (post-copy, with or without
+    /// reverse checkpoints).
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Self::PostCopy | Self::PostCopyReverse)
     }
 }
 
@@ -250,7 +262,7 @@ pub(crate) fn get_page_map(r: &mut Reader<'_>) -> Result<PageMap, BodyError> {
 pub fn switch_over(epoch: u64, mode: SwitchMode, held: &[PfnRange]) -> (SwitchOver, Vec<PageMap>) {
     let maps: Vec<PageMap> = match mode {
         SwitchMode::Complete => Vec::new(),
-        SwitchMode::PostCopy => held
+        SwitchMode::PostCopy | SwitchMode::PostCopyReverse => held
             .chunks(MAP_RANGES_PER_FRAME)
             .enumerate()
             .map(|(seq, c)| PageMap { epoch, seq: seq as u32, held: c.to_vec() })

@@ -463,6 +463,13 @@ impl Receiver {
         }
     }
 
+    /// A migration source that resumed the guest from a reverse checkpoint ends the reverse
+    /// session with a `Superseded` goodbye: the destination's copy must stop (drain
+    /// [`Endpoint::poll_transmit`] before closing the connection). Acknowledges nothing after it.
+    pub fn supersede(&mut self, detail: &str) {
+        self.fail(SessionError::Superseded { detail: detail.to_owned() });
+    }
+
     fn fail(&mut self, error: SessionError) {
         self.link.fail(&error);
         self.events.push_back(ReceiverEvent::Disconnected { error });

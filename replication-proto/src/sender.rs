@@ -1109,7 +1109,7 @@ impl Sender {
         if epoch == 0 || epoch > self.last_submitted {
             return Err(MigrationError::NotSubmitted { epoch, last: self.last_submitted });
         }
-        if mode == crate::migration::SwitchMode::PostCopy
+        if mode.is_postcopy()
             && let Some(r) = crate::migration::bad_run(&self.index, held)
         {
             return Err(MigrationError::BadMap { first: r.first, count: r.count });

@@ -233,6 +233,13 @@ pub enum SessionError {
         /// The explanation given.
         detail: String,
     },
+    /// We resumed the guest from a reverse checkpoint: the peer's copy is superseded
+    /// ([`crate::Receiver::supersede`]).
+    #[error("superseded: {detail}")]
+    Superseded {
+        /// The explanation given.
+        detail: String,
+    },
     /// We closed the session ([`Endpoint::close`]).
     #[error("closed locally: {detail}")]
     Closed {
@@ -249,7 +256,7 @@ impl SessionError {
             Self::MigrationVersion { .. } | Self::Direction { .. } => true,
             Self::StartRole { .. } | Self::Start { .. } => true,
             Self::EpochLimit { .. } => true,
-            Self::Closed { .. } | Self::Cancelled { .. } => true,
+            Self::Closed { .. } | Self::Cancelled { .. } | Self::Superseded { .. } => true,
             Self::PeerGoodbye { reason, .. } => *reason != GoodbyeReason::ProtocolError,
             _ => false,
         }
@@ -267,6 +274,7 @@ impl SessionError {
             | Self::Direction { .. } => GoodbyeReason::Mismatch,
             Self::Closed { .. } => GoodbyeReason::Normal,
             Self::Cancelled { .. } => GoodbyeReason::Cancelled,
+            Self::Superseded { .. } => GoodbyeReason::Superseded,
             _ => GoodbyeReason::ProtocolError,
         }
     }

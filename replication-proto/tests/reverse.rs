@@ -528,3 +528,56 @@ fn only_a_reverse_session_starts_at_a_position() {
     r.handle_input(now, &frame(&Message::Hello(dest_hello(Some(start)))));
     assert_eq!(receiver_error(&mut r), Some(SessionError::Start { ours: None, peer: Some(start) }));
 }
+
+/// A source that resumed the guest from a reverse checkpoint answers the destination's reverse
+/// session (a reconnect after a partition) with a `Superseded` goodbye, both while the
+/// destination's `Hello` is still on its way and on an established session: the destination's
+/// sender ends with that reason, permanent (reconnecting cannot help: its copy must stop), and
+/// the source acknowledges nothing after it.
+#[test]
+fn a_source_that_resumed_supersedes_the_destination() {
+    let now = Instant::now();
+    let Started { mut dest, mut source, mut dest_memory, .. } = started(now);
+    assert_eq!(guest_epoch(&mut dest, &mut dest_memory, &[(1, page(21))], now), 3);
+    // Epoch 3 reaches the source, which resumes instead of committing it.
+    while let Some(t) = dest.poll_transmit(now) {
+        source.handle_input(now, &t);
+    }
+    source.supersede("the source resumed the guest from reverse checkpoint 2");
+    let sent: Vec<_> = std::iter::from_fn(|| source.poll_transmit(now)).collect();
+    assert_eq!(sent.iter().filter_map(|t| goodbye_reason(t)).collect::<Vec<_>>(), [GoodbyeReason::Superseded]);
+    let _ = source.committed(now, 3);
+    assert!(source.poll_transmit(now).is_none(), "no ack after the goodbye");
+    for t in &sent {
+        dest.handle_input(now, t);
+    }
+    let events = sender_events(&mut dest);
+    assert!(acked(&events).is_empty(), "nothing acknowledged: {events:?}");
+    let error = events
+        .iter()
+        .find_map(|e| match e {
+            SenderEvent::Disconnected { error } => Some(error.clone()),
+            _ => None,
+        })
+        .expect("the destination's session ends");
+    assert!(
+        matches!(&error, SessionError::PeerGoodbye { reason: GoodbyeReason::Superseded, detail } if detail.contains("reverse checkpoint 2")),
+        "{error:?}"
+    );
+    assert!(error.is_permanent());
+
+    // A new connection (the destination dials again after the partition healed): the source's
+    // answer is the same goodbye, even before the handshake completed.
+    let start = source.start().unwrap();
+    let (mut dest2, mut source2) = reverse_pair(Some(start), Some(start));
+    dest2.connect(now);
+    source2.connect(now);
+    source2.supersede("superseded");
+    while let Some(t) = source2.poll_transmit(now) {
+        dest2.handle_input(now, &t);
+    }
+    assert!(
+        matches!(sender_error(&mut dest2), Some(SessionError::PeerGoodbye { reason: GoodbyeReason::Superseded, .. })),
+        "a destination whose Hello is on its way learns it too"
+    );
+}

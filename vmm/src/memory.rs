@@ -135,12 +135,26 @@ impl OwnedMemory {
     pub fn new(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
         let regions = layout.iter().map(|&(gpa, len)| new_region(gpa, len, None)).collect::<Result<Vec<_>, _>>()?;
         let mem = GuestMemory::from_regions(regions).map_err(MemoryError::Regions)?;
+        // SAFETY: the memory was just created here: no one else has a handle on it.
+        Ok(unsafe { Self::from_paused(mem) })
+    }
+
+    /// Takes the pages of a guest that will not run while this owner lives: a migration
+    /// source's guest, paused for good during post-copy, whose memory takes the destination's
+    /// reverse checkpoints.
+    ///
+    /// # Safety
+    /// - No vCPU or device may write `mem` while the returned owner lives. Readers through
+    ///   vm-memory's volatile accessors (a post-copy source answering page requests) may race a
+    ///   page being written only for pages whose content they do not depend on (see
+    ///   `primary::migrate::reverse`).
+    pub unsafe fn from_paused(mem: GuestMemory) -> Self {
         let spans = mem
             .iter()
             .enumerate()
             .map(|(i, r)| (r.start_addr().raw_value() / PAGE_SIZE as u64, r.len() / PAGE_SIZE as u64, i))
             .collect();
-        Ok(Self { mem, spans })
+        Self { mem, spans }
     }
 
     /// The memory layout.

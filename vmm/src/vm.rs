@@ -18,7 +18,7 @@ use crate::devices::serial::{SerialDevice, SerialError, SerialOut};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::VirtioMmio;
 use crate::devices::virtio::mmio_cmdline_entry;
-use crate::devices::virtio::net::{Net, NetConfig, NetRestoreArgs, TapSink};
+use crate::devices::virtio::net::{Net, NetConfig, NetRestoreArgs, TapSink, TxSink};
 use crate::dirty::{DirtyPages, or_into};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -107,6 +107,40 @@ pub struct RestoreOptions {
 /// The VM's virtio-net device.
 pub type NetDevice = Arc<Mutex<VirtioMmio<Net>>>;
 
+/// The host end of a restored virtio-net device.
+enum NetHost {
+    /// Open the TAP of this name, and send straight to it (a restore in a fresh process);
+    /// none is an error if the saved VM has a net device.
+    Named(Option<String>),
+    /// A TAP this process holds open, and the sink for the guest's frames (a rebuild).
+    Open(Arc<Tap>, Box<dyn TxSink>),
+}
+
+impl NetHost {
+    fn resolve(self) -> Result<(Arc<Tap>, Box<dyn TxSink>), VmError> {
+        match self {
+            NetHost::Named(Some(name)) => {
+                let tap = open_tap(&name)?;
+                Ok((Arc::clone(&tap), Box::new(TapSink::new(tap))))
+            }
+            NetHost::Named(None) => {
+                Err(VmError::Config("the saved vm has a virtio-net device: give a tap to restore it".into()))
+            }
+            NetHost::Open(tap, sink) => Ok((tap, sink)),
+        }
+    }
+}
+
+/// The sink of a net device that must send nothing: the new device of a [`Vm::rebuild`]
+/// until the hand-over, the old one after it. It refuses every frame (counted as dropped).
+struct NoSink;
+
+impl TxSink for NoSink {
+    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("the device has no sink"))
+    }
+}
+
 /// A running (or paused) VM.
 pub struct Vm {
     kvm: Kvm,
@@ -143,7 +177,7 @@ struct Skeleton {
 }
 
 /// A KVM VM built ahead of time over memory that will later hold a guest's state, such as a
-/// backup's replica: the VM, its irqchip and PIT, the memory slots and the vCPUs with their
+/// backup's replica or a paused VM's own memory ([`Vm::prepare_rebuild`]): the VM, its irqchip and PIT, the memory slots and the vCPUs with their
 /// CPUID, everything [`Vm::restore`] builds before it loads any state. Building that took ~1 ms
 /// on a quiet host but 7-10 ms at the moment of a failover here (measured: the part before the
 /// vCPUs, i.e. the VM, irqchip, PIT and memory slots; why it is slower then is not pinned
@@ -349,6 +383,20 @@ impl Vm {
         state: &VmState,
         opts: RestoreOptions,
     ) -> Result<Self, VmError> {
+        Self::load(prepared, memory, state, opts.serial, NetHost::Named(opts.tap), "vm restored (paused)")
+    }
+
+    /// Builds a paused VM over `memory` from `state`, its console writing to `serial` and its
+    /// virtio-net device (if the state has one) on `net`, and logs `what` with the time each
+    /// part took: what [`Vm::restore_prepared`] and [`Vm::rebuild`] share.
+    fn load(
+        prepared: Option<PreparedVm>,
+        memory: GuestMemory,
+        state: &VmState,
+        serial: SerialOut,
+        net: NetHost,
+        what: &'static str,
+    ) -> Result<Self, VmError> {
         let layout_now: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
         state.check_restorable(&layout_now).map_err(|e| VmError::State(e.to_string()))?;
         let t0 = std::time::Instant::now();
@@ -386,25 +434,16 @@ impl Vm {
         }
         let vcpu_state_ms = t1.elapsed().as_secs_f64() * 1e3;
         let t2 = std::time::Instant::now();
-        let serial = SerialDevice::restore((serial_irq(vm_fd)?, opts.serial), &state.serial)?;
+        let serial = SerialDevice::restore((serial_irq(vm_fd)?, serial), &state.serial)?;
         let serial = Arc::new(Mutex::new(serial));
-        let net = match (&state.net, &opts.tap) {
-            (Some(ns), Some(tap_name)) => {
-                let tap = open_tap(tap_name)?;
-                let args = NetRestoreArgs {
-                    mem: memory.clone(),
-                    irq: virtio_irq(vm_fd, 0)?,
-                    tap: Arc::clone(&tap),
-                    sink: Box::new(TapSink::new(tap)),
-                    paused: true,
-                };
+        let net = match &state.net {
+            Some(ns) => {
+                let (tap, sink) = net.resolve()?;
+                let args = NetRestoreArgs { mem: memory.clone(), irq: virtio_irq(vm_fd, 0)?, tap, sink, paused: true };
                 let dev = VirtioMmio::<Net>::restore(args, ns).map_err(|e| VmError::Net(e.to_string()))?;
                 Some(Arc::new(Mutex::new(dev)))
             }
-            (Some(_), None) => {
-                return Err(VmError::Config("the saved vm has a virtio-net device: give a tap to restore it".into()));
-            }
-            (None, _) => None,
+            None => None,
         };
         let (pio, mmio) = build_buses(Arc::clone(&serial), net.as_ref())?;
         let devices_ms = t2.elapsed().as_secs_f64() * 1e3;
@@ -419,7 +458,7 @@ impl Vm {
             vcpu_state_ms,
             devices_ms,
             start_ms,
-            "vm restored (paused)"
+            "{what}"
         );
         Ok(Self {
             kvm: sk.kvm,
@@ -433,6 +472,82 @@ impl Vm {
             paused: true,
             cmdline: state.cmdline.clone(),
         })
+    }
+
+    /// Builds a KVM VM ahead of time over this VM's memory, with its vCPU count, for a later
+    /// [`Vm::rebuild`] (as [`PreparedVm`] does for a backup's promotion). Works while the VM
+    /// runs or is paused and never touches guest memory. Holding one has the price described
+    /// at [`PreparedVm`].
+    pub fn prepare_rebuild(&self) -> Result<PreparedVm, VmError> {
+        let t0 = std::time::Instant::now();
+        let vcpus = self.vcpus.handles().len();
+        let vcpus = u8::try_from(vcpus).map_err(|_| VmError::Config(format!("{vcpus} vcpus; use 1 to 64")))?;
+        let prepared = PreparedVm::new(&self.memory, vcpus)?;
+        tracing::info!(vcpus, ms = t0.elapsed().as_secs_f64() * 1e3, "vm prepared for a rebuild");
+        Ok(prepared)
+    }
+
+    /// Replaces this paused VM by one built from `state` over the same guest memory (this
+    /// very mapping, whose contents the caller has brought to `state`'s instant): vCPUs,
+    /// irqchips, PIT, clock, serial port and virtio-net device as [`Vm::restore_prepared`]
+    /// restores them, on `prepared` when it fits (else on a VM built now). The new VM keeps
+    /// this one's host ends: its console output, its TAP (the same open descriptor: a TAP
+    /// cannot be opened again by name while it is open) and its net device's transmit sink,
+    /// whatever the caller installed there. How a migration's source takes its guest back
+    /// from a reverse checkpoint when the destination died.
+    ///
+    /// Every step that can fail comes first; on an error `self` is unchanged: the same VM,
+    /// paused, with its console, sink and workers, ready to resume or to try again. Once the
+    /// new VM is built, the old one's vCPU threads are ended and its net worker stopped for
+    /// good (so only the new device ever reads the TAP or writes guest memory), and the two
+    /// swap: afterwards `self` is the new VM, **paused** (announce and resume it), with dirty
+    /// logging off whatever the old one had ([`Vm::enable_dirty_log`] turns it on again), and
+    /// a fresh net device (re-fetch [`Vm::net`]; its counters start at zero). The returned
+    /// `Vm` is the old shell: nothing runs in it any more, it keeps the old KVM VM alive until
+    /// dropped, and dropping it takes 7-27 ms (a VM with an in-kernel irqchip), so drop it off
+    /// the critical path.
+    pub fn rebuild(&mut self, prepared: Option<PreparedVm>, state: &VmState) -> Result<Vm, VmError> {
+        if !self.paused {
+            tracing::warn!("rebuild refused: the vm runs");
+            return Err(VmError::NotPaused("rebuild"));
+        }
+        let t0 = std::time::Instant::now();
+        // The new device gets the TAP now and the sink at the hand-over: until then nothing of
+        // this VM is taken, so an error leaves it whole.
+        let net = match (&state.net, &self.net) {
+            (Some(_), Some(old)) => NetHost::Open(Arc::clone(lock(old).device().tap()), Box::new(NoSink)),
+            (None, None) => NetHost::Named(None),
+            (Some(_), None) => {
+                return Err(VmError::State("the saved vm has a virtio-net device and this one has none".into()));
+            }
+            (None, Some(_)) => {
+                return Err(VmError::State("this vm has a virtio-net device and the saved one has none".into()));
+            }
+        };
+        let what = "vm state loaded for a rebuild (paused)";
+        let new = Self::load(prepared, self.memory.clone(), state, Box::new(std::io::sink()), net, what)
+            .inspect_err(|e| tracing::warn!(error = %e, "rebuild failed: the vm is unchanged (paused)"))?;
+        // Nothing below can fail. Hand over the console and the sink; retire the old VM.
+        let t1 = std::time::Instant::now();
+        let out = lock(&self.serial).replace_output(Box::new(std::io::sink()));
+        lock(&new.serial).replace_output(out);
+        if let (Some(old), Some(dev)) = (&self.net, &new.net) {
+            let sink = lock(old).device().set_tx_sink(Box::new(NoSink));
+            lock(dev).device().set_tx_sink(sink);
+        }
+        self.vcpus.shutdown();
+        if let Some(old) = &self.net {
+            lock(old).device_mut().retire();
+        }
+        let handover_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let old = std::mem::replace(self, new);
+        tracing::info!(
+            handover_ms,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            net = self.net.is_some(),
+            "vm rebuilt over the same memory (paused; the old vm is retired, dirty logging off)"
+        );
+        Ok(old)
     }
 
     /// The virtio-net device, if any (for swapping its transmit sink).

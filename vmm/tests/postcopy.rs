@@ -10,6 +10,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::memory::{GuestMemory, PAGE_SIZE, create_anonymous};
 use vmm::postcopy::{Postcopy, PostcopyError, Via};
 
+mod common;
+use common::Capture;
+
 const MEM: u64 = 16 << 20;
 const PAGES: u64 = MEM / PAGE_SIZE as u64;
 
@@ -347,20 +350,6 @@ fn fault_latency() {
     assert!(st.fault_us_p50 > 0.0 && st.fault_us_p50 <= st.fault_us_p99 && st.fault_us_p99 <= st.fault_us_max);
     pc.finish(false).unwrap_err();
     pc.finish(true).unwrap();
-}
-
-/// Serial output collected in memory.
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 impl Capture {

@@ -27,6 +27,7 @@ use vmm::vm::Vm;
 
 pub mod auto;
 mod postcopy;
+mod reverse;
 
 use postcopy::Held;
 
@@ -109,6 +110,10 @@ pub struct MigrateRequest {
     /// Digest guest memory at the switch-over (paused), for tests: costs downtime.
     #[serde(default)]
     pub verify: bool,
+    /// Post-copy without reverse checkpoints: the destination's output is not held, and a
+    /// destination that dies (or a link cut for longer than `timeout_s`) loses the guest.
+    #[serde(default)]
+    pub no_reverse: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -222,6 +227,26 @@ pub enum MigrateError {
         /// What happened.
         why: String,
     },
+    /// Post-copy broke off, and the guest runs here again from the destination's last reverse
+    /// checkpoint this host committed: nothing the outside world saw is lost; the destination
+    /// is fenced (it learns it was superseded if it reaches this host again).
+    #[error(
+        "post-copy from epoch {switchover} broke off ({why}): recovered: the guest runs here again from reverse \
+         checkpoint {epoch} (resumed in {recover_ms:.1} ms; {commits} reverse checkpoints committed); the \
+         destination is fenced"
+    )]
+    Recovered {
+        /// The switch-over epoch.
+        switchover: u64,
+        /// The reverse checkpoint the guest resumed from (the switch-over epoch if none came).
+        epoch: u64,
+        /// What happened to the destination.
+        why: String,
+        /// Decision to the guest running here, ms.
+        recover_ms: f64,
+        /// Reverse checkpoints committed during post-copy.
+        commits: u64,
+    },
     /// After the hand-over the destination never said it runs the guest: the source stays
     /// paused (it may not resume: the destination may be running the guest).
     #[error(
@@ -271,6 +296,10 @@ pub struct MigrationStatus {
     pub chosen_mode: Option<String>,
     /// Post-copy: times the link broke and was reconnected.
     pub postcopy_reconnects: u32,
+    /// Post-copy with reverse checkpoints: those committed here so far.
+    pub reverse_commits: Option<u64>,
+    /// Post-copy with reverse checkpoints: whether the destination's reverse session is up.
+    pub reverse_up: Option<bool>,
     /// Why it failed, once it did.
     pub error: Option<String>,
 }
@@ -288,7 +317,7 @@ impl Control {
     /// Asks the migration to stop; true if it may still (before the hand-over).
     pub fn cancel(&self) -> bool {
         let phase = self.status().phase;
-        if matches!(phase.as_str(), "handover" | "postcopy" | "completed" | "failed") {
+        if matches!(phase.as_str(), "handover" | "postcopy" | "completed" | "failed" | "recovered") {
             return false;
         }
         self.cancel.store(true, Ordering::SeqCst);
@@ -496,7 +525,7 @@ pub async fn migrate(src: Source, req: MigrateRequest) -> Result<Report, Migrate
         Err(e) => {
             let why = transport::error_chain(e);
             src.control.update(|s| s.error = Some(why.clone()));
-            src.control.phase("failed");
+            src.control.phase(if matches!(e, MigrateError::Recovered { .. }) { "recovered" } else { "failed" });
             tracing::error!("migration failed: {why}");
         }
     }
@@ -580,6 +609,11 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
             deadline: t0 + Duration::from_secs(req.timeout_s.saturating_mul(2).max(10)),
         };
         let r = drive(src, req, &mut link, t0, cpu0).await;
+        if let Err(MigrateError::Recovered { .. }) = &r {
+            // The guest runs here again; the destination is gone or cut off: nothing to say to
+            // it on this session (the reverse endpoint tells it, should it come back).
+            return r;
+        }
         if r.is_err() {
             let detail = match &r {
                 Err(MigrateError::Cancelled(_)) => "cancelled by the operator".to_string(),
@@ -595,7 +629,11 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
         r
     }
     .await;
-    endpoint.shutdown().await;
+    // A recovered migration's endpoint lives on a while: it tells the destination it was
+    // superseded (`reverse::supersede`), then closes.
+    if !matches!(result, Err(MigrateError::Recovered { .. })) {
+        endpoint.shutdown().await;
+    }
     result
 }
 
@@ -765,6 +803,18 @@ impl Link {
                 Err(_) => return Err(self.gone().await),
             }
         }
+    }
+
+    /// The forward series' lineage (a reverse series starts from it).
+    async fn lineage(&mut self) -> Result<Option<replication_proto::message::Lineage>, MigrateError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = StreamCommand::with(move |s: &mut Sender, _| {
+            let _ = tx.send(s.lineage());
+        });
+        if self.session.command(cmd).await.is_err() {
+            return Err(self.gone().await);
+        }
+        rx.await.map_err(|_| MigrateError::Session("the session task ended".into()))
     }
 
     async fn stats(&mut self) -> Result<replication_proto::SenderStats, MigrateError> {
@@ -1414,12 +1464,54 @@ async fn drive(
         let missing = held.missing();
         let map_runs = runs.len();
         src.control.phase("postcopy");
-        // From here the guest's memory does not change: the session answers page requests from
-        // it directly.
+        // From here the guest's memory changes only by reverse checkpoints (pages the
+        // destination holds): the session answers page requests from it directly.
         let mem = lock(&src.vm).memory().clone();
-        let _ = link.redial.serve_from.set(mem);
+        let _ = link.redial.serve_from.set(mem.clone());
+        let (reverse, prepared) = if req.no_reverse {
+            (None, None)
+        } else {
+            let lineage = link.lineage().await.map_err(|e| MigrateError::PostcopyLost {
+                epoch,
+                why: format!("the forward lineage for the reverse session: {}", transport::error_chain(&e)),
+            })?;
+            let lineage = lineage.ok_or_else(|| MigrateError::PostcopyLost {
+                epoch,
+                why: "the forward session has no lineage for the reverse session".into(),
+            })?;
+            let start =
+                replication_proto::migration::reverse_start(replication_proto::message::Position { lineage, epoch });
+            let mut cfg = replication_proto::ReceiverConfig::new(
+                Role::MigrationSource,
+                src.identity.clone(),
+                src.layout.clone(),
+                0,
+            );
+            cfg.timing = src.timing;
+            cfg.resend_timeout = Duration::from_secs(1);
+            let setup = reverse::Setup {
+                endpoint: link.redial.endpoint.clone().ok_or_else(|| MigrateError::PostcopyLost {
+                    epoch,
+                    why: "no endpoint for the reverse session".into(),
+                })?,
+                dest_name: req.dest_name.clone(),
+                cfg,
+                start,
+            };
+            // SAFETY: the guest stays paused until `Reverse::stop` returned: `recover` stops it
+            // before the rebuild and resume, and a completed post-copy stops it before handing
+            // over (the guest never runs here again then).
+            let rev =
+                unsafe { reverse::Reverse::start(setup, mem, reverse::Committed { epoch, state: state.clone() }) }
+                    .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
+            // The VM a recovery would resume, built now: a recovery then only loads state.
+            let vm = Arc::clone(&src.vm);
+            let prepared = tokio::task::spawn_blocking(move || lock(&vm).prepare_rebuild());
+            (Some(rev), Some(prepared))
+        };
+        let mode = if reverse.is_some() { SwitchMode::PostCopyReverse } else { SwitchMode::PostCopy };
         let cmd = StreamCommand::with(move |s: &mut Sender, _| {
-            if let Err(e) = s.switch_over(epoch, SwitchMode::PostCopy, &runs) {
+            if let Err(e) = s.switch_over(epoch, mode, &runs) {
                 tracing::error!("migration: post-copy switch-over: {e}");
             }
         });
@@ -1433,9 +1525,55 @@ async fn drive(
         link.deadline =
             link.deadline.max(Instant::now() + Duration::from_secs(req.timeout_s.saturating_mul(2).max(30)));
         let recover = Duration::from_secs(req.timeout_s);
-        let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand, recover)
-            .await
-            .map_err(|e| MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) })?;
+        let served = postcopy::serve(src, link, &held, req.mode == Mode::Demand, recover, reverse.as_ref()).await;
+        let served = match (served, reverse) {
+            (Ok(s), None) => s,
+            (Err(e), None) => return Err(MigrateError::PostcopyLost { epoch, why: transport::error_chain(&e) }),
+            (Err(e), Some(rev)) => {
+                let prepared = match prepared {
+                    Some(p) => {
+                        p.await.ok().and_then(|r| r.map_err(|e| tracing::warn!("prepare the recovery vm: {e}")).ok())
+                    }
+                    None => None,
+                };
+                return Err(reverse::recover(src, rev, prepared, epoch, transport::error_chain(&e)).await);
+            }
+            (Ok(s), Some(rev)) => {
+                // Every page is at the destination: give this copy up for good (no more acks),
+                // then tell the destination, which only now stops holding the guest's output.
+                let (_, copy, counts) = rev.stop().await;
+                tracing::info!(
+                    last = copy.epoch,
+                    commits = counts.commits,
+                    pages = counts.pages,
+                    sessions = counts.sessions,
+                    "post-copy: reverse checkpoints stopped; handing the guest over"
+                );
+                failover::failpoint::hit("migrate.reverse-given-up");
+                let before = link.resumed.take();
+                link.session
+                    .command(StreamCommand::with(move |s: &mut Sender, _| {
+                        if let Err(e) = s.handover(epoch) {
+                            tracing::error!("migration: post-copy hand-over: {e}");
+                        }
+                    }))
+                    .await
+                    .map_err(|_| MigrateError::Unconfirmed { epoch, why: "the session task ended".into() })?;
+                let deadline = link.deadline;
+                link.deadline = Instant::now() + Duration::from_secs(5);
+                if let Err(e) =
+                    link.until("the destination to confirm the hand-over", false, |l| l.resumed.is_some()).await
+                {
+                    tracing::warn!(
+                        "post-copy: the destination did not confirm the hand-over ({}): it holds the guest's output until it learns of it",
+                        transport::error_chain(&e)
+                    );
+                }
+                link.deadline = deadline;
+                link.resumed = link.resumed.or(before);
+                s
+            }
+        };
         let complete = served.complete.unwrap_or_default();
         let resumed_at = served.resumed_at.unwrap_or_else(Instant::now);
         let report = PostcopyReport {

@@ -252,6 +252,7 @@ pub(super) async fn serve(
     held: &Held,
     demand_only: bool,
     recover: Duration,
+    reverse: Option<&super::reverse::Reverse>,
 ) -> Result<Served, MigrateError> {
     let mut push = Pusher::new(held);
     // After a reconnect: no push until the destination's map of what it holds is in.
@@ -341,13 +342,38 @@ pub(super) async fn serve(
             }
             () = tokio::time::sleep(Duration::from_millis(if map_until.is_some() { 10 } else { 100 })) => {}
         }
+        if let Some(r) = reverse {
+            let (commits, up) = (r.counts().commits, r.up());
+            src.control.update(|s| {
+                s.reverse_commits = Some(commits);
+                s.reverse_up = Some(up);
+            });
+        }
         if let Some(why) = broken {
             // Both processes may well live: the destination's vCPUs wait on their faults while
             // the link comes back. Its map then says what it holds; what it asked for and did
             // not get it asks again.
+            if let Some(r) = reverse
+                && !r.up()
+            {
+                // Neither session hears the destination: it is gone (or cut off, and then it
+                // learns it was superseded when it reaches this host again).
+                return Err(MigrateError::Session(format!(
+                    "{why}; and no reverse session has been up for {} ms",
+                    r.down_for().as_millis()
+                )));
+            }
             tracing::warn!("post-copy: the link to the destination broke ({why}); reconnecting");
             src.control.update(|s| s.postcopy_reconnects += 1);
-            link.reconnect(Instant::now() + recover).await?;
+            match reverse {
+                None => link.reconnect(Instant::now() + recover).await?,
+                Some(r) => tokio::select! {
+                    res = link.reconnect(Instant::now() + recover) => res?,
+                    () = r.down() => {
+                        return Err(MigrateError::Session(format!("{why}; then the reverse session went down too")));
+                    }
+                },
+            }
             served.reconnects += 1;
             push = Pusher::new(held);
             queued = 0;

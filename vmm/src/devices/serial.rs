@@ -73,6 +73,14 @@ impl SerialDevice {
     pub fn flush(&mut self) {
         let _ = self.inner.writer_mut().flush();
     }
+
+    /// Flushes the output and replaces it with `out`, returning the old one: how a rebuilt VM
+    /// takes over its predecessor's console ([`crate::vm::Vm::rebuild`]). The UART's registers
+    /// are untouched (the UART writes each byte straight through, so no output is in flight).
+    pub fn replace_output(&mut self, out: SerialOut) -> SerialOut {
+        self.flush();
+        std::mem::replace(self.inner.writer_mut(), out)
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -151,6 +159,20 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn output_can_be_handed_over() {
+        let (first, second) = (Shared::default(), Shared::default());
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(first.clone()));
+        dev.write(7, &[0x5a]);
+        dev.write(0, b"a");
+        let saved = dev.save();
+        let mut old = dev.replace_output(Box::new(second.clone()));
+        dev.write(0, b"b");
+        assert_eq!(dev.save(), saved, "the registers stay");
+        old.write_all(b"c").unwrap();
+        assert_eq!((&*first.0.lock().unwrap(), &*second.0.lock().unwrap()), (&b"ac".to_vec(), &b"b".to_vec()));
     }
 
     #[test]

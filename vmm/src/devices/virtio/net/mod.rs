@@ -219,6 +219,14 @@ impl Net {
         self.worker.is_some()
     }
 
+    /// Stops the worker for good and leaves the device paused: how a VM that was replaced
+    /// ([`crate::vm::Vm::rebuild`]) lets go of the TAP and of guest memory. Only a driver
+    /// (a vCPU of this device's VM) could start it again, and that VM's vCPUs are gone.
+    pub(crate) fn retire(&mut self) {
+        self.paused = true;
+        self.stop_worker();
+    }
+
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
