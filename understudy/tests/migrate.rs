@@ -72,8 +72,10 @@ impl Mig {
             dargs.extend(["--tap", "tap1"]);
         }
         dargs.extend_from_slice(dst_args);
-        let mut src = Proc::spawn_env(ns, &d, "src", &sargs, src_env);
-        let mut dst = Proc::spawn_env(ns, &d, "dst", &dargs, &[]);
+        // Plain logs (no colour codes between a field's name and its value).
+        let src_env: Vec<(&str, &str)> = src_env.iter().copied().chain([("NO_COLOR", "1")]).collect();
+        let mut src = Proc::spawn_env(ns, &d, "src", &sargs, &src_env);
+        let mut dst = Proc::spawn_env(ns, &d, "dst", &dargs, &[("NO_COLOR", "1")]);
         wait_for(&ss, Duration::from_secs(10), &mut src, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
         wait_for(&d_sock, Duration::from_secs(10), &mut dst, "destination api", |_| d_sock.exists());
         wait_for(&s_sock, Duration::from_secs(30), &mut src, "source api", |_| s_sock.exists());
