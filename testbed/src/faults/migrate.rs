@@ -326,7 +326,11 @@ pub fn judge(expect: Expect, o: &Observed) -> (String, Vec<String>, u64) {
         return ("invalid".into(), vec!["the fault missed the phase it is meant for".into()], 0);
     }
     if o.two_copies() {
-        p.push("two active copies: the source and the destination both run the guest".into());
+        let dst = match o.dst_state.as_deref() {
+            Some("running") => "its status says running".to_string(),
+            st => format!("its process still lives after running the guest, status {st:?}"),
+        };
+        p.push(format!("two active copies: the source runs the guest and the destination may too ({dst})"));
     }
     let client_lost = o.client.as_ref().map_or(0, |c| c.lost);
     // Where the guest must survive, every acknowledged write must read back.
