@@ -1496,6 +1496,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
                      (destination); source and destination on its loopback (127.0.0.1:7300; migrate.link \
                      through `testbed impair` on :7310); migrate.partition takes lo down",
         "runs": reports.iter().map(RunReport::to_json).collect::<Vec<_>>(),
+        "migration_recovery": reports.iter().any(|r| r.migration.is_some()).then(|| migrate::recovery_json(reports)),
         "summary_markdown": summary(reports),
     });
     fs::write(out, serde_json::to_string_pretty(&v)?)?;

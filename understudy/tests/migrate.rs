@@ -3,7 +3,10 @@
 //! dirty: its self-check; memory digest equal at the switch-over; kv: every acknowledged write
 //! reads back over a TCP connection that survives the move), cancel in each phase, and each bad
 //! input ends the migration with an error naming it, the guest running on at the source and the
-//! destination never running a guest.
+//! destination never running a guest. Reverse checkpoints (issue 15): a destination killed
+//! during post-copy, or cut off past the session's idle timeout, is recovered from at the source
+//! (the guest runs on there from the last reverse checkpoint, nothing acknowledged lost) and a
+//! cut-off destination fences itself when the link heals: never two copies.
 
 mod common;
 
@@ -69,8 +72,10 @@ impl Mig {
             dargs.extend(["--tap", "tap1"]);
         }
         dargs.extend_from_slice(dst_args);
-        let mut src = Proc::spawn_env(ns, &d, "src", &sargs, src_env);
-        let mut dst = Proc::spawn_env(ns, &d, "dst", &dargs, &[]);
+        // Plain logs (no colour codes between a field's name and its value).
+        let src_env: Vec<(&str, &str)> = src_env.iter().copied().chain([("NO_COLOR", "1")]).collect();
+        let mut src = Proc::spawn_env(ns, &d, "src", &sargs, &src_env);
+        let mut dst = Proc::spawn_env(ns, &d, "dst", &dargs, &[("NO_COLOR", "1")]);
         wait_for(&ss, Duration::from_secs(10), &mut src, "ready", |t| t.lines().any(|l| l.trim() == "ready"));
         wait_for(&d_sock, Duration::from_secs(10), &mut dst, "destination api", |_| d_sock.exists());
         wait_for(&s_sock, Duration::from_secs(30), &mut src, "source api", |_| s_sock.exists());
@@ -148,6 +153,54 @@ impl Mig {
         json(&out)["migration"]["phase"].as_str().map(str::to_string)
     }
 
+    /// The source's `status --json`.
+    fn src_status(&self) -> serde_json::Value {
+        json(&run(&["status", "--api", self.s_sock.to_str().unwrap(), "--json"]).1)
+    }
+
+    /// Waits until the destination says the guest runs there (post-copy) and the source's phase
+    /// is `postcopy`; panics when the phase is gone by then (the fault would miss post-copy).
+    fn wait_guest_at_destination(&mut self) {
+        self.wait_phase("postcopy", Duration::from_secs(20));
+        let log = self.dst.stderr_path.clone();
+        wait_for(&log, Duration::from_secs(20), &mut self.dst, "the guest running at the destination", |t| {
+            t.contains("the guest runs here (post-copy)")
+        });
+        assert_eq!(self.src_phase().as_deref(), Some("postcopy"), "post-copy ended before the fault");
+    }
+
+    /// After the source recovered the guest from a reverse checkpoint: migrate (its `out`)
+    /// failed saying `recovered`, the source runs the guest (phase `recovered`, its `RECOVERED:`
+    /// line), and the destination's process ends (killed, or fenced: non-zero, `FENCED:`
+    /// logged) within `dest_within`. One copy, at the source.
+    fn assert_recovered(&mut self, out: &std::process::Output, fenced: bool, dest_within: Duration) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let ctx = |m: &Mig| format!("--- migrate:\n{err}\n--- src:\n{}\n--- dst:\n{}", m.src.stderr(), m.dst.stderr());
+        assert!(!out.status.success(), "a recovered migration exits non-zero: {}", ctx(self));
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        assert!(last.contains("recovered"), "migrate's last line says recovered: {last:?}\n{}", ctx(self));
+        let s = self.src_status();
+        assert_eq!(s["state"], "running", "{s}\n{}", ctx(self));
+        assert_eq!(s["migration"]["phase"], "recovered", "{s}\n{}", ctx(self));
+        self.src.assert_alive();
+        let line = self.src.stderr().lines().find(|l| l.contains(RECOVERED)).map(str::to_string);
+        let line = line.unwrap_or_else(|| panic!("the source logs {RECOVERED:?}\n{}", ctx(self)));
+        for f in ["epoch=", "recover_ms=", "detect_ms="] {
+            assert!(line.contains(f), "{f} in {line:?}");
+        }
+        eprintln!("recovered: {last}\n  {line}");
+        let st = self.dst.wait_exit(dest_within);
+        let st =
+            st.unwrap_or_else(|| panic!("the destination still runs after {dest_within:?}: two copies\n{}", ctx(self)));
+        assert!(!st.success(), "the destination exits non-zero ({st})");
+        if fenced {
+            let derr = self.dst.stderr();
+            let line = derr.lines().find(|l| l.contains("FENCED:"));
+            let line = line.unwrap_or_else(|| panic!("the destination says it was fenced:\n{}", ctx(self)));
+            eprintln!("  {line}");
+        }
+    }
+
     /// Waits until the source's migration reaches `phase`.
     fn wait_phase(&self, phase: &str, timeout: Duration) {
         let t0 = Instant::now();
@@ -185,6 +238,9 @@ impl Mig {
         );
     }
 }
+
+/// The source's log line when it runs the guest again from a reverse checkpoint.
+const RECOVERED: &str = "RECOVERED: the guest runs here again from reverse checkpoint";
 
 fn setup(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
     let g = serial_guard();
@@ -371,10 +427,11 @@ fn dirty_migrates_with_stopcopy() {
     migrate_dirty("stopcopy");
 }
 
-/// A link cut for longer than the session's idle timeout in the middle of post-copy, then
-/// healed: both processes live, the guest waits on its faults, the source reconnects, the
-/// destination says what it holds and asks again; the migration completes and the guest is
-/// intact (memory digest as at the switch-over, its self-check passing).
+/// Without reverse checkpoints (`--no-reverse`), a link cut for longer than the session's idle
+/// timeout in the middle of post-copy, then healed: both processes live, the guest waits on its
+/// faults, the source reconnects, the destination says what it holds and asks again; the
+/// migration completes and the guest is intact (memory digest as at the switch-over, its
+/// self-check passing).
 #[test]
 fn a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact() {
     let test = "a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact";
@@ -384,7 +441,7 @@ fn a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact() {
     std::thread::sleep(Duration::from_millis(500));
     // `demand`: nothing is pushed for the first second, so post-copy is still on when the cut
     // lands.
-    let child = m.migrate_bg(&["--mode", "demand", "--verify"]);
+    let child = m.migrate_bg(&["--mode", "demand", "--verify", "--no-reverse"]);
     m.wait_phase("postcopy", Duration::from_secs(20));
     // Both processes talk over the namespace's loopback: take it down (this kernel has no
     // netem), then up again.
@@ -411,6 +468,50 @@ fn a_link_cut_and_healed_mid_postcopy_completes_with_the_guest_intact() {
     assert_dirty_continues(&mut m);
 }
 
+/// With reverse checkpoints (the default), the same cut (longer than the session's 1 s idle
+/// timeout): the source decides the destination is gone and resumes the guest from the last
+/// reverse checkpoint it committed; when the link heals the destination reaches the source, learns
+/// it was superseded, stops its guest and exits non-zero (`FENCED:`). The guest goes on at the
+/// source with its memory intact (the dirty workload's self-check over every page of its working
+/// set: the source's untouched pages and the destination's newer ones merged right), and never
+/// two copies.
+#[test]
+fn a_link_cut_past_the_idle_timeout_mid_postcopy_recovers_at_the_source_and_fences_the_destination() {
+    let test = "a_link_cut_past_the_idle_timeout_mid_postcopy_recovers_at_the_source_and_fences_the_destination";
+    let Some(_g) = setup(test) else { return };
+    let Some(ns) = NetNs::bridged(test, "mfen", 78) else { return };
+    let mut m = Mig::start_in(Some(&ns), "workload=dirty wss=32 rate=20000", "128M", "128M", &[], &["--verify"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let child = m.migrate_bg(&["--mode", "demand", "--verify"]);
+    m.wait_guest_at_destination();
+    // The source's guest is paused since the switch-over: what its serial output gains from
+    // here on is the recovered guest's.
+    let before = read_text(&m.s_serial()).len();
+    let link = |state: &str| ns.net.ip(&["link", "set", "lo", state]).expect("set lo");
+    link("down");
+    std::thread::sleep(Duration::from_millis(2500));
+    link("up");
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    m.assert_recovered(&out, true, Duration::from_secs(30));
+    assert_dirty_continues_at_source(&mut m, before);
+}
+
+/// The dirty guest's self-check goes on passing at the source after a recovery: two progress
+/// lines past `from` (the source's serial output before the recovery), no error.
+fn assert_dirty_continues_at_source(m: &mut Mig, from: usize) {
+    let s = m.s_serial();
+    wait_for(&s, Duration::from_secs(15), &mut m.src, "two dirty lines at the source after the recovery", |t| {
+        t.get(from..).is_some_and(|t| t.lines().filter(|l| l.starts_with("dirty gen=")).count() >= 2)
+    });
+    let text = read_text(&s);
+    let after = &text[from..];
+    let whole = &after[..after.rfind('\n').map_or(0, |i| i + 1)];
+    assert!(!whole.contains("dirty error"), "self-check failed after the recovery:\n{after}");
+    for l in whole.lines().map(str::trim).filter(|l| l.starts_with("dirty gen=")) {
+        assert!(l.ends_with(" errors=0"), "self-check failed after the recovery: {l:?}\n{after}");
+    }
+}
+
 #[test]
 fn dirty_migrates_with_postcopy() {
     migrate_dirty("postcopy");
@@ -431,6 +532,52 @@ fn dirty_migrates_with_auto() {
     migrate_dirty("auto");
 }
 
+/// The checker client (`testbed/scripts/faults_client.py`) loading the kv guest from the
+/// namespace over one TCP connection.
+struct KvLoad {
+    child: std::process::Child,
+    ctl: PathBuf,
+}
+
+impl KvLoad {
+    /// Starts it and waits for its first reply, then half a second of load.
+    fn start(m: &Mig, ns: &NetNs) -> Self {
+        let ctl = m.dir.path().join("client");
+        std::fs::create_dir_all(&ctl).unwrap();
+        let script = root().join("testbed/scripts/faults_client.py");
+        let child = ns
+            .command("/usr/bin/python3")
+            .arg(&script)
+            .args([ns.guest_ip.as_str(), ctl.to_str().unwrap(), "90"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the kv client");
+        let t0 = Instant::now();
+        while !ctl.join("ready").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the kv client never got a reply");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        KvLoad { child, ctl }
+    }
+
+    /// Keeps the load on 1.5 s more, stops it, and checks its verdict: every acknowledged write
+    /// reads back, no contradicted reply, and its one connection survived.
+    fn stop_and_check(self, test: &str) {
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(self.ctl.join("stop"), b"").unwrap();
+        let out = wait_with_timeout(self.child, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let res = json(stdout.lines().last().unwrap_or_default());
+        eprintln!("{test}: client {res}");
+        assert!(res["acknowledged_writes"].as_u64().unwrap() > 50, "{res}");
+        assert_eq!(res["lost"], 0, "{res}");
+        assert_eq!(res["contradictions"], 0, "{res}");
+        assert_eq!(res["reconnects"], 0, "the client's TCP connection survives: {res}");
+    }
+}
+
 /// The kv guest moves under a client's load through a bridge: the client's TCP connection
 /// survives (the guest's TCP stack moved with its memory, its MAC moved with the announcement),
 /// and every write it saw acknowledged reads back afterwards.
@@ -440,40 +587,78 @@ fn kv_migrates(mode: &str, subnet: u8) {
     let Some(ns) = NetNs::bridged(&test, "mig", subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &["--verify"]);
-    let ctl = m.dir.path().join("client");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let script = root().join("testbed/scripts/faults_client.py");
-    let client = ns
-        .command("/usr/bin/python3")
-        .arg(&script)
-        .args([ns.guest_ip.as_str(), ctl.to_str().unwrap(), "60"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the kv client");
-    let t0 = Instant::now();
-    while !ctl.join("ready").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the kv client never got a reply");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let load = KvLoad::start(&m, &ns);
     let r = m.migrate_ok(&["--mode", mode, "--verify"]);
     eprintln!("{test}: {r}");
     assert_report(&r, mode);
     assert_same_memory(&m, &r);
-    std::thread::sleep(Duration::from_millis(1500));
-    std::fs::write(ctl.join("stop"), b"").unwrap();
-    let out = wait_with_timeout(client, Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let res = json(last);
-    eprintln!("{test}: client {res}");
-    assert!(res["acknowledged_writes"].as_u64().unwrap() > 50, "{res}");
-    assert_eq!(res["lost"], 0, "{res}");
-    assert_eq!(res["contradictions"], 0, "{res}");
-    assert_eq!(res["reconnects"], 0, "the client's TCP connection survives the migration: {res}");
+    load.stop_and_check(&test);
     let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
     assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+}
+
+/// A fault during post-copy ([`kv_postcopy_fault`]).
+enum PostcopyFault {
+    /// `kill -9` of the destination.
+    KillDestination,
+    /// The namespace's loopback (source <-> destination) down for this long, then up.
+    CutLink(Duration),
+}
+
+/// `fault` during post-copy while the kv guest answers the checker client from the
+/// destination: the source recovers the guest from the last reverse checkpoint it committed
+/// and takes its network identity back; the destination is gone (killed, or fenced once the
+/// link healed). Every write the client saw acknowledged (by the guest at the destination too:
+/// its output was held until the source had the state that produced it) reads back, nothing
+/// contradicts, the client's connection survives, and only the source runs the guest.
+fn kv_postcopy_fault(test: &str, tag: &str, subnet: u8, fault: PostcopyFault) {
+    let Some(_g) = setup(test) else { return };
+    let Some(ns) = NetNs::bridged(test, tag, subnet) else { return };
+    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let mut m = Mig::start_in(Some(&ns), &cmdline, "64M", "64M", &[], &[]);
+    let load = KvLoad::start(&m, &ns);
+    // `demand`: nothing pushed until the guest asked for nothing for a second, so post-copy is
+    // still on when the fault lands.
+    let child = m.migrate_bg(&["--mode", "demand"]);
+    m.wait_guest_at_destination();
+    // Some load served from the destination (through reverse epochs), then the fault.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(m.src_phase().as_deref(), Some("postcopy"), "post-copy ended before the fault");
+    let fenced = match fault {
+        PostcopyFault::KillDestination => {
+            let _ = m.dst.child.kill();
+            false
+        }
+        PostcopyFault::CutLink(cut) => {
+            let link = |state: &str| ns.net.ip(&["link", "set", "lo", state]).expect("set lo");
+            link("down");
+            std::thread::sleep(cut);
+            link("up");
+            true
+        }
+    };
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    m.assert_recovered(&out, fenced, Duration::from_secs(30));
+    load.stop_and_check(test);
+    let s = m.src_status();
+    assert_eq!((s["state"].as_str(), s["migration"]["phase"].as_str()), (Some("running"), Some("recovered")), "{s}");
+}
+
+/// The destination killed (`kill -9`) during post-copy: the source notices at once (the
+/// liveness line) and recovers; nothing acknowledged is lost; one copy ([`kv_postcopy_fault`]).
+#[test]
+fn kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy() {
+    let test = "kv_recovers_at_the_source_when_the_destination_is_killed_during_postcopy";
+    kv_postcopy_fault(test, "mkil", 79, PostcopyFault::KillDestination);
+}
+
+/// The link cut (~2 s, past the session's 1 s idle timeout) during post-copy: the source
+/// recovers the guest, the destination fences itself when the link heals; one copy runs (the
+/// source), nothing acknowledged is lost, nothing contradicts ([`kv_postcopy_fault`]).
+#[test]
+fn kv_partition_during_postcopy_leaves_one_copy_at_the_source_and_fences_the_destination() {
+    let test = "kv_partition_during_postcopy_leaves_one_copy_at_the_source_and_fences_the_destination";
+    kv_postcopy_fault(test, "mprt", 80, PostcopyFault::CutLink(Duration::from_millis(2000)));
 }
 
 #[test]
