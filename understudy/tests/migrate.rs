@@ -595,6 +595,25 @@ fn kv_migrates(mode: &str, subnet: u8) {
     load.stop_and_check(&test);
     let s = json(&run(&["status", "--api", m.d_sock.to_str().unwrap(), "--json"]).1);
     assert_eq!(s["origin"]["kind"], "migrated", "{s}");
+    if r.get("reverse_checkpoints").is_some() {
+        assert_handover_order(&m, &r);
+    }
+}
+
+/// Post-copy with reverse checkpoints completed: the source gave its copy up (stopped
+/// acknowledging, then handed over) before the destination released the output it held, and the
+/// destination confirmed it. The two logs' timestamps are this host's one clock.
+fn assert_handover_order(m: &Mig, r: &serde_json::Value) {
+    assert_eq!(r["handover_confirmed"], true, "{r}");
+    assert!(r["reverse_checkpoints"].as_u64().unwrap_or(0) >= 1, "reverse checkpoints were committed: {r}");
+    let at = |log: &str, what: &str| -> String {
+        let line = log.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no {what:?} in:\n{log}"));
+        line.split_whitespace().next().unwrap_or_default().to_string()
+    };
+    let (src, dst) = (m.src.stderr(), m.dst.stderr());
+    let gave_up = at(&src, "reverse checkpoints stopped; handing the guest over");
+    let released = at(&dst, "the guest runs here alone: releasing its held output");
+    assert!(gave_up <= released, "the source gave its copy up at {gave_up}, the destination released at {released}");
 }
 
 /// A fault during post-copy ([`kv_postcopy_fault`]).
