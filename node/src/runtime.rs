@@ -247,6 +247,8 @@ pub struct Node {
     reverse: Mutex<Option<crate::protect::Protection>>,
     /// This copy was fenced (the source resumed the guest, or reverse checkpoints failed).
     fenced: std::sync::atomic::AtomicBool,
+    /// The migration source gave its copy up: this one is the only copy (never fenced after).
+    given_up: std::sync::atomic::AtomicBool,
     tokio: tokio::runtime::Runtime,
 }
 
@@ -288,6 +290,7 @@ impl Node {
             vm_name: vm_name.to_string(),
             reverse: Mutex::new(None),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            given_up: std::sync::atomic::AtomicBool::new(false),
             tokio,
         }))
     }
@@ -487,11 +490,25 @@ impl Node {
     /// Post-copy destination: the source gave its copy up (or is gone for good): reverse
     /// checkpoints stop and the held output goes out; the guest runs here alone.
     fn reverse_given_up(&self, why: &str) -> Result<(), String> {
+        self.given_up.store(true, std::sync::atomic::Ordering::SeqCst);
         let Some(p) = lock(&self.reverse).take() else { return Ok(()) };
         let vm = self.role().vm().ok_or("no guest runs here")?;
         let held = p.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
         let r = p.report();
-        p.stop(&vm, self.tokio.handle()).map_err(|e| transport::error_chain(&e))?;
+        // The source never resumes now: what is held is this copy's alone and goes out at once;
+        // the engine and the link stop behind it, off the hand-over's path.
+        if let Some(o) = &p.output {
+            o.set_passthrough(true);
+        }
+        let rt = self.tokio.handle().clone();
+        std::thread::Builder::new()
+            .name("reverse-stop".into())
+            .spawn(move || {
+                if let Err(e) = p.stop(&vm, &rt) {
+                    tracing::error!("stop the reverse checkpoints: {}", transport::error_chain(&e));
+                }
+            })
+            .map_err(|e| format!("spawn the reverse stop: {e}"))?;
         tracing::info!(
             frames = held.0,
             bytes = held.1,
@@ -514,6 +531,10 @@ impl Node {
     /// non-zero at once, without stopping the guest first: a guest of a superseded post-copy
     /// may be waiting for pages that will never come, and so may anything that pauses it.
     fn fence(&self, why: String) {
+        if self.given_up.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("not fenced ({why}): the source gave its copy up, this is the only copy");
+            return;
+        }
         if self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }

@@ -230,6 +230,21 @@ impl LinkShared {
         self.cv.notify_all();
     }
 
+    /// Sleeps until `until`, or until asked to stop (false then).
+    fn nap_until(&self, until: Instant) -> bool {
+        let mut g = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            g = self.cv.wait_timeout(g, until - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
     /// Waits until fewer than `limit` are in flight, or `timeout`, or stop. True if room.
     fn wait_room(&self, limit: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -583,9 +598,8 @@ impl Engine {
             _ => None,
         };
         let end = timing.end(epoch_start, silent, first_output);
-        let now = Instant::now();
-        if end > now {
-            std::thread::sleep(end - now);
+        if !self.link.nap_until(end) {
+            return Ok(());
         }
         if !self.link.wait_room(self.cfg.window, Duration::from_millis(200)) {
             return Ok(());
