@@ -127,6 +127,9 @@ pub struct CostRow {
     /// Total migration time over the completed runs, with and without.
     pub total_with: Option<Stat>,
     pub total_without: Option<Stat>,
+    /// Completed runs with whose destination logged reverse checkpoints (a post-copy phase
+    /// ran: `auto` may choose pre-copy, then its total says nothing of their cost).
+    pub reverse_runs: usize,
     /// Per-run numbers of the runs with, over the runs that logged them.
     pub epochs: Option<Stat>,
     pub pause_us_p99: Option<Stat>,
@@ -148,7 +151,7 @@ impl CostRow {
             "completed_with": self.runs_with.0, "runs_with": self.runs_with.1,
             "completed_without": self.runs_without.0, "runs_without": self.runs_without.1,
             "total_ms_with": s(self.total_with), "total_ms_without": s(self.total_without),
-            "ratio": self.ratio(), "ratio_goal": GOAL_RATIO,
+            "ratio": self.ratio(), "ratio_goal": GOAL_RATIO, "reverse_runs": self.reverse_runs,
             "epochs": s(self.epochs), "pause_us_p99": s(self.pause_us_p99), "pause_us_goal": GOAL_PAUSE_US,
             "dirty_pages_mean": s(self.dirty_pages_mean), "dirty_pages_p99": s(self.dirty_pages_p99),
         })
@@ -169,6 +172,7 @@ pub fn cost_rows(rows: &[Summary]) -> Vec<CostRow> {
                 runs_without: (without.completed, without.runs),
                 total_with: with.total_ms,
                 total_without: without.total_ms,
+                reverse_runs: with.reverse.runs,
                 epochs: with.reverse.epochs,
                 pause_us_p99: with.reverse.pause_us_p99,
                 dirty_pages_mean: with.reverse.dirty_pages_mean,
@@ -197,7 +201,18 @@ pub fn cost_table(rows: &[CostRow]) -> String {
             let m = t.map_or("-".to_string(), |t| fmt_ms(t.median));
             if done < runs { format!("{m} ({done}/{runs} completed)") } else { m }
         };
-        let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.2}x: {}", verdict(x <= GOAL_RATIO)));
+        let ratio = match r.ratio() {
+            None => "-".into(),
+            Some(x) if r.reverse_runs == 0 => format!("{x:.2}x: no post-copy with reverse checkpoints ran"),
+            Some(x) => format!("{x:.2}x: {}", verdict(x <= GOAL_RATIO)),
+        };
+        let epochs = match r.epochs {
+            None => "-".into(),
+            Some(e) if r.reverse_runs < r.runs_with.0 => {
+                format!("{} (in {} of {} runs)", fmt_count(e.median), r.reverse_runs, r.runs_with.0)
+            }
+            Some(e) => fmt_count(e.median),
+        };
         let pause = match r.pause_us_p99 {
             None => "- (no reverse epochs)".into(),
             Some(p) => format!("{}: {}", fmt_stat(Some(p), fmt_count), verdict(p.median <= GOAL_PAUSE_US)),
@@ -206,11 +221,10 @@ pub fn cost_table(rows: &[CostRow]) -> String {
         let mode = r.config.our_mode().unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} | {mode} | {} / {} | {ratio} | {} | {pause} | {dirty} |",
+            "| {} | {mode} | {} / {} | {ratio} | {epochs} | {pause} | {dirty} |",
             r.workload.name(),
             total(r.total_with, r.runs_with),
             total(r.total_without, r.runs_without),
-            r.epochs.map_or("-".into(), |e| fmt_count(e.median)),
         );
     }
     s

@@ -73,6 +73,8 @@ pub struct Summary {
 /// runs' p50s, of their p99s, ...).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ReverseSummary {
+    /// Runs whose destination logged them (a post-copy phase ran with reverse checkpoints).
+    pub runs: usize,
     pub epochs: Option<Stat>,
     pub pause_us_p50: Option<Stat>,
     pub pause_us_p99: Option<Stat>,
@@ -89,6 +91,7 @@ impl ReverseSummary {
             stat(&all.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
         };
         ReverseSummary {
+            runs: all.len(),
             epochs: s(&|r| Some(r.epochs as f64)),
             pause_us_p50: s(&|r| r.pause_us_p50),
             pause_us_p99: s(&|r| r.pause_us_p99),
@@ -572,22 +575,32 @@ mod tests {
         let mut auto = run(Workload::W2, "auto", 1, 480.0);
         auto.migrated.reverse = Some(reverse(30, 400.0, 1500.0));
         results.extend([auto, run(Workload::W2, "precopy", 1, 900.0)]);
+        // W3 auto: post-copy (with reverse checkpoints) in 1 of 2 runs; W1 auto in none.
+        let mut auto = run(Workload::W3, "auto", 1, 60.0);
+        auto.migrated.reverse = Some(reverse(5, 900.0, 25.0));
+        results.extend([auto, run(Workload::W3, "auto", 2, 40.0), run(Workload::W3, "auto-noreverse", 1, 45.0)]);
+        results.extend([run(Workload::W1, "auto", 1, 40.0), run(Workload::W1, "auto-noreverse", 1, 45.0)]);
         let configs: Vec<Config> =
-            ["postcopy", "postcopy-noreverse", "hybrid", "hybrid-noreverse", "auto", "precopy"].map(ours).to_vec();
-        let rows = summarize(&results, &[Workload::W1, Workload::W2], &configs);
-        assert_eq!(rows.len(), 6);
+            ["postcopy", "postcopy-noreverse", "hybrid", "hybrid-noreverse", "auto", "precopy", "auto-noreverse"]
+                .map(ours)
+                .to_vec();
+        let rows = summarize(&results, &[Workload::W1, Workload::W2, Workload::W3], &configs);
+        assert_eq!(rows.len(), 10);
         let pc = &rows[0].reverse;
-        assert_eq!(pc.epochs, Some(Stat { median: 21.0, min: 20.0, max: 22.0 }));
+        assert_eq!((pc.runs, pc.epochs), (3, Some(Stat { median: 21.0, min: 20.0, max: 22.0 })));
         assert_eq!(pc.pause_us_p99, Some(Stat { median: 800.0, min: 700.0, max: 1200.0 }));
         assert_eq!(
             (pc.dirty_pages_mean.map(|s| s.median), pc.ack_us_p99.map(|s| s.median)),
             (Some(1000.0), Some(1500.0))
         );
         assert_eq!(rows[1].reverse, ReverseSummary::default(), "no reverse checkpoints without them");
-        assert_eq!(rows[2].reverse.epochs.map(|s| s.median), Some(0.0), "the failed run's numbers are left out");
-        assert_eq!(rows[2].reverse.pause_us_p99, None);
+        let hybrid = &rows[4];
+        assert_eq!(hybrid.config, ours("hybrid"));
+        assert_eq!(hybrid.reverse.epochs.map(|s| s.median), Some(0.0), "the failed run's numbers are left out");
+        assert_eq!((hybrid.reverse.runs, hybrid.reverse.pause_us_p99), (1, None));
 
-        let t = markdown_table(&rows);
+        // W1 and W2 (W3 adds the client's columns).
+        let t = markdown_table(&rows[..8]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(
             lines[0].ends_with(
@@ -607,26 +620,32 @@ mod tests {
             "| W1 | understudy postcopy-noreverse | 3/3 | 275 [270-280] | 3.0 | 4.0 | 277 | 100 MB |  |  |  |  |  |"
         );
         assert_eq!(
-            lines[4],
+            lines[6],
             "| W2 | understudy hybrid | 1/2 | 600 | 3.0 | 4.0 | 602 | 100 MB | 0 |  |  |  | 1 failed |"
         );
 
         let cost = cost_rows(&rows);
-        assert_eq!(cost.len(), 2, "{cost:?}");
+        assert_eq!(cost.len(), 4, "{cost:?}");
         assert_eq!((cost[0].workload, cost[0].config.clone()), (Workload::W1, ours("postcopy")));
         assert!((cost[0].ratio().unwrap() - 300.0 / 275.0).abs() < 1e-9);
-        assert_eq!((cost[1].runs_with, cost[1].runs_without, cost[1].ratio()), ((1, 2), (1, 1), Some(1.2)));
+        assert_eq!((cost[2].runs_with, cost[2].runs_without, cost[2].ratio()), ((1, 2), (1, 1), Some(1.2)));
         let t = cost_table(&cost);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4, "{t}");
+        assert_eq!(lines.len(), 6, "{t}");
         assert!(lines[0].starts_with("| workload | mode | total ms with reverse checkpoints / without, median |"));
         assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
         assert_eq!(lines[2], "| W1 | postcopy | 300 / 275 | 1.09x: met | 21 | 800 [700-1200]: met | 1000 / 2000 |");
         assert_eq!(
             lines[3],
+            "| W1 | auto | 40 / 45 | 0.89x: no post-copy with reverse checkpoints ran | - | - (no reverse epochs) | - |"
+        );
+        assert_eq!(
+            lines[4],
             "| W2 | hybrid | 600 (1/2 completed) / 500 | 1.20x: **not met** | 0 | - (no reverse epochs) | - |"
         );
-        assert_eq!(cost[1].to_json()["ratio"], 1.2);
+        assert_eq!(lines[5], "| W3 | auto | 50 / 45 | 1.11x: **not met** | 5 (in 1 of 2 runs) | 900: met | 25 / 50 |");
+        assert_eq!(cost[2].to_json()["ratio"], 1.2);
+        assert_eq!((cost[1].reverse_runs, cost[3].reverse_runs), (0, 1));
         assert_eq!(cost[0].to_json()["pause_us_p99"]["max"], 1200.0);
         assert!(cost_table(&[]).is_empty());
     }
