@@ -348,6 +348,13 @@ pub struct PostcopyStats {
     pub postcopy_ms: Option<f64>,
     /// Times the link broke during post-copy and was reconnected.
     pub reconnects: Option<u64>,
+    /// Reverse checkpoints (issue 15), as the source reports them: those it committed, the
+    /// pages they carried, the reverse sessions the destination opened, and whether the
+    /// destination confirmed the hand-over (absent with `--no-reverse`).
+    pub reverse_checkpoints: Option<u64>,
+    pub reverse_pages: Option<u64>,
+    pub reverse_sessions: Option<u64>,
+    pub handover_confirmed: Option<bool>,
 }
 
 impl PostcopyStats {
@@ -368,6 +375,10 @@ impl PostcopyStats {
             choice_reason: s("choice_reason"),
             postcopy_ms: f("postcopy_ms"),
             reconnects: u("reconnects"),
+            reverse_checkpoints: u("reverse_checkpoints"),
+            reverse_pages: u("reverse_pages"),
+            reverse_sessions: u("reverse_sessions"),
+            handover_confirmed: v.get("handover_confirmed").and_then(Value::as_bool),
         }
     }
 
@@ -390,6 +401,10 @@ impl PostcopyStats {
         put("choice_reason", json!(self.choice_reason));
         put("postcopy_ms", json!(self.postcopy_ms));
         put("reconnects", json!(self.reconnects));
+        put("reverse_checkpoints", json!(self.reverse_checkpoints));
+        put("reverse_pages", json!(self.reverse_pages));
+        put("reverse_sessions", json!(self.reverse_sessions));
+        put("handover_confirmed", json!(self.handover_confirmed));
         Value::Object(m)
     }
 }
@@ -507,8 +522,16 @@ impl RunResult {
         if let Some(c) = &p.chosen_mode {
             s.push_str(&format!(", chose {c} ({})", p.choice_reason.as_deref().unwrap_or("no reason given")));
         }
+        if let Some(n) = p.reverse_checkpoints {
+            let x = |x: Option<u64>| x.map_or("-".to_string(), |x| x.to_string());
+            s.push_str(&format!(
+                ", {n} reverse checkpoints committed at the source ({} pages, {} sessions)",
+                x(p.reverse_pages),
+                x(p.reverse_sessions)
+            ));
+        }
         if let Some(r) = &m.reverse {
-            s.push_str(&format!(", {}", r.describe()));
+            s.push_str(&format!(", destination: {}", r.describe()));
         }
         if let (Some(l), Some(a)) = (self.lost_writes, self.acked_writes) {
             s.push_str(&format!(", {l} of {a} acknowledged writes lost"));
@@ -1186,7 +1209,7 @@ mod tests {
         assert_eq!(
             r.line(),
             "W2 understudy postcopy run 3: completed; total 520.0 ms, downtime - ms, paused - ms, - MB, wall - ms, \
-             40 reverse epochs (last acked 44), pause p50 310 / p99 1250 µs, dirty pages per epoch mean 999 / p99 2100, \
+             destination: 40 reverse epochs (last acked 44), pause p50 310 / p99 1250 µs, dirty pages per epoch mean 999 / p99 2100, \
              ack p50 800 / p99 3000 µs"
         );
         let j = r.to_json();

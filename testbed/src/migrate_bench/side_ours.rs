@@ -132,6 +132,9 @@ pub fn parse_report(stdout: &str) -> Result<Migrated> {
     if let Some(r) = v.get("stop_reason").and_then(Value::as_str) {
         notes.push(format!("stop: {r}"));
     }
+    if v.get("handover_confirmed").and_then(Value::as_bool) == Some(false) {
+        notes.push("the destination did not confirm the post-copy hand-over within 5 s".into());
+    }
     Ok(Migrated {
         outcome: Outcome::Completed,
         total_ms: num("total_ms"),
@@ -377,6 +380,32 @@ mod tests {
              switched to post-copy after round 1, 1 reconnects during post-copy, \
              chose hybrid (dirty rate 2.1 GB/s > link 1.2 GB/s); guest ok: ok; stop: postcopy"
         );
+        assert_eq!(
+            (p.reverse_checkpoints, p.reverse_pages, p.reverse_sessions, p.handover_confirmed),
+            (None, None, None, None),
+            "no reverse checkpoints in this report"
+        );
+        assert!(p.to_json().get("handover_confirmed").is_none());
+        // With reverse checkpoints, the source's side of them; an unconfirmed hand-over is said.
+        let reversed = out.replace("\"reconnects\": 1,", "\"reconnects\": 0, \"reverse_checkpoints\": 14, \"reverse_pages\": 9000, \"reverse_sessions\": 1, \"handover_confirmed\": false,");
+        let m2 = parse_report(&reversed).unwrap();
+        let p2 = &m2.postcopy;
+        assert_eq!(
+            (p2.reverse_checkpoints, p2.reverse_pages, p2.reverse_sessions, p2.handover_confirmed),
+            (Some(14), Some(9000), Some(1), Some(false))
+        );
+        assert_eq!(p2.to_json()["reverse_pages"], 9000);
+        assert_eq!(m2.notes, ["stop: postcopy", "the destination did not confirm the post-copy hand-over within 5 s"]);
+        let r2 = super::super::RunResult::new(Workload::W2, &super::super::Config::Ours("auto".into()), 1, m2);
+        assert!(
+            r2.line()
+                .contains("1.2 GB/s), 14 reverse checkpoints committed at the source (9000 pages, 1 sessions); stop"),
+            "{}",
+            r2.line()
+        );
+        let confirmed =
+            parse_report(&reversed.replace("\"handover_confirmed\": false", "\"handover_confirmed\": true"));
+        assert_eq!(confirmed.unwrap().notes, ["stop: postcopy"]);
         // Resumed 420 ms before every page was there, paused 2.5 ms before that.
         assert_eq!(
             report_markers(&m),
