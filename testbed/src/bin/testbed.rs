@@ -73,8 +73,9 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Comma-separated: qemu-default, qemu-best, qemu-postcopy, qemu-best-tls,
-        /// qemu-postcopy-tls and our modes (precopy, stopcopy, postcopy, demand, hybrid, auto).
-        /// Default: every QEMU configuration and every mode of ours.
+        /// qemu-postcopy-tls and our modes (precopy, stopcopy, postcopy, demand, hybrid, auto;
+        /// postcopy-noreverse, demand-noreverse, hybrid-noreverse, auto-noreverse: the same
+        /// with `--no-reverse`). Default: every QEMU configuration and all of ours.
         #[arg(long, value_delimiter = ',')]
         configs: Vec<String>,
         /// Write the markdown report here too (rewritten after every run).

@@ -21,9 +21,16 @@
 //! client replies, W1/W2's pages the guest wrote, per 10 ms, markers for pause, resume and
 //! complete) in the JSON, and a PNG per
 //! workload drawn from it ([`plot`], `testbed/scripts/plot_migration.py`).
+//!
+//! Issue 15: our post-copy modes run with reverse checkpoints (the destination checkpoints the
+//! guest back to the source during post-copy); each has a `-noreverse` twin (`--no-reverse`).
+//! The destination's numbers of them per run ([`reverse::ReverseStats`]) are in the JSON and
+//! the table, and a table sets each mode beside its twin: the issue's cost goals
+//! ([`reverse::cost_rows`]).
 
 pub mod kv;
 pub mod qmp;
+pub mod reverse;
 pub mod series;
 pub mod side_ours;
 pub mod side_qemu;
@@ -174,24 +181,41 @@ impl QemuConfig {
     }
 }
 
-/// A configuration of the benchmark: QEMU's or one of our modes.
+/// A configuration of the benchmark: QEMU's or one of ours.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Config {
     Qemu(QemuConfig),
-    /// `understudy migrate --mode MODE`.
+    /// `understudy migrate --mode MODE` (the name is the mode), or with `--no-reverse` (the
+    /// name is the mode and [`NO_REVERSE`], for a mode of [`OUR_REVERSE_MODES`]).
     Ours(String),
 }
 
-/// Our modes benchmarked by default: every mode.
-pub const OUR_DEFAULT_MODES: [&str; 6] = ["precopy", "stopcopy", "postcopy", "demand", "hybrid", "auto"];
+/// Our configurations benchmarked by default: every mode, each post-copy mode (with reverse
+/// checkpoints, issue 15) followed by its `-noreverse` twin.
+pub const OUR_DEFAULTS: [&str; 10] = [
+    "precopy",
+    "stopcopy",
+    "postcopy",
+    "postcopy-noreverse",
+    "demand",
+    "demand-noreverse",
+    "hybrid",
+    "hybrid-noreverse",
+    "auto",
+    "auto-noreverse",
+];
 /// Every mode `understudy migrate --mode` names (issue 13; some may answer "not implemented yet").
 pub const OUR_MODES: [&str; 6] = ["precopy", "stopcopy", "postcopy", "hybrid", "demand", "auto"];
+/// The modes that may run post-copy, with reverse checkpoints unless `--no-reverse`.
+pub const OUR_REVERSE_MODES: [&str; 4] = ["postcopy", "demand", "hybrid", "auto"];
+/// A configuration's suffix for `--no-reverse`.
+pub const NO_REVERSE: &str = "-noreverse";
 
 impl Config {
-    /// Every QEMU configuration, then our default modes.
+    /// Every QEMU configuration, then ours ([`OUR_DEFAULTS`]).
     pub fn defaults() -> Vec<Config> {
         let mut v: Vec<Config> = QemuConfig::ALL.into_iter().map(Config::Qemu).collect();
-        v.extend(OUR_DEFAULT_MODES.iter().map(|m| Config::Ours(m.to_string())));
+        v.extend(OUR_DEFAULTS.iter().map(|m| Config::Ours(m.to_string())));
         v
     }
 
@@ -200,16 +224,48 @@ impl Config {
         if let Some(q) = QemuConfig::ALL.into_iter().find(|q| q.name() == s) {
             return Ok(Config::Qemu(q));
         }
-        let mode = s.strip_prefix("understudy-").unwrap_or(s);
+        let name = s.strip_prefix("understudy-").unwrap_or(s);
+        let mode = name.strip_suffix(NO_REVERSE).unwrap_or(name);
         if OUR_MODES.contains(&mode) {
-            return Ok(Config::Ours(mode.to_string()));
+            if mode != name && !OUR_REVERSE_MODES.contains(&mode) {
+                bail!(
+                    "configuration {s:?}: {mode} never runs post-copy, so it has no reverse checkpoints to turn off; \
+                     {NO_REVERSE} goes with {}",
+                    OUR_REVERSE_MODES.join(", ")
+                );
+            }
+            return Ok(Config::Ours(name.to_string()));
         }
-        let known: Vec<&str> = QemuConfig::ALL.iter().map(|q| q.name()).chain(OUR_MODES).collect();
+        let known: Vec<String> = QemuConfig::ALL
+            .iter()
+            .map(|q| q.name().to_string())
+            .chain(OUR_MODES.iter().map(|m| m.to_string()))
+            .chain(OUR_REVERSE_MODES.iter().map(|m| format!("{m}{NO_REVERSE}")))
+            .collect();
         bail!("unknown configuration {s:?}; known: {}", known.join(", "))
     }
 
     pub fn is_qemu(&self) -> bool {
         matches!(self, Config::Qemu(_))
+    }
+
+    /// Ours: the mode `understudy migrate --mode` gets.
+    pub fn our_mode(&self) -> Option<&str> {
+        match self {
+            Config::Ours(name) => Some(name.strip_suffix(NO_REVERSE).unwrap_or(name)),
+            Config::Qemu(_) => None,
+        }
+    }
+
+    /// Ours with `--no-reverse`.
+    pub fn no_reverse(&self) -> bool {
+        matches!(self, Config::Ours(name) if name.ends_with(NO_REVERSE))
+    }
+
+    /// Ours, a mode that runs post-copy with reverse checkpoints: the same mode without them.
+    pub fn without_reverse(&self) -> Option<Config> {
+        let mode = self.our_mode()?;
+        (!self.no_reverse() && OUR_REVERSE_MODES.contains(&mode)).then(|| Config::Ours(format!("{mode}{NO_REVERSE}")))
     }
 }
 
@@ -264,6 +320,8 @@ pub struct Migrated {
     pub started_unix_s: Option<f64>,
     /// The migration's moments, ms since it started ([`series::Marker`]).
     pub markers: Vec<series::Marker>,
+    /// Ours, post-copy with reverse checkpoints: the destination's numbers of them.
+    pub reverse: Option<reverse::ReverseStats>,
     /// Everything else the migrator reported.
     pub detail: Value,
 }
@@ -290,6 +348,13 @@ pub struct PostcopyStats {
     pub postcopy_ms: Option<f64>,
     /// Times the link broke during post-copy and was reconnected.
     pub reconnects: Option<u64>,
+    /// Reverse checkpoints (issue 15), as the source reports them: those it committed, the
+    /// pages they carried, the reverse sessions the destination opened, and whether the
+    /// destination confirmed the hand-over (absent with `--no-reverse`).
+    pub reverse_checkpoints: Option<u64>,
+    pub reverse_pages: Option<u64>,
+    pub reverse_sessions: Option<u64>,
+    pub handover_confirmed: Option<bool>,
 }
 
 impl PostcopyStats {
@@ -310,6 +375,10 @@ impl PostcopyStats {
             choice_reason: s("choice_reason"),
             postcopy_ms: f("postcopy_ms"),
             reconnects: u("reconnects"),
+            reverse_checkpoints: u("reverse_checkpoints"),
+            reverse_pages: u("reverse_pages"),
+            reverse_sessions: u("reverse_sessions"),
+            handover_confirmed: v.get("handover_confirmed").and_then(Value::as_bool),
         }
     }
 
@@ -332,6 +401,10 @@ impl PostcopyStats {
         put("choice_reason", json!(self.choice_reason));
         put("postcopy_ms", json!(self.postcopy_ms));
         put("reconnects", json!(self.reconnects));
+        put("reverse_checkpoints", json!(self.reverse_checkpoints));
+        put("reverse_pages", json!(self.reverse_pages));
+        put("reverse_sessions", json!(self.reverse_sessions));
+        put("handover_confirmed", json!(self.handover_confirmed));
         Value::Object(m)
     }
 }
@@ -351,6 +424,7 @@ impl Migrated {
             postcopy: PostcopyStats::default(),
             started_unix_s: None,
             markers: Vec::new(),
+            reverse: None,
             detail: Value::Null,
         }
     }
@@ -448,6 +522,17 @@ impl RunResult {
         if let Some(c) = &p.chosen_mode {
             s.push_str(&format!(", chose {c} ({})", p.choice_reason.as_deref().unwrap_or("no reason given")));
         }
+        if let Some(n) = p.reverse_checkpoints {
+            let x = |x: Option<u64>| x.map_or("-".to_string(), |x| x.to_string());
+            s.push_str(&format!(
+                ", {n} reverse checkpoints committed at the source ({} pages, {} sessions)",
+                x(p.reverse_pages),
+                x(p.reverse_sessions)
+            ));
+        }
+        if let Some(r) = &m.reverse {
+            s.push_str(&format!(", destination: {}", r.describe()));
+        }
         if let (Some(l), Some(a)) = (self.lost_writes, self.acked_writes) {
             s.push_str(&format!(", {l} of {a} acknowledged writes lost"));
         }
@@ -480,6 +565,7 @@ impl RunResult {
             "guest_ok": self.guest_ok, "guest_note": self.guest_note,
             "outage_ms": self.outage_ms, "baseline_gap_ms": self.baseline_gap_ms, "lost_writes": self.lost_writes, "acked_writes": self.acked_writes,
             "postcopy": m.postcopy.to_json(),
+            "reverse": m.reverse.as_ref().map(reverse::ReverseStats::to_json),
             "started_unix_s": m.started_unix_s,
             "markers": series::markers_json(&m.markers),
             "series": self.series.as_ref().map(series::Series::to_json),
@@ -657,7 +743,7 @@ pub fn run_one(env: &RunEnv<'_>, workload: Workload, config: &Config, run: usize
     std::fs::create_dir_all(&env.dir)?;
     let mut side: Box<dyn Migrator> = match config {
         Config::Qemu(q) => Box::new(side_qemu::QemuMigration::new(env, workload, *q)),
-        Config::Ours(mode) => Box::new(side_ours::OurMigration::new(env, workload, mode)),
+        Config::Ours(_) => Box::new(side_ours::OurMigration::new(env, workload, config)),
     };
     side.start_source()?;
     if let Some(wss) = workload.wss_mib() {
@@ -778,7 +864,13 @@ impl Report {
             s.push_str(&format!("- **SKIPPED**: {why}\n"));
         }
         s.push('\n');
-        s.push_str(&markdown_table(&summarize(&self.results, &self.workloads, &self.configs)));
+        let rows = summarize(&self.results, &self.workloads, &self.configs);
+        s.push_str(&markdown_table(&rows));
+        let cost = reverse::cost_table(&reverse::cost_rows(&rows));
+        if !cost.is_empty() {
+            s.push_str("\nReverse checkpoints' cost (issue 15): each post-copy mode with reverse checkpoints beside the same mode with `--no-reverse`; pause and dirty pages per epoch as the destination logged them (medians over the runs of each run's p99 / mean):\n\n");
+            s.push_str(&cost);
+        }
         s.push_str("\nEach run:\n\n");
         for r in &self.results {
             s.push_str(&format!("- {}\n", r.line()));
@@ -787,11 +879,14 @@ impl Report {
     }
 
     pub fn to_json(&self) -> Value {
+        let rows = summarize(&self.results, &self.workloads, &self.configs);
+        let cost: Vec<Value> = reverse::cost_rows(&rows).iter().map(reverse::CostRow::to_json).collect();
         json!({
             "command": self.command, "commit": self.commit, "started": self.started,
             "qemu": self.qemu_version, "load_before": self.load_before, "load_after": self.load_after,
             "runs": self.runs, "skipped": self.skipped,
             "results": self.results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+            "reverse_cost": cost,
         })
     }
 }
@@ -974,14 +1069,33 @@ mod tests {
                 "understudy precopy",
                 "understudy stopcopy",
                 "understudy postcopy",
+                "understudy postcopy-noreverse",
                 "understudy demand",
+                "understudy demand-noreverse",
                 "understudy hybrid",
-                "understudy auto"
+                "understudy hybrid-noreverse",
+                "understudy auto",
+                "understudy auto-noreverse"
             ]
         );
         for m in ["postcopy", "demand", "hybrid", "auto"] {
-            assert_eq!(Config::parse(m).unwrap(), Config::Ours(m.into()));
+            let with = Config::parse(m).unwrap();
+            assert_eq!(with, Config::Ours(m.into()));
+            let without = Config::parse(&format!("understudy-{m}-noreverse")).unwrap();
+            assert_eq!((without.our_mode(), without.no_reverse()), (Some(m), true));
+            assert_eq!((with.our_mode(), with.no_reverse()), (Some(m), false));
+            assert_eq!(with.without_reverse(), Some(without.clone()));
+            assert_eq!(without.without_reverse(), None, "{without} has no reverse checkpoints to turn off");
         }
+        assert_eq!(Config::parse("precopy").unwrap().without_reverse(), None, "pre-copy never runs post-copy");
+        assert_eq!(Config::Qemu(QemuConfig::Postcopy).without_reverse(), None);
+        let e = Config::parse("stopcopy-noreverse").unwrap_err().to_string();
+        assert!(
+            e.contains("stopcopy never runs post-copy") && e.contains("-noreverse goes with postcopy, demand"),
+            "{e}"
+        );
+        let e = Config::parse("postcopy-noreverse-tls").unwrap_err().to_string();
+        assert!(e.contains("known: ") && e.ends_with("hybrid-noreverse, auto-noreverse"), "{e}");
         for q in QemuConfig::ALL {
             assert_eq!(Config::parse(q.name()).unwrap(), Config::Qemu(q));
         }
@@ -1064,6 +1178,7 @@ mod tests {
             postcopy: PostcopyStats::default(),
             started_unix_s: None,
             markers: Vec::new(),
+            reverse: None,
             detail: Value::Null,
         };
         let mut r = RunResult::new(Workload::W1, &Config::Qemu(QemuConfig::Best), 2, m);
@@ -1076,5 +1191,28 @@ mod tests {
         let r = RunResult::new(Workload::W3, &Config::Ours("precopy".into()), 1, Migrated::failed("boom\nline 2"));
         assert!(r.line().starts_with("W3 understudy precopy run 1: FAILED: boom | line 2;"), "{}", r.line());
         assert_eq!(r.to_json()["outcome"], "failed: boom\nline 2");
+        assert_eq!(r.to_json()["reverse"], Value::Null);
+        let mut m = Migrated::failed("");
+        m.outcome = Outcome::Completed;
+        m.total_ms = Some(520.0);
+        m.reverse = Some(reverse::ReverseStats {
+            epochs: 40,
+            last_acked: 44,
+            pause_us_p50: Some(310.0),
+            pause_us_p99: Some(1250.4),
+            dirty_pages_mean: Some(998.6),
+            dirty_pages_p99: Some(2100.0),
+            ack_us_p50: Some(800.0),
+            ack_us_p99: Some(3000.0),
+        });
+        let r = RunResult::new(Workload::W2, &Config::Ours("postcopy".into()), 3, m);
+        assert_eq!(
+            r.line(),
+            "W2 understudy postcopy run 3: completed; total 520.0 ms, downtime - ms, paused - ms, - MB, wall - ms, \
+             destination: 40 reverse epochs (last acked 44), pause p50 310 / p99 1250 µs, dirty pages per epoch mean 999 / p99 2100, \
+             ack p50 800 / p99 3000 µs"
+        );
+        let j = r.to_json();
+        assert_eq!((j["reverse"]["epochs"].as_u64(), j["reverse"]["pause_us_p99"].as_f64()), (Some(40), Some(1250.4)));
     }
 }

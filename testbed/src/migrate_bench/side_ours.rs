@@ -2,8 +2,9 @@
 //! `understudy migrate --json` between them (the commands of issue 13). The numbers are the
 //! ones `migrate` reports, plus our clock around the command.
 
+use super::reverse::{DEST_LINE, ReverseStats};
 use super::series::{self, GuestLines, Marker, Progress};
-use super::{Migrated, Migrator, Outcome, PostcopyStats, RunEnv, Workload, kv};
+use super::{Config, Migrated, Migrator, Outcome, PostcopyStats, RunEnv, Workload, kv};
 use crate::harness::interrupt::check_interrupted;
 use crate::harness::netns::command_in;
 use crate::harness::proc::{Proc, die_with_parent, run_bounded};
@@ -20,6 +21,8 @@ pub const SOURCE_NAME: &str = "src";
 pub const DEST_NAME: &str = "dest";
 /// Bound of one `understudy migrate`.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the destination's reverse-checkpoint line may come after `migrate` returned.
+const REVERSE_LINE_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether `bin` has the migration commands: an error saying why not (missing binary,
 /// `migrate` or `receive` an unknown subcommand).
@@ -53,6 +56,8 @@ pub fn make_certs(bin: &Path, dir: &Path) -> Result<()> {
 pub struct OurMigration {
     bin: PathBuf,
     mode: String,
+    /// `--no-reverse`: post-copy without reverse checkpoints.
+    no_reverse: bool,
     workload: Workload,
     dir: PathBuf,
     guest: PathBuf,
@@ -72,10 +77,11 @@ pub struct OurMigration {
 const SERIAL_POLL: Duration = Duration::from_millis(2);
 
 impl OurMigration {
-    pub fn new(env: &RunEnv<'_>, workload: Workload, mode: &str) -> Self {
+    pub fn new(env: &RunEnv<'_>, workload: Workload, config: &Config) -> Self {
         OurMigration {
             bin: env.opts.understudy.clone(),
-            mode: mode.to_string(),
+            mode: config.our_mode().unwrap_or_default().to_string(),
+            no_reverse: config.no_reverse(),
             workload,
             dir: env.dir.clone(),
             guest: env.guest.to_path_buf(),
@@ -126,6 +132,9 @@ pub fn parse_report(stdout: &str) -> Result<Migrated> {
     if let Some(r) = v.get("stop_reason").and_then(Value::as_str) {
         notes.push(format!("stop: {r}"));
     }
+    if v.get("handover_confirmed").and_then(Value::as_bool) == Some(false) {
+        notes.push("the destination did not confirm the post-copy hand-over within 5 s".into());
+    }
     Ok(Migrated {
         outcome: Outcome::Completed,
         total_ms: num("total_ms"),
@@ -139,6 +148,7 @@ pub fn parse_report(stdout: &str) -> Result<Migrated> {
         postcopy: PostcopyStats::from_report(&v),
         started_unix_s: None,
         markers: Vec::new(),
+        reverse: None,
         detail: v,
     })
 }
@@ -159,6 +169,33 @@ pub fn report_markers(m: &Migrated) -> Vec<Marker> {
     v.push(Marker::new("resume", resume));
     v.push(Marker::new("complete", total));
     v
+}
+
+/// The destination's reverse-checkpoint numbers (its log `log`) into `m`, when a post-copy
+/// phase ran with them (waiting up to `wait` for the line: it may come a moment after `migrate`
+/// returned) or the line is there anyway; a note when they are missing where expected or
+/// present where `--no-reverse` turned them off.
+pub fn read_reverse(log: &Path, m: &mut Migrated, no_reverse: bool, wait: Duration) {
+    let expected = m.postcopy.postcopy_ms.is_some() && !no_reverse;
+    let deadline = Instant::now() + if expected { wait } else { Duration::ZERO };
+    let found = loop {
+        let found = ReverseStats::from_log(&std::fs::read_to_string(log).unwrap_or_default());
+        if !matches!(found, Ok(None)) || Instant::now() >= deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    match found {
+        Ok(Some(r)) => {
+            if no_reverse {
+                m.notes.push(format!("reverse checkpoints ran despite --no-reverse ({} epochs)", r.epochs));
+            }
+            m.reverse = Some(r);
+        }
+        Ok(None) if expected => m.notes.push(format!("post-copy ran but the destination logged no {DEST_LINE:?} line")),
+        Ok(None) => {}
+        Err(e) => m.notes.push(format!("{e:#}")),
+    }
 }
 
 impl Migrator for OurMigration {
@@ -220,6 +257,9 @@ impl Migrator for OurMigration {
         args.extend(["--certs".into(), self.certs.display().to_string()]);
         args.extend(["--name".into(), SOURCE_NAME.into(), "--dest-name".into(), DEST_NAME.into()]);
         args.extend(["--mode".into(), self.mode.clone(), "--json".into()]);
+        if self.no_reverse {
+            args.push("--no-reverse".into());
+        }
         let command_unix_s = super::unix_seconds();
         let (out, took) = run_bounded(&mut self.command(&args), MIGRATE_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -258,6 +298,7 @@ impl Migrator for OurMigration {
         if !src_exited {
             m.notes.push("the source process did not exit within 5 s".into());
         }
+        read_reverse(&self.dir.join("destination.stderr"), &mut m, self.no_reverse, REVERSE_LINE_WAIT);
         if let Some(p) = self.dst.as_mut()
             && !p.alive()
         {
@@ -339,11 +380,81 @@ mod tests {
              switched to post-copy after round 1, 1 reconnects during post-copy, \
              chose hybrid (dirty rate 2.1 GB/s > link 1.2 GB/s); guest ok: ok; stop: postcopy"
         );
+        assert_eq!(
+            (p.reverse_checkpoints, p.reverse_pages, p.reverse_sessions, p.handover_confirmed),
+            (None, None, None, None),
+            "no reverse checkpoints in this report"
+        );
+        assert!(p.to_json().get("handover_confirmed").is_none());
+        // With reverse checkpoints, the source's side of them; an unconfirmed hand-over is said.
+        let reversed = out.replace("\"reconnects\": 1,", "\"reconnects\": 0, \"reverse_checkpoints\": 14, \"reverse_pages\": 9000, \"reverse_sessions\": 1, \"handover_confirmed\": false,");
+        let m2 = parse_report(&reversed).unwrap();
+        let p2 = &m2.postcopy;
+        assert_eq!(
+            (p2.reverse_checkpoints, p2.reverse_pages, p2.reverse_sessions, p2.handover_confirmed),
+            (Some(14), Some(9000), Some(1), Some(false))
+        );
+        assert_eq!(p2.to_json()["reverse_pages"], 9000);
+        assert_eq!(m2.notes, ["stop: postcopy", "the destination did not confirm the post-copy hand-over within 5 s"]);
+        let r2 = super::super::RunResult::new(Workload::W2, &super::super::Config::Ours("auto".into()), 1, m2);
+        assert!(
+            r2.line()
+                .contains("1.2 GB/s), 14 reverse checkpoints committed at the source (9000 pages, 1 sessions); stop"),
+            "{}",
+            r2.line()
+        );
+        let confirmed =
+            parse_report(&reversed.replace("\"handover_confirmed\": false", "\"handover_confirmed\": true"));
+        assert_eq!(confirmed.unwrap().notes, ["stop: postcopy"]);
         // Resumed 420 ms before every page was there, paused 2.5 ms before that.
         assert_eq!(
             report_markers(&m),
             [Marker::new("pause", 77.5), Marker::new("resume", 80.0), Marker::new("complete", 500.0)]
         );
+    }
+
+    #[test]
+    fn reverse_numbers_come_from_the_destinations_log_where_post_copy_ran() {
+        let dir = crate::harness::tempdir::TempDir::for_process("us-reverse-log-test", false).unwrap();
+        let log = dir.join("destination.stderr");
+        let line = "2026-12-06T16:50:01.1Z  INFO node::runtime: reverse checkpoints stopped (given up): held output \
+            released frames=1 bytes=60 epochs=7 last_acked=9 pause_us_p50=300.0 pause_us_p99=900.0 \
+            dirty_pages_mean=850.5 dirty_pages_p99=1200.0 ack_us_p50=700.0 ack_us_p99=1500.0";
+        std::fs::write(&log, format!("t INFO MIGRATED: the guest runs here\n{line}\n")).unwrap();
+        let postcopy = || {
+            let mut m = Migrated::failed("");
+            m.postcopy.postcopy_ms = Some(250.0);
+            m
+        };
+        let mut m = postcopy();
+        read_reverse(&log, &mut m, false, Duration::ZERO);
+        let r = m.reverse.as_ref().unwrap();
+        assert_eq!((r.epochs, r.last_acked, r.pause_us_p99, r.dirty_pages_mean), (7, 9, Some(900.0), Some(850.5)));
+        assert!(m.notes.is_empty(), "{:?}", m.notes);
+        // With --no-reverse the line must not be there: said when it is.
+        let mut m = postcopy();
+        read_reverse(&log, &mut m, true, Duration::ZERO);
+        assert_eq!(m.notes, ["reverse checkpoints ran despite --no-reverse (7 epochs)"]);
+        // Post-copy ran, the line is missing: waited for, then said.
+        let empty = dir.join("empty.stderr");
+        std::fs::write(&empty, "t INFO MIGRATED: the guest runs here\n").unwrap();
+        let mut m = postcopy();
+        let t0 = Instant::now();
+        read_reverse(&empty, &mut m, false, Duration::from_millis(100));
+        assert!(t0.elapsed() >= Duration::from_millis(100) && m.reverse.is_none());
+        assert_eq!(m.notes, ["post-copy ran but the destination logged no \"reverse checkpoints stopped (\" line"]);
+        // No post-copy phase (pre-copy, or auto chose it), or --no-reverse: nothing expected, no wait.
+        let mut m = Migrated::failed("");
+        let t0 = Instant::now();
+        read_reverse(&empty, &mut m, false, Duration::from_secs(5));
+        let mut n = postcopy();
+        read_reverse(&empty, &mut n, true, Duration::from_secs(5));
+        assert!(t0.elapsed() < Duration::from_secs(1) && m.notes.is_empty() && n.notes.is_empty());
+        // A line it cannot read is said, not skipped.
+        std::fs::write(&log, line.replace("epochs=7", "epochs=x")).unwrap();
+        let mut m = postcopy();
+        read_reverse(&log, &mut m, false, Duration::ZERO);
+        assert!(m.reverse.is_none() && m.notes[0].starts_with("epochs=\"x\" is not a count"), "{:?}", m.notes);
     }
 
     #[test]

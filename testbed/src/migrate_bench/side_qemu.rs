@@ -309,6 +309,7 @@ impl Migrator for QemuMigration {
             postcopy: PostcopyStats::default(),
             started_unix_s: Some(sent_us as f64 / 1e6),
             markers: Vec::new(),
+            reverse: None,
             detail: Value::Null,
         };
         if m.outcome == Outcome::DidNotConverge {

@@ -61,10 +61,46 @@ pub struct Summary {
     pub switchover_round: Option<Stat>,
     /// Auto: each mode it chose, with its count.
     pub chosen: BTreeMap<String, usize>,
+    /// Reverse checkpoints' numbers over the completed runs that logged them (issue 15).
+    pub reverse: ReverseSummary,
     /// Completed runs whose guest did not go on correctly at the destination.
     pub guest_broken: usize,
     /// Our stop reasons, QEMU's remarks: each distinct note with its count.
     pub notes: BTreeMap<String, usize>,
+}
+
+/// Each of [`super::reverse::ReverseStats`]' numbers over some runs (the medians of the
+/// runs' p50s, of their p99s, ...).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReverseSummary {
+    /// Runs whose destination logged them (a post-copy phase ran with reverse checkpoints).
+    pub runs: usize,
+    pub epochs: Option<Stat>,
+    pub pause_us_p50: Option<Stat>,
+    pub pause_us_p99: Option<Stat>,
+    pub dirty_pages_mean: Option<Stat>,
+    pub dirty_pages_p99: Option<Stat>,
+    pub ack_us_p50: Option<Stat>,
+    pub ack_us_p99: Option<Stat>,
+}
+
+impl ReverseSummary {
+    fn of(runs: &[&RunResult]) -> Self {
+        let all: Vec<&super::reverse::ReverseStats> = runs.iter().filter_map(|r| r.migrated.reverse.as_ref()).collect();
+        let s = |f: &dyn Fn(&super::reverse::ReverseStats) -> Option<f64>| {
+            stat(&all.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+        };
+        ReverseSummary {
+            runs: all.len(),
+            epochs: s(&|r| Some(r.epochs as f64)),
+            pause_us_p50: s(&|r| r.pause_us_p50),
+            pause_us_p99: s(&|r| r.pause_us_p99),
+            dirty_pages_mean: s(&|r| r.dirty_pages_mean),
+            dirty_pages_p99: s(&|r| r.dirty_pages_p99),
+            ack_us_p50: s(&|r| r.ack_us_p50),
+            ack_us_p99: s(&|r| r.ack_us_p99),
+        }
+    }
 }
 
 /// Rows in the order of `workloads` × `configs`, each over the matching results.
@@ -126,6 +162,7 @@ pub fn summarize(results: &[RunResult], workloads: &[Workload], configs: &[Confi
                 vcpu_blocked_ms: pc(&|p| p.vcpu_blocked_ms),
                 switchover_round: pc(&|p| p.switchover_round.map(f64::from)),
                 chosen,
+                reverse: ReverseSummary::of(&done),
                 guest_broken: done.iter().filter(|r| r.guest_ok == Some(false)).count(),
                 notes,
             });
@@ -181,15 +218,7 @@ const POSTCOPY_COLUMNS: [Optional; 6] = [
         header: "fault µs p99, median [min-max]",
         cell: |r| r.fault_us_p99.map(|s| fmt_stat(Some(s), fmt_count)),
     },
-    Optional {
-        header: "pages pushed / demanded, median",
-        cell: |r| {
-            (r.pages_pushed.is_some() || r.pages_demanded.is_some()).then(|| {
-                let m = |s: Option<Stat>| s.map_or("-".into(), |s| fmt_count(s.median));
-                format!("{} / {}", m(r.pages_pushed), m(r.pages_demanded))
-            })
-        },
-    },
+    Optional { header: "pages pushed / demanded, median", cell: |r| pair(r.pages_pushed, r.pages_demanded, fmt_count) },
     Optional {
         header: "vCPU blocked ms, median [min-max]",
         cell: |r| r.vcpu_blocked_ms.map(|s| fmt_stat(Some(s), fmt_ms)),
@@ -208,12 +237,40 @@ const POSTCOPY_COLUMNS: [Optional; 6] = [
     },
 ];
 
+/// `a / b` of two medians, or None when neither is there.
+pub fn pair(a: Option<Stat>, b: Option<Stat>, f: fn(f64) -> String) -> Option<String> {
+    (a.is_some() || b.is_some()).then(|| {
+        let m = |s: Option<Stat>| s.map_or("-".into(), |s| f(s.median));
+        format!("{} / {}", m(a), m(b))
+    })
+}
+
+/// Reverse checkpoints' columns (issue 15), each only where a row reports it.
+const REVERSE_COLUMNS: [Optional; 4] = [
+    Optional { header: "reverse epochs, median", cell: |r| r.reverse.epochs.map(|s| fmt_count(s.median)) },
+    Optional {
+        header: "reverse pause µs p50 / p99, median",
+        cell: |r| pair(r.reverse.pause_us_p50, r.reverse.pause_us_p99, fmt_count),
+    },
+    Optional {
+        header: "reverse dirty pages per epoch mean / p99, median",
+        cell: |r| pair(r.reverse.dirty_pages_mean, r.reverse.dirty_pages_p99, fmt_count),
+    },
+    Optional {
+        header: "reverse ack µs p50 / p99, median",
+        cell: |r| pair(r.reverse.ack_us_p50, r.reverse.ack_us_p99, fmt_count),
+    },
+];
+
 /// The markdown table of `rows`; the W3 columns only when a W3 row is there, each post-copy
-/// column only when a row has a value for it.
+/// and reverse-checkpoint column only when a row has a value for it.
 pub fn markdown_table(rows: &[Summary]) -> String {
     let kv = rows.iter().any(|r| r.workload.kv());
-    let extra: Vec<&Optional> =
-        POSTCOPY_COLUMNS.iter().filter(|c| rows.iter().any(|r| (c.cell)(r).is_some())).collect();
+    let extra: Vec<&Optional> = POSTCOPY_COLUMNS
+        .iter()
+        .chain(&REVERSE_COLUMNS)
+        .filter(|c| rows.iter().any(|r| (c.cell)(r).is_some()))
+        .collect();
     let mut s = String::new();
     s.push_str(
         "| workload | configuration | converged | total ms, median [min-max] | downtime ms, median [min-max] \
@@ -341,6 +398,7 @@ mod tests {
                 postcopy: PostcopyStats::default(),
                 started_unix_s: None,
                 markers: Vec::new(),
+                reverse: None,
                 detail: Value::Null,
             },
         );
@@ -463,5 +521,132 @@ mod tests {
             t.lines().next().unwrap().ends_with("| sent, median | switch-over round / chosen mode | notes |"),
             "{t}"
         );
+    }
+
+    fn reverse(epochs: u64, pause_p99: f64, dirty_mean: f64) -> super::super::reverse::ReverseStats {
+        super::super::reverse::ReverseStats {
+            epochs,
+            last_acked: epochs + 3,
+            pause_us_p50: Some(pause_p99 / 4.0),
+            pause_us_p99: Some(pause_p99),
+            dirty_pages_mean: Some(dirty_mean),
+            dirty_pages_p99: Some(dirty_mean * 2.0),
+            ack_us_p50: Some(500.0),
+            ack_us_p99: Some(1500.0),
+        }
+    }
+
+    #[test]
+    fn reverse_columns_and_the_cost_beside_the_noreverse_twin() {
+        use super::super::reverse::{cost_rows, cost_table};
+        let ours = |m: &str| Config::Ours(m.into());
+        let run = |w: Workload, c: &str, n: usize, total: f64| {
+            result(w, &ours(c), n, Outcome::Completed, total, 3.0, 100_000_000)
+        };
+        let mut results = Vec::new();
+        // W1 postcopy: 3 runs with (300, 310, 290 ms), 3 without (280, 270, 275): 300/275.
+        for (n, (t, p, d)) in
+            [(300.0, 800.0, 1000.0), (310.0, 1200.0, 1100.0), (290.0, 700.0, 900.0)].into_iter().enumerate()
+        {
+            let mut r = run(Workload::W1, "postcopy", n + 1, t);
+            r.migrated.reverse = Some(reverse(20 + n as u64, p, d));
+            results.push(r);
+        }
+        for (n, t) in [280.0, 270.0, 275.0].into_iter().enumerate() {
+            results.push(run(Workload::W1, "postcopy-noreverse", n + 1, t));
+        }
+        // W2 hybrid: 1 of 2 runs with completed (600 ms; no epochs: its post-copy was too short),
+        // 500 without: 1.2x.
+        let mut h = run(Workload::W2, "hybrid", 1, 600.0);
+        h.migrated.reverse = Some(super::super::reverse::ReverseStats {
+            pause_us_p50: None,
+            pause_us_p99: None,
+            dirty_pages_mean: None,
+            dirty_pages_p99: None,
+            ack_us_p50: None,
+            ack_us_p99: None,
+            ..reverse(0, 0.0, 0.0)
+        });
+        let mut failed = run(Workload::W2, "hybrid", 2, 1.0);
+        failed.migrated.outcome = Outcome::Failed("x".into());
+        failed.migrated.reverse = Some(reverse(99, 99_999.0, 9.0));
+        results.extend([h, failed, run(Workload::W2, "hybrid-noreverse", 1, 500.0)]);
+        // W2 auto has no twin in this bench: no cost row. Precopy never has one.
+        let mut auto = run(Workload::W2, "auto", 1, 480.0);
+        auto.migrated.reverse = Some(reverse(30, 400.0, 1500.0));
+        results.extend([auto, run(Workload::W2, "precopy", 1, 900.0)]);
+        // W3 auto: post-copy (with reverse checkpoints) in 1 of 2 runs; W1 auto in none.
+        let mut auto = run(Workload::W3, "auto", 1, 60.0);
+        auto.migrated.reverse = Some(reverse(5, 900.0, 25.0));
+        results.extend([auto, run(Workload::W3, "auto", 2, 40.0), run(Workload::W3, "auto-noreverse", 1, 45.0)]);
+        results.extend([run(Workload::W1, "auto", 1, 40.0), run(Workload::W1, "auto-noreverse", 1, 45.0)]);
+        let configs: Vec<Config> =
+            ["postcopy", "postcopy-noreverse", "hybrid", "hybrid-noreverse", "auto", "precopy", "auto-noreverse"]
+                .map(ours)
+                .to_vec();
+        let rows = summarize(&results, &[Workload::W1, Workload::W2, Workload::W3], &configs);
+        assert_eq!(rows.len(), 10);
+        let pc = &rows[0].reverse;
+        assert_eq!((pc.runs, pc.epochs), (3, Some(Stat { median: 21.0, min: 20.0, max: 22.0 })));
+        assert_eq!(pc.pause_us_p99, Some(Stat { median: 800.0, min: 700.0, max: 1200.0 }));
+        assert_eq!(
+            (pc.dirty_pages_mean.map(|s| s.median), pc.ack_us_p99.map(|s| s.median)),
+            (Some(1000.0), Some(1500.0))
+        );
+        assert_eq!(rows[1].reverse, ReverseSummary::default(), "no reverse checkpoints without them");
+        let hybrid = &rows[4];
+        assert_eq!(hybrid.config, ours("hybrid"));
+        assert_eq!(hybrid.reverse.epochs.map(|s| s.median), Some(0.0), "the failed run's numbers are left out");
+        assert_eq!((hybrid.reverse.runs, hybrid.reverse.pause_us_p99), (1, None));
+
+        // W1 and W2 (W3 adds the client's columns).
+        let t = markdown_table(&rows[..8]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].ends_with(
+                "| sent, median | reverse epochs, median | reverse pause µs p50 / p99, median \
+                 | reverse dirty pages per epoch mean / p99, median | reverse ack µs p50 / p99, median | notes |"
+            ),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert_eq!(
+            lines[2],
+            "| W1 | understudy postcopy | 3/3 | 300 [290-310] | 3.0 | 4.0 | 302 | 100 MB | 21 | 200 / 800 | 1000 / 2000 | 500 / 1500 |  |"
+        );
+        assert_eq!(
+            lines[3],
+            "| W1 | understudy postcopy-noreverse | 3/3 | 275 [270-280] | 3.0 | 4.0 | 277 | 100 MB |  |  |  |  |  |"
+        );
+        assert_eq!(
+            lines[6],
+            "| W2 | understudy hybrid | 1/2 | 600 | 3.0 | 4.0 | 602 | 100 MB | 0 |  |  |  | 1 failed |"
+        );
+
+        let cost = cost_rows(&rows);
+        assert_eq!(cost.len(), 4, "{cost:?}");
+        assert_eq!((cost[0].workload, cost[0].config.clone()), (Workload::W1, ours("postcopy")));
+        assert!((cost[0].ratio().unwrap() - 300.0 / 275.0).abs() < 1e-9);
+        assert_eq!((cost[2].runs_with, cost[2].runs_without, cost[2].ratio()), ((1, 2), (1, 1), Some(1.2)));
+        let t = cost_table(&cost);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 6, "{t}");
+        assert!(lines[0].starts_with("| workload | mode | total ms with reverse checkpoints / without, median |"));
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert_eq!(lines[2], "| W1 | postcopy | 300 / 275 | 1.09x: met | 21 | 800 [700-1200]: met | 1000 / 2000 |");
+        assert_eq!(
+            lines[3],
+            "| W1 | auto | 40 / 45 | 0.89x: no post-copy with reverse checkpoints ran | - | - (no reverse epochs) | - |"
+        );
+        assert_eq!(
+            lines[4],
+            "| W2 | hybrid | 600 (1/2 completed) / 500 | 1.20x: **not met** | 0 | - (no reverse epochs) | - |"
+        );
+        assert_eq!(lines[5], "| W3 | auto | 50 / 45 | 1.11x: **not met** | 5 (in 1 of 2 runs) | 900: met | 25 / 50 |");
+        assert_eq!(cost[2].to_json()["ratio"], 1.2);
+        assert_eq!((cost[1].reverse_runs, cost[3].reverse_runs), (0, 1));
+        assert_eq!(cost[0].to_json()["pause_us_p99"]["max"], 1200.0);
+        assert!(cost_table(&[]).is_empty());
     }
 }
