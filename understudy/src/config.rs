@@ -257,6 +257,7 @@ fn clap_message(e: &clap::Error) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use std::collections::BTreeSet;
 
     fn sub(name: &str) -> clap::Command {
         crate::Cli::command().find_subcommand(name).unwrap().clone()
@@ -314,5 +315,166 @@ mod tests {
         assert_eq!(config_path(&args(&["--config=b.toml"])), Some("b.toml".into()));
         assert_eq!(config_path(&args(&["--", "--config", "a.toml"])), None);
         assert_eq!(config_path(&args(&["--memory", "1G"])), None);
+    }
+
+    /// `text` with every left-out setting (`# key = value`) put in.
+    fn uncommented(text: &str) -> String {
+        let setting =
+            |l: &str| l.split_once(" = ").is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+        let lines = text.lines().map(|l| l.strip_prefix("# ").filter(|r| setting(r)).unwrap_or(l));
+        lines.collect::<Vec<_>>().join("\n")
+    }
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    /// The raw values of every argument of `command` in `argv`'s matches (clap must accept it).
+    fn raw(command: &str, argv: Vec<OsString>) -> Vec<(String, Option<Vec<OsString>>)> {
+        let m = crate::Cli::command().try_get_matches_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let m = m.subcommand_matches(command).unwrap();
+        let ids = settable(&sub(command)).iter().map(|a| a.get_id().to_string()).collect::<Vec<_>>();
+        ids.into_iter()
+            .map(|id| {
+                let v = m.get_raw(&id).map(|v| v.map(OsString::from).collect());
+                (id, v)
+            })
+            .collect()
+    }
+
+    /// The example `file` as it is is accepted; with its left-out settings put in, it stands
+    /// for exactly `flags` and has a key for every flag of `command`.
+    fn check_example(file: &str, command: &str, flags: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let p = path.to_str().unwrap();
+        let as_is = apply(&crate::Cli::command(), os(&["understudy", command, "--config", p])).unwrap();
+        raw(command, as_is);
+
+        let dir = tempfile::tempdir().unwrap();
+        let full = dir.path().join(file);
+        std::fs::write(&full, uncommented(&text)).unwrap();
+        let keys: BTreeSet<String> = load(&full, &sub(command)).unwrap().into_iter().map(|(k, _)| k).collect();
+        let all: BTreeSet<String> =
+            settable(&sub(command)).iter().filter_map(|a| a.get_long()).map(String::from).collect();
+        assert_eq!(keys, all, "{file}: not every flag of `understudy {command}` has its key");
+        let argv = os(&["understudy", command, "--config", full.to_str().unwrap()]);
+        let from_file = apply(&crate::Cli::command(), argv).unwrap();
+        // The flags, one per line (values here have no spaces but the command line's).
+        let mut from_flags = os(&["understudy", command]);
+        for line in flags.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (flag, value) = line.split_once(' ').unwrap_or((line, ""));
+            from_flags.push(flag.into());
+            if !value.is_empty() {
+                from_flags.push(value.into());
+            }
+        }
+        assert_eq!(raw(command, from_file), raw(command, from_flags), "{file}");
+    }
+
+    #[test]
+    fn examples_stand_for_their_flags() {
+        check_example(
+            "primary.toml",
+            "run",
+            "--kernel /var/lib/understudy/guest.elf
+            --cmdline workload=kv ip=10.0.0.2/24
+            --memory 256M
+            --vcpus 1
+            --serial /var/log/understudy-web1.console
+            --api /run/understudy-web1.sock
+            --vm web1
+            --tap tap0
+            --mac 02:55:44:00:00:01
+            --metrics 127.0.0.1:9400
+            --arbiter-id 1
+            --arbiter-listen 192.0.2.1:7501
+            --arbiter-peer 2=backup@192.0.2.2:7502
+            --arbiter-peer 3=witness@192.0.2.3:7503
+            --arbiter-certs /etc/understudy/certs
+            --arbiter-name primary
+            --arbiter-data /var/lib/understudy/raft1
+            --lease-ms 30
+            --lease-renew-ms 10",
+        );
+        check_example(
+            "backup.toml",
+            "backup",
+            "--listen 192.0.2.2:7400
+            --certs /etc/understudy/certs
+            --name backup
+            --primary-name primary
+            --vm web1
+            --memory 256M
+            --api /run/understudy-web1.sock
+            --tap tap0
+            --serial /var/log/understudy-web1.console
+            --arbiter-id 2
+            --arbiter-listen 192.0.2.2:7502
+            --arbiter-peer 1=primary@192.0.2.1:7501
+            --arbiter-peer 3=witness@192.0.2.3:7503
+            --arbiter-data /var/lib/understudy/raft2
+            --arbiter-certs /etc/understudy/certs
+            --arbiter-name backup
+            --lease-ms 30
+            --lease-renew-ms 10
+            --heartbeat-ms 20
+            --detect-ms 1000
+            --suspect-ms 500
+            --metrics 127.0.0.1:9401",
+        );
+        check_example(
+            "destination.toml",
+            "receive",
+            "--listen 192.0.2.4:7600
+            --certs /etc/understudy/certs
+            --memory 256M
+            --name dest
+            --source-name src
+            --vm web1
+            --api /run/understudy-web1.sock
+            --serial /var/log/understudy-web1.console
+            --tap tap0",
+        );
+        check_example(
+            "witness.toml",
+            "witness",
+            "--id 3
+            --data /var/lib/understudy/raft3
+            --listen 192.0.2.3:7503
+            --peer 1=primary@192.0.2.1:7501
+            --peer 2=backup@192.0.2.2:7502
+            --certs /etc/understudy/certs
+            --name witness",
+        );
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        let text = "id = 3\ndata = \"/d\"\nlisten = \"127.0.0.1:7503\"\nname = \"w1\"\n\
+                    peer = [\"1=a@127.0.0.1:1\", \"2=b@127.0.0.1:2\"]\n";
+        std::fs::write(&path, text).unwrap();
+        let p = path.to_str().unwrap();
+        let cli = "--config P --name=w2 --peer 1=c@127.0.0.1:3 --peer 2=d@127.0.0.1:4";
+        let mut argv = os(&["understudy", "witness"]);
+        argv.extend(cli.split(' ').map(|a| OsString::from(if a == "P" { p } else { a })));
+        let got = raw("witness", apply(&crate::Cli::command(), argv).unwrap());
+        let want =
+            "witness --id 3 --data /d --listen 127.0.0.1:7503 --name w2 --peer 1=c@127.0.0.1:3 --peer 2=d@127.0.0.1:4";
+        let mut want_argv = os(&["understudy"]);
+        want_argv.extend(want.split(' ').map(OsString::from));
+        assert_eq!(got, raw("witness", want_argv));
+        // A switch set in the file, a size and required flags given only there.
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:7600\"\ncerts = \"/c\"\nmemory = \"64M\"\nverify = true\n")
+            .unwrap();
+        let argv = os(&["understudy", "receive", "--memory", "128M", "--config", path.to_str().unwrap()]);
+        let got = raw("receive", apply(&crate::Cli::command(), argv).unwrap());
+        let want = "receive --listen 127.0.0.1:7600 --certs /c --memory 128M --verify";
+        let mut want_argv = os(&["understudy"]);
+        want_argv.extend(want.split(' ').map(OsString::from));
+        assert_eq!(got, raw("receive", want_argv));
     }
 }
