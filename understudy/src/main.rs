@@ -1,13 +1,14 @@
 //! `understudy`: hot-standby replication for KVM virtual machines. This binary is thin: it
 //! parses, wires and reports; the logic lives in the library crates.
 
+mod config;
 mod migrate;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use node::api::{self, AfterSnapshot, Request};
 use node::arbitration::AgentArgs;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Boot a VM from a kernel and run it until it stops or is told to.
     Run {
+        #[arg(long, value_name = "FILE", help = config::HELP)]
+        config: Option<PathBuf>,
         /// ELF kernel with a PVH entry (e.g. target/guest/understudy-guest).
         #[arg(long)]
         kernel: PathBuf,
@@ -128,6 +131,8 @@ enum Command {
     },
     /// Run a backup: receive a protected VM's checkpoints into a replica.
     Backup {
+        #[arg(long, value_name = "FILE", help = config::HELP)]
+        config: Option<PathBuf>,
         /// Address to listen on (UDP, QUIC).
         #[arg(long)]
         listen: std::net::SocketAddr,
@@ -193,6 +198,8 @@ enum Command {
     },
     /// Run a witness: the third voter of the arbitration group, on a third host.
     Witness {
+        #[arg(long, value_name = "FILE", help = config::HELP)]
+        config: Option<PathBuf>,
         /// This witness's node id (by convention 3).
         #[arg(long, default_value_t = 3)]
         id: u64,
@@ -229,6 +236,8 @@ enum Command {
     /// Wait for one migration of a VM (`understudy migrate` on the source), then run it: this
     /// process is then the VM's process (same admin API).
     Receive {
+        #[arg(long, value_name = "FILE", help = config::HELP)]
+        config: Option<PathBuf>,
         /// Address to listen on (UDP, QUIC).
         #[arg(long)]
         listen: std::net::SocketAddr,
@@ -378,7 +387,12 @@ fn run_node(node: &std::sync::Arc<Node>, api: Option<&std::path::Path>) -> Resul
 
 fn main() {
     block_termination_signals();
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv = config::apply(&Cli::command(), argv).unwrap_or_else(|e| {
+        eprintln!("understudy: error: {e}");
+        std::process::exit(2);
+    });
+    let cli = Cli::parse_from(argv);
     init_logging();
     if let Err(e) = real_main(cli) {
         eprintln!("understudy: error: {e:#}");
@@ -389,7 +403,21 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     match cli.command {
-        Command::Run { kernel, cmdline, memory, vcpus, serial, api, tap, mac, vm, metrics, metrics_public, agent } => {
+        Command::Run {
+            config: _,
+            kernel,
+            cmdline,
+            memory,
+            vcpus,
+            serial,
+            api,
+            tap,
+            mac,
+            vm,
+            metrics,
+            metrics_public,
+            agent,
+        } => {
             if let Some(addr) = metrics {
                 node::metrics::check_addr(addr, metrics_public)?;
             }
@@ -486,6 +514,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Unprotect { api } => call_and_print(&api, &Request::Unprotect, Duration::from_secs(30)),
         Command::Promote { api, force } => call_and_print(&api, &Request::Promote { force }, Duration::from_secs(60)),
         Command::Backup {
+            config: _,
             listen,
             certs,
             name,
@@ -532,7 +561,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             run_node(&node, api.as_deref())
         }
-        Command::Witness { id, data, listen, peers, certs, name } => {
+        Command::Witness { config: _, id, data, listen, peers, certs, name } => {
             if peers.len() != 2 {
                 bail!("a witness needs the two agents as --peer ID=NAME@HOST:PORT");
             }
@@ -552,7 +581,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let cfg = failover::net::WitnessQuicConfig::new(id, data, listen, identity, peers);
             rt.block_on(failover::net::run_witness_quic(cfg)).context("witness")
         }
-        Command::Receive { listen, certs, memory, name, source_name, vm, api, serial, tap, verify } => {
+        Command::Receive { config: _, listen, certs, memory, name, source_name, vm, api, serial, tap, verify } => {
             let (cfg, ranges) =
                 node::migrate::destination_config(listen, &certs, &name, &source_name, &vm, memory, verify)?;
             let node = Node::destination(cfg, &ranges, tap, serial, memory)?;
