@@ -610,15 +610,28 @@ impl Engine {
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         vm.pause().map_err(|source| EngineError::Vm { seq, source })?;
+        let t_paused = t0.elapsed();
         failover::failpoint::hit("primary.paused");
         let result = (|| {
             let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+            let t_harvest = t0.elapsed();
             failover::failpoint::hit("primary.harvest");
             let pfns: Vec<u64> = dirty.pages().collect();
             let mut data = self.link.buffer(pfns.len() * PAGE_SIZE);
             copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
                 .map_err(|source| EngineError::Memory { seq, source })?;
+            let t_copy = t0.elapsed();
             let state = vm.save_state().map_err(|source| EngineError::Vm { seq, source })?;
+            // Where a pause goes (debug: `UNDERSTUDY_LOG=primary::engine=debug`).
+            tracing::debug!(
+                seq,
+                pages = pfns.len(),
+                stop_us = t_paused.as_micros() as u64,
+                harvest_us = (t_harvest - t_paused).as_micros() as u64,
+                copy_us = (t_copy - t_harvest).as_micros() as u64,
+                state_us = (t0.elapsed() - t_copy).as_micros() as u64,
+                "pause parts"
+            );
             let digest =
                 if verify { Some(vm.memory_digest().map_err(|source| EngineError::Vm { seq, source })?) } else { None };
             if let Some(o) = &self.output {
