@@ -177,7 +177,7 @@ struct Shared {
     /// Taken (dropped) by `finish`, so a channel it sends into disconnects.
     fetch: Mutex<Option<Fetch>>,
     /// Remote faults waiting for their page: when the fault thread read each.
-    pending: Mutex<HashMap<u64, Vec<Instant>>>,
+    pending: Mutex<HashMap<u64, Vec<(u32, Instant)>>>,
     /// Fault-to-placed latencies, µs.
     samples: Mutex<Vec<f64>>,
     faults: AtomicU64,
@@ -618,7 +618,7 @@ impl Shared {
             }
             for p in pfn..pfn + n {
                 if let Some(ts) = pending.remove(&p) {
-                    waited.extend(ts.iter().map(|t| now.duration_since(*t).as_secs_f64() * 1e6));
+                    waited.extend(ts.iter().map(|(_, t)| now.duration_since(*t).as_secs_f64() * 1e6));
                 }
             }
         }
@@ -627,8 +627,8 @@ impl Shared {
         }
     }
 
-    /// Handles one fault at host address `hva`, read at `now`.
-    fn on_fault(&self, hva: u64, now: Instant) -> Result<(), UffdError> {
+    /// Handles one fault at host address `hva` by thread `thread` (0: unknown), read at `now`.
+    fn on_fault(&self, hva: u64, thread: u32, now: Instant) -> Result<(), UffdError> {
         let page = hva & !(PS - 1);
         let Some(span) = self.span_of_hva(page) else {
             tracing::warn!(hva, "post-copy: fault outside guest memory; waking it");
@@ -637,24 +637,36 @@ impl Shared {
         let pfn = span.first + (page - span.host) / PS;
         let i = span.index(pfn);
         if self.held.get(i) {
-            // Held and faulting: never written, so zero. Map the zero page locally.
+            // Held and faulting: never written, so zero. Map the zero page locally (counted
+            // first: the fill wakes the faulting thread, which may read the counters at once).
+            self.local_zero_faults.fetch_add(1, Ordering::Relaxed);
             loop {
                 match self.uffd.zeropage(page, PS)? {
-                    Fill::Done | Fill::Partial(_) => {
-                        self.local_zero_faults.fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
-                    }
+                    Fill::Done | Fill::Partial(_) => return Ok(()),
                     Fill::Exists => return self.uffd.wake(page, PS),
                     Fill::Again => std::thread::yield_now(),
                 }
             }
         }
         // Record the wait before checking `placed`: a place that set the bit after our check
-        // removes this entry (both under the lock), one that set it before is seen below.
-        self.pending.lock().expect("pending lock").entry(pfn).or_default().push(now);
+        // removes this entry (both under the lock), one that set it before is seen below. A
+        // thread that faults again on the page it already waits for (a signal interrupted its
+        // wait: a pause kicking a vCPU) is the same wait, not a second one.
+        let again = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let waits = pending.entry(pfn).or_default();
+            let again = thread != 0 && waits.iter().any(|&(t, _)| t == thread);
+            if !again {
+                waits.push((thread, now));
+            }
+            again
+        };
         if self.placed.get(i) {
             self.pending.lock().expect("pending lock").remove(&pfn);
             return self.uffd.wake(page, PS);
+        }
+        if again {
+            return Ok(());
         }
         self.faults.fetch_add(1, Ordering::Relaxed);
         let mut pfns = Vec::new();
@@ -691,8 +703,8 @@ fn fault_loop(s: &Shared) {
                 addrs.clear();
                 let n = s.uffd.read_faults(&mut addrs)?;
                 let now = Instant::now();
-                for &a in &addrs {
-                    s.on_fault(a, now)?;
+                for f in &addrs {
+                    s.on_fault(f.address, f.thread, now)?;
                 }
                 if n < 64 {
                     return Ok(());

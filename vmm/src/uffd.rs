@@ -124,7 +124,20 @@ struct UffdMsg {
     _reserved: [u8; 7],
     _flags: u64,
     address: u64,
-    _feat: u64,
+    /// With `UFFD_FEATURE_THREAD_ID`: the faulting thread's id in the low 32 bits.
+    feat: u64,
+}
+
+/// `UFFD_FEATURE_THREAD_ID`: page-fault messages carry the faulting thread's id.
+const FEATURE_THREAD_ID: u64 = 1 << 8;
+
+/// One page fault: the host address and the faulting thread (0 where the kernel does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting host address.
+    pub address: u64,
+    /// The faulting thread's id, or 0.
+    pub thread: u32,
 }
 
 /// The outcome of a fill (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`).
@@ -148,8 +161,16 @@ pub struct Uffd {
 
 impl Uffd {
     /// Opens a userfaultfd that handles kernel faults too (KVM's accesses to guest memory), with
-    /// the API handshake done (no optional features).
+    /// the API handshake done, asking for the faulting thread's id in each message (a kernel
+    /// without it gives a descriptor without it: [`Fault::thread`] is then 0).
     pub fn open() -> Result<Self, UffdError> {
+        match Self::open_with(FEATURE_THREAD_ID) {
+            Err(UffdError::Call { op: "UFFDIO_API", .. }) => Self::open_with(0),
+            r => r,
+        }
+    }
+
+    fn open_with(features: u64) -> Result<Self, UffdError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the userfaultfd syscall takes one int of flags and returns a new descriptor
         // or -1; it touches no memory of ours.
@@ -166,7 +187,7 @@ impl Uffd {
         };
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let uffd = Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } };
-        let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
+        let mut api = UffdioApi { api: UFFD_API, features, ..Default::default() };
         // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api` is (repr(C),
         // same layout), valid for the whole call.
         if unsafe { libc::ioctl(uffd.fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
@@ -278,10 +299,10 @@ impl Uffd {
         Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
-    /// Reads the pending page-fault messages (up to `out`'s spare capacity, at most 64),
-    /// appending the faulting host addresses to `out`; returns how many were read (0: none
-    /// pending). Other events (none are enabled) are skipped.
-    pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<usize, UffdError> {
+    /// Reads the pending page-fault messages (at most 64), appending the faults to `out`;
+    /// returns how many messages were read (0: none pending). Other events (none are enabled)
+    /// are skipped.
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> Result<usize, UffdError> {
         let mut msgs = [UffdMsg::default(); 64];
         // SAFETY: read writes at most `size_of_val(&msgs)` bytes into `msgs`, an array of plain
         // integers for which any byte pattern is valid.
@@ -294,7 +315,12 @@ impl Uffd {
             };
         }
         let count = n as usize / std::mem::size_of::<UffdMsg>();
-        out.extend(msgs[..count].iter().filter(|m| m.event == EVENT_PAGEFAULT).map(|m| m.address));
+        out.extend(
+            msgs[..count]
+                .iter()
+                .filter(|m| m.event == EVENT_PAGEFAULT)
+                .map(|m| Fault { address: m.address, thread: m.feat as u32 }),
+        );
         Ok(count)
     }
 }
