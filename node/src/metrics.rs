@@ -1,6 +1,11 @@
-//! Prometheus metrics on an optional `--metrics <addr>`: every number of `understudy status`
-//! as a gauge (`understudy_<path>`), the states as labelled gauges, and the node's role with a
-//! counter of its transitions ([`render_role`]). Read-only, but it tells
+//! Prometheus metrics on an optional `--metrics <addr>`: the numbers of `understudy status` by
+//! the Prometheus naming conventions ([`render`]: base units in the names, `_total` counters,
+//! histograms of the checkpoint pause and ack latency, states as state sets), and the node's
+//! role with a counter of its transitions ([`render_role`]). docs/operations.md lists them.
+//!
+//! The text format and the HTTP server are written here by hand: the format is a few lines
+//! per family, and the server is a blocking loop with the bounds below (no async runtime
+//! on this thread, no HTTP library to keep within them). Read-only, but it tells
 //! about the VM: it binds only a loopback address unless `--metrics-public` says otherwise.
 //!
 //! No client can hold it: each connection is served on its own thread, at most
@@ -14,6 +19,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::status::Status;
 
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -70,43 +77,256 @@ pub fn check_addr(addr: SocketAddr, public: bool) -> Result<(), MetricsError> {
     Ok(())
 }
 
-/// Renders a status JSON document in the Prometheus text format.
-pub fn render(status: &serde_json::Value) -> String {
-    let mut out = String::new();
-    flatten("understudy", status, &mut out);
-    out
+/// Phases a migration source goes through (`understudy_migration_phase`).
+pub const SOURCE_PHASES: [&str; 9] =
+    ["connecting", "round-0", "rounds", "stop-and-copy", "handover", "postcopy", "completed", "failed", "recovered"];
+/// Phases a migration destination goes through (`understudy_migration_destination_phase`).
+pub const DESTINATION_PHASES: [&str; 6] = ["waiting", "receiving", "switch-over", "resuming", "running", "failed"];
+/// Protection states (`understudy_protection_state`).
+pub const PROTECTION_STATES: [&str; 6] = ["unprotected", "syncing", "protected", "degraded", "stopping", "failed"];
+/// Backup states (`understudy_backup_state`).
+pub const BACKUP_STATES: [&str; 4] = ["waiting", "syncing", "consistent", "promoted"];
+
+/// Writes the Prometheus text format: each family once, with `# HELP` and `# TYPE`.
+#[derive(Default)]
+struct Writer {
+    out: String,
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect()
+impl Writer {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        self.out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    }
+
+    fn line(&mut self, name: &str, labels: &str, v: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push_str(&format!("{{{labels}}}"));
+        }
+        self.out.push_str(&format!(" {}\n", fmt_value(v)));
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: f64) {
+        self.head(name, "gauge", help);
+        self.line(name, "", v);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.head(name, "counter", help);
+        self.line(name, "", v as f64);
+    }
+
+    /// A state set: one sample per known state (and `now` if it is not one of them), 1 for
+    /// `now` and 0 for the others.
+    fn state_set(&mut self, name: &str, label: &str, help: &str, known: &[&str], now: &str) {
+        self.head(name, "gauge", help);
+        let extra = (!known.contains(&now)).then_some(now);
+        for s in known.iter().copied().chain(extra) {
+            self.line(name, &format!("{label}=\"{}\"", escape(s)), f64::from(u8::from(s == now)));
+        }
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &primary::stats::Histogram) {
+        self.head(name, "histogram", help);
+        for (le, n) in h.cumulative() {
+            let le = if le.is_infinite() { "+Inf".to_string() } else { fmt_value(le) };
+            self.line(&format!("{name}_bucket"), &format!("le=\"{le}\""), n as f64);
+        }
+        self.line(&format!("{name}_sum"), "", h.sum);
+        self.line(&format!("{name}_count"), "", h.count as f64);
+    }
 }
 
-fn flatten(prefix: &str, v: &serde_json::Value, out: &mut String) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                flatten(&format!("{prefix}_{}", sanitize(k)), v, out);
+fn fmt_value(v: f64) -> String {
+    if v.is_infinite() {
+        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+    } else if v.is_nan() {
+        "NaN".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders a status in the Prometheus text format, by the naming conventions: base units in
+/// the names (`_seconds`, `_bytes`), counters ending in `_total`, states as state sets
+/// (`understudy_protection_state{state="protected"} 1`, the other states 0).
+pub fn render(status: &Status) -> String {
+    let mut w = Writer::default();
+    match status {
+        Status::Vm(vm) => {
+            w.gauge("understudy_uptime_seconds", "Seconds since the process started.", vm.uptime_s);
+            w.gauge("understudy_memory_bytes", "Guest memory size in bytes.", vm.memory_bytes as f64);
+            let state = serde_json::to_value(vm.state).ok();
+            let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+            w.state_set("understudy_vm_state", "state", "The VM's state.", &["running", "paused", "stopped"], state);
+            render_protection(&mut w, vm.protection.as_ref());
+            if let Some(m) = &vm.migration {
+                render_migration_source(&mut w, m);
             }
+            render_arbitration(&mut w, vm.arbitration.as_ref());
         }
-        serde_json::Value::Number(n) => {
-            if let Some(f) = n.as_f64() {
-                out.push_str(&format!("# TYPE {prefix} gauge\n{prefix} {f}\n"));
+        Status::Backup(b) => {
+            w.gauge("understudy_uptime_seconds", "Seconds since the process started.", b.uptime_s);
+            w.gauge("understudy_memory_bytes", "Guest memory size in bytes.", b.memory_bytes as f64);
+            if let Some(s) = &b.backup {
+                render_backup(&mut w, s);
             }
+            if let Some(m) = &b.migration {
+                render_migration_destination(&mut w, m);
+            }
+            render_arbitration(&mut w, b.arbitration.as_ref());
         }
-        serde_json::Value::Bool(b) => out.push_str(&format!("# TYPE {prefix} gauge\n{prefix} {}\n", u8::from(*b))),
-        serde_json::Value::String(s)
-            if prefix.ends_with("_state") || prefix.ends_with("_kind") || prefix.ends_with("_role") =>
-        {
-            out.push_str(&format!("# TYPE {prefix} gauge\n{prefix}{{value=\"{}\"}} 1\n", s.replace('"', "'")));
-        }
-        _ => {}
+    }
+    w.out
+}
+
+fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
+    let state = p.map_or("unprotected".to_string(), |p| p.state.to_string());
+    w.state_set("understudy_protection_state", "state", "The VM's protection state.", &PROTECTION_STATES, &state);
+    let Some(p) = p else { return };
+    w.gauge("understudy_protection_state_seconds", "Seconds in the current protection state.", p.state_for_s);
+    w.counter("understudy_epochs_total", "Epochs checkpointed since protection started.", p.epochs);
+    w.histogram(
+        "understudy_checkpoint_pause_seconds",
+        "Time the guest was paused per checkpoint, seconds.",
+        &p.pause_seconds,
+    );
+    w.histogram(
+        "understudy_ack_latency_seconds",
+        "Time from submitting a checkpoint to the backup's acknowledgement, seconds.",
+        &p.ack_latency_seconds,
+    );
+    w.gauge(
+        "understudy_replica_lag_epochs",
+        "Epochs shipped to the backup but not yet committed there.",
+        p.replica_lag_epochs as f64,
+    );
+    w.gauge("understudy_acked_epoch", "Last epoch the backup committed (harvest sequence).", p.last_acked_epoch as f64);
+    w.gauge(
+        "understudy_output_held_bytes",
+        "Guest output bytes held until the backup acknowledges their epoch.",
+        p.held_output_bytes as f64,
+    );
+    w.gauge("understudy_output_held_frames", "Guest output frames held.", p.held_output_frames as f64);
+    w.gauge(
+        "understudy_output_held_cap_bytes",
+        "Cap on held output bytes; frames beyond it are dropped.",
+        primary::output::DEFAULT_HOLD_CAP as f64,
+    );
+    w.counter("understudy_bytes_sent_total", "Encoded checkpoint bytes sent to the backup.", p.bytes_sent);
+    w.counter(
+        "understudy_raw_bytes_sent_total",
+        "Raw harvested bytes handed to the sender, before encoding.",
+        p.raw_bytes_sent,
+    );
+}
+
+fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
+    w.state_set("understudy_backup_state", "state", "The backup's state.", &BACKUP_STATES, &s.state);
+    w.gauge("understudy_backup_connected", "1 while a primary is connected.", f64::from(u8::from(s.connected)));
+    if let Some(e) = s.committed_epoch {
+        w.gauge("understudy_backup_committed_epoch", "Last epoch committed to the replica.", e as f64);
+    }
+    if let Some(e) = s.consistent_epoch {
+        w.gauge("understudy_backup_consistent_epoch", "Last consistent (promotable) epoch.", e as f64);
+    }
+    if let Some(t) = s.since_last_commit_s {
+        w.gauge("understudy_backup_last_commit_age_seconds", "Seconds since the last commit.", t);
+    }
+    w.counter("understudy_backup_commits_total", "Checkpoints committed.", s.commits);
+    w.counter("understudy_backup_rejected_total", "Checkpoints refused (replica unchanged).", s.rejected);
+    w.counter(
+        "understudy_backup_failed_sessions_total",
+        "Sessions that ended on an internal failure.",
+        s.failed_sessions,
+    );
+    w.counter("understudy_backup_pages_written_total", "Pages written into the replica.", s.pages);
+}
+
+fn render_migration_source(w: &mut Writer, m: &primary::migrate::MigrationStatus) {
+    w.state_set("understudy_migration_phase", "phase", "The migration's phase (source).", &SOURCE_PHASES, &m.phase);
+    w.gauge("understudy_migration_round", "Pre-copy round being sent (0 is the full copy).", f64::from(m.round));
+    let left = m.postcopy_pages_left.unwrap_or(m.round_pages_left);
+    w.gauge(
+        "understudy_migration_pages_left",
+        "Pages still to send: of the current round, or in post-copy those the destination lacks.",
+        left as f64,
+    );
+    w.counter("understudy_migration_pages_sent_total", "Pages sent so far (all rounds).", m.pages_sent);
+    w.counter("understudy_migration_bytes_sent_total", "Bytes put on the migration link.", m.bytes_sent);
+    w.gauge("understudy_migration_elapsed_seconds", "Seconds since the migration started.", m.elapsed_ms / 1e3);
+    if let Some(d) = m.predicted_downtime_ms {
+        w.gauge(
+            "understudy_migration_predicted_downtime_seconds",
+            "Predicted downtime of a stop-and-copy now.",
+            d / 1e3,
+        );
+    }
+    w.counter(
+        "understudy_migration_postcopy_reconnects_total",
+        "Post-copy link breaks that were reconnected.",
+        u64::from(m.postcopy_reconnects),
+    );
+    if let Some(n) = m.reverse_commits {
+        w.counter("understudy_migration_reverse_commits_total", "Reverse checkpoints committed here.", n);
+    }
+    if let Some(up) = m.reverse_up {
+        w.gauge(
+            "understudy_migration_reverse_up",
+            "1 while the reverse checkpoint session is up.",
+            f64::from(u8::from(up)),
+        );
+    }
+}
+
+fn render_migration_destination(w: &mut Writer, m: &backup::receive::ReceiveStatus) {
+    w.state_set(
+        "understudy_migration_destination_phase",
+        "phase",
+        "The migration's phase (destination).",
+        &DESTINATION_PHASES,
+        &m.phase,
+    );
+    w.counter("understudy_migration_epochs_received_total", "Epochs committed here.", m.epochs);
+    w.counter("understudy_migration_pages_received_total", "Pages written here.", m.pages);
+    w.counter("understudy_migration_refused_peers_total", "Peers refused before a session.", m.refused_peers);
+    w.counter(
+        "understudy_migration_postcopy_faults_total",
+        "Faults that needed a page from the source.",
+        m.postcopy_faults,
+    );
+    if let Some(n) = m.postcopy_missing {
+        w.gauge("understudy_migration_postcopy_missing_pages", "Post-copy: pages not here yet.", n as f64);
+    }
+}
+
+fn render_arbitration(w: &mut Writer, a: Option<&crate::status::ArbitrationStatus>) {
+    if let Some(a) = a {
+        let state = match a.state {
+            crate::status::ArbitrationState::Running => "running",
+            crate::status::ArbitrationState::Failed => "failed",
+        };
+        w.state_set(
+            "understudy_arbitration_state",
+            "state",
+            "The arbitration agent's state.",
+            &["running", "failed"],
+            state,
+        );
     }
 }
 
 /// The node's role as a labelled gauge (`understudy_node_role{value="protected"} 1`) and how
 /// often each transition happened (`understudy_node_role_transitions_total{from=..,to=..}`).
 pub fn render_role(role: &str, transitions: &[(&str, &str, u64)]) -> String {
-    let mut out = format!("# TYPE understudy_node_role gauge\nunderstudy_node_role{{value=\"{role}\"}} 1\n");
+    let mut out = format!(
+        "# HELP understudy_node_role The node's role.\n# TYPE understudy_node_role gauge\nunderstudy_node_role{{value=\"{role}\"}} 1\n"
+    );
+    out.push_str("# HELP understudy_node_role_transitions_total Role changes, by from and to.\n");
     out.push_str("# TYPE understudy_node_role_transitions_total counter\n");
     for (from, to, n) in transitions {
         out.push_str(&format!("understudy_node_role_transitions_total{{from=\"{from}\",to=\"{to}\"}} {n}\n"));
@@ -272,12 +492,63 @@ fn serve_one(mut conn: TcpStream, limits: Limits, body: &dyn Fn() -> String) {
     let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
+/// Reads a scrape back (for tests and tools that check an endpoint).
+pub mod read {
+    /// The families of a scrape, `(name, type)`, checked by the conventions: each family has
+    /// `# HELP` right before its `# TYPE` and appears once, each sample belongs to the family
+    /// above it (a histogram's `_bucket`, `_sum`, `_count`), counters and only they end in
+    /// `_total`, and no name carries a unit other than the base one (`_us`, `_ms`). The error
+    /// names the first rule broken.
+    pub fn families(text: &str) -> Result<Vec<(String, String)>, String> {
+        let mut fams: Vec<(String, String)> = Vec::new();
+        let mut helped = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped = rest.split(' ').next().map(str::to_string);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').ok_or_else(|| format!("bad line {line:?}"))?;
+                if helped.as_deref() != Some(name) {
+                    return Err(format!("no # HELP right before # TYPE {name}"));
+                }
+                if fams.iter().any(|(n, _)| n == name) {
+                    return Err(format!("family {name} appears twice"));
+                }
+                if (kind == "counter") != name.ends_with("_total") {
+                    return Err(format!("{name} is a {kind}: counters and only they end in _total"));
+                }
+                if name.contains("_us") || name.contains("_ms") {
+                    return Err(format!("{name} is not in a base unit"));
+                }
+                fams.push((name.into(), kind.into()));
+            } else if !line.is_empty() {
+                let sample = line.split(['{', ' ']).next().unwrap_or_default();
+                let (fam, kind) = fams.last().ok_or_else(|| format!("sample {sample} before any # TYPE"))?;
+                let ok = sample == fam
+                    || (kind == "histogram"
+                        && [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")]
+                            .iter()
+                            .any(|s| s == sample));
+                if !ok {
+                    return Err(format!("sample {sample} under family {fam}"));
+                }
+            }
+        }
+        Ok(fams)
+    }
+
+    /// The value of the sample written exactly as `series` (name and labels), if there is one.
+    pub fn sample(text: &str, series: &str) -> Option<f64> {
+        let line = text.lines().find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' ')))?;
+        line.rsplit(' ').next()?.parse().ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn server(limits: Limits) -> SocketAddr {
-        let body = Arc::new(|| render(&serde_json::json!({"state": "running", "epochs": 7})));
+        let body = Arc::new(|| "# TYPE understudy_epochs_total counter\nunderstudy_epochs_total 7\n".to_string());
         serve("127.0.0.1:0".parse().unwrap(), false, limits, body).unwrap()
     }
 
@@ -295,7 +566,7 @@ mod tests {
         let t0 = Instant::now();
         let r = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", within)
             .unwrap_or_else(|e| panic!("scrape failed after {:?}: {e}", t0.elapsed()));
-        assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("understudy_epochs 7"), "{r}");
+        assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("understudy_epochs_total 7"), "{r}");
         r
     }
 
@@ -411,14 +682,160 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
 
+    fn protected_vm(epochs: u64, pauses_s: &[f64], bytes_sent: u64) -> Status {
+        let mut pause_seconds = primary::stats::Histogram::default();
+        for p in pauses_s {
+            pause_seconds.observe(*p);
+        }
+        let mut ack_latency_seconds = primary::stats::Histogram::default();
+        ack_latency_seconds.observe(0.0004);
+        let report = primary::stats::StatusReport {
+            state: primary::stats::ProtectionState::Protected,
+            state_for_s: 3.0,
+            reason: String::new(),
+            backup: "127.0.0.1:7000".into(),
+            epochs,
+            epoch_rate_per_s: 90.0,
+            last_submitted_epoch: epochs,
+            last_acked_epoch: epochs - 1,
+            replica_lag_epochs: 1,
+            pause_us_p50: 0.0,
+            pause_us_p99: 0.0,
+            epoch_ms_mean: 10.0,
+            dirty_pages_per_epoch_mean: 0.0,
+            dirty_pages_per_epoch_p99: 0.0,
+            wire_bytes_per_epoch_mean: 0.0,
+            raw_bytes_per_epoch_mean: 0.0,
+            ack_latency_us_p50: 0.0,
+            ack_latency_us_p99: 0.0,
+            held_output_frames: 2,
+            held_output_bytes: 3000,
+            bytes_sent,
+            raw_bytes_sent: bytes_sent * 2,
+            sync: None,
+            pause_seconds,
+            ack_latency_seconds,
+        };
+        Status::Vm(crate::status::VmStatus {
+            role: crate::status::RoleName::Primary,
+            state: crate::status::VmState::Running,
+            uptime_s: 5.0,
+            memory_bytes: 64 << 20,
+            cmdline: "workload=counter".into(),
+            origin: crate::status::Origin::Booted { kernel: "guest.elf".into() },
+            stopped_reason: None,
+            protection: Some(report),
+            arbitration: None,
+            migration: Some(primary::migrate::MigrationStatus {
+                phase: "recovered".into(),
+                round_pages_left: 9,
+                postcopy_pages_left: Some(4),
+                bytes_sent: 1 << 20,
+                reverse_commits: Some(12),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn families(text: &str) -> Vec<(String, String)> {
+        super::read::families(text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        super::read::sample(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
     #[test]
-    fn renders_numbers_and_states() {
-        let v = serde_json::json!({"state": "running", "protection": {"state": "protected", "pause_us_p99": 812.5, "epochs": 7}, "cmdline": "x"});
-        let text = super::render(&v);
-        assert!(text.contains("understudy_protection_pause_us_p99 812.5"), "{text}");
-        assert!(text.contains("understudy_protection_epochs 7"), "{text}");
-        assert!(text.contains("understudy_protection_state{value=\"protected\"} 1"), "{text}");
-        assert!(!text.contains("cmdline"), "{text}");
+    fn renders_a_protected_vm_by_the_conventions() {
+        let text = render(&protected_vm(7, &[40e-6, 150e-6, 150e-6, 3e-3, 0.5], 1000));
+        let fams = families(&text);
+        for (name, kind) in [
+            ("understudy_epochs_total", "counter"),
+            ("understudy_checkpoint_pause_seconds", "histogram"),
+            ("understudy_ack_latency_seconds", "histogram"),
+            ("understudy_replica_lag_epochs", "gauge"),
+            ("understudy_output_held_bytes", "gauge"),
+            ("understudy_bytes_sent_total", "counter"),
+            ("understudy_protection_state", "gauge"),
+            ("understudy_migration_phase", "gauge"),
+            ("understudy_migration_bytes_sent_total", "counter"),
+            ("understudy_migration_pages_left", "gauge"),
+            ("understudy_migration_reverse_commits_total", "counter"),
+        ] {
+            assert!(fams.contains(&(name.to_string(), kind.to_string())), "no {kind} {name} in\n{text}");
+        }
+        assert_eq!(value(&text, "understudy_epochs_total"), 7.0);
+        assert_eq!(value(&text, "understudy_output_held_bytes"), 3000.0);
+        assert_eq!(value(&text, r#"understudy_protection_state{state="protected"}"#), 1.0);
+        assert_eq!(value(&text, r#"understudy_protection_state{state="degraded"}"#), 0.0);
+        assert_eq!(value(&text, r#"understudy_migration_phase{phase="recovered"}"#), 1.0);
+        assert_eq!(value(&text, r#"understudy_migration_phase{phase="failed"}"#), 0.0);
+        assert_eq!(value(&text, "understudy_migration_pages_left"), 4.0);
+        assert_eq!(value(&text, "understudy_migration_reverse_commits_total"), 12.0);
+        // The pause histogram: cumulative buckets from 50 µs, ending in +Inf with every sample.
+        let buckets: Vec<(String, f64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("understudy_checkpoint_pause_seconds_bucket{le=\""))
+            .map(|r| {
+                let (le, v) = r.split_once("\"} ").unwrap();
+                (le.to_string(), v.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(buckets.first().unwrap(), &("0.00005".to_string(), 1.0), "{text}");
+        assert_eq!(buckets.iter().find(|(le, _)| le == "0.0002").unwrap().1, 3.0, "{text}");
+        assert_eq!(buckets.iter().find(|(le, _)| le == "0.1").unwrap().1, 4.0, "{text}");
+        assert_eq!(buckets.last().unwrap(), &("+Inf".to_string(), 5.0), "{text}");
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "not cumulative: {buckets:?}");
+        assert_eq!(value(&text, "understudy_checkpoint_pause_seconds_count"), 5.0);
+        let sum = value(&text, "understudy_checkpoint_pause_seconds_sum");
+        assert!((sum - (40e-6 + 300e-6 + 3e-3 + 0.5)).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn counters_never_decrease_between_scrapes() {
+        let a = render(&protected_vm(7, &[1e-4; 3], 1000));
+        let b = render(&protected_vm(9, &[1e-4; 5], 4000));
+        let counters: Vec<String> = families(&a).into_iter().filter(|(_, k)| k == "counter").map(|(n, _)| n).collect();
+        assert!(counters.len() >= 3, "{counters:?}");
+        for c in counters.iter().map(String::as_str).chain(["understudy_checkpoint_pause_seconds_count"]) {
+            assert!(value(&b, c) >= value(&a, c), "{c} went down:\n{a}\n{b}");
+        }
+        assert!(value(&b, "understudy_epochs_total") > value(&a, "understudy_epochs_total"));
+    }
+
+    #[test]
+    fn renders_a_backup_and_an_unprotected_vm() {
+        let b = Status::Backup(crate::status::BackupProcessStatus {
+            role: crate::status::RoleName::Backup,
+            uptime_s: 1.0,
+            memory_bytes: 64 << 20,
+            origin: crate::status::Origin::Backup { listen: "127.0.0.1:7000".into() },
+            backup: Some(backup::server::BackupStatus {
+                state: "consistent".into(),
+                committed_epoch: Some(2113),
+                consistent_epoch: Some(2113),
+                commits: 40,
+                since_last_commit_s: Some(0.008),
+                ..Default::default()
+            }),
+            arbitration: None,
+            migration: None,
+        });
+        let text = render(&b);
+        let fams = families(&text);
+        assert!(fams.contains(&("understudy_backup_committed_epoch".into(), "gauge".into())), "{text}");
+        assert!(fams.contains(&("understudy_backup_commits_total".into(), "counter".into())), "{text}");
+        assert_eq!(value(&text, "understudy_backup_committed_epoch"), 2113.0);
+        assert_eq!(value(&text, "understudy_backup_last_commit_age_seconds"), 0.008);
+        assert_eq!(value(&text, r#"understudy_backup_state{state="consistent"}"#), 1.0);
+        // A VM that is not protected says so (an alert on "not protected" needs the series).
+        let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
+        vm.protection = None;
+        vm.migration = None;
+        let text = render(&Status::Vm(vm));
+        families(&text);
+        assert_eq!(value(&text, r#"understudy_protection_state{state="unprotected"}"#), 1.0);
+        assert!(!text.contains("understudy_epochs_total"), "{text}");
     }
 
     #[test]

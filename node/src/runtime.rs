@@ -555,9 +555,10 @@ impl Node {
         Ok(())
     }
 
-    /// The metrics text: every number of the status, the role and the transitions so far.
+    /// The metrics text: the status by the Prometheus conventions, the role and the transitions
+    /// so far.
     fn metrics(&self) -> String {
-        let status = serde_json::to_value(self.status()).unwrap_or(serde_json::Value::Null);
+        let status = self.status();
         let role = self.role().kind();
         let transitions: Vec<_> =
             self.transitions.counts().into_iter().map(|(f, t, n)| (f.name(), t.name(), n)).collect();

@@ -650,6 +650,7 @@ impl Engine {
             s.epochs += 1;
             s.last_submitted = seq;
             s.pause_us.push(pause.as_secs_f64() * 1e6);
+            s.pause_seconds.observe(pause.as_secs_f64());
             s.dirty_pages.push(pfns.len() as f64);
             s.epoch_us.push(epoch_start.elapsed().as_secs_f64() * 1e6);
             s.harvest_times.push_back(t0);

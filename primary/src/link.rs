@@ -242,6 +242,7 @@ pub async fn run(
                                     s.last_acked_wire_epoch = epoch;
                                     if let Some(l) = latency {
                                         s.ack_us.push(l.as_secs_f64() * 1e6);
+                                        s.ack_latency_seconds.observe(l.as_secs_f64());
                                     }
                                 }
                                 if t.kind == HarvestKind::Checkpoint

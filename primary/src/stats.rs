@@ -85,6 +85,45 @@ impl Samples {
     }
 }
 
+/// Upper bounds (seconds) of the checkpoint pause and ack latency histograms: 50 µs to 100 ms,
+/// about three buckets per decade, then `+Inf`.
+pub const LATENCY_BUCKETS_S: [f64; 12] =
+    [50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, f64::INFINITY];
+
+/// A Prometheus-style histogram over [`LATENCY_BUCKETS_S`]: every sample since protection
+/// started (not a window), so its counts only grow.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Samples per bucket (not cumulative): `buckets[i]` counts samples in
+    /// `(LATENCY_BUCKETS_S[i-1], LATENCY_BUCKETS_S[i]]`.
+    pub buckets: [u64; LATENCY_BUCKETS_S.len()],
+    /// Sum of the samples, seconds.
+    pub sum: f64,
+    /// Number of samples.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Adds a sample, in seconds.
+    pub fn observe(&mut self, s: f64) {
+        let i = LATENCY_BUCKETS_S.iter().position(|&b| s <= b).unwrap_or(LATENCY_BUCKETS_S.len() - 1);
+        self.buckets[i] += 1;
+        self.sum += s;
+        self.count += 1;
+    }
+
+    /// `(upper bound, cumulative count)` per bucket, the last one `+Inf` with [`Self::count`].
+    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        LATENCY_BUCKETS_S
+            .iter()
+            .zip(self.buckets.iter().scan(0u64, |acc, n| {
+                *acc += n;
+                Some(*acc)
+            }))
+            .map(|(b, n)| (*b, n))
+    }
+}
+
 /// Everything the status command shows.
 #[derive(Debug)]
 pub struct Stats {
@@ -112,6 +151,10 @@ pub struct StatsInner {
     pub last_acked_wire_epoch: u64,
     /// Pause times, microseconds.
     pub pause_us: Samples,
+    /// Every pause since protection started, seconds.
+    pub pause_seconds: Histogram,
+    /// Every ack latency since protection started, seconds.
+    pub ack_latency_seconds: Histogram,
     /// Dirty pages per epoch.
     pub dirty_pages: Samples,
     /// Encoded bytes on the wire per epoch (what the sender framed: pages after their codecs,
@@ -158,6 +201,8 @@ impl Stats {
                 last_acked: 0,
                 last_acked_wire_epoch: 0,
                 pause_us: Samples::default(),
+                pause_seconds: Histogram::default(),
+                ack_latency_seconds: Histogram::default(),
                 dirty_pages: Samples::default(),
                 wire_bytes: Samples::default(),
                 raw_bytes: Samples::default(),
@@ -231,6 +276,8 @@ impl Stats {
             bytes_sent: g.bytes_sent,
             raw_bytes_sent: g.raw_bytes_sent,
             sync: g.sync,
+            pause_seconds: g.pause_seconds.clone(),
+            ack_latency_seconds: g.ack_latency_seconds.clone(),
         }
     }
 }
@@ -284,4 +331,10 @@ pub struct StatusReport {
     pub raw_bytes_sent: u64,
     /// Initial sync progress, while syncing.
     pub sync: Option<SyncProgress>,
+    /// Every pause since protection started (for metrics; not in the JSON).
+    #[serde(skip)]
+    pub pause_seconds: Histogram,
+    /// Every ack latency since protection started (for metrics; not in the JSON).
+    #[serde(skip)]
+    pub ack_latency_seconds: Histogram,
 }
