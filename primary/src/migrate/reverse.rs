@@ -96,6 +96,22 @@ pub(super) struct Setup {
 }
 
 impl Setup {
+    /// The next connection from the destination: any other peer (another certificate name, a
+    /// refused handshake) is closed or logged and skipped. `None` once the endpoint is closed.
+    async fn accept_destination(&self) -> Option<transport::Connection> {
+        loop {
+            match self.endpoint.accept().await {
+                Ok(c) if c.peer_name() == Some(self.dest_name.as_str()) => return Some(c),
+                Ok(c) => {
+                    tracing::warn!(peer = ?c.peer_name(), expected = %self.dest_name, "reverse: a peer that is not the destination dialed in; closed");
+                    c.close("only the migration's destination may open a reverse session").await;
+                }
+                Err(transport::EndpointError::Closed) => return None,
+                Err(e) => tracing::warn!("reverse: refused a peer: {}", transport::error_chain(&e)),
+            }
+        }
+    }
+
     fn receiver(&self) -> Result<Receiver, MigrateError> {
         let mut cfg = self.cfg.clone();
         cfg.instance = transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
@@ -209,23 +225,13 @@ async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let c = tokio::select! {
-            c = setup.endpoint.accept() => c,
+        let conn = tokio::select! {
+            c = setup.accept_destination() => match c {
+                Some(c) => c,
+                None => return,
+            },
             _ = stop.changed() => return,
         };
-        let conn = match c {
-            Ok(c) => c,
-            Err(transport::EndpointError::Closed) => return,
-            Err(e) => {
-                tracing::warn!("reverse: refused a peer: {}", transport::error_chain(&e));
-                continue;
-            }
-        };
-        if conn.peer_name() != Some(setup.dest_name.as_str()) {
-            tracing::warn!(peer = ?conn.peer_name(), expected = %setup.dest_name, "reverse: a peer that is not the destination dialed in; closed");
-            conn.close("only the migration's destination may open a reverse session").await;
-            continue;
-        }
         tracing::info!(addr = %conn.remote_address(), "reverse: the destination dialed back");
         let mut session = transport::proto::receiver_session(conn, receiver);
         let stopped = loop {
@@ -369,18 +375,12 @@ fn supersede(setup: Setup, detail: String) {
     tokio::spawn(async move {
         let until = tokio::time::Instant::now() + SUPERSEDE_LINGER;
         loop {
-            let c = tokio::select! {
-                c = setup.endpoint.accept() => c,
+            let conn = tokio::select! {
+                c = setup.accept_destination() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
                 () = tokio::time::sleep_until(until) => break,
-            };
-            let conn = match c {
-                Ok(c) if c.peer_name() == Some(setup.dest_name.as_str()) => c,
-                Ok(c) => {
-                    c.close("only the migration's destination may open a reverse session").await;
-                    continue;
-                }
-                Err(transport::EndpointError::Closed) => return,
-                Err(_) => continue,
             };
             let Ok(receiver) = setup.receiver() else { break };
             tracing::warn!(addr = %conn.remote_address(), "reverse: the destination is back; telling it the guest runs here");
