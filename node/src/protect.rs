@@ -50,6 +50,9 @@ pub enum ProtectError {
     /// An output coalescing window over 1 s.
     #[error("output coalescing window of {0} µs is longer than 1 s")]
     Coalesce(u64),
+    /// `pause_copy_threads` other than 1 or 2.
+    #[error("--pause-copy-threads {0}: 1 or 2 threads copy a checkpoint's pages")]
+    CopyThreads(u8),
     /// A fixed epoch over 10 s.
     #[error("epoch of {0} ms is longer than 10 s")]
     EpochTooLong(u64),
@@ -96,6 +99,17 @@ pub struct ProtectRequest {
     #[serde(default = "default_coalesce")]
     #[arg(long, default_value_t = default_coalesce())]
     pub output_coalesce_us: u64,
+    /// With output held, end the epoch as soon as the guest is idle (its vCPUs halted, its
+    /// device workers asleep) instead of waiting out --output-coalesce-us (`false`: always
+    /// wait the whole window).
+    #[serde(default = "default_true")]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub output_idle_end: bool,
+    /// Threads that copy a checkpoint's pages during the pause: 2 (the caller and a helper;
+    /// the vCPUs' cores are idle then) or 1.
+    #[serde(default = "default_copy_threads")]
+    #[arg(long, default_value_t = default_copy_threads())]
+    pub pause_copy_threads: u8,
     /// How long the backup may be unreachable before running degraded, ms.
     #[serde(default = "default_degrade")]
     #[arg(long, default_value_t = default_degrade())]
@@ -118,6 +132,12 @@ pub struct ProtectRequest {
     pub backup_node: Option<u64>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_copy_threads() -> u8 {
+    2
+}
 fn default_heartbeat() -> u64 {
     20
 }
@@ -192,6 +212,8 @@ impl Protection {
                 coalesce: (req.output_coalesce_us > 0).then(|| Duration::from_micros(req.output_coalesce_us)),
             },
             verify_every: req.verify_every,
+            parallel_copy: req.pause_copy_threads >= 2,
+            idle_end: req.output_idle_end,
             ..EngineConfig::default()
         };
         let bind = if req.backup.is_ipv4() {
@@ -338,6 +360,9 @@ pub fn validate(req: &ProtectRequest) -> Result<(), ProtectError> {
     if req.epoch_min_ms > req.epoch_max_ms {
         return Err(ProtectError::EpochBounds { min: req.epoch_min_ms, max: req.epoch_max_ms });
     }
+    if !(1..=2).contains(&req.pause_copy_threads) {
+        return Err(ProtectError::CopyThreads(req.pause_copy_threads));
+    }
     if req.output_coalesce_us > 1_000_000 {
         return Err(ProtectError::Coalesce(req.output_coalesce_us));
     }
@@ -362,6 +387,8 @@ mod tests {
             epoch_min_ms: default_min(),
             epoch_max_ms: default_max(),
             output_coalesce_us: default_coalesce(),
+            output_idle_end: true,
+            pause_copy_threads: 2,
             verify_every: 0,
             degrade_after_ms: default_degrade(),
             heartbeat_ms: default_heartbeat(),
@@ -375,6 +402,11 @@ mod tests {
         assert!(validate(&request()).is_ok());
         let bounds = validate(&ProtectRequest { epoch_min_ms: 60, epoch_max_ms: 50, ..request() });
         assert_eq!(bounds.unwrap_err().to_string(), "epoch bounds 60..50 ms are reversed");
+        let threads = validate(&ProtectRequest { pause_copy_threads: 3, ..request() });
+        assert_eq!(
+            threads.unwrap_err().to_string(),
+            "--pause-copy-threads 3: 1 or 2 threads copy a checkpoint's pages"
+        );
         let coalesce = validate(&ProtectRequest { output_coalesce_us: 2_000_000, ..request() });
         assert_eq!(coalesce.unwrap_err().to_string(), "output coalescing window of 2000000 µs is longer than 1 s");
         let epoch = validate(&ProtectRequest { epoch_ms: 20_000, ..request() });

@@ -91,6 +91,12 @@ pub struct EngineConfig {
     /// stays held while the source is unreachable, and a lost source or a failed engine calls
     /// the backup-lost hook (which fences this copy) instead of releasing it.
     pub reverse: bool,
+    /// Copy a checkpoint's pages on two threads during the pause (the vCPUs' cores are idle
+    /// then), capturing the state beside the copy.
+    pub parallel_copy: bool,
+    /// With output held, end the epoch as soon as the guest went idle (its vCPUs halted, its
+    /// devices' workers asleep) instead of waiting out the whole coalescing window.
+    pub idle_end: bool,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +108,8 @@ impl Default for EngineConfig {
             precopy_stop_pages: 4096,
             verify_every: 0,
             reverse: false,
+            parallel_copy: true,
+            idle_end: true,
         }
     }
 }
@@ -164,6 +172,9 @@ pub struct LinkShared {
     /// faulted in, so the pause copies into warm memory instead of fresh zeroed pages.
     spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// How often the coalescing window looks whether the guest went idle.
+const IDLE_LOOK: Duration = Duration::from_micros(50);
 
 /// How many spare page buffers the link hands back at most.
 const SPARE_BUFFERS: usize = 4;
@@ -323,6 +334,10 @@ pub struct Engine {
     /// (degraded): output released so far is covered by its replica, so a re-sync must keep
     /// output held until a checkpoint after it is committed.
     protected_once: bool,
+    /// Watches the guest's threads to end a coalescing window early (None: unavailable).
+    idle: Option<vmm::procstat::IdleProbe>,
+    /// Copies a checkpoint's pages on two threads (None: one).
+    copier: Option<vmm::copier::PageCopier>,
 }
 
 impl Engine {
@@ -348,6 +363,8 @@ impl Engine {
             degrade_after,
             backup_lost: None,
             protected_once: false,
+            idle: None,
+            copier: None,
         }
     }
 
@@ -376,6 +393,20 @@ impl Engine {
     /// given up (output then flows with the group's consent, or at once without arbitration),
     /// so a dead engine never leaves output held with nobody to release it.
     pub fn run(mut self) -> Result<(), EngineError> {
+        if self.cfg.parallel_copy {
+            match vmm::copier::PageCopier::new() {
+                Ok(c) => self.copier = Some(c),
+                Err(e) => tracing::warn!("no page-copy helper thread ({e}): the pause copies on one thread"),
+            }
+        }
+        if self.cfg.idle_end && self.cfg.timing.coalesce.is_some() && self.cfg.timing.fixed.is_none() {
+            match vmm::procstat::IdleProbe::guest_threads() {
+                Ok(p) => self.idle = Some(p),
+                Err(e) => {
+                    tracing::warn!("cannot watch the guest's threads ({e}): output waits the whole coalescing window")
+                }
+            }
+        }
         let result = self.run_epochs();
         if let Err(e) = &result
             && self.stopping()
@@ -588,6 +619,35 @@ impl Engine {
         Ok(Phase::Sync { round: round + 1 })
     }
 
+    /// With output held: waits until `end` (the coalescing window), or less once the guest has
+    /// gone idle (every vCPU halted and the device workers asleep: it answered what it had and
+    /// waits for more, so nothing is gained by waiting longer), but not before `floor` (the
+    /// shortest epoch). Some(true) if it ended on idleness, None if asked to stop.
+    fn nap_until_idle(&mut self, floor: Instant, end: Instant) -> Option<bool> {
+        let Some(probe) = self.idle.as_mut() else {
+            return self.link.nap_until(end).then_some(false);
+        };
+        let mut seen = 0;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                return Some(false);
+            }
+            // Two looks in a row: a vCPU between two exits can read asleep for a moment.
+            if now >= floor && probe.idle() {
+                seen += 1;
+                if seen >= 2 {
+                    return Some(true);
+                }
+            } else {
+                seen = 0;
+            }
+            if !self.link.nap_until((now + IDLE_LOOK).min(end)) {
+                return None;
+            }
+        }
+    }
+
     /// One protected epoch: wait, pause, harvest, resume, hand off.
     fn checkpoint(&mut self) -> Result<(), EngineError> {
         let timing = self.cfg.timing;
@@ -598,12 +658,19 @@ impl Engine {
             _ => None,
         };
         let end = timing.end(epoch_start, silent, first_output);
-        if !self.link.nap_until(end) {
-            return Ok(());
-        }
+        let ended_idle = match first_output {
+            Some(_) => match self.nap_until_idle(epoch_start + timing.min, end) {
+                Some(idle) => idle,
+                None => return Ok(()),
+            },
+            None if !self.link.nap_until(end) => return Ok(()),
+            None => false,
+        };
+        let t_end = Instant::now();
         if !self.link.wait_room(self.cfg.window, Duration::from_millis(200)) {
             return Ok(());
         }
+        let t_room = Instant::now();
         self.seq += 1;
         let seq = self.seq;
         let verify = self.cfg.verify_every > 0 && seq.is_multiple_of(self.cfg.verify_every);
@@ -618,19 +685,43 @@ impl Engine {
             failover::failpoint::hit("primary.harvest");
             let pfns: Vec<u64> = dirty.pages().collect();
             let mut data = self.link.buffer(pfns.len() * PAGE_SIZE);
-            copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
-                .map_err(|source| EngineError::Memory { seq, source })?;
-            let t_copy = t0.elapsed();
-            let state = vm.save_state().map_err(|source| EngineError::Vm { seq, source })?;
-            // Where a pause goes (debug: `UNDERSTUDY_LOG=primary::engine=debug`).
+            let (state, t_state) = match self.copier.as_mut() {
+                // The state is captured while the helper starts on the pages, then both copy.
+                Some(c) => {
+                    let (copied, state) = c.copy(vm.memory(), &pfns, &mut data, || (vm.save_state(), t0.elapsed()));
+                    copied.map_err(|_| EngineError::Memory {
+                        seq,
+                        source: vm_memory::GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(0)),
+                    })?;
+                    state
+                }
+                None => {
+                    copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
+                        .map_err(|source| EngineError::Memory { seq, source })?;
+                    (vm.save_state(), t0.elapsed())
+                }
+            };
+            let state = state.map_err(|source| EngineError::Vm { seq, source })?;
+            // Where a pause goes (debug: `UNDERSTUDY_LOG=primary::engine=debug`); with the
+            // parallel copy the state is taken first, beside the copy.
             tracing::debug!(
                 seq,
                 pages = pfns.len(),
+                parallel = self.copier.is_some(),
                 stop_us = t_paused.as_micros() as u64,
                 harvest_us = (t_harvest - t_paused).as_micros() as u64,
-                copy_us = (t_copy - t_harvest).as_micros() as u64,
-                state_us = (t0.elapsed() - t_copy).as_micros() as u64,
+                state_done_us = (t_state - t_harvest).as_micros() as u64,
+                copy_and_state_us = (t0.elapsed() - t_harvest).as_micros() as u64,
                 "pause parts"
+            );
+            tracing::debug!(
+                seq,
+                output_after_us = first_output.map(|t| t.duration_since(epoch_start).as_micros() as u64),
+                end_after_us = t_end.duration_since(epoch_start).as_micros() as u64,
+                late_us = t_end.saturating_duration_since(end).as_micros() as u64,
+                room_wait_us = t_room.duration_since(t_end).as_micros() as u64,
+                ended_idle,
+                "epoch timeline"
             );
             let digest =
                 if verify { Some(vm.memory_digest().map_err(|source| EngineError::Vm { seq, source })?) } else { None };

@@ -234,7 +234,8 @@ pub async fn run(
                                 shared.acked(t.seq);
                                 shared.done(done.len());
                                 if let (Some(o), Some(seq)) = (&output, release) {
-                                    o.release(seq);
+                                    let frames = o.release(seq);
+                                    tracing::debug!(seq, epoch, frames, latency_us = latency.map(|l| l.as_micros() as u64), "acked and released");
                                 }
                                 {
                                     let mut s = stats.lock();

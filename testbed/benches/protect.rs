@@ -345,7 +345,9 @@ impl Rig {
         let ns = netns(kv)?;
         let spawn = |name: &str, args: Vec<String>| -> Result<VmProc> {
             let mut cmd = ns.command(&cfg.bin);
-            cmd.args(&args).env("UNDERSTUDY_LOG", "info").stdout(Stdio::null());
+            // BENCH_LOG: the processes' log filter (e.g. `info,primary::engine=debug`).
+            let log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
+            cmd.args(&args).env("UNDERSTUDY_LOG", log).stdout(Stdio::null());
             let proc = Proc::start(&mut cmd, name, dir.join(format!("{name}.stderr")))?;
             Ok(VmProc { proc, api: dir.join(format!("{name}.sock")) })
         };
@@ -457,7 +459,8 @@ impl Rig {
                     "--certs",
                     &self.certs.display().to_string(),
                 ])
-                .args(epoch_args(epoch_ms)),
+                .args(epoch_args(epoch_ms))
+                .args(&variants()[VARIANT.get()].1),
             Duration::from_secs(40),
         )?;
         ensure!(out.status.success(), "protect failed: {}{}", text(&out.stdout), text(&out.stderr));
@@ -577,6 +580,41 @@ fn epoch_args(e: u64) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// `BENCH_VARIANTS`: A/B in one run. `name=ARGS;name=ARGS`, ARGS being extra `protect`
+/// arguments separated by spaces (e.g. `one=--pause-copy-threads 1;two=--pause-copy-threads 2`).
+/// Each pause and kv point runs once per variant in every run (run-major, so drift spreads over
+/// all). Default: one variant without extra arguments.
+fn variants() -> &'static [(String, Vec<String>)] {
+    static V: std::sync::OnceLock<Vec<(String, Vec<String>)>> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        let spec = std::env::var("BENCH_VARIANTS").unwrap_or_default();
+        let v: Vec<(String, Vec<String>)> = spec
+            .split(';')
+            .filter(|x| !x.trim().is_empty())
+            .map(|x| {
+                let (name, args) = x.split_once('=').unwrap_or((x, ""));
+                (name.trim().to_string(), args.split_whitespace().map(str::to_string).collect())
+            })
+            .collect();
+        if v.is_empty() { vec![(String::new(), Vec::new())] } else { v }
+    })
+}
+
+thread_local! {
+    /// The variant the current run uses (an index into [`variants`]).
+    static VARIANT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// ` [name]` when there are several variants.
+fn variant_label(v: usize) -> String {
+    if variants().len() > 1 { format!(" [{}]", variants()[v].0) } else { String::new() }
+}
+
+/// Every key with every variant.
+fn with_variants<K: Clone>(keys: &[K]) -> Vec<(K, usize)> {
+    keys.iter().flat_map(|k| (0..variants().len()).map(move |v| (k.clone(), v))).collect()
+}
+
 fn epoch_label(e: u64) -> String {
     match e {
         EPOCH_ADAPTIVE => "adaptive (output-driven)".into(),
@@ -652,30 +690,31 @@ fn pause_run(cfg: &Cfg, top: &Path, certs: &Path, p: &PausePoint, run: usize) ->
     let mut w = protected_window(&a, &b);
     w["guest_pages_per_s"] = json!(prot.pages_per_s);
     Ok(json!({
-        "point": p.label, "rate": p.rate, "wss_mib": p.wss, "epoch_ms_set": p.epoch_ms,
+        "point": p.label, "variant": variants()[VARIANT.get()].0, "rate": p.rate, "wss_mib": p.wss, "epoch_ms_set": p.epoch_ms,
         "sync_s": sync.as_secs_f64(),
         "unprotected_pages_per_s": unprot.pages_per_s,
         "protected": w,
     }))
 }
 
-fn pause_table(results: &[(usize, Vec<Value>)]) -> String {
+fn pause_table(results: &[((usize, usize), Vec<Value>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "| point (pages @ epoch) | rate pages/s | epochs/s | dirty pages/epoch | pause p50 µs | pause p99 µs | p99 per run | ack p50 / p99 ms | guest pages/s vs target | rest of machine, cores |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
-    for (i, runs) in results {
+    for ((i, v), runs) in results {
         let p = &PAUSE_POINTS[*i];
+        let label = format!("{}{}", p.label, variant_label(*v));
         if runs.is_empty() {
-            let _ = writeln!(s, "| {} | {} | all runs failed | | | | | | | |", p.label, p.rate);
+            let _ = writeln!(s, "| {} | {} | all runs failed | | | | | | | |", label, p.rate);
             continue;
         }
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {}% | {} |",
-            p.label,
+            label,
             p.rate,
             f(med(runs, "protected/epochs_per_s"), 1),
             f(med(runs, "protected/dirty_pages_per_epoch_mean"), 0),
@@ -952,7 +991,7 @@ fn kv_run(cfg: &Cfg, top: &Path, certs: &Path, epoch_ms: u64, run: usize) -> Res
     // for the rest of the epoch (half on average), the pause, then the checkpoint's ack.
     let model_ms = at(&w, "epoch_ms_mean") / 2.0 + at(&w, "pause_us_p50") / 1e3 + at(&w, "ack_us_p50") / 1e3;
     Ok(json!({
-        "epoch_ms_set": epoch_ms, "sync_s": sync.as_secs_f64(),
+        "epoch_ms_set": epoch_ms, "protect_variant": variants()[VARIANT.get()].0, "sync_s": sync.as_secs_f64(),
         "unprotected": u1, "protected_ops": p, "unprotected_after": u2, "protected": w,
         "get_slowdown_pct": 100.0 * (1.0 - at(&p, "get_ops_per_s") / base("get_ops_per_s")),
         "set_slowdown_pct": 100.0 * (1.0 - at(&p, "set_ops_per_s") / base("set_ops_per_s")),
@@ -962,16 +1001,17 @@ fn kv_run(cfg: &Cfg, top: &Path, certs: &Path, epoch_ms: u64, run: usize) -> Res
     }))
 }
 
-fn kv_table(results: &[(u64, Vec<Value>)]) -> String {
+fn kv_table(results: &[((u64, usize), Vec<Value>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "| epoch ms (set) | epochs/s | get ops/s unprot → prot | get slowdown % | set ops/s unprot → prot | set slowdown % | latency p50 ms unprot → prot | latency p99 ms unprot → prot | added p50 ms | model p50 ms (E/2 + pause + ack) | back-to-back p50 ms prot |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for (e, runs) in results {
+    for ((e, v), runs) in results {
+        let label = format!("{}{}", epoch_label(*e), variant_label(*v));
         if runs.is_empty() {
-            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | | |", epoch_label(*e));
+            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | | |", label);
             continue;
         }
         let base = |k: &str| {
@@ -984,7 +1024,7 @@ fn kv_table(results: &[(u64, Vec<Value>)]) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} → {} | **{}** | {} → {} | **{}** | {} → {} | {} → {} | **{}** | {} | {} |",
-            epoch_label(*e),
+            label,
             f(med(runs, "protected/epochs_per_s"), 1),
             f(base("get_ops_per_s"), 0),
             f(med(runs, "protected_ops/get_ops_per_s"), 0),
@@ -1169,11 +1209,14 @@ fn main() -> Result<()> {
         };
         pause_results = run_all(
             "pause",
-            &keys,
+            &with_variants(&keys),
             cfg.runs,
-            |i, run| pause_run(&cfg, top.path(), &certs, &PAUSE_POINTS[*i], run),
+            |(i, v), run| {
+                VARIANT.set(*v);
+                pause_run(&cfg, top.path(), &certs, &PAUSE_POINTS[*i], run)
+            },
             &mut failures,
-            |i| PAUSE_POINTS[*i].label.to_string(),
+            |(i, v)| format!("{}{}", PAUSE_POINTS[*i].label, variant_label(*v)),
         );
         let _ = writeln!(report, "\n### 1. Pause time vs dirty pages per epoch (dirty guest)\n");
         report.push_str(&pause_table(&pause_results));
@@ -1205,11 +1248,14 @@ fn main() -> Result<()> {
     if cfg.wants("kv") {
         kv_results = run_all(
             "kv",
-            &cfg.epochs_ms,
+            &with_variants(&cfg.epochs_ms),
             cfg.runs,
-            |e, run| kv_run(&cfg, top.path(), &certs, *e, run),
+            |(e, v), run| {
+                VARIANT.set(*v);
+                kv_run(&cfg, top.path(), &certs, *e, run)
+            },
             &mut failures,
-            |e| format!("epoch {}", epoch_label(*e)),
+            |(e, v)| format!("epoch {}{}", epoch_label(*e), variant_label(*v)),
         );
         let _ = writeln!(
             report,
@@ -1221,10 +1267,10 @@ fn main() -> Result<()> {
 
     let _ = writeln!(report, "\n### 4. Bytes per epoch (protected windows above)\n");
     bytes_header(&mut report);
-    for (i, runs) in &pause_results {
+    for ((i, v), runs) in &pause_results {
         bytes_rows(
             &mut report,
-            &format!("dirty rate={} @{} ms", PAUSE_POINTS[*i].rate, PAUSE_POINTS[*i].epoch_ms),
+            &format!("dirty rate={} @{} ms{}", PAUSE_POINTS[*i].rate, PAUSE_POINTS[*i].epoch_ms, variant_label(*v)),
             runs,
         );
     }
@@ -1234,8 +1280,8 @@ fn main() -> Result<()> {
             bytes_rows(&mut report, &format!("{short} @{}", epoch_label(*e)), runs);
         }
     }
-    for (e, runs) in &kv_results {
-        bytes_rows(&mut report, &format!("kv memcslap+latency @{}", epoch_label(*e)), runs);
+    for ((e, v), runs) in &kv_results {
+        bytes_rows(&mut report, &format!("kv memcslap+latency @{}{}", epoch_label(*e), variant_label(*v)), runs);
     }
 
     // What else ran: CPU of every process that lived through the whole bench.

@@ -27,6 +27,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod copier;
 pub mod devices;
 pub mod dirty;
 #[doc(hidden)]
