@@ -10,6 +10,7 @@
 //! - [`metrics`]: the Prometheus endpoint over the status report;
 //! - [`migrate`]: migration of a running VM, source and destination;
 //! - [`protect`]: protection of a running VM (the primary side);
+//! - [`reprotect`]: automatic re-protection of a promoted VM to named standby backups;
 //! - [`role`]: the role a node plays and its transitions;
 //! - [`runtime`]: the node itself ([`Node`]): its role, the API's handlers, the arbitration
 //!   agent's wiring, its life until exit;
@@ -22,6 +23,7 @@ pub mod failover;
 pub mod metrics;
 pub mod migrate;
 pub mod protect;
+pub mod reprotect;
 pub mod role;
 pub mod runtime;
 pub mod status;

@@ -168,6 +168,9 @@ pub fn render(status: &Status) -> String {
                 render_migration_source(&mut w, m);
             }
             render_arbitration(&mut w, vm.arbitration.as_ref());
+            if let Some(r) = &vm.reprotect {
+                render_reprotect(&mut w, r);
+            }
         }
         Status::Backup(b) => {
             w.gauge("understudy_uptime_seconds", "Seconds since the process started.", b.uptime_s);
@@ -301,6 +304,21 @@ fn render_migration_destination(w: &mut Writer, m: &backup::receive::ReceiveStat
     );
     if let Some(n) = m.postcopy_missing {
         w.gauge("understudy_migration_postcopy_missing_pages", "Post-copy: pages not here yet.", n as f64);
+    }
+}
+
+fn render_reprotect(w: &mut Writer, r: &crate::reprotect::ReprotectStatus) {
+    w.state_set(
+        "understudy_reprotect_state",
+        "state",
+        "Automatic re-protection after a promotion.",
+        &crate::reprotect::Phase::ALL,
+        r.state.name(),
+    );
+    w.counter("understudy_reprotect_attempts_total", "Re-protection attempts (standbys probed).", r.attempts);
+    w.counter("understudy_reprotect_failures_total", "Re-protection attempts that failed.", r.failures);
+    if let Some(s) = r.took_s {
+        w.gauge("understudy_reprotect_duration_seconds", "From the promotion to the standby recorded as backup.", s);
     }
 }
 
@@ -734,6 +752,7 @@ mod tests {
                 reverse_commits: Some(12),
                 ..Default::default()
             }),
+            reprotect: None,
         })
     }
 

@@ -138,6 +138,31 @@ fn default_true() -> bool {
 fn default_copy_threads() -> u8 {
     2
 }
+impl ProtectRequest {
+    /// A request to protect to `backup` with every other setting at its default (as
+    /// `understudy protect --backup ADDR --certs certs` without other flags).
+    pub fn defaults(backup: SocketAddr) -> Self {
+        Self {
+            backup,
+            backup_name: "backup".into(),
+            certs: "certs".into(),
+            name: "primary".into(),
+            vm_name: "vm".into(),
+            epoch_ms: 0,
+            epoch_min_ms: default_min(),
+            epoch_max_ms: default_max(),
+            output_coalesce_us: default_coalesce(),
+            output_idle_end: true,
+            pause_copy_threads: default_copy_threads(),
+            verify_every: 0,
+            degrade_after_ms: default_degrade(),
+            heartbeat_ms: default_heartbeat(),
+            detect_ms: default_detect(),
+            backup_node: None,
+        }
+    }
+}
+
 fn default_heartbeat() -> u64 {
     20
 }
@@ -175,6 +200,10 @@ pub struct Protection {
     pub journal: Journal,
     engine: Option<std::thread::JoinHandle<Result<(), primary::engine::EngineError>>>,
     link: Option<tokio::task::JoinHandle<()>>,
+    /// The holding buffer is this protection's own (not the arbitration's gated one): stopping
+    /// puts the plain sink back. The arbitration's buffer stays in place, passing frames
+    /// through, so the lease still gates the output and a later protection holds in it again.
+    own_output: bool,
 }
 
 impl Protection {
@@ -200,6 +229,7 @@ impl Protection {
         let sender = Sender::new(scfg);
         // Output commit: a holding buffer on the net device (or the gated one arbitration
         // installed at boot).
+        let own_output = existing_output.is_none();
         let output = match existing_output {
             Some(o) => Some(o),
             None => primary::output::install(vm, None)?,
@@ -223,7 +253,8 @@ impl Protection {
         };
         let link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
         let degrade = Duration::from_millis(req.degrade_after_ms);
-        let p = Self::spawn(vm, output, sender, cfg, link_cfg, degrade, backup_lost, rt, "epoch-engine")?;
+        let mut p = Self::spawn(vm, output, sender, cfg, link_cfg, degrade, backup_lost, rt, "epoch-engine")?;
+        p.own_output = own_output;
         tracing::info!(backup = %req.backup, "protection starting");
         Ok(p)
     }
@@ -269,7 +300,7 @@ impl Protection {
         }
         let engine =
             std::thread::Builder::new().name(thread.into()).spawn(move || engine.run()).map_err(ProtectError::Spawn)?;
-        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
+        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link), own_output: true })
     }
 
     /// Reverse checkpoints of a post-copy destination (`docs/failure-model.md`): checkpoints
@@ -343,12 +374,15 @@ impl Protection {
         self.stats.report(held)
     }
 
-    /// Stops protecting; output flows straight to the TAP again.
+    /// Stops protecting; output flows straight to the TAP again (through the arbitration's
+    /// gated buffer, when protection used it).
     pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
         self.halt(rt);
         if let Some(o) = &self.output {
             o.set_passthrough(true);
-            primary::output::restore_plain_sink(vm)?;
+            if self.own_output {
+                primary::output::restore_plain_sink(vm)?;
+            }
         }
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())
@@ -377,24 +411,7 @@ mod tests {
     use super::*;
 
     fn request() -> ProtectRequest {
-        ProtectRequest {
-            backup: "127.0.0.1:7000".parse().unwrap(),
-            backup_name: "backup".into(),
-            certs: "certs".into(),
-            name: "primary".into(),
-            vm_name: "vm".into(),
-            epoch_ms: 0,
-            epoch_min_ms: default_min(),
-            epoch_max_ms: default_max(),
-            output_coalesce_us: default_coalesce(),
-            output_idle_end: true,
-            pause_copy_threads: 2,
-            verify_every: 0,
-            degrade_after_ms: default_degrade(),
-            heartbeat_ms: default_heartbeat(),
-            detect_ms: default_detect(),
-            backup_node: None,
-        }
+        ProtectRequest::defaults("127.0.0.1:7000".parse().unwrap())
     }
 
     #[test]

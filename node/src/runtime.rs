@@ -6,6 +6,7 @@
 
 mod agent;
 mod handlers;
+mod reprotect;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -249,6 +250,8 @@ pub struct Node {
     fenced: std::sync::atomic::AtomicBool,
     /// The migration source gave its copy up: this one is the only copy (never fenced after).
     given_up: std::sync::atomic::AtomicBool,
+    /// Automatic re-protection after a promotion (standbys named by `backup --reprotect-to`).
+    reprotect: reprotect::Reprotect,
     tokio: tokio::runtime::Runtime,
 }
 
@@ -291,6 +294,7 @@ impl Node {
             reverse: Mutex::new(None),
             fenced: std::sync::atomic::AtomicBool::new(false),
             given_up: std::sync::atomic::AtomicBool::new(false),
+            reprotect: reprotect::Reprotect::default(),
             tokio,
         }))
     }
@@ -625,6 +629,7 @@ impl Node {
             protection,
             arbitration,
             migration,
+            reprotect: self.reprotect_status(),
         })
     }
 

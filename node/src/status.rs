@@ -126,6 +126,10 @@ pub struct VmStatus {
     /// The migration away from here, once one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<primary::migrate::MigrationStatus>,
+    /// Automatic re-protection after a promotion, when the backup named standbys
+    /// (`backup --reprotect-to`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprotect: Option<crate::reprotect::ReprotectStatus>,
 }
 
 /// The status of a backup process (no VM runs yet).
@@ -182,6 +186,7 @@ mod tests {
             protection: None,
             arbitration: None,
             migration: None,
+            reprotect: None,
         });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(

@@ -227,6 +227,28 @@ fn destination_migration(m: &Value, out: &mut Vec<String>) {
     }
 }
 
+fn reprotect(r: &Value, out: &mut Vec<String>) {
+    let target = s(r, "target").unwrap_or("no standby yet");
+    let tries =
+        format!("attempt {}, {} failed", count(u(r, "attempts").unwrap_or(0)), count(u(r, "failures").unwrap_or(0)));
+    let since = age(f(r, "since_promotion_s").unwrap_or(0.0));
+    let line = match s(r, "state").unwrap_or("?") {
+        "protected" => format!(
+            "re-protection: done, standby {target} recorded as backup {} after the promotion ({tries})",
+            age(f(r, "took_s").unwrap_or(0.0))
+        ),
+        "waiting" => match f(r, "next_attempt_in_s") {
+            Some(n) => format!("re-protection: waiting, promoted {since} ago; next attempt in {} ({tries})", age(n)),
+            None => format!("re-protection: waiting, promoted {since} ago ({tries})"),
+        },
+        state => format!("re-protection: {state} to standby {target}, promoted {since} ago ({tries})"),
+    };
+    out.push(line);
+    if let Some(e) = s(r, "last_error").filter(|_| s(r, "state") != Some("protected")) {
+        out.push(format!("  last error: {e}"));
+    }
+}
+
 fn arbitration(a: &Value, out: &mut Vec<String>) {
     let mut line = format!("arbitration: node {}, {}", u(a, "node").unwrap_or(0), s(a, "state").unwrap_or("?"));
     if let Some(r) = s(a, "reason") {
@@ -258,6 +280,9 @@ pub fn render(v: &Value) -> String {
         Some(p) => protection(p, &mut out),
         None if s(v, "state").is_some() => out.push("protection: none".into()),
         None => {}
+    }
+    if let Some(r) = v.get("reprotect").filter(|r| !r.is_null()) {
+        reprotect(r, &mut out);
     }
     if let Some(b) = v.get("backup").filter(|b| !b.is_null()) {
         backup(b, &mut out);
@@ -364,5 +389,32 @@ mod tests {
             ),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_promoted_vm_re_protecting_itself() {
+        let mut v = json!({
+            "role": "primary", "state": "running", "uptime_s": 20.0, "memory_bytes": 64u64 << 20, "cmdline": "",
+            "origin": {"kind": "promoted", "epoch": 9, "memory_digest": "not computed", "promote_ms": 1.2},
+            "protection": null, "arbitration": {"node": 2, "state": "running"},
+            "reprotect": {"state": "waiting", "target": "1=primary@10.0.0.1:7400", "attempts": 3, "failures": 3,
+                          "last_error": "standby 1=primary@10.0.0.1:7400 does not answer (connection refused)",
+                          "since_promotion_s": 4.0, "next_attempt_in_s": 2.0, "took_s": null}
+        });
+        let t = render(&v);
+        assert!(t.contains("protection: none\nre-protection: waiting, promoted 4s ago; next attempt in 2s (attempt 3, 3 failed)\n  last error: standby 1=primary@10.0.0.1:7400 does not answer (connection refused)\n"), "{t}");
+        v["reprotect"]["state"] = "syncing".into();
+        let t = render(&v);
+        assert!(t.contains("re-protection: syncing to standby 1=primary@10.0.0.1:7400, promoted 4s ago"), "{t}");
+        v["reprotect"]["state"] = "protected".into();
+        v["reprotect"]["took_s"] = 6.5.into();
+        let t = render(&v);
+        assert!(
+            t.contains(
+                "re-protection: done, standby 1=primary@10.0.0.1:7400 recorded as backup 6s after the promotion"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("last error") && !t.contains('{'), "{t}");
     }
 }

@@ -40,6 +40,7 @@ use crate::harness::tempdir::TempDir;
 use crate::harness::wait::poll_until as wait_until;
 use crate::impair::Impairment;
 
+pub mod double;
 pub mod migrate;
 
 /// A fault the harness injects.
@@ -104,11 +105,14 @@ pub enum Point {
     MigrateLink,
     /// `kill -9` of the destination during post-copy.
     MigrateDestKill,
+    /// `kill -9` of the primary, automatic re-protection of the promoted VM to the old
+    /// primary's host, then `kill -9` of the promoted VM too ([`double`]).
+    DoubleFailover,
 }
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 26] = [
+    pub const ALL: [Point; 27] = [
         Point::Kill,
         Point::Paused,
         Point::Harvest,
@@ -135,6 +139,7 @@ impl Point {
         Point::MigratePartition,
         Point::MigrateLink,
         Point::MigrateDestKill,
+        Point::DoubleFailover,
     ];
 
     /// The name used on the command line and in reports.
@@ -166,6 +171,7 @@ impl Point {
             Point::MigratePartition => "migrate.partition",
             Point::MigrateLink => "migrate.link",
             Point::MigrateDestKill => "migrate.dest-kill",
+            Point::DoubleFailover => "double-failover",
         }
     }
 
@@ -194,7 +200,11 @@ impl Point {
     /// re-sync points to [`RESYNC_RUN_TIMEOUT`] (a refusal up to ~20 s into the load, then a
     /// baseline of the guest's 64 MiB and its pre-copy rounds before the kill).
     pub fn run_timeout(self, default: Duration) -> Duration {
-        if self.resync() { default.max(RESYNC_RUN_TIMEOUT) } else { default }
+        match self {
+            Point::DoubleFailover => default.max(double::RUN_TIMEOUT),
+            _ if self.resync() => default.max(RESYNC_RUN_TIMEOUT),
+            _ => default,
+        }
     }
 
     fn failpoint(self) -> bool {
@@ -224,6 +234,7 @@ impl Point {
                 | Point::Partition
                 | Point::Resync
                 | Point::ResyncLate
+                | Point::DoubleFailover
         )
     }
 
@@ -452,6 +463,8 @@ pub struct RunReport {
     pub elapsed_s: f64,
     /// The migration points' own account.
     pub migration: Option<migrate::MigRun>,
+    /// The double-failover point's own account.
+    pub double: Option<double::DoubleRun>,
 }
 
 impl RunReport {
@@ -471,6 +484,7 @@ impl RunReport {
             "contradictions": self.contradictions, "errors": self.errors, "reconnects": self.reconnects,
             "max_gap_ms": self.max_gap_ms, "client_notes": self.client_notes, "elapsed_s": self.elapsed_s,
             "migration": self.migration.as_ref().map(migrate::MigRun::to_json),
+            "double": self.double.as_ref().map(double::DoubleRun::to_json),
         })
     }
 }
@@ -825,6 +839,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             ])
             .into_iter()
             .chain(opts.no_prepare_vm.then(|| "--no-prepare-vm".into()))
+            .chain(if point == Point::DoubleFailover { double::backup_flags() } else { Vec::new() })
             .collect::<Vec<_>>(),
             &fp_env("backup"),
             &d("backup.log"),
@@ -972,6 +987,14 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
                     _ => topo.cut_primary(true)?,
                 }
                 fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
+            }
+            Point::DoubleFailover => {
+                client_ready()?;
+                sleep(Duration::from_millis(rng.range(1000, 2500)))?;
+                fault_wall = wall();
+                procs.kill("primary");
+                fs::write(d("ctl/fault"), format!("{fault_wall:.6}"))?;
+                double::after_first_kill(opts, &topo, &mut procs, dir.path(), rng, deadline, &mut rep)?;
             }
             Point::PartitionPB | Point::PartitionPW | Point::PartitionBW => {
                 let (x, y) = point.pair().expect("a pair");
@@ -1132,7 +1155,9 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
         let blog = read(&d("backup.log"));
         let plog = read(&d("primary.log"));
         rep.promoted = blog.contains("PROMOTED");
-        if rep.promoted {
+        if point == Point::DoubleFailover {
+            double::judge(dir.path(), &mut rep);
+        } else if rep.promoted {
             let bst = status(b, &d("b.sock"));
             if bst.as_ref().map(|s| s["origin"]["kind"] != "promoted").unwrap_or(true) {
                 rep.problems.push("backup logged PROMOTED but its status does not say promoted".into());
@@ -1312,6 +1337,9 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             "ctl/fault",
             "primary-stacks.txt",
             "impair.log",
+            "standby.log",
+            "backup2.log",
+            "s-serial.log",
         ] {
             let _ = fs::copy(d(f), to.join(f.replace('/', "-")));
         }
@@ -1372,6 +1400,7 @@ pub fn summary(reports: &[RunReport]) -> String {
         }
         out += &migrate::summary(reports);
     }
+    out += &double::summary(reports);
     out
 }
 

@@ -195,6 +195,8 @@ enum Command {
         metrics_public: bool,
         #[command(flatten)]
         agent: AgentArgs,
+        #[command(flatten)]
+        reprotect: node::reprotect::ReprotectArgs,
     },
     /// Run a witness: the third voter of the arbitration group, on a third host.
     Witness {
@@ -533,10 +535,22 @@ fn real_main(cli: Cli) -> Result<()> {
             metrics,
             metrics_public,
             agent,
+            reprotect,
         } => {
             if let Some(addr) = metrics {
                 node::metrics::check_addr(addr, metrics_public)?;
             }
+            let reprotect = reprotect.plan(node::reprotect::Own {
+                node: agent.id,
+                peers: agent.peers.clone(),
+                arbiter_listen: agent.listen,
+                listen,
+                certs: std::path::absolute(&certs).unwrap_or_else(|_| certs.clone()),
+                name: name.clone(),
+                vm: vm.clone(),
+                heartbeat_ms,
+                detect_ms,
+            })?;
             let identity = transport::Identity::load(&certs, &name)
                 .with_context(|| format!("load certificates for {name} from {}", certs.display()))?;
             let cfg = backup::server::BackupConfig {
@@ -553,6 +567,9 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;
+            if let Some(plan) = reprotect {
+                node.set_reprotect(plan);
+            }
             if let Some(addr) = metrics {
                 node.serve_metrics(addr, metrics_public)?;
             }

@@ -116,7 +116,7 @@ impl Node {
             .expect("spawn arbitration event thread");
     }
 
-    fn on_agent_event(&self, ev: failover::Event) {
+    fn on_agent_event(self: &Arc<Self>, ev: failover::Event) {
         use failover::Event;
         let has_vm = self.role().vm().is_some();
         match ev {
@@ -132,6 +132,7 @@ impl Node {
                             {
                                 tracing::error!("gate the promoted vm's output: {}", transport::error_chain(&e));
                             }
+                            self.start_reprotect();
                         }
                         Err(e) => tracing::error!("promotion failed: {}", transport::error_chain(&e)),
                     }
@@ -168,6 +169,15 @@ impl Node {
             }
             Event::LeaseRegained { vm, generation } => {
                 tracing::info!(vm = vm.0, generation, "arbitration: lease regained")
+            }
+            Event::Protected { vm, generation, backup } => {
+                tracing::info!(
+                    vm = vm.0,
+                    generation,
+                    backup,
+                    "arbitration: the group recorded node {backup} as the backup"
+                );
+                self.reprotect_recorded(backup);
             }
             Event::BackupDropped { vm, generation } => {
                 tracing::warn!(vm = vm.0, generation, "arbitration: this replica is no longer a failover target")

@@ -73,7 +73,7 @@ impl Node {
     }
 
     /// Booted or promoted -> protected.
-    fn protect(&self, req: ProtectRequest) -> Result<serde_json::Value, NodeError> {
+    pub(super) fn protect(&self, req: ProtectRequest) -> Result<serde_json::Value, NodeError> {
         crate::protect::validate(&req)?;
         let mut role = self.role();
         if let Some(phase) = role.migrating() {
@@ -94,7 +94,7 @@ impl Node {
     }
 
     /// Protected -> booted (or promoted).
-    fn unprotect(&self) -> Result<serde_json::Value, NodeError> {
+    pub(super) fn unprotect(&self) -> Result<serde_json::Value, NodeError> {
         let mut role = self.role();
         let next = match &*role {
             Role::Backup(_) | Role::MigrationDestination(_) => return Err(NodeError::NotVm),
