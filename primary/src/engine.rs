@@ -173,6 +173,33 @@ pub struct LinkShared {
     spare: Mutex<Vec<Vec<u8>>>,
 }
 
+/// Waits until `end` (the end of an output coalescing window), or less once `idle` said so
+/// twice in a row (every vCPU halted and the device workers asleep: the guest answered what it
+/// had and waits for more, so waiting longer only delays its replies), but not before `floor`
+/// (the shortest epoch). Some(true) if it ended on idleness, Some(false) at `end`, None if the
+/// engine was asked to stop.
+fn coalesce(link: &LinkShared, floor: Instant, end: Instant, mut idle: impl FnMut() -> bool) -> Option<bool> {
+    let mut seen = 0;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return Some(false);
+        }
+        // Two looks in a row: a vCPU between two exits can read asleep for a moment.
+        if now >= floor && idle() {
+            seen += 1;
+            if seen >= 2 {
+                return Some(true);
+            }
+        } else {
+            seen = 0;
+        }
+        if !link.nap_until((now + IDLE_LOOK).min(end)) {
+            return None;
+        }
+    }
+}
+
 /// How often the coalescing window looks whether the guest went idle.
 const IDLE_LOOK: Duration = Duration::from_micros(50);
 
@@ -619,32 +646,12 @@ impl Engine {
         Ok(Phase::Sync { round: round + 1 })
     }
 
-    /// With output held: waits until `end` (the coalescing window), or less once the guest has
-    /// gone idle (every vCPU halted and the device workers asleep: it answered what it had and
-    /// waits for more, so nothing is gained by waiting longer), but not before `floor` (the
-    /// shortest epoch). Some(true) if it ended on idleness, None if asked to stop.
+    /// With output held: waits out the coalescing window (until `end`), or less once the guest
+    /// went idle (see [`coalesce`]). Some(true) if it ended on idleness, None if asked to stop.
     fn nap_until_idle(&mut self, floor: Instant, end: Instant) -> Option<bool> {
-        let Some(probe) = self.idle.as_mut() else {
-            return self.link.nap_until(end).then_some(false);
-        };
-        let mut seen = 0;
-        loop {
-            let now = Instant::now();
-            if now >= end {
-                return Some(false);
-            }
-            // Two looks in a row: a vCPU between two exits can read asleep for a moment.
-            if now >= floor && probe.idle() {
-                seen += 1;
-                if seen >= 2 {
-                    return Some(true);
-                }
-            } else {
-                seen = 0;
-            }
-            if !self.link.nap_until((now + IDLE_LOOK).min(end)) {
-                return None;
-            }
+        match self.idle.as_mut() {
+            Some(probe) => coalesce(&self.link, floor, end, || probe.idle()),
+            None => self.link.nap_until(end).then_some(false),
         }
     }
 
@@ -756,6 +763,35 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_guest_ends_the_coalescing_window_early_but_not_before_the_floor() {
+        let link = LinkShared::default();
+        let t0 = Instant::now();
+        let (floor, end) = (t0 + Duration::from_millis(2), t0 + Duration::from_millis(200));
+        // Idle all along: ends just after the floor, on idleness.
+        assert_eq!(coalesce(&link, floor, end, || true), Some(true));
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(2) && took < Duration::from_millis(100), "{took:?}");
+        // Never idle: the whole window.
+        let t1 = Instant::now();
+        assert_eq!(coalesce(&link, t1, t1 + Duration::from_millis(20), || false), Some(false));
+        assert!(t1.elapsed() >= Duration::from_millis(20));
+        // Idle only every other look (a vCPU between exits): never twice in a row, so the window
+        // runs out.
+        let mut flip = false;
+        let t2 = Instant::now();
+        let r = coalesce(&link, t2, t2 + Duration::from_millis(20), || {
+            flip = !flip;
+            flip
+        });
+        assert_eq!(r, Some(false));
+        // Asked to stop: None at once.
+        link.stop.store(true, Ordering::SeqCst);
+        let t3 = Instant::now();
+        assert_eq!(coalesce(&link, t3 + Duration::from_millis(50), t3 + Duration::from_secs(5), || false), None);
+        assert!(t3.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn a_silent_guest_keeps_long_epochs_and_output_ends_them_soon() {
