@@ -98,12 +98,8 @@ def plot(workload, by_config, out_dir):
     return path
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit(__doc__.strip().splitlines()[2])
-    with open(sys.argv[1]) as f:
-        bench = json.load(f)
-    out_dir = sys.argv[2]
+def plot_all(bench, out_dir):
+    """Plots every workload of a parsed `--json` report into out_dir; returns [(workload, path)]."""
     os.makedirs(out_dir, exist_ok=True)
     workloads, configs = {}, {}
     for r in bench.get("results", []):
@@ -111,15 +107,25 @@ def main():
         if r["config"] not in configs[r["workload"]]:
             configs[r["workload"]].append(r["config"])
         workloads.setdefault((r["workload"], r["config"]), []).append(r)
-    written = 0
+    written = []
     for w in sorted(configs):
         path = plot(w, [(c, workloads[(w, c)]) for c in configs[w]], out_dir)
         if path:
-            print(path)
-            written += 1
+            written.append((w, path))
         else:
             print("%s: no run carries a series (nothing to plot)" % w, file=sys.stderr)
-    if written == 0:
+    return written
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.strip().splitlines()[2])
+    with open(sys.argv[1]) as f:
+        bench = json.load(f)
+    written = plot_all(bench, sys.argv[2])
+    for _, path in written:
+        print(path)
+    if not written:
         print("no workload in %s carries a series: no plot" % sys.argv[1], file=sys.stderr)
 
 
