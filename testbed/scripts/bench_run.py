@@ -10,7 +10,7 @@ Steps (each writes JSON beside its printed tables; its output goes to DIR/<step>
   protect    cargo bench -p testbed --bench protect                 -> protect.json
   migrate    target/release/testbed migrate-bench                   -> migrate.json, migrate.md
   faults     target/release/testbed faults                          -> faults.json
---quick runs fewer runs and points (see QUICK below). DIR defaults to
+--quick runs fewer points and configurations, 3 runs each (see step_command). DIR defaults to
 docs/results/bench-<UTC date>[-N]. DIR/meta.json records the commit (and whether the tree had
 changes), the time, the machine's cores and load average, and per step its command, how long it
 took, its exit status and what else ran: the cores used by processes other than this runner and
@@ -42,13 +42,14 @@ def step_command(name, quick, out):
     if name == "protect":
         env["BENCH_NO_BUILD"] = "1"
         if quick:
-            # Three pause points (~10, ~100, ~1,000 pages), one epoch length, one run each.
-            env.update(BENCH_RUNS="1", BENCH_POINTS="0,1,4", BENCH_EPOCHS_MS="10", BENCH_WINDOW_S="3")
+            # Four pause points (~10, ~100, ~1,000 and ~10,000 pages), fixed 10 ms and the default
+            # adaptive epochs, 3 runs each (the full campaign: 6 points, 40/20/10/5 ms).
+            env.update(BENCH_RUNS="3", BENCH_POINTS="0,1,4,5", BENCH_EPOCHS_MS="10,adaptive", BENCH_WINDOW_S="3")
         return ["cargo", "bench", "-p", "testbed", "--bench", "protect"], env
     if name == "migrate":
         argv = ["target/release/testbed", "migrate-bench", "--json", j, "--out", os.path.join(out, "migrate.md")]
         if quick:
-            argv += ["--workloads", "W1,W3", "--runs", "1",
+            argv += ["--workloads", "W1,W3", "--runs", "3",
                      "--configs", "qemu-best,qemu-best-tls,precopy,stopcopy,postcopy,auto"]
         else:
             argv += ["--workloads", "W1,W2,W3", "--runs", "5"]
@@ -57,7 +58,7 @@ def step_command(name, quick, out):
         logs = os.path.join("/tmp", "bench-faults-logs-%d" % os.getpid())
         argv = ["target/release/testbed", "faults", "--out", j, "--logs", logs, "--seed", "20261206"]
         if quick:
-            argv += ["--runs", "1", "--points",
+            argv += ["--runs", "3", "--points",
                      "kill,primary.acked,committed-unacked,backup,witness,partition,link.loss,migrate.dest-kill"]
         else:
             argv += ["--runs", "5"]
@@ -146,12 +147,13 @@ def run_step(name, quick, out):
     command = (shown + " " if shown else "") + " ".join(
         shlex.quote(os.path.relpath(a, ROOT) if a.startswith(out) else a) for a in argv)
     print("bench: %s: %s" % (name, command), flush=True)
+    started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
     w = Window()
     with open(log, "w") as f:
         rc = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, **env), stdout=f, stderr=subprocess.STDOUT).returncode
     took = w.stop()
     result = os.path.join(out, name + ".json")
-    step = {"step": name, "command": command, "exit": rc, "log": name + ".log",
+    step = {"step": name, "command": command, "started": started, "exit": rc, "log": name + ".log",
             "results": name + ".json" if os.path.exists(result) else None, **took}
     print("bench: %s: exit %d in %.0f s; other processes used %.2f cores" % (name, rc, took["secs"], took["others_cores"]),
           flush=True)
