@@ -1,7 +1,7 @@
 //! Codec and pipeline throughput, and bytes on the wire per dirty byte.
 //!
-//! `cargo bench -p replication-proto` (a plain harness: prints markdown tables for
-//! `docs/benchmarks.md`). One thread: every number is per core.
+//! `cargo bench -p replication-proto` (a plain harness: prints markdown tables; `make bench`
+//! puts them in `docs/benchmarks.md`). One thread: every number is per core.
 //!
 //! - **Per page kind**: an epoch of 2,048 dirty 4 KiB pages (8 MiB) that are all of one kind, with
 //!   the sender's cache primed by a baseline as it would be. *encode* is `Sender::submit` (zero
