@@ -31,6 +31,9 @@ except ImportError as e:  # pragma: no cover - the message is the point
     sys.exit(3)
 
 HISTORY = "benchmarks-history.md"
+# Each step's section in the hand-written history (how it measures, earlier campaigns).
+ANCHORS = {"transport": "transport", "codecs": "protocol-codecs", "vm": "vm-runtime-issue-2",
+           "protect": "protection-issue-4", "faults": "failover-issue-5", "migrate": "migration-issue-13"}
 LIBRARY_NOTE = (
     "Plots are drawn with **matplotlib** from Debian's `python3-matplotlib` (`make deps` installs "
     "it): a well-kept, packaged library that `testbed/scripts/plot_migration.py` already used for "
@@ -133,7 +136,10 @@ class Report:
     def w(self, s=""):
         self.md.append(s)
 
-    def figure(self, fig, name, alt):
+    def figure(self, fig, ax, step, name, alt):
+        """Stamps the figure with its run, saves it as img_dir/name and links it."""
+        self.stamp(ax, step)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         path = os.path.join(self.img_dir, name)
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -160,12 +166,14 @@ class Report:
                    s.get("started") or self.meta.get("started"), runs_note, s.get("secs", 0), s.get("exit", -1), s.get("load_before"),
                    s.get("load_after"), s.get("others_cores", float("nan")),
                    " (most: %s of a core)" % others if others else ""))
+        self.w("How it measures, what the columns mean, earlier campaigns and their reading: "
+               "[history](%s#%s).\n" % (HISTORY, ANCHORS[step]))
 
-    def missing(self, step, history_anchor):
+    def missing(self, step):
         s = self.steps.get(step)
         why = "not run in this campaign" if not s else "no results (exit %s; see `%s`)" % (
             s.get("exit"), os.path.relpath(os.path.join(self.dir, s.get("log", "")), ROOT))
-        self.w("*%s.* Earlier results: [history](%s#%s).\n" % (why[0].upper() + why[1:], HISTORY, history_anchor))
+        self.w("*%s.* Earlier results: [history](%s#%s).\n" % (why[0].upper() + why[1:], HISTORY, ANCHORS[step]))
 
     # -----------------------------------------------------------------------------------------
 
@@ -208,20 +216,20 @@ class Report:
         self.w("## Transport\n")
         r = self.results("transport")
         if not r:
-            return self.missing("transport", "transport")
+            return self.missing("transport")
         self.provenance("transport", "%d runs of %d MiB per side, alternating" % (r["runs"], r["mib_per_run"]))
         show = lambda v: " ".join(f(x) for x in v)
         self.w(table(["variant", "runs (MB/s)", "median MB/s", "ratio"], [
             ["raw quinn, 1 stream, 1 MiB writes", show(r["raw_mb_per_s"]), f(r["raw_median_mb_per_s"]), "1.00"],
             ["transport, 64 KiB frames over %d bulk streams + control" % r["bulk_streams"],
              show(r["transport_mb_per_s"]), f(r["transport_median_mb_per_s"]), f(r.get("ratio"), 2)]]))
-        self.w("Goal: ratio ≥ 0.8 ([history](%s#transport)).\n" % HISTORY)
+        self.w("Goal: ratio ≥ 0.8.\n")
 
     def codecs(self):
         self.w("## Protocol codecs\n")
         r = self.results("codecs")
         if not r:
-            return self.missing("codecs", "protocol-codecs")
+            return self.missing("codecs")
         t = r.get("tables", {})
         self.provenance("codecs", "one core; medians of 9 (per kind) or 7 (primitives) runs")
         if t.get("kinds"):
@@ -261,9 +269,7 @@ class Report:
                 ax.set_xlabel("wire bytes per dirty byte (log)")
                 ax.set_title("One page kind per epoch", fontsize=10)
                 ax.tick_params(axis="y", labelsize=7)
-            self.stamp(axes[0][0], "codecs")
-            fig.tight_layout(rect=(0, 0.03, 1, 1))
-            self.figure(fig, "codec-wire-bytes.png", "bytes on the wire per dirty byte by codec")
+            self.figure(fig, axes[0][0], "codecs", "codec-wire-bytes.png", "bytes on the wire per dirty byte by codec")
         if t.get("dedup"):
             self.w("### Content-hash dedup: a migration's round 0 and its later rounds\n")
             self.w(table(["dedup", "round 0: wire bytes / page", "round 0 encode GB/s", "round 0 pages as references",
@@ -276,7 +282,7 @@ class Report:
         self.w("## VM runtime\n")
         r = self.results("vm")
         if not r:
-            return self.missing("vm", "vm-runtime-issue-2")
+            return self.missing("vm")
         rows = r.get("checkpoint_steps", [])
         self.provenance("vm", "one %d MiB guest, 1 vCPU; p50/p99 over %s rounds per row" % (
             r.get("memory_mib", 0), rows[0]["rounds"] if rows else "?"))
@@ -297,7 +303,7 @@ class Report:
         self.w("## Protection\n")
         r = self.results("protect")
         if not r:
-            return self.missing("protect", "protection-issue-4")
+            return self.missing("protect")
         st = r.get("settings", {})
         self.provenance("protect", "%s run(s) per point, %s s windows, epochs %s; medians over runs" % (
             st.get("runs", "?"), f(st.get("window_s"), 0), ", ".join(st.get("epochs", [])) or "?"))
@@ -353,9 +359,7 @@ class Report:
         ax.set_ylabel("pause µs")
         ax.set_title("Epoch pause vs dirty pages per epoch (faint: single runs; dotted: 1 ms)", fontsize=10)
         ax.legend(fontsize=8)
-        self.stamp(ax, "protect")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        self.figure(fig, "pause-vs-dirty-pages.png", "pause vs dirty pages per epoch")
+        self.figure(fig, ax, "protect", "pause-vs-dirty-pages.png", "pause vs dirty pages per epoch")
 
     def protect_dirty(self, variants):
         variants = [[e for e in v if e] for v in variants]
@@ -418,9 +422,7 @@ class Report:
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title("kv set/get latency with random think time, protected vs unprotected", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
-        self.stamp(ax, "protect")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        self.figure(fig, "kv-latency-cdf.png", "kv latency CDF, protected vs unprotected")
+        self.figure(fig, ax, "protect", "kv-latency-cdf.png", "kv latency CDF, protected vs unprotected")
 
     def protect_bytes(self, r):
         windows = []
@@ -454,7 +456,7 @@ class Report:
         self.w("## Failover per fault point\n")
         r = self.results("faults")
         if not r:
-            return self.missing("faults", "failover-issue-5")
+            return self.missing("faults")
         self.provenance("faults", "%s run(s) per point, seed %s" % (r.get("runs_per_point"), r.get("seed")))
         by = {}
         for x in r.get("runs", []):
@@ -499,9 +501,7 @@ class Report:
         ax.set_xlabel("fault → first client reply (or migration recovery), ms (log); bar: median")
         ax.set_title("Failover time per fault point (red: promoted; blue: no promotion, the stall)", fontsize=10)
         ax.grid(True, axis="x", which="both", alpha=0.3)
-        self.stamp(ax, "faults")
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        self.figure(fig, "failover-per-fault-point.png", "failover time per fault point")
+        self.figure(fig, ax, "faults", "failover-per-fault-point.png", "failover time per fault point")
 
     # -----------------------------------------------------------------------------------------
 
@@ -509,7 +509,7 @@ class Report:
         self.w("## Live migration vs QEMU\n")
         r = self.results("migrate")
         if not r:
-            return self.missing("migrate", "migration-issue-13")
+            return self.missing("migrate")
         self.provenance("migrate", "%s run(s) per configuration, interleaved; %s" % (r.get("runs"), r.get("qemu", "QEMU ?")))
         groups = {}
         for x in r.get("results", []):

@@ -18,10 +18,7 @@ fn root() -> PathBuf {
 
 /// Fails loudly, naming `make deps`, when Debian's matplotlib is not there.
 fn require_matplotlib() {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import matplotlib"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = Command::new(PYTHON).args(["-c", "import matplotlib"]).output().is_ok_and(|o| o.status.success());
     assert!(
         ok,
         "{PYTHON} cannot import matplotlib: the benchmark report needs Debian's python3-matplotlib; run `make deps`"

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::proc::loadavg;
@@ -18,8 +18,14 @@ pub fn bench_json_path() -> Option<PathBuf> {
 /// Adds `bench`, the machine's cores, the load average before (`load_before`, as the bench read
 /// it at its start) and now, and the time to `results` (an object), and writes it to
 /// `$BENCH_JSON` when that is set. Returns the path written, if any.
-pub fn write_bench_json(bench: &str, load_before: &str, mut results: Value) -> Result<Option<PathBuf>> {
+pub fn write_bench_json(bench: &str, load_before: &str, results: Value) -> Result<Option<PathBuf>> {
     let Some(path) = bench_json_path() else { return Ok(None) };
+    write_bench_json_to(&path, bench, load_before, results)?;
+    Ok(Some(path))
+}
+
+/// [`write_bench_json`] to `path`.
+fn write_bench_json_to(path: &Path, bench: &str, load_before: &str, mut results: Value) -> Result<()> {
     let obj = results.as_object_mut().context("bench results must be a JSON object")?;
     obj.insert("bench".into(), json!(bench));
     obj.insert("cores".into(), json!(std::thread::available_parallelism().map_or(0, |n| n.get())));
@@ -31,9 +37,9 @@ pub fn write_bench_json(bench: &str, load_before: &str, mut results: Value) -> R
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let text = serde_json::to_string_pretty(&results)?;
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
     eprintln!("bench: {bench} results in {}", path.display());
-    Ok(Some(path))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -41,19 +47,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn results_are_written_where_bench_json_points_with_the_machine_added() {
+    fn results_are_written_with_the_machine_added() {
         let dir = crate::harness::tempdir::TempDir::for_process("us-results-test", false).unwrap();
         let path = dir.join("sub/x.json");
-        // SAFETY: no other test in this crate reads or writes BENCH_JSON.
-        unsafe { std::env::set_var("BENCH_JSON", &path) };
-        let written = write_bench_json("demo", "0.1 0.2 0.3", json!({ "rows": [1, 2] })).unwrap();
-        unsafe { std::env::remove_var("BENCH_JSON") };
-        assert_eq!(written.as_deref(), Some(path.as_path()));
+        write_bench_json_to(&path, "demo", "0.1 0.2 0.3", json!({ "rows": [1, 2] })).unwrap();
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(v["bench"], "demo");
         assert_eq!(v["rows"], json!([1, 2]));
         assert_eq!(v["load_before"], "0.1 0.2 0.3");
         assert!(v["cores"].as_u64().unwrap() >= 1);
-        assert!(write_bench_json("demo", "", json!([1])).is_ok(), "unset BENCH_JSON writes nothing");
+        assert!(v["finished_unix_s"].as_u64().unwrap() > 0);
+        let err = write_bench_json_to(&path, "demo", "", json!([1])).unwrap_err();
+        assert!(err.to_string().contains("must be a JSON object"), "{err}");
     }
 }
