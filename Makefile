@@ -35,14 +35,15 @@ demo: deps guest
 # Every benchmark (testbed/scripts/bench_run.py: transport, codecs, vm, protect, migrate-bench,
 # faults), results stored in docs/results/bench-<date>/ with the commit and the machine's load,
 # then docs/benchmarks.md and its plots (docs/benchmarks/*.png) regenerated from them.
-# BENCH_QUICK=1: fewer runs and points. BENCH_ONLY=protect,faults: some steps only. Needs root.
-# The benchmarks drive the release binaries: built first.
+# BENCH_QUICK=1: fewer points, 3 runs each (~12 min here); the full campaign: ~70 min (estimated).
+# BENCH_ONLY=protect,faults: some steps only (the report takes the others from older campaigns).
+# Needs root and /dev/kvm. The benchmarks drive the release binaries: built first.
 PYTHON3 ?= /usr/bin/python3
 bench: deps guest
 	$(CARGO) build --release -p understudy -p testbed
 	$(PYTHON3) testbed/scripts/bench_run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
-# Only regenerates docs/benchmarks.md and its plots from the newest docs/results/bench-*/.
+# Only regenerates docs/benchmarks.md and its plots from the newest docs/results/bench-*/ (~4 s).
 bench-report:
 	$(PYTHON3) testbed/scripts/bench_report.py
 

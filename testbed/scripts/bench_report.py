@@ -6,7 +6,8 @@ usage: bench_report.py [--results DIR] [--out-md FILE] [--img-dir DIR]
 DIR is a results directory written by bench_run.py (`make bench`): meta.json (commit, times,
 the machine's load, what else ran per step) and one JSON file per benchmark (transport, codecs,
 vm, protect, migrate, faults); a benchmark whose file is missing is reported as not run.
-Default: the newest docs/results/bench-*. Writes FILE (default docs/benchmarks.md) and the PNGs
+Default: the newest docs/results/bench-*, and for a benchmark it did not run the newest older
+campaign that did (labelled as such, with its own commit and date). Writes FILE (default docs/benchmarks.md) and the PNGs
 it links into DIR (default docs/benchmarks/), names fixed per figure, so a new campaign
 overwrites the old figures. Every table and figure is computed from the stored results only:
 no number is typed in here. The narrative and history (before/after tables, bugs found, goals
@@ -106,7 +107,8 @@ def table(header, rows):
     return "\n".join(out) + "\n"
 
 
-def latest_results():
+def campaigns():
+    """Every docs/results/bench-*/ with a meta.json, newest first."""
     dirs = [d for d in glob.glob(os.path.join(ROOT, "docs", "results", "bench-*")) if os.path.isfile(os.path.join(d, "meta.json"))]
     if not dirs:
         sys.exit("bench_report: no docs/results/bench-*/meta.json: run `make bench` (or `make bench BENCH_QUICK=1`) first")
@@ -114,14 +116,26 @@ def latest_results():
     def key(d):
         m = re.search(r"bench-(\d{4}-\d{2}-\d{2})(?:-(\d+))?$", d)
         return (m.group(1), int(m.group(2) or 1)) if m else ("", 0)
-    return max(dirs, key=key)
+    return sorted(dirs, key=key, reverse=True)
 
 
 class Report:
-    def __init__(self, results, out_md, img_dir):
-        self.dir, self.out_md, self.img_dir = results, out_md, img_dir
-        self.meta = load(os.path.join(results, "meta.json"))
+    """The report of campaign dirs[0]; a benchmark it has no results for is taken from the newest
+    of dirs[1:] that has them (`make bench BENCH_ONLY=protect` then refreshes one section), with
+    that campaign's commit, date and load."""
+
+    def __init__(self, dirs, out_md, img_dir):
+        self.dir, self.out_md, self.img_dir = dirs[0], out_md, img_dir
+        self.meta = load(os.path.join(self.dir, "meta.json"))
         self.steps = {s["step"]: s for s in self.meta.get("steps", [])}
+        self.src = {}  # step -> (dir, meta, step meta) its results come from
+        for step in ANCHORS:
+            for d in dirs:
+                if os.path.isfile(os.path.join(d, step + ".json")):
+                    meta = self.meta if d == self.dir else load(os.path.join(d, "meta.json"))
+                    sm = next((x for x in meta.get("steps", []) if x["step"] == step), {})
+                    self.src[step] = (d, meta, sm)
+                    break
         self.md = []
         self.images = []
         os.makedirs(img_dir, exist_ok=True)
@@ -130,8 +144,7 @@ class Report:
         return os.path.relpath(path, os.path.dirname(os.path.abspath(self.out_md)))
 
     def results(self, step):
-        p = os.path.join(self.dir, step + ".json")
-        return load(p) if os.path.isfile(p) else None
+        return load(os.path.join(self.src[step][0], step + ".json")) if step in self.src else None
 
     def w(self, s=""):
         self.md.append(s)
@@ -148,24 +161,26 @@ class Report:
 
     def stamp(self, ax, step):
         """Labels a figure with its run's date and commit."""
-        s = self.steps.get(step, {})
+        _, meta, sm = self.src[step]
         ax.figure.text(0.99, 0.005, "%s · %s · commit %s%s · %s" % (
-            step, s.get("started") or self.meta.get("started", "?"), self.meta.get("commit", "?"),
-            " + changes" if self.meta.get("tree_changed") else "", self.meta.get("command", "")),
+            step, sm.get("started") or meta.get("started", "?"), meta.get("commit", "?"),
+            " + changes" if meta.get("tree_changed") else "", meta.get("command", "")),
             ha="right", va="bottom", fontsize=7, color="0.4")
 
     def provenance(self, step, runs_note):
-        s = self.steps.get(step)
-        if not s:
-            return
-        others = ", ".join("%s %.0f%%" % (o["process"], 100 * o["cores"]) for o in s.get("others_top", [])[:4])
-        self.w("```sh\n%s\n```\n" % s["command"])
-        self.w("Commit %s%s, started %s; %s; took %.0f s (exit %d); load average %s before, %s after; processes "
-               "other than the benchmark used **%.2f cores** on average over it%s.\n" % (
-                   self.meta.get("commit"), " (with uncommitted changes)" if self.meta.get("tree_changed") else "",
-                   s.get("started") or self.meta.get("started"), runs_note, s.get("secs", 0), s.get("exit", -1), s.get("load_before"),
-                   s.get("load_after"), s.get("others_cores", float("nan")),
-                   " (most: %s of a core)" % others if others else ""))
+        d, meta, s = self.src[step]
+        if d != self.dir:
+            self.w("**From an earlier campaign**, `%s` (`%s`): this campaign did not run it.\n" % (
+                os.path.relpath(d, ROOT), meta.get("command")))
+        if s:
+            others = ", ".join("%s %.0f%%" % (o["process"], 100 * o["cores"]) for o in s.get("others_top", [])[:4])
+            self.w("```sh\n%s\n```\n" % s["command"])
+            self.w("Commit %s%s, started %s; %s; took %.0f s (exit %d); load average %s before, %s after; processes "
+                   "other than the benchmark used **%.2f cores** on average over it%s.\n" % (
+                       meta.get("commit"), " (with uncommitted changes)" if meta.get("tree_changed") else "",
+                       s.get("started") or meta.get("started"), runs_note, s.get("secs", 0), s.get("exit", -1),
+                       s.get("load_before"), s.get("load_after"), s.get("others_cores", float("nan")),
+                       " (most: %s of a core)" % others if others else ""))
         self.w("How it measures, what the columns mean, earlier campaigns and their reading: "
                "[history](%s#%s).\n" % (HISTORY, ANCHORS[step]))
 
@@ -529,7 +544,7 @@ class Report:
         self.w(table(["workload", "configuration", "converged", "total ms, median [min-max]", "downtime ms",
                       "paused ms (QEMU STOP→RESUME)", "sent, median", "client outage ms (W3)", "lost writes (W3)"], rows))
         self.w("Per-run lines: `%s`. How each column is measured, the workloads and configurations: "
-               "[history](%s#migration-issue-13).\n" % (os.path.relpath(os.path.join(self.dir, "migrate.md"), ROOT), HISTORY))
+               "[history](%s#migration-issue-13).\n" % (os.path.relpath(os.path.join(self.src["migrate"][0], "migrate.md"), ROOT), HISTORY))
         import plot_migration
         for w, path in plot_migration.plot_all(r, self.img_dir):
             self.images.append(path)
@@ -553,13 +568,14 @@ class Report:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", help="results directory (default: the newest docs/results/bench-*)")
+    ap.add_argument("--results", help="results directory, alone (default: the newest docs/results/bench-*, "
+                                      "with older ones for the benchmarks it did not run)")
     ap.add_argument("--out-md", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--img-dir", default=os.path.join(ROOT, "docs", "benchmarks"))
     a = ap.parse_args()
-    results = os.path.abspath(a.results or latest_results())
-    images = Report(results, a.out_md, a.img_dir).write()
-    print("bench_report: wrote %s and %d figures from %s" % (a.out_md, len(images), os.path.relpath(results, ROOT)))
+    dirs = [os.path.abspath(a.results)] if a.results else campaigns()
+    images = Report(dirs, a.out_md, a.img_dir).write()
+    print("bench_report: wrote %s and %d figures from %s" % (a.out_md, len(images), os.path.relpath(dirs[0], ROOT)))
 
 
 if __name__ == "__main__":
