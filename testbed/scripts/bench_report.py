@@ -159,13 +159,15 @@ class Report:
         self.images.append(path)
         self.w("![%s](%s)\n" % (alt, self.rel(path)))
 
-    def stamp(self, ax, step):
-        """Labels a figure with its run's date and commit."""
+    def stamp_text(self, step):
+        """A figure's label: the step, its run's date and commit, the campaign's command."""
         _, meta, sm = self.src[step]
-        ax.figure.text(0.99, 0.005, "%s · %s · commit %s%s · %s" % (
+        return "%s · %s · commit %s%s · %s" % (
             step, sm.get("started") or meta.get("started", "?"), meta.get("commit", "?"),
-            " + changes" if meta.get("tree_changed") else "", meta.get("command", "")),
-            ha="right", va="bottom", fontsize=7, color="0.4")
+            " + changes" if meta.get("tree_changed") else "", meta.get("command", ""))
+
+    def stamp(self, ax, step):
+        ax.figure.text(0.99, 0.005, self.stamp_text(step), ha="right", va="bottom", fontsize=7, color="0.4")
 
     def provenance(self, step, runs_note):
         d, meta, s = self.src[step]
@@ -546,12 +548,11 @@ class Report:
         self.w("Per-run lines: `%s`. How each column is measured, the workloads and configurations: "
                "[history](%s#migration-issue-13).\n" % (os.path.relpath(os.path.join(self.src["migrate"][0], "migrate.md"), ROOT), HISTORY))
         import plot_migration
-        for w, path in plot_migration.plot_all(r, self.img_dir):
+        for w, path in plot_migration.plot_all(r, self.img_dir, self.stamp_text("migrate")):
             self.images.append(path)
             self.w("![migration %s](%s)\n" % (w, self.rel(path)))
         self.w("(W1/W2: pages the `dirty` guest wrote per second; W3: the kv client's replies per second; shaded: the "
-               "guest paused. Each panel's title names its run; the figures carry no commit stamp of their own: they "
-               "come from this campaign's `migrate.json`.)\n")
+               "guest paused. Each panel's title names its run.)\n")
 
     def write(self):
         self.header()

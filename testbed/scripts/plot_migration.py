@@ -39,7 +39,7 @@ def markers(run):
     return {m["name"]: m["ms"] for m in run.get("markers") or []}
 
 
-def plot(workload, by_config, out_dir):
+def plot(workload, by_config, out_dir, stamp=None):
     picked = [(c, *pick(rs)) for c, rs in by_config]
     picked = [p for p in picked if p[1] is not None]
     if not picked:
@@ -91,15 +91,18 @@ def plot(workload, by_config, out_dir):
                            "dotted: every page there; dash-dotted: understudy migrate started)", fontsize=8)
     fig.text(0.01, 0.5, "%s per second (%g ms buckets)" % (what, b), rotation="vertical", va="center", fontsize=8)
     fig.suptitle("%s: %s per second through each configuration's migration" % (workload, what), fontsize=10)
-    fig.tight_layout(rect=(0.025, 0, 1, 1))
+    fig.tight_layout(rect=(0.025, 0.02 if stamp else 0, 1, 1))
     path = os.path.join(out_dir, "migration-%s.png" % workload)
+    if stamp:  # the run's date and commit, bottom right (bench_report.py)
+        fig.text(0.99, 0.003, stamp, ha="right", va="bottom", fontsize=7, color="0.4")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_all(bench, out_dir):
-    """Plots every workload of a parsed `--json` report into out_dir; returns [(workload, path)]."""
+def plot_all(bench, out_dir, stamp=None):
+    """Plots every workload of a parsed `--json` report into out_dir, each figure labelled with
+    `stamp` when given; returns [(workload, path)]."""
     os.makedirs(out_dir, exist_ok=True)
     workloads, configs = {}, {}
     for r in bench.get("results", []):
@@ -109,7 +112,7 @@ def plot_all(bench, out_dir):
         workloads.setdefault((r["workload"], r["config"]), []).append(r)
     written = []
     for w in sorted(configs):
-        path = plot(w, [(c, workloads[(w, c)]) for c in configs[w]], out_dir)
+        path = plot(w, [(c, workloads[(w, c)]) for c in configs[w]], out_dir, stamp)
         if path:
             written.append((w, path))
         else:
