@@ -185,10 +185,17 @@ def main():
     }
     path = os.path.join(out, "meta.json")
     whole = Window()
-    for s in steps:
-        meta["steps"].append(run_step(s, a.quick, out))
-        with open(path, "w") as f:  # rewritten after every step: an interrupted campaign keeps what ran
+    try:
+        for s in steps:
+            meta["steps"].append(run_step(s, a.quick, out))
+            with open(path, "w") as f:  # rewritten after every step: an interrupted campaign keeps what ran
+                json.dump(meta, f, indent=1)
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        with open(path, "w") as f:
             json.dump(meta, f, indent=1)
+        sys.exit("bench: interrupted; the steps that ended are in %s (`make bench-report` reports them)"
+                 % os.path.relpath(out, ROOT))
     meta["whole"] = whole.stop()
     meta["finished"] = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
     with open(path, "w") as f:
