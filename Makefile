@@ -3,7 +3,7 @@ CARGO ?= cargo
 GUEST_DIR := testbed/guest
 GUEST_ELF := target/guest/understudy-guest
 
-.PHONY: all deps guest build test test-quick demo bench fuzz clean lint
+.PHONY: all deps guest build test test-quick demo bench bench-report fuzz clean lint
 
 all: build guest
 
@@ -32,10 +32,20 @@ demo: deps guest
 	$(CARGO) build --release -p understudy
 	testbed/scripts/demo.sh
 
-# Benchmarks drive the release binary: build it first.
-bench: guest
-	$(CARGO) build --release -p understudy
-	$(CARGO) bench --workspace
+# Every benchmark (testbed/scripts/bench_run.py: transport, codecs, vm, protect, migrate-bench,
+# faults), results stored in docs/results/bench-<date>/ with the commit and the machine's load,
+# then docs/benchmarks.md and its plots (docs/benchmarks/*.png) regenerated from them.
+# BENCH_QUICK=1: fewer points, 3 runs each (~12 min here); the full campaign: ~70 min (estimated).
+# BENCH_ONLY=protect,faults: some steps only (the report takes the others from older campaigns).
+# Needs root and /dev/kvm. The benchmarks drive the release binaries: built first.
+PYTHON3 ?= /usr/bin/python3
+bench: deps guest
+	$(CARGO) build --release -p understudy -p testbed
+	$(PYTHON3) testbed/scripts/bench_run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
+
+# Only regenerates docs/benchmarks.md and its plots from the newest docs/results/bench-*/ (~4 s).
+bench-report:
+	$(PYTHON3) testbed/scripts/bench_report.py
 
 # Every cargo-fuzz target of every fuzz crate (each */fuzz/run.sh: replication-proto, vmm,
 # transport, understudy, failover when present), FUZZ_SECONDS each; docs/fuzzing.md lists them.

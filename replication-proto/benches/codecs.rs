@@ -1,7 +1,7 @@
 //! Codec and pipeline throughput, and bytes on the wire per dirty byte.
 //!
-//! `cargo bench -p replication-proto` (a plain harness: prints markdown tables for
-//! `docs/benchmarks.md`). One thread: every number is per core.
+//! `cargo bench -p replication-proto` (a plain harness: prints markdown tables; `make bench`
+//! puts them in `docs/benchmarks.md`). One thread: every number is per core.
 //!
 //! - **Per page kind**: an epoch of 2,048 dirty 4 KiB pages (8 MiB) that are all of one kind, with
 //!   the sender's cache primed by a baseline as it would be. *encode* is `Sender::submit` (zero
@@ -14,6 +14,8 @@
 //!   dirty byte, with and without lz4 (see the table's legend for the mix).
 //! - **Dedup**: a migration's round 0 and later rounds on a mix with duplicate pages, with
 //!   content-hash dedup on and off (see the table's legend).
+//!
+//! With `BENCH_JSON=FILE` every table's rows are also written there as JSON (`make bench`).
 
 use replication_proto::codec::{CodecConfig, encode_delta};
 use replication_proto::hash::{is_zero, xxh64};
@@ -22,12 +24,21 @@ use replication_proto::{
     Endpoint, MemoryImage, MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig, Transmit,
     VmIdentity,
 };
+use serde_json::{Value, json};
 use std::hint::black_box;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use testbed::harness::rng::XorShift64;
 use testbed::harness::stats::percentile;
 
 const PS: usize = 4096;
+
+/// Every table's rows, by table name, for `BENCH_JSON`.
+static ROWS: Mutex<Vec<(&str, Value)>> = Mutex::new(Vec::new());
+
+fn record(table: &'static str, row: Value) {
+    ROWS.lock().unwrap_or_else(|e| e.into_inner()).push((table, row));
+}
 
 fn vm() -> VmIdentity {
     VmIdentity { uuid: [9; 16], name: "bench".into() }
@@ -214,12 +225,17 @@ fn per_kind() {
         let mut p = pair(base, all, cache);
         let runs: Vec<Run> = (0..REPS).map(|i| p.epoch(epochs(i))).collect();
         let dirty = (N * PS) as u64;
-        println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.1} |",
+        let (encode, receive, apply) = (
             gbps(dirty, median(runs.iter().map(|r| r.encode).collect())),
             gbps(dirty, median(runs.iter().map(|r| r.receive).collect())),
             gbps(dirty, median(runs.iter().map(|r| r.apply).collect())),
-            runs[0].wire as f64 / N as f64
+        );
+        let wire_per_page = runs[0].wire as f64 / N as f64;
+        println!("| {name} | {encode:.2} | {receive:.2} | {apply:.2} | {wire_per_page:.1} |");
+        record(
+            "kinds",
+            json!({ "kind": name, "encode_gbps": encode, "receive_gbps": receive, "apply_gbps": apply,
+                    "wire_bytes_per_page": wire_per_page, "runs": REPS }),
         );
     }
     println!();
@@ -338,6 +354,7 @@ fn primitives() {
     ];
     for (name, v) in rows {
         println!("| {name} | {v:.2} |");
+        record("primitives", json!({ "primitive": name, "gbps": v }));
     }
     println!();
 }
@@ -418,11 +435,15 @@ fn mix() {
                 format!("{:.0}%", 100.0 * n as f64 / pages as f64)
             })
             .collect();
-        println!(
-            "| {name} | {:.3} | {:.2} | {} |",
-            wire as f64 / dirty_bytes as f64,
-            gbps(dirty_bytes, spent),
-            kinds.join(" | ")
+        let (per_dirty_byte, encode) = (wire as f64 / dirty_bytes as f64, gbps(dirty_bytes, spent));
+        println!("| {name} | {per_dirty_byte:.3} | {encode:.2} | {} |", kinds.join(" | "));
+        let shares: Vec<f64> =
+            (0..5).map(|k| (after.pages_by_encoding[k] - before.pages_by_encoding[k]) as f64 / pages as f64).collect();
+        record(
+            "mix",
+            json!({ "codecs": name, "wire_bytes_per_dirty_byte": per_dirty_byte, "encode_gbps": encode,
+                    "share_by_encoding": { "zero": shares[0], "unchanged": shares[1], "raw": shares[2],
+                                           "lz4": shares[3], "delta": shares[4] } }),
         );
     }
     println!();
@@ -516,15 +537,26 @@ fn dedup() {
         let rounds_wire = after.epoch_bytes - round0.epoch_bytes;
         let rounds_bytes = (ROUNDS * DIRTY * PS) as u64;
         wire_by.push((round0_wire, rounds_wire));
+        let row = json!({
+            "dedup": name,
+            "round0_wire_bytes_per_page": round0_wire as f64 / PAGES as f64,
+            "round0_encode_gbps": gbps(PAGES * PS as u64, round0_time),
+            "round0_reference_share": round0_dedup as f64 / PAGES as f64,
+            "rounds_wire_bytes_per_dirty_byte": rounds_wire as f64 / rounds_bytes as f64,
+            "rounds_encode_gbps": gbps(rounds_bytes, spent),
+            "rounds_reference_share": (dedup_pages(&s) - round0_dedup) as f64 / (ROUNDS * DIRTY) as f64,
+        });
+        let n = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "| {name} | {:.0} | {:.2} | {:.1}% | {:.3} | {:.2} | {:.1}% |",
-            round0_wire as f64 / PAGES as f64,
-            gbps(PAGES * PS as u64, round0_time),
-            100.0 * round0_dedup as f64 / PAGES as f64,
-            rounds_wire as f64 / rounds_bytes as f64,
-            gbps(rounds_bytes, spent),
-            100.0 * (dedup_pages(&s) - round0_dedup) as f64 / (ROUNDS * DIRTY) as f64,
+            n("round0_wire_bytes_per_page"),
+            n("round0_encode_gbps"),
+            100.0 * n("round0_reference_share"),
+            n("rounds_wire_bytes_per_dirty_byte"),
+            n("rounds_encode_gbps"),
+            100.0 * n("rounds_reference_share"),
         );
+        record("dedup", row);
     }
     let ((off0, off), (on0, on)) = (wire_by[0], wire_by[1]);
     println!(
@@ -535,6 +567,7 @@ fn dedup() {
 }
 
 fn main() {
+    let load_before = testbed::harness::proc::loadavg();
     // `cargo bench` passes `--bench`; a filter argument picks one table.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
@@ -550,4 +583,13 @@ fn main() {
     if want("dedup") {
         dedup();
     }
+    let mut tables = serde_json::Map::new();
+    for (table, row) in ROWS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        match tables.entry(table).or_insert_with(|| json!([])) {
+            Value::Array(rows) => rows.push(row),
+            _ => unreachable!("every table is an array"),
+        }
+    }
+    let results = json!({ "filter": filter, "tables": tables });
+    testbed::harness::results::write_bench_json("codecs", &load_before, results).expect("write BENCH_JSON");
 }

@@ -39,7 +39,7 @@ def markers(run):
     return {m["name"]: m["ms"] for m in run.get("markers") or []}
 
 
-def plot(workload, by_config, out_dir):
+def plot(workload, by_config, out_dir, stamp=None):
     picked = [(c, *pick(rs)) for c, rs in by_config]
     picked = [p for p in picked if p[1] is not None]
     if not picked:
@@ -91,19 +91,18 @@ def plot(workload, by_config, out_dir):
                            "dotted: every page there; dash-dotted: understudy migrate started)", fontsize=8)
     fig.text(0.01, 0.5, "%s per second (%g ms buckets)" % (what, b), rotation="vertical", va="center", fontsize=8)
     fig.suptitle("%s: %s per second through each configuration's migration" % (workload, what), fontsize=10)
-    fig.tight_layout(rect=(0.025, 0, 1, 1))
+    fig.tight_layout(rect=(0.025, 0.02 if stamp else 0, 1, 1))
     path = os.path.join(out_dir, "migration-%s.png" % workload)
+    if stamp:  # the run's date and commit, bottom right (bench_report.py)
+        fig.text(0.99, 0.003, stamp, ha="right", va="bottom", fontsize=7, color="0.4")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit(__doc__.strip().splitlines()[2])
-    with open(sys.argv[1]) as f:
-        bench = json.load(f)
-    out_dir = sys.argv[2]
+def plot_all(bench, out_dir, stamp=None):
+    """Plots every workload of a parsed `--json` report into out_dir, each figure labelled with
+    `stamp` when given; returns [(workload, path)]."""
     os.makedirs(out_dir, exist_ok=True)
     workloads, configs = {}, {}
     for r in bench.get("results", []):
@@ -111,15 +110,25 @@ def main():
         if r["config"] not in configs[r["workload"]]:
             configs[r["workload"]].append(r["config"])
         workloads.setdefault((r["workload"], r["config"]), []).append(r)
-    written = 0
+    written = []
     for w in sorted(configs):
-        path = plot(w, [(c, workloads[(w, c)]) for c in configs[w]], out_dir)
+        path = plot(w, [(c, workloads[(w, c)]) for c in configs[w]], out_dir, stamp)
         if path:
-            print(path)
-            written += 1
+            written.append((w, path))
         else:
             print("%s: no run carries a series (nothing to plot)" % w, file=sys.stderr)
-    if written == 0:
+    return written
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.strip().splitlines()[2])
+    with open(sys.argv[1]) as f:
+        bench = json.load(f)
+    written = plot_all(bench, sys.argv[2])
+    for _, path in written:
+        print(path)
+    if not written:
         print("no workload in %s carries a series: no plot" % sys.argv[1], file=sys.stderr)
 
 

@@ -12,13 +12,16 @@
 //! `cargo bench -p transport` (env: `BENCH_MIB` bytes per run in MiB, default 512; `BENCH_RUNS`,
 //! default 5; `BENCH_UDP_PAYLOAD`, largest UDP payload, default the tuning's 1452;
 //! `BENCH_BULK_STREAMS`, default the tuning's 4; `BENCH_ONLY=raw|transport` runs one side, for
-//! profiling).
+//! profiling). With `BENCH_JSON=FILE` the runs and medians are also written there as JSON
+//! (`make bench`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::json;
 use testbed::harness::proc::loadavg;
+use testbed::harness::results::write_bench_json;
 use testbed::harness::stats::percentile;
 use transport::certs::{Authority, HostSpec, Identity, Validity};
 use transport::{Endpoint, ProtocolVersions, Tuning, tls};
@@ -158,6 +161,19 @@ fn main() {
         }
     });
     let show = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
+    let med = |v: &[f64]| (!v.is_empty()).then(|| median(v));
+    let results = json!({
+        "mib_per_run": total / MIB,
+        "runs": runs,
+        "max_udp_payload": tuning.max_udp_payload,
+        "bulk_streams": tuning.bulk_streams,
+        "raw_mb_per_s": raw,
+        "transport_mb_per_s": ours,
+        "raw_median_mb_per_s": med(&raw),
+        "transport_median_mb_per_s": med(&ours),
+        "ratio": med(&raw).zip(med(&ours)).map(|(r, o)| o / r),
+    });
+    write_bench_json("transport", &load_before, results).expect("write BENCH_JSON");
     if raw.is_empty() || ours.is_empty() {
         println!("raw quinn: {} MB/s; transport: {} MB/s", show(&raw), show(&ours));
         return;

@@ -1,6 +1,7 @@
 //! VM runtime costs on a live fixture guest: pause, dirty harvest vs dirty pages, state
 //! capture, resume, and in-process restore. Run with `make bench` or
-//! `cargo bench -p vmm --bench vm` (needs /dev/kvm and `make guest`).
+//! `cargo bench -p vmm --bench vm` (needs /dev/kvm and `make guest`). With `BENCH_JSON=FILE` the
+//! rows are also written there as JSON (`make bench`).
 //!
 //! The guest runs `workload=dirty` on one vCPU, which keeps one of the two host cores busy;
 //! this process's measuring thread uses the other.
@@ -8,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use vmm::vm::{Vm, VmConfig};
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -49,7 +51,9 @@ fn main() {
         eprintln!("*** SKIP: vm bench: target/guest/understudy-guest missing: run `make guest` ***");
         return;
     };
+    let load_before = testbed::harness::proc::loadavg();
     let memory = 256u64 << 20;
+    let mut rows = Vec::new();
     println!("# vmm bench: 1 vCPU, {} MiB guest, 2-core host; guest runs workload=dirty on one core", memory >> 20);
     println!();
     println!("## pause / harvest / capture / resume vs dirty pages per harvest");
@@ -94,6 +98,14 @@ fn main() {
             percentile(&capture, 0.99),
             percentile(&resume, 0.5),
         );
+        rows.push(json!({
+            "rate_pages_per_s": rate, "interval_ms": interval_ms, "rounds": pages.len(),
+            "dirty_pages_p50": percentile(&pages, 0.5),
+            "pause_us_p50": percentile(&pause, 0.5), "pause_us_p99": percentile(&pause, 0.99),
+            "harvest_us_p50": percentile(&harvest, 0.5), "harvest_us_p99": percentile(&harvest, 0.99),
+            "capture_us_p50": percentile(&capture, 0.5), "capture_us_p99": percentile(&capture, 0.99),
+            "resume_us_p50": percentile(&resume, 0.5),
+        }));
         vm.shutdown();
     }
 
@@ -118,4 +130,10 @@ fn main() {
     println!("|---|---|---|");
     let n = restore.len();
     println!("| {:.0} | {:.0} | {n} |", percentile(&restore, 0.5), percentile(&restore, 0.99));
+    let results = json!({
+        "memory_mib": memory >> 20,
+        "checkpoint_steps": rows,
+        "restore": { "runs": n, "us_p50": percentile(&restore, 0.5), "us_p99": percentile(&restore, 0.99) },
+    });
+    testbed::harness::results::write_bench_json("vm", &load_before, results).expect("write BENCH_JSON");
 }

@@ -1,7 +1,7 @@
 //! Scaffolding for the tests, benches and harnesses of every crate: child processes killed on
 //! drop ([`proc`]), network namespaces with TAP devices and bridges ([`netns`]), bounded waits
 //! ([`wait`]), seeded generators ([`rng`]), percentiles and medians ([`stats`]), directories
-//! removed on drop ([`tempdir`]) and the flag that turns SIGINT into a clean-up
+//! removed on drop ([`tempdir`]), benches' JSON results ([`results`]) and the flag that turns SIGINT into a clean-up
 //! ([`interrupt`]). Nothing here knows the `understudy` binary: callers pass programs, paths
 //! and arguments in.
 //!
@@ -16,6 +16,7 @@
 pub mod interrupt;
 pub mod netns;
 pub mod proc;
+pub mod results;
 pub mod rng;
 pub mod stats;
 pub mod tempdir;

@@ -1,0 +1,63 @@
+//! Machine-readable benchmark results. Every bench prints its tables and, when `BENCH_JSON`
+//! names a file (`make bench` sets it, see `testbed/scripts/bench_run.py`), also writes its
+//! numbers there as one JSON object, which `testbed/scripts/bench_report.py` turns into
+//! docs/benchmarks.md and its plots.
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::proc::loadavg;
+
+/// The file `BENCH_JSON` names, if any.
+pub fn bench_json_path() -> Option<PathBuf> {
+    std::env::var_os("BENCH_JSON").filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
+/// Adds `bench`, the machine's cores, the load average before (`load_before`, as the bench read
+/// it at its start) and now, and the time to `results` (an object), and writes it to
+/// `$BENCH_JSON` when that is set. Returns the path written, if any.
+pub fn write_bench_json(bench: &str, load_before: &str, results: Value) -> Result<Option<PathBuf>> {
+    let Some(path) = bench_json_path() else { return Ok(None) };
+    write_bench_json_to(&path, bench, load_before, results)?;
+    Ok(Some(path))
+}
+
+/// [`write_bench_json`] to `path`.
+fn write_bench_json_to(path: &Path, bench: &str, load_before: &str, mut results: Value) -> Result<()> {
+    let obj = results.as_object_mut().context("bench results must be a JSON object")?;
+    obj.insert("bench".into(), json!(bench));
+    obj.insert("cores".into(), json!(std::thread::available_parallelism().map_or(0, |n| n.get())));
+    obj.insert("load_before".into(), json!(load_before));
+    obj.insert("load_after".into(), json!(loadavg()));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    obj.insert("finished_unix_s".into(), json!(now));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&results)?;
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    eprintln!("bench: {bench} results in {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_written_with_the_machine_added() {
+        let dir = crate::harness::tempdir::TempDir::for_process("us-results-test", false).unwrap();
+        let path = dir.join("sub/x.json");
+        write_bench_json_to(&path, "demo", "0.1 0.2 0.3", json!({ "rows": [1, 2] })).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["bench"], "demo");
+        assert_eq!(v["rows"], json!([1, 2]));
+        assert_eq!(v["load_before"], "0.1 0.2 0.3");
+        assert!(v["cores"].as_u64().unwrap() >= 1);
+        assert!(v["finished_unix_s"].as_u64().unwrap() > 0);
+        let err = write_bench_json_to(&path, "demo", "", json!([1])).unwrap_err();
+        assert!(err.to_string().contains("must be a JSON object"), "{err}");
+    }
+}
