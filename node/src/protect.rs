@@ -326,7 +326,7 @@ impl Protection {
         // Epochs as protection's (output ends them 500 µs after the first held frame), but a
         // silent guest's up to 200 ms: during post-copy the CPU the epochs take is the pages'
         // (W1/W2 of the migration bench: total 1.4-1.5x without reverse checkpoints at 50 ms,
-        // 1.2-1.3x at 200 ms; docs/benchmarks.md), and a silent guest's clients wait on none.
+        // 1.2-1.3x at 200 ms; docs/benchmarks-history.md), and a silent guest's clients wait on none.
         let mut cfg = EngineConfig { reverse: true, ..EngineConfig::default() };
         cfg.timing.max = REVERSE_EPOCH_MAX;
         let link_cfg = LinkConfig {

@@ -287,7 +287,7 @@ pub fn decode_page(encoding: PageEncoding, data: &[u8], page: &mut [u8]) -> Resu
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodecConfig {
     /// Try lz4 on pages without a usable delta (costs CPU: ~0.5 GB/s on text, see
-    /// `docs/benchmarks.md`; turn off when the link is faster than that).
+    /// `docs/benchmarks-history.md`; turn off when the link is faster than that).
     pub lz4: bool,
     /// Send deltas against the copy last sent.
     pub delta: bool,
