@@ -15,9 +15,20 @@ PIDS=()
 if [ -t 1 ]; then BOLD=$'\033[1m'; PLAIN=$'\033[0m'; else BOLD=; PLAIN=; fi
 say() { printf '%s[demo %5.1fs]%s %s\n' "$BOLD" "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{print a-b}')" "$PLAIN" "$*"; }
 cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+    local rc=$?
+    # Quietly: no job-control "Killed" lines for the processes we stop ourselves.
+    { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" && wait "$p"; done; } 2>/dev/null || true
     ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$D"
+    if [ "$rc" -ne 0 ]; then
+        echo "demo: FAILED (exit $rc); the logs are kept in $D:" >&2
+        for f in primary.log backup.log witness.log client.log; do
+            [ -s "$D/$f" ] || continue
+            echo "--- $f (last 12 lines)" >&2
+            sed 's/\x1b\[[0-9;]*m//g' "$D/$f" | tail -n 12 | cut -c1-220 >&2
+        done
+    else
+        rm -rf "$D"
+    fi
 }
 trap cleanup EXIT
 T0=$(date +%s.%N)
