@@ -801,7 +801,7 @@ fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: 
     let dirty_per_s = at(&w, "dirty_pages_per_epoch_mean") * at(&w, "epochs_per_s");
     let vcpu_prot = at(&w, "cpu_ms_per_s/vcpu");
     Ok(json!({
-        "variant": var.label, "epoch_ms_set": epoch_ms, "sync_s": sync.as_secs_f64(),
+        "variant": var.label, "protect_variant": variants()[VARIANT.get()].0, "epoch_ms_set": epoch_ms, "sync_s": sync.as_secs_f64(),
         "unprotected": u1, "protected": w, "unprotected_after": u2,
         "slowdown_pct": 100.0 * (1.0 - prot / base),
         "dirty_pages_per_s": dirty_per_s,
@@ -818,7 +818,7 @@ fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: 
     }))
 }
 
-fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
+fn dirty_table(v: usize, results: &[((u64, usize), Vec<Value>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{}:\n", DIRTY_VARIANTS[v].label);
     let last = if v == 0 {
@@ -831,9 +831,10 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
         "| epoch ms (set) | epochs/s | dirty pages/epoch | unprotected pages/s | protected pages/s | slowdown % (per run) | floor % (pages/s × 4 µs) | pause share % | vCPU ms/s unprot → prot | {last} |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|{}", if v == 0 { "" } else { "---|" });
-    for (e, runs) in results {
+    for ((e, pv), runs) in results {
+        let label = format!("{}{}", epoch_label(*e), variant_label(*pv));
         if runs.is_empty() {
-            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | |", epoch_label(*e));
+            let _ = writeln!(s, "| {} | all runs failed | | | | | | | | |", label);
             continue;
         }
         let base: Vec<f64> = runs
@@ -857,7 +858,7 @@ fn dirty_table(v: usize, results: &[(u64, Vec<Value>)]) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | **{}** ({}) | {} | {} | {} → {} | {tail} |",
-            epoch_label(*e),
+            label,
             f(med(runs, "protected/epochs_per_s"), 1),
             f(med(runs, "protected/dirty_pages_per_epoch_mean"), 0),
             f(median(base), 0),
@@ -1226,17 +1227,20 @@ fn main() -> Result<()> {
         raw["pause"] = json!(pause_results.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
     }
 
-    let mut dirty_results: Vec<Vec<(u64, Vec<Value>)>> = Vec::new();
+    let mut dirty_results: Vec<Vec<((u64, usize), Vec<Value>)>> = Vec::new();
     if cfg.wants("dirty") {
         let _ = writeln!(report, "\n### 2. Slowdown of the dirty guest, protected vs unprotected\n");
         for (v, var) in DIRTY_VARIANTS.iter().enumerate() {
             let r = run_all(
                 "dirty",
-                &cfg.epochs_ms,
+                &with_variants(&cfg.epochs_ms),
                 cfg.runs,
-                |e, run| dirty_run(&cfg, top.path(), &certs, v, *e, run),
+                |(e, pv), run| {
+                    VARIANT.set(*pv);
+                    dirty_run(&cfg, top.path(), &certs, v, *e, run)
+                },
                 &mut failures,
-                |e| format!("{} epoch {}", var.label, epoch_label(*e)),
+                |(e, pv)| format!("{} epoch {}{}", var.label, epoch_label(*e), variant_label(*pv)),
             );
             report.push_str(&dirty_table(v, &r));
             report.push('\n');
@@ -1278,9 +1282,9 @@ fn main() -> Result<()> {
         );
     }
     for (v, res) in dirty_results.iter().enumerate() {
-        for (e, runs) in res {
+        for ((e, pv), runs) in res {
             let short = if v == 0 { "dirty rate=10000" } else { "dirty wss=1 CPU-bound" };
-            bytes_rows(&mut report, &format!("{short} @{}", epoch_label(*e)), runs);
+            bytes_rows(&mut report, &format!("{short} @{}{}", epoch_label(*e), variant_label(*pv)), runs);
         }
     }
     for ((e, v), runs) in &kv_results {
