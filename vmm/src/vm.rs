@@ -296,8 +296,15 @@ fn virtio_irq(vm_fd: &VmFd, index: u32) -> Result<EventFd, VmError> {
     Ok(evt)
 }
 
+/// How long opening a TAP waits while another process still holds it (a dead VMM on this host
+/// whose descriptors are not released yet).
+const TAP_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn open_tap(name: &str) -> Result<Arc<Tap>, VmError> {
-    let tap = Tap::open(name).map_err(|e| VmError::Net(format!("open tap {name}: {e}")))?;
+    let tap = Tap::open_waiting(name, TAP_BUSY_WAIT).map_err(|e| {
+        let why = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+        VmError::Net(format!("open tap {name}: {e}{why}"))
+    })?;
     tap.set_up().map_err(|e| VmError::Net(format!("bring tap {name} up: {e}")))?;
     Ok(Arc::new(tap))
 }

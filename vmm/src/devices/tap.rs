@@ -101,6 +101,38 @@ impl Tap {
         Ok(Tap { fd: file.into(), name: actual })
     }
 
+    /// [`Tap::open`], waiting up to `wait` while the interface is busy (`EBUSY`: still attached
+    /// to another process, such as a killed VMM on this host whose descriptors the kernel has
+    /// not released yet: a backup promoted on the same host as its dead primary).
+    pub fn open_waiting(name: &str, wait: std::time::Duration) -> Result<Tap, TapError> {
+        let t0 = std::time::Instant::now();
+        let mut warned = false;
+        loop {
+            match Tap::open(name) {
+                Err(TapError::SetIff { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && t0.elapsed() < wait =>
+                {
+                    if !warned {
+                        tracing::warn!(tap = name, "tap busy (still attached to another process): waiting for it");
+                        warned = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Ok(tap) => {
+                    if warned {
+                        tracing::info!(
+                            tap = name,
+                            waited_ms = t0.elapsed().as_millis() as u64,
+                            "tap free again: opened"
+                        );
+                    }
+                    return Ok(tap);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Wraps a descriptor that already carries whole frames (a TAP opened elsewhere, or one
     /// end of a `SOCK_SEQPACKET`/`SOCK_DGRAM` socket pair) and makes it non-blocking.
     pub fn from_fd(fd: OwnedFd, name: &str) -> Result<Tap, TapError> {
@@ -204,6 +236,27 @@ pub(crate) mod tests {
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         (Tap::from_fd(a, "pair0").unwrap(), b)
+    }
+
+    /// A TAP held by someone else is waited for (EBUSY), up to the bound; needs root and
+    /// /dev/net/tun (fails loudly without them).
+    #[test]
+    fn a_busy_tap_is_waited_for_until_its_holder_lets_go() {
+        let held = Tap::open("ustb%d").expect("needs root and /dev/net/tun to create a TAP");
+        let name = held.name().to_string();
+        // Still held: a short wait ends in EBUSY, named.
+        let e = Tap::open_waiting(&name, std::time::Duration::from_millis(30)).unwrap_err();
+        assert!(matches!(&e, TapError::SetIff { source, .. } if source.raw_os_error() == Some(libc::EBUSY)), "{e:?}");
+        // Let go after 150 ms: the wait ends then, with the TAP.
+        let t0 = std::time::Instant::now();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            drop(held);
+        });
+        let tap = Tap::open_waiting(&name, std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(tap.name(), name);
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(100), "{:?}", t0.elapsed());
+        holder.join().unwrap();
     }
 
     #[test]
