@@ -818,7 +818,10 @@ fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: 
     }))
 }
 
-fn dirty_table(v: usize, results: &[((u64, usize), Vec<Value>)]) -> String {
+/// One point's runs: (epoch setting, `BENCH_VARIANTS` index) and every run's results.
+type PointRuns = ((u64, usize), Vec<Value>);
+
+fn dirty_table(v: usize, results: &[PointRuns]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{}:\n", DIRTY_VARIANTS[v].label);
     let last = if v == 0 {
@@ -1005,7 +1008,7 @@ fn kv_run(cfg: &Cfg, top: &Path, certs: &Path, epoch_ms: u64, run: usize) -> Res
     }))
 }
 
-fn kv_table(results: &[((u64, usize), Vec<Value>)]) -> String {
+fn kv_table(results: &[PointRuns]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -1227,7 +1230,7 @@ fn main() -> Result<()> {
         raw["pause"] = json!(pause_results.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
     }
 
-    let mut dirty_results: Vec<Vec<((u64, usize), Vec<Value>)>> = Vec::new();
+    let mut dirty_results: Vec<Vec<PointRuns>> = Vec::new();
     if cfg.wants("dirty") {
         let _ = writeln!(report, "\n### 2. Slowdown of the dirty guest, protected vs unprotected\n");
         for (v, var) in DIRTY_VARIANTS.iter().enumerate() {
