@@ -252,11 +252,13 @@ impl LinkShared {
         }
     }
 
-    /// A buffer for `bytes` of pages: a recycled one if there is one.
-    fn buffer(&self, bytes: usize) -> Vec<u8> {
+    /// A buffer for `bytes` of pages: a recycled one if there is one; true if it already had
+    /// room (warm: no page faults while copying into it).
+    fn buffer(&self, bytes: usize) -> (Vec<u8>, bool) {
         let mut buf = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let warm = buf.capacity() >= bytes;
         buf.reserve(bytes);
-        buf
+        (buf, warm)
     }
 
     fn started(&self) {
@@ -691,7 +693,8 @@ impl Engine {
             let t_harvest = t0.elapsed();
             failover::failpoint::hit("primary.harvest");
             let pfns: Vec<u64> = dirty.pages().collect();
-            let mut data = self.link.buffer(pfns.len() * PAGE_SIZE);
+            let (mut data, warm) = self.link.buffer(pfns.len() * PAGE_SIZE);
+            let helped_before = self.copier.as_ref().map_or(0, |c| c.helped());
             let (state, t_state) = match self.copier.as_mut() {
                 // The state is captured while the helper starts on the pages, then both copy.
                 Some(c) => {
@@ -715,6 +718,8 @@ impl Engine {
                 seq,
                 pages = pfns.len(),
                 parallel = self.copier.is_some(),
+                warm,
+                helper_pages = self.copier.as_ref().map_or(0, |c| c.helped()) - helped_before,
                 stop_us = t_paused.as_micros() as u64,
                 harvest_us = (t_harvest - t_paused).as_micros() as u64,
                 state_done_us = (t_state - t_harvest).as_micros() as u64,
