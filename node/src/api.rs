@@ -279,7 +279,7 @@ mod tests {
             epoch_min_ms: seed.wrapping_mul(3),
             epoch_max_ms: u64::MAX - seed,
             output_coalesce_us: seed % 1000,
-            output_idle_end: seed % 2 == 0,
+            output_idle_end: seed.is_multiple_of(2),
             pause_copy_threads: (seed % 2) as u8 + 1,
             verify_every: seed >> 3,
             degrade_after_ms: seed ^ 0xff,
