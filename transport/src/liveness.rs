@@ -376,10 +376,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 async fn serve_hello(mut stream: TcpStream, peer: SocketAddr, slot: PendingSlot) {
     let connected = Instant::now();
     let mut hello = [0u8; 40];
-    let acknowledge = match tokio::time::timeout_at(connected + HELLO_TIMEOUT, stream.read_exact(&mut hello)).await {
-        Ok(Ok(_)) if &hello[..8] == MAGIC => true,
-        Ok(Ok(_)) if &hello[..8] == MAGIC_V1 => false,
-        _ => {
+    let acknowledge = match read_hello(&mut stream, &mut hello, connected + HELLO_TIMEOUT).await {
+        Hello::Current => true,
+        Hello::V1 => false,
+        // A reachability probe (the re-protector's, a load balancer's): nothing to warn about.
+        Hello::Silent => {
+            tracing::debug!(%peer, "liveness: a connection closed before sending anything");
+            return;
+        }
+        Hello::Invalid => {
             tracing::warn!(%peer, "liveness: refused a connection without a valid hello");
             return;
         }
@@ -411,6 +416,36 @@ async fn serve_hello(mut stream: TcpStream, peer: SocketAddr, slot: PendingSlot)
     if let Err(stream) = handover.send(stream) {
         // The session stopped watching in the meantime: it is over, so say goodbye.
         drop(Line::spawn(stream));
+    }
+}
+
+/// What a connection sent before its hello's deadline.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    /// A hello of this version (acknowledged).
+    Current,
+    /// A hello of the first version (not acknowledged).
+    V1,
+    /// Nothing: the peer closed the connection before sending a byte.
+    Silent,
+    /// Anything else: a wrong magic, a short hello, an error, or silence until the deadline.
+    Invalid,
+}
+
+/// Reads a hello into `hello` until `deadline`.
+async fn read_hello(stream: &mut TcpStream, hello: &mut [u8; 40], deadline: Instant) -> Hello {
+    let mut got = 0;
+    while got < hello.len() {
+        match tokio::time::timeout_at(deadline, stream.read(&mut hello[got..])).await {
+            Ok(Ok(0)) if got == 0 => return Hello::Silent,
+            Ok(Ok(0) | Err(_)) | Err(_) => return Hello::Invalid,
+            Ok(Ok(n)) => got += n,
+        }
+    }
+    match &hello[..8] {
+        m if m == MAGIC => Hello::Current,
+        m if m == MAGIC_V1 => Hello::V1,
+        _ => Hello::Invalid,
     }
 }
 
@@ -532,6 +567,37 @@ mod tests {
         assert!(within(300, raw.read(&mut buf)).await.is_none(), "nothing is written to an old primary");
         raw.write_all(&[BYE]).await.unwrap();
         assert_eq!(within(2000, backup.ended()).await, Some(End::Bye));
+    }
+
+    /// What `send` (then a close) on a fresh connection reads as, on the listening side.
+    async fn hello_of(send: &[u8]) -> Hello {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        client.write_all(send).await.unwrap();
+        drop(client);
+        let mut hello = [0u8; 40];
+        read_hello(&mut server, &mut hello, Instant::now() + Duration::from_secs(2)).await
+    }
+
+    /// A probe that connects and closes without a byte (the re-protector checking a standby
+    /// is up) is `Silent` (logged at debug); garbage, a short hello or a wrong magic is
+    /// `Invalid` (a warning); hellos of both versions are read whole.
+    #[tokio::test]
+    async fn a_silent_probe_is_not_an_invalid_hello() {
+        assert_eq!(hello_of(&[]).await, Hello::Silent);
+        assert_eq!(hello_of(&[0u8; 40]).await, Hello::Invalid);
+        assert_eq!(hello_of(b"GET / HTTP/1.1\r\n\r\n").await, Hello::Invalid);
+        assert_eq!(hello_of(&hello(MAGIC, &T)[..20]).await, Hello::Invalid);
+        assert_eq!(hello_of(&hello(MAGIC, &T)).await, Hello::Current);
+        assert_eq!(hello_of(&hello(MAGIC_V1, &T)).await, Hello::V1);
+        // Connected and silent until the deadline: invalid (it held a pending slot).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 40];
+        let silent = read_hello(&mut server, &mut buf, Instant::now() + Duration::from_millis(100)).await;
+        assert_eq!(silent, Hello::Invalid);
     }
 
     #[tokio::test]

@@ -32,27 +32,6 @@ while True:
         c = Client((host, 11211), connect_timeout=5, timeout=5)
 "#;
 
-/// The arbitration flags of node `id` (1 = the primary's host, 2 = the backup's, 3 = witness).
-fn agent(raft: &Path, certs: &Path, id: usize, ports: [u16; 3]) -> Vec<String> {
-    let mut v = vec![
-        "--arbiter-id".to_string(),
-        id.to_string(),
-        "--arbiter-listen".into(),
-        format!("127.0.0.1:{}", ports[id - 1]),
-        "--arbiter-data".into(),
-        raft.join(format!("raft{id}")).to_string_lossy().into_owned(),
-        "--arbiter-certs".into(),
-        certs.to_string_lossy().into_owned(),
-        "--arbiter-name".into(),
-        NAMES[id - 1].into(),
-    ];
-    for peer in (1..=3).filter(|&p| p != id) {
-        v.push("--arbiter-peer".into());
-        v.push(format!("{peer}={}@127.0.0.1:{}", NAMES[peer - 1], ports[peer - 1]));
-    }
-    v
-}
-
 fn acked(lines: &Mutex<Vec<String>>) -> usize {
     lines.lock().unwrap().iter().filter(|l| l.starts_with("ok ")).count()
 }
@@ -153,7 +132,7 @@ fn a_promoted_vm_protects_itself_to_its_standby_and_a_second_failover_loses_noth
             "500",
         ]));
         a.extend(strings(&["--reprotect-verify-every", "4"]));
-        a.extend(agent(d, &certs, id, ports));
+        a.extend(agent_args(d, &certs, id, ports));
         a
     };
     let (b_sock, s_sock) = (d.join("b.sock"), d.join("s.sock"));
@@ -162,7 +141,7 @@ fn a_promoted_vm_protects_itself_to_its_standby_and_a_second_failover_loses_noth
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     let mut pargs = vm_args(&cmdline, "64M", &d.join("p-serial.log"), &p_sock);
     pargs.extend(strings(&["--tap", "tap0"]));
-    pargs.extend(agent(d, &certs, 1, ports));
+    pargs.extend(agent_args(d, &certs, 1, ports));
     let mut primary = spawn("primary", pargs);
     wait_for(&p_sock, Duration::from_secs(30), &mut primary, "primary api", |_| p_sock.exists());
     let (ok, out, err) = run(&[

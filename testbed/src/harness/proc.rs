@@ -178,8 +178,8 @@ mod tests {
 
     #[test]
     fn procs_are_killed_on_drop_and_report_their_stderr() {
-        let dir = std::env::temp_dir().join(format!("testbed-proc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let mut p = Proc::start(
             Command::new("sh").args(["-c", "echo one >&2; echo two >&2; exec sleep 30"]),
             "sleeper",
@@ -202,7 +202,6 @@ mod tests {
         let mut q = Proc::start(&mut Command::new("true"), "quick", dir.join("quick.stderr")).unwrap();
         assert!(q.wait_exit(Duration::from_secs(5)).is_some_and(|s| s.success()));
         assert!(!q.alive());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -161,8 +161,8 @@ mod tests {
 
     #[test]
     fn files_are_read_as_they_grow() {
-        let dir = std::env::temp_dir().join(format!("testbed-wait-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("serial.log");
         assert_eq!(read_text(&p), "", "a missing file reads empty");
         std::fs::write(&p, "ready\n").unwrap();
@@ -177,7 +177,6 @@ mod tests {
         let child = Command::new("sh").args(["-c", "echo out"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         let out = wait_with_timeout(child.unwrap(), Duration::from_secs(5));
         assert_eq!(out.stdout, b"out\n");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -60,8 +60,8 @@ mod tests {
 
     #[test]
     fn writes_every_file_qemu_reads() {
-        let dir = std::env::temp_dir().join(format!("us-mb-tls-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qemu-tls");
         write_qemu_certs(&dir).unwrap();
         for f in QEMU_CERT_FILES {
             let text = std::fs::read_to_string(dir.join(f)).unwrap();
@@ -72,6 +72,5 @@ mod tests {
         let server = std::fs::read_to_string(dir.join("server-cert.pem")).unwrap();
         let client = std::fs::read_to_string(dir.join("client-cert.pem")).unwrap();
         assert_ne!(server, client);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

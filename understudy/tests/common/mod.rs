@@ -356,3 +356,26 @@ else:
             print("missing", i, v[:40] if v else None, flush=True)
     print("bad", bad, flush=True)
 "#;
+
+/// The arbitration flags of node `id` of a three-node group (1 = the primary's host,
+/// 2 = the backup's, 3 = the witness) on 127.0.0.1 `ports`, raft data under `raft`.
+pub fn agent_args(raft: &Path, certs: &Path, id: usize, ports: [u16; 3]) -> Vec<String> {
+    const NAMES: [&str; 3] = ["primary", "backup", "witness"];
+    let mut v = vec![
+        "--arbiter-id".to_string(),
+        id.to_string(),
+        "--arbiter-listen".into(),
+        format!("127.0.0.1:{}", ports[id - 1]),
+        "--arbiter-data".into(),
+        raft.join(format!("raft{id}")).to_string_lossy().into_owned(),
+        "--arbiter-certs".into(),
+        certs.to_string_lossy().into_owned(),
+        "--arbiter-name".into(),
+        NAMES[id - 1].into(),
+    ];
+    for peer in (1..=3).filter(|&p| p != id) {
+        v.push("--arbiter-peer".into());
+        v.push(format!("{peer}={}@127.0.0.1:{}", NAMES[peer - 1], ports[peer - 1]));
+    }
+    v
+}
