@@ -163,6 +163,13 @@ pub fn render(status: &Status) -> String {
             let state = serde_json::to_value(vm.state).ok();
             let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
             w.state_set("understudy_vm_state", "state", "The VM's state.", &["running", "paused", "stopped"], state);
+            if let crate::status::Origin::Promoted { replayed_frames, .. } = &vm.origin {
+                w.counter(
+                    "understudy_promotion_replayed_frames_total",
+                    "Inbound frames replayed into this guest when it was promoted.",
+                    *replayed_frames,
+                );
+            }
             render_protection(&mut w, vm.protection.as_ref());
             if let Some(m) = &vm.migration {
                 render_migration_source(&mut w, m);
@@ -223,6 +230,23 @@ fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
         "Raw harvested bytes handed to the sender, before encoding.",
         p.raw_bytes_sent,
     );
+    if let Some(i) = &p.inbound {
+        w.counter(
+            "understudy_inbound_forwarded_frames_total",
+            "Frames delivered to the guest and forwarded to the backup's inbound log.",
+            i.forwarded_frames,
+        );
+        w.counter(
+            "understudy_inbound_queue_dropped_frames_total",
+            "Delivered frames not forwarded because the forwarding queue was full.",
+            i.queue_dropped_frames,
+        );
+        w.counter(
+            "understudy_inbound_refused_frames_total",
+            "Delivered frames the replication session refused to forward (backlog, link down).",
+            i.refused_frames,
+        );
+    }
 }
 
 fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
@@ -245,6 +269,29 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         s.failed_sessions,
     );
     w.counter("understudy_backup_pages_written_total", "Pages written into the replica.", s.pages);
+    let i = &s.inbound_log;
+    w.gauge("understudy_backup_inbound_log_frames", "Frames in the inbound log now.", i.frames as f64);
+    w.gauge("understudy_backup_inbound_log_bytes", "Bytes of the frames in the inbound log now.", i.bytes as f64);
+    w.counter(
+        "understudy_backup_inbound_received_frames_total",
+        "Frames the primary forwarded to the inbound log.",
+        i.received_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_pruned_frames_total",
+        "Inbound frames dropped because their epoch was committed.",
+        i.pruned_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_overflow_frames_total",
+        "Inbound frames dropped to keep the log within its bounds.",
+        i.overflow_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_replayed_frames_total",
+        "Inbound frames replayed into the promoted guest.",
+        i.replayed_frames,
+    );
 }
 
 fn render_migration_source(w: &mut Writer, m: &primary::migrate::MigrationStatus) {

@@ -153,6 +153,8 @@ pub struct Protection {
     pub stats: Arc<Stats>,
     pub output: Option<Arc<OutputBuffer>>,
     pub journal: Journal,
+    /// Input forwarding to the backup's inbound log (with a net device).
+    inbound: Option<Arc<primary::inbound::Inbound>>,
     engine: Option<std::thread::JoinHandle<Result<(), primary::engine::EngineError>>>,
     link: Option<tokio::task::JoinHandle<()>>,
 }
@@ -199,7 +201,8 @@ impl Protection {
         } else {
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
         };
-        let link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
+        let mut link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
+        link_cfg.inbound = install_inbound(vm, output.as_ref());
         let degrade = Duration::from_millis(req.degrade_after_ms);
         let p = Self::spawn(vm, output, sender, cfg, link_cfg, degrade, backup_lost, rt, "epoch-engine")?;
         tracing::info!(backup = %req.backup, "protection starting");
@@ -223,6 +226,7 @@ impl Protection {
         let stats = Arc::new(Stats::new(link_cfg.backup.to_string()));
         let shared = Arc::new(LinkShared::default());
         let journal: Journal = Arc::new(Mutex::new(Vec::new()));
+        let inbound = link_cfg.inbound.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
         let link = rt.spawn(primary::link::run(
             link_cfg,
@@ -247,7 +251,7 @@ impl Protection {
         }
         let engine =
             std::thread::Builder::new().name(thread.into()).spawn(move || engine.run()).map_err(ProtectError::Spawn)?;
-        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
+        Ok(Self { shared, stats, output, journal, inbound, engine: Some(engine), link: Some(link) })
     }
 
     /// Reverse checkpoints of a post-copy destination (`docs/failure-model.md`): checkpoints
@@ -318,12 +322,17 @@ impl Protection {
     /// The status report.
     pub fn report(&self) -> primary::stats::StatusReport {
         let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
-        self.stats.report(held)
+        let mut r = self.stats.report(held);
+        r.inbound = self.inbound.as_ref().map(|i| i.report());
+        r
     }
 
     /// Stops protecting; output flows straight to the TAP again.
     pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
         self.halt(rt);
+        if self.inbound.is_some() {
+            set_rx_observer(vm, None);
+        }
         if let Some(o) = &self.output {
             o.set_passthrough(true);
             primary::output::restore_plain_sink(vm)?;
@@ -331,6 +340,27 @@ impl Protection {
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())
     }
+}
+
+/// Input forwarding for `vm`'s net device (if it has one and output is held): frames are tagged
+/// with the output buffer's epoch, so the boundary is the same exact pause.
+fn install_inbound(
+    vm: &Arc<Mutex<Vm>>,
+    output: Option<&Arc<OutputBuffer>>,
+) -> Option<Arc<primary::inbound::Inbound>> {
+    let output = output?;
+    let inbound = primary::inbound::Inbound::new(primary::inbound::DEFAULT_QUEUE_FRAMES);
+    output.set_inbound(Some(Arc::clone(&inbound)));
+    set_rx_observer(vm, Some(Arc::clone(&inbound) as Arc<dyn vmm::devices::virtio::net::RxObserver>))
+        .then_some(inbound)
+}
+
+/// Installs (or removes) the net device's receive observer; false without a net device.
+fn set_rx_observer(vm: &Arc<Mutex<Vm>>, observer: Option<Arc<dyn vmm::devices::virtio::net::RxObserver>>) -> bool {
+    let g = vm.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(net) = g.net() else { return false };
+    net.lock().unwrap_or_else(|e| e.into_inner()).device().set_rx_observer(observer);
+    true
 }
 
 /// Checks a protect request before starting.

@@ -22,6 +22,9 @@ pub enum Origin {
         memory_digest: String,
         /// Milliseconds from the promote request to the guest running.
         promote_ms: f64,
+        /// Frames of the inbound log replayed into the guest before it resumed (delivered by the
+        /// primary after the replica's checkpoint).
+        replayed_frames: u64,
     },
     /// A migration destination waiting for, or receiving, a migration; no VM runs yet.
     Destination {
@@ -246,7 +249,7 @@ mod tests {
                 "state"
             ]
         );
-        let promoted = Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0 };
+        let promoted = Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0, replayed_frames: 1 };
         let p = serde_json::to_value(promoted).unwrap();
         assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms"]);
         assert_eq!(p["kind"], "promoted");

@@ -78,9 +78,10 @@ fn origin(o: &Value) -> String {
         Some("booted") => format!("booted from {}", s(o, "kernel").unwrap_or("?")),
         Some("restored") => format!("restored from snapshot {}", s(o, "from").unwrap_or("?")),
         Some("promoted") => format!(
-            "promoted from the replica of epoch {} ({:.1} ms to run)",
+            "promoted from the replica of epoch {} ({:.1} ms to run, {} inbound frames replayed)",
             count(u(o, "epoch").unwrap_or(0)),
-            f(o, "promote_ms").unwrap_or(0.0)
+            f(o, "promote_ms").unwrap_or(0.0),
+            count(u(o, "replayed_frames").unwrap_or(0))
         ),
         Some("migrated") => format!(
             "migrated from {} at epoch {} (resumed {:.1} ms after the hand-over)",
@@ -135,6 +136,15 @@ fn protection(p: &Value, out: &mut Vec<String>) {
         bytes(f(p, "bytes_sent").unwrap_or(0.0)),
         bytes(f(p, "raw_bytes_sent").unwrap_or(0.0))
     ));
+    if let Some(i) = p.get("inbound").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  inbound frames {} to the backup's log: {} forwarded, {} dropped (queue full), {} refused",
+            if i.get("active").and_then(Value::as_bool) == Some(true) { "go" } else { "do not go" },
+            count(u(i, "forwarded_frames").unwrap_or(0)),
+            count(u(i, "queue_dropped_frames").unwrap_or(0)),
+            count(u(i, "refused_frames").unwrap_or(0))
+        ));
+    }
 }
 
 fn backup(b: &Value, out: &mut Vec<String>) {
@@ -160,6 +170,17 @@ fn backup(b: &Value, out: &mut Vec<String>) {
         count(u(b, "rejected").unwrap_or(0)),
         count(u(b, "pages").unwrap_or(0))
     ));
+    if let Some(i) = b.get("inbound_log").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  inbound log {} frames ({}); {} received, {} pruned at commit, {} overflowed, {} replayed",
+            count(u(i, "frames").unwrap_or(0)),
+            bytes(f(i, "bytes").unwrap_or(0.0)),
+            count(u(i, "received_frames").unwrap_or(0)),
+            count(u(i, "pruned_frames").unwrap_or(0)),
+            count(u(i, "overflow_frames").unwrap_or(0)),
+            count(u(i, "replayed_frames").unwrap_or(0))
+        ));
+    }
     if let Some(r) = u(b, "rollback_epoch") {
         out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
     }

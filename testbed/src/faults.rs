@@ -47,6 +47,10 @@ pub mod migrate;
 pub enum Point {
     /// `kill -9` of the primary at a random moment.
     Kill,
+    /// The same with an untuned client: no `rto_min` on its route, no thin-stream option (a
+    /// request the dead primary received is answered by the promoted replica's input replay,
+    /// not by the client's retransmission at Linux's 200 ms minimum RTO).
+    KillUntuned,
     /// `UNDERSTUDY_FAILPOINTS=primary.paused@K` on the primary.
     Paused,
     /// `primary.harvest@K`.
@@ -108,8 +112,9 @@ pub enum Point {
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 26] = [
+    pub const ALL: [Point; 27] = [
         Point::Kill,
+        Point::KillUntuned,
         Point::Paused,
         Point::Harvest,
         Point::Shipped,
@@ -141,6 +146,7 @@ impl Point {
     pub fn name(self) -> &'static str {
         match self {
             Point::Kill => "kill",
+            Point::KillUntuned => "kill.untuned",
             Point::Paused => "primary.paused",
             Point::Harvest => "primary.harvest",
             Point::Shipped => "primary.shipped",
@@ -216,6 +222,7 @@ impl Point {
         matches!(
             self,
             Point::Kill
+                | Point::KillUntuned
                 | Point::Paused
                 | Point::Harvest
                 | Point::Shipped
@@ -425,6 +432,8 @@ pub struct RunReport {
     pub take_ms: Option<f64>,
     pub restore_ms: Option<f64>,
     pub announce_ms: Option<f64>,
+    /// From the backup's PROMOTED line: inbound frames replayed into the promoted guest.
+    pub replayed_frames: Option<u64>,
     /// Primary's "lease lost" logged before the backup's grant (partition: only one releasing).
     pub lease_lost_before_grant: Option<bool>,
     /// The primary's protection state at the end (runs without promotion).
@@ -462,6 +471,7 @@ impl RunReport {
             "degraded": self.degraded, "failover_ms": self.failover_ms, "detect_ms": self.detect_ms,
             "grant_ms": self.grant_ms, "promote_ms": self.promote_ms, "take_ms": self.take_ms,
             "restore_ms": self.restore_ms, "announce_ms": self.announce_ms,
+            "replayed_frames": self.replayed_frames,
             "lease_lost_before_grant": self.lease_lost_before_grant,
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
@@ -495,7 +505,8 @@ impl Topology {
         format!("{}{role}", self.prefix)
     }
 
-    fn create(run: usize) -> Result<Self> {
+    /// `tuned`: the client's route gets `rto_min 10ms` (every point but `kill.untuned`).
+    fn create(run: usize, tuned: bool) -> Result<Self> {
         let mut t = Topology { prefix: format!("{NS_PREFIX}{}r{run}", std::process::id()), made: Vec::new() };
         for role in ROLES {
             t.made.push(NetNs::create(&t.ns(role))?);
@@ -522,6 +533,10 @@ impl Topology {
         veth("l-c", "br-lan", c, "eth0")?;
         c.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"])?;
         c.ip(&["link", "set", "eth0", "up"])?;
+        if !tuned {
+            // An ordinary client: Linux's defaults (200 ms minimum RTO).
+            return Ok(t);
+        }
         // A LAN client: let TCP retransmit after 10 ms (as demo.sh), so failover, not Linux's
         // 200 ms minimum RTO, dominates the pause the client sees. The client also sets
         // TCP_THIN_LINEAR_TIMEOUTS on its socket (scripts/faults_client.py): its one-request
@@ -748,7 +763,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
     fs::create_dir_all(dir.join("ctl"))?;
     let d = |f: &str| dir.join(f);
     let result = (|| -> Result<()> {
-        let topo = Topology::create(run).context("create the topology")?;
+        let topo = Topology::create(run, point != Point::KillUntuned).context("create the topology")?;
         let mut procs = Procs { list: Vec::new() };
         let b = &opts.understudy;
         sh(&[
@@ -942,7 +957,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             &topo.ns("c"),
             Path::new("/usr/bin/python3"),
             &[s(&opts.client), LAN_GUEST.into(), s(d("ctl")), "40".into()],
-            &[],
+            &if point == Point::KillUntuned { vec![("FAULTS_CLIENT_UNTUNED", "1".to_string())] } else { vec![] },
             &d("client.log"),
         )?;
         // Timed faults count from the client's first reply: that takes ~1.05-1.1 s from its
@@ -961,12 +976,12 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
         // Inject.
         let fault_wall;
         match point {
-            Point::Kill | Point::Backup | Point::Witness | Point::Partition => {
+            Point::Kill | Point::KillUntuned | Point::Backup | Point::Witness | Point::Partition => {
                 client_ready()?;
                 sleep(Duration::from_millis(rng.range(1000, 2500)))?;
                 fault_wall = wall();
                 match point {
-                    Point::Kill => procs.kill("primary"),
+                    Point::Kill | Point::KillUntuned => procs.kill("primary"),
                     Point::Backup => procs.kill("backup"),
                     Point::Witness => procs.kill("witness"),
                     _ => topo.cut_primary(true)?,
@@ -1153,6 +1168,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             rep.take_ms = field(line, "take_ms");
             rep.restore_ms = field(line, "restore_ms");
             rep.announce_ms = field(line, "announce_ms");
+            rep.replayed_frames = field(line, "replayed_frames").map(|f| f as u64);
         }
         if let Some(g) = t_grant {
             let lease_lost = plog.lines().filter(|l| l.contains("lease lost")).filter_map(line_time).next_back();

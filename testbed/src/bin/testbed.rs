@@ -29,7 +29,7 @@ enum Cmd {
         /// Runs per fault point.
         #[arg(long, default_value_t = 1)]
         runs: usize,
-        /// Comma-separated points: kill, primary.paused, primary.harvest, primary.shipped,
+        /// Comma-separated points: kill, kill.untuned (an untuned client: no rto_min, no thin-stream option), primary.paused, primary.harvest, primary.shipped,
         /// primary.acked, committed-unacked, backup.committed, backup, witness, partition,
         /// partition.p-b, partition.p-w, partition.b-w, netem, link.loss, link.delay, link.dup,
         /// link.corrupt, link.mix, resync, resync.late, and live migration's
