@@ -201,14 +201,16 @@ mod tests {
         log.committed(3);
         assert_eq!(log.report().frames, 2);
         assert_eq!(log.report().bytes, 120);
-        // A frame of a committed epoch arriving late (the ack overtook it) is not kept.
-        log.push(frame(4, 5, 60));
         log.committed(4);
-        log.push(frame(4, 6, 60));
+        assert_eq!(log.report().frames, 1);
+        // A frame of a committed epoch arriving late (the commit notice overtook it) is not kept.
+        log.committed(5);
+        log.push(frame(5, 5, 60));
+        log.push(frame(6, 6, 60));
         let r = log.report();
         assert_eq!((r.frames, r.pruned_frames, r.received_frames), (1, 5, 6));
         let replay = log.take_replay(0);
-        assert_eq!(replay.seqs, vec![4]);
+        assert_eq!(replay.seqs, vec![6]);
     }
 
     #[test]
@@ -219,13 +221,13 @@ mod tests {
         }
         let r = log.report();
         assert_eq!((r.frames, r.bytes, r.overflow_frames), (3, 300, 2));
-        // By bytes: a 900-byte frame pushes out all but itself.
+        // By bytes: a 900-byte frame pushes out the oldest until the log is back within 1000.
         log.push(frame(1, 6, 900));
         let r = log.report();
-        assert_eq!((r.frames, r.bytes, r.overflow_frames), (1, 900, 5));
+        assert_eq!((r.frames, r.bytes, r.overflow_frames), (2, 1000, 4));
         // What overflowed shows as a gap at replay.
         let replay = log.take_replay(0);
-        assert_eq!((replay.seqs.clone(), replay.gaps), (vec![6], 5));
+        assert_eq!((replay.seqs.clone(), replay.gaps), (vec![5, 6], 4));
     }
 
     #[test]

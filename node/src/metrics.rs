@@ -760,6 +760,12 @@ mod tests {
             bytes_sent,
             raw_bytes_sent: bytes_sent * 2,
             sync: None,
+            inbound: Some(primary::inbound::InboundReport {
+                active: true,
+                forwarded_frames: 31,
+                queue_dropped_frames: 2,
+                refused_frames: 1,
+            }),
             pause_seconds,
             ack_latency_seconds,
         };
@@ -819,6 +825,10 @@ mod tests {
         assert_eq!(value(&text, r#"understudy_migration_phase{phase="failed"}"#), 0.0);
         assert_eq!(value(&text, "understudy_migration_pages_left"), 4.0);
         assert_eq!(value(&text, "understudy_migration_reverse_commits_total"), 12.0);
+        // Input forwarding to the backup's inbound log.
+        assert_eq!(value(&text, "understudy_inbound_forwarded_frames_total"), 31.0);
+        assert_eq!(value(&text, "understudy_inbound_queue_dropped_frames_total"), 2.0);
+        assert_eq!(value(&text, "understudy_inbound_refused_frames_total"), 1.0);
         // The pause histogram: cumulative buckets from 50 µs, ending in +Inf with every sample.
         let buckets: Vec<(String, f64)> = text
             .lines()
@@ -863,6 +873,15 @@ mod tests {
                 consistent_epoch: Some(2113),
                 commits: 40,
                 since_last_commit_s: Some(0.008),
+                inbound_log: backup::inbound::InboundLogReport {
+                    frames: 3,
+                    bytes: 180,
+                    received_frames: 50,
+                    pruned_frames: 46,
+                    overflow_frames: 1,
+                    replayed_frames: 0,
+                    skipped_frames: 0,
+                },
                 ..Default::default()
             }),
             arbitration: None,
@@ -875,6 +894,14 @@ mod tests {
         assert_eq!(value(&text, "understudy_backup_committed_epoch"), 2113.0);
         assert_eq!(value(&text, "understudy_backup_last_commit_age_seconds"), 0.008);
         assert_eq!(value(&text, r#"understudy_backup_state{state="consistent"}"#), 1.0);
+        // The inbound log: its size as gauges, what came and went as counters.
+        assert!(fams.contains(&("understudy_backup_inbound_log_frames".into(), "gauge".into())), "{text}");
+        assert!(fams.contains(&("understudy_backup_inbound_overflow_frames_total".into(), "counter".into())), "{text}");
+        assert_eq!(value(&text, "understudy_backup_inbound_log_bytes"), 180.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_received_frames_total"), 50.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_pruned_frames_total"), 46.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_overflow_frames_total"), 1.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_replayed_frames_total"), 0.0);
         // A VM that is not protected says so (an alert on "not protected" needs the series).
         let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
         vm.protection = None;
