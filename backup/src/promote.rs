@@ -83,7 +83,18 @@ pub struct Restored {
     memory_digest: String,
     take_ms: f64,
     restore_ms: f64,
-    replay: crate::inbound::Replay,
+    replay: Replayed,
+}
+
+/// What a promotion replayed (counts; the frames went to the device).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Frames queued into the guest's receive path.
+    pub frames: u64,
+    /// Frames of the log the replica already held.
+    pub skipped: u64,
+    /// Frames after the replica's count missing from the log.
+    pub gaps: u64,
 }
 
 impl Restored {
@@ -109,7 +120,7 @@ pub fn restore(
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
     let replay = match &opts.replay {
         Some(node) => replay_inbound(&vm, node.inbound()),
-        None => crate::inbound::Replay::default(),
+        None => Replayed::default(),
     };
     Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay }))
 }
@@ -118,25 +129,26 @@ pub fn restore(
 /// VM's net device, ahead of the TAP: the guest receives them first once it resumes. Which ones
 /// is decided by the device's delivery count saved in the replica's state (see
 /// [`crate::inbound`]). Without a net device nothing is replayed (and the log is left alone).
-pub fn replay_inbound(vm: &Vm, log: &crate::inbound::InboundLog) -> crate::inbound::Replay {
+pub fn replay_inbound(vm: &Vm, log: &crate::inbound::InboundLog) -> Replayed {
     let Some(net) = vm.net() else {
-        return crate::inbound::Replay::default();
+        return Replayed::default();
     };
     let dev = net.lock().unwrap_or_else(|e| e.into_inner());
     let replica_seq = dev.device().rx_delivered();
     let replay = log.take_replay(replica_seq);
     let (first, last) = (replay.seqs.first().copied(), replay.seqs.last().copied());
-    dev.device().replay_rx(replay.frames.iter().cloned());
+    let done = Replayed { frames: replay.frames.len() as u64, skipped: replay.skipped, gaps: replay.gaps };
+    dev.device().replay_rx(replay.frames);
     tracing::info!(
         replica_delivered = replica_seq,
-        replayed = replay.frames.len(),
+        replayed = done.frames,
         first = ?first,
         last = ?last,
         skipped = replay.skipped,
         gaps = replay.gaps,
         "inbound log: frames the primary delivered after the replica's checkpoint replayed ahead of the tap"
     );
-    replay
+    done
 }
 
 /// Announces the restored VM on the network and resumes it: from now on it is the active copy.
@@ -152,7 +164,7 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
     vm.resume();
     let promote_ms = r.requested.elapsed().as_secs_f64() * 1e3;
     let Restored { epoch, memory_digest, take_ms, restore_ms, replay, .. } = r;
-    let replayed_frames = replay.frames.len() as u64;
+    let replayed_frames = replay.frames;
     tracing::info!(
         epoch,
         replayed_frames,

@@ -153,8 +153,6 @@ pub struct Protection {
     pub stats: Arc<Stats>,
     pub output: Option<Arc<OutputBuffer>>,
     pub journal: Journal,
-    /// Input forwarding to the backup's inbound log (with a net device).
-    inbound: Option<Arc<primary::inbound::Inbound>>,
     engine: Option<std::thread::JoinHandle<Result<(), primary::engine::EngineError>>>,
     link: Option<tokio::task::JoinHandle<()>>,
 }
@@ -226,7 +224,6 @@ impl Protection {
         let stats = Arc::new(Stats::new(link_cfg.backup.to_string()));
         let shared = Arc::new(LinkShared::default());
         let journal: Journal = Arc::new(Mutex::new(Vec::new()));
-        let inbound = link_cfg.inbound.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(cfg.window + 2);
         let link = rt.spawn(primary::link::run(
             link_cfg,
@@ -251,7 +248,7 @@ impl Protection {
         }
         let engine =
             std::thread::Builder::new().name(thread.into()).spawn(move || engine.run()).map_err(ProtectError::Spawn)?;
-        Ok(Self { shared, stats, output, journal, inbound, engine: Some(engine), link: Some(link) })
+        Ok(Self { shared, stats, output, journal, engine: Some(engine), link: Some(link) })
     }
 
     /// Reverse checkpoints of a post-copy destination (`docs/failure-model.md`): checkpoints
@@ -323,14 +320,18 @@ impl Protection {
     pub fn report(&self) -> primary::stats::StatusReport {
         let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
         let mut r = self.stats.report(held);
-        r.inbound = self.inbound.as_ref().map(|i| i.report());
+        // Input forwarding lives beside the output buffer (it moves its epoch with it).
+        r.inbound = self.output.as_ref().and_then(|o| o.inbound()).map(|i| i.report());
         r
     }
 
     /// Stops protecting; output flows straight to the TAP again.
     pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
         self.halt(rt);
-        if self.inbound.is_some() {
+        if let Some(o) = &self.output
+            && o.inbound().is_some()
+        {
+            o.set_inbound(None);
             set_rx_observer(vm, None);
         }
         if let Some(o) = &self.output {
@@ -344,15 +345,11 @@ impl Protection {
 
 /// Input forwarding for `vm`'s net device (if it has one and output is held): frames are tagged
 /// with the output buffer's epoch, so the boundary is the same exact pause.
-fn install_inbound(
-    vm: &Arc<Mutex<Vm>>,
-    output: Option<&Arc<OutputBuffer>>,
-) -> Option<Arc<primary::inbound::Inbound>> {
+fn install_inbound(vm: &Arc<Mutex<Vm>>, output: Option<&Arc<OutputBuffer>>) -> Option<Arc<primary::inbound::Inbound>> {
     let output = output?;
     let inbound = primary::inbound::Inbound::new(primary::inbound::DEFAULT_QUEUE_FRAMES);
     output.set_inbound(Some(Arc::clone(&inbound)));
-    set_rx_observer(vm, Some(Arc::clone(&inbound) as Arc<dyn vmm::devices::virtio::net::RxObserver>))
-        .then_some(inbound)
+    set_rx_observer(vm, Some(Arc::clone(&inbound) as Arc<dyn vmm::devices::virtio::net::RxObserver>)).then_some(inbound)
 }
 
 /// Installs (or removes) the net device's receive observer; false without a net device.

@@ -250,7 +250,8 @@ mod tests {
                 "state"
             ]
         );
-        let promoted = Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0, replayed_frames: 1 };
+        let promoted =
+            Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0, replayed_frames: 1 };
         let p = serde_json::to_value(promoted).unwrap();
         assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms", "replayed_frames"]);
         // The inbound log's fields (`understudy status --json`, docs/operations.md).

@@ -164,6 +164,11 @@ impl OutputBuffer {
         }
     }
 
+    /// Input forwarding moving its epoch with this buffer's, if installed.
+    pub fn inbound(&self) -> Option<Arc<crate::inbound::Inbound>> {
+        self.inbound.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Moves input forwarding's epoch with this buffer's ([`OutputBuffer::begin`]).
     pub fn set_inbound(&self, inbound: Option<Arc<crate::inbound::Inbound>>) {
         if let Some(i) = &inbound {

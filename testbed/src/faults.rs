@@ -371,6 +371,9 @@ pub struct Options {
     pub detect_ms: u64,
     /// Run the backup with `--no-prepare-vm` (the A/B of building the VM ahead of promotion).
     pub no_prepare_vm: bool,
+    /// Run the backup with `--inbound-log-frames 0`: no input replay at promotion (the A/B of
+    /// the inbound log; what an older backup does).
+    pub no_inbound_log: bool,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -393,6 +396,7 @@ impl Options {
             seed: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
             detect_ms: DEFAULT_DETECT_MS,
             no_prepare_vm: false,
+            no_inbound_log: false,
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -840,6 +844,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             ])
             .into_iter()
             .chain(opts.no_prepare_vm.then(|| "--no-prepare-vm".into()))
+            .chain(opts.no_inbound_log.then(|| ["--inbound-log-frames".into(), "0".into()]).into_iter().flatten())
             .collect::<Vec<_>>(),
             &fp_env("backup"),
             &d("backup.log"),
@@ -1499,6 +1504,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "seed": opts.seed,
         "link_detect_ms": opts.detect_ms,
         "no_prepare_vm": opts.no_prepare_vm,
+        "no_inbound_log": opts.no_inbound_log,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),
