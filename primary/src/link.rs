@@ -228,9 +228,7 @@ pub async fn run(
                     while batch.len() < INBOUND_BATCH && let Some(rx) = inbound_rx.as_mut() && let Ok(i) = rx.try_recv() {
                         batch.push(i);
                     }
-                    if forward_inbound(&session, inbound, batch).await.is_err() {
-                        break;
-                    }
+                    forward_inbound(&session, inbound, batch);
                 }
                 ev = session.next_event() => {
                     let Some(ev) = ev else { break };
@@ -275,12 +273,12 @@ pub async fn run(
                                     o.release(seq);
                                 }
                                 if let (Some(i), Some(seq)) = (&cfg.inbound, release) && i.active() {
+                                    // Never waits (see `forward_inbound`); a notice that does not
+                                    // fit now is covered by the next acknowledgement's.
                                     let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
                                         let _ = ep.send_inbound_committed(seq);
                                     });
-                                    if session.command(cmd).await.is_err() {
-                                        break;
-                                    }
+                                    let _ = session.command_sender().try_send(cmd);
                                 }
                                 {
                                     let mut s = stats.lock();
@@ -356,16 +354,15 @@ pub async fn run(
 /// Most inbound frames handed to the session in one command.
 const INBOUND_BATCH: usize = 64;
 
-/// Hands a batch of delivered frames to the session (counted as forwarded or refused). Err if the
-/// session is gone.
-async fn forward_inbound(
-    session: &Session<StreamCore<Sender>>,
-    inbound: &Arc<Inbound>,
-    batch: Vec<InboundItem>,
-) -> Result<(), ()> {
-    let inbound = Arc::clone(inbound);
+/// Hands a batch of delivered frames to the session (counted as forwarded or refused). Never
+/// waits: the link loop must keep taking the session's events (a loop blocked on a full command
+/// channel while the driver is blocked on a full event channel would stall replication), so a
+/// batch that does not fit in the command channel now is dropped and counted as refused.
+fn forward_inbound(session: &Session<StreamCore<Sender>>, inbound: &Arc<Inbound>, batch: Vec<InboundItem>) {
+    let n = batch.len() as u64;
+    let owned = Arc::clone(inbound);
     let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
-        let stats = inbound.stats();
+        let stats = owned.stats();
         for item in batch {
             match ep.send_inbound(item.epoch, item.seq, &item.frame) {
                 Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
@@ -376,7 +373,9 @@ async fn forward_inbound(
             };
         }
     });
-    session.command(cmd).await.map_err(|_| ())
+    if session.command_sender().try_send(cmd).is_err() {
+        inbound.stats().refused.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 enum SubmitOutcome {
