@@ -329,7 +329,8 @@ mod tests {
                 "last_acked_epoch": 2113, "replica_lag_epochs": 1, "pause_us_p50": 174.0, "pause_us_p99": 649.0,
                 "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "ack_latency_us_p50": 820.0,
                 "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
-                "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null},
+                "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null,
+                "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0}},
             "arbitration": {"node": 1, "state": "running"}
         });
         let t = render(&v);
@@ -339,7 +340,8 @@ mod tests {
              protection: protected for 2m 13s (backup committed consistent epoch 4), backup 10.0.0.2:7000\n  \
              96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch\n  \
              replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
-             output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n\
+             output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n  \
+             inbound frames go to the backup's log: 1,204 forwarded, 0 dropped (queue full), 0 refused\n\
              arbitration: node 1, running\n"
         );
     }
