@@ -1,6 +1,7 @@
 //! The Understudy backup: receives checkpoints, commits each atomically into the replica,
 //! acknowledges it, and promotes the replica to a running VM when told to.
 
+pub mod inbound;
 mod postcopy;
 pub mod promote;
 pub mod receive;

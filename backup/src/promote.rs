@@ -20,6 +20,9 @@ pub struct PromoteOptions {
     pub tap: Option<String>,
     /// Digest the replica first (verification; costs time on the critical path).
     pub digest: bool,
+    /// The inbound log to replay: the frames the primary delivered after the replica's
+    /// checkpoint go to the guest, in order, before it resumes (`None`: nothing is replayed).
+    pub replay: Option<std::sync::Arc<crate::server::BackupNode>>,
 }
 
 /// What a promotion did: the epoch the replica held, its digest and where the time went.
@@ -37,6 +40,14 @@ pub struct Promoted {
     pub restore_ms: f64,
     /// Milliseconds announcing the MAC address.
     pub announce_ms: f64,
+    /// Frames of the inbound log replayed into the guest (delivered by the primary after the
+    /// replica's checkpoint).
+    pub replayed_frames: u64,
+    /// Frames of the inbound log the replica already held (not replayed).
+    pub replay_skipped_frames: u64,
+    /// Frames after the replica's checkpoint missing from the log (dropped on the way or by its
+    /// bound): their senders resend them.
+    pub replay_gap_frames: u64,
 }
 
 /// Errors of promotion.
@@ -72,6 +83,18 @@ pub struct Restored {
     memory_digest: String,
     take_ms: f64,
     restore_ms: f64,
+    replay: Replayed,
+}
+
+/// What a promotion replayed (counts; the frames went to the device).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Frames queued into the guest's receive path.
+    pub frames: u64,
+    /// Frames of the log the replica already held.
+    pub skipped: u64,
+    /// Frames after the replica's count missing from the log.
+    pub gaps: u64,
 }
 
 impl Restored {
@@ -95,7 +118,37 @@ pub fn restore(
     let ropts = RestoreOptions { serial: opts.serial, tap: opts.tap };
     let vm = Vm::restore_prepared(prepared, mem, &state, ropts).map_err(PromoteError::Build)?;
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
-    Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms }))
+    let replay = match &opts.replay {
+        Some(node) => replay_inbound(&vm, node.inbound()),
+        None => Replayed::default(),
+    };
+    Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay }))
+}
+
+/// Queues the inbound log's frames that the replica does not hold into the restored (paused)
+/// VM's net device, ahead of the TAP: the guest receives them first once it resumes. Which ones
+/// is decided by the device's delivery count saved in the replica's state (see
+/// [`crate::inbound`]). Without a net device nothing is replayed (and the log is left alone).
+pub fn replay_inbound(vm: &Vm, log: &crate::inbound::InboundLog) -> Replayed {
+    let Some(net) = vm.net() else {
+        return Replayed::default();
+    };
+    let dev = net.lock().unwrap_or_else(|e| e.into_inner());
+    let replica_seq = dev.device().rx_delivered();
+    let replay = log.take_replay(replica_seq);
+    let (first, last) = (replay.seqs.first().copied(), replay.seqs.last().copied());
+    let done = Replayed { frames: replay.frames.len() as u64, skipped: replay.skipped, gaps: replay.gaps };
+    dev.device().replay_rx(replay.frames);
+    tracing::info!(
+        replica_delivered = replica_seq,
+        replayed = done.frames,
+        first = ?first,
+        last = ?last,
+        skipped = replay.skipped,
+        gaps = replay.gaps,
+        "inbound log: frames the primary delivered after the replica's checkpoint replayed ahead of the tap"
+    );
+    done
 }
 
 /// Announces the restored VM on the network and resumes it: from now on it is the active copy.
@@ -110,9 +163,11 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
     let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
     vm.resume();
     let promote_ms = r.requested.elapsed().as_secs_f64() * 1e3;
-    let Restored { epoch, memory_digest, take_ms, restore_ms, .. } = r;
+    let Restored { epoch, memory_digest, take_ms, restore_ms, replay, .. } = r;
+    let replayed_frames = replay.frames;
     tracing::info!(
         epoch,
+        replayed_frames,
         digest = %memory_digest,
         promote_ms,
         take_ms,
@@ -120,7 +175,17 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
         announce_ms,
         "PROMOTED: the replica runs as the active vm"
     );
-    Promoted { epoch, memory_digest, promote_ms, take_ms, restore_ms, announce_ms }
+    Promoted {
+        epoch,
+        memory_digest,
+        promote_ms,
+        take_ms,
+        restore_ms,
+        announce_ms,
+        replayed_frames,
+        replay_skipped_frames: replay.skipped,
+        replay_gap_frames: replay.gaps,
+    }
 }
 
 #[cfg(test)]
@@ -138,10 +203,26 @@ mod tests {
             take_ms: 0.1,
             restore_ms: 0.5,
             announce_ms: 0.2,
+            replayed_frames: 2,
+            replay_skipped_frames: 1,
+            replay_gap_frames: 0,
         };
         let v = serde_json::to_value(&p).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["announce_ms", "epoch", "memory_digest", "promote_ms", "restore_ms", "take_ms"]);
+        assert_eq!(
+            keys,
+            [
+                "announce_ms",
+                "epoch",
+                "memory_digest",
+                "promote_ms",
+                "replay_gap_frames",
+                "replay_skipped_frames",
+                "replayed_frames",
+                "restore_ms",
+                "take_ms"
+            ]
+        );
         assert_eq!(v["epoch"], 7);
     }
 }

@@ -341,7 +341,8 @@ pub async fn receive(
                 // Pushed pages may overtake the switch-over on their own streams: kept until
                 // post-copy starts.
                 ReceiverEvent::Pages { pfns, data, .. } => early.keep(pfns, data),
-                ReceiverEvent::Liveness(_) => {}
+                // A migration destination keeps no inbound log (its receiver does not ask for one).
+                ReceiverEvent::Liveness(_) | ReceiverEvent::Inbound(_) | ReceiverEvent::InboundCommitted { .. } => {}
                 ReceiverEvent::Disconnected { error } => return Err(ReceiveError::Ended(error.to_string())),
             }
             // Post-copy: the state and the whole map are here.

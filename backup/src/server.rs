@@ -43,6 +43,9 @@ pub struct BackupConfig {
     /// Where to report that the primary is gone while the replica is consistent (the owner
     /// decides whether to promote).
     pub on_primary_lost: Option<std::sync::mpsc::Sender<PrimaryLost>>,
+    /// Bounds of the inbound log (frames the primary delivered that the replica may not hold,
+    /// replayed at promotion); zero frames: no log, announced as none.
+    pub inbound_log: crate::inbound::InboundLimits,
 }
 
 /// How sure the backup is that the primary is gone.
@@ -115,6 +118,8 @@ pub struct BackupStatus {
     pub pages: u64,
     /// Mean commit time, µs.
     pub commit_us_mean: f64,
+    /// The inbound log (frames replayed at promotion).
+    pub inbound_log: crate::inbound::InboundLogReport,
     /// Seconds since the last commit.
     pub since_last_commit_s: Option<f64>,
     /// The last error seen.
@@ -132,6 +137,10 @@ pub struct BackupNode {
     /// loads state (see [`vmm::vm::PreparedVm`]).
     prepared: Mutex<Prepared>,
     prepare_vm: bool,
+    /// Frames the primary delivered after the epochs the replica holds (see [`crate::inbound`]).
+    inbound: crate::inbound::InboundLog,
+    /// The primary instance the inbound log's frames come from.
+    inbound_origin: Mutex<Option<u64>>,
 }
 
 /// Where the VM built ahead of promotion stands.
@@ -189,6 +198,8 @@ impl BackupNode {
             commit_us_total: Mutex::new(0.0),
             prepared: Mutex::new(Prepared::No),
             prepare_vm,
+            inbound: crate::inbound::InboundLog::new(crate::inbound::InboundLimits::default()),
+            inbound_origin: Mutex::new(None),
         }))
     }
 
@@ -213,9 +224,15 @@ impl BackupNode {
         }
     }
 
+    /// The inbound log (replayed at promotion: [`crate::promote::PromoteOptions::replay`]).
+    pub fn inbound(&self) -> &crate::inbound::InboundLog {
+        &self.inbound
+    }
+
     /// The status now.
     pub fn status(&self) -> BackupStatus {
         let mut s = lock(&self.status).clone();
+        s.inbound_log = self.inbound.report();
         s.since_last_commit_s = lock(&self.last_commit).map(|t| t.elapsed().as_secs_f64());
         s
     }
@@ -382,9 +399,17 @@ pub async fn serve(
         let instance = transport::random_u64()?;
         let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout.clone(), instance);
         rcfg.timing = cfg.timing;
+        rcfg.inbound_log = cfg.inbound_log.enabled();
         Ok(Receiver::new(rcfg))
     };
     let mut receiver = Some(new_receiver()?);
+    node.inbound.set_limits(cfg.inbound_log);
+    tracing::info!(
+        enabled = cfg.inbound_log.enabled(),
+        max_frames = cfg.inbound_log.max_frames,
+        max_bytes = cfg.inbound_log.max_bytes,
+        "backup: inbound log (frames replayed at promotion)"
+    );
     // Process-death evidence beside each session (transport::liveness): optional, heartbeats
     // still decide when it is missing.
     let lines = match transport::liveness::Listener::bind(cfg.listen).await {
@@ -441,6 +466,13 @@ pub async fn serve(
             match ev {
                 ReceiverEvent::Connected { peer } => {
                     tracing::info!(vm = %peer.vm.name, "backup: session established");
+                    let mut origin = lock(&node.inbound_origin);
+                    if origin.is_some_and(|o| o != peer.instance) {
+                        tracing::info!("backup: a new primary instance: inbound log cleared");
+                        node.inbound.reset();
+                    }
+                    *origin = Some(peer.instance);
+                    drop(origin);
                     // A primary that was reported lost and came back withdraws the takeover
                     // request (a no-op when none is pending).
                     node.report(&cfg, Verdict::Heard, "primary connected".into(), false);
@@ -475,6 +507,8 @@ pub async fn serve(
                         break;
                     }
                 }
+                ReceiverEvent::Inbound(f) => node.inbound.push(f),
+                ReceiverEvent::InboundCommitted { epoch } => node.inbound.committed(epoch),
                 // Migration messages: a primary never sends them (the session refuses them).
                 ReceiverEvent::Pages { .. }
                 | ReceiverEvent::SwitchOver(_)

@@ -163,6 +163,13 @@ pub fn render(status: &Status) -> String {
             let state = serde_json::to_value(vm.state).ok();
             let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
             w.state_set("understudy_vm_state", "state", "The VM's state.", &["running", "paused", "stopped"], state);
+            if let crate::status::Origin::Promoted { replayed_frames, .. } = &vm.origin {
+                w.counter(
+                    "understudy_promotion_replayed_frames_total",
+                    "Inbound frames replayed into this guest when it was promoted.",
+                    *replayed_frames,
+                );
+            }
             render_protection(&mut w, vm.protection.as_ref());
             if let Some(m) = &vm.migration {
                 render_migration_source(&mut w, m);
@@ -226,6 +233,23 @@ fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
         "Raw harvested bytes handed to the sender, before encoding.",
         p.raw_bytes_sent,
     );
+    if let Some(i) = &p.inbound {
+        w.counter(
+            "understudy_inbound_forwarded_frames_total",
+            "Frames delivered to the guest and forwarded to the backup's inbound log.",
+            i.forwarded_frames,
+        );
+        w.counter(
+            "understudy_inbound_queue_dropped_frames_total",
+            "Delivered frames not forwarded because the forwarding queue was full.",
+            i.queue_dropped_frames,
+        );
+        w.counter(
+            "understudy_inbound_refused_frames_total",
+            "Delivered frames the replication session refused to forward (backlog, link down).",
+            i.refused_frames,
+        );
+    }
 }
 
 fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
@@ -248,6 +272,29 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         s.failed_sessions,
     );
     w.counter("understudy_backup_pages_written_total", "Pages written into the replica.", s.pages);
+    let i = &s.inbound_log;
+    w.gauge("understudy_backup_inbound_log_frames", "Frames in the inbound log now.", i.frames as f64);
+    w.gauge("understudy_backup_inbound_log_bytes", "Bytes of the frames in the inbound log now.", i.bytes as f64);
+    w.counter(
+        "understudy_backup_inbound_received_frames_total",
+        "Frames the primary forwarded to the inbound log.",
+        i.received_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_pruned_frames_total",
+        "Inbound frames dropped because their epoch was committed.",
+        i.pruned_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_overflow_frames_total",
+        "Inbound frames dropped to keep the log within its bounds.",
+        i.overflow_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_replayed_frames_total",
+        "Inbound frames replayed into the promoted guest.",
+        i.replayed_frames,
+    );
 }
 
 fn render_migration_source(w: &mut Writer, m: &primary::migrate::MigrationStatus) {
@@ -731,6 +778,12 @@ mod tests {
             bytes_sent,
             raw_bytes_sent: bytes_sent * 2,
             sync: None,
+            inbound: Some(primary::inbound::InboundReport {
+                active: true,
+                forwarded_frames: 31,
+                queue_dropped_frames: 2,
+                refused_frames: 1,
+            }),
             pause_seconds,
             ack_latency_seconds,
         };
@@ -791,6 +844,10 @@ mod tests {
         assert_eq!(value(&text, r#"understudy_migration_phase{phase="failed"}"#), 0.0);
         assert_eq!(value(&text, "understudy_migration_pages_left"), 4.0);
         assert_eq!(value(&text, "understudy_migration_reverse_commits_total"), 12.0);
+        // Input forwarding to the backup's inbound log.
+        assert_eq!(value(&text, "understudy_inbound_forwarded_frames_total"), 31.0);
+        assert_eq!(value(&text, "understudy_inbound_queue_dropped_frames_total"), 2.0);
+        assert_eq!(value(&text, "understudy_inbound_refused_frames_total"), 1.0);
         // The pause histogram: cumulative buckets from 50 µs, ending in +Inf with every sample.
         let buckets: Vec<(String, f64)> = text
             .lines()
@@ -835,6 +892,15 @@ mod tests {
                 consistent_epoch: Some(2113),
                 commits: 40,
                 since_last_commit_s: Some(0.008),
+                inbound_log: backup::inbound::InboundLogReport {
+                    frames: 3,
+                    bytes: 180,
+                    received_frames: 50,
+                    pruned_frames: 46,
+                    overflow_frames: 1,
+                    replayed_frames: 0,
+                    skipped_frames: 0,
+                },
                 ..Default::default()
             }),
             arbitration: None,
@@ -847,6 +913,14 @@ mod tests {
         assert_eq!(value(&text, "understudy_backup_committed_epoch"), 2113.0);
         assert_eq!(value(&text, "understudy_backup_last_commit_age_seconds"), 0.008);
         assert_eq!(value(&text, r#"understudy_backup_state{state="consistent"}"#), 1.0);
+        // The inbound log: its size as gauges, what came and went as counters.
+        assert!(fams.contains(&("understudy_backup_inbound_log_frames".into(), "gauge".into())), "{text}");
+        assert!(fams.contains(&("understudy_backup_inbound_overflow_frames_total".into(), "counter".into())), "{text}");
+        assert_eq!(value(&text, "understudy_backup_inbound_log_bytes"), 180.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_received_frames_total"), 50.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_pruned_frames_total"), 46.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_overflow_frames_total"), 1.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_replayed_frames_total"), 0.0);
         // A VM that is not protected says so (an alert on "not protected" needs the series).
         let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
         vm.protection = None;

@@ -251,7 +251,8 @@ impl Protection {
         } else {
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
         };
-        let link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
+        let mut link_cfg = LinkConfig::protection(req.backup, req.backup_name.clone(), identity, bind);
+        link_cfg.inbound = install_inbound(vm, output.as_ref());
         let degrade = Duration::from_millis(req.degrade_after_ms);
         let mut p = Self::spawn(vm, output, sender, cfg, link_cfg, degrade, backup_lost, rt, "epoch-engine")?;
         p.own_output = own_output;
@@ -371,13 +372,22 @@ impl Protection {
     /// The status report.
     pub fn report(&self) -> primary::stats::StatusReport {
         let held = self.output.as_ref().map(|o| o.held()).unwrap_or((0, 0));
-        self.stats.report(held)
+        let mut r = self.stats.report(held);
+        // Input forwarding lives beside the output buffer (it moves its epoch with it).
+        r.inbound = self.output.as_ref().and_then(|o| o.inbound()).map(|i| i.report());
+        r
     }
 
     /// Stops protecting; output flows straight to the TAP again (through the arbitration's
     /// gated buffer, when protection used it).
     pub fn stop(mut self, vm: &Arc<Mutex<Vm>>, rt: &tokio::runtime::Handle) -> Result<(), ProtectError> {
         self.halt(rt);
+        if let Some(o) = &self.output
+            && o.inbound().is_some()
+        {
+            o.set_inbound(None);
+            set_rx_observer(vm, None);
+        }
         if let Some(o) = &self.output {
             o.set_passthrough(true);
             if self.own_output {
@@ -387,6 +397,23 @@ impl Protection {
         self.stats.set_state(ProtectionState::Unprotected, "unprotect requested");
         Ok(())
     }
+}
+
+/// Input forwarding for `vm`'s net device (if it has one and output is held): frames are tagged
+/// with the output buffer's epoch, so the boundary is the same exact pause.
+fn install_inbound(vm: &Arc<Mutex<Vm>>, output: Option<&Arc<OutputBuffer>>) -> Option<Arc<primary::inbound::Inbound>> {
+    let output = output?;
+    let inbound = primary::inbound::Inbound::new(primary::inbound::DEFAULT_QUEUE_FRAMES);
+    output.set_inbound(Some(Arc::clone(&inbound)));
+    set_rx_observer(vm, Some(Arc::clone(&inbound) as Arc<dyn vmm::devices::virtio::net::RxObserver>)).then_some(inbound)
+}
+
+/// Installs (or removes) the net device's receive observer; false without a net device.
+fn set_rx_observer(vm: &Arc<Mutex<Vm>>, observer: Option<Arc<dyn vmm::devices::virtio::net::RxObserver>>) -> bool {
+    let g = vm.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(net) = g.net() else { return false };
+    net.lock().unwrap_or_else(|e| e.into_inner()).device().set_rx_observer(observer);
+    true
 }
 
 /// Checks a protect request before starting.

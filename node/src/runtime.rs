@@ -269,6 +269,7 @@ fn promote_standby(standby: &Standby, requested: Instant) -> Result<(Vm, backup:
         serial: standby.serial.open()?,
         tap: standby.tap.clone(),
         digest: standby.digest,
+        replay: Some(Arc::clone(&standby.node)),
     };
     Ok(backup::promote::promote(replica, prepared, opts)?)
 }
@@ -413,6 +414,7 @@ impl Node {
             epoch: promoted.epoch,
             memory_digest: promoted.memory_digest.clone(),
             promote_ms: promoted.promote_ms,
+            replayed_frames: promoted.replayed_frames,
         };
         let why = format!("the replica of epoch {} runs", promoted.epoch);
         self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
@@ -432,7 +434,13 @@ impl Node {
         let replica = r.standby.node.take_replica().map_err(|e| transport::error_chain(&NodeError::TakeReplica(e)))?;
         let prepared = r.standby.node.take_prepared_vm();
         let serial = r.standby.serial.open().map_err(|e| transport::error_chain(&e))?;
-        let opts = backup::promote::PromoteOptions { requested: t0, serial, tap: r.standby.tap.clone(), digest: false };
+        let opts = backup::promote::PromoteOptions {
+            requested: t0,
+            serial,
+            tap: r.standby.tap.clone(),
+            digest: false,
+            replay: None,
+        };
         let built = backup::promote::restore(replica, prepared, opts).map_err(|e| transport::error_chain(&e))?;
         tracing::info!(
             epoch,

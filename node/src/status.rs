@@ -22,6 +22,9 @@ pub enum Origin {
         memory_digest: String,
         /// Milliseconds from the promote request to the guest running.
         promote_ms: f64,
+        /// Frames of the inbound log replayed into the guest before it resumed (delivered by the
+        /// primary after the replica's checkpoint).
+        replayed_frames: u64,
     },
     /// A migration destination waiting for, or receiving, a migration; no VM runs yet.
     Destination {
@@ -242,6 +245,7 @@ mod tests {
                 "connected",
                 "consistent_epoch",
                 "failed_sessions",
+                "inbound_log",
                 "last_error",
                 "pages",
                 "primary",
@@ -251,9 +255,25 @@ mod tests {
                 "state"
             ]
         );
-        let promoted = Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0 };
+        let promoted =
+            Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0, replayed_frames: 1 };
         let p = serde_json::to_value(promoted).unwrap();
-        assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms"]);
+        assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms", "replayed_frames"]);
+        // The inbound log's fields (`understudy status --json`, docs/operations.md).
+        assert_eq!(
+            keys(&v["backup"]["inbound_log"]),
+            [
+                "bytes",
+                "frames",
+                "overflow_frames",
+                "pruned_frames",
+                "received_frames",
+                "replayed_frames",
+                "skipped_frames"
+            ]
+        );
+        let fwd = serde_json::to_value(primary::inbound::InboundReport::default()).unwrap();
+        assert_eq!(keys(&fwd), ["active", "forwarded_frames", "queue_dropped_frames", "refused_frames"]);
         assert_eq!(p["kind"], "promoted");
         let restored = Origin::Restored { from: "snap".into(), memory_digest: "00".into(), restore_ms: 1.0 };
         let r = serde_json::to_value(restored).unwrap();

@@ -78,9 +78,10 @@ fn origin(o: &Value) -> String {
         Some("booted") => format!("booted from {}", s(o, "kernel").unwrap_or("?")),
         Some("restored") => format!("restored from snapshot {}", s(o, "from").unwrap_or("?")),
         Some("promoted") => format!(
-            "promoted from the replica of epoch {} ({:.1} ms to run)",
+            "promoted from the replica of epoch {} ({:.1} ms to run, {} inbound frames replayed)",
             count(u(o, "epoch").unwrap_or(0)),
-            f(o, "promote_ms").unwrap_or(0.0)
+            f(o, "promote_ms").unwrap_or(0.0),
+            count(u(o, "replayed_frames").unwrap_or(0))
         ),
         Some("migrated") => format!(
             "migrated from {} at epoch {} (resumed {:.1} ms after the hand-over)",
@@ -135,6 +136,15 @@ fn protection(p: &Value, out: &mut Vec<String>) {
         bytes(f(p, "bytes_sent").unwrap_or(0.0)),
         bytes(f(p, "raw_bytes_sent").unwrap_or(0.0))
     ));
+    if let Some(i) = p.get("inbound").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  inbound frames {} to the backup's log: {} forwarded, {} dropped (queue full), {} refused",
+            if i.get("active").and_then(Value::as_bool) == Some(true) { "go" } else { "do not go" },
+            count(u(i, "forwarded_frames").unwrap_or(0)),
+            count(u(i, "queue_dropped_frames").unwrap_or(0)),
+            count(u(i, "refused_frames").unwrap_or(0))
+        ));
+    }
 }
 
 fn backup(b: &Value, out: &mut Vec<String>) {
@@ -160,6 +170,17 @@ fn backup(b: &Value, out: &mut Vec<String>) {
         count(u(b, "rejected").unwrap_or(0)),
         count(u(b, "pages").unwrap_or(0))
     ));
+    if let Some(i) = b.get("inbound_log").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  inbound log {} frames ({}); {} received, {} pruned at commit, {} overflowed, {} replayed",
+            count(u(i, "frames").unwrap_or(0)),
+            bytes(f(i, "bytes").unwrap_or(0.0)),
+            count(u(i, "received_frames").unwrap_or(0)),
+            count(u(i, "pruned_frames").unwrap_or(0)),
+            count(u(i, "overflow_frames").unwrap_or(0)),
+            count(u(i, "replayed_frames").unwrap_or(0))
+        ));
+    }
     if let Some(r) = u(b, "rollback_epoch") {
         out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
     }
@@ -333,7 +354,8 @@ mod tests {
                 "last_acked_epoch": 2113, "replica_lag_epochs": 1, "pause_us_p50": 174.0, "pause_us_p99": 649.0,
                 "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "ack_latency_us_p50": 820.0,
                 "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
-                "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null},
+                "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null,
+                "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0}},
             "arbitration": {"node": 1, "state": "running"}
         });
         let t = render(&v);
@@ -343,7 +365,8 @@ mod tests {
              protection: protected for 2m 13s (backup committed consistent epoch 4), backup 10.0.0.2:7000\n  \
              96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch\n  \
              replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
-             output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n\
+             output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n  \
+             inbound frames go to the backup's log: 1,204 forwarded, 0 dropped (queue full), 0 refused\n\
              arbitration: node 1, running\n"
         );
     }

@@ -17,6 +17,7 @@ use transport::session::{Session, StreamCommand, StreamCore};
 use transport::{Endpoint, Identity, Tuning};
 
 use crate::engine::{Harvest, HarvestKind, LinkShared};
+use crate::inbound::{Inbound, InboundItem};
 use crate::output::OutputBuffer;
 use crate::stats::{ProtectionState, Stats};
 
@@ -47,13 +48,26 @@ pub struct LinkConfig {
     /// session error). Harvests are then never dropped while the peer is away (each is needed:
     /// there is no baseline to fall back on); the engine's window bounds them.
     pub fence: Option<Fence>,
+    /// Input forwarding: frames delivered to the guest go to the backup's inbound log (if it
+    /// keeps one), and each acknowledgement tells it which epoch its replica holds.
+    pub inbound: Option<Arc<Inbound>>,
 }
 
 impl LinkConfig {
     /// A link to `backup` named `backup_name`, dialing from a fresh endpoint at `bind`, with a
     /// liveness line: protection's link.
     pub fn protection(backup: SocketAddr, backup_name: String, identity: Identity, bind: SocketAddr) -> Self {
-        Self { backup, backup_name, identity, bind, tuning: Tuning::default(), endpoint: None, line: true, fence: None }
+        Self {
+            backup,
+            backup_name,
+            identity,
+            bind,
+            tuning: Tuning::default(),
+            endpoint: None,
+            line: true,
+            fence: None,
+            inbound: None,
+        }
     }
 }
 
@@ -101,6 +115,7 @@ pub async fn run(
         }
     };
     let reverse = cfg.fence.is_some();
+    let mut inbound_rx = cfg.inbound.as_ref().and_then(|i| i.take_receiver());
     let mut pending: Option<Harvest> = None;
     let mut backoff = Duration::from_millis(20);
     // Epochs submitted and not yet acknowledged, across reconnects: a resumed session acks
@@ -202,11 +217,32 @@ pub async fn run(
                         Err(SubmitOutcome::Gone) => break,
                     }
                 }
+                item = async {
+                    match inbound_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (Some(item), Some(inbound)) = (item, &cfg.inbound) else { inbound_rx = None; continue };
+                    let mut batch = vec![item];
+                    while batch.len() < INBOUND_BATCH && let Some(rx) = inbound_rx.as_mut() && let Ok(i) = rx.try_recv() {
+                        batch.push(i);
+                    }
+                    forward_inbound(&session, inbound, batch);
+                }
                 ev = session.next_event() => {
                     let Some(ev) = ev else { break };
                     match ev {
-                        SenderEvent::Connected { resumed_from, .. } => {
+                        SenderEvent::Connected { resumed_from, peer } => {
                             tracing::info!(?resumed_from, backup = %cfg.backup, "link: session established");
+                            if let Some(i) = &cfg.inbound {
+                                if peer.inbound_log {
+                                    tracing::info!("link: the backup keeps an inbound log: frames delivered to the guest are forwarded for replay at promotion");
+                                } else {
+                                    tracing::warn!("link: the backup keeps no inbound log (an older build): no input replay at promotion; clients resend what a failover loses");
+                                }
+                                i.set_active(peer.inbound_log);
+                            }
                             shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
                             shared.wake();
@@ -236,6 +272,14 @@ pub async fn run(
                                 if let (Some(o), Some(seq)) = (&output, release) {
                                     let frames = o.release(seq);
                                     tracing::debug!(seq, epoch, frames, latency_us = latency.map(|l| l.as_micros() as u64), "acked and released");
+                                }
+                                if let (Some(i), Some(seq)) = (&cfg.inbound, release) && i.active() {
+                                    // Never waits (see `forward_inbound`); a notice that does not
+                                    // fit now is covered by the next acknowledgement's.
+                                    let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
+                                        let _ = ep.send_inbound_committed(seq);
+                                    });
+                                    let _ = session.command_sender().try_send(cmd);
                                 }
                                 {
                                     let mut s = stats.lock();
@@ -287,6 +331,9 @@ pub async fn run(
             }
         }
         shared.up.store(false, Ordering::SeqCst);
+        if let Some(i) = &cfg.inbound {
+            i.set_active(false);
+        }
         shared.wake();
         match session.finish().await {
             Ok(f) => sender = f.core.into_endpoint(),
@@ -302,6 +349,33 @@ pub async fn run(
     }
     if own_endpoint {
         endpoint.shutdown().await;
+    }
+}
+
+/// Most inbound frames handed to the session in one command.
+const INBOUND_BATCH: usize = 64;
+
+/// Hands a batch of delivered frames to the session (counted as forwarded or refused). Never
+/// waits: the link loop must keep taking the session's events (a loop blocked on a full command
+/// channel while the driver is blocked on a full event channel would stall replication), so a
+/// batch that does not fit in the command channel now is dropped and counted as refused.
+fn forward_inbound(session: &Session<StreamCore<Sender>>, inbound: &Arc<Inbound>, batch: Vec<InboundItem>) {
+    let n = batch.len() as u64;
+    let owned = Arc::clone(inbound);
+    let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
+        let stats = owned.stats();
+        for item in batch {
+            match ep.send_inbound(item.epoch, item.seq, &item.frame) {
+                Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::debug!(seq = item.seq, "link: inbound frame not forwarded: {e}");
+                    stats.refused.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    });
+    if session.command_sender().try_send(cmd).is_err() {
+        inbound.stats().refused.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -94,6 +94,8 @@ pub struct OutputBuffer {
     cap: usize,
     stats: OutputStats,
     gate: Mutex<Option<Gate>>,
+    /// Input forwarding, told of each epoch boundary with the output's.
+    inbound: Mutex<Option<Arc<crate::inbound::Inbound>>>,
 }
 
 impl OutputBuffer {
@@ -115,6 +117,7 @@ impl OutputBuffer {
             cap,
             stats: OutputStats::default(),
             gate: Mutex::new(None),
+            inbound: Mutex::new(None),
         })
     }
 
@@ -151,10 +154,27 @@ impl OutputBuffer {
     }
 
     /// Frames sent from now on belong to harvest `epoch`. Call while the VM is paused.
+    /// Frames *received* from now on belong to it too (input forwarding, if installed).
     pub fn begin(&self, epoch: u64) {
         let mut g = self.lock();
         g.current = epoch;
         g.first_held = None;
+        if let Some(i) = &*self.inbound.lock().unwrap_or_else(|e| e.into_inner()) {
+            i.begin(epoch);
+        }
+    }
+
+    /// Input forwarding moving its epoch with this buffer's, if installed.
+    pub fn inbound(&self) -> Option<Arc<crate::inbound::Inbound>> {
+        self.inbound.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Moves input forwarding's epoch with this buffer's ([`OutputBuffer::begin`]).
+    pub fn set_inbound(&self, inbound: Option<Arc<crate::inbound::Inbound>>) {
+        if let Some(i) = &inbound {
+            i.begin(self.lock().current);
+        }
+        *self.inbound.lock().unwrap_or_else(|e| e.into_inner()) = inbound;
     }
 
     /// Waits until output produced since the last epoch boundary is held, or `until`; returns

@@ -276,6 +276,7 @@ impl Stats {
             bytes_sent: g.bytes_sent,
             raw_bytes_sent: g.raw_bytes_sent,
             sync: g.sync,
+            inbound: None,
             pause_seconds: g.pause_seconds.clone(),
             ack_latency_seconds: g.ack_latency_seconds.clone(),
         }
@@ -331,6 +332,8 @@ pub struct StatusReport {
     pub raw_bytes_sent: u64,
     /// Initial sync progress, while syncing.
     pub sync: Option<SyncProgress>,
+    /// Input forwarding to the backup's inbound log (`None` without a net device).
+    pub inbound: Option<crate::inbound::InboundReport>,
     /// Every pause since protection started (for metrics; not in the JSON).
     #[serde(skip)]
     pub pause_seconds: Histogram,

@@ -61,11 +61,15 @@ pub enum MessageKind {
     Resumed = 16,
     /// Migration: every page is at the destination (post-copy is over).
     Complete = 17,
+    /// Protection: a frame the primary delivered to the guest (to a backup keeping an inbound log).
+    Inbound = 18,
+    /// Protection: the primary's epoch whose inbound frames the backup's replica holds.
+    InboundCommitted = 19,
 }
 
 impl MessageKind {
     /// Every kind, in code order.
-    pub const ALL: [MessageKind; 17] = [
+    pub const ALL: [MessageKind; 19] = [
         Self::Hello,
         Self::EpochBegin,
         Self::PageBatch,
@@ -83,6 +87,8 @@ impl MessageKind {
         Self::Handover,
         Self::Resumed,
         Self::Complete,
+        Self::Inbound,
+        Self::InboundCommitted,
     ];
 
     /// The kind with wire code `code`.
@@ -102,6 +108,7 @@ impl MessageKind {
             Self::PageBatch | Self::PageResponse | Self::PageMap => MAX_PAYLOAD_LEN,
             Self::StateChunk => MAX_STATE_CHUNK + 32,
             Self::Goodbye => MAX_GOODBYE_LEN,
+            Self::Inbound => 16 + crate::limits::MAX_INBOUND_FRAME,
             Self::PageRequest => 16 + 12 * crate::limits::MAX_REQUEST_PAGES,
             Self::EpochBegin
             | Self::EpochEnd
@@ -112,7 +119,8 @@ impl MessageKind {
             | Self::SwitchOver
             | Self::Handover
             | Self::Resumed
-            | Self::Complete => MAX_CONTROL_LEN,
+            | Self::Complete
+            | Self::InboundCommitted => MAX_CONTROL_LEN,
         }
     }
 
@@ -120,9 +128,14 @@ impl MessageKind {
     /// version breaks the protocol).
     pub fn since_version(self) -> u16 {
         match self {
-            Self::SwitchOver | Self::PageMap | Self::Handover | Self::Resumed | Self::Complete => {
-                crate::version::Feature::Migration.since()
-            }
+            // The inbound log is a capability of the version 2 `Hello` flags byte.
+            Self::SwitchOver
+            | Self::PageMap
+            | Self::Handover
+            | Self::Resumed
+            | Self::Complete
+            | Self::Inbound
+            | Self::InboundCommitted => crate::version::Feature::Migration.since(),
             _ => 1,
         }
     }

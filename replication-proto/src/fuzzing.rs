@@ -127,6 +127,7 @@ fn connected_as(now: Instant, role: Role, start: Option<Position>) -> Receiver {
         session: 1,
         sends_checkpoints: true,
         start,
+        inbound_log: false,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

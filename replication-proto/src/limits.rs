@@ -49,3 +49,6 @@ pub const MAX_ANNOUNCED_EPOCH: u64 = 1 << 62;
 /// Largest epoch number an epoch may carry (`EpochBegin`): 2^63. A sender refuses to number an
 /// epoch above it; a receiver refuses an epoch numbered above it.
 pub const MAX_EPOCH: u64 = 1 << 63;
+
+/// Largest Ethernet frame an `Inbound` message carries (what a TAP hands over at most).
+pub const MAX_INBOUND_FRAME: usize = 64 << 10;

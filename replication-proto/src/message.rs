@@ -7,8 +7,8 @@
 
 use crate::frame::{MessageKind, begin_frame, finish_frame};
 use crate::limits::{
-    MAX_DETAIL_LEN, MAX_GUEST_PAGES, MAX_GUEST_RANGES, MAX_PAGE_SIZE, MAX_REQUEST_PAGES, MAX_STATE_CHUNK,
-    MAX_VM_NAME_LEN, MIN_PAGE_SIZE,
+    MAX_DETAIL_LEN, MAX_GUEST_PAGES, MAX_GUEST_RANGES, MAX_INBOUND_FRAME, MAX_PAGE_SIZE, MAX_REQUEST_PAGES,
+    MAX_STATE_CHUNK, MAX_VM_NAME_LEN, MIN_PAGE_SIZE,
 };
 use crate::migration::{
     Complete, Handover, PageMap, Resumed, SwitchOver, get_page_map, get_runs, get_switch_over, put_page_map, put_runs,
@@ -327,7 +327,15 @@ pub struct Hello {
     /// lineage and epoch (24 bytes); version 2 on (a build without reverse sessions ignores both,
     /// and so announces none).
     pub start: Option<Position>,
+    /// The speaker keeps an inbound log (bit 2 of the flags byte; a capability, not a version):
+    /// a backup that sets it takes `Inbound` and `InboundCommitted` messages and replays the
+    /// logged frames at promotion. A primary sends them only to a backup that announced it, so
+    /// a build without the log (which would refuse the unknown kinds) never sees them.
+    pub inbound_log: bool,
 }
+
+/// Bit 2 of the `Hello` flags byte (version 2): the speaker keeps an inbound log.
+const HELLO_INBOUND_LOG: u8 = 4;
 
 /// Bit 0 of the `Hello` flags byte (version 2): the speaker sends checkpoints.
 const HELLO_SENDS_CHECKPOINTS: u8 = 1;
@@ -458,6 +466,20 @@ pub struct Goodbye {
     pub detail: String,
 }
 
+/// Protection: a frame the primary delivered to the guest's receive queue, forwarded to a backup
+/// that keeps an inbound log (see [`Hello::inbound_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundFrame {
+    /// The primary's epoch (harvest sequence) whose checkpoint contains the frame's delivery:
+    /// once the backup committed it, the frame is in the replica and is dropped from the log.
+    pub epoch: u64,
+    /// The device's count of frames delivered, this one included (1, 2, ...): it is saved with
+    /// the device's state, so a replica knows exactly which frames it already holds.
+    pub seq: u64,
+    /// The Ethernet frame (at most [`MAX_INBOUND_FRAME`] bytes).
+    pub frame: Vec<u8>,
+}
+
 /// Post-copy: the destination asks for pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
@@ -516,6 +538,14 @@ pub enum Message {
     Resumed(Resumed),
     /// See [`Complete`].
     Complete(Complete),
+    /// Protection: a frame delivered to the guest (to a backup that keeps an inbound log).
+    Inbound(InboundFrame),
+    /// Protection: the backup committed the primary's epoch `epoch` (its harvest sequence): the
+    /// inbound frames tagged with it or an earlier one are in the replica.
+    InboundCommitted {
+        /// The primary's epoch.
+        epoch: u64,
+    },
 }
 
 /// A payload that does not decode as its kind.
@@ -585,6 +615,8 @@ impl Message {
             Self::Handover(_) => MessageKind::Handover,
             Self::Resumed(_) => MessageKind::Resumed,
             Self::Complete(_) => MessageKind::Complete,
+            Self::Inbound(_) => MessageKind::Inbound,
+            Self::InboundCommitted { .. } => MessageKind::InboundCommitted,
         }
     }
 
@@ -619,7 +651,8 @@ impl Message {
                 if crate::version::Feature::Migration.in_version(h.version) {
                     let sends = if h.sends_checkpoints { HELLO_SENDS_CHECKPOINTS } else { 0 };
                     let start = if h.start.is_some() { HELLO_START } else { 0 };
-                    out.push(sends | start);
+                    let inbound = if h.inbound_log { HELLO_INBOUND_LOG } else { 0 };
+                    out.push(sends | start | inbound);
                     if let Some(p) = h.start {
                         put_u64(out, p.lineage.origin);
                         put_u64(out, p.lineage.baseline);
@@ -690,6 +723,12 @@ impl Message {
                 put_u64(out, r.peak_rss_bytes);
             }
             Self::Complete(c) => crate::migration::put_complete(out, c),
+            Self::Inbound(f) => {
+                put_u64(out, f.epoch);
+                put_u64(out, f.seq);
+                out.extend_from_slice(&f.frame);
+            }
+            Self::InboundCommitted { epoch } => put_u64(out, *epoch),
         }
     }
 
@@ -786,7 +825,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let high_water = r.u64("high_water")?;
             let session = r.u64("session")?;
             // Version 2 adds the flags byte; unknown flag bits are for later versions.
-            let (sends_checkpoints, start) = if crate::version::Feature::Migration.in_version(version) {
+            let (sends_checkpoints, start, inbound_log) = if crate::version::Feature::Migration.in_version(version) {
                 let flags = r.u8("flags")?;
                 let start = if flags & HELLO_START != 0 {
                     Some(Position {
@@ -796,9 +835,9 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 } else {
                     None
                 };
-                (flags & HELLO_SENDS_CHECKPOINTS != 0, start)
+                (flags & HELLO_SENDS_CHECKPOINTS != 0, start, flags & HELLO_INBOUND_LOG != 0)
             } else {
-                (role.is_sender(), None)
+                (role.is_sender(), None, false)
             };
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
@@ -816,6 +855,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 session,
                 sends_checkpoints,
                 start,
+                inbound_log,
             })
         }
         MessageKind::EpochBegin => {
@@ -924,6 +964,19 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             peak_rss_bytes: r.u64("peak_rss_bytes")?,
         }),
         MessageKind::Complete => Message::Complete(crate::migration::get_complete(r)?),
+        MessageKind::Inbound => {
+            let epoch = r.u64("epoch")?;
+            let seq = r.u64("seq")?;
+            if seq == 0 {
+                return Err(BodyError::Invalid("inbound seq", 0));
+            }
+            let frame = r.rest();
+            if frame.is_empty() || frame.len() > MAX_INBOUND_FRAME {
+                return Err(BodyError::Invalid("inbound frame length", frame.len() as u64));
+            }
+            Message::Inbound(InboundFrame { epoch, seq, frame: frame.to_vec() })
+        }
+        MessageKind::InboundCommitted => Message::InboundCommitted { epoch: r.u64("epoch")? },
     })
 }
 
@@ -959,6 +1012,7 @@ mod tests {
             session: 3,
             sends_checkpoints: false,
             start: None,
+            inbound_log: false,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -1020,6 +1074,7 @@ mod tests {
             session: 1,
             sends_checkpoints,
             start: None,
+            inbound_log: false,
         }
     }
 

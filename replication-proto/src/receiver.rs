@@ -43,6 +43,10 @@ pub struct ReceiverConfig {
     /// accepts to act as an older build (tests of mixed versions, a staged rollout). Clamped to
     /// the versions this build accepts.
     pub version: u16,
+    /// Keep an inbound log (a protection backup): announce it in `Hello` and report the frames
+    /// the primary forwards ([`ReceiverEvent::Inbound`]). Default off: without it the primary
+    /// sends none.
+    pub inbound_log: bool,
 }
 
 impl ReceiverConfig {
@@ -59,6 +63,7 @@ impl ReceiverConfig {
             resend_timeout: Duration::from_millis(50),
             timing: Timing::default(),
             version: PROTOCOL_VERSION,
+            inbound_log: false,
         }
     }
 }
@@ -93,6 +98,15 @@ pub enum ReceiverEvent {
     /// Migration: the source gave up its copy; the destination may run the guest.
     Handover {
         /// The epoch the source names (pre-copy: the switch-over epoch).
+        epoch: u64,
+    },
+    /// Protection: a frame the primary delivered to its guest (only with
+    /// [`ReceiverConfig::inbound_log`]); keep it for replay at promotion.
+    Inbound(crate::message::InboundFrame),
+    /// Protection: the primary's epoch `epoch` is committed here: drop the inbound frames tagged
+    /// with it or an earlier one.
+    InboundCommitted {
+        /// The primary's epoch (its harvest sequence, the tag of [`ReceiverEvent::Inbound`]).
         epoch: u64,
     },
     /// The sender became suspect (silent for [`crate::Timing::suspect_after`]; the session goes
@@ -460,6 +474,7 @@ impl Receiver {
             session: self.link.session,
             sends_checkpoints: false,
             start: self.start,
+            inbound_log: self.cfg.inbound_log,
         }
     }
 
@@ -806,6 +821,10 @@ impl Receiver {
                 Message::SwitchOver(s) => self.events.push_back(ReceiverEvent::SwitchOver(s)),
                 Message::PageMap(m) => self.events.push_back(ReceiverEvent::PageMap(m)),
                 Message::Handover(h) => self.events.push_back(ReceiverEvent::Handover { epoch: h.epoch }),
+                Message::Inbound(f) if self.cfg.inbound_log => self.events.push_back(ReceiverEvent::Inbound(f)),
+                Message::InboundCommitted { epoch } if self.cfg.inbound_log => {
+                    self.events.push_back(ReceiverEvent::InboundCommitted { epoch })
+                }
                 _ => {}
             },
         }

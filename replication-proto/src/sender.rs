@@ -189,6 +189,37 @@ pub enum MigrationError {
     },
 }
 
+/// An inbound frame that cannot be forwarded (the caller counts it as dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum InboundError {
+    /// No session is established.
+    #[error("no session with the backup")]
+    NotConnected,
+    /// The backup did not announce an inbound log (an older build, or a migration peer).
+    #[error("the peer keeps no inbound log")]
+    Unsupported,
+    /// Too many control messages wait for the transport.
+    #[error("{queued} control messages queued, limit {limit}")]
+    Backlog {
+        /// Messages queued.
+        queued: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The frame is empty or larger than [`crate::limits::MAX_INBOUND_FRAME`].
+    #[error("inbound frame of {len} bytes (1..={max} allowed)")]
+    Length {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Most control messages queued before [`Sender::send_inbound`] refuses a frame: forwarding is
+/// best effort and must not grow memory without bound while the transport is blocked.
+pub const MAX_INBOUND_BACKLOG: usize = 1024;
+
 /// A checkpoint that cannot be submitted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubmitError {
@@ -865,6 +896,46 @@ impl Sender {
         Ok((frames, count))
     }
 
+    /// Whether the established session's receiver keeps an inbound log ([`Hello::inbound_log`]).
+    pub fn peer_keeps_inbound_log(&self) -> bool {
+        self.link.state == LinkState::Established && self.link.peer.as_ref().is_some_and(|p| p.inbound_log)
+    }
+
+    /// Protection: forwards a frame delivered to the guest, tagged with the harvest sequence of
+    /// the epoch that delivered it and the device's delivery count. Queued as control (ahead of
+    /// epoch frames still unsent). Refused, never queued, when the peer keeps no log or the
+    /// queue is long.
+    pub fn send_inbound(&mut self, epoch: u64, seq: u64, frame: &[u8]) -> Result<(), InboundError> {
+        if frame.is_empty() || frame.len() > crate::limits::MAX_INBOUND_FRAME {
+            return Err(InboundError::Length { len: frame.len(), max: crate::limits::MAX_INBOUND_FRAME });
+        }
+        self.inbound_ready()?;
+        self.link.push(&Message::Inbound(crate::message::InboundFrame { epoch, seq, frame: frame.to_vec() }));
+        Ok(())
+    }
+
+    /// Protection: tells the backup that the primary's epoch `epoch` is acknowledged, so it drops
+    /// the inbound frames tagged with it or earlier.
+    pub fn send_inbound_committed(&mut self, epoch: u64) -> Result<(), InboundError> {
+        self.inbound_ready()?;
+        self.link.push(&Message::InboundCommitted { epoch });
+        Ok(())
+    }
+
+    fn inbound_ready(&self) -> Result<(), InboundError> {
+        if self.link.state != LinkState::Established {
+            return Err(InboundError::NotConnected);
+        }
+        if !self.peer_keeps_inbound_log() {
+            return Err(InboundError::Unsupported);
+        }
+        let queued = self.link.control_len();
+        if queued >= MAX_INBOUND_BACKLOG {
+            return Err(InboundError::Backlog { queued, limit: MAX_INBOUND_BACKLOG });
+        }
+        Ok(())
+    }
+
     fn hello(&self) -> Hello {
         Hello {
             version: self.cfg.version,
@@ -883,6 +954,7 @@ impl Sender {
             session: self.link.session,
             sends_checkpoints: true,
             start: self.start,
+            inbound_log: false,
         }
     }
 

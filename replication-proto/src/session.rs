@@ -510,6 +510,11 @@ impl Link {
         self.control.push_back(Transmit::new(Arc::new(out), channel));
     }
 
+    /// Control messages queued and not yet taken by the transport.
+    pub fn control_len(&self) -> usize {
+        self.control.len()
+    }
+
     pub fn pop_control(&mut self) -> Option<Transmit> {
         self.control.pop_front()
     }
@@ -799,6 +804,9 @@ impl Link {
             K::PageResponse | K::SwitchOver | K::Handover => forward_source,
             K::PageMap => forward_source || forward_destination,
             K::PageRequest | K::Resumed | K::Complete => forward_destination,
+            // Only a protection primary forwards inbound frames (to a backup that asked for
+            // them: the receiver drops them otherwise).
+            K::Inbound | K::InboundCommitted => peer_sends && peer.role == Role::Primary,
         };
         if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role, sends: peer_sends }) }
     }

@@ -245,6 +245,7 @@ fn hello(role: Role, version: u16) -> Hello {
         session: 1,
         sends_checkpoints: role.is_sender(),
         start: None,
+        inbound_log: false,
     }
 }
 

@@ -254,6 +254,7 @@ fn peer_hello(role: Role, instance: u64) -> Hello {
         session: 1,
         sends_checkpoints: role.is_sender(),
         start: None,
+        inbound_log: false,
     }
 }
 

@@ -332,6 +332,7 @@ fn crafted_hello(role: Role, sends: bool, start: Option<Position>) -> Hello {
         session: 1,
         sends_checkpoints: sends,
         start,
+        inbound_log: false,
     }
 }
 

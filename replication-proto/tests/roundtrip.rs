@@ -115,6 +115,8 @@ fn message() -> impl Strategy<Value = Message> {
                         sends_checkpoints: if version >= 2 { sends } else { role.is_sender() },
                         // The starting position rides on the flags byte: version 2 on.
                         start: if version >= 2 { start } else { None },
+                        // The inbound-log capability rides on the flags byte too.
+                        inbound_log: version >= 2 && sends,
                     })
                 }
             ),

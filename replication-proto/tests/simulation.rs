@@ -525,6 +525,9 @@ impl Sim {
                 | ReceiverEvent::SwitchOver(_)
                 | ReceiverEvent::PageMap(_)
                 | ReceiverEvent::Handover { .. } => unreachable!("no migration here"),
+                ReceiverEvent::Inbound(_) | ReceiverEvent::InboundCommitted { .. } => {
+                    unreachable!("these receivers keep no inbound log")
+                }
             }
         }
     }

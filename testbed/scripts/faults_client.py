@@ -17,6 +17,9 @@ JSON line:
   max_gap_ms (longest wait for one reply), ops, thin_linear_timeouts (the socket option took),
   and with a window: window_max_gap_ms (longest wait for a reply that overlaps it) and
   outside_max_gap_ms (longest wait that does not).
+With FAULTS_CLIENT_UNTUNED=1 in the environment the socket gets no thin-stream option (an
+ordinary client; `testbed faults` then also leaves rto_min off its route): thin_linear_timeouts
+is null.
 """
 import json, os, socket, sys, time
 
@@ -25,6 +28,7 @@ FAULT, STOP, WINDOW = os.path.join(ctl, "fault"), os.path.join(ctl, "stop"), os.
 TIMEOUT = 8.0
 TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)  # linux/tcp.h
 thin_lto = [None]  # whether the kernel took the option (reported)
+UNTUNED = os.environ.get("FAULTS_CLIENT_UNTUNED") == "1"
 
 
 def connect(deadline):
@@ -37,11 +41,12 @@ def connect(deadline):
             # (rto_min 10 ms, set on the namespace's route by the harness) away instead of
             # 10, 20, 40, 80 ... ms (Linux: linear for the first 6 retransmissions, TCP_THIN_LINEAR_RETRIES,
             # exponential after that).
-            try:
-                s.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
-                thin_lto[0] = True
-            except OSError:
-                thin_lto[0] = False
+            if not UNTUNED:
+                try:
+                    s.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
+                    thin_lto[0] = True
+                except OSError:
+                    thin_lto[0] = False
             return s, s.makefile("rb")
         except OSError:
             if time.monotonic() > deadline:
@@ -163,6 +168,11 @@ except (OSError, ValueError) as e:
     errors += 1
     lost = len(keys)
     notes.append("verification failed: %s" % e)
+if fault_t is not None:
+    # The first waits that ended after the fault: which request waited, and how long (a
+    # retransmission by the client's own timer shows as a wait of ~200 ms without rto_min).
+    after = [(b - fault_t, d) for (b, d) in waits if b + d > fault_t][:3]
+    notes.extend("wait from fault%+.1f ms: %.1f ms" % (b * 1e3, d * 1e3) for (b, d) in after)
 window_gap = outside_gap = None
 if os.path.exists(WINDOW):
     try:

@@ -48,6 +48,10 @@ pub mod migrate;
 pub enum Point {
     /// `kill -9` of the primary at a random moment.
     Kill,
+    /// The same with an untuned client: no `rto_min` on its route, no thin-stream option (a
+    /// request the dead primary received is answered by the promoted replica's input replay,
+    /// not by the client's retransmission at Linux's 200 ms minimum RTO).
+    KillUntuned,
     /// `UNDERSTUDY_FAILPOINTS=primary.paused@K` on the primary.
     Paused,
     /// `primary.harvest@K`.
@@ -114,6 +118,7 @@ impl Point {
     /// All points, in report order.
     pub const ALL: [Point; 27] = [
         Point::Kill,
+        Point::KillUntuned,
         Point::Paused,
         Point::Harvest,
         Point::Shipped,
@@ -146,6 +151,7 @@ impl Point {
     pub fn name(self) -> &'static str {
         match self {
             Point::Kill => "kill",
+            Point::KillUntuned => "kill.untuned",
             Point::Paused => "primary.paused",
             Point::Harvest => "primary.harvest",
             Point::Shipped => "primary.shipped",
@@ -226,6 +232,7 @@ impl Point {
         matches!(
             self,
             Point::Kill
+                | Point::KillUntuned
                 | Point::Paused
                 | Point::Harvest
                 | Point::Shipped
@@ -375,6 +382,9 @@ pub struct Options {
     pub detect_ms: u64,
     /// Run the backup with `--no-prepare-vm` (the A/B of building the VM ahead of promotion).
     pub no_prepare_vm: bool,
+    /// Run the backup with `--inbound-log-frames 0`: no input replay at promotion (the A/B of
+    /// the inbound log; what an older backup does).
+    pub no_inbound_log: bool,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -397,6 +407,7 @@ impl Options {
             seed: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
             detect_ms: DEFAULT_DETECT_MS,
             no_prepare_vm: false,
+            no_inbound_log: false,
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -436,6 +447,8 @@ pub struct RunReport {
     pub take_ms: Option<f64>,
     pub restore_ms: Option<f64>,
     pub announce_ms: Option<f64>,
+    /// From the backup's PROMOTED line: inbound frames replayed into the promoted guest.
+    pub replayed_frames: Option<u64>,
     /// Primary's "lease lost" logged before the backup's grant (partition: only one releasing).
     pub lease_lost_before_grant: Option<bool>,
     /// The primary's protection state at the end (runs without promotion).
@@ -475,6 +488,7 @@ impl RunReport {
             "degraded": self.degraded, "failover_ms": self.failover_ms, "detect_ms": self.detect_ms,
             "grant_ms": self.grant_ms, "promote_ms": self.promote_ms, "take_ms": self.take_ms,
             "restore_ms": self.restore_ms, "announce_ms": self.announce_ms,
+            "replayed_frames": self.replayed_frames,
             "lease_lost_before_grant": self.lease_lost_before_grant,
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
@@ -509,7 +523,8 @@ impl Topology {
         format!("{}{role}", self.prefix)
     }
 
-    fn create(run: usize) -> Result<Self> {
+    /// `tuned`: the client's route gets `rto_min 10ms` (every point but `kill.untuned`).
+    fn create(run: usize, tuned: bool) -> Result<Self> {
         let mut t = Topology { prefix: format!("{NS_PREFIX}{}r{run}", std::process::id()), made: Vec::new() };
         for role in ROLES {
             t.made.push(NetNs::create(&t.ns(role))?);
@@ -536,6 +551,10 @@ impl Topology {
         veth("l-c", "br-lan", c, "eth0")?;
         c.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"])?;
         c.ip(&["link", "set", "eth0", "up"])?;
+        if !tuned {
+            // An ordinary client: Linux's defaults (200 ms minimum RTO).
+            return Ok(t);
+        }
         // A LAN client: let TCP retransmit after 10 ms (as demo.sh), so failover, not Linux's
         // 200 ms minimum RTO, dominates the pause the client sees. The client also sets
         // TCP_THIN_LINEAR_TIMEOUTS on its socket (scripts/faults_client.py): its one-request
@@ -762,7 +781,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
     fs::create_dir_all(dir.join("ctl"))?;
     let d = |f: &str| dir.join(f);
     let result = (|| -> Result<()> {
-        let topo = Topology::create(run).context("create the topology")?;
+        let topo = Topology::create(run, point != Point::KillUntuned).context("create the topology")?;
         let mut procs = Procs { list: Vec::new() };
         let b = &opts.understudy;
         sh(&[
@@ -840,6 +859,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             .into_iter()
             .chain(opts.no_prepare_vm.then(|| "--no-prepare-vm".into()))
             .chain(if point == Point::DoubleFailover { double::backup_flags() } else { Vec::new() })
+            .chain(opts.no_inbound_log.then(|| ["--inbound-log-frames".into(), "0".into()]).into_iter().flatten())
             .collect::<Vec<_>>(),
             &fp_env("backup"),
             &d("backup.log"),
@@ -957,7 +977,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             &topo.ns("c"),
             Path::new("/usr/bin/python3"),
             &[s(&opts.client), LAN_GUEST.into(), s(d("ctl")), "40".into()],
-            &[],
+            &if point == Point::KillUntuned { vec![("FAULTS_CLIENT_UNTUNED", "1".to_string())] } else { vec![] },
             &d("client.log"),
         )?;
         // Timed faults count from the client's first reply: that takes ~1.05-1.1 s from its
@@ -976,12 +996,12 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
         // Inject.
         let fault_wall;
         match point {
-            Point::Kill | Point::Backup | Point::Witness | Point::Partition => {
+            Point::Kill | Point::KillUntuned | Point::Backup | Point::Witness | Point::Partition => {
                 client_ready()?;
                 sleep(Duration::from_millis(rng.range(1000, 2500)))?;
                 fault_wall = wall();
                 match point {
-                    Point::Kill => procs.kill("primary"),
+                    Point::Kill | Point::KillUntuned => procs.kill("primary"),
                     Point::Backup => procs.kill("backup"),
                     Point::Witness => procs.kill("witness"),
                     _ => topo.cut_primary(true)?,
@@ -1178,6 +1198,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             rep.take_ms = field(line, "take_ms");
             rep.restore_ms = field(line, "restore_ms");
             rep.announce_ms = field(line, "announce_ms");
+            rep.replayed_frames = field(line, "replayed_frames").map(|f| f as u64);
         }
         if let Some(g) = t_grant {
             let lease_lost = plog.lines().filter(|l| l.contains("lease lost")).filter_map(line_time).next_back();
@@ -1512,6 +1533,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "seed": opts.seed,
         "link_detect_ms": opts.detect_ms,
         "no_prepare_vm": opts.no_prepare_vm,
+        "no_inbound_log": opts.no_inbound_log,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

@@ -180,6 +180,13 @@ enum Command {
         /// backup sooner and holds its output that much less).
         #[arg(long)]
         no_prepare_vm: bool,
+        /// Most frames kept in the inbound log (frames the primary delivered after the replica's
+        /// checkpoint, replayed at promotion); 0 keeps no log.
+        #[arg(long, default_value_t = backup::inbound::DEFAULT_MAX_FRAMES)]
+        inbound_log_frames: usize,
+        /// Most bytes kept in the inbound log.
+        #[arg(long, default_value = "8M", value_parser = parse_size)]
+        inbound_log_bytes: u64,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible
         /// (one host, the demo) until arbitration is configured.
@@ -531,6 +538,8 @@ fn real_main(cli: Cli) -> Result<()> {
             detect_ms,
             suspect_ms,
             no_prepare_vm,
+            inbound_log_frames,
+            inbound_log_bytes,
             auto_promote,
             metrics,
             metrics_public,
@@ -564,6 +573,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 timing: node::protect::timing(heartbeat_ms, detect_ms, suspect_ms.unwrap_or(detect_ms / 2)),
                 on_primary_lost: None,
                 prepare_vm: !no_prepare_vm,
+                inbound_log: backup::inbound::InboundLimits {
+                    max_frames: inbound_log_frames,
+                    max_bytes: usize::try_from(inbound_log_bytes).unwrap_or(usize::MAX),
+                },
             };
             let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;

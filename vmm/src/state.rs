@@ -316,6 +316,7 @@ pub(crate) mod tests {
             s.net = (round % 3 != 0).then(|| NetState {
                 mac: [round as u8, 1, 2, 3, 4, 5],
                 event_idx: round % 2 == 0,
+                rx_delivered: rng.next_u64(),
                 mmio: MmioState {
                     status: rng.next_u64() as u32,
                     acked_features: rng.next_u64(),

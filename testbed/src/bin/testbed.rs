@@ -29,7 +29,7 @@ enum Cmd {
         /// Runs per fault point.
         #[arg(long, default_value_t = 1)]
         runs: usize,
-        /// Comma-separated points: kill, primary.paused, primary.harvest, primary.shipped,
+        /// Comma-separated points: kill, kill.untuned (an untuned client: no rto_min, no thin-stream option), primary.paused, primary.harvest, primary.shipped,
         /// primary.acked, committed-unacked, backup.committed, backup, witness, partition,
         /// partition.p-b, partition.p-w, partition.b-w, netem, link.loss, link.delay, link.dup,
         /// link.corrupt, link.mix, resync, resync.late, and live migration's
@@ -58,6 +58,10 @@ enum Cmd {
         /// Run the backup with `--no-prepare-vm` (promotion builds the VM; the A/B of preparing it).
         #[arg(long)]
         no_prepare_vm: bool,
+        /// Run the backup with `--inbound-log-frames 0`: no input replay at promotion (the A/B
+        /// of the inbound log; what an older backup does).
+        #[arg(long)]
+        no_inbound_log: bool,
     },
     /// Live migration side by side with QEMU: the same guest, memory and workload under QEMU
     /// (`-M microvm -accel kvm`, migrated over QMP) and `understudy migrate`, configurations
@@ -144,7 +148,18 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Faults { runs, points, out, logs, run_timeout_s, total_timeout_s, seed, detect_ms, no_prepare_vm } => {
+        Cmd::Faults {
+            runs,
+            points,
+            out,
+            logs,
+            run_timeout_s,
+            total_timeout_s,
+            seed,
+            detect_ms,
+            no_prepare_vm,
+            no_inbound_log,
+        } => {
             let points = Point::parse_list(&points)?;
             let mut opts = faults::Options::new(runs, points);
             opts.out = out;
@@ -153,6 +168,7 @@ fn main() -> anyhow::Result<()> {
             opts.total_timeout = Duration::from_secs(total_timeout_s);
             opts.detect_ms = detect_ms;
             opts.no_prepare_vm = no_prepare_vm;
+            opts.no_inbound_log = no_inbound_log;
             if let Some(s) = seed {
                 opts.seed = s | 1;
             }

@@ -12,8 +12,9 @@
 //! ([`Net::set_tx_sink`]). When the guest has no receive buffers the worker stops reading
 //! the TAP (frames wait in the kernel's queue) until the guest posts some.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -67,6 +68,64 @@ pub trait TxSink: Send {
     fn flush(&mut self) {}
 }
 
+/// Told of every frame the worker delivered into a receive buffer (replication forwards it to
+/// the backup's inbound log). Runs on the device's worker thread with the frame just written:
+/// it must not block (a bounded queue with a non-blocking push), since it is on the path of
+/// every received frame.
+pub trait RxObserver: Send + Sync {
+    /// `frame` (Ethernet, without the virtio-net header) was delivered to the guest; `seq` is
+    /// the device's count of frames delivered, this one included (saved in [`NetState`]).
+    fn delivered(&self, seq: u64, frame: &[u8]);
+}
+
+/// What the device and its worker share about the receive path: the delivery count, the
+/// frames to replay ahead of the TAP, and the observer.
+#[derive(Default)]
+pub(crate) struct RxShared {
+    /// Frames delivered to the guest since the device was created (restored with its state).
+    delivered: AtomicU64,
+    /// Frames to deliver before any new frame from the TAP, in order ([`Net::replay_rx`]).
+    replay: Mutex<VecDeque<Vec<u8>>>,
+    /// `replay` is not empty (checked per frame without locking).
+    replay_pending: AtomicBool,
+    observer: Mutex<Option<Arc<dyn RxObserver>>>,
+}
+
+impl RxShared {
+    /// Moves the next frame to replay into `buf`; its length, or `None` if there is none.
+    /// A frame longer than `buf` is dropped (and the next one tried).
+    pub(crate) fn pop_replay(&self, buf: &mut [u8]) -> Option<usize> {
+        if !self.replay_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = lock(&self.replay);
+        let got = loop {
+            match q.pop_front() {
+                Some(f) if f.len() <= buf.len() => {
+                    buf[..f.len()].copy_from_slice(&f);
+                    break Some(f.len());
+                }
+                Some(f) => tracing::warn!(len = f.len(), "virtio-net replayed frame too long: dropped"),
+                None => break None,
+            }
+        };
+        self.replay_pending.store(!q.is_empty(), Ordering::Release);
+        got
+    }
+
+    /// Counts a delivered frame and tells the observer.
+    pub(crate) fn delivered(&self, observer: Option<&Arc<dyn RxObserver>>, frame: &[u8]) {
+        let seq = self.delivered.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(o) = observer {
+            o.delivered(seq, frame);
+        }
+    }
+
+    pub(crate) fn observer(&self) -> Option<Arc<dyn RxObserver>> {
+        lock(&self.observer).clone()
+    }
+}
+
 /// The plain sink: writes every frame to the TAP at once.
 #[derive(Debug)]
 pub struct TapSink {
@@ -103,6 +162,8 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     /// Times the worker woke from `epoll_wait` (a busy loop shows here).
     pub wakeups: AtomicU64,
+    /// Frames delivered from the replay queue ([`Net::replay_rx`]) rather than the TAP.
+    pub rx_replayed: AtomicU64,
 }
 
 impl NetStats {
@@ -143,6 +204,7 @@ pub struct Net {
     sink: Arc<Mutex<Box<dyn TxSink>>>,
     notify: [EventFd; 2],
     stats: Arc<NetStats>,
+    rx: Arc<RxShared>,
     paused: bool,
     worker: Option<worker::Handle>,
 }
@@ -164,6 +226,7 @@ impl Net {
             sink: Arc::new(Mutex::new(sink)),
             notify: [evt()?, evt()?],
             stats: Arc::new(NetStats::default()),
+            rx: Arc::new(RxShared::default()),
             paused: false,
             worker: None,
         })
@@ -187,6 +250,40 @@ impl Net {
     /// Traffic counters.
     pub fn stats(&self) -> &Arc<NetStats> {
         &self.stats
+    }
+
+    /// Frames delivered to the guest so far (saved with the device: a restored device goes on
+    /// counting from its checkpoint's value).
+    pub fn rx_delivered(&self) -> u64 {
+        self.rx.delivered.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_rx_delivered(&self, n: u64) {
+        self.rx.delivered.store(n, Ordering::Release);
+    }
+
+    /// Installs (or removes) the observer told of every delivered frame. Takes effect at the
+    /// worker's next batch of frames; install it with the device paused to start at an exact
+    /// point.
+    pub fn set_rx_observer(&self, observer: Option<Arc<dyn RxObserver>>) {
+        *lock(&self.rx.observer) = observer;
+    }
+
+    /// Queues `frames` for delivery to the guest, in order, ahead of any frame from the TAP
+    /// (a promoted replica's replay of the primary's last inputs). They wait while the guest
+    /// has no receive buffer, like TAP frames do; a paused device delivers them once resumed.
+    /// Returns how many frames are queued in all.
+    pub fn replay_rx(&self, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+        let n = {
+            let mut q = lock(&self.rx.replay);
+            q.extend(frames);
+            self.rx.replay_pending.store(!q.is_empty(), Ordering::Release);
+            q.len()
+        };
+        if let Err(e) = self.notify[RX_QUEUE].write(1) {
+            tracing::warn!(error = %e, "virtio-net replay kick failed");
+        }
+        n
     }
 
     /// Replaces the transmit sink, returning the old one. Takes effect at the next frame;
@@ -314,6 +411,7 @@ impl VirtioDevice for Net {
             tap: self.tap.clone(),
             sink: self.sink.clone(),
             stats: self.stats.clone(),
+            rx: self.rx.clone(),
             notify: [&self.notify[0], &self.notify[1]],
             paused: self.paused,
         })?;

@@ -23,6 +23,9 @@ pub struct NetState {
     pub event_idx: bool,
     /// Registers, negotiated features, interrupt status and queues.
     pub mmio: MmioState,
+    /// Frames delivered to the guest up to this state ([`Net::rx_delivered`]): a promoted
+    /// replica replays only the forwarded frames numbered above it (0 from an older build).
+    pub rx_delivered: u64,
 }
 
 /// What restoring a net device needs besides its state: host resources.
@@ -47,7 +50,12 @@ impl Persist for VirtioMmio<Net> {
 
     /// Captures the device. Call it with vCPUs and the device paused.
     fn save(&self) -> NetState {
-        NetState { mac: self.device().mac(), event_idx: self.device().config().event_idx, mmio: self.save_transport() }
+        NetState {
+            mac: self.device().mac(),
+            event_idx: self.device().config().event_idx,
+            mmio: self.save_transport(),
+            rx_delivered: self.device().rx_delivered(),
+        }
     }
 
     /// Rebuilds the device. If the driver had it live, the worker starts (parked if
@@ -56,6 +64,7 @@ impl Persist for VirtioMmio<Net> {
         let queue_size = state.mmio.queues.first().map_or(DEFAULT_QUEUE_SIZE, |q| q.max_size);
         let config = NetConfig { mac: state.mac, queue_size, event_idx: state.event_idx };
         let mut net = Net::new(args.mem, args.tap, args.sink, config)?;
+        net.set_rx_delivered(state.rx_delivered);
         if args.paused {
             net.pause();
         }

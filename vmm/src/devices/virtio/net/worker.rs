@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{NET_HDR_LEN, NetStats, RX_QUEUE, TX_QUEUE, TxSink};
+use super::{NET_HDR_LEN, NetStats, RX_QUEUE, RxShared, TX_QUEUE, TxSink};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::{Interrupt, Queues, VirtioError, lock};
 use crate::memory::GuestMemory;
@@ -163,6 +163,7 @@ pub(super) struct WorkerArgs<'a> {
     pub tap: Arc<Tap>,
     pub sink: Arc<Mutex<Box<dyn TxSink>>>,
     pub stats: Arc<NetStats>,
+    pub rx: Arc<RxShared>,
     pub notify: [&'a EventFd; 2],
     /// Start parked (the device was paused when activated).
     pub paused: bool,
@@ -175,6 +176,7 @@ pub(super) struct Worker {
     tap: Arc<Tap>,
     sink: Arc<Mutex<Box<dyn TxSink>>>,
     stats: Arc<NetStats>,
+    rx: Arc<RxShared>,
     ctrl: Arc<Control>,
     rx_evt: EventFd,
     tx_evt: EventFd,
@@ -213,6 +215,7 @@ impl Worker {
             tap: a.tap,
             sink: a.sink,
             stats: a.stats,
+            rx: a.rx,
             ctrl: ctrl.clone(),
             rx_evt,
             tx_evt,
@@ -299,6 +302,7 @@ impl Worker {
         };
         let mem = &self.mem;
         let mut used = false;
+        let observer = self.rx.observer();
         loop {
             if self.ctrl.pending() {
                 Self::rekick(&self.rx_evt);
@@ -326,7 +330,9 @@ impl Worker {
                 }
                 self.rx_notify_on = false;
             }
-            let len = match self.tap.read_frame(&mut self.frame[NET_HDR_LEN..]) {
+            // Frames to replay go first, in order, ahead of anything from the TAP.
+            let replayed = self.rx.pop_replay(&mut self.frame[NET_HDR_LEN..]);
+            let len = match replayed.map_or_else(|| self.tap.read_frame(&mut self.frame[NET_HDR_LEN..]), Ok) {
                 Ok(0) => {
                     tracing::warn!(tap = %self.tap.name(), "virtio-net tap closed");
                     q.go_to_previous_position();
@@ -360,6 +366,10 @@ impl Worker {
                 Ok(()) => {
                     NetStats::add(&self.stats.rx_frames, 1);
                     NetStats::add(&self.stats.rx_bytes, len as u64);
+                    if replayed.is_some() {
+                        NetStats::add(&self.stats.rx_replayed, 1);
+                    }
+                    self.rx.delivered(observer.as_ref(), &self.frame[NET_HDR_LEN..total]);
                     total as u32
                 }
                 Err(e) => {

@@ -1,0 +1,262 @@
+//! The inbound log: the frames the primary delivered to its guest that the replica may not hold
+//! yet, kept for replay at promotion (docs/failover.md, "Input replay").
+//!
+//! Each frame comes tagged with the primary's epoch (harvest sequence) whose checkpoint holds
+//! its delivery, and with the device's delivery count `seq`. The log keeps them in `seq` order,
+//! drops those whose epoch the primary reports committed (`InboundCommitted`), and is bounded in
+//! frames and bytes: past either bound the oldest frame goes (counted as an overflow). At
+//! promotion, [`InboundLog::take_replay`] hands out, in order, exactly the frames numbered above
+//! the replica's own delivery count (saved with its virtio-net state): a frame the replica
+//! already received is never delivered twice, whatever the log still holds.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use replication_proto::InboundFrame;
+use serde::Serialize;
+
+/// Default bound on frames kept.
+pub const DEFAULT_MAX_FRAMES: usize = 4096;
+/// Default bound on bytes kept (frame payloads).
+pub const DEFAULT_MAX_BYTES: usize = 8 << 20;
+
+/// The log's bounds (`understudy backup --inbound-log-frames`, `--inbound-log-mib`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    /// Most frames kept (0: no log; the backup then does not announce one).
+    pub max_frames: usize,
+    /// Most frame bytes kept.
+    pub max_bytes: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        Self { max_frames: DEFAULT_MAX_FRAMES, max_bytes: DEFAULT_MAX_BYTES }
+    }
+}
+
+impl InboundLimits {
+    /// Whether a log is kept at all.
+    pub fn enabled(&self) -> bool {
+        self.max_frames > 0 && self.max_bytes > 0
+    }
+}
+
+/// What `understudy status` shows of the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct InboundLogReport {
+    /// Frames in the log now.
+    pub frames: usize,
+    /// Their bytes.
+    pub bytes: usize,
+    /// Frames received from the primary in all.
+    pub received_frames: u64,
+    /// Frames dropped because their epoch was committed (the replica holds them).
+    pub pruned_frames: u64,
+    /// Frames dropped to keep the log within its bounds (oldest first): they cannot be replayed.
+    pub overflow_frames: u64,
+    /// Frames replayed into the promoted guest.
+    pub replayed_frames: u64,
+    /// Frames in the log at promotion that the replica already held (not replayed).
+    pub skipped_frames: u64,
+}
+
+/// What promotion replays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// The frames, in delivery order.
+    pub frames: Vec<Vec<u8>>,
+    /// Their delivery counts on the primary (ascending).
+    pub seqs: Vec<u64>,
+    /// Frames the log held that the replica already had.
+    pub skipped: u64,
+    /// Frames numbered above the replica's count missing from the log (dropped on the primary's
+    /// queue, by the log's bound, or never forwarded): their senders must resend them.
+    pub gaps: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    frames: VecDeque<InboundFrame>,
+    bytes: usize,
+    /// The primary's highest epoch reported committed.
+    committed: u64,
+    /// The highest `seq` logged (later duplicates, from a resumed session, are ignored).
+    last_seq: u64,
+    report: InboundLogReport,
+}
+
+/// The log (see the module doc).
+#[derive(Debug, Default)]
+pub struct InboundLog {
+    limits: Mutex<InboundLimits>,
+    inner: Mutex<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl InboundLog {
+    /// An empty log within `limits`.
+    pub fn new(limits: InboundLimits) -> Self {
+        Self { limits: Mutex::new(limits), inner: Mutex::default() }
+    }
+
+    /// The bounds.
+    pub fn limits(&self) -> InboundLimits {
+        *lock(&self.limits)
+    }
+
+    /// Changes the bounds (frames beyond them go at the next push).
+    pub fn set_limits(&self, limits: InboundLimits) {
+        *lock(&self.limits) = limits;
+    }
+
+    /// A new primary instance connected: frames of the previous one mean nothing to it.
+    pub fn reset(&self) {
+        let mut g = lock(&self.inner);
+        let report = g.report;
+        *g = Inner { report, ..Inner::default() };
+    }
+
+    /// Logs a frame the primary delivered.
+    pub fn push(&self, f: InboundFrame) {
+        let limits = self.limits();
+        let mut g = lock(&self.inner);
+        g.report.received_frames += 1;
+        if g.committed > 0 && f.epoch <= g.committed {
+            // Its epoch was committed before the frame arrived (the ack overtook it).
+            g.report.pruned_frames += 1;
+            return;
+        }
+        if f.seq <= g.last_seq {
+            // A duplicate (frames queued across a reconnect).
+            return;
+        }
+        g.last_seq = f.seq;
+        g.bytes += f.frame.len();
+        g.frames.push_back(f);
+        while g.frames.len() > limits.max_frames || g.bytes > limits.max_bytes {
+            let Some(old) = g.frames.pop_front() else { break };
+            g.bytes -= old.frame.len();
+            g.report.overflow_frames += 1;
+        }
+    }
+
+    /// The primary's epoch `epoch` is committed: its frames and earlier ones are in the replica.
+    pub fn committed(&self, epoch: u64) {
+        let mut g = lock(&self.inner);
+        g.committed = g.committed.max(epoch);
+        while g.frames.front().is_some_and(|f| f.epoch <= epoch) {
+            let old = g.frames.pop_front().expect("front exists");
+            g.bytes -= old.frame.len();
+            g.report.pruned_frames += 1;
+        }
+    }
+
+    /// Empties the log into what promotion replays: the frames numbered above `replica_seq` (the
+    /// replica's own delivery count), in order.
+    pub fn take_replay(&self, replica_seq: u64) -> Replay {
+        let mut g = lock(&self.inner);
+        let mut r = Replay::default();
+        let mut next = replica_seq + 1;
+        for f in std::mem::take(&mut g.frames) {
+            if f.seq <= replica_seq {
+                r.skipped += 1;
+                continue;
+            }
+            r.gaps += f.seq - next;
+            next = f.seq + 1;
+            r.seqs.push(f.seq);
+            r.frames.push(f.frame);
+        }
+        g.bytes = 0;
+        g.report.skipped_frames += r.skipped;
+        g.report.replayed_frames += r.frames.len() as u64;
+        r
+    }
+
+    /// The counters and the log's size now.
+    pub fn report(&self) -> InboundLogReport {
+        let g = lock(&self.inner);
+        InboundLogReport { frames: g.frames.len(), bytes: g.bytes, ..g.report }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(epoch: u64, seq: u64, len: usize) -> InboundFrame {
+        InboundFrame { epoch, seq, frame: vec![seq as u8; len] }
+    }
+
+    #[test]
+    fn a_committed_epoch_prunes_its_frames_and_earlier_ones() {
+        let log = InboundLog::new(InboundLimits::default());
+        for (epoch, seq) in [(3, 1), (3, 2), (4, 3), (5, 4)] {
+            log.push(frame(epoch, seq, 60));
+        }
+        log.committed(3);
+        assert_eq!(log.report().frames, 2);
+        assert_eq!(log.report().bytes, 120);
+        log.committed(4);
+        assert_eq!(log.report().frames, 1);
+        // A frame of a committed epoch arriving late (the commit notice overtook it) is not kept.
+        log.committed(5);
+        log.push(frame(5, 5, 60));
+        log.push(frame(6, 6, 60));
+        let r = log.report();
+        assert_eq!((r.frames, r.pruned_frames, r.received_frames), (1, 5, 6));
+        let replay = log.take_replay(0);
+        assert_eq!(replay.seqs, vec![6]);
+    }
+
+    #[test]
+    fn the_log_keeps_within_its_bounds_by_dropping_the_oldest() {
+        let log = InboundLog::new(InboundLimits { max_frames: 3, max_bytes: 1000 });
+        for seq in 1..=5 {
+            log.push(frame(1, seq, 100));
+        }
+        let r = log.report();
+        assert_eq!((r.frames, r.bytes, r.overflow_frames), (3, 300, 2));
+        // By bytes: a 900-byte frame pushes out the oldest until the log is back within 1000.
+        log.push(frame(1, 6, 900));
+        let r = log.report();
+        assert_eq!((r.frames, r.bytes, r.overflow_frames), (2, 1000, 4));
+        // What overflowed shows as a gap at replay.
+        let replay = log.take_replay(0);
+        assert_eq!((replay.seqs.clone(), replay.gaps), (vec![5, 6], 4));
+    }
+
+    #[test]
+    fn replay_gives_exactly_the_frames_above_the_replica_in_order() {
+        let log = InboundLog::new(InboundLimits::default());
+        for seq in 1..=6 {
+            log.push(frame(10 + seq / 3, seq, 64));
+        }
+        // Duplicates (a resumed session resends nothing, but be safe) are ignored.
+        log.push(frame(12, 4, 64));
+        // The replica delivered frames 1..=4 already.
+        let replay = log.take_replay(4);
+        assert_eq!(replay.seqs, vec![5, 6]);
+        assert_eq!(replay.frames, vec![vec![5u8; 64], vec![6u8; 64]]);
+        assert_eq!((replay.skipped, replay.gaps), (4, 0));
+        let r = log.report();
+        assert_eq!((r.frames, r.replayed_frames, r.skipped_frames), (0, 2, 4));
+        // Taken once: a second promotion replays nothing.
+        assert!(log.take_replay(4).frames.is_empty());
+    }
+
+    #[test]
+    fn a_reset_forgets_the_previous_primary() {
+        let log = InboundLog::new(InboundLimits::default());
+        log.push(frame(5, 9, 64));
+        log.committed(7);
+        log.reset();
+        // The new primary's numbering starts again.
+        log.push(frame(1, 1, 64));
+        assert_eq!(log.take_replay(0).seqs, vec![1]);
+    }
+}
