@@ -116,7 +116,7 @@ pub enum Point {
 
 impl Point {
     /// All points, in report order.
-    pub const ALL: [Point; 27] = [
+    pub const ALL: [Point; 28] = [
         Point::Kill,
         Point::KillUntuned,
         Point::Paused,
