@@ -91,7 +91,7 @@ $B status --api "$D/primary.sock" --json | $PY -c 'import json,sys; p=json.load(
 say "kill -9 the primary"
 date +%s.%N > "$D/kill_time"; kill -9 $PRIMARY
 for _ in $(seq 300); do grep -q PROMOTED "$D/backup.log" && break; sleep 0.01; done
-sed 's/\x1b\[[0-9;]*m//g' "$D/backup.log" | grep -E "process is gone|primary suspect|primary lost|arbitration: granted|vm restored|PROMOTED" | sed 's/^[^ ]* *[A-Z]* [^ ]* /         /' | cut -c1-150 || true
+sed 's/\x1b\[[0-9;]*m//g' "$D/backup.log" | grep -E "process is gone|primary suspect|primary lost|arbitration: granted|vm restored|inbound log:|PROMOTED" | sed 's/^[^ ]* *[A-Z]* [^ ]* /         /' | cut -c1-150 || true
 say "the backup runs the guest now; the client carries on"
 wait $CLIENT && RC=0 || RC=$?
 tail -n 4 "$D/client.log" | $PY -c '
