@@ -421,7 +421,8 @@ mod tests {
             --heartbeat-ms 20
             --detect-ms 1000
             --suspect-ms 500
-            --metrics 127.0.0.1:9401",
+            --metrics 127.0.0.1:9401
+            --reprotect-to 1=primary@192.0.2.1:7400",
         );
         check_example(
             "destination.toml",
