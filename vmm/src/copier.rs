@@ -297,7 +297,7 @@ mod tests {
         for _ in 0..50 {
             let mut out = Vec::new();
             // The caller is busy a while first: the helper starts alone.
-            c.copy(&mem, &pfns, &mut out, || std::thread::sleep(Duration::from_millis(1))).0.unwrap();
+            c.copy(&mem, &pfns, &mut out, || std::thread::sleep(Duration::from_millis(5))).0.unwrap();
             if c.helped() > 0 {
                 return;
             }

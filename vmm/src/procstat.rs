@@ -128,32 +128,30 @@ mod tests {
     fn the_idle_probe_sees_a_sleeping_guest_thread_and_a_busy_one() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let spin = Arc::new(AtomicBool::new(false));
         let go = Arc::new(AtomicBool::new(true));
-        let (s, g) = (spin.clone(), go.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let g = go.clone();
         let t = std::thread::Builder::new()
             .name("vcpu97".into())
             .spawn(move || {
+                // Asleep (blocked on the channel) until told to spin, then busy until stopped.
+                let _ = rx.recv();
                 while g.load(Ordering::SeqCst) {
-                    if s.load(Ordering::SeqCst) {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
+                    std::hint::spin_loop();
                 }
             })
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut p = IdleProbe::matching(|c| c == "vcpu97").unwrap();
         assert_eq!(p.threads(), 1);
-        // Asleep nearly all the time: idle in most of 50 looks.
         let idle = (0..50).filter(|_| p.idle()).count();
-        assert!(idle > 25, "a sleeping thread read idle {idle} times of 50");
-        spin.store(true, Ordering::SeqCst);
+        assert_eq!(idle, 50, "a thread blocked on a channel read idle {idle} times of 50");
+        tx.send(()).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
+        // Spinning, or runnable while preempted: never asleep.
         let idle = (0..50).filter(|_| p.idle()).count();
-        assert!(idle < 5, "a spinning thread read idle {idle} times of 50");
         go.store(false, Ordering::SeqCst);
         t.join().unwrap();
+        assert_eq!(idle, 0, "a spinning thread read idle {idle} times of 50");
     }
 }
