@@ -11,25 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Sets key0, key1, ... one at a time and prints `ok <i>` after each STORED; on a timeout or
-/// a broken connection it reconnects and sets the same key again. Runs until killed.
-const WRITER: &str = r#"
-import sys, time
-from pymemcache.client.base import Client
-host = sys.argv[1]
-c = Client((host, 11211), connect_timeout=5, timeout=5)
-i = 0
-while True:
-    try:
-        assert c.set("key%d" % i, ("value-%d-" % i) * (1 + i % 50), noreply=False)
-        print("ok", i, flush=True)
-        i += 1
-    except Exception as e:
-        print("retry", i, repr(e), flush=True)
-        time.sleep(0.05)
-        c = Client((host, 11211), connect_timeout=5, timeout=5)
-"#;
-
 fn acked(out: &str) -> usize {
     out.lines().filter(|l| l.starts_with("ok ")).count()
 }
