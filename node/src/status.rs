@@ -280,4 +280,128 @@ mod tests {
         assert_eq!(keys(&r), ["from", "kind", "memory_digest", "restore_ms"]);
         assert_eq!(r["kind"], "restored");
     }
+
+    /// The subset of JSON Schema docs/status.schema.json uses: `type` (a name or a list),
+    /// `enum`, `required`, `properties`, `oneOf` (exactly one) and local `$ref`s. Returns where
+    /// `v` breaks it.
+    fn check(
+        schema: &serde_json::Value,
+        root: &serde_json::Value,
+        v: &serde_json::Value,
+        at: &str,
+    ) -> Result<(), String> {
+        use serde_json::Value;
+        if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+            let name = r.strip_prefix("#/$defs/").ok_or_else(|| format!("{at}: unsupported $ref {r}"))?;
+            return check(&root["$defs"][name], root, v, at);
+        }
+        if let Some(types) = schema.get("type") {
+            let names: Vec<&str> = match types {
+                Value::String(t) => vec![t.as_str()],
+                Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+                _ => return Err(format!("{at}: bad type in the schema")),
+            };
+            let is = |t: &str| match t {
+                "null" => v.is_null(),
+                "boolean" => v.is_boolean(),
+                "string" => v.is_string(),
+                "integer" => v.is_u64() || v.is_i64(),
+                "number" => v.is_number(),
+                "object" => v.is_object(),
+                "array" => v.is_array(),
+                _ => false,
+            };
+            if !names.iter().any(|t| is(t)) {
+                return Err(format!("{at}: {v} is not {names:?}"));
+            }
+        }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.contains(v)
+        {
+            return Err(format!("{at}: {v} is not one of {allowed:?}"));
+        }
+        if let Some(obj) = v.as_object() {
+            for key in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                let key = key.as_str().unwrap_or_default();
+                if !obj.contains_key(key) {
+                    return Err(format!("{at}: required field {key:?} is missing"));
+                }
+            }
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, sub) in props {
+                    if let Some(x) = obj.get(k) {
+                        check(sub, root, x, &format!("{at}.{k}"))?;
+                    }
+                }
+            }
+        }
+        if let Some(alts) = schema.get("oneOf").and_then(Value::as_array) {
+            let fits: Vec<Result<(), String>> = alts.iter().map(|a| check(a, root, v, at)).collect();
+            let n = fits.iter().filter(|r| r.is_ok()).count();
+            if n != 1 {
+                return Err(format!("{at}: fits {n} of the oneOf alternatives: {fits:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `understudy status --json` follows docs/status.schema.json: a booted and protected VM, a
+    /// promoted one, a backup with its inbound log, a waiting migration destination; and the
+    /// checker refuses what breaks it.
+    #[test]
+    fn status_json_matches_the_documented_schema() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../../docs/status.schema.json")).unwrap();
+        let ok = |s: &Status| {
+            let v = serde_json::to_value(s).unwrap();
+            check(&schema, &schema, &v, "status").unwrap_or_else(|e| panic!("{e}\n{v:#}"));
+            v
+        };
+        let mut protection = primary::stats::Stats::new("10.0.0.2:7000".into()).report((1, 60));
+        protection.inbound = Some(primary::inbound::InboundReport::default());
+        let vm = |origin: Origin, protection: Option<primary::stats::StatusReport>| {
+            Status::Vm(VmStatus {
+                role: RoleName::Primary,
+                state: VmState::Running,
+                uptime_s: 1.5,
+                memory_bytes: 64 << 20,
+                cmdline: "workload=kv".into(),
+                origin,
+                stopped_reason: None,
+                protection,
+                arbitration: Some(ArbitrationStatus { node: 1, state: ArbitrationState::Running, reason: None }),
+                migration: None,
+                reprotect: None,
+            })
+        };
+        let v = ok(&vm(Origin::Booted { kernel: "guest.elf".into() }, Some(protection)));
+        ok(&vm(
+            Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 1.0, replayed_frames: 2 },
+            None,
+        ));
+        ok(&Status::Backup(BackupProcessStatus {
+            role: RoleName::Backup,
+            uptime_s: 0.5,
+            memory_bytes: 64 << 20,
+            origin: Origin::Backup { listen: "127.0.0.1:7400".into() },
+            backup: Some(backup::server::BackupStatus { state: "consistent".into(), ..Default::default() }),
+            arbitration: None,
+            migration: None,
+        }));
+        ok(&Status::Backup(BackupProcessStatus {
+            role: RoleName::Destination,
+            uptime_s: 0.5,
+            memory_bytes: 64 << 20,
+            origin: Origin::Destination { listen: "0.0.0.0:7300".into() },
+            backup: None,
+            arbitration: None,
+            migration: None,
+        }));
+        // What breaks it is refused, naming the field.
+        let mut bad = v.clone();
+        bad["protection"]["state"] = "sleepy".into();
+        assert!(check(&schema, &schema, &bad, "status").unwrap_err().contains("status.protection.state"));
+        let mut bad = v;
+        bad.as_object_mut().unwrap().remove("uptime_s");
+        assert!(check(&schema, &schema, &bad, "status").is_err());
+    }
 }
