@@ -12,10 +12,8 @@ use std::os::unix::fs::FileExt;
 /// no longer counts. `None` when `/proc` cannot be read.
 pub fn cpu_ns_excluding_vcpus() -> Option<u64> {
     let mut total = 0u64;
-    for task in fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let dir = task.path();
-        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if is_vcpu(comm.trim()) {
+    for (dir, comm) in tasks().ok()? {
+        if is_vcpu(&comm) {
             continue;
         }
         let Ok(stat) = fs::read_to_string(dir.join("schedstat")) else { continue };
@@ -49,11 +47,8 @@ impl IdleProbe {
 
     fn matching(pick: impl Fn(&str) -> bool) -> io::Result<Self> {
         let mut threads = Vec::new();
-        for task in fs::read_dir("/proc/self/task")?.flatten() {
-            let dir = task.path();
-            let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            let comm = comm.trim();
-            if pick(comm) {
+        for (dir, comm) in tasks()? {
+            if pick(&comm) {
                 threads.push(File::open(dir.join("stat"))?);
             }
         }
@@ -88,6 +83,15 @@ impl IdleProbe {
 fn task_state(stat: &[u8]) -> Option<u8> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     stat[close + 1..].iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+/// This process's threads: each one's `/proc/self/task/<tid>` directory and its name.
+fn tasks() -> std::io::Result<impl Iterator<Item = (std::path::PathBuf, String)>> {
+    Ok(fs::read_dir("/proc/self/task")?.flatten().map(|task| {
+        let dir = task.path();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default().trim().to_string();
+        (dir, comm)
+    }))
 }
 
 fn is_vcpu(comm: &str) -> bool {
