@@ -281,6 +281,7 @@ mod tests {
             output_coalesce_us: seed % 1000,
             output_idle_end: seed.is_multiple_of(2),
             pause_copy_threads: (seed % 2) as u8 + 1,
+            hot_page_epochs: (seed % 64) as u8,
             verify_every: seed >> 3,
             degrade_after_ms: seed ^ 0xff,
             heartbeat_ms: 20,

@@ -215,6 +215,11 @@ fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
         "Epochs shipped to the backup but not yet committed there.",
         p.replica_lag_epochs as f64,
     );
+    w.gauge(
+        "understudy_hot_pages",
+        "Pages the guest rewrites every epoch, kept writable and copied at every checkpoint.",
+        p.hot_pages as f64,
+    );
     w.gauge("understudy_acked_epoch", "Last epoch the backup committed (harvest sequence).", p.last_acked_epoch as f64);
     w.gauge(
         "understudy_output_held_bytes",
@@ -769,6 +774,7 @@ mod tests {
             epoch_ms_mean: 10.0,
             dirty_pages_per_epoch_mean: 0.0,
             dirty_pages_per_epoch_p99: 0.0,
+            hot_pages: 12,
             wire_bytes_per_epoch_mean: 0.0,
             raw_bytes_per_epoch_mean: 0.0,
             ack_latency_us_p50: 0.0,
@@ -826,6 +832,7 @@ mod tests {
             ("understudy_checkpoint_pause_seconds", "histogram"),
             ("understudy_ack_latency_seconds", "histogram"),
             ("understudy_replica_lag_epochs", "gauge"),
+            ("understudy_hot_pages", "gauge"),
             ("understudy_output_held_bytes", "gauge"),
             ("understudy_bytes_sent_total", "counter"),
             ("understudy_protection_state", "gauge"),
@@ -837,6 +844,7 @@ mod tests {
             assert!(fams.contains(&(name.to_string(), kind.to_string())), "no {kind} {name} in\n{text}");
         }
         assert_eq!(value(&text, "understudy_epochs_total"), 7.0);
+        assert_eq!(value(&text, "understudy_hot_pages"), 12.0);
         assert_eq!(value(&text, "understudy_output_held_bytes"), 3000.0);
         assert_eq!(value(&text, r#"understudy_protection_state{state="protected"}"#), 1.0);
         assert_eq!(value(&text, r#"understudy_protection_state{state="degraded"}"#), 0.0);

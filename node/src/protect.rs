@@ -110,6 +110,12 @@ pub struct ProtectRequest {
     #[serde(default = "default_copy_threads")]
     #[arg(long, default_value_t = default_copy_threads())]
     pub pause_copy_threads: u8,
+    /// Pages the guest rewrites every epoch stay writable (and are copied at every checkpoint)
+    /// for up to this many epochs instead of taking a write-protect fault each epoch (0: protect
+    /// every dirty page again at every checkpoint).
+    #[serde(default = "default_hot_page_epochs")]
+    #[arg(long, default_value_t = default_hot_page_epochs())]
+    pub hot_page_epochs: u8,
     /// How long the backup may be unreachable before running degraded, ms.
     #[serde(default = "default_degrade")]
     #[arg(long, default_value_t = default_degrade())]
@@ -138,6 +144,9 @@ fn default_true() -> bool {
 fn default_copy_threads() -> u8 {
     2
 }
+fn default_hot_page_epochs() -> u8 {
+    32
+}
 impl ProtectRequest {
     /// A request to protect to `backup` with every other setting at its default (as
     /// `understudy protect --backup ADDR --certs certs` without other flags).
@@ -154,6 +163,7 @@ impl ProtectRequest {
             output_coalesce_us: default_coalesce(),
             output_idle_end: true,
             pause_copy_threads: default_copy_threads(),
+            hot_page_epochs: default_hot_page_epochs(),
             verify_every: 0,
             degrade_after_ms: default_degrade(),
             heartbeat_ms: default_heartbeat(),
@@ -243,6 +253,7 @@ impl Protection {
             },
             verify_every: req.verify_every,
             parallel_copy: req.pause_copy_threads >= 2,
+            hot_page_epochs: req.hot_page_epochs,
             idle_end: req.output_idle_end,
             ..EngineConfig::default()
         };

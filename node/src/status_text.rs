@@ -113,13 +113,14 @@ fn protection(p: &Value, out: &mut Vec<String>) {
         ));
     }
     out.push(format!(
-        "  {:.0} epochs/s ({} in all, {:.1} ms mean), pause {} p50 / {} p99, {:.0} dirty pages per epoch",
+        "  {:.0} epochs/s ({} in all, {:.1} ms mean), pause {} p50 / {} p99, {:.0} dirty pages per epoch ({} kept writable)",
         f(p, "epoch_rate_per_s").unwrap_or(0.0),
         count(u(p, "epochs").unwrap_or(0)),
         f(p, "epoch_ms_mean").unwrap_or(0.0),
         micros(f(p, "pause_us_p50").unwrap_or(f64::NAN)),
         micros(f(p, "pause_us_p99").unwrap_or(f64::NAN)),
-        f(p, "dirty_pages_per_epoch_mean").unwrap_or(0.0)
+        f(p, "dirty_pages_per_epoch_mean").unwrap_or(0.0),
+        count(u(p, "hot_pages").unwrap_or(0))
     ));
     out.push(format!(
         "  replica {} epochs behind (shipped {}, committed {}), ack {} p50 / {} p99",
@@ -352,7 +353,7 @@ mod tests {
             "protection": {"state": "protected", "state_for_s": 133.0, "reason": "backup committed consistent epoch 4",
                 "backup": "10.0.0.2:7000", "epochs": 12800, "epoch_rate_per_s": 96.2, "last_submitted_epoch": 2114,
                 "last_acked_epoch": 2113, "replica_lag_epochs": 1, "pause_us_p50": 174.0, "pause_us_p99": 649.0,
-                "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "ack_latency_us_p50": 820.0,
+                "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "hot_pages": 31, "ack_latency_us_p50": 820.0,
                 "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
                 "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null,
                 "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0}},
@@ -363,7 +364,7 @@ mod tests {
             t,
             "vm: running (primary), up 2m 20s, 256.0 MiB, booted from guest.elf\n  cmdline: workload=kv\n\
              protection: protected for 2m 13s (backup committed consistent epoch 4), backup 10.0.0.2:7000\n  \
-             96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch\n  \
+             96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch (31 kept writable)\n  \
              replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
              output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n  \
              inbound frames go to the backup's log: 1,204 forwarded, 0 dropped (queue full), 0 refused\n\

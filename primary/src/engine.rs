@@ -97,6 +97,9 @@ pub struct EngineConfig {
     /// With output held, end the epoch as soon as the guest went idle (its vCPUs halted, its
     /// devices' workers asleep) instead of waiting out the whole coalescing window.
     pub idle_end: bool,
+    /// Keep pages the guest rewrites every epoch writable for up to this many epochs
+    /// (`vmm::dirty::HotPagesConfig`; 0: protect every dirty page again at each checkpoint).
+    pub hot_page_epochs: u8,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +113,7 @@ impl Default for EngineConfig {
             reverse: false,
             parallel_copy: true,
             idle_end: true,
+            hot_page_epochs: 32,
         }
     }
 }
@@ -590,6 +594,8 @@ impl Engine {
                 // Start dirty tracking now, then copy everything: later rounds resend what
                 // changed meanwhile.
                 vm.enable_dirty_log().map_err(|source| EngineError::Vm { seq, source })?;
+                let hot = vmm::dirty::HotPagesConfig { max_epochs: self.cfg.hot_page_epochs, ..Default::default() };
+                vm.set_hot_pages(hot).map_err(|source| EngineError::Vm { seq, source })?;
                 let mut pfns = Vec::new();
                 let mut data = Vec::new();
                 for (gpa, size) in vmm::memory::layout_of(vm.memory()) {
@@ -717,6 +723,7 @@ impl Engine {
             tracing::debug!(
                 seq,
                 pages = pfns.len(),
+                hot = vm.hot_pages(),
                 parallel = self.copier.is_some(),
                 warm,
                 helper_pages = self.copier.as_ref().map_or(0, |c| c.helped()) - helped_before,
@@ -744,6 +751,7 @@ impl Engine {
         })();
         vm.resume();
         let pause = t0.elapsed();
+        let hot_pages = vm.hot_pages();
         drop(vm);
         let (pfns, data, state, digest) = result?;
         let state = state.encode().map_err(|source| EngineError::State { seq, source })?;
@@ -755,6 +763,7 @@ impl Engine {
             s.pause_us.push(pause.as_secs_f64() * 1e6);
             s.pause_seconds.observe(pause.as_secs_f64());
             s.dirty_pages.push(pfns.len() as f64);
+            s.hot_pages = hot_pages;
             s.epoch_us.push(epoch_start.elapsed().as_secs_f64() * 1e6);
             s.harvest_times.push_back(t0);
             while s.harvest_times.len() > 4096 {

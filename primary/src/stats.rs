@@ -157,6 +157,9 @@ pub struct StatsInner {
     pub ack_latency_seconds: Histogram,
     /// Dirty pages per epoch.
     pub dirty_pages: Samples,
+    /// Pages the guest rewrites every epoch, kept writable after the last harvest
+    /// (`vmm::dirty::HotPagesConfig`).
+    pub hot_pages: u64,
     /// Encoded bytes on the wire per epoch (what the sender framed: pages after their codecs,
     /// state, headers; not QUIC/TLS overhead).
     pub wire_bytes: Samples,
@@ -204,6 +207,7 @@ impl Stats {
                 pause_seconds: Histogram::default(),
                 ack_latency_seconds: Histogram::default(),
                 dirty_pages: Samples::default(),
+                hot_pages: 0,
                 wire_bytes: Samples::default(),
                 raw_bytes: Samples::default(),
                 ack_us: Samples::default(),
@@ -267,6 +271,7 @@ impl Stats {
             epoch_ms_mean: g.epoch_us.mean() / 1e3,
             dirty_pages_per_epoch_mean: g.dirty_pages.mean(),
             dirty_pages_per_epoch_p99: g.dirty_pages.quantile(0.99),
+            hot_pages: g.hot_pages,
             wire_bytes_per_epoch_mean: g.wire_bytes.mean(),
             raw_bytes_per_epoch_mean: g.raw_bytes.mean(),
             ack_latency_us_p50: g.ack_us.quantile(0.5),
@@ -314,6 +319,9 @@ pub struct StatusReport {
     pub dirty_pages_per_epoch_mean: f64,
     /// p99 dirty pages per epoch.
     pub dirty_pages_per_epoch_p99: f64,
+    /// Pages kept writable after the last checkpoint because the guest rewrites them every
+    /// epoch (they are copied at every checkpoint instead of taking a write fault each epoch).
+    pub hot_pages: u64,
     /// Mean encoded bytes per epoch (pages after their codecs, state, framing).
     pub wire_bytes_per_epoch_mean: f64,
     /// Mean raw harvested bytes per epoch (4 KiB per dirty page plus the state).

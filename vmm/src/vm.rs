@@ -19,7 +19,7 @@ use crate::devices::tap::Tap;
 use crate::devices::virtio::VirtioMmio;
 use crate::devices::virtio::mmio_cmdline_entry;
 use crate::devices::virtio::net::{Net, NetConfig, NetRestoreArgs, TapSink, TxSink};
-use crate::dirty::{DirtyPages, or_into};
+use crate::dirty::{DirtyPages, HotPages, HotPagesConfig, or_into};
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{Persist, pod_bytes, pod_from_bytes};
@@ -151,6 +151,10 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     net: Option<NetDevice>,
     dirty_logging: bool,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: a harvest reads the log, then protects again
+    /// only the pages [`Vm::harvest_dirty`] chooses (all of them without a [`HotPages`] rule).
+    manual_protect: bool,
+    hot: Option<Box<HotPages>>,
     paused: bool,
     cmdline: String,
 }
@@ -259,6 +263,24 @@ fn build_skeleton(memory: &GuestMemory, vcpus: u8) -> Result<Skeleton, VmError> 
         handles.push(VcpuHandle::new(id, fd));
     }
     Ok(Skeleton { kvm, vm_fd: Arc::new(vm_fd), handles, msr_list })
+}
+
+/// KVM_CLEAR_DIRTY_LOG over a whole slot of `pages` pages: clears (and write-protects again)
+/// the pages whose bits are set in `bitmap`.
+fn clear_dirty_log(vm_fd: &VmFd, slot: u32, pages: u64, bitmap: &mut [u64]) -> Result<(), VmError> {
+    use std::os::fd::AsRawFd;
+    const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xC018_AEC0;
+    debug_assert!(bitmap.len() as u64 >= pages.div_ceil(64));
+    let mut arg =
+        kvm_bindings::kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` names a bitmap of at least `pages` bits that outlives the call; the kernel
+    // only reads it.
+    let rc = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
+    if rc != 0 {
+        return Err(VmError::Kvm("clear dirty log", kvm_ioctls::Error::last()));
+    }
+    Ok(())
 }
 
 fn set_memory_slots(vm_fd: &VmFd, memory: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
@@ -371,6 +393,8 @@ impl Vm {
             serial,
             net,
             dirty_logging: false,
+            manual_protect: false,
+            hot: None,
             paused: false,
             cmdline,
         })
@@ -476,6 +500,8 @@ impl Vm {
             serial,
             net,
             dirty_logging: false,
+            manual_protect: false,
+            hot: None,
             paused: true,
             cmdline: state.cmdline.clone(),
         })
@@ -645,29 +671,95 @@ impl Vm {
     }
 
     /// Turns KVM dirty logging on for all guest memory and clears both dirty sources, so the
-    /// next [`Vm::harvest_dirty`] returns what was written from now on.
+    /// next [`Vm::harvest_dirty`] returns what was written from now on. Every dirty page is
+    /// protected again at each harvest until [`Vm::set_hot_pages`] says otherwise.
     pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {
+        if !self.manual_protect {
+            // Without INITIALLY_SET: enabling the log still protects every page and starts
+            // with an empty bitmap, as the classic log does.
+            const MANUAL_PROTECT2: u32 = 168;
+            if self.kvm.check_extension_raw(MANUAL_PROTECT2.into()) & 1 != 0 {
+                let mut cap = kvm_bindings::kvm_enable_cap { cap: MANUAL_PROTECT2, ..Default::default() };
+                cap.args[0] = 1;
+                match self.vm_fd.enable_cap(&cap) {
+                    Ok(()) => self.manual_protect = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "manual dirty-log protection refused: every dirty page is protected again at each harvest")
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    "KVM has no manual dirty-log protection: every dirty page is protected again at each harvest"
+                );
+            }
+        }
         set_memory_slots(&self.vm_fd, &self.memory, true)?;
         self.dirty_logging = true;
+        self.hot = None;
         for r in self.memory.iter() {
             region_bitmap(r).reset();
         }
-        tracing::info!("dirty logging on");
+        tracing::info!(manual_protect = self.manual_protect, "dirty logging on");
         Ok(())
     }
 
-    /// Fetches and clears the pages dirtied since the last harvest: the KVM dirty log OR the
-    /// VMM's own writes. Call while paused for a consistent checkpoint.
-    pub fn harvest_dirty(&self) -> Result<DirtyPages, VmError> {
+    /// From the next harvest on, keeps the pages the guest rewrites every epoch writable
+    /// instead of protecting them again ([`HotPagesConfig`]; `max_epochs` 0 turns it off).
+    /// Needs dirty logging on; returns whether the rule is in force (not without KVM's manual
+    /// dirty-log protection). [`Vm::enable_dirty_log`] turns it off again.
+    pub fn set_hot_pages(&mut self, config: HotPagesConfig) -> Result<bool, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::Config("dirty logging is off".into()));
+        }
+        if config.max_epochs == 0 || !self.manual_protect {
+            self.hot = None;
+            return Ok(false);
+        }
+        let slots: Vec<u64> = self.memory.iter().map(|r| r.len() / memory::PAGE_SIZE as u64).collect();
+        self.hot = Some(Box::new(HotPages::new(config, &slots)));
+        tracing::info!(
+            max_epochs = config.max_epochs,
+            max_pages = config.max_pages,
+            "hot pages stay writable between harvests"
+        );
+        Ok(true)
+    }
+
+    /// Pages kept writable by the hot-page rule after the last harvest (0 without it).
+    pub fn hot_pages(&self) -> u64 {
+        self.hot.as_ref().map_or(0, |h| h.hot_pages())
+    }
+
+    /// Fetches the pages dirtied since the last harvest: the KVM dirty log OR the VMM's own
+    /// writes, and clears both, except the hot pages [`Vm::set_hot_pages`] keeps writable
+    /// (those are in this harvest and stay in the next ones). Call while paused for a
+    /// consistent checkpoint.
+    pub fn harvest_dirty(&mut self) -> Result<DirtyPages, VmError> {
         if !self.dirty_logging {
             return Err(VmError::Config("dirty logging is off".into()));
         }
         let mut out = DirtyPages::default();
+        if let Some(h) = self.hot.as_mut() {
+            h.begin();
+        }
+        let mut protect = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let mut words = self
                 .vm_fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|e| VmError::Kvm("get dirty log", e))?;
+            if self.manual_protect {
+                match self.hot.as_mut() {
+                    Some(h) => h.decide(slot, &words, &mut protect),
+                    None => {
+                        protect.clear();
+                        protect.extend_from_slice(&words);
+                    }
+                }
+                if protect.iter().any(|&w| w != 0) {
+                    clear_dirty_log(&self.vm_fd, slot as u32, region.len() / memory::PAGE_SIZE as u64, &mut protect)?;
+                }
+            }
             or_into(&mut words, &region_bitmap(region).get_and_reset());
             let base = region.start_addr().raw_value() / memory::PAGE_SIZE as u64;
             out.add_bitmap(base, &words, region.len() / memory::PAGE_SIZE as u64);

@@ -17,25 +17,9 @@ use vmm::vcpu::StopReason;
 use vmm::vm::{NetSpec, Vm, VmConfig, VmError};
 
 mod common;
-use common::Capture;
+use common::{Capture, fail, kernel};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn fail(test: &str, why: String) -> ! {
-    panic!("\n*** FAIL: {test}: {why} ***\n")
-}
-
-/// The fixture guest; fails the test loudly when /dev/kvm or the image is missing.
-fn kernel(test: &str) -> PathBuf {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        fail(test, format!("/dev/kvm is not usable ({e}); this test needs KVM"));
-    }
-    let kernel = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest/understudy-guest");
-    if !kernel.exists() {
-        fail(test, format!("{} missing: run `make guest`", kernel.display()));
-    }
-    kernel
-}
 
 /// The VMM's log lines (the timings of each rebuild) in the test's output.
 fn log() {
