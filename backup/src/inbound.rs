@@ -81,8 +81,10 @@ struct Inner {
     bytes: usize,
     /// The primary's highest epoch reported committed.
     committed: u64,
-    /// The highest `seq` logged (later duplicates, from a resumed session, are ignored).
+    /// The highest `seq` logged.
     last_seq: u64,
+    /// The highest `seq` the log let go (pruned or pushed out): later copies are ignored.
+    let_go: u64,
     report: InboundLogReport,
 }
 
@@ -121,25 +123,49 @@ impl InboundLog {
     }
 
     /// Logs a frame the primary delivered.
+    ///
+    /// Each frame comes twice (an early datagram, then on the stream), and frames queued across
+    /// a reconnect may come again: the log keeps one copy of each, in `seq` order (a datagram
+    /// may be lost, so a stream copy can come after later frames' datagrams), and counts a frame
+    /// once. A copy of a frame the log already let go (pruned or pushed out: always the lowest
+    /// numbers) is ignored.
     pub fn push(&self, f: InboundFrame) {
         let limits = self.limits();
         let mut g = lock(&self.inner);
+        if f.seq <= g.let_go {
+            return;
+        }
+        let at = if f.seq > g.last_seq {
+            g.frames.len()
+        } else {
+            match g.frames.binary_search_by_key(&f.seq, |x| x.seq) {
+                Ok(_) => return,
+                Err(at) => at,
+            }
+        };
         g.report.received_frames += 1;
         if g.committed > 0 && f.epoch <= g.committed {
             // Its epoch was committed before the frame arrived (the ack overtook it).
             g.report.pruned_frames += 1;
+            if at == 0 {
+                g.let_go = f.seq;
+            }
             return;
         }
-        if f.seq <= g.last_seq {
-            // A duplicate (frames queued across a reconnect).
-            return;
-        }
-        g.last_seq = f.seq;
+        g.last_seq = g.last_seq.max(f.seq);
+        // The receive path's timing, comparable with the primary's `rx frame delivered`.
+        tracing::debug!(
+            seq = f.seq,
+            epoch = f.epoch,
+            wall_ns = vmm::devices::virtio::net::wall_ns(),
+            "inbound frame logged"
+        );
         g.bytes += f.frame.len();
-        g.frames.push_back(f);
+        g.frames.insert(at, f);
         while g.frames.len() > limits.max_frames || g.bytes > limits.max_bytes {
             let Some(old) = g.frames.pop_front() else { break };
             g.bytes -= old.frame.len();
+            g.let_go = old.seq;
             g.report.overflow_frames += 1;
         }
     }
@@ -151,6 +177,7 @@ impl InboundLog {
         while g.frames.front().is_some_and(|f| f.epoch <= epoch) {
             let old = g.frames.pop_front().expect("front exists");
             g.bytes -= old.frame.len();
+            g.let_go = old.seq;
             g.report.pruned_frames += 1;
         }
     }
@@ -184,12 +211,72 @@ impl InboundLog {
     }
 }
 
+/// The session tap that keeps the log: takes `Inbound` and `InboundCommitted` in the session's
+/// own task, the moment the receiver decodes them, so a frame is logged without waiting behind
+/// the commit of the checkpoint before it (the backup's event loop applies a checkpoint before
+/// it takes the next event). It also sees `Connected` first, and clears the log when a new
+/// primary instance connects (its frames' numbers mean nothing to the old one's), then passes
+/// the event on. `log` and `origin` pick the log and the instance it holds frames of out of
+/// `owner`.
+pub fn log_tap<T: Send + Sync + 'static>(
+    owner: std::sync::Arc<T>,
+    log: fn(&T) -> &InboundLog,
+    origin: fn(&T) -> &Mutex<Option<u64>>,
+) -> transport::session::Tap<replication_proto::Receiver> {
+    use replication_proto::ReceiverEvent;
+    Box::new(move |_receiver, event| match event {
+        ReceiverEvent::Inbound(f) => {
+            log(&owner).push(f);
+            None
+        }
+        ReceiverEvent::InboundCommitted { epoch } => {
+            log(&owner).committed(epoch);
+            None
+        }
+        ReceiverEvent::Connected { peer } => {
+            let mut o = lock(origin(&owner));
+            if o.is_some_and(|o| o != peer.instance) {
+                tracing::info!("backup: a new primary instance: inbound log cleared");
+                log(&owner).reset();
+            }
+            *o = Some(peer.instance);
+            drop(o);
+            Some(ReceiverEvent::Connected { peer })
+        }
+        other => Some(other),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn frame(epoch: u64, seq: u64, len: usize) -> InboundFrame {
         InboundFrame { epoch, seq, frame: vec![seq as u8; len] }
+    }
+
+    #[test]
+    fn each_frame_is_kept_once_in_order_whichever_copy_comes_first() {
+        // Each frame comes twice: an early datagram, then the stream copy. Datagram 2 was lost:
+        // its stream copy comes after datagram 3's, and must still be replayed, in order.
+        let log = InboundLog::new(InboundLimits::default());
+        log.push(frame(5, 1, 60)); // datagram
+        log.push(frame(5, 1, 60)); // stream copy
+        log.push(frame(5, 3, 60)); // datagram (2's was lost)
+        log.push(frame(5, 2, 60)); // stream copy of 2
+        log.push(frame(5, 3, 60)); // stream copy of 3
+        assert_eq!(log.report().received_frames, 3);
+        assert_eq!(log.report().frames, 3);
+        // A late copy of a frame the log already pruned is not logged again.
+        log.committed(5);
+        log.push(frame(5, 2, 60));
+        assert_eq!(log.report().frames, 0);
+        log.push(frame(6, 4, 60));
+        log.push(frame(6, 6, 60));
+        log.push(frame(6, 5, 60));
+        let r = log.take_replay(3);
+        assert_eq!(r.seqs, vec![4, 5, 6]);
+        assert_eq!(r.gaps, 0);
     }
 
     #[test]

@@ -443,7 +443,11 @@ pub async fn serve(
         tokio::pin!(line);
         let mut line_open = true;
         let mut process_gone = false;
-        let mut session = transport::proto::receiver_session(conn, receiver.take().expect("receiver"));
+        let mut session = transport::proto::receiver_session_tapped(
+            conn,
+            receiver.take().expect("receiver"),
+            crate::inbound::log_tap(Arc::clone(&node), |n| &n.inbound, |n| &n.inbound_origin),
+        );
         loop {
             let ev = tokio::select! {
                 ev = session.next_event() => ev,
@@ -465,14 +469,8 @@ pub async fn serve(
             let Some(ev) = ev else { break };
             match ev {
                 ReceiverEvent::Connected { peer } => {
+                    // The inbound log saw it first, in the session's task (`inbound::log_tap`).
                     tracing::info!(vm = %peer.vm.name, "backup: session established");
-                    let mut origin = lock(&node.inbound_origin);
-                    if origin.is_some_and(|o| o != peer.instance) {
-                        tracing::info!("backup: a new primary instance: inbound log cleared");
-                        node.inbound.reset();
-                    }
-                    *origin = Some(peer.instance);
-                    drop(origin);
                     // A primary that was reported lost and came back withdraws the takeover
                     // request (a no-op when none is pending).
                     node.report(&cfg, Verdict::Heard, "primary connected".into(), false);
@@ -507,6 +505,7 @@ pub async fn serve(
                         break;
                     }
                 }
+                // Taken by `inbound::log_tap` in the session's task: never here.
                 ReceiverEvent::Inbound(f) => node.inbound.push(f),
                 ReceiverEvent::InboundCommitted { epoch } => node.inbound.committed(epoch),
                 // Migration messages: a primary never sends them (the session refuses them).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use replication_proto::{Sender, SenderEvent, SubmitError};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use transport::session::{Session, StreamCommand, StreamCore};
 use transport::{Endpoint, Identity, Tuning};
 
@@ -115,7 +115,14 @@ pub async fn run(
         }
     };
     let reverse = cfg.fence.is_some();
-    let mut inbound_rx = cfg.inbound.as_ref().and_then(|i| i.take_receiver());
+    // Input forwarding runs in its own task, so a frame never waits while this loop is busy
+    // (submitting a checkpoint waits for the session to encode it): it hands each batch
+    // straight to the session current in `forward_to`.
+    let (forward_to, forward_rx) = watch::channel(None);
+    let _forwarder = match (&cfg.inbound, cfg.inbound.as_ref().and_then(|i| i.take_receiver())) {
+        (Some(i), Some(rx)) => Some(AbortOnDrop(tokio::spawn(forward_task(rx, Arc::clone(i), forward_rx)))),
+        _ => None,
+    };
     let mut pending: Option<Harvest> = None;
     let mut backoff = Duration::from_millis(20);
     // Epochs submitted and not yet acknowledged, across reconnects: a resumed session acks
@@ -160,7 +167,9 @@ pub async fn run(
                 Box::pin(std::future::pending())
             };
         let mut line_open = cfg.line;
+        let early = conn.clone();
         let mut session = transport::proto::sender_session(conn, sender);
+        forward_to.send_replace(Some(session.command_sender()));
         let mut closed = false;
         loop {
             tokio::select! {
@@ -217,19 +226,6 @@ pub async fn run(
                         Err(SubmitOutcome::Gone) => break,
                     }
                 }
-                item = async {
-                    match inbound_rx.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let (Some(item), Some(inbound)) = (item, &cfg.inbound) else { inbound_rx = None; continue };
-                    let mut batch = vec![item];
-                    while batch.len() < INBOUND_BATCH && let Some(rx) = inbound_rx.as_mut() && let Ok(i) = rx.try_recv() {
-                        batch.push(i);
-                    }
-                    forward_inbound(&session, inbound, batch);
-                }
                 ev = session.next_event() => {
                     let Some(ev) = ev else { break };
                     match ev {
@@ -242,6 +238,11 @@ pub async fn run(
                                     tracing::warn!("link: the backup keeps no inbound log (an older build): no input replay at promotion; clients resend what a failover loses");
                                 }
                                 i.set_active(peer.inbound_log);
+                                let c = early.clone();
+                                i.set_datagrams(peer.inbound_log.then(|| {
+                                    Arc::new(move |d: Vec<u8>| c.send_datagram(bytes::Bytes::from(d)).is_ok())
+                                        as crate::inbound::Datagrams
+                                }));
                             }
                             shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
@@ -331,8 +332,10 @@ pub async fn run(
             }
         }
         shared.up.store(false, Ordering::SeqCst);
+        forward_to.send_replace(None);
         if let Some(i) = &cfg.inbound {
             i.set_active(false);
+            i.set_datagrams(None);
         }
         shared.wake();
         match session.finish().await {
@@ -355,18 +358,58 @@ pub async fn run(
 /// Most inbound frames handed to the session in one command.
 const INBOUND_BATCH: usize = 64;
 
+/// The session input forwarding hands frames to (`None` between sessions).
+type ForwardTo = Option<mpsc::Sender<StreamCommand<Sender>>>;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Input forwarding's task: takes delivered frames off the queue as they come and hands them,
+/// in batches, to the current session; between sessions they are refused (and counted).
+async fn forward_task(mut rx: mpsc::Receiver<InboundItem>, inbound: Arc<Inbound>, to: watch::Receiver<ForwardTo>) {
+    while let Some(item) = rx.recv().await {
+        let mut batch = vec![item];
+        while batch.len() < INBOUND_BATCH
+            && let Ok(i) = rx.try_recv()
+        {
+            batch.push(i);
+        }
+        let session = to.borrow().clone();
+        match session {
+            Some(commands) => forward_inbound(&commands, &inbound, batch),
+            None => {
+                inbound.stats().refused.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Hands a batch of delivered frames to the session (counted as forwarded or refused). Never
-/// waits: the link loop must keep taking the session's events (a loop blocked on a full command
-/// channel while the driver is blocked on a full event channel would stall replication), so a
-/// batch that does not fit in the command channel now is dropped and counted as refused.
-fn forward_inbound(session: &Session<StreamCore<Sender>>, inbound: &Arc<Inbound>, batch: Vec<InboundItem>) {
+/// waits: input must not queue up behind a session that is behind (a frame late to the log is
+/// as good as lost), so a batch that does not fit in the command channel now is dropped and
+/// counted as refused.
+fn forward_inbound(commands: &mpsc::Sender<StreamCommand<Sender>>, inbound: &Arc<Inbound>, batch: Vec<InboundItem>) {
     let n = batch.len() as u64;
     let owned = Arc::clone(inbound);
     let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
         let stats = owned.stats();
         for item in batch {
             match ep.send_inbound(item.epoch, item.seq, &item.frame) {
-                Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => {
+                    tracing::debug!(
+                        seq = item.seq,
+                        epoch = item.epoch,
+                        wall_ns = vmm::devices::virtio::net::wall_ns(),
+                        "inbound frame handed to the sender"
+                    );
+                    stats.forwarded.fetch_add(1, Ordering::Relaxed)
+                }
                 Err(e) => {
                     tracing::debug!(seq = item.seq, "link: inbound frame not forwarded: {e}");
                     stats.refused.fetch_add(1, Ordering::Relaxed)
@@ -374,7 +417,7 @@ fn forward_inbound(session: &Session<StreamCore<Sender>>, inbound: &Arc<Inbound>
             };
         }
     });
-    if session.command_sender().try_send(cmd).is_err() {
+    if commands.try_send(cmd).is_err() {
         inbound.stats().refused.fetch_add(n, Ordering::Relaxed);
     }
 }

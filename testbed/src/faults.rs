@@ -642,7 +642,10 @@ impl Procs {
         };
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(program).args(args);
-        c.env("UNDERSTUDY_LOG", "info").env("NO_COLOR", "1");
+        // FAULTS_UNDERSTUDY_LOG sets the processes' log filter (e.g. the receive path's timing
+        // events: `info,vmm::devices::virtio::net=debug,primary::link=debug,backup::inbound=debug`).
+        let filter = std::env::var("FAULTS_UNDERSTUDY_LOG").unwrap_or_else(|_| "info".to_string());
+        c.env("UNDERSTUDY_LOG", filter).env("NO_COLOR", "1");
         for (k, v) in env {
             c.env(k, v);
         }

@@ -113,17 +113,23 @@ impl RxShared {
         got
     }
 
-    /// Counts a delivered frame and tells the observer.
-    pub(crate) fn delivered(&self, observer: Option<&Arc<dyn RxObserver>>, frame: &[u8]) {
+    /// Counts a delivered frame and tells the observer; returns its number.
+    pub(crate) fn delivered(&self, observer: Option<&Arc<dyn RxObserver>>, frame: &[u8]) -> u64 {
         let seq = self.delivered.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(o) = observer {
             o.delivered(seq, frame);
         }
+        seq
     }
 
     pub(crate) fn observer(&self) -> Option<Arc<dyn RxObserver>> {
         lock(&self.observer).clone()
     }
+}
+
+/// Wall-clock nanoseconds, for timing events that other processes on the host compare with.
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The plain sink: writes every frame to the TAP at once.

@@ -188,6 +188,8 @@ pub(super) struct Worker {
     /// The driver is asked to notify the receive queue (we ran out of buffers).
     rx_notify_on: bool,
     frame: Vec<u8>,
+    /// How long the worker was parked just before this batch (per-frame timing events).
+    parked_for: Option<std::time::Duration>,
 }
 
 fn resource(what: &'static str) -> impl FnOnce(io::Error) -> VirtioError {
@@ -224,6 +226,7 @@ impl Worker {
             tap_eof: false,
             rx_notify_on: true,
             frame: vec![0; FRAME_BUF_LEN],
+            parked_for: None,
         };
         w.arm_tap(true).map_err(resource("epoll add tap"))?;
         let name = format!("net-{}", w.tap.name());
@@ -271,9 +274,11 @@ impl Worker {
                     other => tracing::warn!(token = other, "virtio-net unknown epoll token"),
                 }
             }
+            let parking = self.ctrl.pending().then(std::time::Instant::now);
             if !self.ctrl.park_if_asked() {
                 return;
             }
+            self.parked_for = parking.map(|t| t.elapsed());
             if tx {
                 self.process_tx();
             }
@@ -369,7 +374,18 @@ impl Worker {
                     if replayed.is_some() {
                         NetStats::add(&self.stats.rx_replayed, 1);
                     }
-                    self.rx.delivered(observer.as_ref(), &self.frame[NET_HDR_LEN..total]);
+                    let seq = self.rx.delivered(observer.as_ref(), &self.frame[NET_HDR_LEN..total]);
+                    if observer.is_some() {
+                        // The receive path's timing (`UNDERSTUDY_LOG=vmm::devices::virtio::net=debug`):
+                        // wall-clock ns, comparable with the backup's log of the same frame.
+                        tracing::debug!(
+                            seq,
+                            wall_ns = super::wall_ns(),
+                            replayed = replayed.is_some(),
+                            after_park_us = self.parked_for.map(|d| d.as_micros() as u64),
+                            "rx frame delivered"
+                        );
+                    }
                     total as u32
                 }
                 Err(e) => {
@@ -384,6 +400,7 @@ impl Worker {
             }
             used = true;
         }
+        self.parked_for = None;
         if used && wants_interrupt(q, mem) {
             self.interrupt.signal_used_queue();
         }
