@@ -124,10 +124,8 @@ impl InboundLog {
 
     /// Logs a frame the primary delivered.
     ///
-    /// Each frame comes twice (an early datagram, then on the stream), and frames queued across
-    /// a reconnect may come again: the log keeps one copy of each, in `seq` order (a datagram
-    /// may be lost, so a stream copy can come after later frames' datagrams), and counts a frame
-    /// once. A copy of a frame the log already let go (pruned or pushed out: always the lowest
+    /// Frames queued across a reconnect may come again, and out of order: the log keeps one
+    /// copy of each, in `seq` order, and counts a frame once. A copy of a frame the log already let go (pruned or pushed out: always the lowest
     /// numbers) is ignored.
     pub fn push(&self, f: InboundFrame) {
         let limits = self.limits();
@@ -257,14 +255,14 @@ mod tests {
 
     #[test]
     fn each_frame_is_kept_once_in_order_whichever_copy_comes_first() {
-        // Each frame comes twice: an early datagram, then the stream copy. Datagram 2 was lost:
-        // its stream copy comes after datagram 3's, and must still be replayed, in order.
+        // Frames sent again (across a reconnect) or out of order: 2 comes after 3, and 1 and 3
+        // twice; all must be replayed once, in order.
         let log = InboundLog::new(InboundLimits::default());
-        log.push(frame(5, 1, 60)); // datagram
-        log.push(frame(5, 1, 60)); // stream copy
-        log.push(frame(5, 3, 60)); // datagram (2's was lost)
-        log.push(frame(5, 2, 60)); // stream copy of 2
-        log.push(frame(5, 3, 60)); // stream copy of 3
+        log.push(frame(5, 1, 60));
+        log.push(frame(5, 1, 60));
+        log.push(frame(5, 3, 60));
+        log.push(frame(5, 2, 60));
+        log.push(frame(5, 3, 60));
         assert_eq!(log.report().received_frames, 3);
         assert_eq!(log.report().frames, 3);
         // A late copy of a frame the log already pruned is not logged again.

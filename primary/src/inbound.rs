@@ -12,12 +12,9 @@
 //! drains the queue into the replication session (only while the backup announced an inbound
 //! log) and, on each acknowledgement, tells the backup which epoch its replica now holds.
 //!
-//! That path has hops (the link's forwarding task, the session's driver, the ordered stream,
-//! where a frame queues behind the checkpoint data written before it), and a kill that lands
-//! while a frame is on it loses the frame to the client's retransmission timer. So while a
-//! session is up each frame also goes at once, from the worker thread, as a QUIC datagram
-//! ([`Inbound::set_datagrams`]): it overtakes the stream, and the backup's log keeps whichever
-//! copy comes first (it orders frames by `seq` and drops the second copy).
+//! A kill that lands while a frame is on that path (the link's forwarding task, the session's
+//! driver, the stream, the backup's session task) loses the frame to the client's
+//! retransmission timer: docs/failover.md, "How fast a frame reaches the log", measures it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,15 +48,7 @@ pub struct InboundStats {
     pub forwarded: AtomicU64,
     /// Frames the session refused (backlog, link down): never forwarded.
     pub refused: AtomicU64,
-    /// Early copies sent as datagrams from the device's worker (each frame also goes on the
-    /// stream; the backup keeps one).
-    pub datagrams: AtomicU64,
 }
-
-/// Sends one encoded frame as a QUIC datagram now, without waiting; false if it could not go
-/// (too large for the path, connection gone). Set by the link while a session with a logging
-/// backup is up.
-pub type Datagrams = Arc<dyn Fn(Vec<u8>) -> bool + Send + Sync>;
 
 /// A snapshot of [`InboundStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -83,8 +72,6 @@ pub struct Inbound {
     tx: mpsc::Sender<InboundItem>,
     rx: Mutex<Option<mpsc::Receiver<InboundItem>>>,
     stats: InboundStats,
-    /// The early path: a copy of each frame goes straight from the worker to the connection.
-    datagrams: Mutex<Option<Datagrams>>,
 }
 
 impl Inbound {
@@ -97,7 +84,6 @@ impl Inbound {
             tx,
             rx: Mutex::new(Some(rx)),
             stats: InboundStats::default(),
-            datagrams: Mutex::new(None),
         })
     }
 
@@ -121,12 +107,6 @@ impl Inbound {
         if self.active.swap(on, Ordering::AcqRel) != on {
             tracing::debug!(active = on, "inbound forwarding");
         }
-    }
-
-    /// Installs (or removes) the early path: from now on each forwarded frame is also sent at
-    /// once, from the device's worker thread, as a datagram (see the module doc).
-    pub fn set_datagrams(&self, d: Option<Datagrams>) {
-        *self.datagrams.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
 
     /// Whether frames are forwarded now.
@@ -157,21 +137,6 @@ impl RxObserver for Inbound {
             return;
         }
         let item = InboundItem { epoch: self.epoch(), seq, frame: frame.to_vec() };
-        let early = self.datagrams.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(send) = early {
-            // The early copy: never behind the link task, the session's driver or the
-            // checkpoint data on the stream. It may be lost; the stream copy below is not.
-            let mut out = Vec::with_capacity(frame.len() + 64);
-            replication_proto::Message::Inbound(replication_proto::InboundFrame {
-                epoch: item.epoch,
-                seq,
-                frame: item.frame.clone(),
-            })
-            .encode_frame(&mut out);
-            if send(out) {
-                self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         match self.tx.try_send(item) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -205,38 +170,6 @@ mod tests {
         let got: Vec<(u64, u64, Vec<u8>)> =
             std::iter::from_fn(|| rx.try_recv().ok()).map(|x| (x.epoch, x.seq, x.frame)).collect();
         assert_eq!(got, vec![(7, 2, b"a".to_vec()), (7, 3, b"b".to_vec()), (8, 4, b"c".to_vec())]);
-    }
-
-    #[test]
-    fn with_a_session_up_each_frame_also_goes_at_once_as_a_datagram() {
-        let i = Inbound::new(8);
-        let mut rx = i.take_receiver().unwrap();
-        i.set_active(true);
-        i.begin(3);
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let s = Arc::clone(&sent);
-        i.set_datagrams(Some(Arc::new(move |d: Vec<u8>| {
-            s.lock().unwrap().push(d);
-            true
-        })));
-        i.delivered(5, b"request");
-        // The early copy is a whole Inbound frame, sent from the delivering thread.
-        let sent = std::mem::take(&mut *sent.lock().unwrap());
-        assert_eq!(sent.len(), 1);
-        let f = replication_proto::frame::decode_datagram(&sent[0]).unwrap();
-        match replication_proto::Message::decode(f.kind, &f.payload).unwrap() {
-            replication_proto::Message::Inbound(f) => {
-                assert_eq!((f.epoch, f.seq, f.frame), (3, 5, b"request".to_vec()))
-            }
-            other => panic!("not an inbound frame: {other:?}"),
-        }
-        assert_eq!(i.stats().datagrams.load(Ordering::Relaxed), 1);
-        // The reliable copy still goes on the queue to the stream.
-        assert_eq!(rx.try_recv().unwrap().seq, 5);
-        // Between sessions: no early copy.
-        i.set_datagrams(None);
-        i.delivered(6, b"next");
-        assert_eq!(i.stats().datagrams.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -167,7 +167,6 @@ pub async fn run(
                 Box::pin(std::future::pending())
             };
         let mut line_open = cfg.line;
-        let early = conn.clone();
         let mut session = transport::proto::sender_session(conn, sender);
         forward_to.send_replace(Some(session.command_sender()));
         let mut closed = false;
@@ -238,11 +237,6 @@ pub async fn run(
                                     tracing::warn!("link: the backup keeps no inbound log (an older build): no input replay at promotion; clients resend what a failover loses");
                                 }
                                 i.set_active(peer.inbound_log);
-                                let c = early.clone();
-                                i.set_datagrams(peer.inbound_log.then(|| {
-                                    Arc::new(move |d: Vec<u8>| c.send_datagram(bytes::Bytes::from(d)).is_ok())
-                                        as crate::inbound::Datagrams
-                                }));
                             }
                             shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
@@ -335,7 +329,6 @@ pub async fn run(
         forward_to.send_replace(None);
         if let Some(i) = &cfg.inbound {
             i.set_active(false);
-            i.set_datagrams(None);
         }
         shared.wake();
         match session.finish().await {

@@ -717,15 +717,11 @@ impl Link {
         }
         self.awake(now);
         match crate::frame::decode_datagram(data) {
-            // Heartbeats travel as datagrams, and so does input forwarding's early copy of an
-            // inbound frame (it overtakes the checkpoint data queued on the stream; its reliable
-            // copy follows there, and the backup's log keeps one of the two). Anything else is
-            // dropped (and an older receiver drops inbound datagrams too: it gets the stream copy).
+            // Only heartbeats travel as datagrams; anything else is dropped.
             Ok(frame) if frame.kind == MessageKind::Heartbeat => {
                 self.heard(now);
                 self.frame(frame.kind, frame.payload, local, f)
             }
-            Ok(frame) if frame.kind == MessageKind::Inbound => self.frame(frame.kind, frame.payload, local, f),
             Ok(_) => Ok(()),
             Err(_) => {
                 self.crc_errors += 1;

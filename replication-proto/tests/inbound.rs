@@ -175,28 +175,3 @@ fn a_long_backlog_refuses_frames_instead_of_growing() {
     pump(&mut s, &mut r, now);
     s.send_inbound(1, 5000, &[0u8; 64]).unwrap();
 }
-
-#[test]
-fn an_inbound_frame_sent_as_a_datagram_reaches_a_logging_backup() {
-    // Input forwarding's early copy goes as a datagram, overtaking checkpoint data on the
-    // stream: the receiver takes it like the stream copy (an older receiver dropped it).
-    let (mut s, mut r) = pair(true);
-    let now = Instant::now();
-    connect(&mut s, &mut r, now);
-    let mut dg = Vec::new();
-    Message::Inbound(InboundFrame { epoch: 4, seq: 9, frame: b"request".to_vec() }).encode_frame(&mut dg);
-    r.handle_datagram(now, &dg);
-    let frames: Vec<(u64, u64, Vec<u8>)> = events(&mut r)
-        .into_iter()
-        .filter_map(|g| match g {
-            Got::Frame(e, q, f) => Some((e, q, f)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(frames, vec![(4, 9, b"request".to_vec())]);
-    // A receiver without a log drops it, as it drops the stream copy.
-    let (mut s, mut r) = pair(false);
-    connect(&mut s, &mut r, now);
-    r.handle_datagram(now, &dg);
-    assert!(events(&mut r).iter().all(|g| !matches!(g, Got::Frame(..))));
-}
