@@ -477,9 +477,14 @@ pub async fn serve(
                 }
                 ReceiverEvent::Checkpoint(cp) => {
                     let epoch = cp.epoch();
+                    // Where an ack's time goes (`UNDERSTUDY_LOG=backup::server=debug`, beside the
+                    // primary's `primary::link=debug` "acked and released").
+                    tracing::debug!(epoch, pages = cp.page_count(), "checkpoint received");
                     let node2 = Arc::clone(&node);
                     let verify = cfg.verify;
+                    let t_commit = Instant::now();
                     let result = tokio::task::spawn_blocking(move || node2.commit(&cp, verify)).await;
+                    tracing::debug!(epoch, commit_us = t_commit.elapsed().as_micros() as u64, "checkpoint committed");
                     let cmd = match result {
                         Ok(Ok(())) => StreamCommand::with(move |r: &mut Receiver, now| {
                             if failover::failpoint::fires("backup.session-panic") {
