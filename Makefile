@@ -33,15 +33,21 @@ demo: deps guest
 	testbed/scripts/demo.sh
 
 # Every benchmark (testbed/scripts/bench_run.py: transport, codecs, vm, protect, migrate-bench,
-# faults), results stored in docs/results/bench-<date>/ with the commit and the machine's load,
+# faults, goals), results stored in docs/results/bench-<date>/ with the commit and the machine's load,
 # then docs/benchmarks.md and its plots (docs/benchmarks/*.png) regenerated from them.
-# BENCH_QUICK=1: fewer points, 3 runs each (~12 min here); the full campaign: ~70 min (estimated).
+# BENCH_QUICK=1: fewer points, 3 runs each (~12 min here, ~24 with goals); the full campaign: ~90 min
+# (estimated, goals included).
 # BENCH_ONLY=protect,faults: some steps only (the report takes the others from older campaigns).
+# BENCH_ONLY=goals: issue 16's goals only, `before` and `now` alternating in one run (the protect
+# bench's kv, pause at ~1,000 pages and dirty at 10/5 ms with BENCH_VARIANTS; `testbed faults`
+# kill.untuned with and without the inbound log, and the tuned kill points): ~20 min full,
+# ~12 min quick (estimated; kv alone, quick: 96 s); BENCH_GOALS=kv,pause,... picks some goals.
+# The report's first section then shows each goal before/now, met or not, with its command.
 # Needs root and /dev/kvm. The benchmarks drive the release binaries: built first.
 PYTHON3 ?= /usr/bin/python3
 bench: deps guest
 	$(CARGO) build --release -p understudy -p testbed
-	$(PYTHON3) testbed/scripts/bench_run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
+	$(PYTHON3) testbed/scripts/bench_run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(BENCH_GOALS),--goals $(BENCH_GOALS))
 
 # Only regenerates docs/benchmarks.md and its plots from the newest docs/results/bench-*/ (~4 s).
 bench-report:

@@ -1,13 +1,17 @@
 #!/usr/bin/python3
 """Regenerates docs/benchmarks.md and its plots from one stored benchmark campaign.
 
-usage: bench_report.py [--results DIR] [--out-md FILE] [--img-dir DIR]
+usage: bench_report.py [--results DIR [--results OLDER ...] [--and-older]] [--out-md FILE] [--img-dir DIR]
 
 DIR is a results directory written by bench_run.py (`make bench`): meta.json (commit, times,
 the machine's load, what else ran per step) and one JSON file per benchmark (transport, codecs,
-vm, protect, migrate, faults); a benchmark whose file is missing is reported as not run.
+vm, protect, migrate, faults, and the goals step's goals-*.json); a benchmark whose file is
+missing is reported as not run, and the goals section is left out without goals files.
 Default: the newest docs/results/bench-*, and for a benchmark it did not run the newest older
-campaign that did (labelled as such, with its own commit and date). Writes FILE (default docs/benchmarks.md) and the PNGs
+campaign that did (labelled as such, with its own commit and date); --results OLDER and
+--and-older (every stored campaign older than DIR) give those older campaigns explicitly. The
+goals section (issue 16: each goal before and now, met or not, with its command) compares the
+tuned failover with the newest older campaign that ran the same fault points. Writes FILE (default docs/benchmarks.md) and the PNGs
 it links into DIR (default docs/benchmarks/), names fixed per figure, so a new campaign
 overwrites the old figures. Every table and figure is computed from the stored results only:
 no number is typed in here. The narrative and history (before/after tables, bugs found, goals
@@ -35,6 +39,12 @@ HISTORY = "benchmarks-history.md"
 # Each step's section in the hand-written history (how it measures, earlier campaigns).
 ANCHORS = {"transport": "transport", "codecs": "protocol-codecs", "vm": "vm-runtime-issue-2",
            "protect": "protection-issue-4", "faults": "failover-issue-5", "migrate": "migration-issue-13"}
+# The goals step's results (bench_run.py `goals`): issue 16's goals, "before" and "now" in one run.
+GOALS_FILES = ("goals-kv.json", "goals-pause.json", "goals-dirty.json", "goals-faults-untuned.json",
+               "goals-faults-untuned-before.json", "goals-faults-tuned.json")
+GOALS_ANCHOR = "issue-16-goals-the-goals-step"
+# The tuned-client fault points whose failover must not regress (issue 16).
+TUNED_POINTS = ("kill", "primary.paused", "primary.acked")
 LIBRARY_NOTE = (
     "Plots are drawn with **matplotlib** from Debian's `python3-matplotlib` (`make deps` installs "
     "it): a well-kept, packaged library that `testbed/scripts/plot_migration.py` already used for "
@@ -136,6 +146,9 @@ class Report:
                     sm = next((x for x in meta.get("steps", []) if x["step"] == step), {})
                     self.src[step] = (d, meta, sm)
                     break
+        self.dirs = dirs
+        # The newest campaign with goals results (the section is left out when none has).
+        self.goals_dir = next((d for d in dirs if any(os.path.isfile(os.path.join(d, x)) for x in GOALS_FILES)), None)
         self.md = []
         self.images = []
         os.makedirs(img_dir, exist_ok=True)
@@ -228,6 +241,165 @@ class Report:
                       "busiest other processes (share of a core)"], rows))
 
     # -----------------------------------------------------------------------------------------
+
+    def goals(self):
+        """Issue 16's goals, one row each: before, now, met?, and the command that measured it."""
+        d = self.goals_dir
+        if not d:
+            return
+        meta = self.meta if d == self.dir else load(os.path.join(d, "meta.json"))
+        sm = next((x for x in meta.get("steps", []) if x["step"] == "goals"), {})
+        self.w("## Issue 16 goals: before and after, in one run\n")
+        if d != self.dir:
+            self.w("**From an earlier campaign**, `%s` (`%s`): this campaign did not run the goals step.\n" % (
+                os.path.relpath(d, ROOT), meta.get("command")))
+        self.w("Each command runs `before` and `now` alternately (the protect bench: every point once per variant "
+               "in every run; `kill.untuned`: chunks of runs, the two variants' chunks alternating with the same "
+               "seeds). `before` is the policy and pause when issue 16 was filed: `protect %s` (adaptive 10-50 ms "
+               "epochs that output does not end, one copy thread, no hot pages) and, for the untuned failover, the "
+               "backup without its inbound log (`testbed faults --no-inbound-log`: no input replay); `now` is "
+               "the defaults of commit %s%s. Medians over runs (per-run values in brackets); a p99 over few runs "
+               "is the slowest run. \"No worse than before\": now's median at most before's slowest run.\n" % (
+                   (sm.get("variants") or "").split(";")[0].partition("=")[2] or "?", meta.get("commit", "?"),
+                   " (with uncommitted changes)" if meta.get("tree_changed") else ""))
+        results = {name: load(os.path.join(d, name)) if os.path.isfile(os.path.join(d, name)) else None
+                   for name in GOALS_FILES}
+        cmds = sm.get("commands", {})
+        rows = []
+        for goal_rows in (self.goal_kv, self.goal_pause, self.goal_dirty, self.goal_failover):
+            rows += goal_rows(results, lambda name: "`%s`" % cmds[name].replace("|", "\\|") if cmds.get(name) else "-")
+        self.w(table(["goal", "before", "now", "met?", "command"], rows))
+        if sm.get("runs"):
+            self.w("What else ran, per command (processes other than the benchmark, cores on average; load average "
+                   "before → after): %s.\n" % "; ".join(
+                       "%s%s %s (exit %s, %.0f s, %s → %s)" % (
+                           x["name"], " seed %s" % x["seed"] if x.get("seed") else "", f(x.get("others_cores"), 2),
+                           x.get("exit"), x.get("secs", 0), x.get("load_before"), x.get("load_after")) for x in sm["runs"]))
+        self.w("How the goals step runs and earlier A/B runs by hand: [history](%s#%s).\n" % (HISTORY, GOALS_ANCHOR))
+
+    @staticmethod
+    def goal_groups(r, section, key):
+        """The protect bench's runs in `section` of results `r`, by `key(run)` (the variant, with
+        the point or guest)."""
+        out = {}
+        runs = (r or {}).get(section) or []
+        for x in (x for v in runs for x in (v if section != "dirty" else [y for w in v for y in w])):
+            out.setdefault(key(x), []).append(x)
+        return out
+
+    @staticmethod
+    def goal_missing(r, name, goal, code):
+        """The row of a goal without runs: its command did not run, or every run failed."""
+        why = "not run (no `%s`)" % name if not r else "no runs (%d failed: see `%s`)" % (len(r.get("failures") or []), name)
+        return [[goal, why, why, "-", code(name)]]
+
+    @staticmethod
+    def met(ok):
+        return "-" if ok is None else ("**yes**" if ok else "**no**")
+
+    def goal_kv(self, results, code):
+        r, name = results["goals-kv.json"], "goals-kv.json"
+        kv = self.goal_groups(r, "kv", lambda x: x.get("protect_variant"))
+        if not kv:
+            return self.goal_missing(r, name, "kv throughput protected ≥ 30% of unprotected, added latency p50 ≤ 1 ms", code)
+        rows = []
+        for op in ("get", "set"):
+            share = lambda runs: median([100 - x for x in (num(y, op + "_slowdown_pct") for y in runs) if x is not None])
+            cell = lambda runs: "%s%% · %s of %s ops/s · %d runs" % (
+                f(share(runs), 1), f(median([num(y, "protected_ops/%s_ops_per_s" % op) for y in runs])),
+                f(median([((num(y, "unprotected/%s_ops_per_s" % op) or 0) + (num(y, "unprotected_after/%s_ops_per_s" % op) or 0)) / 2
+                          for y in runs])), len(runs)) if runs else "no runs"
+            now = share(kv.get("now", []))
+            rows.append(["kv %s throughput, 16 connections: protected ≥ 30%% of unprotected" % op, cell(kv.get("before", [])),
+                         cell(kv.get("now", [])), self.met(None if now is None else now >= 30), code(name)])
+        added = lambda runs: median([num(y, "added_lat_ms_p50") for y in runs])
+        cell = lambda runs: "%s ms (%s → %s ms; %s)" % (
+            f(added(runs), 2), f((median([num(y, "unprotected/lat_us_p50") for y in runs]) or 0) / 1e3, 2),
+            f((median([num(y, "protected_ops/lat_us_p50") for y in runs]) or 0) / 1e3, 2),
+            " ".join(f(num(y, "added_lat_ms_p50"), 2) for y in runs)) if runs else "no runs"
+        now = added(kv.get("now", []))
+        rows.append(["kv added latency per request p50 ≤ 1 ms (unprotected → protected p50)", cell(kv.get("before", [])),
+                     cell(kv.get("now", [])), self.met(None if now is None else now <= 1.0), code(name)])
+        return rows
+
+    def goal_pause(self, results, code):
+        r, name = results["goals-pause.json"], "goals-pause.json"
+        pause = self.goal_groups(r, "pause", lambda x: (x.get("point"), x.get("variant")))
+        if not pause:
+            return self.goal_missing(r, name, "pause p50 ≤ 0.5 ms and p99 ≤ 1 ms at ~1,000 dirty pages per epoch", code)
+        rows = []
+        for point in dict.fromkeys(p for p, _ in pause):
+            for key, limit in (("p50", 0.5), ("p99", 1.0)):
+                ms = lambda runs: [x / 1e3 for x in (num(y, "protected/pause_us_" + key) for y in runs) if x is not None]
+                cell = lambda runs: "%s ms at %s pages/epoch (%s)" % (
+                    f(median(ms(runs)), 2), f(median([num(y, "protected/dirty_pages_per_epoch_mean") for y in runs])),
+                    " ".join(f(x, 2) for x in ms(runs))) if runs else "no runs"
+                before, now = pause.get((point, "before"), []), pause.get((point, "now"), [])
+                rows.append(["pause %s ≤ %g ms at ~1,000 dirty pages per epoch (`dirty` guest, point %s)" % (key, limit, point),
+                             cell(before), cell(now), self.met(None if median(ms(now)) is None else median(ms(now)) <= limit),
+                             code(name)])
+        return rows
+
+    def goal_dirty(self, results, code):
+        r, name = results["goals-dirty.json"], "goals-dirty.json"
+        dirty = self.goal_groups(r, "dirty", lambda x: (x.get("variant"), x.get("epoch_ms_set"), x.get("protect_variant")))
+        if not dirty:
+            return self.goal_missing(r, name, "`dirty` guest slowdown no worse than before", code)
+        rows = []
+        cell = lambda runs: "%s%% (%s)" % (f(median([num(y, "slowdown_pct") for y in runs]), 1), " ".join(
+            f(num(y, "slowdown_pct"), 1) for y in runs)) if runs else "no runs"
+        for guest, epoch in dict.fromkeys((g_, e) for g_, e, _ in dirty):
+            before, now = dirty.get((guest, epoch, "before"), []), dirty.get((guest, epoch, "now"), [])
+            worst, mid = pct([num(y, "slowdown_pct") for y in before], 1.0), median([num(y, "slowdown_pct") for y in now])
+            rows.append(["`dirty` guest slowdown no worse than before: %s, %s epochs" % (guest, epoch_label(epoch)),
+                         cell(before), cell(now), self.met(None if worst is None or mid is None else mid <= worst), code(name)])
+        return rows
+
+    def goal_failover(self, results, code):
+        rows = []
+        untuned = {v: [x for x in (results[n] or {}).get("runs", []) if x.get("point") == "kill.untuned"]
+                   for v, n in (("before", "goals-faults-untuned-before.json"), ("now", "goals-faults-untuned.json"))}
+        for key, q, limit in (("p50", 0.5, 60), ("p99", 0.99, 100)):
+            value = lambda runs: (median if key == "p50" else lambda v: pct(v, q))([x.get("failover_ms") for x in runs])
+            cell = lambda runs, name: "%s ms · %d/%d passed" % (
+                f(value(runs)), sum(x.get("outcome") == "pass" for x in runs), len(runs)) if runs else (
+                "not run (no `%s`)" % name if not results[name] else "no runs")
+            now = value(untuned["now"])
+            rows.append(["untuned client (no `rto_min`, no thin-stream options): kill to first reply %s ≤ %d ms "
+                         "(before: no input replay)" % (key, limit), cell(untuned["before"], "goals-faults-untuned-before.json"),
+                         cell(untuned["now"], "goals-faults-untuned.json"), self.met(None if now is None else now <= limit),
+                         "%s and %s, alternating" % (code("goals-faults-untuned.json"), code("goals-faults-untuned-before.json"))
+                         if code("goals-faults-untuned.json") != "-" else "-"])
+        name = "goals-faults-tuned.json"
+        for point in TUNED_POINTS:
+            runs = [x for x in (results[name] or {}).get("runs", []) if x.get("point") == point]
+            fo = [x.get("failover_ms") for x in runs]
+            prev, where = self.previous_failover(point)
+            before = "%s ms (%s) · %s" % (f(median(prev)), " ".join(f(x) for x in prev), where) if prev else \
+                "no earlier campaign ran `%s`" % point
+            now = "%s ms (%s) · %d/%d passed" % (f(median(fo)), " ".join(f(x) for x in fo), sum(
+                x.get("outcome") == "pass" for x in runs), len(runs)) if runs else "not run (no `%s`)" % name \
+                if not results[name] else "no runs"
+            ok = None if not prev or median(fo) is None else median(fo) <= pct(prev, 1.0)
+            rows.append(["tuned client, `%s`: failover p50 no worse than the previous campaign" % point, before, now,
+                         self.met(ok) if prev else "shown only", code(name)])
+        return rows
+
+    def previous_failover(self, point):
+        """Failover times at `point` from the newest campaign older than the goals' that ran it (its
+        goals step, else its faults step), and where they come from."""
+        older = self.dirs[self.dirs.index(self.goals_dir) + 1:]
+        for d in older:
+            for name in ("goals-faults-tuned.json", "faults.json"):
+                path = os.path.join(d, name)
+                if not os.path.isfile(path):
+                    continue
+                fo = [x.get("failover_ms") for x in load(path).get("runs", []) if x.get("point") == point]
+                fo = [x for x in fo if isinstance(x, (int, float))]
+                if fo:
+                    meta = load(os.path.join(d, "meta.json")) if os.path.isfile(os.path.join(d, "meta.json")) else {}
+                    return fo, "`%s/%s`, commit %s" % (os.path.relpath(d, ROOT), name, meta.get("commit", "?"))
+        return [], None
 
     def transport(self):
         self.w("## Transport\n")
@@ -556,6 +728,7 @@ class Report:
 
     def write(self):
         self.header()
+        self.goals()
         self.transport()
         self.codecs()
         self.vm()
@@ -569,12 +742,19 @@ class Report:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", help="results directory, alone (default: the newest docs/results/bench-*, "
-                                      "with older ones for the benchmarks it did not run)")
+    ap.add_argument("--results", action="append",
+                    help="results directory; repeated: older campaigns (newest first) for the benchmarks the first did "
+                         "not run and the goals' previous figures (default: the newest docs/results/bench-*, with the "
+                         "older ones)")
+    ap.add_argument("--and-older", action="store_true",
+                    help="after the --results directories, the stored docs/results/bench-* older than the first")
     ap.add_argument("--out-md", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--img-dir", default=os.path.join(ROOT, "docs", "benchmarks"))
     a = ap.parse_args()
-    dirs = [os.path.abspath(a.results)] if a.results else campaigns()
+    dirs = [os.path.abspath(x) for x in a.results] if a.results else campaigns()
+    if a.results and a.and_older:
+        stored = campaigns()
+        dirs += stored[stored.index(dirs[0]) + 1:] if dirs[0] in stored else [x for x in stored if x not in dirs]
     images = Report(dirs, a.out_md, a.img_dir).write()
     print("bench_report: wrote %s and %d figures from %s" % (a.out_md, len(images), os.path.relpath(dirs[0], ROOT)))
 
