@@ -55,7 +55,7 @@ pub enum ProtectError {
     CopyThreads(u8),
     /// An in-epoch pre-copy lead over 1 s.
     #[error("--epoch-precopy-us {0}: at most 1000000 (1 s)")]
-    Precopy(u64),
+    Precopy(u32),
     /// A real-time priority over 99.
     #[error("--pause-rt-priority {0}: SCHED_FIFO priorities are 1-99 (0: off)")]
     RtPriority(u8),
@@ -129,7 +129,7 @@ pub struct ProtectRequest {
     /// one more write-protect fault and are copied twice (off the pause).
     #[serde(default = "default_precopy")]
     #[arg(long, default_value_t = default_precopy())]
-    pub epoch_precopy_us: u64,
+    pub epoch_precopy_us: u32,
     /// How long the backup may be unreachable before running degraded, ms.
     #[serde(default = "default_degrade")]
     #[arg(long, default_value_t = default_degrade())]
@@ -161,7 +161,7 @@ fn default_copy_threads() -> u8 {
 fn default_rt_priority() -> u8 {
     1
 }
-fn default_precopy() -> u64 {
+fn default_precopy() -> u32 {
     2000
 }
 impl ProtectRequest {
@@ -273,7 +273,7 @@ impl Protection {
             parallel_copy: req.pause_copy_threads >= 2,
             idle_end: req.output_idle_end,
             pause_rt_priority: req.pause_rt_priority,
-            epoch_precopy: (req.epoch_precopy_us > 0).then(|| Duration::from_micros(req.epoch_precopy_us)),
+            epoch_precopy: (req.epoch_precopy_us > 0).then(|| Duration::from_micros(u64::from(req.epoch_precopy_us))),
             ..EngineConfig::default()
         };
         let bind = if req.backup.is_ipv4() {

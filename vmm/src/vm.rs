@@ -153,9 +153,6 @@ pub struct Vm {
     dirty_logging: bool,
     paused: bool,
     cmdline: String,
-    /// Each vCPU's parts of the state that never change once it ran (read at the first
-    /// capture, see [`vcpu_persist::Fixed`]).
-    vcpu_fixed: std::sync::OnceLock<Vec<vcpu_persist::Fixed>>,
 }
 
 fn region_bitmap(region: &crate::memory::GuestRegion) -> &crate::memory::Bitmap {
@@ -376,7 +373,6 @@ impl Vm {
             dirty_logging: false,
             paused: false,
             cmdline,
-            vcpu_fixed: std::sync::OnceLock::new(),
         })
     }
 
@@ -482,7 +478,6 @@ impl Vm {
             dirty_logging: false,
             paused: true,
             cmdline: state.cmdline.clone(),
-            vcpu_fixed: std::sync::OnceLock::new(),
         })
     }
 
@@ -615,18 +610,15 @@ impl Vm {
         if !self.paused {
             return Err(VmError::NotPaused("state capture"));
         }
-        let fixed = match self.vcpu_fixed.get() {
-            Some(f) => f,
-            None => {
-                let mut all = Vec::new();
-                for h in self.vcpus.handles() {
-                    all.push(h.with_fd(|fd| vcpu_persist::save_fixed(h.id, fd))?);
-                }
-                self.vcpu_fixed.get_or_init(|| all)
-            }
-        };
         let mut vcpus = Vec::new();
-        for (h, fixed) in self.vcpus.handles().iter().zip(fixed) {
+        for h in self.vcpus.handles() {
+            let fixed = match h.fixed.get() {
+                Some(f) => f,
+                None => {
+                    let f = h.with_fd(|fd| vcpu_persist::save_fixed(h.id, fd))?;
+                    h.fixed.get_or_init(|| f)
+                }
+            };
             vcpus.push(h.with_fd(|fd| vcpu_persist::save_with(h.id, fd, &self.msr_list, fixed))?);
         }
         let chip = |chip_id: u32| -> Result<Vec<u8>, VmError> {
@@ -743,8 +735,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             vm.pause().unwrap();
             let captured = vm.save_state().unwrap();
-            assert!(vm.vcpu_fixed.get().is_some(), "the fixed parts are kept after the first capture");
             for (h, got) in vm.vcpus.handles().iter().zip(&captured.vcpus) {
+                assert!(h.fixed.get().is_some(), "the fixed parts are kept after the first capture");
                 let full = h.with_fd(|fd| vcpu_persist::save(h.id, fd, &vm.msr_list)).unwrap();
                 assert!(!full.cpuid.is_empty());
                 // The reused parts, and what a paused vCPU cannot change (the TSC and the LAPIC
