@@ -256,7 +256,7 @@ struct Merged {
 }
 
 /// In-epoch pre-copy pays off only when the pause would copy many pages ...
-const PRECOPY_MIN_PAGES: usize = 256;
+const PRECOPY_MIN_PAGES: usize = 512;
 /// ... and the guest does not write most of them again before the epoch ends (each such page
 /// takes one more write-protect fault): past this share of the pre-copied pages dirtied
 /// again, pre-copy rests for [`PRECOPY_REST`] epochs.
