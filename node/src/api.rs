@@ -282,6 +282,8 @@ mod tests {
             output_idle_end: seed.is_multiple_of(2),
             pause_copy_threads: (seed % 2) as u8 + 1,
             hot_page_epochs: (seed % 64) as u8,
+            pause_rt_priority: (seed % 100) as u8,
+            epoch_precopy_us: (seed % 5000) as u32,
             verify_every: seed >> 3,
             degrade_after_ms: seed ^ 0xff,
             heartbeat_ms: 20,

@@ -100,6 +100,17 @@ pub struct EngineConfig {
     /// Keep pages the guest rewrites every epoch writable for up to this many epochs
     /// (`vmm::dirty::HotPagesConfig`; 0: protect every dirty page again at each checkpoint).
     pub hot_page_epochs: u8,
+    /// Run the pause (this thread while the vCPUs are parked, and the page-copy helper) at this
+    /// `SCHED_FIFO` priority, so nothing else on the host preempts it (0: the ordinary policy;
+    /// without the privilege it warns once and runs at the ordinary one). See `vmm::sched`.
+    pub pause_rt_priority: u8,
+    /// In-epoch pre-copy: this long before a silent epoch ends (no output held by then),
+    /// harvest and copy the pages dirtied so far while the guest runs; the pause then copies
+    /// only the pages dirtied after (the checkpoint takes those fresh copies, the others from
+    /// the pre-copy). Exact (a page written after the pre-copy is in the pause's harvest); the
+    /// price: a page written both before and after it takes one more write-protect fault and
+    /// is copied twice, off the pause. `None`: off.
+    pub epoch_precopy: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -114,6 +125,8 @@ impl Default for EngineConfig {
             parallel_copy: true,
             idle_end: true,
             hot_page_epochs: 32,
+            pause_rt_priority: 1,
+            epoch_precopy: None,
         }
     }
 }
@@ -203,6 +216,60 @@ fn coalesce(link: &LinkShared, floor: Instant, end: Instant, mut idle: impl FnMu
         }
     }
 }
+
+/// Merges two sets of pages (ascending pfns, `PAGE_SIZE` bytes each in `data`) into `out`
+/// (cleared first): every pfn of either once, ascending; a pfn in both takes `newer`'s page.
+fn merge_pages(older: (&[u64], &[u8]), newer: (&[u64], &[u8]), mut out: Vec<u8>) -> Merged {
+    fn page(data: &[u8], i: usize) -> &[u8] {
+        &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+    out.clear();
+    let mut pfns = Vec::with_capacity(older.0.len() + newer.0.len());
+    let (mut i, mut j, mut both) = (0, 0, 0);
+    while i < older.0.len() || j < newer.0.len() {
+        let take_newer = match (older.0.get(i), newer.0.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                both += 1;
+                true
+            }
+            (Some(a), Some(b)) => b < a,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if take_newer {
+            pfns.push(newer.0[j]);
+            out.extend_from_slice(page(newer.1, j));
+            j += 1;
+        } else {
+            pfns.push(older.0[i]);
+            out.extend_from_slice(page(older.1, i));
+            i += 1;
+        }
+    }
+    Merged { pfns, data: out, both }
+}
+
+/// What [`merge_pages`] made.
+#[derive(Debug, PartialEq, Eq)]
+struct Merged {
+    pfns: Vec<u64>,
+    data: Vec<u8>,
+    /// Pages in both inputs (pre-copied, then dirtied again).
+    both: usize,
+}
+
+/// In-epoch pre-copy pays off only when the pause would copy many pages ...
+const PRECOPY_MIN_PAGES: usize = 512;
+/// ... and the guest does not write most of them again before the epoch ends (each such page
+/// takes one more write-protect fault): past this share of the pre-copied pages dirtied
+/// again, pre-copy rests for [`PRECOPY_REST`] epochs.
+const PRECOPY_MAX_REDIRTY: f64 = 0.25;
+/// Epochs without pre-copy after one that did not pay off (doubling each time it still does
+/// not, up to [`PRECOPY_REST_MAX`]).
+const PRECOPY_REST: u32 = 32;
+/// The longest rest.
+const PRECOPY_REST_MAX: u32 = 1024;
 
 /// How often the coalescing window looks whether the guest went idle.
 const IDLE_LOOK: Duration = Duration::from_micros(50);
@@ -371,6 +438,19 @@ pub struct Engine {
     idle: Option<vmm::procstat::IdleProbe>,
     /// Copies a checkpoint's pages on two threads (None: one).
     copier: Option<vmm::copier::PageCopier>,
+    /// Raises this thread's priority for each pause.
+    rt: vmm::sched::RtPriority,
+    /// Pages pre-copied in this epoch (in-epoch pre-copy), not yet in a checkpoint: they were
+    /// taken out of the dirty log, so the next checkpoint must carry them (dropped when a sync
+    /// starts: its baseline resends everything).
+    carry: Option<(Vec<u64>, Vec<u8>)>,
+    /// Pages of the last checkpoint.
+    last_pages: usize,
+    /// Epochs left without pre-copy (it did not pay off), and the next rest.
+    precopy_rest: u32,
+    precopy_rest_next: u32,
+    /// Whether the last epoch pre-copied (for the log).
+    precopy_on: bool,
 }
 
 impl Engine {
@@ -389,7 +469,6 @@ impl Engine {
             output,
             stats,
             link,
-            cfg,
             tx,
             seq: 0,
             last_pause: Duration::ZERO,
@@ -398,6 +477,13 @@ impl Engine {
             protected_once: false,
             idle: None,
             copier: None,
+            rt: vmm::sched::RtPriority::new(cfg.pause_rt_priority),
+            carry: None,
+            last_pages: 0,
+            precopy_rest: 0,
+            precopy_rest_next: PRECOPY_REST,
+            precopy_on: false,
+            cfg,
         }
     }
 
@@ -427,7 +513,7 @@ impl Engine {
     /// so a dead engine never leaves output held with nobody to release it.
     pub fn run(mut self) -> Result<(), EngineError> {
         if self.cfg.parallel_copy {
-            match vmm::copier::PageCopier::new() {
+            match vmm::copier::PageCopier::with_priority(self.cfg.pause_rt_priority) {
                 Ok(c) => self.copier = Some(c),
                 Err(e) => tracing::warn!("no page-copy helper thread ({e}): the pause copies on one thread"),
             }
@@ -584,6 +670,13 @@ impl Engine {
         if self.protected_once {
             failover::failpoint::hit("primary.resync");
         }
+        if round == 0 {
+            // The baseline resends everything: pre-copied pages of an epoch that never became a
+            // checkpoint are stale (the dirty log is reset below).
+            if let Some((_, data)) = self.carry.take() {
+                self.link.recycle(data);
+            }
+        }
         self.seq += 1;
         let seq = self.seq;
         let t0 = Instant::now();
@@ -654,6 +747,67 @@ impl Engine {
         Ok(Phase::Sync { round: round + 1 })
     }
 
+    /// Waits until output is held or `until` (output-driven epochs only; None at once
+    /// otherwise): when the first held frame arrived.
+    fn wait_for_output(&self, until: Instant) -> Option<Instant> {
+        match (&self.output, self.cfg.timing.fixed, self.cfg.timing.coalesce) {
+            (Some(o), None, Some(_)) => o.wait_for_output(until),
+            _ => None,
+        }
+    }
+
+    /// In-epoch pre-copy ([`EngineConfig::epoch_precopy`]): harvests and copies the pages
+    /// dirtied so far while the guest runs, into `carry`. Returns how many pages.
+    fn precopy(&mut self) -> Result<usize, EngineError> {
+        let seq = self.seq + 1;
+        let (pfns, data) = {
+            let mut vm = self.vm();
+            let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+            let pfns: Vec<u64> = dirty.pages().collect();
+            let (mut data, _) = self.link.buffer(pfns.len() * PAGE_SIZE);
+            if let Err(source) = copy_pages(vm.memory(), pfns.iter().copied(), &mut data) {
+                // These pages left the dirty log: only a new baseline covers them now.
+                self.link.need_baseline.store(true, Ordering::SeqCst);
+                return Err(EngineError::Memory { seq, source });
+            }
+            (pfns, data)
+        };
+        let n = pfns.len();
+        if !self.precopy_on {
+            self.precopy_on = true;
+            tracing::info!(seq, pages = n, "in-epoch pre-copy on");
+        }
+        let merged = match self.carry.take() {
+            Some(older) => {
+                let m = self.merge(older, (pfns, data));
+                (m.pfns, m.data)
+            }
+            None => (pfns, data),
+        };
+        self.carry = Some(merged);
+        Ok(n)
+    }
+
+    /// [`merge_pages`] into a recycled buffer, recycling the inputs' buffers.
+    fn merge(&self, older: (Vec<u64>, Vec<u8>), newer: (Vec<u64>, Vec<u8>)) -> Merged {
+        let (out, _) = self.link.buffer((older.0.len() + newer.0.len()) * PAGE_SIZE);
+        let merged = merge_pages((&older.0, &older.1), (&newer.0, &newer.1), out);
+        self.link.recycle(older.1);
+        self.link.recycle(newer.1);
+        merged
+    }
+
+    /// Whether this epoch pre-copies: configured, the epoch long enough, the last checkpoint
+    /// big enough to be worth it, and not resting after one that did not pay off.
+    fn wants_precopy(&mut self, silent: Duration) -> Option<Duration> {
+        let lead = self.cfg.epoch_precopy.filter(|l| silent >= *l * 2)?;
+        if self.precopy_rest > 0 {
+            self.precopy_rest -= 1;
+            return None;
+        }
+        (self.last_pages >= PRECOPY_MIN_PAGES).then_some(lead)
+    }
+
     /// With output held: waits out the coalescing window (until `end`), or less once the guest
     /// went idle (see [`coalesce`]). Some(true) if it ended on idleness, None if asked to stop.
     fn nap_until_idle(&mut self, floor: Instant, end: Instant) -> Option<bool> {
@@ -668,10 +822,21 @@ impl Engine {
         let timing = self.cfg.timing;
         let silent = timing.next(self.last_pause);
         let epoch_start = Instant::now();
-        let first_output = match (&self.output, timing.fixed, timing.coalesce) {
-            (Some(o), None, Some(_)) => o.wait_for_output(epoch_start + silent),
-            _ => None,
-        };
+        let mut first_output = None;
+        let mut precopied = 0;
+        if let Some(lead) = self.wants_precopy(silent) {
+            let at = epoch_start + silent - lead;
+            first_output = self.wait_for_output(at);
+            if first_output.is_none() {
+                if !self.link.nap_until(at) {
+                    return Ok(());
+                }
+                precopied = self.precopy()?;
+            }
+        }
+        if first_output.is_none() {
+            first_output = self.wait_for_output(epoch_start + silent);
+        }
         let end = timing.end(epoch_start, silent, first_output);
         let ended_idle = match first_output {
             Some(_) => match self.nap_until_idle(epoch_start + timing.min, end) {
@@ -689,6 +854,8 @@ impl Engine {
         self.seq += 1;
         let seq = self.seq;
         let verify = self.cfg.verify_every > 0 && seq.is_multiple_of(self.cfg.verify_every);
+        // Nothing else on the host preempts the pause (see `vmm::sched`); dropped after resume.
+        let raised = self.rt.raise();
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         vm.pause().map_err(|source| EngineError::Vm { seq, source })?;
@@ -727,6 +894,7 @@ impl Engine {
                 parallel = self.copier.is_some(),
                 warm,
                 helper_pages = self.copier.as_ref().map_or(0, |c| c.helped()) - helped_before,
+                precopied,
                 stop_us = t_paused.as_micros() as u64,
                 harvest_us = (t_harvest - t_paused).as_micros() as u64,
                 state_done_us = (t_state - t_harvest).as_micros() as u64,
@@ -753,7 +921,30 @@ impl Engine {
         let pause = t0.elapsed();
         let hot_pages = vm.hot_pages();
         drop(vm);
-        let (pfns, data, state, digest) = result?;
+        drop(raised);
+        let (mut pfns, mut data, state, digest) = result?;
+        if let Some(pre) = self.carry.take() {
+            // Off the pause: the pre-copied pages not dirtied again join the fresh ones.
+            let pre_pages = pre.0.len();
+            let m = self.merge(pre, (pfns, data));
+            if m.both as f64 > pre_pages as f64 * PRECOPY_MAX_REDIRTY {
+                // The guest rewrites what it dirtied: pre-copy only adds faults. Rest a while.
+                self.precopy_rest = self.precopy_rest_next;
+                self.precopy_rest_next = (self.precopy_rest_next * 2).min(PRECOPY_REST_MAX);
+                self.precopy_on = false;
+                tracing::info!(
+                    seq,
+                    pre_pages,
+                    redirtied = m.both,
+                    rest_epochs = self.precopy_rest,
+                    "in-epoch pre-copy off for a while: the guest dirtied most pre-copied pages again"
+                );
+            } else {
+                self.precopy_rest_next = PRECOPY_REST;
+            }
+            (pfns, data) = (m.pfns, m.data);
+        }
+        self.last_pages = pfns.len();
         let state = state.encode().map_err(|source| EngineError::State { seq, source })?;
         self.last_pause = pause;
         {
@@ -805,6 +996,28 @@ mod tests {
         let t3 = Instant::now();
         assert_eq!(coalesce(&link, t3 + Duration::from_millis(50), t3 + Duration::from_secs(5), || false), None);
         assert!(t3.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn merged_pages_are_ascending_once_each_and_the_newer_copy_wins() {
+        let pages = |pfns: &[u64], tag: u8| -> (Vec<u64>, Vec<u8>) {
+            let data = pfns.iter().flat_map(|&p| vec![tag ^ p as u8; PAGE_SIZE]).collect();
+            (pfns.to_vec(), data)
+        };
+        let older = pages(&[1, 3, 4, 9], 0x10);
+        let newer = pages(&[0, 3, 5, 9, 12], 0x20);
+        let Merged { pfns, data, both } = merge_pages((&older.0, &older.1), (&newer.0, &newer.1), vec![7; 3]);
+        assert_eq!(both, 2);
+        assert_eq!(pfns, vec![0, 1, 3, 4, 5, 9, 12]);
+        assert_eq!(data.len(), pfns.len() * PAGE_SIZE);
+        let tags: Vec<u8> = data.chunks(PAGE_SIZE).zip(&pfns).map(|(d, &p)| d[0] ^ p as u8).collect();
+        assert_eq!(tags, vec![0x20, 0x10, 0x20, 0x10, 0x20, 0x20, 0x20], "3 and 9 from the newer copy");
+        assert!(data.chunks(PAGE_SIZE).all(|d| d.iter().all(|&b| b == d[0])));
+        // Either side empty.
+        let none: (Vec<u64>, Vec<u8>) = (Vec::new(), Vec::new());
+        let whole = |(pfns, data): (Vec<u64>, Vec<u8>)| Merged { pfns, data, both: 0 };
+        assert_eq!(merge_pages((&none.0, &none.1), (&older.0, &older.1), Vec::new()), whole(older.clone()));
+        assert_eq!(merge_pages((&older.0, &older.1), (&none.0, &none.1), Vec::new()), whole(older));
     }
 
     #[test]

@@ -673,7 +673,7 @@ const PAUSE_POINTS: &[PausePoint] = &[
 
 fn pause_run(cfg: &Cfg, top: &Path, certs: &Path, p: &PausePoint, run: usize) -> Result<Value> {
     let cmdline = format!("workload=dirty wss={} rate={}", p.wss, p.rate);
-    let tag = format!("pause-{}-{}-{run}", p.rate, p.epoch_ms);
+    let tag = format!("pause-{}-{}-{run}-v{}", p.rate, p.epoch_ms, VARIANT.get());
     let mut rig = Rig::start(cfg, top, certs, &tag, &cmdline, false)?;
     let mut tail = SerialTail::new(rig.serial());
     nap(Duration::from_millis(1500));
@@ -758,7 +758,7 @@ const DIRTY_VARIANTS: &[DirtyVariant] = &[
 
 fn dirty_run(cfg: &Cfg, top: &Path, certs: &Path, v: usize, epoch_ms: u64, run: usize) -> Result<Value> {
     let var = &DIRTY_VARIANTS[v];
-    let tag = format!("dirty-{v}-{epoch_ms}-{run}");
+    let tag = format!("dirty-{v}-{epoch_ms}-{run}-v{}", VARIANT.get());
     let mut rig = Rig::start(cfg, top, certs, &tag, var.cmdline, false)?;
     let mut tail = SerialTail::new(rig.serial());
     nap(Duration::from_millis(1500));

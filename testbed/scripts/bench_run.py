@@ -39,7 +39,7 @@ STEPS = ["transport", "codecs", "vm", "protect", "migrate", "faults", "goals"]
 # every checkpoint); "now": today's defaults. --epoch-min-ms 10 is the old default (now 1); with
 # fixed epochs (pause, dirty) it does nothing.
 GOALS_VARIANTS = ("before=--epoch-min-ms 10 --output-coalesce-us 0 --output-idle-end false "
-                  "--pause-copy-threads 1 --hot-page-epochs 0;now=")
+                  "--pause-copy-threads 1 --hot-page-epochs 0 --pause-rt-priority 0 --epoch-precopy-us 0;now=")
 GOALS_SEED = 20261216
 # kill.untuned runs per chunk: "now" (inbound log on) and "before" (--no-inbound-log) alternate
 # chunk by chunk, each chunk's pair with the same seed (the same fault moments).

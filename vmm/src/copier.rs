@@ -135,9 +135,26 @@ pub struct OutsideMemory;
 impl PageCopier {
     /// Starts the helper thread (`page-copy`).
     pub fn new() -> std::io::Result<Self> {
+        Self::with_priority(0)
+    }
+
+    /// Starts the helper thread (`page-copy`) at real-time priority `rt_priority` (`SCHED_FIFO`,
+    /// see [`crate::sched`]; 0: the ordinary policy). It only runs during copies, so it never
+    /// takes a core from anything else for longer than a copy.
+    pub fn with_priority(rt_priority: u8) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new().name("page-copy".into()).spawn(move || helper(s))?;
+        let thread = std::thread::Builder::new().name("page-copy".into()).spawn(move || {
+            if rt_priority > 0
+                && let Err(e) = crate::sched::make_current_fifo(rt_priority)
+            {
+                tracing::warn!(
+                    "page-copy helper: {e}: {}; it copies at the ordinary priority",
+                    std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
+                );
+            }
+            helper(s)
+        })?;
         Ok(Self { shared, generation: 0, thread: Some(thread) })
     }
 

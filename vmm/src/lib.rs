@@ -37,6 +37,7 @@ pub mod memory;
 pub mod persist;
 pub mod postcopy;
 pub mod procstat;
+pub mod sched;
 pub mod snapshot;
 pub mod state;
 pub mod uffd;

@@ -90,12 +90,15 @@ pub struct VcpuHandle {
     pub id: u8,
     fd: Arc<Mutex<VcpuFd>>,
     thread: Option<JoinHandle<()>>,
+    /// The parts of its state that never change once it ran (read at the first capture, see
+    /// [`persist::Fixed`]).
+    pub(crate) fixed: std::sync::OnceLock<persist::Fixed>,
 }
 
 impl VcpuHandle {
     /// Wraps a created vCPU fd.
     pub fn new(id: u8, fd: VcpuFd) -> Self {
-        Self { id, fd: Arc::new(Mutex::new(fd)), thread: None }
+        Self { id, fd: Arc::new(Mutex::new(fd)), thread: None, fixed: std::sync::OnceLock::new() }
     }
 
     /// Runs `f` on the vCPU fd. Blocks while the vCPU thread runs the guest: call it only

@@ -117,8 +117,36 @@ pub fn readable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, VcpuStateError>
     Ok(good)
 }
 
+/// The parts of a vCPU's state that the VMM sets before it first runs and that never change
+/// afterwards: its CPUID (KVM refuses a different one once the vCPU ran) and its TSC frequency
+/// (only KVM_SET_TSC_KHZ changes it, which this VMM calls only on a vCPU it is restoring).
+/// Read once per vCPU and reused by every later capture, they save two ioctls (~20 µs here)
+/// per checkpoint pause.
+#[derive(Debug, Clone)]
+pub struct Fixed {
+    /// CPUID entries.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// TSC frequency, when KVM reports one.
+    pub tsc_khz: Option<u32>,
+}
+
+/// Reads a vCPU's [`Fixed`] parts.
+pub fn save_fixed(id: u8, fd: &VcpuFd) -> Result<Fixed, VcpuStateError> {
+    let cpuid = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|source| VcpuStateError::Ioctl {
+        vcpu: id,
+        what: "get cpuid",
+        source,
+    })?;
+    Ok(Fixed { cpuid: cpuid.as_slice().to_vec(), tsc_khz: fd.get_tsc_khz().ok() })
+}
+
 /// Captures the state of a paused vCPU.
 pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
+    save_with(id, fd, msr_list, &save_fixed(id, fd)?)
+}
+
+/// Captures the state of a paused vCPU whose [`Fixed`] parts were read before.
+pub fn save_with(id: u8, fd: &VcpuFd, msr_list: &[u32], fixed: &Fixed) -> Result<VcpuState, VcpuStateError> {
     let io = |what: &'static str| move |source| VcpuStateError::Ioctl { vcpu: id, what, source };
     let entries: Vec<kvm_msr_entry> =
         msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
@@ -127,7 +155,6 @@ pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStat
     if n < entries.len() {
         return Err(VcpuStateError::MsrsPartial { vcpu: id, set: n, total: entries.len(), msr: entries[n].index });
     }
-    let cpuid = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(io("get cpuid"))?;
     Ok(VcpuState {
         id,
         regs: fd.get_regs().map_err(io("get regs"))?,
@@ -140,8 +167,8 @@ pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStat
         mp_state: fd.get_mp_state().map_err(io("get mp state"))?,
         events: fd.get_vcpu_events().map_err(io("get vcpu events"))?,
         debugregs: fd.get_debug_regs().map_err(io("get debug regs"))?,
-        tsc_khz: fd.get_tsc_khz().ok(),
-        cpuid: cpuid.as_slice().to_vec(),
+        tsc_khz: fixed.tsc_khz,
+        cpuid: fixed.cpuid.clone(),
     })
 }
 
