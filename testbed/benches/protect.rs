@@ -7,6 +7,7 @@
 //! #        (items: ms, `adaptive` = the default output-driven policy, `adaptive-silent` = 10-50 ms
 //! #        epochs that output does not end, the policy before output-driven epochs)
 //! #        BENCH_NO_BUILD=1 BENCH_KEEP=1 (keep the temp dir) BENCH_MAX_S=3600 (whole-run bound)
+//! #        UNDERSTUDY_BIN=PATH (drive another build of understudy; with BENCH_NO_BUILD=1)
 //! ```
 //!
 //! Every run gets its own network namespace (deleted afterwards): the backup listens on the
@@ -1142,7 +1143,8 @@ fn main() -> Result<()> {
     let only: String = env_or("BENCH_ONLY", "pause,dirty,kv".to_string());
     let epochs_ms: String = env_or("BENCH_EPOCHS_MS", "40,20,10,5".to_string());
     let cfg = Cfg {
-        bin: root.join("target/release/understudy"),
+        // UNDERSTUDY_BIN: another build (an A/B of two binaries, run by turns; as `testbed faults`).
+        bin: std::env::var_os("UNDERSTUDY_BIN").map_or_else(|| root.join("target/release/understudy"), PathBuf::from),
         guest: root.join("target/guest/understudy-guest"),
         root: root.clone(),
         runs: env_or("BENCH_RUNS", 3usize).max(1),
