@@ -489,7 +489,6 @@ pub async fn serve(
                     // Where an ack's time goes (`UNDERSTUDY_LOG=backup::server=debug`, beside the
                     // primary's `primary::link=debug` "acked and released").
                     tracing::debug!(epoch, pages = cp.page_count(), "checkpoint received");
-                    let node2 = Arc::clone(&node);
                     let verify = cfg.verify;
                     let t_commit = Instant::now();
                     // A small checkpoint (the common one under load: tens of pages, ~0.1 ms) is
@@ -499,9 +498,10 @@ pub async fn serve(
                     // there, so this task's runtime keeps serving.
                     let inline = cp.page_count() <= INLINE_COMMIT_PAGES && !node.prepare_pending();
                     let result = if inline {
-                        Ok(node2.commit(&cp, verify))
+                        Ok(node.commit(&cp, verify))
                     } else {
-                        tokio::task::spawn_blocking(move || node2.commit(&cp, verify)).await
+                        let node = Arc::clone(&node);
+                        tokio::task::spawn_blocking(move || node.commit(&cp, verify)).await
                     };
                     tracing::debug!(epoch, commit_us = t_commit.elapsed().as_micros() as u64, "checkpoint committed");
                     let cmd = match result {

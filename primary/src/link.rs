@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use replication_proto::{Sender, SenderEvent, SubmitError};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
-use transport::session::{Session, StreamCommand, StreamCore};
+use transport::session::{AbortOnDrop, Session, StreamCommand, StreamCore};
 use transport::{Endpoint, Identity, Tuning};
 
 use crate::engine::{Harvest, HarvestKind, LinkShared};
@@ -353,15 +353,6 @@ const INBOUND_BATCH: usize = 64;
 
 /// The session input forwarding hands frames to (`None` between sessions).
 type ForwardTo = Option<mpsc::Sender<StreamCommand<Sender>>>;
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Input forwarding's task: takes delivered frames off the queue as they come and hands them,
 /// in batches, to the current session; between sessions they are refused (and counted).

@@ -756,15 +756,17 @@ impl Vm {
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|e| VmError::Kvm("get dirty log", e))?;
             if self.manual_protect {
-                match self.hot.as_mut() {
-                    Some(h) => h.decide(slot, &words, &mut protect),
-                    None => {
-                        protect.clear();
-                        protect.extend_from_slice(&words);
+                // Protect again what the hot-page rule gives back, or everything (the kernel only
+                // reads the bitmap).
+                let again = match self.hot.as_mut() {
+                    Some(h) => {
+                        h.decide(slot, &words, &mut protect);
+                        &mut protect
                     }
-                }
-                if protect.iter().any(|&w| w != 0) {
-                    clear_dirty_log(&self.vm_fd, slot as u32, region.len() / memory::PAGE_SIZE as u64, &mut protect)?;
+                    None => &mut words,
+                };
+                if again.iter().any(|&w| w != 0) {
+                    clear_dirty_log(&self.vm_fd, slot as u32, region.len() / memory::PAGE_SIZE as u64, again)?;
                 }
             }
             or_into(&mut words, &region_bitmap(region).get_and_reset());

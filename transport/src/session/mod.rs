@@ -130,7 +130,7 @@ impl<P: Protocol> std::fmt::Debug for Session<P> {
 }
 
 /// Aborts a task when dropped (a no-op once it has ended).
-struct AbortOnDrop<T>(JoinHandle<T>);
+pub struct AbortOnDrop<T>(pub JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
