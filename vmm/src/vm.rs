@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,7 +24,7 @@ use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{Persist, pod_bytes, pod_from_bytes};
 use crate::state::{VmState, VmStateVersion};
-use crate::vcpu::persist::{self as vcpu_persist, VcpuStateError};
+use crate::vcpu::persist::{self as vcpu_persist, VcpuState, VcpuStateError};
 use crate::vcpu::{StopReason, VcpuError, VcpuHandle, Vcpus};
 
 /// Errors creating, running, capturing or restoring a VM.
@@ -157,7 +157,13 @@ pub struct Vm {
     hot: Option<Box<HotPages>>,
     paused: bool,
     cmdline: String,
+    /// With [`Vm::set_capture_at_park`]: the state each vCPU thread captured as it parked,
+    /// with the pause's number.
+    parked_states: Option<Arc<ParkedStates>>,
 }
+
+/// Per vCPU: the state its thread captured as it parked, and for which pause.
+type ParkedStates = Mutex<Vec<Option<(u64, Result<VcpuState, VcpuStateError>)>>>;
 
 fn region_bitmap(region: &crate::memory::GuestRegion) -> &crate::memory::Bitmap {
     let mapping: &vm_memory::mmap::MmapRegion<crate::memory::Bitmap> = region;
@@ -220,6 +226,23 @@ impl PreparedVm {
     pub fn fits(&self, memory: &GuestMemory) -> bool {
         host_regions(&self.memory) == host_regions(memory)
     }
+}
+
+/// A paused vCPU's state; its fixed parts are read at the first capture and reused.
+fn capture_vcpu(
+    id: u8,
+    fd: &VcpuFd,
+    msr_list: &[u32],
+    fixed: &std::sync::OnceLock<vcpu_persist::Fixed>,
+) -> Result<VcpuState, VcpuStateError> {
+    let fixed = match fixed.get() {
+        Some(f) => f,
+        None => {
+            let f = vcpu_persist::save_fixed(id, fd)?;
+            fixed.get_or_init(|| f)
+        }
+    };
+    vcpu_persist::save_with(id, fd, msr_list, fixed)
 }
 
 /// `(guest-physical start, length, host address)` of each region.
@@ -397,6 +420,7 @@ impl Vm {
             hot: None,
             paused: false,
             cmdline,
+            parked_states: None,
         })
     }
 
@@ -504,6 +528,7 @@ impl Vm {
             hot: None,
             paused: true,
             cmdline: state.cmdline.clone(),
+            parked_states: None,
         })
     }
 
@@ -631,21 +656,48 @@ impl Vm {
         }
     }
 
+    /// Has each vCPU thread capture its own state as it parks for a pause, beside whatever
+    /// the pausing thread does meanwhile (the harvest, the page copy); [`Vm::save_state`] then
+    /// takes those states instead of reading them itself, and every vCPU ioctl is made by the
+    /// thread that last ran the vCPU. Off again with `false`.
+    pub fn set_capture_at_park(&mut self, on: bool) {
+        if !on {
+            self.vcpus.set_park_work(None);
+            self.parked_states = None;
+            return;
+        }
+        let n = self.vcpus.handles().len();
+        let states: Arc<ParkedStates> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
+        let fixed: Vec<_> = self.vcpus.handles().iter().map(|h| Arc::clone(&h.fixed)).collect();
+        let msr_list = Arc::new(self.msr_list.clone());
+        let out = Arc::clone(&states);
+        self.vcpus.set_park_work(Some(Arc::new(move |id: u8, pause: u64, fd: &mut VcpuFd| {
+            let i = usize::from(id);
+            let state = capture_vcpu(id, fd, &msr_list, &fixed[i]);
+            lock(&out)[i] = Some((pause, state));
+        })));
+        self.parked_states = Some(states);
+    }
+
     /// Captures the whole VM state; the VM must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         if !self.paused {
             return Err(VmError::NotPaused("state capture"));
         }
+        let pause = self.vcpus.pause_number();
         let mut vcpus = Vec::new();
-        for h in self.vcpus.handles() {
-            let fixed = match h.fixed.get() {
-                Some(f) => f,
-                None => {
-                    let f = h.with_fd(|fd| vcpu_persist::save_fixed(h.id, fd))?;
-                    h.fixed.get_or_init(|| f)
+        for (i, h) in self.vcpus.handles().iter().enumerate() {
+            // Holding the fd: a vCPU thread that captures as it parks has finished.
+            let state = h.with_fd(|fd| {
+                let parked = self.parked_states.as_ref().and_then(|s| lock(s)[i].take()).filter(|(at, _)| *at == pause);
+                match parked {
+                    Some((_, state)) => state,
+                    // No capture at park, or the thread parked before this pause was numbered
+                    // (resumed and paused again before it went to sleep): read it here.
+                    None => capture_vcpu(h.id, fd, &self.msr_list, &h.fixed),
                 }
-            };
-            vcpus.push(h.with_fd(|fd| vcpu_persist::save_with(h.id, fd, &self.msr_list, fixed))?);
+            })?;
+            vcpus.push(state);
         }
         let chip = |chip_id: u32| -> Result<Vec<u8>, VmError> {
             let mut c = kvm_irqchip { chip_id, ..Default::default() };
@@ -812,11 +864,10 @@ mod tests {
     /// The capture that reuses each vCPU's CPUID and TSC frequency ([`vcpu_persist::Fixed`])
     /// gives what a full read gives, pause after pause. Needs /dev/kvm and the fixture guest
     /// (`make guest`): fails, loudly, without them.
-    #[test]
-    fn reused_fixed_vcpu_parts_capture_what_a_full_read_does() {
+    fn boot_dirty_guest() -> Vm {
         let kernel = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest/understudy-guest");
         assert!(kernel.exists(), "{} missing: run `make guest`", kernel.display());
-        let mut vm = Vm::boot(VmConfig {
+        Vm::boot(VmConfig {
             kernel,
             cmdline: "workload=dirty wss=1 rate=20000".into(),
             memory_bytes: 64 << 20,
@@ -824,7 +875,12 @@ mod tests {
             serial: Box::new(std::io::sink()),
             net: None,
         })
-        .expect("boot (this test needs /dev/kvm)");
+        .expect("boot (this test needs /dev/kvm)")
+    }
+
+    #[test]
+    fn reused_fixed_vcpu_parts_capture_what_a_full_read_does() {
+        let mut vm = boot_dirty_guest();
         for _ in 0..5 {
             std::thread::sleep(Duration::from_millis(20));
             vm.pause().unwrap();
@@ -841,5 +897,48 @@ mod tests {
             }
             vm.resume();
         }
+    }
+
+    /// With capture at park, each vCPU thread's own capture is what `save_state` returns, and
+    /// it is the state of this pause: equal to a full read made afterwards while still paused.
+    /// A capture left from an earlier pause is never used. Needs /dev/kvm and the fixture
+    /// guest (`make guest`): fails, loudly, without them.
+    #[test]
+    fn a_state_captured_at_park_is_this_pauses_state() {
+        let mut vm = boot_dirty_guest();
+        vm.set_capture_at_park(true);
+        for round in 0..6 {
+            std::thread::sleep(Duration::from_millis(15));
+            vm.pause().unwrap();
+            let states = Arc::clone(vm.parked_states.as_ref().unwrap());
+            let pause = vm.vcpus.pause_number();
+            if round % 2 == 1 {
+                // A capture said to be from the previous pause (as if a thread parked before
+                // this pause was numbered): save_state must read the vCPU itself instead.
+                for h in vm.vcpus.handles() {
+                    h.with_fd(|_| ());
+                    let mut g = lock(&states);
+                    let slot = g[usize::from(h.id)].as_mut().expect("captured at park");
+                    assert_eq!(slot.0, pause, "the capture names this pause");
+                    slot.0 = pause - 1;
+                    if let Ok(st) = slot.1.as_mut() {
+                        st.regs.rip ^= 1;
+                    }
+                }
+            }
+            let captured = vm.save_state().unwrap();
+            for (h, got) in vm.vcpus.handles().iter().zip(&captured.vcpus) {
+                let full = h.with_fd(|fd| vcpu_persist::save(h.id, fd, &vm.msr_list)).unwrap();
+                assert_eq!((got.regs, got.sregs, &got.xsave), (full.regs, full.sregs, &full.xsave), "vcpu {}", h.id);
+                assert_eq!((got.mp_state, &got.xcrs), (full.mp_state, &full.xcrs), "vcpu {}", h.id);
+                assert!(lock(&states)[usize::from(h.id)].is_none(), "a capture is used once");
+            }
+            vm.resume();
+        }
+        vm.set_capture_at_park(false);
+        vm.pause().unwrap();
+        assert!(vm.parked_states.is_none());
+        vm.save_state().unwrap();
+        vm.resume();
     }
 }

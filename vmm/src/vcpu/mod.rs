@@ -48,12 +48,19 @@ pub enum StopReason {
     Failed(String),
 }
 
+/// Work a vCPU thread does on its own fd as it parks ([`Vcpus::set_park_work`]): its id, the
+/// pause's number ([`Vcpus::pause_number`]) and the fd.
+pub type ParkWork = Arc<dyn Fn(u8, u64, &mut VcpuFd) + Send + Sync>;
+
 #[derive(Default)]
 struct CtlState {
     parked: usize,
     running_threads: usize,
     stop: bool,
     stopped: Option<StopReason>,
+    /// Pauses so far (the current one's number while paused).
+    pauses: u64,
+    park_work: Option<ParkWork>,
 }
 
 /// State shared between the owner and all vCPU threads of a VM.
@@ -92,13 +99,13 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     /// The parts of its state that never change once it ran (read at the first capture, see
     /// [`persist::Fixed`]).
-    pub(crate) fixed: std::sync::OnceLock<persist::Fixed>,
+    pub(crate) fixed: Arc<std::sync::OnceLock<persist::Fixed>>,
 }
 
 impl VcpuHandle {
     /// Wraps a created vCPU fd.
     pub fn new(id: u8, fd: VcpuFd) -> Self {
-        Self { id, fd: Arc::new(Mutex::new(fd)), thread: None, fixed: std::sync::OnceLock::new() }
+        Self { id, fd: Arc::new(Mutex::new(fd)), thread: None, fixed: Arc::default() }
     }
 
     /// Runs `f` on the vCPU fd. Blocks while the vCPU thread runs the guest: call it only
@@ -171,11 +178,26 @@ impl Vcpus {
         }
     }
 
+    /// Has every vCPU thread run `work` on its own fd each time it parks for a pause, after it
+    /// counts as parked (so the owner's work overlaps it) and before it lets go of the fd (so
+    /// [`VcpuHandle::with_fd`] waits for it); `None` stops it. A vCPU captures its own state
+    /// this way beside the owner's harvest, with no ioctl crossing to another thread's core.
+    pub fn set_park_work(&self, work: Option<ParkWork>) {
+        self.ctl.lock().park_work = work;
+    }
+
+    /// The number of the current pause (while paused) or of the last one; a vCPU's park work
+    /// is told the pause's number.
+    pub fn pause_number(&self) -> u64 {
+        self.ctl.lock().pauses
+    }
+
     /// Stops every vCPU at an instruction boundary with all I/O completed; returns once all
     /// are parked.
     pub fn pause(&self) -> Result<(), VcpuError> {
         {
-            let _st = self.ctl.lock();
+            let mut st = self.ctl.lock();
+            st.pauses += 1;
             self.ctl.pause.store(true, Ordering::SeqCst);
         }
         for h in &self.handles {
@@ -275,9 +297,15 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
                     break StopReason::Requested;
                 }
                 if ctl.pause.load(Ordering::SeqCst) {
-                    drop(guard);
                     st.parked += 1;
                     ctl.cv.notify_all();
+                    if let Some(work) = st.park_work.clone() {
+                        let pause = st.pauses;
+                        drop(st);
+                        work(id, pause, &mut guard);
+                        st = ctl.lock();
+                    }
+                    drop(guard);
                     while ctl.pause.load(Ordering::SeqCst) && !st.stop {
                         st = ctl.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
