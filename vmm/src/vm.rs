@@ -234,6 +234,7 @@ fn capture_vcpu(
     fd: &VcpuFd,
     msr_list: &[u32],
     fixed: &std::sync::OnceLock<vcpu_persist::Fixed>,
+    synced: bool,
 ) -> Result<VcpuState, VcpuStateError> {
     let fixed = match fixed.get() {
         Some(f) => f,
@@ -242,7 +243,7 @@ fn capture_vcpu(
             fixed.get_or_init(|| f)
         }
     };
-    vcpu_persist::save_with(id, fd, msr_list, fixed)
+    vcpu_persist::save_synced(id, fd, msr_list, fixed, synced)
 }
 
 /// `(guest-physical start, length, host address)` of each region.
@@ -662,7 +663,7 @@ impl Vm {
     /// thread that last ran the vCPU. Off again with `false`.
     pub fn set_capture_at_park(&mut self, on: bool) {
         if !on {
-            self.vcpus.set_park_work(None);
+            self.vcpus.set_park_work(None, false);
             self.parked_states = None;
             return;
         }
@@ -671,11 +672,17 @@ impl Vm {
         let fixed: Vec<_> = self.vcpus.handles().iter().map(|h| Arc::clone(&h.fixed)).collect();
         let msr_list = Arc::new(self.msr_list.clone());
         let out = Arc::clone(&states);
-        self.vcpus.set_park_work(Some(Arc::new(move |id: u8, pause: u64, fd: &mut VcpuFd| {
-            let i = usize::from(id);
-            let state = capture_vcpu(id, fd, &msr_list, &fixed[i]);
-            lock(&out)[i] = Some((pause, state));
-        })));
+        let sync_regs = self.kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SYNC_REGS)) as u32
+            & kvm_bindings::KVM_SYNC_X86_VALID_FIELDS
+            == kvm_bindings::KVM_SYNC_X86_VALID_FIELDS;
+        self.vcpus.set_park_work(
+            Some(Arc::new(move |id: u8, pause: u64, fd: &mut VcpuFd, synced: bool| {
+                let i = usize::from(id);
+                let state = capture_vcpu(id, fd, &msr_list, &fixed[i], synced);
+                lock(&out)[i] = Some((pause, state));
+            })),
+            sync_regs,
+        );
         self.parked_states = Some(states);
     }
 
@@ -694,7 +701,7 @@ impl Vm {
                     Some((_, state)) => state,
                     // No capture at park, or the thread parked before this pause was numbered
                     // (resumed and paused again before it went to sleep): read it here.
-                    None => capture_vcpu(h.id, fd, &self.msr_list, &h.fixed),
+                    None => capture_vcpu(h.id, fd, &self.msr_list, &h.fixed, false),
                 }
             })?;
             vcpus.push(state);
@@ -931,6 +938,11 @@ mod tests {
                 let full = h.with_fd(|fd| vcpu_persist::save(h.id, fd, &vm.msr_list)).unwrap();
                 assert_eq!((got.regs, got.sregs, &got.xsave), (full.regs, full.sregs, &full.xsave), "vcpu {}", h.id);
                 assert_eq!((got.mp_state, &got.xcrs), (full.mp_state, &full.xcrs), "vcpu {}", h.id);
+                assert_eq!(got.events, full.events, "vcpu {}", h.id);
+                // The FPU part comes from the XSAVE area: what KVM_GET_FPU reads, but for
+                // MXCSR, which KVM_GET_FPU returns as 0 on this host (offset 408).
+                let fpu = pod_bytes(&h.with_fd(|fd| fd.get_fpu()).unwrap());
+                assert_eq!(got.fpu[..408], fpu[..408], "vcpu {}: fpu", h.id);
                 assert!(lock(&states)[usize::from(h.id)].is_none(), "a capture is used once");
             }
             vm.resume();

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
 
@@ -49,8 +49,10 @@ pub enum StopReason {
 }
 
 /// Work a vCPU thread does on its own fd as it parks ([`Vcpus::set_park_work`]): its id, the
-/// pause's number ([`Vcpus::pause_number`]) and the fd.
-pub type ParkWork = Arc<dyn Fn(u8, u64, &mut VcpuFd) + Send + Sync>;
+/// pause's number ([`Vcpus::pause_number`]), the fd, and whether KVM copied the parked vCPU's
+/// registers, special registers and events into the fd's `kvm_run` (`KVM_CAP_SYNC_REGS`:
+/// `VcpuFd::sync_regs` then holds them, and three ioctls are saved).
+pub type ParkWork = Arc<dyn Fn(u8, u64, &mut VcpuFd, bool) + Send + Sync>;
 
 #[derive(Default)]
 struct CtlState {
@@ -66,13 +68,21 @@ struct CtlState {
 /// State shared between the owner and all vCPU threads of a VM.
 pub struct VcpuControl {
     pause: AtomicBool,
+    /// Before the park work, have KVM copy registers, special registers and events to
+    /// `kvm_run` (set with park work, when KVM can).
+    sync_regs: AtomicBool,
     state: Mutex<CtlState>,
     cv: Condvar,
 }
 
 impl VcpuControl {
     fn new() -> Self {
-        Self { pause: AtomicBool::new(false), state: Mutex::new(CtlState::default()), cv: Condvar::new() }
+        Self {
+            pause: AtomicBool::new(false),
+            sync_regs: AtomicBool::new(false),
+            state: Mutex::new(CtlState::default()),
+            cv: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, CtlState> {
@@ -182,8 +192,12 @@ impl Vcpus {
     /// counts as parked (so the owner's work overlaps it) and before it lets go of the fd (so
     /// [`VcpuHandle::with_fd`] waits for it); `None` stops it. A vCPU captures its own state
     /// this way beside the owner's harvest, with no ioctl crossing to another thread's core.
-    pub fn set_park_work(&self, work: Option<ParkWork>) {
-        self.ctl.lock().park_work = work;
+    /// With `sync_regs` (ask only when KVM has `KVM_CAP_SYNC_REGS`), the thread first has KVM
+    /// copy its registers, special registers and events to `kvm_run` ([`sync_regs_now`]).
+    pub fn set_park_work(&self, work: Option<ParkWork>, sync_regs: bool) {
+        let mut st = self.ctl.lock();
+        self.ctl.sync_regs.store(sync_regs && work.is_some(), Ordering::SeqCst);
+        st.park_work = work;
     }
 
     /// The number of the current pause (while paused) or of the last one; a vCPU's park work
@@ -302,7 +316,8 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
                     if let Some(work) = st.park_work.clone() {
                         let pause = st.pauses;
                         drop(st);
-                        work(id, pause, &mut guard);
+                        let synced = ctl.sync_regs.load(Ordering::Relaxed) && sync_regs_now(&mut guard);
+                        work(id, pause, &mut guard, synced);
                         st = ctl.lock();
                     }
                     drop(guard);
@@ -331,6 +346,23 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
     let mut st = ctl.lock();
     st.running_threads -= 1;
     ctl.cv.notify_all();
+}
+
+/// Has KVM copy the stopped vCPU's registers, special registers and events into `kvm_run`:
+/// one `KVM_RUN` that returns at once (`immediate_exit`) with `KVM_CAP_SYNC_REGS` asked for,
+/// instead of three ioctls. True if they are there.
+fn sync_regs_now(fd: &mut VcpuFd) -> bool {
+    const REGS: [SyncReg; 3] = [SyncReg::Register, SyncReg::SystemRegister, SyncReg::VcpuEvents];
+    for r in REGS {
+        fd.set_sync_valid_reg(r);
+    }
+    fd.set_kvm_immediate_exit(1);
+    let ok = matches!(fd.run(), Err(e) if e.errno() == libc::EINTR);
+    fd.set_kvm_immediate_exit(0);
+    for r in REGS {
+        fd.clear_sync_valid_reg(r);
+    }
+    ok
 }
 
 /// Adds the guest's instruction pointer (and KVM's suberror) to a failure.

@@ -147,6 +147,20 @@ pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStat
 
 /// Captures the state of a paused vCPU whose [`Fixed`] parts were read before.
 pub fn save_with(id: u8, fd: &VcpuFd, msr_list: &[u32], fixed: &Fixed) -> Result<VcpuState, VcpuStateError> {
+    save_synced(id, fd, msr_list, fixed, false)
+}
+
+/// [`save_with`]; with `synced`, the registers, special registers and events are taken from
+/// the fd's `kvm_run` (copied there by KVM at the exit that stopped the vCPU, with
+/// `KVM_CAP_SYNC_REGS`) instead of three ioctls. The FPU part is always taken from the XSAVE
+/// area's legacy region (what KVM_GET_FPU reads), one ioctl less.
+pub fn save_synced(
+    id: u8,
+    fd: &VcpuFd,
+    msr_list: &[u32],
+    fixed: &Fixed,
+    synced: bool,
+) -> Result<VcpuState, VcpuStateError> {
     let io = |what: &'static str| move |source| VcpuStateError::Ioctl { vcpu: id, what, source };
     let entries: Vec<kvm_msr_entry> =
         msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
@@ -155,21 +169,62 @@ pub fn save_with(id: u8, fd: &VcpuFd, msr_list: &[u32], fixed: &Fixed) -> Result
     if n < entries.len() {
         return Err(VcpuStateError::MsrsPartial { vcpu: id, set: n, total: entries.len(), msr: entries[n].index });
     }
+    let (regs, sregs, events) = if synced {
+        let r = fd.sync_regs();
+        (r.regs, r.sregs, r.events)
+    } else {
+        (
+            fd.get_regs().map_err(io("get regs"))?,
+            fd.get_sregs().map_err(io("get sregs"))?,
+            fd.get_vcpu_events().map_err(io("get vcpu events"))?,
+        )
+    };
+    let xsave = fd.get_xsave().map_err(io("get xsave"))?;
     Ok(VcpuState {
         id,
-        regs: fd.get_regs().map_err(io("get regs"))?,
-        sregs: fd.get_sregs().map_err(io("get sregs"))?,
-        fpu: pod_bytes(&fd.get_fpu().map_err(io("get fpu"))?),
-        xsave: pod_bytes(&fd.get_xsave().map_err(io("get xsave"))?),
+        regs,
+        sregs,
+        fpu: pod_bytes(&fpu_of_xsave(&xsave)),
+        xsave: pod_bytes(&xsave),
         xcrs: fd.get_xcrs().map_err(io("get xcrs"))?,
         msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
         lapic: fd.get_lapic().map_err(io("get lapic"))?,
         mp_state: fd.get_mp_state().map_err(io("get mp state"))?,
-        events: fd.get_vcpu_events().map_err(io("get vcpu events"))?,
+        events,
         debugregs: fd.get_debug_regs().map_err(io("get debug regs"))?,
         tsc_khz: fixed.tsc_khz,
         cpuid: fixed.cpuid.clone(),
     })
+}
+
+/// What KVM_GET_FPU returns, read from an XSAVE area's legacy (FXSAVE) region: control,
+/// status and abridged tag words, last opcode, instruction and data pointers, MXCSR, the x87
+/// registers (offset 32) and the XMM registers (offset 160). A restore sets the XSAVE area
+/// after the FPU, so the XSAVE area is what the restored vCPU holds either way.
+pub fn fpu_of_xsave(xsave: &kvm_xsave) -> kvm_fpu {
+    let mut legacy = [0u8; 512];
+    for (chunk, word) in legacy.chunks_exact_mut(4).zip(xsave.region.iter()) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([legacy[o], legacy[o + 1]]);
+    let u64_at = |o: usize| u64::from_le_bytes(legacy[o..o + 8].try_into().expect("8 bytes"));
+    let mut fpu = kvm_fpu {
+        fcw: u16_at(0),
+        fsw: u16_at(2),
+        ftwx: legacy[4],
+        last_opcode: u16_at(6),
+        last_ip: u64_at(8),
+        last_dp: u64_at(16),
+        mxcsr: u32::from_le_bytes(legacy[24..28].try_into().expect("4 bytes")),
+        ..Default::default()
+    };
+    for (i, r) in fpu.fpr.iter_mut().enumerate() {
+        r.copy_from_slice(&legacy[32 + 16 * i..48 + 16 * i]);
+    }
+    for (i, r) in fpu.xmm.iter_mut().enumerate() {
+        r.copy_from_slice(&legacy[160 + 16 * i..176 + 16 * i]);
+    }
+    fpu
 }
 
 /// Restores a vCPU's state into a freshly created vCPU fd, in an order KVM accepts: CPUID
