@@ -501,6 +501,7 @@ impl Engine {
 
     fn send(&mut self, h: Harvest) -> Result<(), EngineError> {
         self.link.started();
+        tracing::debug!(seq = h.seq, wall_ns = vmm::devices::virtio::net::wall_ns(), "harvest to the link");
         self.tx.blocking_send(h).map_err(|_| EngineError::LinkClosed)
     }
 

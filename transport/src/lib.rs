@@ -78,6 +78,12 @@ pub use policy::{PeerPolicy, PolicyError};
 pub use session::{Protocol, Session};
 pub use tls::ProtocolVersions;
 
+/// Wall-clock nanoseconds, for timing events (`trace`) that the peer process's logs are
+/// compared with.
+pub(crate) fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// An error and its sources, `: `-separated (for logs and status fields that hold one line).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

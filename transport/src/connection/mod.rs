@@ -411,6 +411,7 @@ impl Connection {
         out.torn = true;
         out.stream.write_all_chunks(&mut chunks).await.map_err(|e| self.write_error(e, channel))?;
         out.torn = false;
+        tracing::trace!(channel = channel.name(), len, wall_ns = crate::wall_ns(), "frame written");
         let counters = &self.shared.counters;
         counters.frames_sent.fetch_add(1, Ordering::Relaxed);
         counters.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);

@@ -132,6 +132,9 @@ async fn read_records(mut recv: RecvStream, inbound: &Inbound, queue: &Queue, ki
                 return inbound.fail(format!("{name} stream ended inside a {len}-byte frame"));
             }
         };
+        if matches!(kind, StreamKind::Control { .. }) {
+            tracing::trace!(len, wall_ns = crate::wall_ns(), "control frame read");
+        }
         inbound.counters.queued_bytes.fetch_add(len as u64, Ordering::Relaxed);
         let queued = Queued { bytes, _permit: permit };
         if queue.tx.send(queued).is_err() {

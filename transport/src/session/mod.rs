@@ -307,6 +307,7 @@ async fn run<P: Protocol>(
             }
             payload = connection.recv_frame() => {
                 let frame = Frame { channel: Channel::Control, payload: payload? };
+                tracing::trace!(len = frame.payload.len(), wall_ns = crate::wall_ns(), "control frame to the core");
                 core.handle_frame(now(), frame).map_err(SessionError::Protocol)?;
             }
             payload = connection.recv_bulk(), if bulk_open => match payload {
@@ -324,7 +325,10 @@ async fn run<P: Protocol>(
                 Err(_) => datagrams_open = false,
             },
             command = commands.recv(), if commands_open => match command {
-                Some(command) => core.handle_command(now(), command).map_err(SessionError::Protocol)?,
+                Some(command) => {
+                    tracing::trace!(wall_ns = crate::wall_ns(), "command to the core");
+                    core.handle_command(now(), command).map_err(SessionError::Protocol)?;
+                }
                 None => commands_open = false,
             },
             () = sleep_until(deadline), if deadline.is_some() => {
