@@ -98,10 +98,11 @@ pub struct ProtectRequest {
     #[serde(default = "default_max")]
     #[arg(long, default_value_t = default_max())]
     pub epoch_max_ms: u64,
-    /// Output-driven epochs: when the guest's output is held, end the epoch this many µs
-    /// after its first held frame (replies emitted together share a checkpoint). Lower:
-    /// less added latency, more pauses under load (CPU for latency). 0: output does not
-    /// shorten epochs.
+    /// Output-driven epochs: when the guest's output is held, end the epoch at most this many
+    /// µs after its first held frame (replies emitted together share a checkpoint); the
+    /// window is 50 µs per frame the previous epoch held, so a lone reply leaves after 50 µs.
+    /// Lower: less added latency, more pauses under load (CPU for latency). 0: output does
+    /// not shorten epochs.
     #[serde(default = "default_coalesce")]
     #[arg(long, default_value_t = default_coalesce())]
     pub output_coalesce_us: u64,

@@ -33,8 +33,9 @@ pub struct EpochTiming {
     pub max: Duration,
     /// Fixed length (overrides the adaptive policy, output included).
     pub fixed: Option<Duration>,
-    /// With output waiting, end the epoch this long after its first held frame (`None`: output
-    /// does not shorten epochs).
+    /// With output waiting, end the epoch at most this long after its first held frame (50 µs
+    /// per frame of the previous epoch's output, see [`EpochTiming::end`]; `None`: output does
+    /// not shorten epochs).
     pub coalesce: Option<Duration>,
 }
 
@@ -60,16 +61,29 @@ impl EpochTiming {
     }
 
     /// When an epoch that started at `start` ends: at `start + silent` (from [`Self::next`]),
-    /// or, with output first held at `first_output`, `coalesce` after it (not before `start +
-    /// min`, not after `start + silent`).
-    pub fn end(&self, start: Instant, silent: Duration, first_output: Option<Instant>) -> Instant {
+    /// or, with output first held at `first_output`, a coalescing window after it (not before
+    /// `start + min`, not after `start + silent`). The window follows the output's burst:
+    /// [`COALESCE_PER_FRAME`] per frame the previous epoch held (`burst`), at least one frame's
+    /// worth, at most `coalesce`. A lone reply (a request at a time) leaves after 50 µs instead
+    /// of waiting for replies that are not coming; a busy server's replies, many per epoch,
+    /// share checkpoints as before.
+    pub fn end(&self, start: Instant, silent: Duration, first_output: Option<Instant>, burst: u32) -> Instant {
         let latest = start + silent;
         match (self.fixed, self.coalesce, first_output) {
-            (None, Some(c), Some(t)) => (t + c).max(start + self.min).min(latest),
+            (None, Some(c), Some(t)) => {
+                let window = c.min(COALESCE_PER_FRAME.saturating_mul(burst.max(1)));
+                (t + window).max(start + self.min).min(latest)
+            }
             _ => latest,
         }
     }
 }
+
+/// The output-driven coalescing window per frame of the previous epoch's output (see
+/// [`EpochTiming::end`]). A/B on the kv guest (docs/benchmarks-history.md): a fixed 50 µs
+/// window cut a lone request's added latency ~250 µs against 500 µs with idle detection, and
+/// cost 16 connections 5-10% of their throughput, which the growing window keeps.
+pub const COALESCE_PER_FRAME: Duration = Duration::from_micros(50);
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -843,7 +857,8 @@ impl Engine {
         if first_output.is_none() {
             first_output = self.wait_for_output(epoch_start + silent);
         }
-        let end = timing.end(epoch_start, silent, first_output);
+        let burst = self.output.as_ref().map_or(u32::MAX, |o| o.frames_last_epoch());
+        let end = timing.end(epoch_start, silent, first_output, burst);
         let ended_idle = match first_output {
             Some(_) => match self.nap_until_idle(epoch_start + timing.min, end) {
                 Some(idle) => idle,
@@ -1033,19 +1048,26 @@ mod tests {
         // Silent: 50 x the pause, within bounds.
         assert_eq!(t.next(Duration::from_micros(400)), Duration::from_millis(20));
         assert_eq!(t.next(Duration::from_millis(5)), Duration::from_millis(50));
-        assert_eq!(t.end(start, Duration::from_millis(20), None), start + Duration::from_millis(20));
+        let busy = u32::MAX;
+        assert_eq!(t.end(start, Duration::from_millis(20), None, busy), start + Duration::from_millis(20));
         // Output 3 ms in: the epoch ends one coalescing window later.
         let out = start + Duration::from_millis(3);
-        assert_eq!(t.end(start, Duration::from_millis(20), Some(out)), out + Duration::from_micros(500));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out), busy), out + Duration::from_micros(500));
+        // The window follows the previous epoch's burst: 50 µs a frame, one frame's worth at
+        // least, the configured window at most.
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out), 0), out + Duration::from_micros(50));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out), 1), out + Duration::from_micros(50));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out), 4), out + Duration::from_micros(200));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(out), 40), out + Duration::from_micros(500));
         // Output at once: not before the minimum.
-        assert_eq!(t.end(start, Duration::from_millis(20), Some(start)), start + Duration::from_millis(1));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(start), busy), start + Duration::from_millis(1));
         // Output late in the epoch: never after its silent length.
         let late = start + Duration::from_millis(19_900) / 1000;
-        assert_eq!(t.end(start, Duration::from_millis(20), Some(late)), start + Duration::from_millis(20));
+        assert_eq!(t.end(start, Duration::from_millis(20), Some(late), busy), start + Duration::from_millis(20));
         // A fixed length ignores output; so does coalescing turned off.
         let fixed = EpochTiming { fixed: Some(Duration::from_millis(10)), ..t };
-        assert_eq!(fixed.end(start, fixed.next(Duration::ZERO), Some(start)), start + Duration::from_millis(10));
+        assert_eq!(fixed.end(start, fixed.next(Duration::ZERO), Some(start), 1), start + Duration::from_millis(10));
         let off = EpochTiming { coalesce: None, ..t };
-        assert_eq!(off.end(start, Duration::from_millis(20), Some(start)), start + Duration::from_millis(20));
+        assert_eq!(off.end(start, Duration::from_millis(20), Some(start), 1), start + Duration::from_millis(20));
     }
 }

@@ -37,6 +37,9 @@ struct Inner {
     /// When the first frame held since the last epoch boundary arrived (output waiting for an
     /// epoch to end): the epoch engine ends the epoch soon after it.
     first_held: Option<Instant>,
+    /// Frames held since the last epoch boundary, and in the epoch before it.
+    epoch_frames: u32,
+    last_epoch_frames: u32,
 }
 
 /// A record of one released frame, for tests that prove output commit: which epoch produced
@@ -111,6 +114,8 @@ impl OutputBuffer {
                 passthrough: false,
                 journal: VecDeque::new(),
                 first_held: None,
+                epoch_frames: 0,
+                last_epoch_frames: 0,
             }),
             waiting: std::sync::Condvar::new(),
             tap,
@@ -159,6 +164,7 @@ impl OutputBuffer {
         let mut g = self.lock();
         g.current = epoch;
         g.first_held = None;
+        g.last_epoch_frames = std::mem::take(&mut g.epoch_frames);
         if let Some(i) = &*self.inbound.lock().unwrap_or_else(|e| e.into_inner()) {
             i.begin(epoch);
         }
@@ -192,6 +198,12 @@ impl OutputBuffer {
             }
             g = self.waiting.wait_timeout(g, until - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// How many frames the guest sent in the epoch before the current one (the output-driven
+    /// coalescing window follows it, see `EpochTiming::end`).
+    pub fn frames_last_epoch(&self) -> u32 {
+        self.lock().last_epoch_frames
     }
 
     /// Releases every frame of epochs up to and including `epoch`; returns how many.
@@ -302,6 +314,7 @@ impl OutputBuffer {
         let now = Instant::now();
         g.held_bytes += frame.len();
         g.held.push_back(Held { epoch, at: now, frame: frame.to_vec() });
+        g.epoch_frames = g.epoch_frames.saturating_add(1);
         if g.first_held.is_none() {
             g.first_held = Some(now);
             self.waiting.notify_all();
