@@ -263,7 +263,10 @@ class Report:
                "in every run; `kill.untuned`: chunks of runs, the two variants' chunks alternating with the same "
                "seeds). `before` is the policy and pause when issue 16 was filed: `protect %s` (adaptive 10-50 ms "
                "epochs that output does not end, one copy thread, no hot pages) and, for the untuned failover, the "
-               "backup without its inbound log (`testbed faults --no-inbound-log`: no input replay); `now` is "
+               "backup without its inbound log (`testbed faults --no-inbound-log`: no input replay). Both run on "
+               "the same binary, so what it does whatever the flags is in both columns (since session 10: each "
+               "vCPU captures its own state as it parks, with fewer ioctls; the backup commits and acks small "
+               "checkpoints in its session task and the primary releases output there; lazy QUIC ACKs). `now` is "
                "the defaults of commit %s%s. Medians over runs (per-run values in brackets); a p99 over few runs "
                "is the slowest run. \"No worse than before\": now's median at most before's slowest run (for the dirty guest's slowdown, plus 0.5 percentage points: its resolution).\n" % (
                    (sm.get("variants") or "").split(";")[0].partition("=")[2] or "?", meta.get("commit", "?"),
