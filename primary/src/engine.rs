@@ -542,11 +542,6 @@ impl Engine {
                 }
             }
         }
-        // The coalescing window's naps are deadlines of tens of µs: Linux's default 50 µs of
-        // timer slack would be most of them.
-        if let Err(e) = vmm::sched::set_timer_slack(1_000) {
-            tracing::warn!("cannot set the epoch engine's timer slack ({e}): its short naps may end up to 50 µs late");
-        }
         // Each vCPU thread captures its own state as it parks, beside the harvest and copy
         // (pause p50 -60 µs here, docs/benchmarks-history.md).
         self.vm().set_capture_at_park(true);

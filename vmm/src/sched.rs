@@ -116,35 +116,9 @@ impl Drop for Raised {
     }
 }
 
-/// Sets the calling thread's timer slack (how late Linux may fire its timers to batch
-/// wake-ups; 50 µs by default) to `ns`. For a thread whose short sleeps are deadlines, such as
-/// the epoch engine's coalescing window. Any thread may do this; it fails only for a bad value.
-pub fn set_timer_slack(ns: u64) -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) takes integer arguments and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timer_slack_is_set_for_the_calling_thread_only() {
-        // SAFETY: prctl(PR_GET_TIMERSLACK) returns the calling thread's slack.
-        let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
-        let before = slack();
-        std::thread::spawn(move || {
-            set_timer_slack(1_000).unwrap();
-            assert_eq!(slack(), 1_000);
-        })
-        .join()
-        .unwrap();
-        assert_eq!(slack(), before, "another thread's slack is untouched");
-    }
 
     #[test]
     fn raises_while_held_then_restores_or_is_refused_once() {
