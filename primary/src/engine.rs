@@ -543,7 +543,7 @@ impl Engine {
             }
         }
         // Each vCPU thread captures its own state as it parks, beside the harvest and copy
-        // (pause p50 -60 µs here, docs/benchmarks-history.md).
+        // (docs/protection.md, "Harvest"; A/Bs in docs/benchmarks-history.md, session 10).
         self.vm().set_capture_at_park(true);
         let result = self.run_epochs();
         self.vm().set_capture_at_park(false);

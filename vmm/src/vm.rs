@@ -691,12 +691,13 @@ impl Vm {
         if !self.paused {
             return Err(VmError::NotPaused("state capture"));
         }
-        let pause = self.vcpus.pause_number();
+        let pause = self.parked_states.as_ref().map(|_| self.vcpus.pause_number());
         let mut vcpus = Vec::new();
         for (i, h) in self.vcpus.handles().iter().enumerate() {
             // Holding the fd: a vCPU thread that captures as it parks has finished.
             let state = h.with_fd(|fd| {
-                let parked = self.parked_states.as_ref().and_then(|s| lock(s)[i].take()).filter(|(at, _)| *at == pause);
+                let parked =
+                    self.parked_states.as_ref().and_then(|s| lock(s)[i].take()).filter(|(at, _)| Some(*at) == pause);
                 match parked {
                     Some((_, state)) => state,
                     // No capture at park, or the thread parked before this pause was numbered

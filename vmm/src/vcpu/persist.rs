@@ -142,17 +142,12 @@ pub fn save_fixed(id: u8, fd: &VcpuFd) -> Result<Fixed, VcpuStateError> {
 
 /// Captures the state of a paused vCPU.
 pub fn save(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
-    save_with(id, fd, msr_list, &save_fixed(id, fd)?)
+    save_synced(id, fd, msr_list, &save_fixed(id, fd)?, false)
 }
 
-/// Captures the state of a paused vCPU whose [`Fixed`] parts were read before.
-pub fn save_with(id: u8, fd: &VcpuFd, msr_list: &[u32], fixed: &Fixed) -> Result<VcpuState, VcpuStateError> {
-    save_synced(id, fd, msr_list, fixed, false)
-}
-
-/// [`save_with`]; with `synced`, the registers, special registers and events are taken from
-/// the fd's `kvm_run` (copied there by KVM at the exit that stopped the vCPU, with
-/// `KVM_CAP_SYNC_REGS`) instead of three ioctls. The FPU part is always taken from the XSAVE
+/// Captures the state of a paused vCPU whose [`Fixed`] parts were read before. With `synced`,
+/// the registers, special registers and events are taken from the fd's `kvm_run` (copied there
+/// by KVM, `KVM_CAP_SYNC_REGS`) instead of three ioctls. The FPU part is always taken from the XSAVE
 /// area's legacy region (what KVM_GET_FPU reads), one ioctl less.
 pub fn save_synced(
     id: u8,
