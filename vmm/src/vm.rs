@@ -948,6 +948,10 @@ mod tests {
             }
             vm.resume();
         }
+        // The registers came with the kick's own exit (KVM stored them as KVM_RUN returned),
+        // not from one more KVM_RUN per capture, and were this pause's (compared above).
+        let captures = 6 * vm.vcpus.handles().len() as u64;
+        assert!(vm.vcpus.regs_at_kick() * 2 >= captures, "{} of {captures} at the kick", vm.vcpus.regs_at_kick());
         vm.set_capture_at_park(false);
         vm.pause().unwrap();
         assert!(vm.parked_states.is_none());

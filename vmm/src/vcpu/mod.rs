@@ -9,12 +9,12 @@ pub mod kick;
 pub mod persist;
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
 
@@ -71,6 +71,8 @@ pub struct VcpuControl {
     /// Before the park work, have KVM copy registers, special registers and events to
     /// `kvm_run` (set with park work, when KVM can).
     sync_regs: AtomicBool,
+    /// Captures whose registers KVM stored at the kick's own exit (no extra `KVM_RUN`).
+    regs_at_kick: AtomicU64,
     state: Mutex<CtlState>,
     cv: Condvar,
 }
@@ -80,6 +82,7 @@ impl VcpuControl {
         Self {
             pause: AtomicBool::new(false),
             sync_regs: AtomicBool::new(false),
+            regs_at_kick: AtomicU64::new(0),
             state: Mutex::new(CtlState::default()),
             cv: Condvar::new(),
         }
@@ -106,6 +109,8 @@ pub struct VcpuHandle {
     /// vCPU index (also its APIC id).
     pub id: u8,
     fd: Arc<Mutex<VcpuFd>>,
+    /// The fd's `kvm_run` page (mapped for as long as the fd, which the handle owns, lives).
+    run_page: RunPage,
     thread: Option<JoinHandle<()>>,
     /// The parts of its state that never change once it ran (read at the first capture, see
     /// [`persist::Fixed`]).
@@ -114,8 +119,9 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     /// Wraps a created vCPU fd.
-    pub fn new(id: u8, fd: VcpuFd) -> Self {
-        Self { id, fd: Arc::new(Mutex::new(fd)), thread: None, fixed: Arc::default() }
+    pub fn new(id: u8, mut fd: VcpuFd) -> Self {
+        let run_page = RunPage(fd.get_kvm_run());
+        Self { id, fd: Arc::new(Mutex::new(fd)), run_page, thread: None, fixed: Arc::default() }
     }
 
     /// Runs `f` on the vCPU fd. Blocks while the vCPU thread runs the guest: call it only
@@ -149,13 +155,14 @@ impl Vcpus {
         self.ctl.pause.store(paused, Ordering::SeqCst);
         for h in &mut self.handles {
             let fd = Arc::clone(&h.fd);
+            let run_page = h.run_page;
             let ctl = Arc::clone(&self.ctl);
             let (pio, mmio) = (pio.clone(), mmio.clone());
             let id = h.id;
             ctl.lock().running_threads += 1;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(id, fd, ctl, pio, mmio))
+                .spawn(move || vcpu_thread(id, fd, run_page, ctl, pio, mmio))
                 .map_err(|e| VcpuError::Spawn(id, e))?;
             h.thread = Some(thread);
         }
@@ -200,6 +207,12 @@ impl Vcpus {
         st.park_work = work;
     }
 
+    /// How many park captures took the registers KVM stored at the kick's own exit (the others
+    /// ran one more immediate-exit `KVM_RUN` for them).
+    pub fn regs_at_kick(&self) -> u64 {
+        self.ctl.regs_at_kick.load(Ordering::Relaxed)
+    }
+
     /// The number of the current pause (while paused) or of the last one; a vCPU's park work
     /// is told the pause's number.
     pub fn pause_number(&self) -> u64 {
@@ -214,8 +227,14 @@ impl Vcpus {
             st.pauses += 1;
             self.ctl.pause.store(true, Ordering::SeqCst);
         }
+        let sync_regs = self.ctl.sync_regs.load(Ordering::SeqCst);
         for h in &self.handles {
             if let Some(t) = &h.thread {
+                if sync_regs {
+                    // KVM stores the registers as the kick's KVM_RUN returns: the park work
+                    // then needs no KVM_RUN of its own (see `regs_stored`).
+                    h.run_page.valid_regs().store(SYNC_REGS_MASK, Ordering::SeqCst);
+                }
                 kick::kick_thread(t.as_pthread_t());
             }
         }
@@ -282,8 +301,9 @@ impl Drop for Vcpus {
     }
 }
 
-fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, mmio: Bus) {
+fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, run_page: RunPage, ctl: Arc<VcpuControl>, pio: Bus, mmio: Bus) {
     let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
+    poison_stored_regs(&mut guard);
     let run_ptr: *mut kvm_bindings::kvm_run = guard.get_kvm_run();
     // SAFETY: the kvm_run page belongs to the vCPU fd behind `fd`, which outlives this thread
     // (the handle keeps an Arc); we unregister before returning.
@@ -305,6 +325,7 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
                 }
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                let eintr = e.errno() == libc::EINTR;
                 guard.set_kvm_immediate_exit(0);
                 let mut st = ctl.lock();
                 if st.stop {
@@ -316,8 +337,16 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
                     if let Some(work) = st.park_work.clone() {
                         let pause = st.pauses;
                         drop(st);
-                        let synced = ctl.sync_regs.load(Ordering::Relaxed) && sync_regs_now(&mut guard);
+                        let synced = ctl.sync_regs.load(Ordering::Relaxed)
+                            && if eintr && regs_stored(&mut guard) {
+                                ctl.regs_at_kick.fetch_add(1, Ordering::Relaxed);
+                                true
+                            } else {
+                                sync_regs_now(&mut guard, run_page)
+                            };
                         work(id, pause, &mut guard, synced);
+                        run_page.valid_regs().store(0, Ordering::SeqCst);
+                        poison_stored_regs(&mut guard);
                         st = ctl.lock();
                     }
                     drop(guard);
@@ -351,18 +380,55 @@ fn vcpu_thread(id: u8, fd: Arc<Mutex<VcpuFd>>, ctl: Arc<VcpuControl>, pio: Bus, 
 /// Has KVM copy the stopped vCPU's registers, special registers and events into `kvm_run`:
 /// one `KVM_RUN` that returns at once (`immediate_exit`) with `KVM_CAP_SYNC_REGS` asked for,
 /// instead of three ioctls. True if they are there.
-fn sync_regs_now(fd: &mut VcpuFd) -> bool {
-    const REGS: [SyncReg; 3] = [SyncReg::Register, SyncReg::SystemRegister, SyncReg::VcpuEvents];
-    for r in REGS {
-        fd.set_sync_valid_reg(r);
-    }
+fn sync_regs_now(fd: &mut VcpuFd, run_page: RunPage) -> bool {
+    run_page.valid_regs().store(SYNC_REGS_MASK, Ordering::SeqCst);
     fd.set_kvm_immediate_exit(1);
     let ok = matches!(fd.run(), Err(e) if e.errno() == libc::EINTR);
     fd.set_kvm_immediate_exit(0);
-    for r in REGS {
-        fd.clear_sync_valid_reg(r);
-    }
+    run_page.valid_regs().store(0, Ordering::SeqCst);
     ok
+}
+
+/// `kvm_valid_regs` bits of the registers, special registers and events.
+const SYNC_REGS_MASK: u64 =
+    (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS | kvm_bindings::KVM_SYNC_X86_EVENTS) as u64;
+
+/// A vCPU fd's `kvm_run` page, whose `kvm_valid_regs` the pausing thread sets before it kicks:
+/// KVM reads that field as `KVM_RUN` returns and, when set, stores the registers, special
+/// registers and events into the page, so the kick's own exit brings them (a `KVM_RUN` that
+/// ends in `EINTR` has no I/O pending, so they are final).
+#[derive(Clone, Copy)]
+struct RunPage(*mut kvm_bindings::kvm_run);
+
+// SAFETY: the page is mapped for as long as the vCPU fd lives, and the handle that owns the
+// fd outlives its thread and every pause; across threads only `kvm_valid_regs` is touched, and
+// only atomically (see `valid_regs`).
+unsafe impl Send for RunPage {}
+// SAFETY: as for Send: shared use touches only `kvm_valid_regs`, through an atomic.
+unsafe impl Sync for RunPage {}
+
+impl RunPage {
+    /// The page's `kvm_valid_regs`, as an atomic: the pausing thread sets it, the vCPU thread
+    /// clears it once its capture is done, and the kernel reads it.
+    fn valid_regs(&self) -> &AtomicU64 {
+        // SAFETY: the field is a naturally aligned u64 (offset 288 of the page) in a mapping
+        // that outlives every use (see the Send/Sync note); the VMM accesses it only through
+        // this atomic view.
+        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.0).kvm_valid_regs)) }
+    }
+}
+
+/// Marks the stored registers in `kvm_run` as stale: an RFLAGS value with bit 1 clear, which no
+/// store by KVM can produce (that bit always reads 1).
+fn poison_stored_regs(fd: &mut VcpuFd) {
+    fd.sync_regs_mut().regs.rflags = 0;
+}
+
+/// Whether KVM stored the registers since they were last poisoned: then it did so at every
+/// exit since (the pausing thread set `kvm_valid_regs` before its kick, and only this thread
+/// clears it, after its capture), the last one included, so they are this stop's.
+fn regs_stored(fd: &mut VcpuFd) -> bool {
+    fd.sync_regs_mut().regs.rflags & 0x2 != 0
 }
 
 /// Adds the guest's instruction pointer (and KVM's suberror) to a failure.
