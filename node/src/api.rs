@@ -280,6 +280,7 @@ mod tests {
             epoch_max_ms: u64::MAX - seed,
             output_coalesce_us: seed % 1000,
             output_idle_end: seed.is_multiple_of(2),
+            output_burst_end: seed.is_multiple_of(3),
             pause_copy_threads: (seed % 2) as u8 + 1,
             hot_page_epochs: (seed % 64) as u8,
             pause_rt_priority: (seed % 100) as u8,

@@ -112,6 +112,13 @@ pub struct ProtectRequest {
     #[serde(default = "default_true")]
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub output_idle_end: bool,
+    /// With output held, end the epoch as soon as it holds as many frames as the previous
+    /// epoch did (the burst the window expects came: a lone reply leaves at once, a busy
+    /// server's burst when it is complete) instead of waiting out --output-coalesce-us or the
+    /// guest's idleness (`false`: only the window and --output-idle-end end it).
+    #[serde(default = "default_true")]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub output_burst_end: bool,
     /// Threads that copy a checkpoint's pages during the pause: 2 (the caller and a helper;
     /// the vCPUs' cores are idle then) or 1.
     #[serde(default = "default_copy_threads")]
@@ -189,6 +196,7 @@ impl ProtectRequest {
             epoch_max_ms: default_max(),
             output_coalesce_us: default_coalesce(),
             output_idle_end: true,
+            output_burst_end: true,
             pause_copy_threads: default_copy_threads(),
             hot_page_epochs: default_hot_page_epochs(),
             pause_rt_priority: default_rt_priority(),
@@ -284,6 +292,7 @@ impl Protection {
             parallel_copy: req.pause_copy_threads >= 2,
             hot_page_epochs: req.hot_page_epochs,
             idle_end: req.output_idle_end,
+            burst_end: req.output_burst_end,
             pause_rt_priority: req.pause_rt_priority,
             epoch_precopy: (req.epoch_precopy_us > 0).then(|| Duration::from_micros(u64::from(req.epoch_precopy_us))),
             ..EngineConfig::default()

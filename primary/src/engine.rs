@@ -111,6 +111,10 @@ pub struct EngineConfig {
     /// With output held, end the epoch as soon as the guest went idle (its vCPUs halted, its
     /// devices' workers asleep) instead of waiting out the whole coalescing window.
     pub idle_end: bool,
+    /// With output held, end the epoch as soon as it holds as many frames as the previous
+    /// epoch held (the burst the coalescing window waits for is complete), not before the
+    /// shortest epoch.
+    pub burst_end: bool,
     /// Keep pages the guest rewrites every epoch writable for up to this many epochs
     /// (`vmm::dirty::HotPagesConfig`; 0: protect every dirty page again at each checkpoint).
     pub hot_page_epochs: u8,
@@ -138,6 +142,7 @@ impl Default for EngineConfig {
             reverse: false,
             parallel_copy: true,
             idle_end: true,
+            burst_end: true,
             hot_page_epochs: 32,
             pause_rt_priority: 1,
             epoch_precopy: None,
@@ -204,17 +209,27 @@ pub struct LinkShared {
     spare: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Waits until `end` (the end of an output coalescing window), or less once `idle` said so
-/// twice in a row (every vCPU halted and the device workers asleep: the guest answered what it
-/// had and waits for more, so waiting longer only delays its replies), but not before `floor`
-/// (the shortest epoch). Some(true) if it ended on idleness, Some(false) at `end`, None if the
-/// engine was asked to stop.
-fn coalesce(link: &LinkShared, floor: Instant, end: Instant, mut idle: impl FnMut() -> bool) -> Option<bool> {
+/// Waits until `end` (the end of an output coalescing window), or less once `complete` says the
+/// burst the window waits for came (the epoch holds as many frames as the previous one), or
+/// once `idle` said so twice in a row (every vCPU halted and the device workers asleep: the
+/// guest answered what it had and waits for more, so waiting longer only delays its replies),
+/// but not before `floor` (the shortest epoch). Some(true) if it ended early, Some(false) at
+/// `end`, None if the engine was asked to stop.
+fn coalesce(
+    link: &LinkShared,
+    floor: Instant,
+    end: Instant,
+    mut idle: impl FnMut() -> bool,
+    mut complete: impl FnMut() -> bool,
+) -> Option<bool> {
     let mut seen = 0;
     loop {
         let now = Instant::now();
         if now >= end {
             return Some(false);
+        }
+        if now >= floor && complete() {
+            return Some(true);
         }
         // Two looks in a row: a vCPU between two exits can read asleep for a moment.
         if now >= floor && idle() {
@@ -829,10 +844,14 @@ impl Engine {
     }
 
     /// With output held: waits out the coalescing window (until `end`), or less once the guest
-    /// went idle (see [`coalesce`]). Some(true) if it ended on idleness, None if asked to stop.
-    fn nap_until_idle(&mut self, floor: Instant, end: Instant) -> Option<bool> {
+    /// went idle or the epoch held `burst` frames (see [`coalesce`]). Some(true) if it ended
+    /// early, None if asked to stop.
+    fn nap_until_idle(&mut self, floor: Instant, end: Instant, burst: u32) -> Option<bool> {
+        let output = self.output.clone().filter(|_| self.cfg.burst_end);
+        let complete = || output.as_ref().is_some_and(|o| o.frames_this_epoch() >= burst.max(1));
         match self.idle.as_mut() {
-            Some(probe) => coalesce(&self.link, floor, end, || probe.idle()),
+            Some(probe) => coalesce(&self.link, floor, end, || probe.idle(), complete),
+            None if output.is_some() => coalesce(&self.link, floor, end, || false, complete),
             None => self.link.nap_until(end).then_some(false),
         }
     }
@@ -860,7 +879,7 @@ impl Engine {
         let burst = self.output.as_ref().map_or(u32::MAX, |o| o.frames_last_epoch());
         let end = timing.end(epoch_start, silent, first_output, burst);
         let ended_idle = match first_output {
-            Some(_) => match self.nap_until_idle(epoch_start + timing.min, end) {
+            Some(_) => match self.nap_until_idle(epoch_start + timing.min, end, burst) {
                 Some(idle) => idle,
                 None => return Ok(()),
             },
@@ -996,26 +1015,52 @@ mod tests {
         let t0 = Instant::now();
         let (floor, end) = (t0 + Duration::from_millis(2), t0 + Duration::from_millis(200));
         // Idle all along: ends just after the floor, on idleness.
-        assert_eq!(coalesce(&link, floor, end, || true), Some(true));
+        assert_eq!(coalesce(&link, floor, end, || true, || false), Some(true));
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(2) && took < Duration::from_millis(100), "{took:?}");
         // Never idle: the whole window.
         let t1 = Instant::now();
-        assert_eq!(coalesce(&link, t1, t1 + Duration::from_millis(20), || false), Some(false));
+        assert_eq!(coalesce(&link, t1, t1 + Duration::from_millis(20), || false, || false), Some(false));
         assert!(t1.elapsed() >= Duration::from_millis(20));
         // Idle only every other look (a vCPU between exits): never twice in a row, so the window
         // runs out.
         let mut flip = false;
         let t2 = Instant::now();
-        let r = coalesce(&link, t2, t2 + Duration::from_millis(20), || {
-            flip = !flip;
-            flip
-        });
+        let r = coalesce(
+            &link,
+            t2,
+            t2 + Duration::from_millis(20),
+            || {
+                flip = !flip;
+                flip
+            },
+            || false,
+        );
         assert_eq!(r, Some(false));
+        // The burst came (the epoch holds as many frames as the previous one): at once, but
+        // not before the floor; the guest never idle.
+        let t4 = Instant::now();
+        let mut looks = 0;
+        let r = coalesce(
+            &link,
+            t4 + Duration::from_millis(3),
+            t4 + Duration::from_secs(5),
+            || false,
+            || {
+                looks += 1;
+                true
+            },
+        );
+        assert_eq!(r, Some(true));
+        assert!(t4.elapsed() >= Duration::from_millis(3) && t4.elapsed() < Duration::from_secs(1));
+        assert_eq!(looks, 1, "complete is asked only once the floor passed");
         // Asked to stop: None at once.
         link.stop.store(true, Ordering::SeqCst);
         let t3 = Instant::now();
-        assert_eq!(coalesce(&link, t3 + Duration::from_millis(50), t3 + Duration::from_secs(5), || false), None);
+        assert_eq!(
+            coalesce(&link, t3 + Duration::from_millis(50), t3 + Duration::from_secs(5), || false, || false),
+            None
+        );
         assert!(t3.elapsed() < Duration::from_secs(1));
     }
 

@@ -206,6 +206,11 @@ impl OutputBuffer {
         self.lock().last_epoch_frames
     }
 
+    /// How many frames the guest sent in the current epoch so far.
+    pub fn frames_this_epoch(&self) -> u32 {
+        self.lock().epoch_frames
+    }
+
     /// Releases every frame of epochs up to and including `epoch`; returns how many.
     pub fn release(&self, epoch: u64) -> usize {
         let mut out = Vec::new();
@@ -315,6 +320,9 @@ impl OutputBuffer {
         g.held_bytes += frame.len();
         g.held.push_back(Held { epoch, at: now, frame: frame.to_vec() });
         g.epoch_frames = g.epoch_frames.saturating_add(1);
+        // The output path's timing (`UNDERSTUDY_LOG=primary::output=debug`): wall-clock ns,
+        // comparable with the net device's `rx frame delivered` and the link's release.
+        tracing::debug!(epoch, len = frame.len(), wall_ns = vmm::devices::virtio::net::wall_ns(), "output held");
         if g.first_held.is_none() {
             g.first_held = Some(now);
             self.waiting.notify_all();
