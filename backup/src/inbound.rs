@@ -59,6 +59,20 @@ pub struct InboundLogReport {
     pub replayed_frames: u64,
     /// Frames in the log at promotion that the replica already held (not replayed).
     pub skipped_frames: u64,
+    /// Side copies (datagrams beside the session: [`crate::side_copy`]).
+    #[serde(flatten)]
+    pub side_copy: crate::side_copy::SideCopyReport,
+}
+
+/// What became of a frame offered to the log ([`InboundLog::push`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Logged.
+    Logged,
+    /// The log has it, or had it and let it go: ignored.
+    Duplicate,
+    /// Its epoch is committed (the replica holds it): not kept.
+    Committed,
 }
 
 /// What promotion replays.
@@ -127,17 +141,17 @@ impl InboundLog {
     /// Frames queued across a reconnect may come again, and out of order: the log keeps one
     /// copy of each, in `seq` order, and counts a frame once. A copy of a frame the log already let go (pruned or pushed out: always the lowest
     /// numbers) is ignored.
-    pub fn push(&self, f: InboundFrame) {
+    pub fn push(&self, f: InboundFrame) -> Pushed {
         let limits = self.limits();
         let mut g = lock(&self.inner);
         if f.seq <= g.let_go {
-            return;
+            return Pushed::Duplicate;
         }
         let at = if f.seq > g.last_seq {
             g.frames.len()
         } else {
             match g.frames.binary_search_by_key(&f.seq, |x| x.seq) {
-                Ok(_) => return,
+                Ok(_) => return Pushed::Duplicate,
                 Err(at) => at,
             }
         };
@@ -148,7 +162,7 @@ impl InboundLog {
             if at == 0 {
                 g.let_go = f.seq;
             }
-            return;
+            return Pushed::Committed;
         }
         g.last_seq = g.last_seq.max(f.seq);
         // The receive path's timing, comparable with the primary's `rx frame delivered`.
@@ -166,6 +180,12 @@ impl InboundLog {
             g.let_go = old.seq;
             g.report.overflow_frames += 1;
         }
+        Pushed::Logged
+    }
+
+    /// The primary's highest epoch reported committed (0: none).
+    pub fn committed_epoch(&self) -> u64 {
+        lock(&self.inner).committed
     }
 
     /// The primary's epoch `epoch` is committed: its frames and earlier ones are in the replica.
@@ -216,22 +236,37 @@ impl InboundLog {
 /// primary instance connects (its frames' numbers mean nothing to the old one's), then passes
 /// the event on. `log` and `origin` pick the log and the instance it holds frames of out of
 /// `owner`.
+///
+/// With a side-copy socket (`side`), the tap also drains it into the log each time it takes a
+/// frame or a commit notice (the side copies usually came first), and on `Connected` takes
+/// what is left under the previous connection's key, then installs `key`, this connection's.
 pub fn log_tap<T: Send + Sync + 'static>(
     owner: std::sync::Arc<T>,
     log: fn(&T) -> &InboundLog,
     origin: fn(&T) -> &Mutex<Option<u64>>,
+    side: Option<(std::sync::Arc<crate::side_copy::SideCopyReceiver>, Option<transport::side_copy::SideKey>)>,
 ) -> transport::session::Tap<replication_proto::Receiver> {
     use replication_proto::ReceiverEvent;
     Box::new(move |_receiver, event| match event {
         ReceiverEvent::Inbound(f) => {
+            if let Some((s, _)) = &side {
+                s.drain(log(&owner));
+            }
             log(&owner).push(f);
             None
         }
         ReceiverEvent::InboundCommitted { epoch } => {
             log(&owner).committed(epoch);
+            if let Some((s, _)) = &side {
+                s.drain(log(&owner));
+            }
             None
         }
         ReceiverEvent::Connected { peer } => {
+            if let Some((s, _)) = &side {
+                // The previous connection's copies, under its key, before a reset can clear them.
+                s.drain(log(&owner));
+            }
             let mut o = lock(origin(&owner));
             if o.is_some_and(|o| o != peer.instance) {
                 tracing::info!("backup: a new primary instance: inbound log cleared");
@@ -239,6 +274,9 @@ pub fn log_tap<T: Send + Sync + 'static>(
             }
             *o = Some(peer.instance);
             drop(o);
+            if let Some((s, key)) = &side {
+                s.install(key.as_ref(), log(&owner));
+            }
             Some(ReceiverEvent::Connected { peer })
         }
         other => Some(other),

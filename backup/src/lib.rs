@@ -7,3 +7,4 @@ pub mod promote;
 pub mod receive;
 pub mod replica;
 pub mod server;
+pub mod side_copy;

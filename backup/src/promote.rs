@@ -119,7 +119,7 @@ pub fn restore(
     let vm = Vm::restore_prepared(prepared, mem, &state, ropts).map_err(PromoteError::Build)?;
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
     let replay = match &opts.replay {
-        Some(node) => replay_inbound(&vm, node.inbound()),
+        Some(node) => replay_inbound(&vm, node),
         None => Replayed::default(),
     };
     Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay }))
@@ -129,13 +129,16 @@ pub fn restore(
 /// VM's net device, ahead of the TAP: the guest receives them first once it resumes. Which ones
 /// is decided by the device's delivery count saved in the replica's state (see
 /// [`crate::inbound`]). Without a net device nothing is replayed (and the log is left alone).
-pub fn replay_inbound(vm: &Vm, log: &crate::inbound::InboundLog) -> Replayed {
+/// The side copies waiting in the node's socket are taken into the log first, right before the
+/// log is taken: the dead primary's last copies are there.
+pub fn replay_inbound(vm: &Vm, node: &crate::server::BackupNode) -> Replayed {
     let Some(net) = vm.net() else {
         return Replayed::default();
     };
     let dev = net.lock().unwrap_or_else(|e| e.into_inner());
     let replica_seq = dev.device().rx_delivered();
-    let replay = log.take_replay(replica_seq);
+    node.drain_side_copies();
+    let replay = node.inbound().take_replay(replica_seq);
     let (first, last) = (replay.seqs.first().copied(), replay.seqs.last().copied());
     let done = Replayed { frames: replay.frames.len() as u64, skipped: replay.skipped, gaps: replay.gaps };
     dev.device().replay_rx(replay.frames);

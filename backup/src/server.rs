@@ -47,6 +47,10 @@ pub struct BackupConfig {
     /// Bounds of the inbound log (frames the primary delivered that the replica may not hold,
     /// replayed at promotion); zero frames: no log, announced as none.
     pub inbound_log: crate::inbound::InboundLimits,
+    /// Side copies of inbound frames (authenticated datagrams beside the session, see
+    /// [`crate::side_copy`]): the UDP port to take them at, on the listen address's IP (0: any
+    /// free port); `None`: no side-copy socket, none announced. Only with an inbound log.
+    pub side_copy_port: Option<u16>,
 }
 
 /// How sure the backup is that the primary is gone.
@@ -142,6 +146,8 @@ pub struct BackupNode {
     inbound: crate::inbound::InboundLog,
     /// The primary instance the inbound log's frames come from.
     inbound_origin: Mutex<Option<u64>>,
+    /// The side-copy socket, once `serve` bound one.
+    side_copy: Mutex<Option<Arc<crate::side_copy::SideCopyReceiver>>>,
 }
 
 /// Where the VM built ahead of promotion stands.
@@ -201,6 +207,7 @@ impl BackupNode {
             prepare_vm,
             inbound: crate::inbound::InboundLog::new(crate::inbound::InboundLimits::default()),
             inbound_origin: Mutex::new(None),
+            side_copy: Mutex::new(None),
         }))
     }
 
@@ -230,10 +237,23 @@ impl BackupNode {
         &self.inbound
     }
 
+    /// Takes every side copy waiting in the socket into the inbound log (promotion does, right
+    /// before it takes the log: a dead primary's last copies are all there).
+    pub fn drain_side_copies(&self) {
+        let side = lock(&self.side_copy).clone();
+        if let Some(s) = side {
+            let n = s.drain(&self.inbound);
+            tracing::info!(datagrams = n, "backup: side copies drained into the inbound log");
+        }
+    }
+
     /// The status now.
     pub fn status(&self) -> BackupStatus {
         let mut s = lock(&self.status).clone();
         s.inbound_log = self.inbound.report();
+        if let Some(side) = lock(&self.side_copy).as_ref() {
+            s.inbound_log.side_copy = side.report();
+        }
         s.since_last_commit_s = lock(&self.last_commit).map(|t| t.elapsed().as_secs_f64());
         s
     }
@@ -455,6 +475,23 @@ fn wall_ns() -> u64 {
     vmm::devices::virtio::net::wall_ns()
 }
 
+/// The side-copy socket `cfg` asks for (`None` without an inbound log, when turned off, or when
+/// it cannot be bound: the primary then gets no port and frames reach the log by the session
+/// only).
+fn side_copy_socket(cfg: &BackupConfig) -> Option<Arc<crate::side_copy::SideCopyReceiver>> {
+    let port = cfg.side_copy_port.filter(|_| cfg.inbound_log.enabled())?;
+    match crate::side_copy::SideCopyReceiver::bind(cfg.listen.ip(), port) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            tracing::warn!(
+                "backup: {}; no side copies (frames reach the inbound log by the session only)",
+                error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
 /// Serves primaries until `stop` turns true.
 pub async fn serve(
     cfg: BackupConfig,
@@ -467,6 +504,8 @@ pub async fn serve(
         .map_err(|source| BackupError::Bind { addr: cfg.listen, source: Box::new(source) })?;
     tracing::info!(listen = %cfg.listen, vm = %cfg.vm.name, primary = %cfg.primary_name, "backup listening");
     let layout = proto_layout(&cfg.layout)?;
+    let side_copy = side_copy_socket(&cfg);
+    *lock(&node.side_copy) = side_copy.clone();
     let new_receiver = || -> Result<Receiver, BackupError> {
         // The instance number tells a primary whether it talks to the receiver it resumed
         // with: a fresh one must never match (random, not derived from the pid or the clock).
@@ -474,6 +513,7 @@ pub async fn serve(
         let mut rcfg = ReceiverConfig::new(Role::Backup, cfg.vm.clone(), layout.clone(), instance);
         rcfg.timing = cfg.timing;
         rcfg.inbound_log = cfg.inbound_log.enabled();
+        rcfg.side_copy_port = side_copy.as_ref().map(|s| s.port());
         Ok(Receiver::new(rcfg))
     };
     let mut receiver = Some(new_receiver()?);
@@ -518,7 +558,9 @@ pub async fn serve(
         let mut line_open = true;
         let mut process_gone = false;
         let deferred = Arc::new(AtomicUsize::new(0));
-        let mut log = crate::inbound::log_tap(Arc::clone(&node), |n| &n.inbound, |n| &n.inbound_origin);
+        // This connection's side-copy key, installed by the log's tap when the session is up.
+        let side = side_copy.as_ref().map(|s| (Arc::clone(s), transport::side_copy::SideKey::from_connection(&conn)));
+        let mut log = crate::inbound::log_tap(Arc::clone(&node), |n| &n.inbound, |n| &n.inbound_origin, side);
         let mut commit = commit_tap(Arc::clone(&node), cfg.verify, Arc::clone(&deferred));
         let mut session = transport::proto::receiver_session_tapped(
             conn,
@@ -582,7 +624,9 @@ pub async fn serve(
                     }
                 }
                 // Taken by `inbound::log_tap` in the session's task: never here.
-                ReceiverEvent::Inbound(f) => node.inbound.push(f),
+                ReceiverEvent::Inbound(f) => {
+                    node.inbound.push(f);
+                }
                 ReceiverEvent::InboundCommitted { epoch } => node.inbound.committed(epoch),
                 // Migration messages: a primary never sends them (the session refuses them).
                 ReceiverEvent::Pages { .. }

@@ -28,6 +28,7 @@
 //! | `backup.refuse` | the backup refuses a checkpoint as if it did not apply (it then asks for a baseline) |
 //! | `backup.session-panic` | the backup's session task panics (a bug in the session) |
 //! | `primary.link-panic` | the primary's link task panics on an ack (the epoch engine then stops) |
+//! | `primary.inbound-stream-off` | from its armed hit on, the primary's link forwards no inbound frame on the session (refused): frames reach the backup's log by their side copies only ([`fires_from`]) |
 //! | `migrate.stall-switchover` | migration source: holds the paused guest up to 5 s before sending the last epoch (a cancel ends the wait) |
 //! | `migrate.stall-handover` | migration source: holds up to 5 s after the switch-over epoch's ack, before the hand-over (a cancel ends the wait) |
 
@@ -61,6 +62,12 @@ fn armed() -> &'static [Armed] {
 /// fault), false otherwise. Counts hits like [`hit`].
 pub fn fires(name: &str) -> bool {
     armed().iter().any(|a| a.name == name && a.count.fetch_add(1, Ordering::Relaxed) + 1 == a.at)
+}
+
+/// Reaches the behaviour point `name`: true on the armed hit and every later one (a fault that
+/// lasts), false otherwise.
+pub fn fires_from(name: &str) -> bool {
+    armed().iter().any(|a| a.name == name && a.count.fetch_add(1, Ordering::Relaxed) + 1 >= a.at)
 }
 
 /// Reaches the fault point `name`: kills the process if it is armed for this hit.

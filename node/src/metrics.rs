@@ -254,6 +254,16 @@ fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
             "Delivered frames the replication session refused to forward (backlog, link down).",
             i.refused_frames,
         );
+        w.counter(
+            "understudy_inbound_side_copy_sent_frames_total",
+            "Side copies (authenticated datagrams) of delivered frames handed to the kernel.",
+            i.side_copy_sent_frames,
+        );
+        w.counter(
+            "understudy_inbound_side_copy_dropped_frames_total",
+            "Side copies not sent (socket buffer full, no route, refused, frame too large).",
+            i.side_copy_dropped_frames,
+        );
     }
 }
 
@@ -299,6 +309,27 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         "understudy_backup_inbound_replayed_frames_total",
         "Inbound frames replayed into the promoted guest.",
         i.replayed_frames,
+    );
+    let c = &i.side_copy;
+    w.counter(
+        "understudy_backup_inbound_side_copy_received_frames_total",
+        "Side copies (datagrams beside the session) read from the side-copy socket.",
+        c.side_copy_received_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_side_copy_logged_frames_total",
+        "Side copies logged (the session's copy had not come yet).",
+        c.side_copy_logged_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_side_copy_stale_frames_total",
+        "Side copies not needed (epoch committed, frame already logged, earlier connection).",
+        c.side_copy_stale_frames,
+    );
+    w.counter(
+        "understudy_backup_inbound_side_copy_rejected_frames_total",
+        "Side copies refused: malformed or failing authentication.",
+        c.side_copy_rejected_frames,
     );
 }
 
@@ -789,6 +820,10 @@ mod tests {
                 forwarded_frames: 31,
                 queue_dropped_frames: 2,
                 refused_frames: 1,
+                side_copy_to: Some("10.0.0.2:41000".parse().unwrap()),
+                side_copy_sent_frames: 30,
+                side_copy_dropped_frames: 3,
+                side_copy_ns_mean: 4200,
             }),
             pause_seconds,
             ack_latency_seconds,
@@ -856,6 +891,8 @@ mod tests {
         assert_eq!(value(&text, "understudy_inbound_forwarded_frames_total"), 31.0);
         assert_eq!(value(&text, "understudy_inbound_queue_dropped_frames_total"), 2.0);
         assert_eq!(value(&text, "understudy_inbound_refused_frames_total"), 1.0);
+        assert_eq!(value(&text, "understudy_inbound_side_copy_sent_frames_total"), 30.0);
+        assert_eq!(value(&text, "understudy_inbound_side_copy_dropped_frames_total"), 3.0);
         // The pause histogram: cumulative buckets from 50 µs, ending in +Inf with every sample.
         let buckets: Vec<(String, f64)> = text
             .lines()
@@ -908,6 +945,13 @@ mod tests {
                     overflow_frames: 1,
                     replayed_frames: 0,
                     skipped_frames: 0,
+                    side_copy: backup::side_copy::SideCopyReport {
+                        side_copy_port: Some(41000),
+                        side_copy_received_frames: 48,
+                        side_copy_logged_frames: 5,
+                        side_copy_stale_frames: 42,
+                        side_copy_rejected_frames: 1,
+                    },
                 },
                 ..Default::default()
             }),
@@ -929,6 +973,10 @@ mod tests {
         assert_eq!(value(&text, "understudy_backup_inbound_pruned_frames_total"), 46.0);
         assert_eq!(value(&text, "understudy_backup_inbound_overflow_frames_total"), 1.0);
         assert_eq!(value(&text, "understudy_backup_inbound_replayed_frames_total"), 0.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_side_copy_received_frames_total"), 48.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_side_copy_logged_frames_total"), 5.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_side_copy_stale_frames_total"), 42.0);
+        assert_eq!(value(&text, "understudy_backup_inbound_side_copy_rejected_frames_total"), 1.0);
         // A VM that is not protected says so (an alert on "not protected" needs the series).
         let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
         vm.protection = None;

@@ -269,11 +269,28 @@ mod tests {
                 "pruned_frames",
                 "received_frames",
                 "replayed_frames",
+                "side_copy_logged_frames",
+                "side_copy_port",
+                "side_copy_received_frames",
+                "side_copy_rejected_frames",
+                "side_copy_stale_frames",
                 "skipped_frames"
             ]
         );
         let fwd = serde_json::to_value(primary::inbound::InboundReport::default()).unwrap();
-        assert_eq!(keys(&fwd), ["active", "forwarded_frames", "queue_dropped_frames", "refused_frames"]);
+        assert_eq!(
+            keys(&fwd),
+            [
+                "active",
+                "forwarded_frames",
+                "queue_dropped_frames",
+                "refused_frames",
+                "side_copy_dropped_frames",
+                "side_copy_ns_mean",
+                "side_copy_sent_frames",
+                "side_copy_to"
+            ]
+        );
         assert_eq!(p["kind"], "promoted");
         let restored = Origin::Restored { from: "snap".into(), memory_digest: "00".into(), restore_ms: 1.0 };
         let r = serde_json::to_value(restored).unwrap();

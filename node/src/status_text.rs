@@ -145,6 +145,20 @@ fn protection(p: &Value, out: &mut Vec<String>) {
             count(u(i, "queue_dropped_frames").unwrap_or(0)),
             count(u(i, "refused_frames").unwrap_or(0))
         ));
+        match s(i, "side_copy_to") {
+            Some(to) => out.push(format!(
+                "  side copies to {to}: {} sent, {} dropped, {} mean on the net worker",
+                count(u(i, "side_copy_sent_frames").unwrap_or(0)),
+                count(u(i, "side_copy_dropped_frames").unwrap_or(0)),
+                micros(u(i, "side_copy_ns_mean").unwrap_or(0) as f64 / 1e3)
+            )),
+            None if u(i, "side_copy_sent_frames").unwrap_or(0) > 0 => out.push(format!(
+                "  no side channel now; {} side copies sent, {} dropped",
+                count(u(i, "side_copy_sent_frames").unwrap_or(0)),
+                count(u(i, "side_copy_dropped_frames").unwrap_or(0))
+            )),
+            None => {}
+        }
     }
 }
 
@@ -181,6 +195,15 @@ fn backup(b: &Value, out: &mut Vec<String>) {
             count(u(i, "overflow_frames").unwrap_or(0)),
             count(u(i, "replayed_frames").unwrap_or(0))
         ));
+        if let Some(port) = u(i, "side_copy_port") {
+            out.push(format!(
+                "  side copies at udp port {port}: {} received, {} logged, {} stale, {} rejected",
+                count(u(i, "side_copy_received_frames").unwrap_or(0)),
+                count(u(i, "side_copy_logged_frames").unwrap_or(0)),
+                count(u(i, "side_copy_stale_frames").unwrap_or(0)),
+                count(u(i, "side_copy_rejected_frames").unwrap_or(0))
+            ));
+        }
     }
     if let Some(r) = u(b, "rollback_epoch") {
         out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
@@ -356,7 +379,9 @@ mod tests {
                 "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "hot_pages": 31, "ack_latency_us_p50": 820.0,
                 "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
                 "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null,
-                "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0}},
+                "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0,
+                    "side_copy_to": "10.0.0.2:41000", "side_copy_sent_frames": 1204, "side_copy_dropped_frames": 0,
+                    "side_copy_ns_mean": 4200}},
             "arbitration": {"node": 1, "state": "running"}
         });
         let t = render(&v);
@@ -367,7 +392,8 @@ mod tests {
              96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch (31 kept writable)\n  \
              replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
              output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n  \
-             inbound frames go to the backup's log: 1,204 forwarded, 0 dropped (queue full), 0 refused\n\
+             inbound frames go to the backup's log: 1,204 forwarded, 0 dropped (queue full), 0 refused\n  \
+             side copies to 10.0.0.2:41000: 1,204 sent, 0 dropped, 4 µs mean on the net worker\n\
              arbitration: node 1, running\n"
         );
     }
@@ -378,9 +404,14 @@ mod tests {
             "origin": {"kind": "backup", "listen": "0.0.0.0:7000"},
             "backup": {"state": "consistent", "connected": true, "primary": "primary", "committed_epoch": 2113,
                 "consistent_epoch": 2113, "rollback_epoch": null, "failed_sessions": 0, "commits": 2113,
-                "rejected": 0, "pages": 90000, "commit_us_mean": 120.0, "since_last_commit_s": 0.008, "last_error": null},
+                "rejected": 0, "pages": 90000, "commit_us_mean": 120.0, "since_last_commit_s": 0.008, "last_error": null,
+                "inbound_log": {"frames": 2, "bytes": 140, "received_frames": 900, "pruned_frames": 898,
+                    "overflow_frames": 0, "replayed_frames": 0, "skipped_frames": 0, "side_copy_port": 41000,
+                    "side_copy_received_frames": 900, "side_copy_logged_frames": 850, "side_copy_stale_frames": 50,
+                    "side_copy_rejected_frames": 0}},
             "arbitration": null});
         let t = render(&b);
+        assert!(t.contains("  side copies at udp port 41000: 900 received, 850 logged, 50 stale, 0 rejected\n"), "{t}");
         assert!(t.starts_with("backup: up 5s, 64.0 MiB, backup listening on 0.0.0.0:7000\n"), "{t}");
         assert!(t.contains("backup: consistent, consistent at epoch 2,113, last commit 8 ms ago\n"), "{t}");
         assert!(

@@ -253,6 +253,10 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(20);
+        // This connection's side-copy key (both ends derive it from its TLS session); used if
+        // the backup announces a side-copy port.
+        let side_key = transport::side_copy::SideKey::from_connection(&conn);
+        let remote = conn.remote_address();
         // Process-death evidence beside the session (transport::liveness).
         let mut line: std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>> =
             if cfg.line {
@@ -335,6 +339,7 @@ pub async fn run(
                                     tracing::warn!("link: the backup keeps no inbound log (an older build): no input replay at promotion; clients resend what a failover loses");
                                 }
                                 i.set_active(peer.inbound_log);
+                                i.set_side_channel(side_channel(peer.inbound_log, peer.side_copy_port, remote, side_key.as_ref()));
                             }
                             shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
@@ -380,6 +385,7 @@ pub async fn run(
         forward_to.send_replace(None);
         if let Some(i) = &cfg.inbound {
             i.set_active(false);
+            i.set_side_channel(None);
         }
         shared.wake();
         match session.finish().await {
@@ -396,6 +402,37 @@ pub async fn run(
     }
     if own_endpoint {
         endpoint.shutdown().await;
+    }
+}
+
+/// The side channel of a session whose backup keeps a log at `inbound_log` and announced `port`:
+/// datagrams to that port at the connection's remote address, sealed under the connection's
+/// key (a new key and counter per connection). `None` (said once per session) without a port
+/// (an older backup, or one started with `--no-side-copy`) or when the socket cannot be made.
+fn side_channel(
+    inbound_log: bool,
+    port: Option<u16>,
+    remote: SocketAddr,
+    key: Option<&transport::side_copy::SideKey>,
+) -> Option<transport::side_copy::SideSender> {
+    if !inbound_log {
+        return None;
+    }
+    let Some(port) = port else {
+        tracing::info!("link: the backup announced no side-copy port: frames reach its log by the session only");
+        return None;
+    };
+    let to = SocketAddr::new(remote.ip(), port);
+    let Some(key) = key else {
+        tracing::warn!(%to, "link: no side-copy key (the connection closed): no side copies this session");
+        return None;
+    };
+    match transport::side_copy::SideSender::connect(to, key) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(%to, "link: {}: no side copies this session", transport::error_chain(&e));
+            None
+        }
     }
 }
 
@@ -431,6 +468,11 @@ async fn forward_task(mut rx: mpsc::Receiver<InboundItem>, inbound: Arc<Inbound>
 /// counted as refused.
 fn forward_inbound(commands: &mpsc::Sender<StreamCommand<Sender>>, inbound: &Arc<Inbound>, batch: Vec<InboundItem>) {
     let n = batch.len() as u64;
+    if failover::failpoint::fires_from("primary.inbound-stream-off") {
+        // Tests: the frames reach the log by their side copies only.
+        inbound.stats().refused.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
     let owned = Arc::clone(inbound);
     let cmd = StreamCommand::with(move |ep: &mut Sender, _now: Instant| {
         let stats = owned.stats();

@@ -128,6 +128,7 @@ fn connected_as(now: Instant, role: Role, start: Option<Position>) -> Receiver {
         sends_checkpoints: true,
         start,
         inbound_log: false,
+        side_copy_port: None,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

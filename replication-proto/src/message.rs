@@ -332,10 +332,20 @@ pub struct Hello {
     /// logged frames at promotion. A primary sends them only to a backup that announced it, so
     /// a build without the log (which would refuse the unknown kinds) never sees them.
     pub inbound_log: bool,
+    /// The UDP port of the speaker's side-copy socket (bit 3 of the flags byte, then the port,
+    /// a u16, after the starting position; a capability, not a version): a backup that keeps an
+    /// inbound log and sets it also takes an authenticated datagram copy of each delivered frame
+    /// at this port of the connection's address (docs/protocol.md, "Side copies"). A build
+    /// without it ignores the bit and the tail, and so announces none: its peer gets no side
+    /// copies.
+    pub side_copy_port: Option<u16>,
 }
 
 /// Bit 2 of the `Hello` flags byte (version 2): the speaker keeps an inbound log.
 const HELLO_INBOUND_LOG: u8 = 4;
+/// Bit 3 of the `Hello` flags byte (version 2): the speaker's side-copy port follows (after the
+/// starting position, if any).
+const HELLO_SIDE_COPY: u8 = 8;
 
 /// Bit 0 of the `Hello` flags byte (version 2): the speaker sends checkpoints.
 const HELLO_SENDS_CHECKPOINTS: u8 = 1;
@@ -652,11 +662,15 @@ impl Message {
                     let sends = if h.sends_checkpoints { HELLO_SENDS_CHECKPOINTS } else { 0 };
                     let start = if h.start.is_some() { HELLO_START } else { 0 };
                     let inbound = if h.inbound_log { HELLO_INBOUND_LOG } else { 0 };
-                    out.push(sends | start | inbound);
+                    let side = if h.side_copy_port.is_some() { HELLO_SIDE_COPY } else { 0 };
+                    out.push(sends | start | inbound | side);
                     if let Some(p) = h.start {
                         put_u64(out, p.lineage.origin);
                         put_u64(out, p.lineage.baseline);
                         put_u64(out, p.epoch);
+                    }
+                    if let Some(port) = h.side_copy_port {
+                        put_u16(out, port);
                     }
                 }
             }
@@ -825,20 +839,29 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let high_water = r.u64("high_water")?;
             let session = r.u64("session")?;
             // Version 2 adds the flags byte; unknown flag bits are for later versions.
-            let (sends_checkpoints, start, inbound_log) = if crate::version::Feature::Migration.in_version(version) {
-                let flags = r.u8("flags")?;
-                let start = if flags & HELLO_START != 0 {
-                    Some(Position {
-                        lineage: Lineage { origin: r.u64("start origin")?, baseline: r.u64("start baseline")? },
-                        epoch: r.u64("start epoch")?,
-                    })
+            let (sends_checkpoints, start, inbound_log, side_copy_port) =
+                if crate::version::Feature::Migration.in_version(version) {
+                    let flags = r.u8("flags")?;
+                    let start = if flags & HELLO_START != 0 {
+                        Some(Position {
+                            lineage: Lineage { origin: r.u64("start origin")?, baseline: r.u64("start baseline")? },
+                            epoch: r.u64("start epoch")?,
+                        })
+                    } else {
+                        None
+                    };
+                    let side_copy_port = if flags & HELLO_SIDE_COPY != 0 {
+                        match r.u16("side copy port")? {
+                            0 => return Err(BodyError::Invalid("side copy port", 0)),
+                            p => Some(p),
+                        }
+                    } else {
+                        None
+                    };
+                    (flags & HELLO_SENDS_CHECKPOINTS != 0, start, flags & HELLO_INBOUND_LOG != 0, side_copy_port)
                 } else {
-                    None
+                    (role.is_sender(), None, false, None)
                 };
-                (flags & HELLO_SENDS_CHECKPOINTS != 0, start, flags & HELLO_INBOUND_LOG != 0)
-            } else {
-                (role.is_sender(), None, false)
-            };
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
             Message::Hello(Hello {
@@ -856,6 +879,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 sends_checkpoints,
                 start,
                 inbound_log,
+                side_copy_port,
             })
         }
         MessageKind::EpochBegin => {
@@ -1013,6 +1037,7 @@ mod tests {
             sends_checkpoints: false,
             start: None,
             inbound_log: false,
+            side_copy_port: None,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -1075,6 +1100,7 @@ mod tests {
             sends_checkpoints,
             start: None,
             inbound_log: false,
+            side_copy_port: None,
         }
     }
 

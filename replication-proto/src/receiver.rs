@@ -47,6 +47,10 @@ pub struct ReceiverConfig {
     /// the primary forwards ([`ReceiverEvent::Inbound`]). Default off: without it the primary
     /// sends none.
     pub inbound_log: bool,
+    /// With [`ReceiverConfig::inbound_log`]: the UDP port of the owner's side-copy socket,
+    /// announced in `Hello` ([`Hello::side_copy_port`]) so the primary also sends each frame
+    /// there as an authenticated datagram. Default none.
+    pub side_copy_port: Option<u16>,
 }
 
 impl ReceiverConfig {
@@ -64,6 +68,7 @@ impl ReceiverConfig {
             timing: Timing::default(),
             version: PROTOCOL_VERSION,
             inbound_log: false,
+            side_copy_port: None,
         }
     }
 }
@@ -475,6 +480,7 @@ impl Receiver {
             sends_checkpoints: false,
             start: self.start,
             inbound_log: self.cfg.inbound_log,
+            side_copy_port: self.cfg.side_copy_port.filter(|_| self.cfg.inbound_log),
         }
     }
 

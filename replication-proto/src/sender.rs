@@ -955,6 +955,7 @@ impl Sender {
             sends_checkpoints: true,
             start: self.start,
             inbound_log: false,
+            side_copy_port: None,
         }
     }
 

@@ -175,3 +175,60 @@ fn a_long_backlog_refuses_frames_instead_of_growing() {
     pump(&mut s, &mut r, now);
     s.send_inbound(1, 5000, &[0u8; 64]).unwrap();
 }
+
+/// The backup's `Hello` as the sender's `Connected` reports it.
+fn connected_peer(s: &mut Sender) -> Box<Hello> {
+    std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            replication_proto::SenderEvent::Connected { peer, .. } => Some(peer),
+            _ => None,
+        })
+        .expect("connected")
+}
+
+/// The side-copy port (flags bit 3) reaches the primary with the backup's `Hello`, only beside an
+/// inbound log, and rides as a tail an older version 2 build ignores: the same `Hello` without
+/// the port is a prefix of it (flags bit 3 aside), so such a build decodes it as a `Hello`
+/// without one and never sends side copies.
+#[test]
+fn the_side_copy_port_reaches_the_primary_and_older_builds_ignore_it() {
+    let now = Instant::now();
+    let mut rcfg = ReceiverConfig::new(Role::Backup, vm(), layout(), 22);
+    rcfg.inbound_log = true;
+    rcfg.side_copy_port = Some(40_123);
+    let mut s = Sender::new(SenderConfig::new(Role::Primary, vm(), layout(), 11));
+    let mut r = Receiver::new(rcfg.clone());
+    connect(&mut s, &mut r, now);
+    let peer = connected_peer(&mut s);
+    assert_eq!(peer.side_copy_port, Some(40_123));
+    // Without a log no port is announced (side copies only feed the log).
+    rcfg.inbound_log = false;
+    let mut s = Sender::new(SenderConfig::new(Role::Primary, vm(), layout(), 11));
+    let mut r = Receiver::new(rcfg);
+    connect(&mut s, &mut r, now);
+    let peer = connected_peer(&mut s);
+    assert_eq!(peer.side_copy_port, None);
+    // The wire: the port is the last two bytes, after everything an older build reads.
+    let (_, mut r) = pair(true);
+    r.connect(now);
+    let t = r.poll_transmit(now).expect("a hello");
+    let mut d = replication_proto::frame::FrameDecoder::new();
+    d.push(t.as_slice());
+    let f = d.next_frame().unwrap().expect("a whole frame");
+    let Message::Hello(h) = Message::decode(f.kind, &f.payload).unwrap() else { panic!("a hello") };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    Message::Hello(Hello { side_copy_port: Some(0x1234), ..h.clone() }).encode_payload(&mut with);
+    Message::Hello(Hello { side_copy_port: None, ..h.clone() }).encode_payload(&mut without);
+    assert_eq!(with.len(), without.len() + 2);
+    assert_eq!(&with[with.len() - 2..], &0x1234u16.to_le_bytes());
+    let flags_at = without.len() - 1;
+    assert_eq!(with[flags_at], without[flags_at] | 8, "flags bit 3");
+    assert_eq!(&with[..flags_at], &without[..flags_at]);
+    let Message::Hello(back) = Message::decode(f.kind, &with).unwrap() else { panic!("a hello") };
+    assert_eq!(back.side_copy_port, Some(0x1234));
+    // Port 0 is refused.
+    let mut zero = without.clone();
+    zero[flags_at] |= 8;
+    zero.extend_from_slice(&[0, 0]);
+    assert!(Message::decode(f.kind, &zero).is_err());
+}

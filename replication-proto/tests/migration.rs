@@ -246,6 +246,7 @@ fn hello(role: Role, version: u16) -> Hello {
         sends_checkpoints: role.is_sender(),
         start: None,
         inbound_log: false,
+        side_copy_port: None,
     }
 }
 

@@ -255,6 +255,7 @@ fn peer_hello(role: Role, instance: u64) -> Hello {
         sends_checkpoints: role.is_sender(),
         start: None,
         inbound_log: false,
+        side_copy_port: None,
     }
 }
 

@@ -333,6 +333,7 @@ fn crafted_hello(role: Role, sends: bool, start: Option<Position>) -> Hello {
         sends_checkpoints: sends,
         start,
         inbound_log: false,
+        side_copy_port: None,
     }
 }
 

@@ -117,6 +117,7 @@ fn message() -> impl Strategy<Value = Message> {
                         start: if version >= 2 { start } else { None },
                         // The inbound-log capability rides on the flags byte too.
                         inbound_log: version >= 2 && sends,
+                        side_copy_port: (version >= 2 && hw % 2 == 0).then_some((session % 65_535) as u16 + 1),
                     })
                 }
             ),

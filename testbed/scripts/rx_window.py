@@ -41,7 +41,8 @@ def pct(xs, p):
 def main():
     root = sys.argv[1]
     read_h, hand_l, read_l, parked, early_wait = [], [], [], [], []
-    frames = early = after_park = 0
+    side_cost, side_to_handed = [], []
+    frames = early = after_park = side_copied = 0
     for run in sorted(os.listdir(root)):
         d = os.path.join(root, run)
         if not os.path.isdir(d):
@@ -52,6 +53,7 @@ def main():
             rd[seq] = f
         hd = events(p, "inbound frame handed to the sender")
         lg = events(os.path.join(d, "backup.log"), "inbound frame logged")
+        sc = events(p, "inbound side copy sent")
         for seq, f in rd.items():
             if f.get("replayed") == "true":
                 continue
@@ -68,20 +70,26 @@ def main():
                     hand_l.append((int(lg[seq]["wall_ns"]) - int(hd[seq]["wall_ns"])) / 1e3)
             if seq in lg:
                 read_l.append((int(lg[seq]["wall_ns"]) - t0) / 1e3)
+            if seq in sc:
+                side_copied += 1
+                side_cost.append(int(sc[seq]["cost_ns"]) / 1e3)
+                if seq in hd:
+                    side_to_handed.append((int(hd[seq]["wall_ns"]) - int(sc[seq]["wall_ns"])) / 1e3)
         for f in events(p, "rx frame early delivered").values():
             early_wait.append(int(f["early_wait_us"]))
-    out = {"frames": frames, "read_early": early, "read_after_park": after_park}
+    out = {"frames": frames, "read_early": early, "read_after_park": after_park, "side_copied": side_copied}
     for name, xs in [("read_to_handed_us", read_h), ("handed_to_logged_us", hand_l), ("read_to_logged_us", read_l),
-                     ("after_park_us", parked), ("early_wait_us", early_wait)]:
+                     ("after_park_us", parked), ("early_wait_us", early_wait),
+                     ("side_copy_cost_us", side_cost), ("side_copy_to_handed_us", side_to_handed)]:
         out[name] = {"n": len(xs), "p50": pct(xs, 50), "p90": pct(xs, 90), "p99": pct(xs, 99), "max": max(xs) if xs else None,
                      "mean": (sum(xs) / len(xs)) if xs else None}
     if "--json" in sys.argv:
         print(json.dumps(out, indent=1))
     else:
-        print("frames %d, read early %d, read right after a pause %d" % (frames, early, after_park))
+        print("frames %d, read early %d, read right after a pause %d, side-copied %d" % (frames, early, after_park, side_copied))
         for k, v in out.items():
             if isinstance(v, dict):
-                fmt = lambda x: "-" if x is None else "%.0f" % x
+                fmt = lambda x: "-" if x is None else "%.1f" % x
                 print("%-22s n=%-6d p50 %6s  p90 %6s  p99 %6s  max %7s  mean %6s" % (
                     k, v["n"], fmt(v["p50"]), fmt(v["p90"]), fmt(v["p99"]), fmt(v["max"]), fmt(v["mean"])))
 

@@ -47,6 +47,8 @@
 //! - [`PeerPolicy`]: which roles and names an endpoint admits, checked inside the handshake.
 //! - [`Connection`]: control frames, bulk frames, datagrams, [`Connection::close`].
 //! - [`Tuning`]: windows, congestion control, keep-alive and idle timeout.
+//! - [`side_copy`]: authenticated datagram copies of inbound frames beside a session (keyed from
+//!   its TLS session).
 //! - [`session`]: runs a sans-IO protocol core over a connection; [`proto`] runs
 //!   `replication-proto`'s `Sender` and `Receiver` with it.
 //!
@@ -66,6 +68,7 @@ pub mod liveness;
 pub mod policy;
 pub mod proto;
 pub mod session;
+pub mod side_copy;
 pub mod testing;
 pub mod tls;
 

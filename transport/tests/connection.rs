@@ -304,3 +304,25 @@ async fn a_burst_reaches_the_application_before_an_ack_is_sent_for_it() {
         assert!(b.stats().quic.frame_tx.acks > after, "round {round}: the held-back ACK never went out");
     }
 }
+
+/// Both ends of a connection derive the same side-copy key from its TLS session, and another
+/// connection a different one: a copy sealed on one connection opens on its peer and on no
+/// other.
+#[tokio::test]
+async fn side_copy_keys_are_per_connection_and_agree_on_both_ends() {
+    use transport::side_copy::{Opener, Sealer, SideCopyError, SideKey};
+    let pki = Pki::new();
+    let (a, b, _, _) = pair(&pki, tuning()).await;
+    let (c, _d, _, _) = pair(&pki, tuning()).await;
+    let (ka, kb, kc) = (
+        SideKey::from_connection(&a).unwrap(),
+        SideKey::from_connection(&b).unwrap(),
+        SideKey::from_connection(&c).unwrap(),
+    );
+    assert_eq!(ka.id(), kb.id());
+    assert_ne!(ka.id(), kc.id());
+    let mut d = Vec::new();
+    Sealer::new(&ka).seal(1, 1, b"frame", &mut d).unwrap();
+    assert_eq!(Opener::new(&kb).open(&mut d.clone()).unwrap().1, b"frame");
+    assert!(matches!(Opener::new(&kc).open(&mut d), Err(SideCopyError::KeyId { .. })));
+}

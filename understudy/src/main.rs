@@ -187,6 +187,14 @@ enum Command {
         /// Most bytes kept in the inbound log.
         #[arg(long, default_value = "8M", value_parser = parse_size)]
         inbound_log_bytes: u64,
+        /// UDP port (on the --listen address's IP) where the primary also sends each frame as an
+        /// authenticated datagram, so a frame is in the log even when the primary dies before
+        /// the session's copy arrives; 0 takes any free port (announced to the primary).
+        #[arg(long, default_value_t = 0)]
+        side_copy_port: u16,
+        /// Take no side copies (frames reach the inbound log by the replication session only).
+        #[arg(long)]
+        no_side_copy: bool,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible
         /// (one host, the demo) until arbitration is configured.
@@ -540,6 +548,8 @@ fn real_main(cli: Cli) -> Result<()> {
             no_prepare_vm,
             inbound_log_frames,
             inbound_log_bytes,
+            side_copy_port,
+            no_side_copy,
             auto_promote,
             metrics,
             metrics_public,
@@ -577,6 +587,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     max_frames: inbound_log_frames,
                     max_bytes: usize::try_from(inbound_log_bytes).unwrap_or(usize::MAX),
                 },
+                side_copy_port: (!no_side_copy).then_some(side_copy_port),
             };
             let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;

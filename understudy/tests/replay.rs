@@ -39,13 +39,34 @@ print(json.dumps({"replies": n, "counter_skips": skips, "worst_wait_ms": worst[0
 
 #[test]
 fn an_untuned_clients_request_to_a_dead_primary_is_answered_by_replay_without_a_retransmission() {
-    let test = "an_untuned_clients_request_to_a_dead_primary_is_answered_by_replay_without_a_retransmission";
+    untuned_client_answered_by_replay(
+        "an_untuned_clients_request_to_a_dead_primary_is_answered_by_replay_without_a_retransmission",
+        "primary.paused@400",
+        "rpl",
+        91,
+    );
+}
+
+/// The same with the session's copies of inbound frames turned off (`primary.inbound-stream-off`):
+/// the frames reach the backup's log by their side copies alone (authenticated datagrams sent
+/// by the primary's net worker, drained at promotion), and the request is still replayed, once.
+#[test]
+fn an_untuned_clients_request_is_replayed_from_its_side_copy_alone() {
+    untuned_client_answered_by_replay(
+        "an_untuned_clients_request_is_replayed_from_its_side_copy_alone",
+        "primary.paused@400,primary.inbound-stream-off",
+        "rps",
+        92,
+    );
+}
+
+fn untuned_client_answered_by_replay(test: &str, failpoints: &str, net: &str, subnet: u8) {
     let _g = serial_guard();
     if !kvm_available(test) {
         return;
     }
     // tap0 for the primary's guest, tap1 for the promoted one, the client on the bridge.
-    let Some(ns) = NetNs::bridged(test, "rpl", 91) else { return };
+    let Some(ns) = NetNs::bridged(test, net, subnet) else { return };
     let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     // The primary dies (SIGKILL) at the pause of its 400th checkpoint, a few hundred requests
     // into the client's load: with output-driven epochs that pause ends the epoch in which the
@@ -56,7 +77,7 @@ fn an_untuned_clients_request_to_a_dead_primary_is_answered_by_replay_without_a_
         "64M",
         &["--tap", "tap1", "--auto-promote"],
         &[],
-        &[("UNDERSTUDY_FAILPOINTS", "primary.paused@400")],
+        &[("UNDERSTUDY_FAILPOINTS", failpoints)],
     );
     pair.protect(&[]);
     pair.wait_protection("protected", Duration::from_secs(20));
