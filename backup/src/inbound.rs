@@ -229,6 +229,10 @@ impl InboundLog {
     }
 }
 
+/// How often the session tap drains the side-copy socket at most (its buffer, 8 MiB asked, holds
+/// seconds of frames at any rate a guest's inbound traffic reaches here).
+pub const SIDE_DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The session tap that keeps the log: takes `Inbound` and `InboundCommitted` in the session's
 /// own task, the moment the receiver decodes them, so a frame is logged without waiting behind
 /// the commit of the checkpoint before it (the backup's event loop applies a checkpoint before
@@ -237,9 +241,12 @@ impl InboundLog {
 /// the event on. `log` and `origin` pick the log and the instance it holds frames of out of
 /// `owner`.
 ///
-/// With a side-copy socket (`side`), the tap also drains it into the log each time it takes a
-/// frame or a commit notice (the side copies usually came first), and on `Connected` takes
-/// what is left under the previous connection's key, then installs `key`, this connection's.
+/// With a side-copy socket (`side`), the tap also drains it into the log when it takes a frame
+/// or a commit notice and the last drain is [`SIDE_DRAIN_EVERY`] old (the socket's buffer holds
+/// what comes between; promotion drains it right before the replay, which is when the side
+/// copies count), and on `Connected` takes what is left under the previous connection's key,
+/// then installs `key`, this connection's. Draining at every event put a `recv` loop and a
+/// decryption per frame on the session task that commits and acknowledges checkpoints.
 pub fn log_tap<T: Send + Sync + 'static>(
     owner: std::sync::Arc<T>,
     log: fn(&T) -> &InboundLog,
@@ -247,19 +254,25 @@ pub fn log_tap<T: Send + Sync + 'static>(
     side: Option<(std::sync::Arc<crate::side_copy::SideCopyReceiver>, Option<transport::side_copy::SideKey>)>,
 ) -> transport::session::Tap<replication_proto::Receiver> {
     use replication_proto::ReceiverEvent;
+    let mut last_drain = std::time::Instant::now();
+    let drained = side.as_ref().map(|(s, _)| std::sync::Arc::clone(s));
+    let mut drain_if_due = move |log: &InboundLog| {
+        if let Some(s) = &drained
+            && last_drain.elapsed() >= SIDE_DRAIN_EVERY
+        {
+            s.drain(log);
+            last_drain = std::time::Instant::now();
+        }
+    };
     Box::new(move |_receiver, event| match event {
         ReceiverEvent::Inbound(f) => {
-            if let Some((s, _)) = &side {
-                s.drain(log(&owner));
-            }
             log(&owner).push(f);
+            drain_if_due(log(&owner));
             None
         }
         ReceiverEvent::InboundCommitted { epoch } => {
             log(&owner).committed(epoch);
-            if let Some((s, _)) = &side {
-                s.drain(log(&owner));
-            }
+            drain_if_due(log(&owner));
             None
         }
         ReceiverEvent::Connected { peer } => {
