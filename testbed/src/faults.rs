@@ -302,6 +302,10 @@ const IMPAIR_WINDOW: Duration = Duration::from_secs(4);
 /// The least bound of one run of a re-sync point ([`Point::run_timeout`]).
 pub const RESYNC_RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The least hit number of a checkpoint-counting fault point: at up to 100 epochs/s it is
+/// reached no sooner than ~2.5 s after the first epoch, once the client is loading the guest.
+pub const MIN_K: u64 = 250;
+
 /// The fault points armed in each process of a run (`UNDERSTUDY_FAILPOINTS`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Failpoints {
@@ -317,13 +321,16 @@ pub struct Failpoints {
 impl Failpoints {
     /// What `point` arms, its hit numbers drawn from `rng` (the run's seed).
     pub fn choose(point: Point, rng: &mut impl FnMut(u64, u64) -> u64) -> Self {
-        // Epochs run at ~20-100/s; sync and the client's start take ~2-4 s. Pick K so the
-        // point fires a few seconds into protected operation, with the client loading.
+        // Epochs run at ~20-100/s (a silent guest's epoch is 50 pauses long, at least 10 ms
+        // with today's ~0.2 ms pause); sync and the client's start take ~2-4 s. Pick K at least
+        // [`MIN_K`] so the point fires a few seconds into protected operation, with the client
+        // loading (a backup point at K = 150 once fired 0.4 s after protection, before the
+        // client started: docs/results/faults-2026-12-07-s11/).
         let none = Self::default();
         match point {
-            Point::BackupCommitted => Self { backup: Some(format!("backup.committed@{}", rng(150, 400))), ..none },
+            Point::BackupCommitted => Self { backup: Some(format!("backup.committed@{}", rng(MIN_K, 500))), ..none },
             Point::CommittedUnacked => {
-                Self { backup: Some(format!("backup.committed@{}", rng(150, 400))), victim: true, ..none }
+                Self { backup: Some(format!("backup.committed@{}", rng(MIN_K, 500))), victim: true, ..none }
             }
             // The refusal a few seconds into the client's load (its first reply comes ~1.4 s
             // after protection; before it, a silent guest commits few epochs).
@@ -332,7 +339,7 @@ impl Failpoints {
                 primary: Some(format!("primary.resync@{}", if point == Point::Resync { 1 } else { 2 })),
                 victim: false,
             },
-            p if p.failpoint() => Self { primary: Some(format!("{}@{}", p.name(), rng(250, 500))), ..none },
+            p if p.failpoint() => Self { primary: Some(format!("{}@{}", p.name(), rng(MIN_K, 500))), ..none },
             _ => none,
         }
     }
@@ -1601,13 +1608,29 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_counting_points_fire_no_sooner_than_min_k() {
+        // At up to 100 epochs/s a K below MIN_K can fire before the client started (it did:
+        // committed-unacked at K from 150, docs/results/faults-2026-12-07-s11/).
+        for point in [Point::CommittedUnacked, Point::BackupCommitted, Point::Paused] {
+            for seed in 1..200 {
+                let (_, p, b) = arm(point, seed * 7919);
+                let k = match point {
+                    Point::Paused => hit(&p[0].1, "primary.paused"),
+                    _ => hit(&b[0].1, "backup.committed"),
+                };
+                assert!(k >= MIN_K, "{} seed {seed}: K = {k}", point.name());
+            }
+        }
+    }
+
+    #[test]
     fn other_points_arm_as_before() {
         let (_, p, b) = arm(Point::Paused, 3);
         assert!(b.is_empty());
         assert!((250..500).contains(&hit(&p[0].1, "primary.paused")));
         let (_, p, b) = arm(Point::CommittedUnacked, 3);
         assert!(p.is_empty());
-        assert!((150..400).contains(&hit(&b[0].1, "backup.committed")));
+        assert!((250..500).contains(&hit(&b[0].1, "backup.committed")));
         assert_eq!(b[1], ("UNDERSTUDY_FAILPOINT_VICTIM", "/run/x/primary.pid".to_string()));
         let (_, p, b) = arm(Point::BackupCommitted, 3);
         assert!(p.is_empty() && b.len() == 1);
