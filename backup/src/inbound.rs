@@ -62,6 +62,9 @@ pub struct InboundLogReport {
     /// Side copies (datagrams beside the session: [`crate::side_copy`]).
     #[serde(flatten)]
     pub side_copy: crate::side_copy::SideCopyReport,
+    /// LAN copies (frames read from the standby's own TAP: [`crate::lan_copy`]).
+    #[serde(flatten)]
+    pub lan_copy: crate::lan_copy::LanCopyReport,
 }
 
 /// What became of a frame offered to the log ([`InboundLog::push`]).
@@ -87,6 +90,10 @@ pub struct Replay {
     /// Frames numbered above the replica's count missing from the log (dropped on the primary's
     /// queue, by the log's bound, or never forwarded): their senders must resend them.
     pub gaps: u64,
+    /// The newest frames the primary delivered (consecutive delivery counts, ascending, at most
+    /// [`crate::lan_copy::TAIL`]) with their digests, whether or not the log still holds them:
+    /// where promotion places the LAN copies ([`crate::lan_copy::after_delivered`]).
+    pub tail: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +106,8 @@ struct Inner {
     last_seq: u64,
     /// The highest `seq` the log let go (pruned or pushed out): later copies are ignored.
     let_go: u64,
+    /// The newest delivered frames seen, committed or not (see [`Replay::tail`]).
+    tail: VecDeque<(u64, u64)>,
     report: InboundLogReport,
 }
 
@@ -156,6 +165,7 @@ impl InboundLog {
             }
         };
         g.report.received_frames += 1;
+        note_tail(&mut g.tail, &f);
         if g.committed > 0 && f.epoch <= g.committed {
             // Its epoch was committed before the frame arrived (the ack overtook it).
             g.report.pruned_frames += 1;
@@ -217,6 +227,7 @@ impl InboundLog {
             r.frames.push(f.frame);
         }
         g.bytes = 0;
+        r.tail = g.tail.iter().copied().collect();
         g.report.skipped_frames += r.skipped;
         g.report.replayed_frames += r.frames.len() as u64;
         r
@@ -226,6 +237,22 @@ impl InboundLog {
     pub fn report(&self) -> InboundLogReport {
         let g = lock(&self.inner);
         InboundLogReport { frames: g.frames.len(), bytes: g.bytes, ..g.report }
+    }
+}
+
+/// Keeps `tail` the newest run of consecutive delivery counts (at most [`crate::lan_copy::TAIL`]),
+/// with `f` in it if it is the newest frame seen.
+fn note_tail(tail: &mut VecDeque<(u64, u64)>, f: &InboundFrame) {
+    let newest = tail.back().map(|&(s, _)| s);
+    if newest.is_some_and(|s| f.seq <= s) {
+        return;
+    }
+    if newest != Some(f.seq.wrapping_sub(1)) {
+        tail.clear();
+    }
+    tail.push_back((f.seq, crate::lan_copy::digest(&f.frame)));
+    if tail.len() > crate::lan_copy::TAIL {
+        tail.pop_front();
     }
 }
 
@@ -302,6 +329,24 @@ mod tests {
 
     fn frame(epoch: u64, seq: u64, len: usize) -> InboundFrame {
         InboundFrame { epoch, seq, frame: vec![seq as u8; len] }
+    }
+
+    /// The tail names the newest consecutive frames seen, committed ones too (the replica holds
+    /// them but the LAN copies are placed after them), and restarts at a gap.
+    #[test]
+    fn the_tail_is_the_newest_consecutive_frames_seen() {
+        let log = InboundLog::new(InboundLimits::default());
+        log.committed(6);
+        for seq in 1..=5 {
+            log.push(frame(5, seq, 60));
+        }
+        log.push(frame(7, 3, 60));
+        let d = |seq: u64| crate::lan_copy::digest(&frame(5, seq, 60).frame);
+        assert_eq!(log.take_replay(5).tail, vec![(3, d(3)), (4, d(4)), (5, d(5))]);
+        log.push(frame(7, 7, 60));
+        assert_eq!(log.take_replay(5).tail, vec![(7, d(7))], "a gap restarts the run");
+        log.reset();
+        assert!(log.take_replay(0).tail.is_empty(), "a new primary instance's numbers start afresh");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! acknowledges it, and promotes the replica to a running VM when told to.
 
 pub mod inbound;
+pub mod lan_copy;
 mod postcopy;
 pub mod promote;
 pub mod receive;

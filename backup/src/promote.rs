@@ -48,6 +48,8 @@ pub struct Promoted {
     /// Frames after the replica's checkpoint missing from the log (dropped on the way or by its
     /// bound): their senders resend them.
     pub replay_gap_frames: u64,
+    /// Of `replayed_frames`, LAN copies: frames the primary never delivered.
+    pub replay_lan_frames: u64,
 }
 
 /// Errors of promotion.
@@ -95,6 +97,8 @@ pub struct Replayed {
     pub skipped: u64,
     /// Frames after the replica's count missing from the log.
     pub gaps: u64,
+    /// Of `frames`, LAN copies (the primary never delivered them).
+    pub lan: u64,
 }
 
 impl Restored {
@@ -115,11 +119,17 @@ pub fn restore(
     let memory_digest = if opts.digest { format!("{:016x}", replica.digest()) } else { "not computed".into() };
     let (mem, state, epoch) = replica.into_parts()?;
     let t1 = Instant::now();
-    let ropts = RestoreOptions { serial: opts.serial, tap: opts.tap };
+    // The LAN copies stop here: the TAP they were read from goes to the VM.
+    let lan = opts.replay.as_ref().and_then(|n| n.lan_copy()).map(|l| {
+        let taken = l.finish();
+        (l, taken)
+    });
+    let open_tap = lan.as_ref().map(|(_, t)| std::sync::Arc::clone(&t.tap));
+    let ropts = RestoreOptions { serial: opts.serial, tap: opts.tap, open_tap };
     let vm = Vm::restore_prepared(prepared, mem, &state, ropts).map_err(PromoteError::Build)?;
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
     let replay = match &opts.replay {
-        Some(node) => replay_inbound(&vm, node),
+        Some(node) => replay_inbound(&vm, node, lan.map(|(l, t)| (l, t.frames))),
         None => Replayed::default(),
     };
     Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay }))
@@ -131,7 +141,15 @@ pub fn restore(
 /// [`crate::inbound`]). Without a net device nothing is replayed (and the log is left alone).
 /// The side copies waiting in the node's socket are taken into the log first, right before the
 /// log is taken: the dead primary's last copies are there.
-pub fn replay_inbound(vm: &Vm, node: &crate::server::BackupNode) -> Replayed {
+///
+/// With LAN copies (`lan`: the copies' counters and the frames read from the standby's TAP,
+/// oldest first), the frames behind the newest delivered ones, for the guest, follow the log's:
+/// those the primary never delivered ([`crate::lan_copy`]).
+pub fn replay_inbound(
+    vm: &Vm,
+    node: &crate::server::BackupNode,
+    lan: Option<(std::sync::Arc<crate::lan_copy::LanCopy>, Vec<Vec<u8>>)>,
+) -> Replayed {
     let Some(net) = vm.net() else {
         return Replayed::default();
     };
@@ -140,11 +158,41 @@ pub fn replay_inbound(vm: &Vm, node: &crate::server::BackupNode) -> Replayed {
     node.drain_side_copies();
     let replay = node.inbound().take_replay(replica_seq);
     let (first, last) = (replay.seqs.first().copied(), replay.seqs.last().copied());
-    let done = Replayed { frames: replay.frames.len() as u64, skipped: replay.skipped, gaps: replay.gaps };
-    dev.device().replay_rx(replay.frames);
+    let mut done = Replayed { frames: replay.frames.len() as u64, skipped: replay.skipped, gaps: replay.gaps, lan: 0 };
+    let mut frames = replay.frames;
+    if let Some((copies, lan)) = lan {
+        let mac = dev.device().mac();
+        match crate::lan_copy::after_delivered(&lan, &replay.tail, replica_seq) {
+            Ok(at) => {
+                let behind = lan.len() - at;
+                let before = frames.len();
+                frames.extend(lan.into_iter().skip(at).filter(|f| crate::lan_copy::for_guest(f, mac)));
+                done.lan = (frames.len() - before) as u64;
+                copies.record_replay(Some(done.lan));
+                tracing::info!(
+                    behind,
+                    replayed = done.lan,
+                    newest_delivered = ?replay.tail.last().map(|t| t.0),
+                    "lan copies: frames the primary never delivered replayed after the inbound log's"
+                );
+            }
+            Err(why) => {
+                copies.record_replay(None);
+                tracing::info!(
+                    ?why,
+                    copies = lan.len(),
+                    newest_delivered = ?replay.tail.last().map(|t| t.0),
+                    "lan copies: nothing replayed (the newest delivered frames are not among them)"
+                );
+            }
+        }
+    }
+    done.frames += done.lan;
+    dev.device().replay_rx(frames);
     tracing::info!(
         replica_delivered = replica_seq,
         replayed = done.frames,
+        lan = done.lan,
         first = ?first,
         last = ?last,
         skipped = replay.skipped,
@@ -188,6 +236,7 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
         replayed_frames,
         replay_skipped_frames: replay.skipped,
         replay_gap_frames: replay.gaps,
+        replay_lan_frames: replay.lan,
     }
 }
 
@@ -209,6 +258,7 @@ mod tests {
             replayed_frames: 2,
             replay_skipped_frames: 1,
             replay_gap_frames: 0,
+            replay_lan_frames: 0,
         };
         let v = serde_json::to_value(&p).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -220,6 +270,7 @@ mod tests {
                 "memory_digest",
                 "promote_ms",
                 "replay_gap_frames",
+                "replay_lan_frames",
                 "replay_skipped_frames",
                 "replayed_frames",
                 "restore_ms",

@@ -51,6 +51,10 @@ pub struct BackupConfig {
     /// [`crate::side_copy`]): the UDP port to take them at, on the listen address's IP (0: any
     /// free port); `None`: no side-copy socket, none announced. Only with an inbound log.
     pub side_copy_port: Option<u16>,
+    /// Read the standby's own TAP while standing by and keep what comes (LAN copies, see
+    /// [`crate::lan_copy`]): needs a TAP no other process holds, on a LAN that hands the
+    /// guest's inbound frames to this host too. The owner opens the TAP.
+    pub lan_copy: bool,
 }
 
 /// How sure the backup is that the primary is gone.
@@ -148,6 +152,8 @@ pub struct BackupNode {
     inbound_origin: Mutex<Option<u64>>,
     /// The side-copy socket, once `serve` bound one.
     side_copy: Mutex<Option<Arc<crate::side_copy::SideCopyReceiver>>>,
+    /// The standby's TAP, read while it stands by ([`crate::lan_copy`]).
+    lan_copy: Mutex<Option<Arc<crate::lan_copy::LanCopy>>>,
 }
 
 /// Where the VM built ahead of promotion stands.
@@ -208,6 +214,7 @@ impl BackupNode {
             inbound: crate::inbound::InboundLog::new(crate::inbound::InboundLimits::default()),
             inbound_origin: Mutex::new(None),
             side_copy: Mutex::new(None),
+            lan_copy: Mutex::new(None),
         }))
     }
 
@@ -247,12 +254,25 @@ impl BackupNode {
         }
     }
 
+    /// Keeps `lan` (the standby's TAP, read while it stands by) for promotion.
+    pub fn set_lan_copy(&self, lan: Arc<crate::lan_copy::LanCopy>) {
+        *lock(&self.lan_copy) = Some(lan);
+    }
+
+    /// The LAN copies, if kept (promotion takes their TAP and frames; the counters stay).
+    pub fn lan_copy(&self) -> Option<Arc<crate::lan_copy::LanCopy>> {
+        lock(&self.lan_copy).clone()
+    }
+
     /// The status now.
     pub fn status(&self) -> BackupStatus {
         let mut s = lock(&self.status).clone();
         s.inbound_log = self.inbound.report();
         if let Some(side) = lock(&self.side_copy).as_ref() {
             s.inbound_log.side_copy = side.report();
+        }
+        if let Some(lan) = lock(&self.lan_copy).as_ref() {
+            s.inbound_log.lan_copy = lan.report();
         }
         s.since_last_commit_s = lock(&self.last_commit).map(|t| t.elapsed().as_secs_f64());
         s

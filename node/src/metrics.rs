@@ -331,6 +331,32 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         "Side copies refused: malformed or failing authentication.",
         c.side_copy_rejected_frames,
     );
+    let l = &i.lan_copy;
+    w.gauge(
+        "understudy_backup_lan_copy_frames",
+        "LAN copies kept now (frames read from the standby's tap).",
+        l.lan_copy_frames as f64,
+    );
+    w.counter(
+        "understudy_backup_lan_copy_read_frames_total",
+        "Frames read from the standby's tap (LAN copies).",
+        l.lan_copy_frames_read,
+    );
+    w.counter(
+        "understudy_backup_lan_copy_overflow_frames_total",
+        "LAN copies let go to keep within their bounds.",
+        l.lan_copy_overflow_frames,
+    );
+    w.counter(
+        "understudy_backup_lan_copy_replayed_frames_total",
+        "LAN copies replayed into the promoted guest (frames the primary never delivered).",
+        l.lan_copy_replayed_frames,
+    );
+    w.counter(
+        "understudy_backup_lan_copy_unmatched_total",
+        "Promotions that replayed no LAN copy: the newest delivered frames were not among them.",
+        l.lan_copy_unmatched,
+    );
 }
 
 fn render_migration_source(w: &mut Writer, m: &primary::migrate::MigrationStatus) {
@@ -952,6 +978,14 @@ mod tests {
                         side_copy_stale_frames: 42,
                         side_copy_rejected_frames: 1,
                     },
+                    lan_copy: backup::lan_copy::LanCopyReport {
+                        lan_copy: true,
+                        lan_copy_frames: 4000,
+                        lan_copy_frames_read: 12_000,
+                        lan_copy_overflow_frames: 8000,
+                        lan_copy_replayed_frames: 2,
+                        lan_copy_unmatched: 1,
+                    },
                 },
                 ..Default::default()
             }),
@@ -977,6 +1011,11 @@ mod tests {
         assert_eq!(value(&text, "understudy_backup_inbound_side_copy_logged_frames_total"), 5.0);
         assert_eq!(value(&text, "understudy_backup_inbound_side_copy_stale_frames_total"), 42.0);
         assert_eq!(value(&text, "understudy_backup_inbound_side_copy_rejected_frames_total"), 1.0);
+        assert_eq!(value(&text, "understudy_backup_lan_copy_frames"), 4000.0);
+        assert_eq!(value(&text, "understudy_backup_lan_copy_read_frames_total"), 12_000.0);
+        assert_eq!(value(&text, "understudy_backup_lan_copy_overflow_frames_total"), 8000.0);
+        assert_eq!(value(&text, "understudy_backup_lan_copy_replayed_frames_total"), 2.0);
+        assert_eq!(value(&text, "understudy_backup_lan_copy_unmatched_total"), 1.0);
         // A VM that is not protected says so (an alert on "not protected" needs the series).
         let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
         vm.protection = None;

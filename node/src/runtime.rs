@@ -75,6 +75,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// LAN copies were asked for without a TAP to read them from.
+    #[error("lan copies need the standby's tap (--tap)")]
+    LanCopyWithoutTap,
     /// A thread could not start.
     #[error("spawn {0} thread")]
     Spawn(&'static str, #[source] std::io::Error),
@@ -315,6 +318,17 @@ impl Node {
         auto_promote: bool,
     ) -> Result<Arc<Self>, NodeError> {
         let node = BackupNode::new(&cfg.layout, cfg.prepare_vm)?;
+        if cfg.lan_copy {
+            let name = tap.as_deref().ok_or(NodeError::LanCopyWithoutTap)?;
+            let open = vmm::vm::open_tap(name)?;
+            let lan = backup::lan_copy::LanCopy::start(
+                open,
+                backup::lan_copy::DEFAULT_MAX_FRAMES,
+                backup::lan_copy::DEFAULT_MAX_BYTES,
+            )
+            .map_err(|e| NodeError::Spawn("lan-copy", e))?;
+            node.set_lan_copy(lan);
+        }
         let (lost_tx, lost_rx) = std::sync::mpsc::channel::<backup::server::PrimaryLost>();
         cfg.on_primary_lost = Some(lost_tx);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);

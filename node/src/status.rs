@@ -265,6 +265,12 @@ mod tests {
             [
                 "bytes",
                 "frames",
+                "lan_copy",
+                "lan_copy_frames",
+                "lan_copy_frames_read",
+                "lan_copy_overflow_frames",
+                "lan_copy_replayed_frames",
+                "lan_copy_unmatched",
                 "overflow_frames",
                 "pruned_frames",
                 "received_frames",

@@ -204,6 +204,16 @@ fn backup(b: &Value, out: &mut Vec<String>) {
                 count(u(i, "side_copy_rejected_frames").unwrap_or(0))
             ));
         }
+        if i.get("lan_copy").and_then(serde_json::Value::as_bool) == Some(true) {
+            out.push(format!(
+                "  lan copies {} frames; {} read, {} overflowed, {} replayed, {} promotions unmatched",
+                count(u(i, "lan_copy_frames").unwrap_or(0)),
+                count(u(i, "lan_copy_frames_read").unwrap_or(0)),
+                count(u(i, "lan_copy_overflow_frames").unwrap_or(0)),
+                count(u(i, "lan_copy_replayed_frames").unwrap_or(0)),
+                count(u(i, "lan_copy_unmatched").unwrap_or(0))
+            ));
+        }
     }
     if let Some(r) = u(b, "rollback_epoch") {
         out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
@@ -408,10 +418,18 @@ mod tests {
                 "inbound_log": {"frames": 2, "bytes": 140, "received_frames": 900, "pruned_frames": 898,
                     "overflow_frames": 0, "replayed_frames": 0, "skipped_frames": 0, "side_copy_port": 41000,
                     "side_copy_received_frames": 900, "side_copy_logged_frames": 850, "side_copy_stale_frames": 50,
-                    "side_copy_rejected_frames": 0}},
+                    "side_copy_rejected_frames": 0, "lan_copy": true, "lan_copy_frames": 4000,
+                    "lan_copy_frames_read": 12000, "lan_copy_overflow_frames": 8000, "lan_copy_replayed_frames": 0,
+                    "lan_copy_unmatched": 0}},
             "arbitration": null});
         let t = render(&b);
         assert!(t.contains("  side copies at udp port 41000: 900 received, 850 logged, 50 stale, 0 rejected\n"), "{t}");
+        assert!(
+            t.contains(
+                "  lan copies 4,000 frames; 12,000 read, 8,000 overflowed, 0 replayed, 0 promotions unmatched\n"
+            ),
+            "{t}"
+        );
         assert!(t.starts_with("backup: up 5s, 64.0 MiB, backup listening on 0.0.0.0:7000\n"), "{t}");
         assert!(t.contains("backup: consistent, consistent at epoch 2,113, last commit 8 ms ago\n"), "{t}");
         assert!(

@@ -392,6 +392,11 @@ pub struct Options {
     /// Run the backup with `--inbound-log-frames 0`: no input replay at promotion (the A/B of
     /// the inbound log; what an older backup does).
     pub no_inbound_log: bool,
+    /// A LAN that learns where the guest's address is (hands its frames to the primary's host
+    /// only) and a backup without `--lan-copy`: what a deployment without LAN copies sees. By
+    /// default the LAN floods the guest's address to both hosts (its bridges do not learn it)
+    /// and the backup keeps LAN copies.
+    pub no_lan_copy: bool,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -415,6 +420,7 @@ impl Options {
             detect_ms: DEFAULT_DETECT_MS,
             no_prepare_vm: false,
             no_inbound_log: false,
+            no_lan_copy: false,
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -531,7 +537,9 @@ impl Topology {
     }
 
     /// `tuned`: the client's route gets `rto_min 10ms` (every point but `kill.untuned`).
-    fn create(run: usize, tuned: bool) -> Result<Self> {
+    /// `flood`: the hosts' LAN ports do not learn addresses, so a frame for the guest reaches
+    /// both hosts' TAPs (what LAN copies need; the client's address is still learned).
+    fn create(run: usize, tuned: bool, flood: bool) -> Result<Self> {
         let mut t = Topology { prefix: format!("{NS_PREFIX}{}r{run}", std::process::id()), made: Vec::new() };
         for role in ROLES {
             t.made.push(NetNs::create(&t.ns(role))?);
@@ -551,6 +559,14 @@ impl Topology {
             veth(&format!("c-{host}"), "br-ctl", ns, "ctl")?;
             ns.ip(&["addr", "add", ip, "dev", "ctl"])?;
             ns.ip(&["link", "set", "ctl", "up"])?;
+        }
+        if flood {
+            for port in ["l-p", "l-b"] {
+                sw.ip(&["link", "set", "dev", port, "type", "bridge_slave", "learning", "off"])?;
+            }
+            for ns in [p, b] {
+                ns.ip(&["link", "set", "dev", "lan", "type", "bridge_slave", "learning", "off"])?;
+            }
         }
         veth("c-w", "br-ctl", w, "ctl")?;
         w.ip(&["addr", "add", "10.78.0.3/24", "dev", "ctl"])?;
@@ -791,7 +807,8 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
     fs::create_dir_all(dir.join("ctl"))?;
     let d = |f: &str| dir.join(f);
     let result = (|| -> Result<()> {
-        let topo = Topology::create(run, point != Point::KillUntuned).context("create the topology")?;
+        let topo =
+            Topology::create(run, point != Point::KillUntuned, !opts.no_lan_copy).context("create the topology")?;
         let mut procs = Procs { list: Vec::new() };
         let b = &opts.understudy;
         sh(&[
@@ -870,6 +887,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             .chain(opts.no_prepare_vm.then(|| "--no-prepare-vm".into()))
             .chain(if point == Point::DoubleFailover { double::backup_flags() } else { Vec::new() })
             .chain(opts.no_inbound_log.then(|| ["--inbound-log-frames".into(), "0".into()]).into_iter().flatten())
+            .chain((!opts.no_lan_copy).then(|| "--lan-copy".into()))
             .collect::<Vec<_>>(),
             &fp_env("backup"),
             &d("backup.log"),
@@ -1544,6 +1562,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "link_detect_ms": opts.detect_ms,
         "no_prepare_vm": opts.no_prepare_vm,
         "no_inbound_log": opts.no_inbound_log,
+        "no_lan_copy": opts.no_lan_copy,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

@@ -195,6 +195,13 @@ enum Command {
         /// Take no side copies (frames reach the inbound log by the replication session only).
         #[arg(long)]
         no_side_copy: bool,
+        /// Hold --tap open while standing by and keep the frames the LAN hands it (LAN copies):
+        /// promotion replays the ones the dead primary never delivered, so a request sent as
+        /// it died is answered at once. Needs a TAP of this host's own (not one the primary
+        /// uses) on a LAN that hands the guest's inbound frames to both hosts (a bridge that
+        /// does not learn the guest's address, an overlay listing both hosts, a mirror port).
+        #[arg(long, requires = "tap")]
+        lan_copy: bool,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible
         /// (one host, the demo) until arbitration is configured.
@@ -463,7 +470,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let (mem, state, info) =
                 vmm::snapshot::read(&dir).with_context(|| format!("read snapshot {}", dir.display()))?;
             let memory_bytes = info.memory_bytes;
-            let opts = vmm::vm::RestoreOptions { serial: serial.open()?, tap };
+            let opts = vmm::vm::RestoreOptions { serial: serial.open()?, tap, open_tap: None };
             let mut vm = vmm::vm::Vm::restore(mem, &state, opts).context("restore vm")?;
             if !paused {
                 vm.resume();
@@ -550,6 +557,7 @@ fn real_main(cli: Cli) -> Result<()> {
             inbound_log_bytes,
             side_copy_port,
             no_side_copy,
+            lan_copy,
             auto_promote,
             metrics,
             metrics_public,
@@ -588,6 +596,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     max_bytes: usize::try_from(inbound_log_bytes).unwrap_or(usize::MAX),
                 },
                 side_copy_port: (!no_side_copy).then_some(side_copy_port),
+                lan_copy,
             };
             let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;

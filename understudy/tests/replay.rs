@@ -8,19 +8,31 @@ use std::time::Duration;
 
 use common::*;
 
-/// One TCP connection with Linux's defaults; `incr counter 1` one at a time for `secs`. For the
-/// request that waited longest (the one the failover caught) it reports the wait and how many
-/// times the kernel retransmitted meanwhile (`tcpi_total_retrans` of TCP_INFO, offset 100);
-/// every reply must be the previous one plus one.
-const CLIENT: &str = r#"
+/// The clients' common start (python): connect to `argv[1]`'s kv port, `retrans()` (the
+/// socket's `tcpi_total_retrans`, TCP_INFO offset 100), and `set counter 0`.
+macro_rules! connect_and_set_counter {
+    () => {
+        r#"
 import json, socket, struct, sys, time
-host, secs = sys.argv[1], float(sys.argv[2])
+host = sys.argv[1]
 s = socket.create_connection((host, 11211), timeout=10)
 f = s.makefile("rb")
 def retrans():
     return struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
 s.sendall(b"set counter 0 0 1\r\n0\r\n")
 assert f.readline().strip() == b"STORED"
+"#
+    };
+}
+
+/// One TCP connection with Linux's defaults; `incr counter 1` one at a time for `secs`. For the
+/// request that waited longest (the one the failover caught) it reports the wait and how many
+/// times the kernel retransmitted meanwhile (`tcpi_total_retrans` of TCP_INFO, offset 100);
+/// every reply must be the previous one plus one.
+const CLIENT: &str = concat!(
+    connect_and_set_counter!(),
+    r#"
+secs = float(sys.argv[2])
 last, n, skips, worst = 0, 0, 0, (0.0, 0)
 end = time.monotonic() + secs
 while time.monotonic() < end:
@@ -35,7 +47,8 @@ while time.monotonic() < end:
         worst = (d, retrans() - r0)
 print(json.dumps({"replies": n, "counter_skips": skips, "worst_wait_ms": worst[0] * 1e3,
                   "worst_retrans": worst[1], "total_retrans": retrans()}), flush=True)
-"#;
+"#
+);
 
 #[test]
 fn an_untuned_clients_request_to_a_dead_primary_is_answered_by_replay_without_a_retransmission() {
@@ -97,3 +110,66 @@ fn untuned_client_answered_by_replay(test: &str, failpoints: &str, net: &str, su
     assert_eq!(v["worst_retrans"], 0, "the client had to retransmit the request the dead primary received: {v}");
     assert!(v["worst_wait_ms"].as_f64().unwrap_or(f64::MAX) < 200.0, "{v}");
 }
+
+/// A request the primary never received: the client stops the primary (SIGSTOP), sends its
+/// request, and kills it (SIGKILL) 20 ms later. The frame is queued on the dead primary's TAP
+/// and nowhere else but the backup's own TAP, which the LAN hands it too (the bridge does not
+/// learn the guest's address). The backup keeps LAN copies (`--lan-copy`): promotion replays
+/// the frames behind the newest ones the primary delivered, so the promoted guest answers the
+/// request without the client retransmitting it, and exactly once (the counter goes up by one).
+/// Without LAN copies the request is lost with the primary and the client's kernel resends it
+/// after 200 ms at the earliest.
+#[test]
+fn a_request_the_dead_primary_never_received_is_replayed_from_the_lan_copy() {
+    let test = "a_request_the_dead_primary_never_received_is_replayed_from_the_lan_copy";
+    let _g = serial_guard();
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(ns) = NetNs::bridged(test, "rlc", 93) else { return };
+    for port in ["tap0", "tap1"] {
+        ns.net
+            .ip(&["link", "set", "dev", port, "type", "bridge_slave", "learning", "off"])
+            .unwrap_or_else(|e| panic!("bridge port {port}: learning off: {e:#}"));
+    }
+    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let mut pair = Pair::start(Some(&ns), &cmdline, "64M", &["--tap", "tap1", "--auto-promote", "--lan-copy"]);
+    pair.protect(&[]);
+    pair.wait_protection("protected", Duration::from_secs(20));
+    let pid = pair.primary.child.id().to_string();
+    let out = python_in(&ns, STOP_SEND_KILL, &[&ns.guest_ip, &pid], Duration::from_secs(60));
+    let v = json(out.lines().last().unwrap_or_default());
+    let _ = pair.primary.child.wait();
+    let st = Pair::status(&pair.b_sock);
+    eprintln!("client: {v}\nbackup origin: {}", st["origin"]);
+    assert_eq!(st["origin"]["kind"], "promoted", "the backup was not promoted: {}", pair.backup.stderr());
+    assert_eq!(v["value"], v["before"].as_u64().unwrap() + 1, "the request was not applied exactly once: {v}");
+    assert_eq!(v["retrans"], 0, "the client had to retransmit the request the primary never received: {v}");
+    assert!(v["wait_ms"].as_f64().unwrap_or(f64::MAX) < 200.0, "{v}");
+    let log = pair.backup.stderr();
+    assert!(log.contains("lan copies: frames the primary never delivered replayed"), "no lan copy replayed: {log}");
+}
+
+/// `host pid`: a few `incr`s, then SIGSTOP `pid`, one more `incr` sent, SIGKILL `pid` 20 ms
+/// later; reports the counter before and after, the last request's wait and its retransmissions.
+const STOP_SEND_KILL: &str = concat!(
+    connect_and_set_counter!(),
+    r#"
+import os, signal
+pid = int(sys.argv[2])
+v = 0
+for _ in range(50):
+    s.sendall(b"incr counter 1\r\n")
+    v = int(f.readline())
+time.sleep(0.1)
+os.kill(pid, signal.SIGSTOP)
+r0, t = retrans(), time.monotonic()
+s.sendall(b"incr counter 1\r\n")
+time.sleep(0.02)
+os.kill(pid, signal.SIGKILL)
+os.kill(pid, signal.SIGCONT)
+w = int(f.readline())
+print(json.dumps({"before": v, "value": w, "wait_ms": (time.monotonic() - t) * 1e3,
+                  "retrans": retrans() - r0}), flush=True)
+"#
+);

@@ -121,8 +121,12 @@ fn main() {
     for _ in 0..20 {
         let mem = vmm::memory::create_anonymous(memory).expect("memory");
         let t0 = Instant::now();
-        let mut r = Vm::restore(mem, &state, vmm::vm::RestoreOptions { serial: Box::new(std::io::sink()), tap: None })
-            .expect("restore");
+        let mut r = Vm::restore(
+            mem,
+            &state,
+            vmm::vm::RestoreOptions { serial: Box::new(std::io::sink()), tap: None, open_tap: None },
+        )
+        .expect("restore");
         restore.push(us(t0.elapsed()));
         r.shutdown();
     }

@@ -102,6 +102,9 @@ pub struct RestoreOptions {
     pub serial: SerialOut,
     /// The TAP for the saved virtio-net device, if it had one.
     pub tap: Option<String>,
+    /// That TAP already open in this process (a backup holds its TAP open while it stands by:
+    /// `backup::lan_copy`); when given, `tap` is not opened again.
+    pub open_tap: Option<Arc<Tap>>,
 }
 
 /// The VM's virtio-net device.
@@ -346,7 +349,8 @@ fn virtio_irq(vm_fd: &VmFd, index: u32) -> Result<EventFd, VmError> {
 /// whose descriptors are not released yet).
 const TAP_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn open_tap(name: &str) -> Result<Arc<Tap>, VmError> {
+/// Opens TAP `name` (waiting a little while another process still holds it) and brings it up.
+pub fn open_tap(name: &str) -> Result<Arc<Tap>, VmError> {
     let tap = Tap::open_waiting(name, TAP_BUSY_WAIT).map_err(|e| {
         let why = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
         VmError::Net(format!("open tap {name}: {e}{why}"))
@@ -439,7 +443,11 @@ impl Vm {
         state: &VmState,
         opts: RestoreOptions,
     ) -> Result<Self, VmError> {
-        Self::load(prepared, memory, state, opts.serial, NetHost::Named(opts.tap), "vm restored (paused)")
+        let net = match opts.open_tap {
+            Some(tap) => NetHost::Open(Arc::clone(&tap), Box::new(TapSink::new(tap))),
+            None => NetHost::Named(opts.tap),
+        };
+        Self::load(prepared, memory, state, opts.serial, net, "vm restored (paused)")
     }
 
     /// Builds a paused VM over `memory` from `state`, its console writing to `serial` and its

@@ -424,7 +424,7 @@ fn kvm_guest_runs_on_post_copy_memory() {
         }
     });
     let dst_out = Capture::default();
-    let opts = vmm::vm::RestoreOptions { serial: Box::new(dst_out.clone()), tap: None };
+    let opts = vmm::vm::RestoreOptions { serial: Box::new(dst_out.clone()), tap: None, open_tap: None };
     let mut dst = vmm::vm::Vm::restore(mem.clone(), &state, opts).expect("restore over post-copy memory");
     dst.resume();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -62,6 +62,11 @@ enum Cmd {
         /// of the inbound log; what an older backup does).
         #[arg(long)]
         no_inbound_log: bool,
+        /// A LAN that learns the guest's address (its frames reach the primary's host only) and
+        /// a backup without `--lan-copy` (the A/B of LAN copies). By default the LAN floods the
+        /// guest's address to both hosts and the backup keeps LAN copies.
+        #[arg(long)]
+        no_lan_copy: bool,
     },
     /// Live migration side by side with QEMU: the same guest, memory and workload under QEMU
     /// (`-M microvm -accel kvm`, migrated over QMP) and `understudy migrate`, configurations
@@ -159,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             detect_ms,
             no_prepare_vm,
             no_inbound_log,
+            no_lan_copy,
         } => {
             let points = Point::parse_list(&points)?;
             let mut opts = faults::Options::new(runs, points);
@@ -169,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             opts.detect_ms = detect_ms;
             opts.no_prepare_vm = no_prepare_vm;
             opts.no_inbound_log = no_inbound_log;
+            opts.no_lan_copy = no_lan_copy;
             if let Some(s) = seed {
                 opts.seed = s | 1;
             }

@@ -123,6 +123,9 @@ fn backup_args(opts: &super::Options, dir: &Path, host: &str, tag: &str) -> Vec<
     .map(String::from)
     .to_vec();
     a.extend(reprotect_to(if host == "p" { "b" } else { "p" }));
+    if !opts.no_lan_copy {
+        a.push("--lan-copy".into());
+    }
     a
 }
 
