@@ -37,18 +37,25 @@ T0=$(date +%s.%N)
 [ -x "$B" ] || { echo "demo: $B missing: run make build" >&2; exit 1; }
 [ -f "$GUEST" ] || { echo "demo: $GUEST missing: run make guest" >&2; exit 1; }
 
-say "creating network namespace $NS with the guest's LAN (tap0, 10.99.0.1/24)"
+say "creating network namespace $NS with the guest's LAN (bridge br0 at 10.99.0.1/24: the primary's tap0, the backup's tap1)"
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-ip -n "$NS" tuntap add dev tap0 mode tap
-ip -n "$NS" addr add 10.99.0.1/24 dev tap0
-ip -n "$NS" link set tap0 up
+ip -n "$NS" link add br0 type bridge forward_delay 0
+for t in tap0 tap1; do
+    ip -n "$NS" tuntap add dev $t mode tap
+    # The LAN hands the guest's frames to both hosts (the ports do not learn its address): the
+    # backup keeps them (--lan-copy) and replays the ones the dead primary never received.
+    ip -n "$NS" link set $t master br0 up
+    ip -n "$NS" link set dev $t type bridge_slave learning off
+done
+ip -n "$NS" addr add 10.99.0.1/24 dev br0
+ip -n "$NS" link set br0 up
 # The client is an ordinary Linux TCP client (default 200 ms minimum RTO, no socket options):
 # the request it sent to the dead primary is replayed to the promoted guest by the backup
 # (input replay), so it does not wait for its retransmission timer. DEMO_TUNED=1 gives the
 # tuned client of earlier demos (rto_min 10ms on its route, thin-stream linear timeouts).
 if [ "${DEMO_TUNED:-0}" = 1 ]; then
-    ip -n "$NS" route change 10.99.0.0/24 dev tap0 proto kernel scope link src 10.99.0.1 rto_min 10ms
+    ip -n "$NS" route change 10.99.0.0/24 dev br0 proto kernel scope link src 10.99.0.1 rto_min 10ms
     CLIENT_KIND="tuned client: rto_min 10ms, thin-stream timeouts"
 else
     CLIENT_KIND="ordinary client: default RTO, no socket options"
@@ -63,7 +70,7 @@ in_ns "$B" witness --data "$D/raft3" --listen 127.0.0.1:7503 --certs "$D/certs" 
     2> "$D/witness.log" & PIDS+=($!); disown $!
 say "starting the backup (replica of a 64 MiB VM; promotes itself only when the group grants it)"
 in_ns "$B" backup --listen 127.0.0.1:7400 --certs "$D/certs" --memory 64M --api "$D/backup.sock" \
-    --tap tap0 --serial "$D/backup-serial.log" --detect-ms 100 --heartbeat-ms 10 \
+    --tap tap1 --lan-copy --serial "$D/backup-serial.log" --detect-ms 100 --heartbeat-ms 10 \
     --arbiter-id 2 --arbiter-listen 127.0.0.1:7502 --arbiter-peer 1=primary@127.0.0.1:7501 --arbiter-peer 3=witness@127.0.0.1:7503 \
     --arbiter-data "$D/raft2" 2> "$D/backup.log" & PIDS+=($!); disown $!
 say "booting the kv guest on the primary (it asks the group for activity)"
@@ -91,7 +98,7 @@ $B status --api "$D/primary.sock" --json | $PY -c 'import json,sys; p=json.load(
 say "kill -9 the primary"
 date +%s.%N > "$D/kill_time"; kill -9 $PRIMARY
 for _ in $(seq 300); do grep -q PROMOTED "$D/backup.log" && break; sleep 0.01; done
-sed 's/\x1b\[[0-9;]*m//g' "$D/backup.log" | grep -E "process is gone|primary suspect|primary lost|arbitration: granted|vm restored|inbound log:|PROMOTED" | sed 's/^[^ ]* *[A-Z]* [^ ]* /         /' | cut -c1-150 || true
+sed 's/\x1b\[[0-9;]*m//g' "$D/backup.log" | grep -E "process is gone|primary suspect|primary lost|arbitration: granted|vm restored|inbound log:|lan copies: [fn]|PROMOTED" | sed 's/^[^ ]* *[A-Z]* [^ ]* /         /' | cut -c1-150 || true
 say "the backup runs the guest now; the client carries on"
 wait $CLIENT && RC=0 || RC=$?
 tail -n 4 "$D/client.log" | $PY -c '
