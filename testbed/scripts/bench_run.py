@@ -13,7 +13,7 @@ Steps (each writes JSON beside its printed tables; its output goes to DIR/<step>
   goals      issue 16's goals, "before" and "now" alternating in one run (see goal_runs):
              the protect bench (kv, pause, dirty) with BENCH_VARIANTS  -> goals-kv.json,
              goals-pause.json, goals-dirty.json; `testbed faults --points kill.untuned` with and
-             without the backup's inbound log, in alternating chunks -> goals-faults-untuned.json,
+             without the backup's inbound log and LAN copies, in alternating chunks -> goals-faults-untuned.json,
              goals-faults-untuned-before.json (chunks in goals-parts/); the tuned kill points
              -> goals-faults-tuned.json. Each sub-run's log is DIR/goals-<name>.log; the step's
              entry in meta.json records every command line (`runs`, `commands`). --goals
@@ -105,7 +105,7 @@ def goal_runs(quick, out):
     for c in range(chunks):
         seed = str(GOALS_SEED + c)
         pair = []
-        for name, extra in (("faults-untuned", []), ("faults-untuned-before", ["--no-inbound-log"])):
+        for name, extra in (("faults-untuned", []), ("faults-untuned-before", ["--no-inbound-log", "--no-lan-copy"])):
             j = os.path.join(parts, "%s-%s.json" % (name, seed))
             pair.append((name, faults + ["--points", "kill.untuned", "--runs", str(GOALS_CHUNK), "--seed", seed]
                          + extra + ["--out", j], {}, j))
@@ -116,7 +116,7 @@ def goal_runs(quick, out):
     commands = {os.path.basename(j): shown_command(argv, env, out)
                 for name, argv, env, j in runs if not name.startswith("faults-untuned")}
     seeds = " ".join(str(GOALS_SEED + c) for c in range(chunks))
-    for name, extra in (("faults-untuned", ""), ("faults-untuned-before", " --no-inbound-log")):
+    for name, extra in (("faults-untuned", ""), ("faults-untuned-before", " --no-inbound-log --no-lan-copy")):
         commands["goals-%s.json" % name] = (
             "for seed in %s; do target/release/testbed faults --points kill.untuned --runs %d --seed $seed%s "
             "--out %s/%s-$seed.json; done" % (seeds, GOALS_CHUNK, extra, shown_path(parts), name))
