@@ -43,6 +43,8 @@ pub const TAIL: usize = 3;
 const BATCH: Duration = Duration::from_millis(1);
 /// How long the reader sleeps in `poll` before looking at its stop flag.
 const POLL_MS: i32 = 100;
+/// How long the reader waits after the TAP failed before it tries again.
+const FAILED_BACKOFF: Duration = Duration::from_secs(1);
 /// Largest frame read (no offloads: a frame is at most the MTU plus its header).
 const FRAME_BUF: usize = 65_536;
 
@@ -87,8 +89,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Reads every queued frame into the ring (the caller holds the ring).
-    fn drain(&self, ring: &mut Ring, buf: &mut [u8]) {
+    /// Reads every queued frame into the ring (the caller holds the ring); false when the TAP
+    /// failed with something else than "nothing queued" (logged).
+    fn drain(&self, ring: &mut Ring, buf: &mut [u8]) -> bool {
         loop {
             match self.tap.read_frame(buf) {
                 Ok(n) => {
@@ -102,11 +105,10 @@ impl Shared {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        tracing::warn!(tap = self.tap.name(), "lan copies: read: {e}");
-                    }
-                    return;
+                    tracing::warn!(tap = self.tap.name(), "lan copies: read: {e}");
+                    return false;
                 }
             }
         }
@@ -152,7 +154,7 @@ impl LanCopy {
         let mut buf = vec![0u8; FRAME_BUF];
         let mut g = lock(&self.shared.ring);
         if !g.finished {
-            self.shared.drain(&mut g, &mut buf);
+            let _ = self.shared.drain(&mut g, &mut buf);
             g.finished = true;
         }
         self.shared.stop.store(true, Ordering::Release);
@@ -199,7 +201,11 @@ fn read_loop(s: &Shared) {
         if g.finished {
             return;
         }
-        s.drain(&mut g, &mut buf);
+        if !s.drain(&mut g, &mut buf) {
+            // A failing TAP (gone, down): try again later instead of spinning on its error.
+            drop(g);
+            std::thread::sleep(FAILED_BACKOFF);
+        }
     }
 }
 
