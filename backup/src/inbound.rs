@@ -342,9 +342,15 @@ mod tests {
         }
         log.push(frame(7, 3, 60));
         let d = |seq: u64| crate::lan_copy::digest(&frame(5, seq, 60).frame);
-        assert_eq!(log.take_replay(5).tail, vec![(3, d(3)), (4, d(4)), (5, d(5))]);
-        log.push(frame(7, 7, 60));
-        assert_eq!(log.take_replay(5).tail, vec![(7, d(7))], "a gap restarts the run");
+        assert_eq!(log.take_replay(5).tail, (1..=5).map(|s| (s, d(s))).collect::<Vec<_>>());
+        for seq in 6..=12 {
+            log.push(frame(7, seq, 60));
+        }
+        let kept = log.take_replay(5).tail;
+        assert_eq!(kept.len(), crate::lan_copy::TAIL);
+        assert_eq!(kept.last(), Some(&(12, d(12))), "the newest, the oldest let go");
+        log.push(frame(7, 14, 60));
+        assert_eq!(log.take_replay(5).tail, vec![(14, d(14))], "a gap restarts the run");
         log.reset();
         assert!(log.take_replay(0).tail.is_empty(), "a new primary instance's numbers start afresh");
     }

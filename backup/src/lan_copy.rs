@@ -14,14 +14,14 @@
 //! are queued and takes them in batches), and at promotion hands the open TAP to the VM.
 //!
 //! Which frames to replay is decided by content, since LAN frames carry no delivery count: the
-//! inbound log remembers a digest of the newest frames the primary delivered (up to
-//! [`TAIL`] consecutive ones, [`crate::inbound::InboundLog`]); promotion finds the newest run of
-//! LAN frames equal to them ([`after_delivered`]) and replays, after the log's frames, the LAN
-//! frames behind that run that are addressed to the guest. Nothing is replayed from the LAN
-//! unless the run is found and the newest delivered frame is not older than the replica's own
-//! delivery count: a frame the replica already received is never replayed from here. On a LAN
-//! that does not flood the guest's address, the ring holds only broadcasts, the run is not
-//! found, and nothing changes.
+//! inbound log remembers a digest of the newest frames the primary delivered (up to [`TAIL`]
+//! consecutive ones, [`crate::inbound::InboundLog`]); promotion finds the newest of them that the
+//! LAN carried among the copies ([`after_delivered`]) and replays, after the log's frames, the
+//! copies behind it that are addressed to the guest. Nothing is replayed from the LAN unless one
+//! is found and the newest delivered frame is not older than the replica's own delivery count:
+//! a frame the replica already received is never replayed from here. On a LAN that does not
+//! flood the guest's address, the ring holds only broadcasts, none is found (or only a
+//! broadcast, with nothing for the guest behind it), and nothing changes.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -36,8 +36,9 @@ use vmm::devices::tap::Tap;
 pub const DEFAULT_MAX_FRAMES: usize = 4096;
 /// Default bound on bytes kept.
 pub const DEFAULT_MAX_BYTES: usize = 8 << 20;
-/// How many of the newest delivered frames promotion matches against the LAN copies.
-pub const TAIL: usize = 3;
+/// How many of the newest delivered frames promotion looks for among the LAN copies (a few
+/// that never crossed the LAN, such as multicast a bridge forwards to one host, may come last).
+pub const TAIL: usize = 8;
 /// After frames are queued, the reader waits this long before taking them, so it wakes at most
 /// this often (the TAP's queue, 1,000 frames, holds far more than comes in meanwhile).
 const BATCH: Duration = Duration::from_millis(1);
@@ -226,18 +227,22 @@ pub enum Unmatched {
 }
 
 /// Where, in `lan` (oldest first), the frames the primary never delivered begin: right after the
-/// newest run of frames whose digests equal `tail`'s (the newest delivered frames, consecutive
-/// delivery counts, ascending). `replica_seq` is the replica's own delivery count: a tail older
-/// than it cannot place the replica's frames, so nothing is replayed.
+/// newest copy of the newest frame of `tail` (the newest delivered frames, consecutive delivery
+/// counts, ascending) that the LAN carried. Frames the primary delivered that never crossed the
+/// LAN (multicast a bridge forwards to one port only, say) are skipped: every frame delivered
+/// after the one found is in `tail` and not on the LAN, so none of the copies behind it was
+/// delivered. `replica_seq` is the replica's own delivery count: a tail older than it cannot
+/// place the replica's frames, so nothing is replayed.
 pub fn after_delivered(lan: &[Vec<u8>], tail: &[(u64, u64)], replica_seq: u64) -> Result<usize, Unmatched> {
     let Some(&(newest, _)) = tail.last() else { return Err(Unmatched::NoTail) };
     if newest < replica_seq {
         return Err(Unmatched::TailBehindReplica);
     }
-    let k = tail.len();
-    (k..=lan.len())
+    let digests: Vec<u64> = lan.iter().map(|f| digest(f)).collect();
+    tail.iter()
         .rev()
-        .find(|&end| lan[end - k..end].iter().zip(tail).all(|(f, &(_, d))| digest(f) == d))
+        .find_map(|&(_, d)| digests.iter().rposition(|&x| x == d))
+        .map(|i| i + 1)
         .ok_or(Unmatched::NotFound)
 }
 
@@ -265,23 +270,23 @@ mod tests {
         seqs_tags.iter().map(|&(s, t)| (s, digest(&frame(t)))).collect()
     }
 
-    /// The frames behind the newest run equal to the delivered tail are the ones to replay.
+    /// The frames behind the newest delivered one are the ones to replay.
     #[test]
-    fn the_frames_behind_the_delivered_tail_are_found() {
+    fn the_frames_behind_the_newest_delivered_one_are_found() {
         let lan: Vec<Vec<u8>> = (1..=8).map(frame).collect();
         assert_eq!(after_delivered(&lan, &tail(&[(10, 4), (11, 5), (12, 6)]), 12), Ok(6));
         assert_eq!(after_delivered(&lan, &tail(&[(12, 8)]), 3), Ok(8), "all delivered: nothing to replay");
     }
 
-    /// A repeated frame does not pull the match back: the newest run wins, and a run that only
-    /// partly matches is not taken.
+    /// Delivered frames the LAN never carried (the newest ones here) do not hide the newest one
+    /// it did carry; a repeated frame is placed at its newest copy (which replays less, never
+    /// more).
     #[test]
-    fn the_newest_whole_run_is_taken() {
-        let tags = [1u8, 2, 3, 1, 2, 3, 7];
-        let lan: Vec<Vec<u8>> = tags.iter().map(|&t| frame(t)).collect();
-        assert_eq!(after_delivered(&lan, &tail(&[(5, 1), (6, 2), (7, 3)]), 7), Ok(6));
-        let lan: Vec<Vec<u8>> = [1u8, 2, 3, 9, 2, 3].iter().map(|&t| frame(t)).collect();
-        assert_eq!(after_delivered(&lan, &tail(&[(5, 1), (6, 2), (7, 3)]), 7), Ok(3));
+    fn frames_the_lan_never_carried_are_skipped_and_the_newest_copy_wins() {
+        let lan: Vec<Vec<u8>> = [1u8, 2, 3, 7].iter().map(|&t| frame(t)).collect();
+        assert_eq!(after_delivered(&lan, &tail(&[(5, 2), (6, 40), (7, 41)]), 7), Ok(2));
+        let lan: Vec<Vec<u8>> = [1u8, 2, 3, 2, 9].iter().map(|&t| frame(t)).collect();
+        assert_eq!(after_delivered(&lan, &tail(&[(5, 1), (6, 2)]), 6), Ok(4));
     }
 
     /// Nothing is replayed from the LAN when the delivered frames are not there, when the log

@@ -178,10 +178,14 @@ pub fn replay_inbound(
             }
             Err(why) => {
                 copies.record_replay(None);
+                let newest: Vec<(usize, u64)> =
+                    lan.iter().rev().take(6).map(|f| (f.len(), crate::lan_copy::digest(f))).collect();
                 tracing::info!(
                     ?why,
                     copies = lan.len(),
                     newest_delivered = ?replay.tail.last().map(|t| t.0),
+                    tail = ?replay.tail,
+                    newest_copies = ?newest,
                     "lan copies: nothing replayed (the newest delivered frames are not among them)"
                 );
             }

@@ -141,12 +141,13 @@ fn a_request_the_dead_primary_never_received_is_replayed_from_the_lan_copy() {
     let v = json(out.lines().last().unwrap_or_default());
     let _ = pair.primary.child.wait();
     let st = Pair::status(&pair.b_sock);
-    eprintln!("client: {v}\nbackup origin: {}", st["origin"]);
-    assert_eq!(st["origin"]["kind"], "promoted", "the backup was not promoted: {}", pair.backup.stderr());
+    let log = pair.backup.stderr();
+    let lan: Vec<&str> = log.lines().filter(|l| l.contains("lan copies:") || l.contains("inbound log:")).collect();
+    eprintln!("client: {v}\nbackup origin: {}\n{}", st["origin"], lan.join("\n"));
+    assert_eq!(st["origin"]["kind"], "promoted", "the backup was not promoted: {log}");
     assert_eq!(v["value"], v["before"].as_u64().unwrap() + 1, "the request was not applied exactly once: {v}");
     assert_eq!(v["retrans"], 0, "the client had to retransmit the request the primary never received: {v}");
     assert!(v["wait_ms"].as_f64().unwrap_or(f64::MAX) < 200.0, "{v}");
-    let log = pair.backup.stderr();
     assert!(log.contains("lan copies: frames the primary never delivered replayed"), "no lan copy replayed: {log}");
 }
 
