@@ -145,14 +145,15 @@ pub mod wire;
 pub use checkpoint::{ApplyError, Checkpoint, MemoryImage, PageContent, PageRef, ReplicaMemory};
 pub use codec::CodecConfig;
 pub use message::{
-    GoodbyeReason, GuestRange, Hello, InboundFrame, Lineage, MemoryLayout, Message, Position, ResyncReason, Role,
-    VmIdentity,
+    GoodbyeReason, GuestRange, Hello, InboundFrame, Lineage, MemoryLayout, Message, OutputFrames, Position,
+    ResyncReason, Role, VmIdentity,
 };
 pub use migration::StartError;
 pub use pageset::PageEncoding;
 pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
 pub use sender::{
-    BaselineReason, InboundError, MigrationError, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError,
+    BaselineReason, InboundError, MigrationError, OutputError, Sender, SenderConfig, SenderEvent, SenderStats,
+    SubmitError,
 };
 pub use session::{Channel, Endpoint, LinkState, PeerLiveness, SessionError, Timing, Transmit};
 pub use version::{PROTOCOL_VERSION, VersionError};
