@@ -429,6 +429,7 @@ impl Node {
             memory_digest: promoted.memory_digest.clone(),
             promote_ms: promoted.promote_ms,
             replayed_frames: promoted.replayed_frames,
+            output_written_frames: promoted.output_written_frames,
         };
         let why = format!("the replica of epoch {} runs", promoted.epoch);
         self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
