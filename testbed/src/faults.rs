@@ -397,6 +397,8 @@ pub struct Options {
     /// default the LAN floods the guest's address to both hosts (its bridges do not learn it)
     /// and the backup keeps LAN copies.
     pub no_lan_copy: bool,
+    /// More arguments for `understudy protect` (`--protect-arg`), e.g. `--output-burst-end=true`.
+    pub protect_args: Vec<String>,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -421,6 +423,7 @@ impl Options {
             no_prepare_vm: false,
             no_inbound_log: false,
             no_lan_copy: false,
+            protect_args: Vec::new(),
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -964,22 +967,25 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
         if booted.is_none() {
             bail!("the guest did not boot in 20 s");
         }
-        sh(&[
-            &s(b),
-            "protect",
-            "--api",
-            &s(d("p.sock")),
-            "--backup",
-            if impairment.is_some() { PROXY_ADDR } else { "10.78.0.2:7400" },
-            "--certs",
-            &s(d("certs")),
-            "--backup-node",
-            "2",
-            "--detect-ms",
-            &opts.detect_ms.to_string(),
-            "--heartbeat-ms",
-            "10",
-        ])?;
+        let detect_ms = opts.detect_ms.to_string();
+        let mut protect = vec![
+            s(b),
+            "protect".into(),
+            "--api".into(),
+            s(d("p.sock")),
+            "--backup".into(),
+            if impairment.is_some() { PROXY_ADDR } else { "10.78.0.2:7400" }.into(),
+            "--certs".into(),
+            s(d("certs")),
+            "--backup-node".into(),
+            "2".into(),
+            "--detect-ms".into(),
+            detect_ms,
+            "--heartbeat-ms".into(),
+            "10".into(),
+        ];
+        protect.extend(opts.protect_args.iter().cloned());
+        sh(&protect.iter().map(String::as_str).collect::<Vec<_>>())?;
         let protected = wait_until(deadline.min(Instant::now() + Duration::from_secs(20)), || {
             if procs.exited("primary") || procs.exited("backup") {
                 return Some(false);
@@ -1563,6 +1569,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "no_prepare_vm": opts.no_prepare_vm,
         "no_inbound_log": opts.no_inbound_log,
         "no_lan_copy": opts.no_lan_copy,
+        "protect_args": opts.protect_args,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

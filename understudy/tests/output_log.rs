@@ -14,21 +14,25 @@ const GUEST_MAC: &str = "02:55:44:00:00:01";
 
 /// Captures what reaches the host from `tap1` (the promoted VM's TAP: frames its device or the
 /// backup wrote; not what the host sends the VM) for `secs`, then writes to file `out` one JSON
-/// line per frame from the guest's MAC: when, its ethertype and, for TCP, ports, sequence number
-/// and payload length.
+/// line per frame from the guest's MAC: when (the kernel's receive timestamp, CLOCK_REALTIME ns:
+/// a capture process that runs late does not shift it), its ethertype and, for TCP, ports,
+/// sequence number and payload length.
 const CAPTURE: &str = r#"
 import json, socket, struct, sys, time
 secs = float(sys.argv[1]); mac = bytes.fromhex(sys.argv[2].replace(":", "")); path = sys.argv[3]
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
 s.bind(("tap1", 0)); s.settimeout(0.05)
 end = time.monotonic() + secs; out = []
 print("capturing", flush=True)
 while time.monotonic() < end:
     try:
-        f, addr = s.recvfrom(65536)
+        f, anc, _, addr = s.recvmsg(65536, 1024)
     except socket.timeout:
         continue
-    t = time.monotonic_ns()
+    t = [sec * 10**9 + ns for (lvl, typ, d) in anc if lvl == socket.SOL_SOCKET
+         for (sec, ns) in [struct.unpack("qq", d[:16])]]
+    t = t[0] if t else time.time_ns()
     if addr[2] == socket.PACKET_OUTGOING or f[6:12] != mac:
         continue
     o = {"t": t, "type": struct.unpack_from("!H", f, 12)[0]}
@@ -45,7 +49,7 @@ with open(path, "w") as w:
 "#;
 
 /// One TCP connection with Linux's defaults; `incr counter 1` one at a time for `secs`. Reports
-/// every request that waited over 1 ms as `[sent, answered, retransmissions]` (CLOCK_MONOTONIC
+/// every request that waited over 1 ms as `[sent, answered, retransmissions]` (CLOCK_REALTIME
 /// ns, comparable with the capture; the kernel's `tcpi_total_retrans` meanwhile); every reply
 /// must be the previous one plus one.
 const CLIENT: &str = r#"
@@ -60,10 +64,10 @@ assert f.readline().strip() == b"STORED"
 last, n, skips, slow = 0, 0, 0, []
 end = time.monotonic() + secs
 while time.monotonic() < end:
-    r0, t = retrans(), time.monotonic_ns()
+    r0, t = retrans(), time.time_ns()
     s.sendall(b"incr counter 1\r\n")
     v = int(f.readline())
-    t1 = time.monotonic_ns()
+    t1 = time.time_ns()
     if v != last + 1:
         skips += 1
     last, n = v, n + 1
