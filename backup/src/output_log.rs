@@ -19,32 +19,14 @@ use replication_proto::OutputFrames;
 use serde::Serialize;
 use vmm::devices::tap::Tap;
 
-/// Default bound on frames kept.
-pub const DEFAULT_MAX_FRAMES: usize = 4096;
+/// Default bound on frames kept (as the inbound log's).
+pub const DEFAULT_MAX_FRAMES: usize = crate::inbound::DEFAULT_MAX_FRAMES;
 /// Default bound on bytes kept (frame payloads).
-pub const DEFAULT_MAX_BYTES: usize = 8 << 20;
+pub const DEFAULT_MAX_BYTES: usize = crate::inbound::DEFAULT_MAX_BYTES;
 
-/// The log's bounds (`understudy backup --output-log-frames`, `--output-log-bytes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputLimits {
-    /// Most frames kept (0: no log; the backup then does not announce one).
-    pub max_frames: usize,
-    /// Most frame bytes kept.
-    pub max_bytes: usize,
-}
-
-impl Default for OutputLimits {
-    fn default() -> Self {
-        Self { max_frames: DEFAULT_MAX_FRAMES, max_bytes: DEFAULT_MAX_BYTES }
-    }
-}
-
-impl OutputLimits {
-    /// Whether a log is kept at all.
-    pub fn enabled(&self) -> bool {
-        self.max_frames > 0 && self.max_bytes > 0
-    }
-}
+/// The log's bounds (`understudy backup --output-log-frames`, `--output-log-bytes`; 0 frames:
+/// no log, the backup then does not announce one): the same kind of bounds as the inbound log's.
+pub type OutputLimits = crate::inbound::InboundLimits;
 
 /// What `understudy status` shows of the log (`backup.output_log`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -115,9 +97,7 @@ pub struct OutputLog {
     inner: Mutex<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::server::lock;
 
 impl OutputLog {
     /// An empty log within `limits`.

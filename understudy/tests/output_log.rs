@@ -84,23 +84,13 @@ fn a_reply_committed_but_not_released_is_written_by_the_promoted_backup_without_
         return;
     }
     // tap0 for the primary's guest, tap1 for the promoted one, the client on the bridge.
-    let Some(ns) = NetNs::bridged(test, "ows", 93) else { return };
-    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+    let Some(ns) = NetNs::bridged(test, "ows", 94) else { return };
     // The primary dies (SIGKILL) when the ack of its 400th checkpoint arrives, before it
     // releases that checkpoint's output: with output-driven epochs and one request at a time,
     // that epoch holds the reply to the request in flight. The replica holds the epoch, so the
     // promoted guest has sent the reply already as far as it knows; only the backup can put it
     // on the wire now.
-    let mut pair = Pair::start_env(
-        Some(&ns),
-        &cmdline,
-        "64M",
-        &["--tap", "tap1", "--auto-promote"],
-        &[],
-        &[("UNDERSTUDY_FAILPOINTS", "primary.acked@400")],
-    );
-    pair.protect(&[]);
-    pair.wait_protection("protected", Duration::from_secs(20));
+    let mut pair = Pair::kv_failover(&ns, "primary.acked@400");
     let mut cap = ns.command("/usr/bin/python3");
     let cap_file = pair.dir.path().join("tap1.jsonl");
     cap.args(["-c", CAPTURE, "14", GUEST_MAC, cap_file.to_str().unwrap()])
