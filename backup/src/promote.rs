@@ -233,6 +233,7 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
     tracing::info!(
         epoch,
         replayed_frames,
+        output_written_frames,
         digest = %memory_digest,
         promote_ms,
         take_ms,

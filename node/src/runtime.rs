@@ -462,7 +462,7 @@ impl Node {
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "destination: guest built from the switch-over epoch, paused until the hand-over"
         );
-        r.staged = Some(built);
+        r.staged = Some(Box::new(built));
         Ok(())
     }
 
@@ -478,7 +478,7 @@ impl Node {
         let t0 = Instant::now();
         let mut role = self.role();
         let Role::MigrationDestination(r) = &mut *role else { return Err(NodeError::NotBackup.to_string()) };
-        let (mut vm, restored) = r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
+        let (mut vm, restored) = *r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
         if restored.epoch() != epoch {
             return Err(format!("handed over at epoch {epoch}, but the guest was built at {}", restored.epoch()));
         }

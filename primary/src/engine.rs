@@ -179,7 +179,7 @@ pub struct Harvest {
     pub taken_at: Instant,
     /// A checkpoint's output frames, for a backup that keeps an output log (empty otherwise):
     /// the link sends them after the checkpoint ([`OutputBuffer::take_for_backup`]).
-    pub output: Vec<Vec<u8>>,
+    pub output: Vec<crate::output::Frame>,
 }
 
 impl Harvest {

@@ -28,8 +28,12 @@ pub const DEFAULT_HOLD_CAP: usize = 64 << 20;
 struct Held {
     epoch: u64,
     at: Instant,
-    frame: Vec<u8>,
+    /// Shared, so the copy for the backup's output log takes a reference, not the bytes.
+    frame: Frame,
 }
+
+/// A held frame's bytes (shared with the backup's copy, [`OutputBuffer::take_for_backup`]).
+pub type Frame = Arc<[u8]>;
 
 struct Inner {
     /// Harvest sequence of the epoch now running: frames sent now belong to it.
@@ -238,7 +242,7 @@ impl OutputBuffer {
     /// most, the rest counted as not forwarded), so the next call starts after them either way.
     /// Call after the pause that moved the boundary past `upto` ([`OutputBuffer::begin`]), so no
     /// frame is added to those epochs any more; the pause does not wait for the copy.
-    pub fn take_for_backup(&self, upto: u64, copy: bool) -> Vec<Vec<u8>> {
+    pub fn take_for_backup(&self, upto: u64, copy: bool) -> Vec<Frame> {
         let mut g = self.lock();
         let from = g.forwarded_upto;
         g.forwarded_upto = g.forwarded_upto.max(upto);
@@ -252,7 +256,7 @@ impl OutputBuffer {
         for h in g.held.range(first..).filter(|h| h.epoch <= upto) {
             if out.len() < MAX_FORWARD_FRAMES && bytes + h.frame.len() <= MAX_FORWARD_BYTES {
                 bytes += h.frame.len();
-                out.push(h.frame.clone());
+                out.push(Arc::clone(&h.frame));
             } else {
                 skipped += 1;
             }
@@ -373,7 +377,7 @@ impl OutputBuffer {
         let epoch = g.current;
         let now = Instant::now();
         g.held_bytes += frame.len();
-        g.held.push_back(Held { epoch, at: now, frame: frame.to_vec() });
+        g.held.push_back(Held { epoch, at: now, frame: Frame::from(frame) });
         g.epoch_frames = g.epoch_frames.saturating_add(1);
         // The output path's timing (`UNDERSTUDY_LOG=primary::output=debug`): wall-clock ns,
         // comparable with the net device's `rx frame delivered` and the link's release.
@@ -482,6 +486,11 @@ mod tests {
         (out, b)
     }
 
+    /// [`OutputBuffer::take_for_backup`]'s frames as bytes.
+    fn taken(out: &OutputBuffer, upto: u64, copy: bool) -> Vec<Vec<u8>> {
+        out.take_for_backup(upto, copy).iter().map(|f| f.to_vec()).collect()
+    }
+
     #[test]
     fn each_epochs_frames_are_taken_for_the_backup_once_in_order() {
         let (out, _peer) = buffer();
@@ -491,15 +500,15 @@ mod tests {
         // The pause that ends harvest 1 moves the boundary; then its frames are taken.
         out.begin(2);
         sink.send(b"b1").unwrap();
-        assert_eq!(out.take_for_backup(1, true), vec![b"a1".to_vec(), b"a2".to_vec()]);
-        assert!(out.take_for_backup(1, true).is_empty(), "taken once");
+        assert_eq!(taken(&out, 1, true), vec![b"a1".to_vec(), b"a2".to_vec()]);
+        assert!(taken(&out, 1, true).is_empty(), "taken once");
         // Harvest 2 while the backup keeps no log: gone through without a copy, so a backup
         // that announces a log later never gets them under a later epoch's name.
         out.begin(3);
         sink.send(b"c1").unwrap();
-        assert!(out.take_for_backup(2, false).is_empty());
+        assert!(taken(&out, 2, false).is_empty());
         out.begin(4);
-        assert_eq!(out.take_for_backup(3, true), vec![b"c1".to_vec()]);
+        assert_eq!(taken(&out, 3, true), vec![b"c1".to_vec()]);
         // Still held (nothing acknowledged): the copy leaves the frames where they are.
         assert_eq!(out.held().0, 4);
         // Frames held across a re-sync carry an older tag: the next checkpoint takes them too.
@@ -507,7 +516,7 @@ mod tests {
         out.begin(7);
         sink.send(b"g1").unwrap();
         out.begin(8);
-        assert_eq!(out.take_for_backup(7, true), vec![b"d1".to_vec(), b"g1".to_vec()]);
+        assert_eq!(taken(&out, 7, true), vec![b"d1".to_vec(), b"g1".to_vec()]);
         assert_eq!(out.stats().forward_taken_frames.load(Ordering::Relaxed), 5);
         assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 0);
     }
@@ -520,9 +529,9 @@ mod tests {
             sink.send(&(i as u32).to_le_bytes()).unwrap();
         }
         out.begin(2);
-        let taken = out.take_for_backup(1, true);
-        assert_eq!(taken.len(), MAX_FORWARD_FRAMES);
-        assert_eq!(taken[0], 0u32.to_le_bytes());
+        let first = taken(&out, 1, true);
+        assert_eq!(first.len(), MAX_FORWARD_FRAMES);
+        assert_eq!(first[0], 0u32.to_le_bytes());
         assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 5);
         // By bytes: a frame that would pass the byte bound is left out, later small ones fit.
         let big = vec![1u8; MAX_FORWARD_BYTES - 10];
@@ -530,7 +539,7 @@ mod tests {
         sink.send(&[2u8; 20]).unwrap();
         sink.send(&[3u8; 5]).unwrap();
         out.begin(3);
-        assert_eq!(out.take_for_backup(2, true), vec![big, vec![3u8; 5]]);
+        assert_eq!(taken(&out, 2, true), vec![big, vec![3u8; 5]]);
         assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 6);
     }
 }

@@ -67,12 +67,14 @@
 //!         P->>B: StateChunk{N, seq, offset, bytes}
 //!     end
 //!     P->>B: EpochEnd{N, frames, page_count, state_len, checksum, digest}
+//!     P-->>B: Output{N, harvest, frames} (the epoch's held output, to a backup with an output log)
 //!     Note over B: counts and crc32 hold: N is whole
 //!     B->>O: ReceiverEvent::Checkpoint(N)
 //!     O->>O: verify digest against replica, apply
 //!     O->>B: committed(N)
 //!     B->>P: Ack(N)
 //!     Note over P: SenderEvent::Acked(N): release output up to N
+//!     P-->>B: InboundCommitted{harvest of N} (released: the backup's logs drop it)
 //!     B-->>P: ResendRequest{from N} (gap, bad checksum, stall)
 //!     B-->>P: ResyncRequest (owner rejected N): P needs a baseline
 //! ```

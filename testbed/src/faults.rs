@@ -465,6 +465,9 @@ pub struct RunReport {
     pub announce_ms: Option<f64>,
     /// From the backup's PROMOTED line: inbound frames replayed into the promoted guest.
     pub replayed_frames: Option<u64>,
+    /// From the backup's PROMOTED line: output frames of the replica's epochs the primary had
+    /// not released, written by the backup at promotion.
+    pub output_written_frames: Option<u64>,
     /// Primary's "lease lost" logged before the backup's grant (partition: only one releasing).
     pub lease_lost_before_grant: Option<bool>,
     /// The primary's protection state at the end (runs without promotion).
@@ -505,6 +508,7 @@ impl RunReport {
             "grant_ms": self.grant_ms, "promote_ms": self.promote_ms, "take_ms": self.take_ms,
             "restore_ms": self.restore_ms, "announce_ms": self.announce_ms,
             "replayed_frames": self.replayed_frames,
+            "output_written_frames": self.output_written_frames,
             "lease_lost_before_grant": self.lease_lost_before_grant,
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
@@ -1233,6 +1237,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             rep.restore_ms = field(line, "restore_ms");
             rep.announce_ms = field(line, "announce_ms");
             rep.replayed_frames = field(line, "replayed_frames").map(|f| f as u64);
+            rep.output_written_frames = field(line, "output_written_frames").map(|f| f as u64);
         }
         if let Some(g) = t_grant {
             let lease_lost = plog.lines().filter(|l| l.contains("lease lost")).filter_map(line_time).next_back();
