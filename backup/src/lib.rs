@@ -3,6 +3,7 @@
 
 pub mod inbound;
 pub mod lan_copy;
+pub mod output_log;
 mod postcopy;
 pub mod promote;
 pub mod receive;

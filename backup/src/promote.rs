@@ -50,6 +50,12 @@ pub struct Promoted {
     pub replay_gap_frames: u64,
     /// Of `replayed_frames`, LAN copies: frames the primary never delivered.
     pub replay_lan_frames: u64,
+    /// Output frames of the replica's epochs that the primary had not reported released,
+    /// written to the TAP right after the announce ([`crate::output_log`]).
+    pub output_written_frames: u64,
+    /// Output frames in the log not written: of epochs the replica does not hold, or refused by
+    /// the TAP.
+    pub output_dropped_frames: u64,
 }
 
 /// Errors of promotion.
@@ -86,6 +92,8 @@ pub struct Restored {
     take_ms: f64,
     restore_ms: f64,
     replay: Replayed,
+    /// The output log's frames of the replica's epochs, written by [`activate`].
+    output: Option<crate::output_log::AtPromotion>,
 }
 
 /// What a promotion replayed (counts; the frames went to the device).
@@ -132,7 +140,8 @@ pub fn restore(
         Some(node) => replay_inbound(&vm, node, lan.map(|(l, t)| (l, t.frames))),
         None => Replayed::default(),
     };
-    Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay }))
+    let output = opts.replay.map(|node| crate::output_log::AtPromotion::take(node, epoch));
+    Ok((vm, Restored { requested: t0, epoch, memory_digest, take_ms, restore_ms, replay, output }))
 }
 
 /// Queues the inbound log's frames that the replica does not hold into the restored (paused)
@@ -209,20 +218,26 @@ pub fn replay_inbound(
 /// Announces the restored VM on the network and resumes it: from now on it is the active copy.
 pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
     let t2 = Instant::now();
+    let mut output = r.output.as_ref().map_or((0, 0), |o| o.unwritten());
     if let Some(net) = vm.net() {
         let dev = net.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = dev.device().announce() {
             tracing::warn!("announce after promotion: {e}");
         }
+        if let Some(o) = &r.output {
+            output = o.write(dev.device().tap());
+        }
     }
     let announce_ms = t2.elapsed().as_secs_f64() * 1e3;
     vm.resume();
     let promote_ms = r.requested.elapsed().as_secs_f64() * 1e3;
+    let (output_written_frames, output_dropped_frames) = output;
     let Restored { epoch, memory_digest, take_ms, restore_ms, replay, .. } = r;
     let replayed_frames = replay.frames;
     tracing::info!(
         epoch,
         replayed_frames,
+        output_written_frames,
         digest = %memory_digest,
         promote_ms,
         take_ms,
@@ -241,6 +256,8 @@ pub fn activate(vm: &mut Vm, r: Restored) -> Promoted {
         replay_skipped_frames: replay.skipped,
         replay_gap_frames: replay.gaps,
         replay_lan_frames: replay.lan,
+        output_written_frames,
+        output_dropped_frames,
     }
 }
 
@@ -263,6 +280,8 @@ mod tests {
             replay_skipped_frames: 1,
             replay_gap_frames: 0,
             replay_lan_frames: 0,
+            output_written_frames: 3,
+            output_dropped_frames: 1,
         };
         let v = serde_json::to_value(&p).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -272,6 +291,8 @@ mod tests {
                 "announce_ms",
                 "epoch",
                 "memory_digest",
+                "output_dropped_frames",
+                "output_written_frames",
                 "promote_ms",
                 "replay_gap_frames",
                 "replay_lan_frames",

@@ -342,7 +342,10 @@ pub async fn receive(
                 // post-copy starts.
                 ReceiverEvent::Pages { pfns, data, .. } => early.keep(pfns, data),
                 // A migration destination keeps no inbound log (its receiver does not ask for one).
-                ReceiverEvent::Liveness(_) | ReceiverEvent::Inbound(_) | ReceiverEvent::InboundCommitted { .. } => {}
+                ReceiverEvent::Liveness(_)
+                | ReceiverEvent::Inbound(_)
+                | ReceiverEvent::InboundCommitted { .. }
+                | ReceiverEvent::Output(_) => {}
                 ReceiverEvent::Disconnected { error } => return Err(ReceiveError::Ended(error.to_string())),
             }
             // Post-copy: the state and the whole map are here.

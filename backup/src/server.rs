@@ -55,6 +55,10 @@ pub struct BackupConfig {
     /// [`crate::lan_copy`]): needs a TAP no other process holds, on a LAN that hands the
     /// guest's inbound frames to this host too. The owner opens the TAP.
     pub lan_copy: bool,
+    /// Bounds of the output log (each epoch's output frames until the primary releases them,
+    /// written at promotion for the epochs the replica holds); zero frames: no log, announced
+    /// as none.
+    pub output_log: crate::output_log::OutputLimits,
 }
 
 /// How sure the backup is that the primary is gone.
@@ -129,6 +133,8 @@ pub struct BackupStatus {
     pub commit_us_mean: f64,
     /// The inbound log (frames replayed at promotion).
     pub inbound_log: crate::inbound::InboundLogReport,
+    /// The output log (frames written at promotion).
+    pub output_log: crate::output_log::OutputLogReport,
     /// Seconds since the last commit.
     pub since_last_commit_s: Option<f64>,
     /// The last error seen.
@@ -154,6 +160,10 @@ pub struct BackupNode {
     side_copy: Mutex<Option<Arc<crate::side_copy::SideCopyReceiver>>>,
     /// The standby's TAP, read while it stands by ([`crate::lan_copy`]).
     lan_copy: Mutex<Option<Arc<crate::lan_copy::LanCopy>>>,
+    /// Output of the epochs the primary has not reported released (see [`crate::output_log`]).
+    output: crate::output_log::OutputLog,
+    /// The primary instance the output log's frames come from.
+    output_origin: Mutex<Option<u64>>,
 }
 
 /// Where the VM built ahead of promotion stands.
@@ -215,6 +225,8 @@ impl BackupNode {
             inbound_origin: Mutex::new(None),
             side_copy: Mutex::new(None),
             lan_copy: Mutex::new(None),
+            output: crate::output_log::OutputLog::new(crate::output_log::OutputLimits::default()),
+            output_origin: Mutex::new(None),
         }))
     }
 
@@ -244,6 +256,11 @@ impl BackupNode {
         &self.inbound
     }
 
+    /// The output log (written at promotion: [`crate::promote::PromoteOptions::replay`]).
+    pub fn output(&self) -> &crate::output_log::OutputLog {
+        &self.output
+    }
+
     /// Takes every side copy waiting in the socket into the inbound log (promotion does, right
     /// before it takes the log: a dead primary's last copies are all there).
     pub fn drain_side_copies(&self) {
@@ -268,6 +285,7 @@ impl BackupNode {
     pub fn status(&self) -> BackupStatus {
         let mut s = lock(&self.status).clone();
         s.inbound_log = self.inbound.report();
+        s.output_log = self.output.report();
         if let Some(side) = lock(&self.side_copy).as_ref() {
             s.inbound_log.side_copy = side.report();
         }
@@ -534,6 +552,7 @@ pub async fn serve(
         rcfg.timing = cfg.timing;
         rcfg.inbound_log = cfg.inbound_log.enabled();
         rcfg.side_copy_port = side_copy.as_ref().map(|s| s.port());
+        rcfg.output_log = cfg.output_log.enabled();
         Ok(Receiver::new(rcfg))
     };
     let mut receiver = Some(new_receiver()?);
@@ -543,6 +562,13 @@ pub async fn serve(
         max_frames = cfg.inbound_log.max_frames,
         max_bytes = cfg.inbound_log.max_bytes,
         "backup: inbound log (frames replayed at promotion)"
+    );
+    node.output.set_limits(cfg.output_log);
+    tracing::info!(
+        enabled = cfg.output_log.enabled(),
+        max_frames = cfg.output_log.max_frames,
+        max_bytes = cfg.output_log.max_bytes,
+        "backup: output log (output committed here but not yet released by the primary, written at promotion)"
     );
     // Process-death evidence beside each session (transport::liveness): optional, heartbeats
     // still decide when it is missing.
@@ -581,11 +607,14 @@ pub async fn serve(
         // This connection's side-copy key, installed by the log's tap when the session is up.
         let side = side_copy.as_ref().map(|s| (Arc::clone(s), transport::side_copy::SideKey::from_connection(&conn)));
         let mut log = crate::inbound::log_tap(Arc::clone(&node), |n| &n.inbound, |n| &n.inbound_origin, side);
+        let mut output = crate::output_log::log_tap(Arc::clone(&node), |n| &n.output, |n| &n.output_origin);
         let mut commit = commit_tap(Arc::clone(&node), cfg.verify, Arc::clone(&deferred));
         let mut session = transport::proto::receiver_session_tapped(
             conn,
             receiver.take().expect("receiver"),
-            Box::new(move |r, event| log(r, event).and_then(|event| commit(r, event))),
+            Box::new(move |r, event| {
+                output(r, event).and_then(|event| log(r, event)).and_then(|event| commit(r, event))
+            }),
         );
         loop {
             let ev = tokio::select! {
@@ -648,6 +677,8 @@ pub async fn serve(
                     node.inbound.push(f);
                 }
                 ReceiverEvent::InboundCommitted { epoch } => node.inbound.committed(epoch),
+                // Taken by `output_log::log_tap` in the session's task: never here.
+                ReceiverEvent::Output(o) => node.output.push(o),
                 // Migration messages: a primary never sends them (the session refuses them).
                 ReceiverEvent::Pages { .. }
                 | ReceiverEvent::SwitchOver(_)

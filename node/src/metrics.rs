@@ -163,11 +163,16 @@ pub fn render(status: &Status) -> String {
             let state = serde_json::to_value(vm.state).ok();
             let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
             w.state_set("understudy_vm_state", "state", "The VM's state.", &["running", "paused", "stopped"], state);
-            if let crate::status::Origin::Promoted { replayed_frames, .. } = &vm.origin {
+            if let crate::status::Origin::Promoted { replayed_frames, output_written_frames, .. } = &vm.origin {
                 w.counter(
                     "understudy_promotion_replayed_frames_total",
                     "Inbound frames replayed into this guest when it was promoted.",
                     *replayed_frames,
+                );
+                w.counter(
+                    "understudy_promotion_output_written_frames_total",
+                    "Output frames of the replica's epochs the primary had not released, written when this guest was promoted.",
+                    *output_written_frames,
                 );
             }
             render_protection(&mut w, vm.protection.as_ref());
@@ -310,6 +315,7 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         "Inbound frames replayed into the promoted guest.",
         i.replayed_frames,
     );
+    render_output_log(w, &s.output_log);
     let c = &i.side_copy;
     w.counter(
         "understudy_backup_inbound_side_copy_received_frames_total",
@@ -357,6 +363,22 @@ fn render_backup(w: &mut Writer, s: &backup::server::BackupStatus) {
         "Promotions that replayed no LAN copy: the newest delivered frames were not among them.",
         l.lan_copy_unmatched,
     );
+}
+
+/// The backup's output log (see `backup::output_log`).
+fn render_output_log(w: &mut Writer, o: &backup::output_log::OutputLogReport) {
+    w.gauge("understudy_backup_output_log_frames", "Frames in the output log now.", o.frames as f64);
+    w.gauge("understudy_backup_output_log_bytes", "Bytes of the frames in the output log now.", o.bytes as f64);
+    w.gauge("understudy_backup_output_log_epochs", "Epochs whose output is in the output log now.", o.epochs as f64);
+    for (name, help, v) in [
+        ("received", "Output frames the primary forwarded to the output log.", o.received_frames),
+        ("released", "Output frames dropped because the primary reported their epoch released.", o.released_frames),
+        ("overflow", "Output frames dropped to keep the log within its bounds.", o.overflow_frames),
+        ("written", "Output frames written to the TAP at promotion.", o.written_frames),
+        ("dropped", "Output frames not written at promotion (epoch not in the replica, or refused).", o.dropped_frames),
+    ] {
+        w.counter(&format!("understudy_backup_output_{name}_frames_total"), help, v);
+    }
 }
 
 fn render_migration_source(w: &mut Writer, m: &primary::migrate::MigrationStatus) {
@@ -987,6 +1009,16 @@ mod tests {
                         lan_copy_unmatched: 1,
                     },
                 },
+                output_log: backup::output_log::OutputLogReport {
+                    frames: 2,
+                    bytes: 140,
+                    epochs: 1,
+                    received_frames: 30,
+                    released_frames: 27,
+                    overflow_frames: 1,
+                    written_frames: 0,
+                    dropped_frames: 0,
+                },
                 ..Default::default()
             }),
             arbitration: None,
@@ -1016,6 +1048,15 @@ mod tests {
         assert_eq!(value(&text, "understudy_backup_lan_copy_overflow_frames_total"), 8000.0);
         assert_eq!(value(&text, "understudy_backup_lan_copy_replayed_frames_total"), 2.0);
         assert_eq!(value(&text, "understudy_backup_lan_copy_unmatched_total"), 1.0);
+        // The output log likewise.
+        assert!(fams.contains(&("understudy_backup_output_log_frames".into(), "gauge".into())), "{text}");
+        assert_eq!(value(&text, "understudy_backup_output_log_bytes"), 140.0);
+        assert_eq!(value(&text, "understudy_backup_output_log_epochs"), 1.0);
+        assert_eq!(value(&text, "understudy_backup_output_received_frames_total"), 30.0);
+        assert_eq!(value(&text, "understudy_backup_output_released_frames_total"), 27.0);
+        assert_eq!(value(&text, "understudy_backup_output_overflow_frames_total"), 1.0);
+        assert_eq!(value(&text, "understudy_backup_output_written_frames_total"), 0.0);
+        assert_eq!(value(&text, "understudy_backup_output_dropped_frames_total"), 0.0);
         // A VM that is not protected says so (an alert on "not protected" needs the series).
         let Status::Vm(mut vm) = protected_vm(1, &[], 0) else { unreachable!() };
         vm.protection = None;

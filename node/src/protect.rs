@@ -115,9 +115,10 @@ pub struct ProtectRequest {
     /// With output held, end the epoch as soon as it holds as many frames as the previous
     /// epoch did (the burst the window expects came: a lone reply leaves at once, a busy
     /// server's burst when it is complete) instead of waiting out --output-coalesce-us or the
-    /// guest's idleness. Off by default: it commits a reply's epoch ~50 µs sooner, so more kills
-    /// land after the commit and before the release, and the promoted guest must retransmit
-    /// that reply itself (docs/protection.md).
+    /// guest's idleness. Off by default (docs/protection.md): it commits a reply's epoch ~50 µs
+    /// sooner, so more kills land after the commit and before the release; a backup that keeps
+    /// an output log (`understudy backup`, default) writes such a reply at promotion itself,
+    /// and then it costs failovers nothing (docs/failover.md, "Output at promotion").
     #[serde(default)]
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub output_burst_end: bool,

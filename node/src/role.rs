@@ -97,7 +97,8 @@ pub struct Receiving {
     pub(crate) source: String,
     /// The guest built from the switch-over epoch, paused, waiting for the hand-over (the
     /// time from the request to the built VM is in `Restored`).
-    pub(crate) staged: Option<(vmm::vm::Vm, backup::promote::Restored)>,
+    /// Boxed: the role enum stays small.
+    pub(crate) staged: Option<Box<(vmm::vm::Vm, backup::promote::Restored)>>,
 }
 
 /// The name of a role, for logs and metrics.

@@ -429,6 +429,7 @@ impl Node {
             memory_digest: promoted.memory_digest.clone(),
             promote_ms: promoted.promote_ms,
             replayed_frames: promoted.replayed_frames,
+            output_written_frames: promoted.output_written_frames,
         };
         let why = format!("the replica of epoch {} runs", promoted.epoch);
         self.enter(&mut role, Role::Promoted(Guest::new(vm, origin)), &why);
@@ -461,7 +462,7 @@ impl Node {
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "destination: guest built from the switch-over epoch, paused until the hand-over"
         );
-        r.staged = Some(built);
+        r.staged = Some(Box::new(built));
         Ok(())
     }
 
@@ -477,7 +478,7 @@ impl Node {
         let t0 = Instant::now();
         let mut role = self.role();
         let Role::MigrationDestination(r) = &mut *role else { return Err(NodeError::NotBackup.to_string()) };
-        let (mut vm, restored) = r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
+        let (mut vm, restored) = *r.staged.take().ok_or("no guest was built from the switch-over epoch")?;
         if restored.epoch() != epoch {
             return Err(format!("handed over at epoch {epoch}, but the guest was built at {}", restored.epoch()));
         }

@@ -25,6 +25,9 @@ pub enum Origin {
         /// Frames of the inbound log replayed into the guest before it resumed (delivered by the
         /// primary after the replica's checkpoint).
         replayed_frames: u64,
+        /// Frames of the output log written to the TAP at promotion (output of the replica's
+        /// epochs the primary had not released).
+        output_written_frames: u64,
     },
     /// A migration destination waiting for, or receiving, a migration; no VM runs yet.
     Destination {
@@ -247,6 +250,7 @@ mod tests {
                 "failed_sessions",
                 "inbound_log",
                 "last_error",
+                "output_log",
                 "pages",
                 "primary",
                 "rejected",
@@ -255,10 +259,18 @@ mod tests {
                 "state"
             ]
         );
-        let promoted =
-            Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 2.0, replayed_frames: 1 };
+        let promoted = Origin::Promoted {
+            epoch: 3,
+            memory_digest: "not computed".into(),
+            promote_ms: 2.0,
+            replayed_frames: 1,
+            output_written_frames: 2,
+        };
         let p = serde_json::to_value(promoted).unwrap();
-        assert_eq!(keys(&p), ["epoch", "kind", "memory_digest", "promote_ms", "replayed_frames"]);
+        assert_eq!(
+            keys(&p),
+            ["epoch", "kind", "memory_digest", "output_written_frames", "promote_ms", "replayed_frames"]
+        );
         // The inbound log's fields (`understudy status --json`, docs/operations.md).
         assert_eq!(
             keys(&v["backup"]["inbound_log"]),
@@ -281,6 +293,20 @@ mod tests {
                 "side_copy_rejected_frames",
                 "side_copy_stale_frames",
                 "skipped_frames"
+            ]
+        );
+        // The output log's fields (`understudy status --json`, docs/operations.md).
+        assert_eq!(
+            keys(&v["backup"]["output_log"]),
+            [
+                "bytes",
+                "dropped_frames",
+                "epochs",
+                "frames",
+                "overflow_frames",
+                "received_frames",
+                "released_frames",
+                "written_frames"
             ]
         );
         let fwd = serde_json::to_value(primary::inbound::InboundReport::default()).unwrap();
@@ -398,7 +424,13 @@ mod tests {
         };
         let v = ok(&vm(Origin::Booted { kernel: "guest.elf".into() }, Some(protection)));
         ok(&vm(
-            Origin::Promoted { epoch: 3, memory_digest: "not computed".into(), promote_ms: 1.0, replayed_frames: 2 },
+            Origin::Promoted {
+                epoch: 3,
+                memory_digest: "not computed".into(),
+                promote_ms: 1.0,
+                replayed_frames: 2,
+                output_written_frames: 1,
+            },
             None,
         ));
         ok(&Status::Backup(BackupProcessStatus {

@@ -78,10 +78,11 @@ fn origin(o: &Value) -> String {
         Some("booted") => format!("booted from {}", s(o, "kernel").unwrap_or("?")),
         Some("restored") => format!("restored from snapshot {}", s(o, "from").unwrap_or("?")),
         Some("promoted") => format!(
-            "promoted from the replica of epoch {} ({:.1} ms to run, {} inbound frames replayed)",
+            "promoted from the replica of epoch {} ({:.1} ms to run, {} inbound frames replayed, {} output frames written)",
             count(u(o, "epoch").unwrap_or(0)),
             f(o, "promote_ms").unwrap_or(0.0),
-            count(u(o, "replayed_frames").unwrap_or(0))
+            count(u(o, "replayed_frames").unwrap_or(0)),
+            count(u(o, "output_written_frames").unwrap_or(0))
         ),
         Some("migrated") => format!(
             "migrated from {} at epoch {} (resumed {:.1} ms after the hand-over)",
@@ -214,6 +215,19 @@ fn backup(b: &Value, out: &mut Vec<String>) {
                 count(u(i, "lan_copy_unmatched").unwrap_or(0))
             ));
         }
+    }
+    if let Some(o) = b.get("output_log").filter(|v| !v.is_null()) {
+        out.push(format!(
+            "  output log {} frames ({}) of {} epochs; {} received, {} released, {} overflowed, {} written at promotion, {} dropped",
+            count(u(o, "frames").unwrap_or(0)),
+            bytes(f(o, "bytes").unwrap_or(0.0)),
+            count(u(o, "epochs").unwrap_or(0)),
+            count(u(o, "received_frames").unwrap_or(0)),
+            count(u(o, "released_frames").unwrap_or(0)),
+            count(u(o, "overflow_frames").unwrap_or(0)),
+            count(u(o, "written_frames").unwrap_or(0)),
+            count(u(o, "dropped_frames").unwrap_or(0))
+        ));
     }
     if let Some(r) = u(b, "rollback_epoch") {
         out.push(format!("  re-sync in progress: promotion would roll back to epoch {}", count(r)));
@@ -420,9 +434,17 @@ mod tests {
                     "side_copy_received_frames": 900, "side_copy_logged_frames": 850, "side_copy_stale_frames": 50,
                     "side_copy_rejected_frames": 0, "lan_copy": true, "lan_copy_frames": 4000,
                     "lan_copy_frames_read": 12000, "lan_copy_overflow_frames": 8000, "lan_copy_replayed_frames": 0,
-                    "lan_copy_unmatched": 0}},
+                    "lan_copy_unmatched": 0},
+                "output_log": {"frames": 1, "bytes": 70, "epochs": 1, "received_frames": 400, "released_frames": 399,
+                    "overflow_frames": 0, "written_frames": 0, "dropped_frames": 0}},
             "arbitration": null});
         let t = render(&b);
+        assert!(
+            t.contains(
+                "  output log 1 frames (70 B) of 1 epochs; 400 received, 399 released, 0 overflowed, 0 written at promotion, 0 dropped\n"
+            ),
+            "{t}"
+        );
         assert!(t.contains("  side copies at udp port 41000: 900 received, 850 logged, 50 stale, 0 rejected\n"), "{t}");
         assert!(
             t.contains(

@@ -177,6 +177,9 @@ pub struct Harvest {
     pub digest: Option<u64>,
     /// When it was taken.
     pub taken_at: Instant,
+    /// A checkpoint's output frames, for a backup that keeps an output log (empty otherwise):
+    /// the link sends them after the checkpoint ([`OutputBuffer::take_for_backup`]).
+    pub output: Vec<crate::output::Frame>,
 }
 
 impl Harvest {
@@ -194,6 +197,9 @@ pub struct LinkShared {
     pub need_baseline: AtomicBool,
     /// A session with the backup is established.
     pub up: AtomicBool,
+    /// The backup keeps an output log (it said so in its `Hello`): each checkpoint's output
+    /// frames are copied for it.
+    pub forward_output: AtomicBool,
     /// The backup's process is known to be gone (its host closed the liveness line): no need to
     /// wait `degrade_after` for it to come back.
     pub backup_dead: AtomicBool,
@@ -314,6 +320,7 @@ impl Default for LinkShared {
             cv: Condvar::new(),
             need_baseline: AtomicBool::new(false),
             up: AtomicBool::new(false),
+            forward_output: AtomicBool::new(false),
             backup_dead: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             acked_seq: Mutex::new(0),
@@ -755,7 +762,8 @@ impl Engine {
         }
         self.stats.lock().sync = Some(SyncProgress { round, pages, total_pages });
         tracing::info!(round, pages, total_pages, ms = t0.elapsed().as_millis() as u64, "sync round copied");
-        self.send(Harvest { seq, kind, pfns, data, state: Vec::new(), digest: None, taken_at: t0 })?;
+        let output = Vec::new();
+        self.send(Harvest { seq, kind, pfns, data, state: Vec::new(), digest: None, taken_at: t0, output })?;
         // Let this round land before measuring the next: the dirty set then reflects the
         // time the round took on the wire.
         while !self.link.wait_room(1, Duration::from_millis(100)) {
@@ -963,6 +971,10 @@ impl Engine {
         drop(vm);
         drop(raised);
         let (mut pfns, mut data, state, digest) = result?;
+        // Off the pause: the frames this epoch produced (final since the boundary moved) for the
+        // backup's output log, behind the checkpoint on the wire.
+        let forward = self.link.forward_output.load(Ordering::SeqCst);
+        let output = self.output.as_ref().map_or_else(Vec::new, |o| o.take_for_backup(seq, forward));
         if let Some(pre) = self.carry.take() {
             // Off the pause: the pre-copied pages not dirtied again join the fresh ones.
             let pre_pages = pre.0.len();
@@ -1001,7 +1013,7 @@ impl Engine {
                 s.harvest_times.pop_front();
             }
         }
-        self.send(Harvest { seq, kind: HarvestKind::Checkpoint, pfns, data, state, digest, taken_at: t0 })
+        self.send(Harvest { seq, kind: HarvestKind::Checkpoint, pfns, data, state, digest, taken_at: t0, output })
     }
 }
 

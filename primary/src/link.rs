@@ -116,6 +116,23 @@ impl Acks {
         self.in_flight().insert(epoch, InFlight { seq, kind });
     }
 
+    /// Queues checkpoint `epoch`'s output (harvest `h`) behind it for the backup's output log.
+    fn forward_output(&self, sender: &mut Sender, epoch: u64, h: &Harvest) {
+        let n = h.output.len() as u64;
+        let r = sender.send_output(epoch, h.seq, &h.output);
+        let Some(stats) = self.output.as_ref().map(|o| o.stats()) else { return };
+        match r {
+            Ok(messages) => {
+                stats.forwarded_frames.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(seq = h.seq, epoch, frames = n, messages, "output forwarded behind its checkpoint");
+            }
+            Err(e) => {
+                stats.unforwarded_frames.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(seq = h.seq, epoch, frames = n, "output not forwarded: {e}");
+            }
+        }
+    }
+
     /// Everything in flight is void: a new baseline replaces it.
     fn clear(&self) {
         self.in_flight().clear();
@@ -158,10 +175,14 @@ impl Acks {
                 "acked and released"
             );
         }
-        if let (Some(i), Some(seq)) = (&self.inbound, release)
-            && i.active()
+        // Right after the release: the notice tells the backup's inbound log which frames its
+        // replica holds, and its output log which epochs' output already left (so a promoted
+        // replica does not send them again; one still on its way when the primary dies makes
+        // a duplicate). A notice that does not fit now is covered by the next acknowledgement's.
+        let inbound = self.inbound.as_ref().is_some_and(|i| i.active());
+        if let Some(seq) = release
+            && (inbound || sender.peer_keeps_output_log())
         {
-            // A notice that does not fit now is covered by the next acknowledgement's.
             let _ = sender.send_inbound_committed(seq);
         }
         {
@@ -341,6 +362,12 @@ pub async fn run(
                                 i.set_active(peer.inbound_log);
                                 i.set_side_channel(side_channel(peer.inbound_log, peer.side_copy_port, remote, side_key.as_ref()));
                             }
+                            if peer.output_log {
+                                tracing::info!("link: the backup keeps an output log: each checkpoint's output follows it, for the backup to send at promotion if this primary dies before releasing it");
+                            } else {
+                                tracing::info!("link: the backup keeps no output log (an older build, or turned off): output committed but not yet released when this primary dies waits for the promoted guest's retransmission");
+                            }
+                            shared.forward_output.store(peer.output_log, Ordering::SeqCst);
                             shared.backup_dead.store(false, Ordering::SeqCst);
                             shared.up.store(true, Ordering::SeqCst);
                             shared.wake();
@@ -382,6 +409,7 @@ pub async fn run(
             }
         }
         shared.up.store(false, Ordering::SeqCst);
+        shared.forward_output.store(false, Ordering::SeqCst);
         forward_to.send_replace(None);
         if let Some(i) = &cfg.inbound {
             i.set_active(false);
@@ -527,6 +555,9 @@ async fn submit(
         if let Ok(epoch) = &r {
             // Here, not in the link task: the ack may be decoded before the link task runs again.
             acks.submitted(*epoch, h.seq, h.kind);
+            if !h.output.is_empty() {
+                acks.forward_output(ep, *epoch, &h);
+            }
         }
         let _ = tx.send((r.map(|e| (e, encoded)), h));
     });

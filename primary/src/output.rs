@@ -6,6 +6,11 @@
 //! while the VM is paused, so the boundary is exact). [`OutputBuffer::release`] writes every
 //! frame of epochs up to the acknowledged one, in order. When held bytes would exceed the cap
 //! a new frame is dropped, as a congested link would (TCP resends), and counted.
+//!
+//! Right after the pause that ends an epoch, [`OutputBuffer::take_for_backup`] copies the frames
+//! that epoch produced (still held: they wait for its ack) for the backup's output log, so a
+//! replica promoted after the backup committed the epoch but before the primary released it
+//! sends them itself (docs/failover.md, "Output at promotion").
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,8 +28,12 @@ pub const DEFAULT_HOLD_CAP: usize = 64 << 20;
 struct Held {
     epoch: u64,
     at: Instant,
-    frame: Vec<u8>,
+    /// Shared, so the copy for the backup's output log takes a reference, not the bytes.
+    frame: Frame,
 }
+
+/// A held frame's bytes (shared with the backup's copy, [`OutputBuffer::take_for_backup`]).
+pub type Frame = Arc<[u8]>;
 
 struct Inner {
     /// Harvest sequence of the epoch now running: frames sent now belong to it.
@@ -40,7 +49,15 @@ struct Inner {
     /// Frames held since the last epoch boundary, and in the epoch before it.
     epoch_frames: u32,
     last_epoch_frames: u32,
+    /// The highest harvest whose frames [`OutputBuffer::take_for_backup`] went through.
+    forwarded_upto: u64,
 }
+
+/// Most frames of one epoch copied for the backup's output log; the rest of the epoch is not
+/// forwarded (counted): a promoted replica leaves them to the guest's retransmission.
+pub const MAX_FORWARD_FRAMES: usize = 1024;
+/// Most bytes of one epoch copied for the backup's output log.
+pub const MAX_FORWARD_BYTES: usize = 1 << 20;
 
 /// A record of one released frame, for tests that prove output commit: which epoch produced
 /// it, when that epoch's acknowledgement arrived and when the frame went to the TAP (both
@@ -83,6 +100,13 @@ pub struct OutputStats {
     pub passthrough_frames: AtomicU64,
     /// Sum of hold times of released frames, in microseconds.
     pub hold_us_total: AtomicU64,
+    /// Frames copied for the backup's output log ([`OutputBuffer::take_for_backup`]).
+    pub forward_taken_frames: AtomicU64,
+    /// Frames handed to the replication session for the backup's output log.
+    pub forwarded_frames: AtomicU64,
+    /// Held frames not forwarded: over [`MAX_FORWARD_FRAMES`] or [`MAX_FORWARD_BYTES`] in their
+    /// epoch, or refused by the session (no session, a backlog).
+    pub unforwarded_frames: AtomicU64,
 }
 
 /// Decides, at an instant, whether output may leave at all (the arbitration lease).
@@ -116,6 +140,7 @@ impl OutputBuffer {
                 first_held: None,
                 epoch_frames: 0,
                 last_epoch_frames: 0,
+                forwarded_upto: 0,
             }),
             waiting: std::sync::Condvar::new(),
             tap,
@@ -209,6 +234,40 @@ impl OutputBuffer {
     /// How many frames the guest sent in the current epoch so far.
     pub fn frames_this_epoch(&self) -> u32 {
         self.lock().epoch_frames
+    }
+
+    /// The frames held with a harvest tag up to `upto` (the harvest whose pause just ended) that
+    /// an earlier call did not go through, in the order the guest sent them, copied when `copy`
+    /// (a backup that keeps an output log: [`MAX_FORWARD_FRAMES`] and [`MAX_FORWARD_BYTES`] at
+    /// most, the rest counted as not forwarded), so the next call starts after them either way.
+    /// Call after the pause that moved the boundary past `upto` ([`OutputBuffer::begin`]), so no
+    /// frame is added to those epochs any more; the pause does not wait for the copy.
+    pub fn take_for_backup(&self, upto: u64, copy: bool) -> Vec<Frame> {
+        let mut g = self.lock();
+        let from = g.forwarded_upto;
+        g.forwarded_upto = g.forwarded_upto.max(upto);
+        if !copy {
+            return Vec::new();
+        }
+        // Held frames are in tag order: those of the epochs not gone through are a suffix.
+        let first = g.held.partition_point(|h| h.epoch <= from);
+        let mut out = Vec::new();
+        let (mut bytes, mut skipped) = (0usize, 0u64);
+        for h in g.held.range(first..).filter(|h| h.epoch <= upto) {
+            if out.len() < MAX_FORWARD_FRAMES && bytes + h.frame.len() <= MAX_FORWARD_BYTES {
+                bytes += h.frame.len();
+                out.push(Arc::clone(&h.frame));
+            } else {
+                skipped += 1;
+            }
+        }
+        drop(g);
+        self.stats.forward_taken_frames.fetch_add(out.len() as u64, Ordering::Relaxed);
+        if skipped > 0 {
+            self.stats.unforwarded_frames.fetch_add(skipped, Ordering::Relaxed);
+            tracing::debug!(upto, skipped, "output: frames over the forwarding bound not copied for the backup");
+        }
+        out
     }
 
     /// Releases every frame of epochs up to and including `epoch`; returns how many.
@@ -318,7 +377,7 @@ impl OutputBuffer {
         let epoch = g.current;
         let now = Instant::now();
         g.held_bytes += frame.len();
-        g.held.push_back(Held { epoch, at: now, frame: frame.to_vec() });
+        g.held.push_back(Held { epoch, at: now, frame: Frame::from(frame) });
         g.epoch_frames = g.epoch_frames.saturating_add(1);
         // The output path's timing (`UNDERSTUDY_LOG=primary::output=debug`): wall-clock ns,
         // comparable with the net device's `rx frame delivered` and the link's release.
@@ -406,4 +465,81 @@ pub fn restore_plain_sink(vm: &Mutex<Vm>) -> Result<(), VmError> {
     g.resume();
     tracing::info!("output: plain sink restored");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A buffer whose "TAP" is one end of a socket pair (the other end is returned to keep it
+    /// open), holding from harvest 1 on.
+    fn buffer() -> (Arc<OutputBuffer>, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two new descriptors into `fds`, which we then own.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let out = OutputBuffer::new(Arc::new(Tap::from_fd(a, "pair").unwrap()), DEFAULT_HOLD_CAP);
+        out.begin(1);
+        (out, b)
+    }
+
+    /// [`OutputBuffer::take_for_backup`]'s frames as bytes.
+    fn taken(out: &OutputBuffer, upto: u64, copy: bool) -> Vec<Vec<u8>> {
+        out.take_for_backup(upto, copy).iter().map(|f| f.to_vec()).collect()
+    }
+
+    #[test]
+    fn each_epochs_frames_are_taken_for_the_backup_once_in_order() {
+        let (out, _peer) = buffer();
+        let mut sink = out.sink();
+        sink.send(b"a1").unwrap();
+        sink.send(b"a2").unwrap();
+        // The pause that ends harvest 1 moves the boundary; then its frames are taken.
+        out.begin(2);
+        sink.send(b"b1").unwrap();
+        assert_eq!(taken(&out, 1, true), vec![b"a1".to_vec(), b"a2".to_vec()]);
+        assert!(taken(&out, 1, true).is_empty(), "taken once");
+        // Harvest 2 while the backup keeps no log: gone through without a copy, so a backup
+        // that announces a log later never gets them under a later epoch's name.
+        out.begin(3);
+        sink.send(b"c1").unwrap();
+        assert!(taken(&out, 2, false).is_empty());
+        out.begin(4);
+        assert_eq!(taken(&out, 3, true), vec![b"c1".to_vec()]);
+        // Still held (nothing acknowledged): the copy leaves the frames where they are.
+        assert_eq!(out.held().0, 4);
+        // Frames held across a re-sync carry an older tag: the next checkpoint takes them too.
+        sink.send(b"d1").unwrap();
+        out.begin(7);
+        sink.send(b"g1").unwrap();
+        out.begin(8);
+        assert_eq!(taken(&out, 7, true), vec![b"d1".to_vec(), b"g1".to_vec()]);
+        assert_eq!(out.stats().forward_taken_frames.load(Ordering::Relaxed), 5);
+        assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_epoch_past_the_forwarding_bound_is_taken_in_part_and_the_rest_counted() {
+        let (out, _peer) = buffer();
+        let mut sink = out.sink();
+        for i in 0..MAX_FORWARD_FRAMES + 5 {
+            sink.send(&(i as u32).to_le_bytes()).unwrap();
+        }
+        out.begin(2);
+        let first = taken(&out, 1, true);
+        assert_eq!(first.len(), MAX_FORWARD_FRAMES);
+        assert_eq!(first[0], 0u32.to_le_bytes());
+        assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 5);
+        // By bytes: a frame that would pass the byte bound is left out, later small ones fit.
+        let big = vec![1u8; MAX_FORWARD_BYTES - 10];
+        sink.send(&big).unwrap();
+        sink.send(&[2u8; 20]).unwrap();
+        sink.send(&[3u8; 5]).unwrap();
+        out.begin(3);
+        assert_eq!(taken(&out, 2, true), vec![big, vec![3u8; 5]]);
+        assert_eq!(out.stats().unforwarded_frames.load(Ordering::Relaxed), 6);
+    }
 }

@@ -65,11 +65,13 @@ pub enum MessageKind {
     Inbound = 18,
     /// Protection: the primary's epoch whose inbound frames the backup's replica holds.
     InboundCommitted = 19,
+    /// Protection: the output frames an epoch produced (to a backup keeping an output log).
+    Output = 20,
 }
 
 impl MessageKind {
     /// Every kind, in code order.
-    pub const ALL: [MessageKind; 19] = [
+    pub const ALL: [MessageKind; 20] = [
         Self::Hello,
         Self::EpochBegin,
         Self::PageBatch,
@@ -89,6 +91,7 @@ impl MessageKind {
         Self::Complete,
         Self::Inbound,
         Self::InboundCommitted,
+        Self::Output,
     ];
 
     /// The kind with wire code `code`.
@@ -109,6 +112,7 @@ impl MessageKind {
             Self::StateChunk => MAX_STATE_CHUNK + 32,
             Self::Goodbye => MAX_GOODBYE_LEN,
             Self::Inbound => 16 + crate::limits::MAX_INBOUND_FRAME,
+            Self::Output => crate::limits::MAX_OUTPUT_LEN,
             Self::PageRequest => 16 + 12 * crate::limits::MAX_REQUEST_PAGES,
             Self::EpochBegin
             | Self::EpochEnd
@@ -128,14 +132,15 @@ impl MessageKind {
     /// version breaks the protocol).
     pub fn since_version(self) -> u16 {
         match self {
-            // The inbound log is a capability of the version 2 `Hello` flags byte.
+            // The inbound and output logs are capabilities of the version 2 `Hello` flags byte.
             Self::SwitchOver
             | Self::PageMap
             | Self::Handover
             | Self::Resumed
             | Self::Complete
             | Self::Inbound
-            | Self::InboundCommitted => crate::version::Feature::Migration.since(),
+            | Self::InboundCommitted
+            | Self::Output => crate::version::Feature::Migration.since(),
             _ => 1,
         }
     }

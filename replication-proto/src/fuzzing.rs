@@ -129,6 +129,7 @@ fn connected_as(now: Instant, role: Role, start: Option<Position>) -> Receiver {
         start,
         inbound_log: false,
         side_copy_port: None,
+        output_log: false,
     };
     let mut bytes = Vec::new();
     Message::Hello(hello).encode_frame(&mut bytes);

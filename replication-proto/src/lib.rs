@@ -67,12 +67,14 @@
 //!         P->>B: StateChunk{N, seq, offset, bytes}
 //!     end
 //!     P->>B: EpochEnd{N, frames, page_count, state_len, checksum, digest}
+//!     P-->>B: Output{N, harvest, frames} (the epoch's held output, to a backup with an output log)
 //!     Note over B: counts and crc32 hold: N is whole
 //!     B->>O: ReceiverEvent::Checkpoint(N)
 //!     O->>O: verify digest against replica, apply
 //!     O->>B: committed(N)
 //!     B->>P: Ack(N)
 //!     Note over P: SenderEvent::Acked(N): release output up to N
+//!     P-->>B: InboundCommitted{harvest of N} (released: the backup's logs drop it)
 //!     B-->>P: ResendRequest{from N} (gap, bad checksum, stall)
 //!     B-->>P: ResyncRequest (owner rejected N): P needs a baseline
 //! ```
@@ -145,14 +147,15 @@ pub mod wire;
 pub use checkpoint::{ApplyError, Checkpoint, MemoryImage, PageContent, PageRef, ReplicaMemory};
 pub use codec::CodecConfig;
 pub use message::{
-    GoodbyeReason, GuestRange, Hello, InboundFrame, Lineage, MemoryLayout, Message, Position, ResyncReason, Role,
-    VmIdentity,
+    GoodbyeReason, GuestRange, Hello, InboundFrame, Lineage, MemoryLayout, Message, OutputFrames, Position,
+    ResyncReason, Role, VmIdentity,
 };
 pub use migration::StartError;
 pub use pageset::PageEncoding;
 pub use receiver::{Receiver, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverStats};
 pub use sender::{
-    BaselineReason, InboundError, MigrationError, Sender, SenderConfig, SenderEvent, SenderStats, SubmitError,
+    BaselineReason, InboundError, MigrationError, OutputError, Sender, SenderConfig, SenderEvent, SenderStats,
+    SubmitError,
 };
 pub use session::{Channel, Endpoint, LinkState, PeerLiveness, SessionError, Timing, Transmit};
 pub use version::{PROTOCOL_VERSION, VersionError};

@@ -52,3 +52,10 @@ pub const MAX_EPOCH: u64 = 1 << 63;
 
 /// Largest Ethernet frame an `Inbound` message carries (what a TAP hands over at most).
 pub const MAX_INBOUND_FRAME: usize = 64 << 10;
+
+/// Largest guest frame an `Output` message carries (what a TAP takes at most).
+pub const MAX_OUTPUT_FRAME: usize = 64 << 10;
+/// Most frames one `Output` message carries (an epoch with more goes in several messages).
+pub const MAX_OUTPUT_FRAMES: usize = 1024;
+/// Largest `Output` payload: its header (epoch, harvest, count) and every frame with its length.
+pub const MAX_OUTPUT_LEN: usize = 1 << 20;

@@ -7,8 +7,8 @@
 
 use crate::frame::{MessageKind, begin_frame, finish_frame};
 use crate::limits::{
-    MAX_DETAIL_LEN, MAX_GUEST_PAGES, MAX_GUEST_RANGES, MAX_INBOUND_FRAME, MAX_PAGE_SIZE, MAX_REQUEST_PAGES,
-    MAX_STATE_CHUNK, MAX_VM_NAME_LEN, MIN_PAGE_SIZE,
+    MAX_DETAIL_LEN, MAX_GUEST_PAGES, MAX_GUEST_RANGES, MAX_INBOUND_FRAME, MAX_OUTPUT_FRAME, MAX_OUTPUT_FRAMES,
+    MAX_PAGE_SIZE, MAX_REQUEST_PAGES, MAX_STATE_CHUNK, MAX_VM_NAME_LEN, MIN_PAGE_SIZE,
 };
 use crate::migration::{
     Complete, Handover, PageMap, Resumed, SwitchOver, get_page_map, get_runs, get_switch_over, put_page_map, put_runs,
@@ -339,8 +339,17 @@ pub struct Hello {
     /// without it ignores the bit and the tail, and so announces none: its peer gets no side
     /// copies.
     pub side_copy_port: Option<u16>,
+    /// The speaker keeps an output log (bit 4 of the flags byte; a capability, not a version): a
+    /// backup that sets it takes `Output` messages (the frames each epoch produced, sent after its
+    /// checkpoint) and `InboundCommitted` notices (the epochs whose output the primary released),
+    /// and at promotion writes the frames of the epochs its replica holds that were not reported
+    /// released. A primary sends `Output` only to a backup that announced it, so a build without
+    /// the log (which would refuse the unknown kind) never sees one.
+    pub output_log: bool,
 }
 
+/// Bit 4 of the `Hello` flags byte (version 2): the speaker keeps an output log.
+const HELLO_OUTPUT_LOG: u8 = 16;
 /// Bit 2 of the `Hello` flags byte (version 2): the speaker keeps an inbound log.
 const HELLO_INBOUND_LOG: u8 = 4;
 /// Bit 3 of the `Hello` flags byte (version 2): the speaker's side-copy port follows (after the
@@ -490,6 +499,28 @@ pub struct InboundFrame {
     pub frame: Vec<u8>,
 }
 
+/// Protection: the frames the guest sent during an epoch, held on the primary until the backup
+/// acknowledges the epoch, forwarded (after the epoch's checkpoint) to a backup that keeps an
+/// output log (see [`Hello::output_log`]), so that a promoted replica can send them itself when
+/// the primary died between the backup's commit and the release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFrames {
+    /// The checkpoint (wire epoch) whose execution produced the frames: the backup writes them
+    /// at promotion only if its replica holds this epoch.
+    pub epoch: u64,
+    /// The primary's epoch (harvest sequence) that produced them, as `InboundCommitted` names
+    /// it: once the primary reports it released, they are dropped.
+    pub harvest: u64,
+    /// The Ethernet frames, in the order the guest sent them (1..=[`MAX_OUTPUT_FRAMES`], each
+    /// 1..=[`MAX_OUTPUT_FRAME`] bytes, the payload at most [`crate::limits::MAX_OUTPUT_LEN`]).
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// Bytes an `Output` payload spends besides the frames: epoch, harvest and count.
+pub const OUTPUT_HEADER_LEN: usize = 20;
+/// Bytes each frame of an `Output` payload spends besides its own (its length).
+pub const OUTPUT_FRAME_OVERHEAD: usize = 4;
+
 /// Post-copy: the destination asks for pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
@@ -551,11 +582,15 @@ pub enum Message {
     /// Protection: a frame delivered to the guest (to a backup that keeps an inbound log).
     Inbound(InboundFrame),
     /// Protection: the backup committed the primary's epoch `epoch` (its harvest sequence): the
-    /// inbound frames tagged with it or an earlier one are in the replica.
+    /// inbound frames tagged with it or an earlier one are in the replica. Sent right after the
+    /// primary released the output of that epoch and the earlier ones, so it also tells a backup
+    /// keeping an output log which epochs' output already left.
     InboundCommitted {
         /// The primary's epoch.
         epoch: u64,
     },
+    /// Protection: an epoch's output frames (to a backup that keeps an output log).
+    Output(OutputFrames),
 }
 
 /// A payload that does not decode as its kind.
@@ -627,6 +662,7 @@ impl Message {
             Self::Complete(_) => MessageKind::Complete,
             Self::Inbound(_) => MessageKind::Inbound,
             Self::InboundCommitted { .. } => MessageKind::InboundCommitted,
+            Self::Output(_) => MessageKind::Output,
         }
     }
 
@@ -663,7 +699,8 @@ impl Message {
                     let start = if h.start.is_some() { HELLO_START } else { 0 };
                     let inbound = if h.inbound_log { HELLO_INBOUND_LOG } else { 0 };
                     let side = if h.side_copy_port.is_some() { HELLO_SIDE_COPY } else { 0 };
-                    out.push(sends | start | inbound | side);
+                    let output = if h.output_log { HELLO_OUTPUT_LOG } else { 0 };
+                    out.push(sends | start | inbound | side | output);
                     if let Some(p) = h.start {
                         put_u64(out, p.lineage.origin);
                         put_u64(out, p.lineage.baseline);
@@ -743,6 +780,15 @@ impl Message {
                 out.extend_from_slice(&f.frame);
             }
             Self::InboundCommitted { epoch } => put_u64(out, *epoch),
+            Self::Output(o) => {
+                put_u64(out, o.epoch);
+                put_u64(out, o.harvest);
+                put_u32(out, o.frames.len() as u32);
+                for f in &o.frames {
+                    put_u32(out, f.len() as u32);
+                    out.extend_from_slice(f);
+                }
+            }
         }
     }
 
@@ -839,7 +885,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             let high_water = r.u64("high_water")?;
             let session = r.u64("session")?;
             // Version 2 adds the flags byte; unknown flag bits are for later versions.
-            let (sends_checkpoints, start, inbound_log, side_copy_port) =
+            let (sends_checkpoints, start, inbound_log, side_copy_port, output_log) =
                 if crate::version::Feature::Migration.in_version(version) {
                     let flags = r.u8("flags")?;
                     let start = if flags & HELLO_START != 0 {
@@ -858,9 +904,15 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                     } else {
                         None
                     };
-                    (flags & HELLO_SENDS_CHECKPOINTS != 0, start, flags & HELLO_INBOUND_LOG != 0, side_copy_port)
+                    (
+                        flags & HELLO_SENDS_CHECKPOINTS != 0,
+                        start,
+                        flags & HELLO_INBOUND_LOG != 0,
+                        side_copy_port,
+                        flags & HELLO_OUTPUT_LOG != 0,
+                    )
                 } else {
-                    (role.is_sender(), None, false, None)
+                    (role.is_sender(), None, false, None, false)
                 };
             // Anything after this is a field from a later version: ignored.
             let _ = r.rest();
@@ -880,6 +932,7 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
                 start,
                 inbound_log,
                 side_copy_port,
+                output_log,
             })
         }
         MessageKind::EpochBegin => {
@@ -1001,6 +1054,28 @@ fn decode_body(kind: MessageKind, r: &mut Reader<'_>) -> Result<Message, BodyErr
             Message::Inbound(InboundFrame { epoch, seq, frame: frame.to_vec() })
         }
         MessageKind::InboundCommitted => Message::InboundCommitted { epoch: r.u64("epoch")? },
+        MessageKind::Output => {
+            let epoch = nonzero_epoch(r.u64("epoch")?)?;
+            let harvest = r.u64("harvest")?;
+            let count = r.u32("output frame count")? as usize;
+            if count == 0 || count > MAX_OUTPUT_FRAMES {
+                return Err(BodyError::Invalid("output frame count", count as u64));
+            }
+            // Each frame takes at least its length and one byte: a count the payload cannot hold
+            // is refused before anything is allocated for it.
+            if count > r.remaining() / (OUTPUT_FRAME_OVERHEAD + 1) {
+                return Err(BodyError::Invalid("output frame count", count as u64));
+            }
+            let mut frames = Vec::with_capacity(count);
+            for _ in 0..count {
+                let len = r.u32("output frame length")? as usize;
+                if len == 0 || len > MAX_OUTPUT_FRAME {
+                    return Err(BodyError::Invalid("output frame length", len as u64));
+                }
+                frames.push(r.bytes(len, "output frame")?.to_vec());
+            }
+            Message::Output(OutputFrames { epoch, harvest, frames })
+        }
     })
 }
 
@@ -1038,6 +1113,7 @@ mod tests {
             start: None,
             inbound_log: false,
             side_copy_port: None,
+            output_log: false,
         }));
         round_trip(Message::EpochBegin(EpochBegin {
             epoch: 12,
@@ -1101,6 +1177,7 @@ mod tests {
             start: None,
             inbound_log: false,
             side_copy_port: None,
+            output_log: false,
         }
     }
 

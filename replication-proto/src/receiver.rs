@@ -51,6 +51,11 @@ pub struct ReceiverConfig {
     /// announced in `Hello` ([`Hello::side_copy_port`]) so the primary also sends each frame
     /// there as an authenticated datagram. Default none.
     pub side_copy_port: Option<u16>,
+    /// Keep an output log (a protection backup): announce it in `Hello` and report the output
+    /// frames the primary forwards after each checkpoint ([`ReceiverEvent::Output`]) and the
+    /// epochs it released ([`ReceiverEvent::InboundCommitted`]). Default off: without it the
+    /// primary sends none.
+    pub output_log: bool,
 }
 
 impl ReceiverConfig {
@@ -69,6 +74,7 @@ impl ReceiverConfig {
             version: PROTOCOL_VERSION,
             inbound_log: false,
             side_copy_port: None,
+            output_log: false,
         }
     }
 }
@@ -108,8 +114,12 @@ pub enum ReceiverEvent {
     /// Protection: a frame the primary delivered to its guest (only with
     /// [`ReceiverConfig::inbound_log`]); keep it for replay at promotion.
     Inbound(crate::message::InboundFrame),
+    /// Protection: the output frames of a checkpoint (only with [`ReceiverConfig::output_log`]);
+    /// keep them until the primary reports them released, write them at promotion.
+    Output(crate::message::OutputFrames),
     /// Protection: the primary's epoch `epoch` is committed here: drop the inbound frames tagged
-    /// with it or an earlier one.
+    /// with it or an earlier one. The primary sends it right after releasing the output of that
+    /// epoch and the earlier ones: drop their output frames too.
     InboundCommitted {
         /// The primary's epoch (its harvest sequence, the tag of [`ReceiverEvent::Inbound`]).
         epoch: u64,
@@ -481,6 +491,7 @@ impl Receiver {
             start: self.start,
             inbound_log: self.cfg.inbound_log,
             side_copy_port: self.cfg.side_copy_port.filter(|_| self.cfg.inbound_log),
+            output_log: self.cfg.output_log,
         }
     }
 
@@ -828,9 +839,10 @@ impl Receiver {
                 Message::PageMap(m) => self.events.push_back(ReceiverEvent::PageMap(m)),
                 Message::Handover(h) => self.events.push_back(ReceiverEvent::Handover { epoch: h.epoch }),
                 Message::Inbound(f) if self.cfg.inbound_log => self.events.push_back(ReceiverEvent::Inbound(f)),
-                Message::InboundCommitted { epoch } if self.cfg.inbound_log => {
+                Message::InboundCommitted { epoch } if self.cfg.inbound_log || self.cfg.output_log => {
                     self.events.push_back(ReceiverEvent::InboundCommitted { epoch })
                 }
+                Message::Output(o) if self.cfg.output_log => self.events.push_back(ReceiverEvent::Output(o)),
                 _ => {}
             },
         }

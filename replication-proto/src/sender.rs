@@ -220,6 +220,50 @@ pub enum InboundError {
 /// best effort and must not grow memory without bound while the transport is blocked.
 pub const MAX_INBOUND_BACKLOG: usize = 1024;
 
+/// An epoch's output that cannot be forwarded (the caller counts its frames as dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OutputError {
+    /// No session is established.
+    #[error("no session with the backup")]
+    NotConnected,
+    /// The backup did not announce an output log (an older build, or a migration peer).
+    #[error("the peer keeps no output log")]
+    Unsupported,
+    /// The epoch was never submitted (or is 0).
+    #[error("output of epoch {epoch}, but the last epoch submitted is {last}")]
+    NotSubmitted {
+        /// The epoch named.
+        epoch: u64,
+        /// The last epoch submitted.
+        last: u64,
+    },
+    /// Too many output bytes wait for the transport.
+    #[error("{queued} output bytes queued, {adding} more would pass the limit of {limit}")]
+    Backlog {
+        /// Bytes queued.
+        queued: usize,
+        /// Bytes this epoch's output would add.
+        adding: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A frame is empty or larger than [`crate::limits::MAX_OUTPUT_FRAME`].
+    #[error("output frame {index} of {len} bytes (1..={max} allowed)")]
+    Length {
+        /// Its index in the epoch's frames.
+        index: usize,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Most bytes of `Output` messages queued before [`Sender::send_output`] refuses an epoch's
+/// output: forwarding it is best effort (a promoted replica without it leaves the replies to the
+/// guest's retransmission), and must not grow memory while checkpoints fill the link.
+pub const MAX_OUTPUT_BACKLOG: usize = 4 << 20;
+
 /// A checkpoint that cannot be submitted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubmitError {
@@ -366,6 +410,11 @@ pub struct Sender {
     last_request: Option<u32>,
     last_sent: u64,
     responses: VecDeque<Transmit>,
+    /// Epochs' output frames (`Output` messages), sent after every epoch frame queued, so a
+    /// checkpoint and its ack never wait behind output; dropped with the connection.
+    outputs: VecDeque<Transmit>,
+    /// Bytes in `outputs`.
+    output_bytes: usize,
     /// Post-copy pushes ([`crate::session::Channel::Bulk`]), sent after everything else.
     pushes: VecDeque<Transmit>,
     /// A `PushRoom` is owed: pushes were queued since the last one.
@@ -442,6 +491,8 @@ impl Sender {
             last_request: None,
             last_sent: 0,
             responses: VecDeque::new(),
+            outputs: VecDeque::new(),
+            output_bytes: 0,
             pushes: VecDeque::new(),
             push_room_owed: false,
             events,
@@ -914,19 +965,104 @@ impl Sender {
         Ok(())
     }
 
-    /// Protection: tells the backup that the primary's epoch `epoch` is acknowledged, so it drops
-    /// the inbound frames tagged with it or earlier.
+    /// Protection: tells the backup that the primary's epoch `epoch` is acknowledged and its
+    /// output (and the earlier epochs') released, so it drops the inbound frames tagged with it
+    /// or earlier and the output frames of those epochs. For a backup that keeps either log.
     pub fn send_inbound_committed(&mut self, epoch: u64) -> Result<(), InboundError> {
-        self.inbound_ready()?;
+        self.ready_for(self.peer_keeps_inbound_log() || self.peer_keeps_output_log())?;
         self.link.push(&Message::InboundCommitted { epoch });
         Ok(())
     }
 
+    /// Whether the established session's receiver keeps an output log ([`Hello::output_log`]).
+    pub fn peer_keeps_output_log(&self) -> bool {
+        self.link.state == LinkState::Established && self.link.peer.as_ref().is_some_and(|p| p.output_log)
+    }
+
+    /// Protection: forwards the frames the guest sent during submitted epoch `epoch` (the
+    /// primary's epoch `harvest`), in the order it sent them, to a backup that keeps an output
+    /// log. Queued behind every epoch frame queued (the checkpoint and its ack never wait for
+    /// it), in as many `Output` messages as the limits need; returns how many. Refused, never
+    /// queued in part, when the peer keeps no log, a frame is out of bounds or the queue holds
+    /// [`MAX_OUTPUT_BACKLOG`] bytes.
+    pub fn send_output<F: AsRef<[u8]>>(
+        &mut self,
+        epoch: u64,
+        harvest: u64,
+        frames: &[F],
+    ) -> Result<usize, OutputError> {
+        use crate::limits::{MAX_OUTPUT_FRAME, MAX_OUTPUT_FRAMES, MAX_OUTPUT_LEN};
+        use crate::message::{OUTPUT_FRAME_OVERHEAD, OUTPUT_HEADER_LEN};
+        self.output_ready()?;
+        if epoch == 0 || epoch > self.last_submitted {
+            return Err(OutputError::NotSubmitted { epoch, last: self.last_submitted });
+        }
+        if let Some((index, f)) =
+            frames.iter().enumerate().find(|(_, f)| f.as_ref().is_empty() || f.as_ref().len() > MAX_OUTPUT_FRAME)
+        {
+            return Err(OutputError::Length { index, len: f.as_ref().len(), max: MAX_OUTPUT_FRAME });
+        }
+        let adding: usize = frames
+            .iter()
+            .map(|f| f.as_ref().len() + OUTPUT_FRAME_OVERHEAD)
+            .sum::<usize>()
+            .saturating_add(OUTPUT_HEADER_LEN + crate::limits::FRAME_HEADER_LEN);
+        if self.output_bytes + adding > MAX_OUTPUT_BACKLOG {
+            return Err(OutputError::Backlog { queued: self.output_bytes, adding, limit: MAX_OUTPUT_BACKLOG });
+        }
+        let mut messages = 0;
+        let mut rest = frames;
+        while !rest.is_empty() {
+            // As many frames as fit in one message.
+            let mut len = OUTPUT_HEADER_LEN;
+            let mut n = 0;
+            for f in rest.iter().take(MAX_OUTPUT_FRAMES) {
+                let add = f.as_ref().len() + OUTPUT_FRAME_OVERHEAD;
+                if n > 0 && len + add > MAX_OUTPUT_LEN {
+                    break;
+                }
+                len += add;
+                n += 1;
+            }
+            let (part, after) = rest.split_at(n);
+            rest = after;
+            let mut out = Vec::with_capacity(crate::limits::FRAME_HEADER_LEN + len);
+            let at = begin_frame(&mut out, MessageKind::Output);
+            put_u64(&mut out, epoch);
+            put_u64(&mut out, harvest);
+            put_u32(&mut out, part.len() as u32);
+            for f in part {
+                put_u32(&mut out, f.as_ref().len() as u32);
+                out.extend_from_slice(f.as_ref());
+            }
+            finish_frame(&mut out, at);
+            self.output_bytes += out.len();
+            self.outputs.push_back(Transmit::new(Arc::new(out), crate::session::Channel::Stream));
+            messages += 1;
+        }
+        Ok(messages)
+    }
+
+    fn output_ready(&self) -> Result<(), OutputError> {
+        if self.link.state != LinkState::Established {
+            return Err(OutputError::NotConnected);
+        }
+        if !self.peer_keeps_output_log() {
+            return Err(OutputError::Unsupported);
+        }
+        Ok(())
+    }
+
     fn inbound_ready(&self) -> Result<(), InboundError> {
+        self.ready_for(self.peer_keeps_inbound_log())
+    }
+
+    /// An established session whose peer takes the message (`takes`), and room in the queue.
+    fn ready_for(&self, takes: bool) -> Result<(), InboundError> {
         if self.link.state != LinkState::Established {
             return Err(InboundError::NotConnected);
         }
-        if !self.peer_keeps_inbound_log() {
+        if !takes {
             return Err(InboundError::Unsupported);
         }
         let queued = self.link.control_len();
@@ -956,12 +1092,15 @@ impl Sender {
             start: self.start,
             inbound_log: false,
             side_copy_port: None,
+            output_log: false,
         }
     }
 
     fn fail(&mut self, error: SessionError) {
         self.link.fail(&error);
         self.ready = false;
+        self.outputs.clear();
+        self.output_bytes = 0;
         self.events.push_back(SenderEvent::Disconnected { error });
     }
 
@@ -1128,6 +1267,12 @@ impl Sender {
         self.resync(BaselineReason::Requested(r.reason));
     }
 
+    fn next_output(&mut self) -> Option<Transmit> {
+        let t = self.outputs.pop_front()?;
+        self.output_bytes -= t.len();
+        Some(t)
+    }
+
     fn next_epoch_frame(&mut self) -> Option<Transmit> {
         let front = self.window.front()?.epoch;
         if self.send_epoch < front {
@@ -1215,6 +1360,8 @@ impl Endpoint for Sender {
 
     fn connect(&mut self, now: Instant) {
         self.responses.clear();
+        self.outputs.clear();
+        self.output_bytes = 0;
         self.ready = false;
         self.link.next_session();
         let hello = self.hello();
@@ -1288,24 +1435,27 @@ impl Endpoint for Sender {
 }
 
 impl Sender {
-    /// The next transmit: control, demand answers, epoch frames, then (when `bulk`) pushes.
+    /// The next transmit: control, demand answers, epoch frames, epochs' output, then (when
+    /// `bulk`) pushes.
     fn transmit(&mut self, now: Instant, bulk: bool) -> Option<Transmit> {
         let t = self.link.pop_control().or_else(|| {
             if !self.ready || self.link.state != LinkState::Established {
                 return None;
             }
-            self.responses.pop_front().or_else(|| self.next_epoch_frame()).or_else(|| {
-                if !bulk {
-                    return None;
-                }
-                let t = self.pushes.pop_front()?;
-                // Owed since the last push: the queue is at or under the low water now.
-                if self.push_room_owed && self.pushes.len() <= self.cfg.push_low_water {
-                    self.push_room_owed = false;
-                    self.events.push_back(SenderEvent::PushRoom { queued: self.pushes.len() });
-                }
-                Some(t)
-            })
+            self.responses.pop_front().or_else(|| self.next_epoch_frame()).or_else(|| self.next_output()).or_else(
+                || {
+                    if !bulk {
+                        return None;
+                    }
+                    let t = self.pushes.pop_front()?;
+                    // Owed since the last push: the queue is at or under the low water now.
+                    if self.push_room_owed && self.pushes.len() <= self.cfg.push_low_water {
+                        self.push_room_owed = false;
+                        self.events.push_back(SenderEvent::PushRoom { queued: self.pushes.len() });
+                    }
+                    Some(t)
+                },
+            )
         })?;
         self.link.sent(now);
         self.stats.frames_sent += 1;

@@ -804,9 +804,9 @@ impl Link {
             K::PageResponse | K::SwitchOver | K::Handover => forward_source,
             K::PageMap => forward_source || forward_destination,
             K::PageRequest | K::Resumed | K::Complete => forward_destination,
-            // Only a protection primary forwards inbound frames (to a backup that asked for
-            // them: the receiver drops them otherwise).
-            K::Inbound | K::InboundCommitted => peer_sends && peer.role == Role::Primary,
+            // Only a protection primary forwards inbound and output frames (to a backup that
+            // asked for them: the receiver drops them otherwise).
+            K::Inbound | K::InboundCommitted | K::Output => peer_sends && peer.role == Role::Primary,
         };
         if ok { Ok(()) } else { Err(SessionError::Unexpected { kind, role: peer.role, sends: peer_sends }) }
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{connect, pump};
+use common::{connect, first_hello, pump};
 use replication_proto::message::{Hello, InboundFrame, Message};
 use replication_proto::{
     Endpoint, InboundError, MemoryLayout, Receiver, ReceiverConfig, ReceiverEvent, Role, Sender, SenderConfig,
@@ -138,16 +138,7 @@ fn frames_and_the_flag_round_trip_and_bad_ones_are_refused() {
     assert!(bad(Message::Inbound(InboundFrame { epoch: 1, seq: 1, frame: vec![1; 65537] })), "too long");
     // The Hello flag survives a round trip (a backup's own Hello, with and without a log);
     // version 1 has no flags byte, so no log.
-    let hello = |log: bool| {
-        let (_, mut r) = pair(log);
-        r.connect(Instant::now());
-        let t = r.poll_transmit(Instant::now()).expect("a hello");
-        let mut d = replication_proto::frame::FrameDecoder::new();
-        d.push(t.as_slice());
-        let f = d.next_frame().unwrap().expect("a whole frame");
-        let Message::Hello(h) = Message::decode(f.kind, &f.payload).unwrap() else { panic!("a hello") };
-        h
-    };
+    let hello = |log: bool| first_hello(&mut pair(log).1);
     assert!(hello(true).inbound_log);
     assert!(!hello(false).inbound_log);
     let mut p = Vec::new();

@@ -247,6 +247,7 @@ fn hello(role: Role, version: u16) -> Hello {
         start: None,
         inbound_log: false,
         side_copy_port: None,
+        output_log: false,
     }
 }
 

@@ -256,6 +256,7 @@ fn peer_hello(role: Role, instance: u64) -> Hello {
         start: None,
         inbound_log: false,
         side_copy_port: None,
+        output_log: false,
     }
 }
 

@@ -334,6 +334,7 @@ fn crafted_hello(role: Role, sends: bool, start: Option<Position>) -> Hello {
         start,
         inbound_log: false,
         side_copy_port: None,
+        output_log: false,
     }
 }
 

@@ -8,8 +8,9 @@ use replication_proto::codec::{
 };
 use replication_proto::frame::{FrameDecoder, MessageKind, decode_datagram};
 use replication_proto::message::{
-    EpochBegin, EpochEnd, Goodbye, GuestRange, Heartbeat, Hello, Lineage, MemoryLayout, Message, PageBatch,
-    PageRequest, PageResponse, Position, ResendRequest, ResyncReason, ResyncRequest, Role, StateChunk, VmIdentity,
+    EpochBegin, EpochEnd, Goodbye, GuestRange, Heartbeat, Hello, Lineage, MemoryLayout, Message, OutputFrames,
+    PageBatch, PageRequest, PageResponse, Position, ResendRequest, ResyncReason, ResyncRequest, Role, StateChunk,
+    VmIdentity,
 };
 use replication_proto::migration::{Complete, Handover, PageMap, PfnRange, Resumed, SwitchMode, SwitchOver};
 use replication_proto::pageset::{EncodedPage, PageEncoding, parse_page_set};
@@ -118,6 +119,8 @@ fn message() -> impl Strategy<Value = Message> {
                         // The inbound-log capability rides on the flags byte too.
                         inbound_log: version >= 2 && sends,
                         side_copy_port: (version >= 2 && hw % 2 == 0).then_some((session % 65_535) as u16 + 1),
+                        // And so does the output-log capability.
+                        output_log: version >= 2 && hw % 3 == 0,
                     })
                 }
             ),
@@ -159,6 +162,12 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), proptest::collection::btree_set(0u64..100_000, 0..200))
             .prop_map(|(id, pfns)| Message::PageRequest(PageRequest { id, pfns: pfns.into_iter().collect() })),
         (any::<u64>(), encoded_pages(true)).prop_map(|(id, pages)| Message::PageResponse(PageResponse { id, pages })),
+        (
+            epoch.clone(),
+            any::<u64>(),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..1600), 1..20)
+        )
+            .prop_map(|(epoch, harvest, frames)| Message::Output(OutputFrames { epoch, harvest, frames })),
         migration_message(),
     ]
 }

@@ -525,8 +525,8 @@ impl Sim {
                 | ReceiverEvent::SwitchOver(_)
                 | ReceiverEvent::PageMap(_)
                 | ReceiverEvent::Handover { .. } => unreachable!("no migration here"),
-                ReceiverEvent::Inbound(_) | ReceiverEvent::InboundCommitted { .. } => {
-                    unreachable!("these receivers keep no inbound log")
+                ReceiverEvent::Inbound(_) | ReceiverEvent::InboundCommitted { .. } | ReceiverEvent::Output(_) => {
+                    unreachable!("these receivers keep no inbound or output log")
                 }
             }
         }

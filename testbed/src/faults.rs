@@ -397,6 +397,8 @@ pub struct Options {
     /// default the LAN floods the guest's address to both hosts (its bridges do not learn it)
     /// and the backup keeps LAN copies.
     pub no_lan_copy: bool,
+    /// More arguments for `understudy protect` (`--protect-arg`), e.g. `--output-burst-end=true`.
+    pub protect_args: Vec<String>,
     pub understudy: PathBuf,
     pub guest: PathBuf,
     pub client: PathBuf,
@@ -421,6 +423,7 @@ impl Options {
             no_prepare_vm: false,
             no_inbound_log: false,
             no_lan_copy: false,
+            protect_args: Vec::new(),
             understudy: env_or("UNDERSTUDY_BIN", root.join("target/release/understudy")),
             guest: env_or("UNDERSTUDY_GUEST", root.join("target/guest/understudy-guest")),
             client: root.join("testbed/scripts/faults_client.py"),
@@ -462,6 +465,9 @@ pub struct RunReport {
     pub announce_ms: Option<f64>,
     /// From the backup's PROMOTED line: inbound frames replayed into the promoted guest.
     pub replayed_frames: Option<u64>,
+    /// From the backup's PROMOTED line: output frames of the replica's epochs the primary had
+    /// not released, written by the backup at promotion.
+    pub output_written_frames: Option<u64>,
     /// Primary's "lease lost" logged before the backup's grant (partition: only one releasing).
     pub lease_lost_before_grant: Option<bool>,
     /// The primary's protection state at the end (runs without promotion).
@@ -502,6 +508,7 @@ impl RunReport {
             "grant_ms": self.grant_ms, "promote_ms": self.promote_ms, "take_ms": self.take_ms,
             "restore_ms": self.restore_ms, "announce_ms": self.announce_ms,
             "replayed_frames": self.replayed_frames,
+            "output_written_frames": self.output_written_frames,
             "lease_lost_before_grant": self.lease_lost_before_grant,
             "final_state": self.final_state, "state_changes": self.state_changes,
             "session_reconnects": self.session_reconnects, "lease_losses": self.lease_losses,
@@ -964,22 +971,25 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
         if booted.is_none() {
             bail!("the guest did not boot in 20 s");
         }
-        sh(&[
-            &s(b),
-            "protect",
-            "--api",
-            &s(d("p.sock")),
-            "--backup",
-            if impairment.is_some() { PROXY_ADDR } else { "10.78.0.2:7400" },
-            "--certs",
-            &s(d("certs")),
-            "--backup-node",
-            "2",
-            "--detect-ms",
-            &opts.detect_ms.to_string(),
-            "--heartbeat-ms",
-            "10",
-        ])?;
+        let detect_ms = opts.detect_ms.to_string();
+        let mut protect = vec![
+            s(b),
+            "protect".into(),
+            "--api".into(),
+            s(d("p.sock")),
+            "--backup".into(),
+            if impairment.is_some() { PROXY_ADDR } else { "10.78.0.2:7400" }.into(),
+            "--certs".into(),
+            s(d("certs")),
+            "--backup-node".into(),
+            "2".into(),
+            "--detect-ms".into(),
+            detect_ms,
+            "--heartbeat-ms".into(),
+            "10".into(),
+        ];
+        protect.extend(opts.protect_args.iter().cloned());
+        sh(&protect.iter().map(String::as_str).collect::<Vec<_>>())?;
         let protected = wait_until(deadline.min(Instant::now() + Duration::from_secs(20)), || {
             if procs.exited("primary") || procs.exited("backup") {
                 return Some(false);
@@ -1227,6 +1237,7 @@ fn run_one(opts: &Options, point: Point, run: usize, rng: &mut XorShift64) -> Re
             rep.restore_ms = field(line, "restore_ms");
             rep.announce_ms = field(line, "announce_ms");
             rep.replayed_frames = field(line, "replayed_frames").map(|f| f as u64);
+            rep.output_written_frames = field(line, "output_written_frames").map(|f| f as u64);
         }
         if let Some(g) = t_grant {
             let lease_lost = plog.lines().filter(|l| l.contains("lease lost")).filter_map(line_time).next_back();
@@ -1563,6 +1574,7 @@ fn write_report(out: &Path, opts: &Options, reports: &[RunReport]) -> Result<()>
         "no_prepare_vm": opts.no_prepare_vm,
         "no_inbound_log": opts.no_inbound_log,
         "no_lan_copy": opts.no_lan_copy,
+        "protect_args": opts.protect_args,
         "runs_per_point": opts.runs,
         "points": opts.points.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "degradation": degradation(),

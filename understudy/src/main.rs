@@ -202,6 +202,14 @@ enum Command {
         /// does not learn the guest's address, an overlay listing both hosts, a mirror port).
         #[arg(long, requires = "tap")]
         lan_copy: bool,
+        /// Most frames kept in the output log (each epoch's output, until the primary releases
+        /// it; a promoted replica writes those of its epochs the primary had not released);
+        /// 0 keeps no log (the primary then sends none).
+        #[arg(long, default_value_t = backup::output_log::DEFAULT_MAX_FRAMES)]
+        output_log_frames: usize,
+        /// Most bytes kept in the output log.
+        #[arg(long, default_value = "8M", value_parser = parse_size)]
+        output_log_bytes: u64,
         /// Promote by itself when the primary is gone. Without a witness this cannot tell a dead
         /// primary from a partition (split brain): use only where a partition is impossible
         /// (one host, the demo) until arbitration is configured.
@@ -558,6 +566,8 @@ fn real_main(cli: Cli) -> Result<()> {
             side_copy_port,
             no_side_copy,
             lan_copy,
+            output_log_frames,
+            output_log_bytes,
             auto_promote,
             metrics,
             metrics_public,
@@ -597,6 +607,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 },
                 side_copy_port: (!no_side_copy).then_some(side_copy_port),
                 lan_copy,
+                output_log: backup::output_log::OutputLimits {
+                    max_frames: output_log_frames,
+                    max_bytes: usize::try_from(output_log_bytes).unwrap_or(usize::MAX),
+                },
             };
             let agent = agent.or_identity(&certs, &name);
             let node = Node::backup(cfg, tap, serial, memory, auto_promote)?;

@@ -80,20 +80,10 @@ fn untuned_client_answered_by_replay(test: &str, failpoints: &str, net: &str, su
     }
     // tap0 for the primary's guest, tap1 for the promoted one, the client on the bridge.
     let Some(ns) = NetNs::bridged(test, net, subnet) else { return };
-    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
     // The primary dies (SIGKILL) at the pause of its 400th checkpoint, a few hundred requests
     // into the client's load: with output-driven epochs that pause ends the epoch in which the
     // guest received a request and answered it, answer held; the replica is the epoch before.
-    let mut pair = Pair::start_env(
-        Some(&ns),
-        &cmdline,
-        "64M",
-        &["--tap", "tap1", "--auto-promote"],
-        &[],
-        &[("UNDERSTUDY_FAILPOINTS", failpoints)],
-    );
-    pair.protect(&[]);
-    pair.wait_protection("protected", Duration::from_secs(20));
+    let mut pair = Pair::kv_failover(&ns, failpoints);
     let out = python_in(&ns, CLIENT, &[&ns.guest_ip, "8"], Duration::from_secs(60));
     let v = json(out.lines().last().unwrap_or_default());
     let _ = pair.primary.child.wait();

@@ -68,3 +68,15 @@ pub fn goodbye_reason(t: &[u8]) -> Option<GoodbyeReason> {
         _ => None,
     }
 }
+
+/// The `Hello` a fresh receiver sends first on a connection, decoded.
+#[allow(dead_code)]
+pub fn first_hello(r: &mut Receiver) -> replication_proto::Hello {
+    r.connect(Instant::now());
+    let t = r.poll_transmit(Instant::now()).expect("a hello");
+    let mut d = replication_proto::frame::FrameDecoder::new();
+    d.push(t.as_slice());
+    let f = d.next_frame().unwrap().expect("a whole frame");
+    let Message::Hello(h) = Message::decode(f.kind, &f.payload).unwrap() else { panic!("a hello") };
+    h
+}

@@ -67,6 +67,10 @@ enum Cmd {
         /// guest's address to both hosts and the backup keeps LAN copies.
         #[arg(long)]
         no_lan_copy: bool,
+        /// One more argument for `understudy protect` (repeat for more), e.g.
+        /// `--protect-arg=--output-burst-end=true`.
+        #[arg(long = "protect-arg", allow_hyphen_values = true)]
+        protect_args: Vec<String>,
     },
     /// Live migration side by side with QEMU: the same guest, memory and workload under QEMU
     /// (`-M microvm -accel kvm`, migrated over QMP) and `understudy migrate`, configurations
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             no_prepare_vm,
             no_inbound_log,
             no_lan_copy,
+            protect_args,
         } => {
             let points = Point::parse_list(&points)?;
             let mut opts = faults::Options::new(runs, points);
@@ -176,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             opts.no_prepare_vm = no_prepare_vm;
             opts.no_inbound_log = no_inbound_log;
             opts.no_lan_copy = no_lan_copy;
+            opts.protect_args = protect_args;
             if let Some(s) = seed {
                 opts.seed = s | 1;
             }

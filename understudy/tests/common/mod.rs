@@ -161,6 +161,26 @@ pub struct Pair {
     pub port: u16,
 }
 
+impl Pair {
+    /// The kv guest protected in `ns` (made by [`NetNs::bridged`]: the primary's guest on tap0,
+    /// the promoted one on tap1, the client on the bridge), the backup promoting itself, both
+    /// processes armed with fault points `failpoints` (`UNDERSTUDY_FAILPOINTS`).
+    pub fn kv_failover(ns: &NetNs, failpoints: &str) -> Self {
+        let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
+        let mut pair = Self::start_env(
+            Some(ns),
+            &cmdline,
+            "64M",
+            &["--tap", "tap1", "--auto-promote"],
+            &[],
+            &[("UNDERSTUDY_FAILPOINTS", failpoints)],
+        );
+        pair.protect(&[]);
+        pair.wait_protection("protected", Duration::from_secs(20));
+        pair
+    }
+}
+
 /// A free UDP port on 127.0.0.1 (racy but fine for tests run one at a time).
 pub fn free_udp_port() -> u16 {
     testbed::env::free_local_udp_port().expect("a free udp port")
