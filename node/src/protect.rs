@@ -115,12 +115,12 @@ pub struct ProtectRequest {
     /// With output held, end the epoch as soon as it holds as many frames as the previous
     /// epoch did (the burst the window expects came: a lone reply leaves at once, a busy
     /// server's burst when it is complete) instead of waiting out --output-coalesce-us or the
-    /// guest's idleness. Off by default (docs/protection.md): it commits a reply's epoch ~50 µs
-    /// sooner, so more kills land after the commit and before the release; a backup that keeps
-    /// an output log (`understudy backup`, default) writes such a reply at promotion itself,
-    /// and then it costs failovers nothing (docs/failover.md, "Output at promotion").
-    #[serde(default)]
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    /// guest's idleness. On by default since session 12 (docs/protection.md): it commits a
+    /// reply's epoch sooner, so more kills land after the commit and before the release, and a
+    /// backup that keeps an output log (`understudy backup`, default) writes such a reply at
+    /// promotion itself (docs/failover.md, "Output at promotion"); `false` waits as before.
+    #[serde(default = "default_true")]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub output_burst_end: bool,
     /// Threads that copy a checkpoint's pages during the pause: 2 (the caller and a helper;
     /// the vCPUs' cores are idle then) or 1.
@@ -199,7 +199,7 @@ impl ProtectRequest {
             epoch_max_ms: default_max(),
             output_coalesce_us: default_coalesce(),
             output_idle_end: true,
-            output_burst_end: false,
+            output_burst_end: true,
             pause_copy_threads: default_copy_threads(),
             hot_page_epochs: default_hot_page_epochs(),
             pause_rt_priority: default_rt_priority(),

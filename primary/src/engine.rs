@@ -142,7 +142,7 @@ impl Default for EngineConfig {
             reverse: false,
             parallel_copy: true,
             idle_end: true,
-            burst_end: false,
+            burst_end: true,
             hot_page_epochs: 32,
             pause_rt_priority: 1,
             epoch_precopy: None,
