@@ -38,6 +38,8 @@ STEPS = ["transport", "codecs", "vm", "protect", "migrate", "faults", "goals"]
 # epochs that output does not end, one copy thread, every dirty page write-protected again at
 # every checkpoint); "now": today's defaults. --epoch-min-ms 10 is the old default (now 1); with
 # fixed epochs (pause, dirty) it does nothing.
+# (--output-burst-end, on by default since session 12, acts only inside the output window, which
+# --output-coalesce-us 0 removes: "before" needs no flag for it.)
 GOALS_VARIANTS = ("before=--epoch-min-ms 10 --output-coalesce-us 0 --output-idle-end false "
                   "--pause-copy-threads 1 --hot-page-epochs 0 --pause-rt-priority 0 --epoch-precopy-us 0;now=")
 GOALS_SEED = 20261216
