@@ -409,6 +409,7 @@ mod tests {
             --api /run/understudy-web1.sock
             --tap tap0
             --serial /var/log/understudy-web1.console
+            --lan-copy
             --arbiter-id 2
             --arbiter-listen 192.0.2.2:7502
             --arbiter-peer 1=primary@192.0.2.1:7501
