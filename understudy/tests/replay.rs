@@ -122,10 +122,7 @@ fn a_request_the_dead_primary_never_received_is_replayed_from_the_lan_copy() {
             .ip(&["link", "set", "dev", port, "type", "bridge_slave", "learning", "off"])
             .unwrap_or_else(|e| panic!("bridge port {port}: learning off: {e:#}"));
     }
-    let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
-    let mut pair = Pair::start(Some(&ns), &cmdline, "64M", &["--tap", "tap1", "--auto-promote", "--lan-copy"]);
-    pair.protect(&[]);
-    pair.wait_protection("protected", Duration::from_secs(20));
+    let mut pair = Pair::kv_failover_with(&ns, "", &["--lan-copy"]);
     let pid = pair.primary.child.id().to_string();
     let out = python_in(&ns, STOP_SEND_KILL, &[&ns.guest_ip, &pid], Duration::from_secs(60));
     let v = json(out.lines().last().unwrap_or_default());

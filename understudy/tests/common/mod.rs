@@ -166,15 +166,15 @@ impl Pair {
     /// the promoted one on tap1, the client on the bridge), the backup promoting itself, both
     /// processes armed with fault points `failpoints` (`UNDERSTUDY_FAILPOINTS`).
     pub fn kv_failover(ns: &NetNs, failpoints: &str) -> Self {
+        Self::kv_failover_with(ns, failpoints, &[])
+    }
+
+    /// [`Pair::kv_failover`] with `backup_args` added to the backup's.
+    pub fn kv_failover_with(ns: &NetNs, failpoints: &str, backup_args: &[&str]) -> Self {
         let cmdline = format!("workload=kv ip={}/24", ns.guest_ip);
-        let mut pair = Self::start_env(
-            Some(ns),
-            &cmdline,
-            "64M",
-            &["--tap", "tap1", "--auto-promote"],
-            &[],
-            &[("UNDERSTUDY_FAILPOINTS", failpoints)],
-        );
+        let mut args = vec!["--tap", "tap1", "--auto-promote"];
+        args.extend_from_slice(backup_args);
+        let mut pair = Self::start_env(Some(ns), &cmdline, "64M", &args, &[], &[("UNDERSTUDY_FAILPOINTS", failpoints)]);
         pair.protect(&[]);
         pair.wait_protection("protected", Duration::from_secs(20));
         pair
