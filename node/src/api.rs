@@ -283,6 +283,7 @@ mod tests {
             output_burst_end: seed.is_multiple_of(3),
             pause_copy_threads: (seed % 2) as u8 + 1,
             hot_page_epochs: (seed % 64) as u8,
+            hot_page_window: (seed % 17) as u8,
             pause_rt_priority: (seed % 100) as u8,
             epoch_precopy_us: (seed % 5000) as u32,
             verify_every: seed >> 3,

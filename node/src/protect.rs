@@ -133,6 +133,12 @@ pub struct ProtectRequest {
     #[serde(default = "default_hot_page_epochs")]
     #[arg(long, default_value_t = default_hot_page_epochs())]
     pub hot_page_epochs: u8,
+    /// A page the guest rewrites within this many epochs of its last checkpoint (not every
+    /// epoch: a server's per-connection buffers) stays writable too, at most 128 such pages at
+    /// once (1: only pages rewritten every epoch; docs/protection.md, "Hot pages").
+    #[serde(default = "default_hot_page_window")]
+    #[arg(long, default_value_t = default_hot_page_window())]
+    pub hot_page_window: u8,
     /// Real-time (`SCHED_FIFO`) priority of the pause's threads while the vCPUs are parked, so
     /// that nothing else on the host preempts a pause (1-99; 0: the ordinary policy). Needs
     /// CAP_SYS_NICE or an RLIMIT_RTPRIO: without, protection warns once and pauses at the
@@ -178,6 +184,9 @@ fn default_copy_threads() -> u8 {
 fn default_hot_page_epochs() -> u8 {
     32
 }
+fn default_hot_page_window() -> u8 {
+    vmm::dirty::DEFAULT_HOT_WINDOW
+}
 fn default_rt_priority() -> u8 {
     1
 }
@@ -202,6 +211,7 @@ impl ProtectRequest {
             output_burst_end: true,
             pause_copy_threads: default_copy_threads(),
             hot_page_epochs: default_hot_page_epochs(),
+            hot_page_window: default_hot_page_window(),
             pause_rt_priority: default_rt_priority(),
             epoch_precopy_us: default_precopy(),
             verify_every: 0,
@@ -294,6 +304,7 @@ impl Protection {
             verify_every: req.verify_every,
             parallel_copy: req.pause_copy_threads >= 2,
             hot_page_epochs: req.hot_page_epochs,
+            hot_page_window: req.hot_page_window,
             idle_end: req.output_idle_end,
             burst_end: req.output_burst_end,
             pause_rt_priority: req.pause_rt_priority,

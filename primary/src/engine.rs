@@ -118,6 +118,9 @@ pub struct EngineConfig {
     /// Keep pages the guest rewrites every epoch writable for up to this many epochs
     /// (`vmm::dirty::HotPagesConfig`; 0: protect every dirty page again at each checkpoint).
     pub hot_page_epochs: u8,
+    /// Pages rewritten within this many epochs of being protected stay writable too (at most
+    /// `vmm::dirty::DEFAULT_MAX_WINDOW_PAGES` of them; `vmm::dirty::HotPagesConfig::window`).
+    pub hot_page_window: u8,
     /// Run the pause (this thread while the vCPUs are parked, and the page-copy helper) at this
     /// `SCHED_FIFO` priority, so nothing else on the host preempts it (0: the ordinary policy;
     /// without the privilege it warns once and runs at the ordinary one). See `vmm::sched`.
@@ -144,6 +147,7 @@ impl Default for EngineConfig {
             idle_end: true,
             burst_end: true,
             hot_page_epochs: 32,
+            hot_page_window: vmm::dirty::DEFAULT_HOT_WINDOW,
             pause_rt_priority: 1,
             epoch_precopy: None,
         }
@@ -729,7 +733,11 @@ impl Engine {
                 // Start dirty tracking now, then copy everything: later rounds resend what
                 // changed meanwhile.
                 vm.enable_dirty_log().map_err(|source| EngineError::Vm { seq, source })?;
-                let hot = vmm::dirty::HotPagesConfig { max_epochs: self.cfg.hot_page_epochs, ..Default::default() };
+                let hot = vmm::dirty::HotPagesConfig {
+                    max_epochs: self.cfg.hot_page_epochs,
+                    window: self.cfg.hot_page_window,
+                    ..Default::default()
+                };
                 vm.set_hot_pages(hot).map_err(|source| EngineError::Vm { seq, source })?;
                 let mut pfns = Vec::new();
                 let mut data = Vec::new();
