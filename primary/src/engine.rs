@@ -813,7 +813,8 @@ impl Engine {
         let seq = self.seq + 1;
         let (pfns, data) = {
             let mut vm = self.vm();
-            let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
+            // Hot pages stay out: the pause's harvest has them anyway (their bits stay set).
+            let dirty = vm.harvest_dirty_leaving_kept().map_err(|source| EngineError::Vm { seq, source })?;
             let pfns: Vec<u64> = dirty.pages().collect();
             let (mut data, _) = self.link.buffer(pfns.len() * PAGE_SIZE);
             if let Err(source) = copy_pages(vm.memory(), pfns.iter().copied(), &mut data) {

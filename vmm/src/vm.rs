@@ -810,6 +810,18 @@ impl Vm {
     /// (those are in this harvest and stay in the next ones). Call while paused for a
     /// consistent checkpoint.
     pub fn harvest_dirty(&mut self) -> Result<DirtyPages, VmError> {
+        self.harvest(false)
+    }
+
+    /// [`Vm::harvest_dirty`] without the hot pages kept writable: for a copy taken while the
+    /// guest runs (in-epoch pre-copy) that the pause's harvest completes. A kept page's bit
+    /// stays set, so the next harvest returns it whether the guest writes it again or not;
+    /// copying it now would be work done twice, and it would look re-dirtied.
+    pub fn harvest_dirty_leaving_kept(&mut self) -> Result<DirtyPages, VmError> {
+        self.harvest(true)
+    }
+
+    fn harvest(&mut self, leave_kept: bool) -> Result<DirtyPages, VmError> {
         if !self.dirty_logging {
             return Err(VmError::Config("dirty logging is off".into()));
         }
@@ -823,12 +835,17 @@ impl Vm {
                 .vm_fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|e| VmError::Kvm("get dirty log", e))?;
+            // Pages kept writable (in this harvest and, their bits left set, in the next).
+            let mut kept = Vec::new();
             if self.manual_protect {
                 // Protect again what the hot-page rule gives back, or everything (the kernel only
                 // reads the bitmap).
                 let again = match self.hot.as_mut() {
                     Some(h) => {
                         h.decide(slot, &words, &mut protect);
+                        if leave_kept {
+                            kept = words.iter().zip(&protect).map(|(w, p)| w & !p).collect();
+                        }
                         &mut protect
                     }
                     None => &mut words,
@@ -838,6 +855,9 @@ impl Vm {
                 }
             }
             or_into(&mut words, &region_bitmap(region).get_and_reset());
+            for (w, k) in words.iter_mut().zip(&kept) {
+                *w &= !k;
+            }
             let base = region.start_addr().raw_value() / memory::PAGE_SIZE as u64;
             out.add_bitmap(base, &words, region.len() / memory::PAGE_SIZE as u64);
         }

@@ -36,8 +36,10 @@ fn apply(copy: &mut [(u64, Vec<u8>)], vm: &Vm, pages: impl Iterator<Item = u64>)
 
 /// Boots the dirty guest rewriting a 1 MiB working set ~4 times per 5 ms epoch, then runs
 /// `rounds` epochs of pause / harvest / copy the harvested pages / compare / resume.
-/// Returns the hot pages at the end.
-fn run(test: &str, hot: Option<HotPagesConfig>, rounds: usize) -> (Vm, u64) {
+/// Returns the hot pages at the end. With `precopy`, each epoch also harvests halfway while
+/// the guest runs (`harvest_dirty_leaving_kept`, the engine's in-epoch pre-copy) and copies
+/// those pages then; the pause's harvest must complete that copy.
+fn run(test: &str, hot: Option<HotPagesConfig>, rounds: usize, precopy: bool) -> (Vm, u64) {
     let mut vm = Vm::boot(VmConfig {
         kernel: kernel(test),
         cmdline: "workload=dirty wss=1 rate=200000".into(),
@@ -57,7 +59,15 @@ fn run(test: &str, hot: Option<HotPagesConfig>, rounds: usize) -> (Vm, u64) {
     vm.resume();
     let mut harvested = 0;
     for round in 0..rounds {
-        std::thread::sleep(Duration::from_millis(5));
+        if precopy {
+            std::thread::sleep(Duration::from_millis(3));
+            let early = vm.harvest_dirty_leaving_kept().expect("harvest while running");
+            harvested += early.page_count();
+            apply(&mut copy, &vm, early.pages());
+            std::thread::sleep(Duration::from_millis(2));
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         vm.pause().expect("pause");
         let dirty = vm.harvest_dirty().expect("harvest");
         harvested += dirty.page_count();
@@ -79,7 +89,7 @@ fn run(test: &str, hot: Option<HotPagesConfig>, rounds: usize) -> (Vm, u64) {
 #[test]
 fn harvests_applied_in_turn_reproduce_guest_memory_with_hot_pages_kept_writable() {
     let test = "hot pages";
-    let (mut vm, hot) = run(test, Some(HotPagesConfig::default()), 120);
+    let (mut vm, hot) = run(test, Some(HotPagesConfig::default()), 120, false);
     assert!(hot >= 200, "{test}: only {hot} of the 256 rewritten pages are kept writable");
     // Two harvests with the guest stopped in between: the second one returns exactly the pages
     // kept writable (still in the log), which the classic log would have protected and dropped.
@@ -95,11 +105,22 @@ fn harvests_applied_in_turn_reproduce_guest_memory_with_hot_pages_kept_writable(
 #[test]
 fn harvests_applied_in_turn_reproduce_guest_memory_without_hot_pages() {
     let test = "classic log";
-    let (mut vm, hot) = run(test, None, 60);
+    let (mut vm, hot) = run(test, None, 60, false);
     assert_eq!(hot, 0);
     vm.pause().expect("pause");
     vm.harvest_dirty().expect("harvest");
     let again = vm.harvest_dirty().expect("harvest");
     assert_eq!(again.page_count(), 0, "{test}: nothing is written while paused");
+    vm.shutdown();
+}
+
+#[test]
+fn a_copy_taken_while_the_guest_runs_without_the_kept_pages_is_completed_by_the_pause() {
+    let test = "pre-copy";
+    let window = HotPagesConfig { window: 8, ..HotPagesConfig::default() };
+    let (mut vm, hot) = run(test, Some(window), 120, true);
+    assert!(hot > 0, "{test}: no page is kept writable");
+    vm.shutdown();
+    let (mut vm, _) = run("pre-copy, classic log", None, 40, true);
     vm.shutdown();
 }
