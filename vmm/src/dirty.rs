@@ -95,16 +95,14 @@ pub struct HotPagesConfig {
     pub max_window_pages: u64,
 }
 
-/// Default [`HotPagesConfig::window`]: 1, the every-epoch rule of session 9. On the kv guest
-/// under 16 connections that rule leaves ~10 write faults an epoch (each 10-25 µs of the guest's
-/// time on this host); a window of 8 halves them and moves the gets +15-22% by turns
-/// (docs/benchmarks-history.md, session 13). It is not the default yet: the in-epoch pre-copy
-/// counts kept-writable pages as re-dirtied and rests for a random writer with 128 frequent
-/// writers hot (`understudy/tests/protect.rs`, the pre-copy exactness test).
-pub const DEFAULT_HOT_WINDOW: u8 = 1;
-/// Default [`HotPagesConfig::max_window_pages`]: 512 KiB more to copy per checkpoint at most
-/// (~40 µs here), so a random writer's pause grows by at most that.
-pub const DEFAULT_MAX_WINDOW_PAGES: u64 = 128;
+/// Default [`HotPagesConfig::window`]: on the kv guest under 16 connections, 1 (the rule of
+/// session 9) left ~10 write faults an epoch (each 10-25 µs of the guest's time on this host);
+/// 8 halves them and moves the gets +15-22% by turns (docs/benchmarks-history.md, session 13).
+pub const DEFAULT_HOT_WINDOW: u8 = 8;
+/// Default [`HotPagesConfig::max_window_pages`]: 256 KiB more to copy per checkpoint at most.
+/// The kv guest keeps ~30-60 frequent writers; a random writer fills the cap, and at 128 its
+/// pause grew ~100 µs against ~50 at 64, with the same kv gets (session 13).
+pub const DEFAULT_MAX_WINDOW_PAGES: u64 = 64;
 
 impl Default for HotPagesConfig {
     fn default() -> Self {
