@@ -134,7 +134,7 @@ pub struct ProtectRequest {
     #[arg(long, default_value_t = default_hot_page_epochs())]
     pub hot_page_epochs: u8,
     /// A page the guest rewrites within this many epochs of its last checkpoint (not every
-    /// epoch: a server's per-connection buffers) stays writable too, at most 64 such pages at
+    /// epoch: a server's per-connection buffers) stays writable too, at most 32 such pages at
     /// once (1: only pages rewritten every epoch; docs/protection.md, "Hot pages").
     #[serde(default = "default_hot_page_window")]
     #[arg(long, default_value_t = default_hot_page_window())]

@@ -99,10 +99,11 @@ pub struct HotPagesConfig {
 /// session 9) left ~10 write faults an epoch (each 10-25 µs of the guest's time on this host);
 /// 8 halves them and moves the gets +15-22% by turns (docs/benchmarks-history.md, session 13).
 pub const DEFAULT_HOT_WINDOW: u8 = 8;
-/// Default [`HotPagesConfig::max_window_pages`]: 256 KiB more to copy per checkpoint at most.
-/// The kv guest keeps ~30-60 frequent writers; a random writer fills the cap, and at 128 its
-/// pause grew ~100 µs against ~50 at 64, with the same kv gets (session 13).
-pub const DEFAULT_MAX_WINDOW_PAGES: u64 = 64;
+/// Default [`HotPagesConfig::max_window_pages`]: 128 KiB more to copy per checkpoint at most.
+/// A random writer fills the cap: at the pause goal's point (`dirty wss=16 rate=20000`, 50 ms
+/// epochs) a cap of 64 took the pause p99 from 470 to 923 µs (medians of 5 runs), 32 from 426 to
+/// 513; the kv gets gained +16% with 32 (session 13, docs/benchmarks-history.md).
+pub const DEFAULT_MAX_WINDOW_PAGES: u64 = 32;
 
 impl Default for HotPagesConfig {
     fn default() -> Self {
