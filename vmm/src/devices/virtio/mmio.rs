@@ -124,7 +124,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.active
     }
 
-    /// Parks the device's workers; returns once they are parked. Call with vCPUs paused.
+    /// Asks the device's workers to park without waiting ([`VirtioDevice::request_pause`]).
+    pub fn request_pause(&mut self) {
+        self.device.request_pause();
+    }
+
+    /// Parks the device's workers; returns once they are parked.
     pub fn pause(&mut self) {
         self.device.pause();
     }

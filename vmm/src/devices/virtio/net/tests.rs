@@ -442,6 +442,36 @@ fn pause_parks_the_worker_and_resume_continues() {
     assert!(p50 < Duration::from_millis(2), "pause took {p50:?}");
 }
 
+/// A pause closes a gate: a worker asleep in `epoll` is not woken for it (each wake-up is a
+/// thread switch, ~50 µs here, twice an epoch), and one woken by work during the pause waits
+/// at the gate without touching the queues until the resume.
+#[test]
+fn pausing_an_idle_worker_does_not_wake_it() {
+    let mut h = Harness::new(false);
+    h.queue_tx(&frame(60, 64));
+    h.notify(1);
+    assert!(wait_until(WAIT, || h.sink.len() == 1));
+    std::thread::sleep(Duration::from_millis(20));
+    let before = h.stats().wakeups.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        h.dev.pause();
+        h.dev.resume();
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(h.stats().wakeups.load(Ordering::Relaxed), before, "50 pauses of an idle worker woke it");
+    // Woken by the guest while paused: it waits at the gate.
+    h.dev.pause();
+    h.queue_tx(&frame(61, 64));
+    h.notify(1);
+    assert!(wait_until(WAIT, || h.stats().wakeups.load(Ordering::Relaxed) == before + 1));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(h.sink.len(), 1, "a paused worker sent a frame");
+    assert_eq!(h.txq.used_idx(&h.mem), 1);
+    h.dev.resume();
+    assert!(wait_until(WAIT, || h.sink.len() == 2));
+    assert_eq!(h.txq.used_idx(&h.mem), 2);
+}
+
 /// A sink that takes its time, so a pause lands in the middle of a batch.
 struct SlowSink(VecSink);
 

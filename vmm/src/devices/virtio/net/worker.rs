@@ -1,10 +1,12 @@
 //! The virtio-net worker thread: TAP → receive queue, transmit queue → sink.
 //!
-//! It waits in `epoll` on the TAP, one notify eventfd per queue and a control eventfd.
-//! Pausing is a handshake on a mutex and condvar: [`Handle::pause`] raises a flag and kicks
-//! the control eventfd, the worker finishes the frame in hand, decides the pending
-//! interrupt, and parks; `pause` returns when it has. Work cut short by a pause re-kicks
-//! itself so it resumes exactly where it stopped.
+//! It waits in `epoll` on the TAP, one notify eventfd per queue and a control eventfd (for
+//! stopping). Pausing is a gate on a mutex and condvar, not a wake-up: the worker passes the
+//! gate before each batch of work and marks itself busy until the batch ends. [`Handle::pause`]
+//! closes the gate and waits only while the worker is busy (it then finishes the frame in
+//! hand, decides the pending interrupt and leaves); a worker asleep in `epoll` is not woken
+//! at all, and one woken during the pause waits at the gate. Work cut short by a pause
+//! re-kicks itself so it resumes exactly where it stopped.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -37,11 +39,12 @@ const FRAME_BUF_LEN: usize = NET_HDR_LEN + 65536;
 struct CtrlState {
     pause: bool,
     stop: bool,
-    parked: bool,
+    /// The worker is past the gate, working on a batch (it touches the queues and memory).
+    busy: bool,
     exited: bool,
 }
 
-/// The pause/stop handshake shared by the device and its worker.
+/// The pause gate and stop flag shared by the device and its worker.
 #[derive(Debug)]
 struct Control {
     state: Mutex<CtrlState>,
@@ -71,21 +74,28 @@ impl Control {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Worker side: parks while a pause is requested. Returns false if the worker must exit.
-    fn park_if_asked(&self) -> bool {
-        if !self.pending() {
-            return true;
-        }
+    /// Worker side, before a batch: waits while a pause is on, then marks the worker busy.
+    /// Returns how long it waited, or None if the worker must exit.
+    fn enter(&self) -> Option<Option<std::time::Duration>> {
         let mut s = lock(&self.state);
+        let waited = (s.pause && !s.stop).then(std::time::Instant::now);
         while s.pause && !s.stop {
-            if !s.parked {
-                s.parked = true;
-                self.cond.notify_all();
-            }
             s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        s.parked = false;
-        !s.stop
+        if s.stop {
+            return None;
+        }
+        s.busy = true;
+        Some(waited.map(|t| t.elapsed()))
+    }
+
+    /// Worker side, after a batch: no longer busy (a pause waiting for that may go on).
+    fn leave(&self) {
+        let mut s = lock(&self.state);
+        s.busy = false;
+        if s.pause || s.stop {
+            self.cond.notify_all();
+        }
     }
 }
 
@@ -107,13 +117,20 @@ pub(super) struct Handle {
 }
 
 impl Handle {
-    /// Returns once the worker is parked (or has exited).
-    pub(super) fn pause(&self) {
+    /// Closes the gate and returns at once (a busy worker cuts its batch short);
+    /// [`Handle::pause`] waits for the batch to end.
+    pub(super) fn request_pause(&self) {
         let mut s = lock(&self.ctrl.state);
         s.pause = true;
         self.ctrl.pending.store(true, Ordering::Release);
-        self.ctrl.kick();
-        while !s.parked && !s.exited {
+    }
+
+    /// Returns once the worker is outside a batch (it then touches neither the queues nor
+    /// guest memory until [`Handle::resume`]) or has exited.
+    pub(super) fn pause(&self) {
+        self.request_pause();
+        let mut s = lock(&self.ctrl.state);
+        while s.busy && !s.exited {
             s = self.ctrl.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -242,10 +259,6 @@ impl Worker {
     fn run(mut self) {
         let _exit = ExitGuard(self.ctrl.clone());
         let mut events = [EpollEvent::default(); 8];
-        // A worker started paused parks before touching anything.
-        if !self.ctrl.park_if_asked() {
-            return;
-        }
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -274,17 +287,18 @@ impl Worker {
                     other => tracing::warn!(token = other, "virtio-net unknown epoll token"),
                 }
             }
-            let parking = self.ctrl.pending().then(std::time::Instant::now);
-            if !self.ctrl.park_if_asked() {
+            // A worker started paused waits here before touching anything.
+            let Some(waited) = self.ctrl.enter() else {
                 return;
-            }
-            self.parked_for = parking.map(|t| t.elapsed());
+            };
+            self.parked_for = waited;
             if tx {
                 self.process_tx();
             }
             if rx {
                 self.process_rx();
             }
+            self.ctrl.leave();
         }
     }
 
