@@ -645,19 +645,8 @@ impl Vm {
     /// Stops all vCPUs at an instruction boundary and quiesces devices.
     pub fn pause(&mut self) -> Result<(), VmError> {
         if !self.paused {
-            // The device worker parks while the vCPUs stop, not after them: each is a thread
-            // to wake (~50 µs here), and neither needs the other stopped first (a frame the
-            // guest queues after the worker parked waits in the ring, which the checkpoint
-            // holds, and the worker takes it after the resume).
-            if let Some(net) = &self.net {
-                lock(net).request_pause();
-            }
-            if let Err(e) = self.vcpus.pause() {
-                if let Some(net) = &self.net {
-                    lock(net).resume();
-                }
-                return Err(e.into());
-            }
+            self.vcpus.pause()?;
+            // Closes the device worker's gate: no wake-up, it waits only for a batch in hand.
             if let Some(net) = &self.net {
                 lock(net).pause();
             }

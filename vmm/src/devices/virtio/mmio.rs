@@ -124,12 +124,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.active
     }
 
-    /// Asks the device's workers to park without waiting ([`VirtioDevice::request_pause`]).
-    pub fn request_pause(&mut self) {
-        self.device.request_pause();
-    }
-
-    /// Parks the device's workers; returns once they are parked.
+    /// Parks the device's workers; returns once they are parked. Call with vCPUs paused.
     pub fn pause(&mut self) {
         self.device.pause();
     }

@@ -227,10 +227,6 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The driver notified queue `index` (a QueueNotify write).
     fn queue_notify(&self, index: u32);
-    /// Asks the device's workers to park without waiting for them, so that a caller can stop
-    /// the vCPUs meanwhile; [`VirtioDevice::pause`] then waits (or [`VirtioDevice::resume`]
-    /// calls it off). A device without workers needs nothing.
-    fn request_pause(&mut self) {}
     /// Parks the device's workers; on return they touch neither guest memory nor the queues
     /// until [`VirtioDevice::resume`].
     fn pause(&mut self);

@@ -441,13 +441,6 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn request_pause(&mut self) {
-        self.paused = true;
-        if let Some(w) = &self.worker {
-            w.request_pause();
-        }
-    }
-
     fn pause(&mut self) {
         self.paused = true;
         if let Some(w) = &self.worker {

@@ -117,19 +117,13 @@ pub(super) struct Handle {
 }
 
 impl Handle {
-    /// Closes the gate and returns at once (a busy worker cuts its batch short);
-    /// [`Handle::pause`] waits for the batch to end.
-    pub(super) fn request_pause(&self) {
+    /// Closes the gate (a busy worker cuts its batch short) and returns once the worker is
+    /// outside a batch (it then touches neither the queues nor guest memory until
+    /// [`Handle::resume`]) or has exited.
+    pub(super) fn pause(&self) {
         let mut s = lock(&self.ctrl.state);
         s.pause = true;
         self.ctrl.pending.store(true, Ordering::Release);
-    }
-
-    /// Returns once the worker is outside a batch (it then touches neither the queues nor
-    /// guest memory until [`Handle::resume`]) or has exited.
-    pub(super) fn pause(&self) {
-        self.request_pause();
-        let mut s = lock(&self.ctrl.state);
         while s.busy && !s.exited {
             s = self.ctrl.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
