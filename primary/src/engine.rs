@@ -915,6 +915,8 @@ impl Engine {
         let raised = self.rt.raise();
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
+        // Wall-clock stamps of the pause, for timelines across threads and processes.
+        tracing::debug!(seq, wall_ns = vmm::devices::virtio::net::wall_ns(), "pause begin");
         vm.pause().map_err(|source| EngineError::Vm { seq, source })?;
         let t_paused = t0.elapsed();
         failover::failpoint::hit("primary.paused");
@@ -975,6 +977,7 @@ impl Engine {
             Ok::<_, EngineError>((pfns, data, state, digest))
         })();
         vm.resume();
+        tracing::debug!(seq, wall_ns = vmm::devices::virtio::net::wall_ns(), "pause end");
         let pause = t0.elapsed();
         let hot_pages = vm.hot_pages();
         drop(vm);

@@ -381,7 +381,13 @@ impl OutputBuffer {
         g.epoch_frames = g.epoch_frames.saturating_add(1);
         // The output path's timing (`UNDERSTUDY_LOG=primary::output=debug`): wall-clock ns,
         // comparable with the net device's `rx frame delivered` and the link's release.
-        tracing::debug!(epoch, len = frame.len(), wall_ns = vmm::devices::virtio::net::wall_ns(), "output held");
+        tracing::debug!(
+            epoch,
+            len = frame.len(),
+            flow = %vmm::devices::virtio::net::FlowTag(frame),
+            wall_ns = vmm::devices::virtio::net::wall_ns(),
+            "output held"
+        );
         if g.first_held.is_none() {
             g.first_held = Some(now);
             self.waiting.notify_all();

@@ -458,12 +458,15 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<Stop
             pio.write(u64::from(port), data);
         }
         VcpuExit::MmioRead(addr, data) => {
+            // The guest's device accesses on a timeline (`UNDERSTUDY_LOG=vmm::vcpu=trace`).
+            tracing::trace!(vcpu = id, addr, wall_ns = crate::devices::virtio::net::wall_ns(), "mmio read");
             if !mmio.read(addr, data) {
                 tracing::trace!(vcpu = id, "unhandled mmio read at {addr:#x}");
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
+            tracing::trace!(vcpu = id, addr, wall_ns = crate::devices::virtio::net::wall_ns(), "mmio write");
             if !mmio.write(addr, data) {
                 tracing::trace!(vcpu = id, "unhandled mmio write at {addr:#x}");
             }

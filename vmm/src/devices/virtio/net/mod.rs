@@ -132,6 +132,39 @@ pub fn wall_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// A frame's TCP flow for debug timelines: `sport:dport:payload` of an IPv4 TCP frame, `-` for
+/// anything else. Formatted only when the event that carries it is enabled, so that a request
+/// can be followed from its delivery to the guest to its reply's release
+/// (docs/results/s15-2026-12-07/request-timeline.py).
+pub struct FlowTag<'a>(pub &'a [u8]);
+
+impl FlowTag<'_> {
+    /// (source port, destination port, TCP payload bytes), if an IPv4 TCP frame.
+    pub fn parse(&self) -> Option<(u16, u16, usize)> {
+        let d = self.0;
+        if d.len() < 34 || d[12..14] != [8, 0] || d[23] != 6 {
+            return None;
+        }
+        let ihl = usize::from(d[14] & 15) * 4;
+        let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
+        let t = 14 + ihl;
+        let tcp = d.get(t..t + 13)?;
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        Some((sport, dport, total.saturating_sub(ihl + doff)))
+    }
+}
+
+impl std::fmt::Display for FlowTag<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.parse() {
+            Some((s, d, len)) => write!(f, "{s}:{d}:{len}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// The plain sink: writes every frame to the TAP at once.
 #[derive(Debug)]
 pub struct TapSink {

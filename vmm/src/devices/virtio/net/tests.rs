@@ -899,3 +899,26 @@ fn replay_delivers_the_frames_after_the_checkpoint_exactly_once_ahead_of_the_tap
     dev.pause();
     assert_eq!(dev.save().rx_delivered, 5);
 }
+
+#[test]
+fn a_flow_tag_names_a_tcp_frames_ports_and_payload_and_nothing_else() {
+    // Ethernet (14) + IPv4 without options (20) + TCP with a 20-byte header, 5 bytes of payload.
+    let mut f = vec![0u8; 14 + 20 + 20 + 5];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&(20u16 + 20 + 5).to_be_bytes());
+    f[23] = 6;
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&11211u16.to_be_bytes());
+    f[46] = 5 << 4;
+    assert_eq!(FlowTag(&f).parse(), Some((40000, 11211, 5)));
+    assert_eq!(FlowTag(&f).to_string(), "40000:11211:5");
+    // UDP, ARP and a truncated frame are not TCP flows.
+    let mut udp = f.clone();
+    udp[23] = 17;
+    assert_eq!(FlowTag(&udp).to_string(), "-");
+    let mut arp = f.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(FlowTag(&arp).parse(), None);
+    assert_eq!(FlowTag(&f[..40]).parse(), None);
+}

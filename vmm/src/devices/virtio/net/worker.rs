@@ -390,6 +390,7 @@ impl Worker {
                             seq,
                             wall_ns = super::wall_ns(),
                             replayed = replayed.is_some(),
+                            flow = %super::FlowTag(&self.frame[NET_HDR_LEN..total]),
                             after_park_us = self.parked_for.map(|d| d.as_micros() as u64),
                             "rx frame delivered"
                         );
