@@ -10,9 +10,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::proc::loadavg;
 
-/// The file `BENCH_JSON` names, if any.
+/// The file `BENCH_JSON` names, if any. A relative name is taken from the workspace root, where
+/// the commands in docs/benchmarks.md are run: `cargo bench` runs each bench in its own
+/// package's directory, so it would otherwise land under that package.
 pub fn bench_json_path() -> Option<PathBuf> {
-    std::env::var_os("BENCH_JSON").filter(|p| !p.is_empty()).map(PathBuf::from)
+    std::env::var_os("BENCH_JSON").filter(|p| !p.is_empty()).map(|p| from_workspace_root(PathBuf::from(p)))
+}
+
+/// `path` as it reads from the workspace root (absolute paths unchanged).
+fn from_workspace_root(path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        return path;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or(path.clone(), |root| root.join(&path))
 }
 
 /// Adds `bench`, the machine's cores, the load average before (`load_before`, as the bench read
@@ -45,6 +55,14 @@ fn write_bench_json_to(path: &Path, bench: &str, load_before: &str, mut results:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_results_file_is_taken_from_the_workspace_root() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        assert!(root.join("Cargo.lock").exists(), "the workspace root holds Cargo.lock");
+        assert_eq!(from_workspace_root(PathBuf::from("docs/results/x.json")), root.join("docs/results/x.json"));
+        assert_eq!(from_workspace_root(PathBuf::from("/tmp/x.json")), PathBuf::from("/tmp/x.json"));
+    }
 
     #[test]
     fn results_are_written_with_the_machine_added() {
