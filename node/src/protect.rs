@@ -295,12 +295,7 @@ impl Protection {
             None => primary::output::install(vm, None)?,
         };
         let cfg = EngineConfig {
-            timing: EpochTiming {
-                min: Duration::from_millis(req.epoch_min_ms.max(1)),
-                max: Duration::from_millis(req.epoch_max_ms.max(req.epoch_min_ms.max(1))),
-                fixed: (req.epoch_ms > 0).then(|| Duration::from_millis(req.epoch_ms)),
-                coalesce: (req.output_coalesce_us > 0).then(|| Duration::from_micros(req.output_coalesce_us)),
-            },
+            timing: epoch_timing(req),
             verify_every: req.verify_every,
             parallel_copy: req.pause_copy_threads >= 2,
             hot_page_epochs: req.hot_page_epochs,
@@ -482,6 +477,18 @@ fn set_rx_observer(vm: &Arc<Mutex<Vm>>, observer: Option<Arc<dyn vmm::devices::v
 }
 
 /// Checks a protect request before starting.
+/// The engine's epoch policy from a request. `--epoch-min-ms 0` means no floor: output ends
+/// an epoch as soon as its coalescing window (or the guest's idleness) says; the longest epoch
+/// is at least 1 ms.
+fn epoch_timing(req: &ProtectRequest) -> EpochTiming {
+    EpochTiming {
+        min: Duration::from_millis(req.epoch_min_ms),
+        max: Duration::from_millis(req.epoch_max_ms.max(req.epoch_min_ms).max(1)),
+        fixed: (req.epoch_ms > 0).then(|| Duration::from_millis(req.epoch_ms)),
+        coalesce: (req.output_coalesce_us > 0).then(|| Duration::from_micros(req.output_coalesce_us)),
+    }
+}
+
 pub fn validate(req: &ProtectRequest) -> Result<(), ProtectError> {
     if req.epoch_min_ms > req.epoch_max_ms {
         return Err(ProtectError::EpochBounds { min: req.epoch_min_ms, max: req.epoch_max_ms });
@@ -510,6 +517,21 @@ mod tests {
 
     fn request() -> ProtectRequest {
         ProtectRequest::defaults("127.0.0.1:7000".parse().unwrap())
+    }
+
+    #[test]
+    fn an_epoch_floor_of_zero_is_no_floor_and_the_bounds_stay_ordered() {
+        let t = epoch_timing(&ProtectRequest { epoch_min_ms: 0, epoch_max_ms: 50, ..request() });
+        assert_eq!((t.min, t.max), (Duration::ZERO, Duration::from_millis(50)));
+        let t = epoch_timing(&ProtectRequest { epoch_min_ms: 0, epoch_max_ms: 0, ..request() });
+        assert_eq!((t.min, t.max), (Duration::ZERO, Duration::from_millis(1)));
+        let t = epoch_timing(&request());
+        assert_eq!((t.min, t.max), (Duration::from_millis(default_min()), Duration::from_millis(default_max())));
+        // Output held 100 µs into an epoch ends it a window later, not at a floor.
+        let t = epoch_timing(&ProtectRequest { epoch_min_ms: 0, ..request() });
+        let start = std::time::Instant::now();
+        let first = start + Duration::from_micros(100);
+        assert_eq!(t.end(start, t.max, Some(first), 1), first + primary::engine::COALESCE_PER_FRAME);
     }
 
     #[test]
