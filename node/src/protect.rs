@@ -89,7 +89,8 @@ pub struct ProtectRequest {
     #[serde(default)]
     #[arg(long, default_value_t = 0)]
     pub epoch_ms: u64,
-    /// Shortest adaptive epoch, ms.
+    /// Shortest adaptive epoch, ms (0: no floor; held output then ends an epoch as soon as its
+    /// coalescing window or the guest's idleness says).
     #[serde(default = "default_min")]
     #[arg(long, default_value_t = default_min())]
     pub epoch_min_ms: u64,
