@@ -20,7 +20,7 @@ use replication_proto::precopy::{Decision, Policy, PolicyConfig, RoundStats};
 use replication_proto::{MemoryLayout, PageEncoding, Role, Sender, SenderConfig, SenderEvent, SubmitError, VmIdentity};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
-use transport::session::{Session, StreamCommand, StreamCore};
+use transport::session::{AbortOnDrop, Session, StreamCommand, StreamCore};
 use transport::{Endpoint, Identity};
 use vmm::memory::{PAGE_SIZE, copy_pages};
 use vmm::vm::Vm;
@@ -609,7 +609,7 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
             .await
             .map_err(|_| MigrateError::Timeout { what: "the destination to answer", secs: 10 })?
             .map_err(|e| MigrateError::Connect { addr: req.to, name: req.dest_name.clone(), source: Box::new(e) })?;
-        let line = Box::pin(transport::liveness::hold(req.to, &conn));
+        let line = hold_line(req.to, &conn);
         let session =
             transport::proto::sender_session_tapped(conn.clone(), sender, postcopy::answer_tap(&redial.serve_from));
         let mut link = Link {
@@ -653,6 +653,28 @@ async fn run(src: &Source, req: &MigrateRequest, t0: Instant, cpu0: u64) -> Resu
         endpoint.shutdown().await;
     }
     result
+}
+
+/// The destination's liveness line, held on a task of its own from the session's start, so that
+/// it is set up (connect, hello, acknowledgement) at once whatever the migration awaits
+/// meanwhile. Polled only inside [`Link::until`], as it was, its set-up waited for the driver's
+/// next wait there; a line still not up when the destination dies is a refused connection, no
+/// line at all, and the session's silence is reported a second later instead of the death (what
+/// a CI run of `a_dead_peer_or_a_cut_link_ends_the_migration_cleanly` saw; that this was its
+/// cause is the likeliest reading, not a reproduced one). Dropping the future ends the task, and
+/// the line says goodbye.
+fn hold_line(
+    to: SocketAddr,
+    conn: &transport::Connection,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = transport::liveness::End> + Send>> {
+    let mut task = AbortOnDrop(tokio::spawn(transport::liveness::hold(to, conn)));
+    Box::pin(async move {
+        match (&mut task.0).await {
+            Ok(end) => end,
+            // Only a panic in the line's task: no line, heartbeats alone decide.
+            Err(_) => std::future::pending().await,
+        }
+    })
 }
 
 /// Pages harvested (copied) and waiting to go out.
@@ -751,7 +773,7 @@ impl Link {
                     let mut cfg = self.redial.cfg.clone();
                     cfg.instance =
                         transport::random_u64().map_err(|e| MigrateError::Setting(format!("instance number: {e}")))?;
-                    self.line = Box::pin(transport::liveness::hold(self.redial.to, &conn));
+                    self.line = hold_line(self.redial.to, &conn);
                     self.line_open = true;
                     let tap = postcopy::answer_tap(&self.redial.serve_from);
                     self.session = transport::proto::sender_session_tapped(conn.clone(), Sender::new(cfg), tap);
