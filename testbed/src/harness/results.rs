@@ -19,10 +19,10 @@ pub fn bench_json_path() -> Option<PathBuf> {
 
 /// `path` as it reads from the workspace root (absolute paths unchanged).
 fn from_workspace_root(path: PathBuf) -> PathBuf {
-    if path.is_absolute() {
-        return path;
+    match Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        Some(root) if path.is_relative() => root.join(path),
+        _ => path,
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or(path.clone(), |root| root.join(&path))
 }
 
 /// Adds `bench`, the machine's cores, the load average before (`load_before`, as the bench read
