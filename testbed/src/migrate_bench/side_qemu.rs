@@ -34,6 +34,7 @@ pub struct QemuMigration {
     certs: PathBuf,
     netns: Option<String>,
     converge_timeout: Duration,
+    downtime_limit_ms: Option<u64>,
     src: Option<Vm>,
     dst: Option<Vm>,
     src_lines: GuestLines,
@@ -87,7 +88,13 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
 }
 
 /// Capabilities, parameters and TLS credentials on one side.
-fn configure(config: QemuConfig, certs: &Path, qmp: &mut Qmp, endpoint: &str) -> Result<()> {
+fn configure(
+    config: QemuConfig,
+    downtime_limit_ms: Option<u64>,
+    certs: &Path,
+    qmp: &mut Qmp,
+    endpoint: &str,
+) -> Result<()> {
     if config.postcopy() {
         // `postcopy-blocktime`: the destination measures how long vCPUs waited on missing
         // pages (QEMU 3.0 and later; `query-migrate` at the destination reports it).
@@ -101,6 +108,9 @@ fn configure(config: QemuConfig, certs: &Path, qmp: &mut Qmp, endpoint: &str) ->
     if config.tuned() {
         params.insert("max-bandwidth".into(), json!(UNLIMITED_BANDWIDTH));
         params.insert("downtime-limit".into(), json!(DOWNTIME_LIMIT_MS));
+    }
+    if let Some(ms) = downtime_limit_ms {
+        params.insert("downtime-limit".into(), json!(ms));
     }
     if config.tls() {
         qmp.execute(
@@ -159,6 +169,7 @@ impl QemuMigration {
             certs: env.qemu_certs.to_path_buf(),
             netns: env.net.map(|n| n.name().to_string()),
             converge_timeout: env.opts.converge_timeout,
+            downtime_limit_ms: env.opts.qemu_downtime_limit_ms,
             src: None,
             dst: None,
             src_lines: GuestLines::default(),
@@ -228,6 +239,7 @@ impl Migrator for QemuMigration {
     fn migrate(&mut self) -> Result<Migrated> {
         let config = self.config;
         let timeout = self.converge_timeout;
+        let downtime_limit = self.downtime_limit_ms;
         let uri = if config.tls() {
             format!("tcp:127.0.0.1:{}", free_local_port()?)
         } else {
@@ -235,8 +247,8 @@ impl Migrator for QemuMigration {
         };
         let certs = self.certs.clone();
         let (src, dst) = self.sides()?;
-        configure(config, &certs, &mut src.1, "client")?;
-        configure(config, &certs, &mut dst.1, "server")?;
+        configure(config, downtime_limit, &certs, &mut src.1, "client")?;
+        configure(config, downtime_limit, &certs, &mut dst.1, "server")?;
         let params = src.1.execute("query-migrate-parameters", Value::Null)?;
         dst.1.execute("migrate-incoming", json!({ "uri": uri }))?;
         let (src_pid, dst_pid) = (src.0.pid(), dst.0.pid());
