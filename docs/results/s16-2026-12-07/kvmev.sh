@@ -1,0 +1,2 @@
+#!/bin/bash
+bash start.sh "$@" >/dev/null 2>&1; sleep 1; PP=$(pgrep -f -- "--api /tmp/rig/run/p.sock" | head -1); V=$(grep -l vcpu0 /proc/$PP/task/*/comm | head -1 | cut -d/ -f5); (ip netns exec usrig memcslap --servers=10.98.0.2:11211 --concurrency=16 --execute-number=${N:-2000} --test=get > slap.txt 2>&1 &); sleep 1.5; perf stat -t $V -e 'kvm:*,kvmmmu:*' -- sleep 2 2>&1 | awk '$1+0>0'; while pgrep memcslap >/dev/null; do sleep 0.2; done; grep "Time to get" slap.txt; bash stop.sh
