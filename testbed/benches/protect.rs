@@ -1140,7 +1140,10 @@ fn main() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
     let max_s: u64 = env_or("BENCH_MAX_S", 3600);
     let _ = DEADLINE.set(Instant::now() + Duration::from_secs(max_s));
-    let only: String = env_or("BENCH_ONLY", "pause,dirty,kv".to_string());
+    let only = testbed::harness::results::bench_sections(
+        &env_or("BENCH_ONLY", "pause,dirty,kv".to_string()),
+        &["pause", "dirty", "kv"],
+    )?;
     let epochs_ms: String = env_or("BENCH_EPOCHS_MS", "40,20,10,5".to_string());
     let cfg = Cfg {
         // UNDERSTUDY_BIN: another build (an A/B of two binaries, run by turns; as `testbed faults`).
@@ -1149,7 +1152,7 @@ fn main() -> Result<()> {
         root: root.clone(),
         runs: env_or("BENCH_RUNS", 3usize).max(1),
         window: Duration::from_secs_f64(env_or("BENCH_WINDOW_S", 5.0f64).max(3.0)),
-        only: only.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        only,
         epochs_ms: epochs_ms.split(',').filter_map(|s| parse_epoch(s.trim())).collect(),
         keep: std::env::var_os("BENCH_KEEP").is_some(),
         python: testbed::env::python_with_pymemcache().unwrap_or_else(|_| PathBuf::from("/usr/bin/python3")),

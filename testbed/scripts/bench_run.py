@@ -233,12 +233,24 @@ def shown_command(argv, env, out):
     return (shown + " " if shown else "") + " ".join(shlex.quote(rel(a)) for a in argv)
 
 
+# `make bench`'s own variables. make exports command-line variables to its recipes, so they
+# reach this runner's environment; the benches must not see them: the protect bench reads
+# BENCH_ONLY as its own sections (`make bench BENCH_ONLY=protect` once ran no section at all).
+CAMPAIGN_VARS = ("BENCH_ONLY", "BENCH_QUICK", "BENCH_GOALS")
+
+
+def child_env(env):
+    """The environment of a step's command: ours without the campaign's variables, plus `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in CAMPAIGN_VARS}
+    return dict(base, **env)
+
+
 def run_one(argv, env, log):
     """Runs one command from the workspace root, its output to `log`: (exit status, what the
     machine did meanwhile)."""
     w = Window()
     with open(log, "w") as f:
-        rc = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, **env), stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(argv, cwd=ROOT, env=child_env(env), stdout=f, stderr=subprocess.STDOUT).returncode
     return rc, w.stop()
 
 

@@ -141,6 +141,13 @@ fn main() {
     if let Ok(streams) = std::env::var("BENCH_BULK_STREAMS") {
         tuning.bulk_streams = streams.parse().unwrap();
     }
+    // Both sides unless BENCH_ONLY names one (an unknown name is an error, not both).
+    let only = match std::env::var("BENCH_ONLY") {
+        Ok(v) if !v.trim().is_empty() => {
+            testbed::harness::results::bench_sections(&v, &["raw", "transport"]).unwrap_or_else(|e| panic!("{e}"))
+        }
+        _ => vec!["raw".to_string(), "transport".to_string()],
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ca = Authority::generate(Validity::days_from_now(1)).unwrap();
     let (primary, backup) = (identity(&ca, "primary"), identity(&ca, "backup"));
@@ -149,12 +156,11 @@ fn main() {
         // Warm-up: page in code and buffers.
         raw_quinn(&primary, &backup, &tuning, 64 * MIB).await;
         transport(&primary, &backup, &tuning, 64 * MIB).await;
-        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
         for _ in 0..runs {
-            if only != "transport" {
+            if only.iter().any(|s| s == "raw") {
                 raw.push(raw_quinn(&primary, &backup, &tuning, total).await);
             }
-            if only != "raw" {
+            if only.iter().any(|s| s == "transport") {
                 ours.push(transport(&primary, &backup, &tuning, total).await);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -17,6 +17,23 @@ pub fn bench_json_path() -> Option<PathBuf> {
     std::env::var_os("BENCH_JSON").filter(|p| !p.is_empty()).map(|p| from_workspace_root(PathBuf::from(p)))
 }
 
+/// The sections a bench's `BENCH_ONLY` (`value`) names: comma-separated, blanks ignored, each
+/// one of `known`. An unknown one is an error naming it and the known ones, so that a typo or a
+/// variable meant for something else (once: `make bench`'s own `BENCH_ONLY=protect,...`, which
+/// reached the protect bench) fails loudly instead of running nothing and exiting 0.
+pub fn bench_sections(value: &str, known: &[&str]) -> Result<Vec<String>> {
+    let sections: Vec<String> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+    if let Some(bad) = sections.iter().find(|s| !known.contains(&s.as_str())) {
+        anyhow::bail!("BENCH_ONLY={value}: unknown section {bad:?} (this bench has: {})", known.join(", "));
+    }
+    anyhow::ensure!(
+        !sections.is_empty(),
+        "BENCH_ONLY={value:?} names no section (this bench has: {})",
+        known.join(", ")
+    );
+    Ok(sections)
+}
+
 /// `path` as it reads from the workspace root (absolute paths unchanged).
 fn from_workspace_root(path: PathBuf) -> PathBuf {
     match Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
@@ -62,6 +79,21 @@ mod tests {
         assert!(root.join("Cargo.lock").exists(), "the workspace root holds Cargo.lock");
         assert_eq!(from_workspace_root(PathBuf::from("docs/results/x.json")), root.join("docs/results/x.json"));
         assert_eq!(from_workspace_root(PathBuf::from("/tmp/x.json")), PathBuf::from("/tmp/x.json"));
+    }
+
+    #[test]
+    fn bench_sections_are_the_known_ones_and_anything_else_is_named() {
+        let known = ["pause", "dirty", "kv"];
+        assert_eq!(bench_sections("pause,dirty,kv", &known).unwrap(), ["pause", "dirty", "kv"]);
+        assert_eq!(bench_sections(" kv, ,", &known).unwrap(), ["kv"]);
+        // `make bench BENCH_ONLY=protect,...` leaked into the protect bench and ran nothing.
+        let e = bench_sections("transport,codecs,vm,protect", &known).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "BENCH_ONLY=transport,codecs,vm,protect: unknown section \"transport\" (this bench has: pause, dirty, kv)"
+        );
+        let e = bench_sections(" , ", &known).unwrap_err().to_string();
+        assert!(e.contains("names no section"), "{e}");
     }
 
     #[test]
