@@ -724,6 +724,11 @@ impl Link {
                 end = &mut self.line, if self.line_open => {
                     self.line_open = false;
                     if let transport::liveness::End::Died(why) = end {
+                        // A destination that refused the migration says why and exits: its
+                        // reason, not its death, is what to report.
+                        if let Some(reason) = self.refusal().await {
+                            return Err(MigrateError::Session(reason));
+                        }
                         return Err(MigrateError::DestinationDied(why.to_string()));
                     }
                 }
@@ -891,6 +896,26 @@ impl Link {
             (replication_proto::SessionError::ConnectionLost, Some(reason)) => format!("{error}: {reason}"),
             _ => error.to_string(),
         }
+    }
+
+    /// The reason the destination gave for ending the session (a refusal, a goodbye), if one
+    /// comes within 200 ms; a lost connection or a silence is no reason (its death says more).
+    async fn refusal(&mut self) -> Option<String> {
+        tokio::time::timeout(Duration::from_millis(200), async {
+            while let Some(ev) = self.session.next_event().await {
+                if let SenderEvent::Disconnected { error } = ev {
+                    return match error {
+                        replication_proto::SessionError::ConnectionLost
+                        | replication_proto::SessionError::Idle { .. } => None,
+                        e => Some(self.explain(&e)),
+                    };
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Why the session task ended: the `Disconnected` event still queued, if any.
