@@ -898,17 +898,13 @@ impl Link {
         }
     }
 
-    /// The reason the destination gave for ending the session (a refusal, a goodbye), if one
-    /// comes within 200 ms; a lost connection or a silence is no reason (its death says more).
-    async fn refusal(&mut self) -> Option<String> {
-        tokio::time::timeout(Duration::from_millis(200), async {
+    /// The error of the session's `Disconnected` event, if one comes (or is queued) within
+    /// `within`.
+    async fn disconnected_within(&mut self, within: Duration) -> Option<replication_proto::SessionError> {
+        tokio::time::timeout(within, async {
             while let Some(ev) = self.session.next_event().await {
                 if let SenderEvent::Disconnected { error } = ev {
-                    return match error {
-                        replication_proto::SessionError::ConnectionLost
-                        | replication_proto::SessionError::Idle { .. } => None,
-                        e => Some(self.explain(&e)),
-                    };
+                    return Some(error);
                 }
             }
             None
@@ -918,19 +914,18 @@ impl Link {
         .flatten()
     }
 
+    /// The reason the destination gave for ending the session (a refusal, a goodbye), if one
+    /// comes within 200 ms; a lost connection or a silence is no reason (its death says more).
+    async fn refusal(&mut self) -> Option<String> {
+        match self.disconnected_within(Duration::from_millis(200)).await? {
+            replication_proto::SessionError::ConnectionLost | replication_proto::SessionError::Idle { .. } => None,
+            e => Some(self.explain(&e)),
+        }
+    }
+
     /// Why the session task ended: the `Disconnected` event still queued, if any.
     async fn gone(&mut self) -> MigrateError {
-        let why = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Some(ev) = self.session.next_event().await {
-                if let SenderEvent::Disconnected { error } = ev {
-                    return Some(self.explain(&error));
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
+        let why = self.disconnected_within(Duration::from_millis(500)).await.map(|e| self.explain(&e));
         MigrateError::Session(why.unwrap_or_else(|| "the session task ended without a reason".into()))
     }
 }
