@@ -394,11 +394,17 @@ fn a_rebuilt_vm_keeps_its_tap_and_sink() {
         new_net.lock().unwrap().device().announce().unwrap();
         wire.expect("announcement", |f| f.len() >= 14 && f[12..14] == [0x80, 0x35] && f[6..12] == GUEST_MAC);
 
+        let old_notifies = old_net.lock().unwrap().bus_notifies();
         drop(old_net);
         drop(old);
         wire.arp();
         let frames = new_net.lock().unwrap().device().stats().tx_frames.load(Ordering::SeqCst);
         assert!(frames >= 2, "the new device sent the answers: {frames}");
+        // The guest's doorbells (queue notifies) reached both devices' workers through KVM
+        // ioeventfds, never as exits to the VMM: booted and restored devices alike.
+        for (name, n) in [("booted", old_notifies), ("rebuilt", new_net.lock().unwrap().bus_notifies())] {
+            assert_eq!(n, 0, "{name} device: {n} queue notifies came through the MMIO bus (vCPU exits)");
+        }
         vm.shutdown();
     })
     .join()

@@ -72,6 +72,9 @@ pub struct VirtioMmio<D: VirtioDevice> {
     config_generation: u32,
     shm_sel: u32,
     active: bool,
+    /// QueueNotify writes that reached this register file through the MMIO bus (each a vCPU
+    /// exit to the VMM): none once the VMM hands the doorbells to KVM as ioeventfds.
+    bus_notifies: u64,
 }
 
 impl<D: VirtioDevice> VirtioMmio<D> {
@@ -96,6 +99,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             config_generation: 0,
             shm_sel: 0,
             active: false,
+            bus_notifies: 0,
         })
     }
 
@@ -107,6 +111,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// The device behind the transport, mutably.
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
+    }
+
+    /// QueueNotify writes that came through the MMIO bus, each a vCPU exit to the VMM (0 when
+    /// the doorbells are KVM ioeventfds, as `Vm::boot` and `Vm::restore` register them).
+    pub fn bus_notifies(&self) -> u64 {
+        self.bus_notifies
     }
 
     /// The interrupt line (InterruptStatus and the irqfd).
@@ -395,6 +405,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 _ => tracing::warn!(value = v, "virtio QueueReady write of a value other than 0 or 1"),
             },
             REG_QUEUE_NOTIFY => {
+                self.bus_notifies += 1;
                 // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
                 if self.active {
                     self.device.queue_notify(v & 0xffff);

@@ -44,6 +44,7 @@ pub mod persist;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
+pub(crate) use mmio::REG_QUEUE_NOTIFY;
 pub use mmio::{MMIO_WINDOW_SIZE, VENDOR_ID, VirtioMmio, mmio_cmdline_entry};
 
 /// virtio device type of a network card.
