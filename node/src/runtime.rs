@@ -277,10 +277,34 @@ fn promote_standby(standby: &Standby, requested: Instant) -> Result<(Vm, backup:
     Ok(backup::promote::promote(replica, prepared, opts)?)
 }
 
+/// Worker threads of a node's async runtime (its network, API and replication tasks):
+/// `UNDERSTUDY_IO_THREADS`, default [`IO_THREADS`].
+fn io_threads() -> Result<usize, NodeError> {
+    io_threads_from(std::env::var("UNDERSTUDY_IO_THREADS").ok().as_deref())
+}
+
+/// One: a checkpoint crosses the link's task, the session's and quinn's drivers on its way out,
+/// and its ack the same tasks back; on one worker each of those hand-offs is a task switch
+/// instead of a wake-up of another thread (tens of microseconds each on a virtualised host).
+/// 16-connection kv gets under protection, by turns against two workers: +6-11% (session 17,
+/// docs/benchmarks-history.md). Long work runs on blocking threads (`spawn_blocking`) either way.
+pub const IO_THREADS: usize = 1;
+
+fn io_threads_from(v: Option<&str>) -> Result<usize, NodeError> {
+    let Some(v) = v else { return Ok(IO_THREADS) };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(NodeError::Tokio(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("UNDERSTUDY_IO_THREADS={v:?}: expected a number of threads from 1 to 64"),
+        ))),
+    }
+}
+
 impl Node {
     fn with_role(role: Role, memory_bytes: u64, vm_name: &str) -> Result<Arc<Self>, NodeError> {
         let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(io_threads()?)
             .thread_name("understudy-io")
             .enable_all()
             .build()
@@ -755,6 +779,22 @@ impl Node {
         }
         if let Some(vm) = vm {
             lock(&vm).shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod io_thread_tests {
+    use super::*;
+
+    #[test]
+    fn io_threads_default_to_one_and_refuse_nonsense_by_name() {
+        assert_eq!(io_threads_from(None).unwrap(), IO_THREADS);
+        assert_eq!(io_threads_from(Some("2")).unwrap(), 2);
+        for bad in ["0", "-1", "two", "", "65"] {
+            let e = io_threads_from(Some(bad)).unwrap_err();
+            let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(chain.contains("UNDERSTUDY_IO_THREADS") && chain.contains("1 to 64"), "{bad}: {chain}");
         }
     }
 }
