@@ -882,7 +882,11 @@ fn dirty_table(v: usize, results: &[PointRuns]) -> String {
 // Experiment 3: kv over a TAP
 
 const SLAP_CONCURRENCY: u32 = 16;
-const SLAP_PER_THREAD: u32 = 100;
+/// Requests per connection and test (memcslap's `--execute-number`). 100 until session 17: 1,600
+/// gets take ~60 ms unprotected, so a run's unprotected figure swung 16-32 k ops/s with the
+/// threads' start-up and the ratio with it; 500 gives the unprotected side ~0.3 s and the
+/// protected one ~1.5-2 s (`before`, at ~1 k ops/s, ~8 s).
+const SLAP_PER_THREAD: u32 = 500;
 const LAT_OPS_THINK: u32 = 150;
 const LAT_OPS_BACK_TO_BACK: u32 = 100;
 const LAT_THINK_MS: f64 = 40.0;
