@@ -278,8 +278,8 @@ fn promote_standby(standby: &Standby, requested: Instant) -> Result<(Vm, backup:
 }
 
 /// Worker threads of a node's async runtime (its network, API and replication tasks):
-/// `UNDERSTUDY_IO_THREADS`, default [`IO_THREADS`].
-fn io_threads() -> Result<usize, NodeError> {
+/// `UNDERSTUDY_IO_THREADS`, default [`IO_THREADS`]. The CLI checks it before it boots a VM.
+pub fn io_threads() -> Result<usize, NodeError> {
     io_threads_from(std::env::var("UNDERSTUDY_IO_THREADS").ok().as_deref())
 }
 

@@ -434,6 +434,10 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
+    if matches!(cli.command, Command::Run { .. } | Command::Backup { .. } | Command::Receive { .. }) {
+        // A bad UNDERSTUDY_IO_THREADS is refused before anything boots.
+        node::runtime::io_threads()?;
+    }
     match cli.command {
         Command::Run {
             config: _,
