@@ -256,6 +256,10 @@ pub struct Node {
     /// Automatic re-protection after a promotion (standbys named by `backup --reprotect-to`).
     reprotect: reprotect::Reprotect,
     tokio: tokio::runtime::Runtime,
+    /// The replication link's runtime ([`link_threads`] workers): the primary's link and
+    /// reverse checkpoints, the backup's server. Everything else (the API's async work, the
+    /// arbitration agent, migrations) runs on `tokio`'s two.
+    link: tokio::runtime::Runtime,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -277,26 +281,27 @@ fn promote_standby(standby: &Standby, requested: Instant) -> Result<(Vm, backup:
     Ok(backup::promote::promote(replica, prepared, opts)?)
 }
 
-/// Worker threads of a node's async runtime (its network, API and replication tasks):
-/// `UNDERSTUDY_IO_THREADS`, default [`IO_THREADS`]. The CLI checks it before it boots a VM.
-pub fn io_threads() -> Result<usize, NodeError> {
-    io_threads_from(std::env::var("UNDERSTUDY_IO_THREADS").ok().as_deref())
+/// Worker threads of the replication link's runtime: `UNDERSTUDY_LINK_THREADS`, default
+/// [`LINK_THREADS`]. The CLI checks it before it boots a VM.
+pub fn link_threads() -> Result<usize, NodeError> {
+    link_threads_from(std::env::var("UNDERSTUDY_LINK_THREADS").ok().as_deref())
 }
 
 /// One: a checkpoint crosses the link's task, the session's and quinn's drivers on its way out,
 /// and its ack the same tasks back; on one worker each of those hand-offs is a task switch
 /// instead of a wake-up of another thread (tens of microseconds each on a virtualised host).
 /// 16-connection kv gets under protection, by turns against two workers: +6-11% (session 17,
-/// docs/benchmarks-history.md). Long work runs on blocking threads (`spawn_blocking`) either way.
-pub const IO_THREADS: usize = 1;
+/// docs/benchmarks-history.md). The link has a runtime of its own so that a long piece of work
+/// in it (a large sync round's encoding) never holds up the arbitration agent or the API.
+pub const LINK_THREADS: usize = 1;
 
-fn io_threads_from(v: Option<&str>) -> Result<usize, NodeError> {
-    let Some(v) = v else { return Ok(IO_THREADS) };
+fn link_threads_from(v: Option<&str>) -> Result<usize, NodeError> {
+    let Some(v) = v else { return Ok(LINK_THREADS) };
     match v.trim().parse::<usize>() {
         Ok(n) if (1..=64).contains(&n) => Ok(n),
         _ => Err(NodeError::Tokio(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("UNDERSTUDY_IO_THREADS={v:?}: expected a number of threads from 1 to 64"),
+            format!("UNDERSTUDY_LINK_THREADS={v:?}: expected a number of threads from 1 to 64"),
         ))),
     }
 }
@@ -304,8 +309,14 @@ fn io_threads_from(v: Option<&str>) -> Result<usize, NodeError> {
 impl Node {
     fn with_role(role: Role, memory_bytes: u64, vm_name: &str) -> Result<Arc<Self>, NodeError> {
         let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(io_threads()?)
+            .worker_threads(2)
             .thread_name("understudy-io")
+            .enable_all()
+            .build()
+            .map_err(NodeError::Tokio)?;
+        let link = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(link_threads()?)
+            .thread_name("understudy-link")
             .enable_all()
             .build()
             .map_err(NodeError::Tokio)?;
@@ -324,6 +335,7 @@ impl Node {
             given_up: std::sync::atomic::AtomicBool::new(false),
             reprotect: reprotect::Reprotect::default(),
             tokio,
+            link,
         }))
     }
 
@@ -361,7 +373,7 @@ impl Node {
         let vm_name = cfg.vm.name.clone();
         let (failed_tx, failed_rx) = std::sync::mpsc::channel::<String>();
         let rt = Self::with_role(Role::Backup(standby), memory_bytes, &vm_name)?;
-        rt.tokio.spawn(async move {
+        rt.link.spawn(async move {
             if let Err(e) = backup::server::serve(cfg, node, stop_rx).await {
                 let _ = failed_tx.send(transport::error_chain(&e));
             }
@@ -520,7 +532,7 @@ impl Node {
         let why = format!("handed over by {} at epoch {epoch}", r.source);
         let guest = Guest::new(vm, origin);
         if let Some(to) = to {
-            match crate::protect::Protection::start_reverse(&guest.vm, output, to, self.tokio.handle(), fence) {
+            match crate::protect::Protection::start_reverse(&guest.vm, output, to, self.link.handle(), fence) {
                 Ok(p) => *lock(&self.reverse) = Some(p),
                 Err(e) => {
                     // The guest runs with its output held and nothing to release it: this copy
@@ -772,10 +784,10 @@ impl Node {
         let vm = role.vm();
         drop(role);
         if let Some(p) = lock(&self.reverse).take() {
-            p.abandon(self.tokio.handle());
+            p.abandon(self.link.handle());
         }
         if let Some(Role::Protected(p)) = protected {
-            let _ = p.protection.stop(&p.guest.vm, self.tokio.handle());
+            let _ = p.protection.stop(&p.guest.vm, self.link.handle());
         }
         if let Some(vm) = vm {
             lock(&vm).shutdown();
@@ -784,17 +796,17 @@ impl Node {
 }
 
 #[cfg(test)]
-mod io_thread_tests {
+mod link_thread_tests {
     use super::*;
 
     #[test]
-    fn io_threads_default_to_one_and_refuse_nonsense_by_name() {
-        assert_eq!(io_threads_from(None).unwrap(), IO_THREADS);
-        assert_eq!(io_threads_from(Some("2")).unwrap(), 2);
+    fn link_threads_default_to_one_and_refuse_nonsense_by_name() {
+        assert_eq!(link_threads_from(None).unwrap(), LINK_THREADS);
+        assert_eq!(link_threads_from(Some("2")).unwrap(), 2);
         for bad in ["0", "-1", "two", "", "65"] {
-            let e = io_threads_from(Some(bad)).unwrap_err();
+            let e = link_threads_from(Some(bad)).unwrap_err();
             let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-            assert!(chain.contains("UNDERSTUDY_IO_THREADS") && chain.contains("1 to 64"), "{bad}: {chain}");
+            assert!(chain.contains("UNDERSTUDY_LINK_THREADS") && chain.contains("1 to 64"), "{bad}: {chain}");
         }
     }
 }

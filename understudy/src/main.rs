@@ -435,8 +435,8 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let t0 = Instant::now();
     if matches!(cli.command, Command::Run { .. } | Command::Backup { .. } | Command::Receive { .. }) {
-        // A bad UNDERSTUDY_IO_THREADS is refused before anything boots.
-        node::runtime::io_threads()?;
+        // A bad UNDERSTUDY_LINK_THREADS is refused before anything boots.
+        node::runtime::link_threads()?;
     }
     match cli.command {
         Command::Run {

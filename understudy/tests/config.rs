@@ -135,23 +135,23 @@ fn a_bad_config_file_is_refused_naming_file_key_and_line() {
     refused(&f, &format!("config {}: cannot read it: No such file or directory", f.display()));
 }
 
-/// A bad `UNDERSTUDY_IO_THREADS` (the node's async worker threads) is refused by name before
-/// anything boots: no VM, nothing on its console.
+/// A bad `UNDERSTUDY_LINK_THREADS` (the replication link's worker threads) is refused by name
+/// before anything boots: no VM, nothing on its console.
 #[test]
-fn a_bad_io_thread_count_is_refused_before_anything_boots() {
+fn a_bad_link_thread_count_is_refused_before_anything_boots() {
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");
     for bad in ["0", "two", "65"] {
         let out = std::process::Command::new(bin())
             .args(["run", "--kernel", guest_image().to_str().unwrap(), "--memory", "64M"])
             .args(["--cmdline", "workload=counter", "--serial", serial.to_str().unwrap()])
-            .env("UNDERSTUDY_IO_THREADS", bad)
+            .env("UNDERSTUDY_LINK_THREADS", bad)
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "not refused: {err}");
-        let want = format!("UNDERSTUDY_IO_THREADS={bad:?}: expected a number of threads from 1 to 64");
+        let want = format!("UNDERSTUDY_LINK_THREADS={bad:?}: expected a number of threads from 1 to 64");
         assert!(err.contains(&want), "stderr does not say {want:?}:\n{err}");
         assert!(!err.contains("vm booted") && !serial.exists(), "a VM booted:\n{err}");
     }

@@ -86,7 +86,7 @@ impl Node {
         let arbitration = self.arbitration.get();
         let hook = arbitration.map(|a| self.backup_lost_hook(&a.agent));
         let existing = arbitration.and_then(|a| lock(&a.output).clone());
-        let protection = Protection::start(&guest.vm, &req, self.tokio.handle(), existing, hook)
+        let protection = Protection::start(&guest.vm, &req, self.link.handle(), existing, hook)
             .map_err(NodeError::StartProtection)?;
         let protected = Protected { guest, protection, backup_node: req.backup_node, backup_recorded: false };
         self.enter(&mut role, Role::Protected(protected), &format!("protecting to {}", req.backup));
@@ -104,7 +104,7 @@ impl Node {
         let old = self.enter(&mut role, next, "unprotect requested");
         drop(role);
         if let Role::Protected(p) = old {
-            p.protection.stop(&p.guest.vm, self.tokio.handle())?;
+            p.protection.stop(&p.guest.vm, self.link.handle())?;
         }
         Ok(serde_json::json!({"state": "unprotected"}))
     }
