@@ -35,6 +35,7 @@ pub struct QemuMigration {
     netns: Option<String>,
     converge_timeout: Duration,
     downtime_limit_ms: Option<u64>,
+    max_bandwidth: Option<u64>,
     src: Option<Vm>,
     dst: Option<Vm>,
     src_lines: GuestLines,
@@ -90,7 +91,7 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
 /// Capabilities, parameters and TLS credentials on one side.
 fn configure(
     config: QemuConfig,
-    downtime_limit_ms: Option<u64>,
+    (downtime_limit_ms, max_bandwidth): (Option<u64>, Option<u64>),
     certs: &Path,
     qmp: &mut Qmp,
     endpoint: &str,
@@ -111,6 +112,9 @@ fn configure(
     }
     if let Some(ms) = downtime_limit_ms {
         params.insert("downtime-limit".into(), json!(ms));
+    }
+    if let Some(bps) = max_bandwidth {
+        params.insert("max-bandwidth".into(), json!(bps));
     }
     if config.tls() {
         qmp.execute(
@@ -170,6 +174,7 @@ impl QemuMigration {
             netns: env.net.map(|n| n.name().to_string()),
             converge_timeout: env.opts.converge_timeout,
             downtime_limit_ms: env.opts.qemu_downtime_limit_ms,
+            max_bandwidth: env.opts.qemu_max_bandwidth,
             src: None,
             dst: None,
             src_lines: GuestLines::default(),
@@ -239,7 +244,7 @@ impl Migrator for QemuMigration {
     fn migrate(&mut self) -> Result<Migrated> {
         let config = self.config;
         let timeout = self.converge_timeout;
-        let downtime_limit = self.downtime_limit_ms;
+        let limits = (self.downtime_limit_ms, self.max_bandwidth);
         let uri = if config.tls() {
             format!("tcp:127.0.0.1:{}", free_local_port()?)
         } else {
@@ -247,8 +252,8 @@ impl Migrator for QemuMigration {
         };
         let certs = self.certs.clone();
         let (src, dst) = self.sides()?;
-        configure(config, downtime_limit, &certs, &mut src.1, "client")?;
-        configure(config, downtime_limit, &certs, &mut dst.1, "server")?;
+        configure(config, limits, &certs, &mut src.1, "client")?;
+        configure(config, limits, &certs, &mut dst.1, "server")?;
         let params = src.1.execute("query-migrate-parameters", Value::Null)?;
         dst.1.execute("migrate-incoming", json!({ "uri": uri }))?;
         let (src_pid, dst_pid) = (src.0.pid(), dst.0.pid());
