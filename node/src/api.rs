@@ -286,6 +286,7 @@ mod tests {
             hot_page_window: (seed % 17) as u8,
             pause_rt_priority: (seed % 100) as u8,
             epoch_precopy_us: (seed % 5000) as u32,
+            sync_piece_mib: (seed % 1024) as u32 + 1,
             verify_every: seed >> 3,
             degrade_after_ms: seed ^ 0xff,
             heartbeat_ms: 20,

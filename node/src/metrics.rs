@@ -237,6 +237,26 @@ fn render_protection(w: &mut Writer, p: Option<&primary::stats::StatusReport>) {
         "Cap on held output bytes; frames beyond it are dropped.",
         primary::output::DEFAULT_HOLD_CAP as f64,
     );
+    if let Some(sync) = &p.sync {
+        w.gauge("understudy_sync_round", "The sync's round under way (0: the full copy).", f64::from(sync.round));
+        w.gauge(
+            "understudy_sync_scanned_ratio",
+            "Share of guest memory the sync's round has looked at (0-1).",
+            sync.scanned as f64 / sync.total_pages.max(1) as f64,
+        );
+    }
+    if let Some(last) = &p.last_sync {
+        w.gauge(
+            "understudy_last_sync_seconds",
+            "How long the last completed sync took, seconds.",
+            last.ms as f64 / 1e3,
+        );
+        w.gauge(
+            "understudy_last_sync_largest_piece_pages",
+            "Pages of the largest piece (epoch on the wire) of the last completed sync.",
+            last.largest_piece_pages as f64,
+        );
+    }
     w.counter("understudy_bytes_sent_total", "Encoded checkpoint bytes sent to the backup.", p.bytes_sent);
     w.counter(
         "understudy_raw_bytes_sent_total",
@@ -863,6 +883,13 @@ mod tests {
             bytes_sent,
             raw_bytes_sent: bytes_sent * 2,
             sync: None,
+            last_sync: Some(primary::stats::SyncSummary {
+                rounds: 2,
+                pages: 9000,
+                pieces: 5,
+                largest_piece_pages: 4096,
+                ms: 1500,
+            }),
             inbound: Some(primary::inbound::InboundReport {
                 active: true,
                 forwarded_frames: 31,
@@ -928,6 +955,8 @@ mod tests {
         }
         assert_eq!(value(&text, "understudy_epochs_total"), 7.0);
         assert_eq!(value(&text, "understudy_hot_pages"), 12.0);
+        assert_eq!(value(&text, "understudy_last_sync_seconds"), 1.5);
+        assert_eq!(value(&text, "understudy_last_sync_largest_piece_pages"), 4096.0);
         assert_eq!(value(&text, "understudy_output_held_bytes"), 3000.0);
         assert_eq!(value(&text, r#"understudy_protection_state{state="protected"}"#), 1.0);
         assert_eq!(value(&text, r#"understudy_protection_state{state="degraded"}"#), 0.0);

@@ -56,6 +56,9 @@ pub enum ProtectError {
     /// An in-epoch pre-copy lead over 1 s.
     #[error("--epoch-precopy-us {0}: at most 1000000 (1 s)")]
     Precopy(u32),
+    /// A sync piece outside 1-1024 MiB.
+    #[error("--sync-piece-mib {0}: a sync's pieces are 1-1024 MiB")]
+    SyncPiece(u32),
     /// A real-time priority over 99.
     #[error("--pause-rt-priority {0}: SCHED_FIFO priorities are 1-99 (0: off)")]
     RtPriority(u8),
@@ -154,6 +157,12 @@ pub struct ProtectRequest {
     #[serde(default = "default_precopy")]
     #[arg(long, default_value_t = default_precopy())]
     pub epoch_precopy_us: u32,
+    /// A sync's full copy goes to the backup in pieces of at most this many MiB of non-zero
+    /// pages (1-1024), each its own epoch on the wire, so heartbeats flow between them on
+    /// both ends however large the guest (docs/protection.md, "Initial sync").
+    #[serde(default = "default_sync_piece_mib")]
+    #[arg(long, default_value_t = default_sync_piece_mib())]
+    pub sync_piece_mib: u32,
     /// How long the backup may be unreachable before running degraded, ms.
     #[serde(default = "default_degrade")]
     #[arg(long, default_value_t = default_degrade())]
@@ -194,6 +203,9 @@ fn default_rt_priority() -> u8 {
 fn default_precopy() -> u32 {
     2000
 }
+fn default_sync_piece_mib() -> u32 {
+    ((primary::engine::SYNC_PIECE_PAGES * vmm::memory::PAGE_SIZE) >> 20) as u32
+}
 impl ProtectRequest {
     /// A request to protect to `backup` with every other setting at its default (as
     /// `understudy protect --backup ADDR --certs certs` without other flags).
@@ -215,6 +227,7 @@ impl ProtectRequest {
             hot_page_window: default_hot_page_window(),
             pause_rt_priority: default_rt_priority(),
             epoch_precopy_us: default_precopy(),
+            sync_piece_mib: default_sync_piece_mib(),
             verify_every: 0,
             degrade_after_ms: default_degrade(),
             heartbeat_ms: default_heartbeat(),
@@ -305,6 +318,7 @@ impl Protection {
             burst_end: req.output_burst_end,
             pause_rt_priority: req.pause_rt_priority,
             epoch_precopy: (req.epoch_precopy_us > 0).then(|| Duration::from_micros(u64::from(req.epoch_precopy_us))),
+            sync_piece_pages: ((req.sync_piece_mib as usize) << 20) / vmm::memory::PAGE_SIZE,
             ..EngineConfig::default()
         };
         let bind = if req.backup.is_ipv4() {
@@ -503,6 +517,9 @@ pub fn validate(req: &ProtectRequest) -> Result<(), ProtectError> {
     if req.epoch_precopy_us > 1_000_000 {
         return Err(ProtectError::Precopy(req.epoch_precopy_us));
     }
+    if !(1..=1024).contains(&req.sync_piece_mib) {
+        return Err(ProtectError::SyncPiece(req.sync_piece_mib));
+    }
     if req.output_coalesce_us > 1_000_000 {
         return Err(ProtectError::Coalesce(req.output_coalesce_us));
     }
@@ -549,6 +566,14 @@ mod tests {
         assert_eq!(rt.unwrap_err().to_string(), "--pause-rt-priority 100: SCHED_FIFO priorities are 1-99 (0: off)");
         let pre = validate(&ProtectRequest { epoch_precopy_us: 2_000_000, ..request() });
         assert_eq!(pre.unwrap_err().to_string(), "--epoch-precopy-us 2000000: at most 1000000 (1 s)");
+        for mib in [0, 1025] {
+            let piece = validate(&ProtectRequest { sync_piece_mib: mib, ..request() });
+            assert_eq!(
+                piece.unwrap_err().to_string(),
+                format!("--sync-piece-mib {mib}: a sync's pieces are 1-1024 MiB")
+            );
+        }
+        assert!(validate(&ProtectRequest { sync_piece_mib: 1, ..request() }).is_ok());
         let coalesce = validate(&ProtectRequest { output_coalesce_us: 2_000_000, ..request() });
         assert_eq!(coalesce.unwrap_err().to_string(), "output coalescing window of 2000000 µs is longer than 1 s");
         let epoch = validate(&ProtectRequest { epoch_ms: 20_000, ..request() });

@@ -292,7 +292,7 @@ pub fn link_threads() -> Result<usize, NodeError> {
 /// instead of a wake-up of another thread (tens of microseconds each on a virtualised host).
 /// 16-connection kv gets under protection, by turns against two workers: +6-11% (session 17,
 /// docs/benchmarks-history.md). The link has a runtime of its own so that a long piece of work
-/// in it (a large sync round's encoding) never holds up the arbitration agent or the API.
+/// in it (encoding a checkpoint of many pages) never holds up the arbitration agent or the API.
 pub const LINK_THREADS: usize = 1;
 
 fn link_threads_from(v: Option<&str>) -> Result<usize, NodeError> {

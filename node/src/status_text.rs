@@ -106,11 +106,30 @@ fn protection(p: &Value, out: &mut Vec<String>) {
         s(p, "backup").unwrap_or("?")
     ));
     if let Some(sync) = p.get("sync").filter(|v| !v.is_null()) {
+        let (round, pages, total) =
+            (u(sync, "round").unwrap_or(0), u(sync, "pages").unwrap_or(0), u(sync, "total_pages").unwrap_or(0));
+        out.push(if round == 0 {
+            let scanned = u(sync, "scanned").unwrap_or(0);
+            format!(
+                "  sync: full copy, {} of {} pages of memory looked at ({:.0}%), {} sent in {} pieces",
+                count(scanned),
+                count(total),
+                100.0 * scanned as f64 / total.max(1) as f64,
+                count(pages),
+                count(u(sync, "pieces").unwrap_or(0))
+            )
+        } else {
+            format!("  sync: pre-copy round {round}, {} pages dirtied since the last round", count(pages))
+        });
+    } else if let Some(last) = p.get("last_sync").filter(|v| !v.is_null()) {
+        let rounds = u(last, "rounds").unwrap_or(0);
         out.push(format!(
-            "  sync round {}: {} of {} pages",
-            u(sync, "round").unwrap_or(0),
-            count(u(sync, "pages").unwrap_or(0)),
-            count(u(sync, "total_pages").unwrap_or(0))
+            "  last sync: {} pages in {} pieces (largest {}) and {rounds} pre-copy round{}, {}",
+            count(u(last, "pages").unwrap_or(0)),
+            count(u(last, "pieces").unwrap_or(0)),
+            count(u(last, "largest_piece_pages").unwrap_or(0)),
+            if rounds == 1 { "" } else { "s" },
+            age(u(last, "ms").unwrap_or(0) as f64 / 1e3)
         ));
     }
     out.push(format!(
@@ -403,6 +422,7 @@ mod tests {
                 "epoch_ms_mean": 10.4, "dirty_pages_per_epoch_mean": 48.0, "hot_pages": 31, "ack_latency_us_p50": 820.0,
                 "ack_latency_us_p99": 1900.0, "held_output_frames": 0, "held_output_bytes": 0,
                 "bytes_sent": 5_700_000, "raw_bytes_sent": 40_100_000, "sync": null,
+                "last_sync": {"rounds": 3, "pages": 41_000, "pieces": 12, "largest_piece_pages": 4096, "ms": 2_400},
                 "inbound": {"active": true, "forwarded_frames": 1204, "queue_dropped_frames": 0, "refused_frames": 0,
                     "side_copy_to": "10.0.0.2:41000", "side_copy_sent_frames": 1204, "side_copy_dropped_frames": 0,
                     "side_copy_ns_mean": 4200}},
@@ -413,6 +433,7 @@ mod tests {
             t,
             "vm: running (primary), up 2m 20s, 256.0 MiB, booted from guest.elf\n  cmdline: workload=kv\n\
              protection: protected for 2m 13s (backup committed consistent epoch 4), backup 10.0.0.2:7000\n  \
+             last sync: 41,000 pages in 12 pieces (largest 4,096) and 3 pre-copy rounds, 2s\n  \
              96 epochs/s (12,800 in all, 10.4 ms mean), pause 174 µs p50 / 649 µs p99, 48 dirty pages per epoch (31 kept writable)\n  \
              replica 1 epochs behind (shipped 2,114, committed 2,113), ack 820 µs p50 / 1.9 ms p99\n  \
              output held 0 B (0 frames); sent 5.4 MiB encoded (38.2 MiB raw)\n  \
@@ -420,6 +441,25 @@ mod tests {
              side copies to 10.0.0.2:41000: 1,204 sent, 0 dropped, 4 µs mean on the net worker\n\
              arbitration: node 1, running\n"
         );
+    }
+
+    /// A sync shows where its full copy is in memory, then each pre-copy round's dirty pages.
+    #[test]
+    fn a_syncing_primary_shows_its_progress() {
+        let mut p = json!({"state": "syncing", "state_for_s": 3.0, "reason": "protection started", "backup": "b:7000",
+            "sync": {"round": 0, "pages": 9000, "total_pages": 65536, "scanned": 16384, "pieces": 3},
+            "last_sync": null});
+        let line = |p: &Value| {
+            let mut out = Vec::new();
+            protection(p, &mut out);
+            out[1].clone()
+        };
+        assert_eq!(
+            line(&p),
+            "  sync: full copy, 16,384 of 65,536 pages of memory looked at (25%), 9,000 sent in 3 pieces"
+        );
+        p["sync"] = json!({"round": 2, "pages": 310, "total_pages": 65536, "scanned": 65536, "pieces": 1});
+        assert_eq!(line(&p), "  sync: pre-copy round 2, 310 pages dirtied since the last round");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use vmm::memory::{PAGE_SIZE, copy_pages};
 use vmm::vm::Vm;
 
 use crate::output::OutputBuffer;
-use crate::stats::{ProtectionState, Stats, SyncProgress};
+use crate::stats::{ProtectionState, Stats, SyncProgress, SyncSummary};
 use transport::error_chain;
 
 /// Epoch length policy.
@@ -132,7 +132,21 @@ pub struct EngineConfig {
     /// price: a page written both before and after it takes one more write-protect fault and
     /// is copied twice, off the pause. `None`: off.
     pub epoch_precopy: Option<Duration>,
+    /// The full copy that starts a sync goes to the link in pieces of at most this many
+    /// non-zero pages (the first piece is the baseline, the others pre-copy epochs on top of
+    /// it), at most [`SYNC_PIECES_IN_FLIGHT`] unacknowledged at once. Each piece is one epoch
+    /// on the wire: the session encodes it, and the backup commits it, in one go, so a piece
+    /// must be small enough for the heartbeats between pieces to flow (a whole 1.5 GiB guest
+    /// in one epoch held both sessions for seconds: docs/protection.md, "Initial sync").
+    pub sync_piece_pages: usize,
 }
+
+/// [`EngineConfig::sync_piece_pages`] by default: 16 MiB of pages.
+pub const SYNC_PIECE_PAGES: usize = 4096;
+
+/// Pieces of a sync's full copy handed to the link and not yet acknowledged before the engine
+/// copies the next (the sender's window holds four epochs).
+pub const SYNC_PIECES_IN_FLIGHT: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -150,6 +164,7 @@ impl Default for EngineConfig {
             hot_page_window: vmm::dirty::DEFAULT_HOT_WINDOW,
             pause_rt_priority: 1,
             epoch_precopy: None,
+            sync_piece_pages: SYNC_PIECE_PAGES,
         }
     }
 }
@@ -412,6 +427,11 @@ impl LinkShared {
     }
 }
 
+/// Pages of guest memory in `layout` (`(gpa, bytes)` regions).
+fn memory_pages(layout: &[(u64, u64)]) -> u64 {
+    layout.iter().map(|r| r.1 / PAGE_SIZE as u64).sum()
+}
+
 /// Errors that end the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -492,6 +512,29 @@ pub struct Engine {
     precopy_rest_next: u32,
     /// Whether the last epoch pre-copied (for the log).
     precopy_on: bool,
+    /// The sync under way (for its summary).
+    sync_run: SyncRun,
+}
+
+/// Counts of the sync under way.
+#[derive(Debug, Clone, Copy)]
+struct SyncRun {
+    started: Instant,
+    pages: u64,
+    pieces: u64,
+    largest: u64,
+}
+
+impl SyncRun {
+    fn new() -> Self {
+        Self { started: Instant::now(), pages: 0, pieces: 0, largest: 0 }
+    }
+
+    fn shipped(&mut self, pages: u64) {
+        self.pages += pages;
+        self.pieces += 1;
+        self.largest = self.largest.max(pages);
+    }
 }
 
 impl Engine {
@@ -524,6 +567,7 @@ impl Engine {
             precopy_rest: 0,
             precopy_rest_next: PRECOPY_REST,
             precopy_on: false,
+            sync_run: SyncRun::new(),
             cfg,
         }
     }
@@ -716,20 +760,20 @@ impl Engine {
         if self.protected_once {
             failover::failpoint::hit("primary.resync");
         }
+        let t0 = Instant::now();
         if round == 0 {
             // The baseline resends everything: pre-copied pages of an epoch that never became a
             // checkpoint are stale (the dirty log is reset below).
             if let Some((_, data)) = self.carry.take() {
                 self.link.recycle(data);
             }
+            self.sync_run = SyncRun::new();
         }
-        self.seq += 1;
-        let seq = self.seq;
-        let t0 = Instant::now();
-        let (kind, pfns, data, total_pages) = {
+        let seq = self.seq + 1;
+        let (pfns, total_pages) = {
             let mut vm = self.vm();
-            let total_pages: u64 = vmm::memory::layout_of(vm.memory()).iter().map(|r| r.1 / PAGE_SIZE as u64).sum();
-            if round == 0 {
+            let layout = vmm::memory::layout_of(vm.memory());
+            let pfns: Vec<u64> = if round == 0 {
                 // Start dirty tracking now, then copy everything: later rounds resend what
                 // changed meanwhile.
                 vm.enable_dirty_log().map_err(|source| EngineError::Vm { seq, source })?;
@@ -739,49 +783,26 @@ impl Engine {
                     ..Default::default()
                 };
                 vm.set_hot_pages(hot).map_err(|source| EngineError::Vm { seq, source })?;
-                let mut pfns = Vec::new();
-                let mut data = Vec::new();
-                for (gpa, size) in vmm::memory::layout_of(vm.memory()) {
-                    let first = gpa / PAGE_SIZE as u64;
-                    for pfn in first..first + size / PAGE_SIZE as u64 {
-                        let at = data.len();
-                        copy_pages(vm.memory(), std::iter::once(pfn), &mut data)
-                            .map_err(|source| EngineError::Memory { seq, source })?;
-                        if data[at..].iter().all(|&b| b == 0) {
-                            data.truncate(at);
-                        } else {
-                            pfns.push(pfn);
-                        }
-                    }
-                }
-                (HarvestKind::Baseline, pfns, data, total_pages)
+                layout
+                    .iter()
+                    .flat_map(|&(gpa, size)| {
+                        let first = gpa / PAGE_SIZE as u64;
+                        first..first + size / PAGE_SIZE as u64
+                    })
+                    .collect()
             } else {
-                let dirty = vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?;
-                let pfns: Vec<u64> = dirty.pages().collect();
-                let mut data = Vec::with_capacity(pfns.len() * PAGE_SIZE);
-                copy_pages(vm.memory(), pfns.iter().copied(), &mut data)
-                    .map_err(|source| EngineError::Memory { seq, source })?;
-                (HarvestKind::Precopy, pfns, data, total_pages)
-            }
+                vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?.pages().collect()
+            };
+            (pfns, memory_pages(&layout))
         };
-        let pages = pfns.len() as u64;
-        if round == 0 {
-            self.link.sync_floor.store(seq, Ordering::SeqCst);
-        }
-        self.stats.lock().sync = Some(SyncProgress { round, pages, total_pages });
+        let Some(pages) = self.ship_round(round, &pfns, total_pages)? else {
+            return Ok(Phase::Sync { round: 0 });
+        };
         tracing::info!(round, pages, total_pages, ms = t0.elapsed().as_millis() as u64, "sync round copied");
-        let output = Vec::new();
-        self.send(Harvest { seq, kind, pfns, data, state: Vec::new(), digest: None, taken_at: t0, output })?;
         // Let this round land before measuring the next: the dirty set then reflects the
         // time the round took on the wire.
-        while !self.link.wait_room(1, Duration::from_millis(100)) {
-            if self.tx.is_closed() {
-                return Err(EngineError::LinkClosed);
-            }
-            if self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
-            {
-                return Ok(Phase::Sync { round: 0 });
-            }
+        if !self.wait_for_room(1)? {
+            return Ok(Phase::Sync { round: 0 });
         }
         let converged = round > 0 && pages < self.cfg.precopy_stop_pages;
         if converged || round >= self.cfg.precopy_max_rounds {
@@ -791,11 +812,117 @@ impl Engine {
                 o.set_passthrough(false);
             }
             self.checkpoint()?;
-            self.stats.lock().sync = None;
+            let run = self.sync_run;
+            let summary = SyncSummary {
+                rounds: round,
+                pages: run.pages,
+                pieces: run.pieces,
+                largest_piece_pages: run.largest,
+                ms: run.started.elapsed().as_millis() as u64,
+            };
+            tracing::info!(
+                rounds = summary.rounds,
+                pages = summary.pages,
+                pieces = summary.pieces,
+                largest_piece_pages = summary.largest_piece_pages,
+                ms = summary.ms,
+                "sync complete"
+            );
+            {
+                let mut s = self.stats.lock();
+                s.sync = None;
+                s.last_sync = Some(summary);
+            }
             self.protected_once = true;
             return Ok(Phase::Protected);
         }
         Ok(Phase::Sync { round: round + 1 })
+    }
+
+    /// Ships sync round `round`'s pages `pfns` (ascending; with round 0 every page of memory,
+    /// `total_pages` of them) in pieces of at most [`EngineConfig::sync_piece_pages`], each
+    /// copied just before it goes and handed to the link as its own epoch, at most
+    /// [`SYNC_PIECES_IN_FLIGHT`] unacknowledged. Round 0's first piece is the baseline (the
+    /// replica starts from zero, so round 0 leaves zero pages out); every other piece is a
+    /// pre-copy epoch on top of it. Between pieces the sessions on both ends run their
+    /// heartbeats, and a piece holds the VM's lock only while it is copied. Returns the pages
+    /// sent, or `None` when the sync must start again (the link went down or wants a new
+    /// baseline, or protection is stopping).
+    fn ship_round(&mut self, round: u32, pfns: &[u64], total_pages: u64) -> Result<Option<u64>, EngineError> {
+        let piece = self.cfg.sync_piece_pages.max(1);
+        let full = round == 0;
+        let mut rest = pfns.iter().copied();
+        let (mut pages, mut scanned, mut pieces) = (0u64, 0u64, 0u64);
+        loop {
+            let gone = || {
+                self.stopping()
+                    || !self.link.up.load(Ordering::SeqCst)
+                    || self.link.need_baseline.load(Ordering::SeqCst)
+            };
+            if gone() || (pieces > 0 && !self.wait_for_room(SYNC_PIECES_IN_FLIGHT)?) {
+                return Ok(None);
+            }
+            let seq = self.seq + 1;
+            let t0 = Instant::now();
+            let mut taken = Vec::with_capacity(piece);
+            let mut data = Vec::with_capacity(piece * PAGE_SIZE);
+            let mut done = false;
+            {
+                let vm = self.vm();
+                while taken.len() < piece {
+                    let Some(pfn) = rest.next() else {
+                        done = true;
+                        break;
+                    };
+                    scanned += 1;
+                    let at = data.len();
+                    copy_pages(vm.memory(), std::iter::once(pfn), &mut data)
+                        .map_err(|source| EngineError::Memory { seq, source })?;
+                    if full && data[at..].iter().all(|&b| b == 0) {
+                        data.truncate(at);
+                    } else {
+                        taken.push(pfn);
+                    }
+                }
+            }
+            let n = taken.len() as u64;
+            // The baseline always goes (it starts the series, even over an all-zero guest), and
+            // so does a later round's only piece; an empty piece otherwise carries nothing.
+            if pieces == 0 || n > 0 {
+                let kind = if full && pieces == 0 { HarvestKind::Baseline } else { HarvestKind::Precopy };
+                self.seq = seq;
+                if kind == HarvestKind::Baseline {
+                    self.link.sync_floor.store(seq, Ordering::SeqCst);
+                }
+                let (pfns, state, digest, output) = (taken, Vec::new(), None, Vec::new());
+                self.send(Harvest { seq, kind, pfns, data, state, digest, taken_at: t0, output })?;
+                self.sync_run.shipped(n);
+                pages += n;
+                pieces += 1;
+                tracing::debug!(round, seq, pages = n, scanned, "sync piece handed to the link");
+            }
+            let progress = if full { scanned } else { total_pages };
+            self.stats.lock().sync = Some(SyncProgress { round, pages, total_pages, scanned: progress, pieces });
+            if done {
+                return Ok(Some(pages));
+            }
+        }
+    }
+
+    /// Waits until fewer than `limit` harvests are unacknowledged. False when the sync must
+    /// start again instead (the link went down or wants a new baseline, or protection is
+    /// stopping).
+    fn wait_for_room(&self, limit: usize) -> Result<bool, EngineError> {
+        while !self.link.wait_room(limit, Duration::from_millis(100)) {
+            if self.tx.is_closed() {
+                return Err(EngineError::LinkClosed);
+            }
+            if self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Waits until output is held or `until` (output-driven epochs only; None at once

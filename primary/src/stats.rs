@@ -173,6 +173,8 @@ pub struct StatsInner {
     pub harvest_times: VecDeque<Instant>,
     /// Initial sync progress: (pages sent, pages total) of the current round, and round.
     pub sync: Option<SyncProgress>,
+    /// The last sync that completed.
+    pub last_sync: Option<SyncSummary>,
     /// Total encoded bytes sent.
     pub bytes_sent: u64,
     /// Total raw harvested bytes (before encoding).
@@ -188,6 +190,26 @@ pub struct SyncProgress {
     pub pages: u64,
     /// Pages of guest memory.
     pub total_pages: u64,
+    /// Pages of guest memory looked at so far in this round (the full copy goes through
+    /// memory in pieces; a later round harvests the dirty log at once).
+    pub scanned: u64,
+    /// Pieces (epochs on the wire) this round went in so far.
+    pub pieces: u64,
+}
+
+/// A completed sync: how long it took and how it went on the wire.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SyncSummary {
+    /// Pre-copy rounds after the full copy.
+    pub rounds: u32,
+    /// Pages sent in all rounds.
+    pub pages: u64,
+    /// Pieces (epochs on the wire) in all rounds.
+    pub pieces: u64,
+    /// Pages of the largest piece.
+    pub largest_piece_pages: u64,
+    /// From the start of the full copy to the first consistent checkpoint's harvest, ms.
+    pub ms: u64,
 }
 
 impl Stats {
@@ -214,6 +236,7 @@ impl Stats {
                 epoch_us: Samples::default(),
                 harvest_times: VecDeque::new(),
                 sync: None,
+                last_sync: None,
                 bytes_sent: 0,
                 raw_bytes_sent: 0,
             }),
@@ -281,6 +304,7 @@ impl Stats {
             bytes_sent: g.bytes_sent,
             raw_bytes_sent: g.raw_bytes_sent,
             sync: g.sync,
+            last_sync: g.last_sync,
             inbound: None,
             pause_seconds: g.pause_seconds.clone(),
             ack_latency_seconds: g.ack_latency_seconds.clone(),
@@ -340,6 +364,8 @@ pub struct StatusReport {
     pub raw_bytes_sent: u64,
     /// Initial sync progress, while syncing.
     pub sync: Option<SyncProgress>,
+    /// The last sync that completed (`None` before the first).
+    pub last_sync: Option<SyncSummary>,
     /// Input forwarding to the backup's inbound log (`None` without a net device).
     pub inbound: Option<crate::inbound::InboundReport>,
     /// Every pause since protection started (for metrics; not in the JSON).
