@@ -97,6 +97,41 @@ fn origin(o: &Value) -> String {
     }
 }
 
+/// The sync under way, from a protection status (`None` when not syncing): round 0 says how
+/// much of memory it has looked at and what it sent, a later round its dirty pages.
+pub fn sync_line(p: &Value) -> Option<String> {
+    let sync = p.get("sync").filter(|v| !v.is_null())?;
+    let (round, pages, total) =
+        (u(sync, "round").unwrap_or(0), u(sync, "pages").unwrap_or(0), u(sync, "total_pages").unwrap_or(0));
+    Some(if round == 0 {
+        let scanned = u(sync, "scanned").unwrap_or(0);
+        format!(
+            "sync: full copy, {} of {} pages of memory looked at ({:.0}%), {} sent in {} pieces",
+            count(scanned),
+            count(total),
+            100.0 * scanned as f64 / total.max(1) as f64,
+            count(pages),
+            count(u(sync, "pieces").unwrap_or(0))
+        )
+    } else {
+        format!("sync: pre-copy round {round}, {} pages dirtied since the last round", count(pages))
+    })
+}
+
+/// The last completed sync, from a protection status (`None` before the first).
+pub fn last_sync_line(p: &Value) -> Option<String> {
+    let last = p.get("last_sync").filter(|v| !v.is_null())?;
+    let rounds = u(last, "rounds").unwrap_or(0);
+    Some(format!(
+        "last sync: {} pages in {} pieces (largest {}) and {rounds} pre-copy round{}, {}",
+        count(u(last, "pages").unwrap_or(0)),
+        count(u(last, "pieces").unwrap_or(0)),
+        count(u(last, "largest_piece_pages").unwrap_or(0)),
+        if rounds == 1 { "" } else { "s" },
+        age(u(last, "ms").unwrap_or(0) as f64 / 1e3)
+    ))
+}
+
 fn protection(p: &Value, out: &mut Vec<String>) {
     let state = s(p, "state").unwrap_or("?");
     out.push(format!(
@@ -105,32 +140,10 @@ fn protection(p: &Value, out: &mut Vec<String>) {
         s(p, "reason").unwrap_or(""),
         s(p, "backup").unwrap_or("?")
     ));
-    if let Some(sync) = p.get("sync").filter(|v| !v.is_null()) {
-        let (round, pages, total) =
-            (u(sync, "round").unwrap_or(0), u(sync, "pages").unwrap_or(0), u(sync, "total_pages").unwrap_or(0));
-        out.push(if round == 0 {
-            let scanned = u(sync, "scanned").unwrap_or(0);
-            format!(
-                "  sync: full copy, {} of {} pages of memory looked at ({:.0}%), {} sent in {} pieces",
-                count(scanned),
-                count(total),
-                100.0 * scanned as f64 / total.max(1) as f64,
-                count(pages),
-                count(u(sync, "pieces").unwrap_or(0))
-            )
-        } else {
-            format!("  sync: pre-copy round {round}, {} pages dirtied since the last round", count(pages))
-        });
-    } else if let Some(last) = p.get("last_sync").filter(|v| !v.is_null()) {
-        let rounds = u(last, "rounds").unwrap_or(0);
-        out.push(format!(
-            "  last sync: {} pages in {} pieces (largest {}) and {rounds} pre-copy round{}, {}",
-            count(u(last, "pages").unwrap_or(0)),
-            count(u(last, "pieces").unwrap_or(0)),
-            count(u(last, "largest_piece_pages").unwrap_or(0)),
-            if rounds == 1 { "" } else { "s" },
-            age(u(last, "ms").unwrap_or(0) as f64 / 1e3)
-        ));
+    if let Some(line) = sync_line(p) {
+        out.push(format!("  {line}"));
+    } else if let Some(line) = last_sync_line(p) {
+        out.push(format!("  {line}"));
     }
     out.push(format!(
         "  {:.0} epochs/s ({} in all, {:.1} ms mean), pause {} p50 / {} p99, {:.0} dirty pages per epoch ({} kept writable)",

@@ -3,6 +3,7 @@
 
 mod config;
 mod migrate;
+mod protect;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -122,6 +123,11 @@ enum Command {
         api: PathBuf,
         #[command(flatten)]
         req: node::protect::ProtectRequest,
+        /// Follow the sync until the VM is protected (progress on stderr: a line that updates
+        /// on a terminal, a line per round otherwise); exit non-zero if protection degrades or
+        /// fails first. Interrupting only stops following: protection goes on.
+        #[arg(long)]
+        wait: bool,
     },
     /// Stop protecting a VM.
     Unprotect {
@@ -543,9 +549,10 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&v)?);
             Ok(())
         }
-        Command::Protect { api, mut req } => {
+        Command::Protect { api, mut req, wait } => {
             req.certs = std::path::absolute(&req.certs).unwrap_or(req.certs);
-            call_and_print(&api, &Request::Protect(req), Duration::from_secs(30))
+            call_and_print(&api, &Request::Protect(req), Duration::from_secs(30))?;
+            if wait { protect::follow(&api) } else { Ok(()) }
         }
         Command::Unprotect { api } => call_and_print(&api, &Request::Unprotect, Duration::from_secs(30)),
         Command::Promote { api, force } => call_and_print(&api, &Request::Promote { force }, Duration::from_secs(60)),

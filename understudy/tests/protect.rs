@@ -87,6 +87,36 @@ fn a_sync_in_pieces_builds_an_exact_replica() {
     assert!(text.contains(&format!(" pages in {pieces} pieces (largest {largest}) and ")), "{text}");
 }
 
+/// `protect --wait` follows the sync (a line per round and per quarter of the full copy on
+/// stderr when not on a terminal) and returns once the VM is protected; with the backup gone it
+/// fails, naming the state protection fell to and why.
+#[test]
+fn protect_wait_follows_the_sync_until_protected_or_fails_naming_why() {
+    let _g = serial_guard();
+    if !kvm_available("protect_wait_follows_the_sync_until_protected_or_fails_naming_why") {
+        return;
+    }
+    // 128 MiB written before protecting: the full copy goes in 128 pieces of 1 MiB and lasts
+    // long enough (~0.5 s here) for the wait to see it under way.
+    let mut pair = Pair::start(None, "workload=dirty wss=128 rate=100000", "256M", &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out, err) = pair.try_protect(&["--wait", "--sync-piece-mib", "1"]);
+    eprintln!("protect --wait:\n{out}{err}");
+    assert!(ok, "protect --wait failed: {err}");
+    assert!(err.contains("sync: full copy, "), "no progress of the full copy: {err}");
+    assert!(err.contains("protected after ") && err.contains("last sync: "), "{err}");
+    assert_eq!(Pair::status(&pair.p_sock)["protection"]["state"], "protected", "returned before protected");
+    let (ok, _, _) = run(&["unprotect", "--api", pair.p_sock.to_str().unwrap()]);
+    assert!(ok);
+    // The backup gone: protection degrades (after --degrade-after-ms) and the wait says so.
+    pair.backup.child.kill().unwrap();
+    let _ = pair.backup.child.wait();
+    let (ok, out, err) = pair.try_protect(&["--wait", "--degrade-after-ms", "300"]);
+    eprintln!("protect --wait, no backup:\n{out}{err}");
+    assert!(!ok, "protect --wait succeeded without a backup: {err}");
+    assert!(err.contains("protection is degraded, not protected (backup unreachable for "), "{err}");
+}
+
 /// In-epoch pre-copy (`--epoch-precopy-us`): the pause copies only what was dirtied after the
 /// pre-copy, the checkpoint takes the other pages from it; the replica still matches exactly.
 #[test]
