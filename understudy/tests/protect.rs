@@ -33,7 +33,14 @@ const GUEST_MAC: &str = "02:55:44:00:00:01";
 /// arguments, and checks that the sampled epochs' memory digest and state crc are equal on both
 /// sides. Returns the pair for more checks.
 fn dirty_replica_matches(tag: &str, extra: &[&str]) -> Pair {
-    let mut pair = Pair::start(None, "workload=dirty wss=8 rate=20000", "64M", &["--verify"]);
+    dirty_replica_matches_env(tag, extra, &[], Duration::ZERO)
+}
+
+/// [`dirty_replica_matches`] with environment variables for both processes (fault points),
+/// protecting `settle` after the guest is up.
+fn dirty_replica_matches_env(tag: &str, extra: &[&str], env: &[(&str, &str)], settle: Duration) -> Pair {
+    let mut pair = Pair::start_env(None, "workload=dirty wss=8 rate=20000", "64M", &["--verify"], &[], env);
+    std::thread::sleep(settle);
     let mut args = vec!["--epoch-ms", "20", "--verify-every", "2"];
     args.extend_from_slice(extra);
     pair.protect(&args);
@@ -85,6 +92,33 @@ fn a_sync_in_pieces_builds_an_exact_replica() {
     let (ok, text, err) = run(&["status", "--api", pair.p_sock.to_str().unwrap()]);
     assert!(ok, "status failed: {err}");
     assert!(text.contains(&format!(" pages in {pieces} pieces (largest {largest}) and ")), "{text}");
+}
+
+/// A sync interrupted between two of its pieces (the backup refuses its third commit, a piece
+/// of the sync, and asks for a new baseline) starts over from a new baseline, and the replica
+/// it builds still matches the primary exactly.
+#[test]
+fn a_sync_interrupted_between_pieces_starts_over_and_builds_an_exact_replica() {
+    let _g = serial_guard();
+    if !kvm_available("a_sync_interrupted_between_pieces_starts_over_and_builds_an_exact_replica") {
+        return;
+    }
+    let env = [("UNDERSTUDY_FAILPOINTS", "backup.refuse@3")];
+    // Half a second of writing first: the guest's 2,048-page working set is written, so the
+    // full copy goes in ~9 pieces of 1 MiB and the third is one of them.
+    let settle = Duration::from_millis(500);
+    let pair = dirty_replica_matches_env("restart", &["--sync-piece-mib", "1"], &env, settle);
+    let b = Pair::status(&pair.b_sock);
+    assert_eq!(b["backup"]["rejected"], 1, "the backup did not refuse the piece: {b}");
+    let perr = pair.primary.stderr();
+    let again = perr.lines().find(|l| l.contains("backup needs a new baseline")).unwrap_or_else(|| {
+        panic!("the sync did not start over:\n{perr}");
+    });
+    // During the first sync, not after it: nothing was held for an old replica.
+    let plain: String = again.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
+    assert!(plain.contains("output_held=false"), "{plain}");
+    let last = &Pair::status(&pair.p_sock)["protection"]["last_sync"];
+    assert!(last["largest_piece_pages"].as_u64().unwrap() <= 256, "{last}");
 }
 
 /// `protect --wait` follows the sync (a line per round and per quarter of the full copy on
