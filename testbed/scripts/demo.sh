@@ -84,12 +84,13 @@ grep -q '^ready' "$D/primary-serial.log" || { echo "demo: guest did not boot"; c
 say "guest ready; the client's latency unprotected (set+get, 1 s)"
 in_ns $PY testbed/scripts/demo_client.py 10.99.0.2 1 - 2>&1 | $PY -c 'import json,sys; v=json.loads(sys.stdin.read()); print("         unprotected: %d round trips, p50 %.2f ms, p99 %.2f ms" % (v["ops"], v["p50_ms"], v["p99_ms"]))' || true
 say "protecting it"
-$B protect --api "$D/primary.sock" --backup 127.0.0.1:7400 --certs "$D/certs" --backup-node 2 \
-    --detect-ms 100 --heartbeat-ms 10 >/dev/null
-for _ in $(seq 1200); do
-    $B status --api "$D/primary.sock" --json | grep -q '"state": "protected"' && break; sleep 0.05
-done
-$B status --api "$D/primary.sock" --json | grep -q '"state": "protected"' || { echo "demo: protection did not reach protected within 60 s" >&2; exit 1; }
+# --wait follows the sync (its progress on stderr) until the VM is protected.
+if ! timeout 60 $B protect --api "$D/primary.sock" --backup 127.0.0.1:7400 --certs "$D/certs" --backup-node 2 \
+    --detect-ms 100 --heartbeat-ms 10 --wait >/dev/null 2>"$D/protect.err"; then
+    cat "$D/protect.err" >&2
+    echo "demo: protection did not reach protected within 60 s" >&2; exit 1
+fi
+sed 's/^/         /' "$D/protect.err"
 $B status --api "$D/primary.sock" --json | $PY -c 'import json,sys; p=json.load(sys.stdin)["protection"]; print("         protection: %s (backup %s), epoch %d acked" % (p["state"], p["backup"], p["last_acked_epoch"]))'
 say "protected; starting the client (sets + incr over one TCP connection, checks every write)"
 in_ns $PY testbed/scripts/demo_client.py 10.99.0.2 9 "$D/kill_time" > "$D/client.log" 2>&1 & CLIENT=$!; PIDS+=($CLIENT)
