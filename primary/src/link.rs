@@ -237,6 +237,7 @@ pub async fn run(
         _ => None,
     };
     let mut pending: Option<Harvest> = None;
+    let mut away = Away::default();
     let mut backoff = Duration::from_millis(20);
     let acks = Arc::new(Acks {
         in_flight: Mutex::new(BTreeMap::new()),
@@ -259,16 +260,13 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_millis(500));
                 // Keep the engine from blocking on a full channel while we are away. A dropped
                 // harvest's pages would never reach the replica: force a new baseline.
-                let mut dropped = 0;
-                while !reverse && let Ok(h) = harvests.try_recv() {
-                    if pending.replace(h).is_some() {
-                        dropped += 1;
+                if !reverse {
+                    let dropped;
+                    (pending, dropped) = away.drain(&mut harvests, pending.take());
+                    if dropped > 0 {
+                        tracing::warn!(dropped, "link: harvests dropped while disconnected: a new baseline is needed");
+                        acks.clear();
                     }
-                }
-                if dropped > 0 {
-                    tracing::warn!(dropped, "link: harvests dropped while disconnected: a new baseline is needed");
-                    pending = None;
-                    acks.clear();
                 }
                 continue;
             }
@@ -309,6 +307,14 @@ pub async fn run(
                 }
                 h = async { match pending.take() { Some(h) => Some(h), None => harvests.recv().await } } => {
                     let Some(h) = h else { closed = true; break };
+                    if !away.admit(h.kind) {
+                        // The engine took it before it saw the drop: it lacks the dropped
+                        // harvests' pages, so it must not reach the replica (a checkpoint would
+                        // be committed as consistent without them).
+                        tracing::debug!(seq = h.seq, kind = ?h.kind, "link: harvest taken after a drop, before the new baseline: dropped");
+                        shared.done(1);
+                        continue;
+                    }
                     tracing::debug!(seq = h.seq, wall_ns = vmm::devices::virtio::net::wall_ns(), "harvest taken by the link");
                     match submit(&session, &acks, h).await {
                         Ok((epoch, encoded, h)) => {
@@ -464,6 +470,48 @@ fn side_channel(
     }
 }
 
+/// The harvests the link takes while it cannot send (its connect failed).
+#[derive(Debug, Default)]
+struct Away {
+    /// Harvests were dropped: every harvest after them lacks their pages, so none may reach
+    /// the sender until the baseline that replaces them.
+    awaiting_baseline: bool,
+}
+
+impl Away {
+    /// Takes everything queued behind `pending`: the one harvest left is kept for the next
+    /// session if it was the only one; more means some must be dropped, and then all of them
+    /// are (with the series: a new baseline is needed). Returns the harvest to keep and how
+    /// many were dropped.
+    fn drain(&mut self, harvests: &mut mpsc::Receiver<Harvest>, pending: Option<Harvest>) -> (Option<Harvest>, usize) {
+        let mut kept = pending.filter(|h| self.admit(h.kind));
+        let mut dropped = 0;
+        while let Ok(h) = harvests.try_recv() {
+            if !self.admit(h.kind) {
+                continue;
+            }
+            if kept.replace(h).is_some() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            // The kept one is newer than the dropped: it goes too.
+            dropped += usize::from(kept.take().is_some());
+            self.awaiting_baseline = true;
+        }
+        (kept, dropped)
+    }
+
+    /// Whether a harvest of `kind` may go to the sender: after a drop, only the baseline that
+    /// starts the new series (and everything after it).
+    fn admit(&mut self, kind: HarvestKind) -> bool {
+        if kind == HarvestKind::Baseline {
+            self.awaiting_baseline = false;
+        }
+        !self.awaiting_baseline
+    }
+}
+
 /// Most inbound frames handed to the session in one command.
 const INBOUND_BATCH: usize = 64;
 
@@ -585,6 +633,46 @@ fn crc32(b: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use replication_proto::{MemoryLayout, Role, SenderConfig, VmIdentity};
+
+    fn harvest(seq: u64, kind: HarvestKind) -> Harvest {
+        let (pfns, data, state, digest, output) = (Vec::new(), Vec::new(), Vec::new(), None, Vec::new());
+        Harvest { seq, kind, pfns, data, state, digest, taken_at: std::time::Instant::now(), output }
+    }
+
+    /// While the link is away, one queued harvest is kept for the next session; more are all
+    /// dropped, and then no harvest reaches the sender until the engine's new baseline: a
+    /// checkpoint the engine took after the drop (before it saw it) lacks the dropped pages and
+    /// would be committed as consistent without them.
+    #[test]
+    fn after_a_drop_only_the_new_baseline_and_what_follows_reach_the_sender() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut away = Away::default();
+        // One harvest: kept.
+        tx.try_send(harvest(1, HarvestKind::Checkpoint)).unwrap();
+        let (kept, dropped) = away.drain(&mut rx, None);
+        assert_eq!((kept.as_ref().map(|h| h.seq), dropped), (Some(1), 0));
+        // It and two more: all three dropped, nothing kept.
+        tx.try_send(harvest(2, HarvestKind::Checkpoint)).unwrap();
+        tx.try_send(harvest(3, HarvestKind::Checkpoint)).unwrap();
+        let (kept, dropped) = away.drain(&mut rx, kept);
+        assert_eq!((kept.is_none(), dropped), (true, 3));
+        // Taken later, before the engine saw the drop: a checkpoint and a sync piece are stale.
+        assert!(!away.admit(HarvestKind::Checkpoint));
+        assert!(!away.admit(HarvestKind::Precopy));
+        // Also when queued while still away.
+        tx.try_send(harvest(4, HarvestKind::Checkpoint)).unwrap();
+        assert_eq!(away.drain(&mut rx, None).0.map(|h| h.seq), None);
+        // The baseline starts the new series; what follows it goes again.
+        assert!(away.admit(HarvestKind::Baseline));
+        assert!(away.admit(HarvestKind::Precopy));
+        assert!(away.admit(HarvestKind::Checkpoint));
+        // A baseline queued behind stale harvests while away is kept.
+        let mut away = Away { awaiting_baseline: true };
+        tx.try_send(harvest(5, HarvestKind::Checkpoint)).unwrap();
+        tx.try_send(harvest(6, HarvestKind::Baseline)).unwrap();
+        let (kept, dropped) = away.drain(&mut rx, None);
+        assert_eq!((kept.map(|h| h.seq), dropped), (Some(6), 0));
+    }
 
     /// The session's tap settles an ack on its own, from the entry the submit made in the same
     /// task: the engine learns the acknowledged harvest, its in-flight count drops, and only a
