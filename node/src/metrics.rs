@@ -889,6 +889,7 @@ mod tests {
                 pieces: 5,
                 largest_piece_pages: 4096,
                 ms: 1500,
+                catch_up: false,
             }),
             inbound: Some(primary::inbound::InboundReport {
                 active: true,

@@ -122,8 +122,13 @@ pub fn sync_line(p: &Value) -> Option<String> {
 pub fn last_sync_line(p: &Value) -> Option<String> {
     let last = p.get("last_sync").filter(|v| !v.is_null())?;
     let rounds = u(last, "rounds").unwrap_or(0);
+    let kind = if last.get("catch_up").and_then(Value::as_bool) == Some(true) {
+        " (a catch-up over the backup's replica)"
+    } else {
+        ""
+    };
     Some(format!(
-        "last sync: {} pages in {} pieces (largest {}) and {rounds} pre-copy round{}, {}",
+        "last sync{kind}: {} pages in {} pieces (largest {}) and {rounds} pre-copy round{}, {}",
         count(u(last, "pages").unwrap_or(0)),
         count(u(last, "pieces").unwrap_or(0)),
         count(u(last, "largest_piece_pages").unwrap_or(0)),
@@ -473,6 +478,14 @@ mod tests {
         );
         p["sync"] = json!({"round": 2, "pages": 310, "total_pages": 65536, "scanned": 65536, "pieces": 1});
         assert_eq!(line(&p), "  sync: pre-copy round 2, 310 pages dirtied since the last round");
+        // Done, after running degraded: a catch-up over the backup's replica.
+        p["sync"] = Value::Null;
+        p["last_sync"] =
+            json!({"rounds": 1, "pages": 2051, "pieces": 1, "largest_piece_pages": 2051, "ms": 126, "catch_up": true});
+        assert_eq!(
+            line(&p),
+            "  last sync (a catch-up over the backup's replica): 2,051 pages in 1 pieces (largest 2,051) and 1 pre-copy round, 126 ms"
+        );
     }
 
     #[test]

@@ -514,6 +514,14 @@ pub struct Engine {
     precopy_on: bool,
     /// The sync under way (for its summary).
     sync_run: SyncRun,
+    /// The current series holds a full copy: round 0 shipped every page of memory since its
+    /// baseline. While it does, a sync the link interrupted (or one after running degraded)
+    /// goes on from a pre-copy round, whose dirty log holds every page written since the last
+    /// harvest, instead of copying everything again.
+    series_complete: bool,
+    /// Pages a pre-copy round harvested (out of the dirty log) and could not ship before the
+    /// link went down: the next round sends them too.
+    unshipped: Vec<u64>,
 }
 
 /// Counts of the sync under way.
@@ -523,11 +531,13 @@ struct SyncRun {
     pages: u64,
     pieces: u64,
     largest: u64,
+    /// It went on from a pre-copy round over the replica the backup held, not a full copy.
+    catch_up: bool,
 }
 
 impl SyncRun {
     fn new() -> Self {
-        Self { started: Instant::now(), pages: 0, pieces: 0, largest: 0 }
+        Self { started: Instant::now(), pages: 0, pieces: 0, largest: 0, catch_up: false }
     }
 
     fn shipped(&mut self, pages: u64) {
@@ -568,6 +578,8 @@ impl Engine {
             precopy_rest_next: PRECOPY_REST,
             precopy_on: false,
             sync_run: SyncRun::new(),
+            series_complete: false,
+            unshipped: Vec::new(),
             cfg,
         }
     }
@@ -672,8 +684,14 @@ impl Engine {
             if self.link.up.load(Ordering::SeqCst) {
                 link_down_since = None;
                 if phase == Phase::Degraded {
-                    phase = Phase::Sync { round: 0 };
-                    self.stats.set_state(ProtectionState::Syncing, "backup reachable again: re-syncing");
+                    self.sync_run = SyncRun::new();
+                    phase = self.sync_again();
+                    let why = if phase == (Phase::Sync { round: 0 }) {
+                        "backup reachable again: re-syncing"
+                    } else {
+                        "backup reachable again: catching up from its replica (only pages written since go)"
+                    };
+                    self.stats.set_state(ProtectionState::Syncing, why);
                 }
             } else {
                 let since = *link_down_since.get_or_insert_with(Instant::now);
@@ -768,8 +786,20 @@ impl Engine {
                 self.link.recycle(data);
             }
             self.sync_run = SyncRun::new();
+            self.series_complete = false;
+            self.unshipped.clear();
         }
         let seq = self.seq + 1;
+        // Pages out of the dirty log that never reached the link: an earlier round's unshipped
+        // ones, and an in-epoch pre-copy's that no checkpoint took (both copied again now, as
+        // they are).
+        let mut extra = std::mem::take(&mut self.unshipped);
+        if round > 0
+            && let Some((pfns, data)) = self.carry.take()
+        {
+            self.link.recycle(data);
+            extra.extend(pfns);
+        }
         let (pfns, total_pages) = {
             let mut vm = self.vm();
             let layout = vmm::memory::layout_of(vm.memory());
@@ -791,18 +821,28 @@ impl Engine {
                     })
                     .collect()
             } else {
-                vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?.pages().collect()
+                let mut pfns: Vec<u64> =
+                    vm.harvest_dirty().map_err(|source| EngineError::Vm { seq, source })?.pages().collect();
+                if !extra.is_empty() {
+                    pfns.append(&mut extra);
+                    pfns.sort_unstable();
+                    pfns.dedup();
+                }
+                pfns
             };
             (pfns, memory_pages(&layout))
         };
         let Some(pages) = self.ship_round(round, &pfns, total_pages)? else {
-            return Ok(Phase::Sync { round: 0 });
+            return Ok(self.sync_again());
         };
+        if round == 0 {
+            self.series_complete = true;
+        }
         tracing::info!(round, pages, total_pages, ms = t0.elapsed().as_millis() as u64, "sync round copied");
         // Let this round land before measuring the next: the dirty set then reflects the
         // time the round took on the wire.
         if !self.wait_for_room(1)? {
-            return Ok(Phase::Sync { round: 0 });
+            return Ok(self.sync_again());
         }
         let converged = round > 0 && pages < self.cfg.precopy_stop_pages;
         if converged || round >= self.cfg.precopy_max_rounds {
@@ -819,6 +859,7 @@ impl Engine {
                 pieces: run.pieces,
                 largest_piece_pages: run.largest,
                 ms: run.started.elapsed().as_millis() as u64,
+                catch_up: run.catch_up,
             };
             tracing::info!(
                 rounds = summary.rounds,
@@ -826,6 +867,7 @@ impl Engine {
                 pieces = summary.pieces,
                 largest_piece_pages = summary.largest_piece_pages,
                 ms = summary.ms,
+                catch_up = summary.catch_up,
                 "sync complete"
             );
             {
@@ -860,6 +902,10 @@ impl Engine {
                     || self.link.need_baseline.load(Ordering::SeqCst)
             };
             if gone() || (pieces > 0 && !self.wait_for_room(SYNC_PIECES_IN_FLIGHT)?) {
+                if !full {
+                    // Out of the dirty log, never shipped: the next round must send them.
+                    self.unshipped.extend(rest);
+                }
                 return Ok(None);
             }
             let seq = self.seq + 1;
@@ -906,6 +952,25 @@ impl Engine {
             if done {
                 return Ok(Some(pages));
             }
+        }
+    }
+
+    /// Where a sync goes on after the link went down (or after running degraded): from a
+    /// pre-copy round while the series holds a full copy (the backup's replica has every page
+    /// shipped so far: a resumed session resends what it had not acknowledged, and a harvest
+    /// the link had to drop asks for a new baseline instead), from a new full copy otherwise.
+    /// Only checkpoints taken from now on may make the state `protected` again.
+    fn sync_again(&mut self) -> Phase {
+        self.link.sync_floor.store(self.seq + 1, Ordering::SeqCst);
+        if self.series_complete && !self.link.need_baseline.load(Ordering::SeqCst) {
+            self.sync_run.catch_up = true;
+            tracing::info!(
+                unshipped = self.unshipped.len(),
+                "sync goes on from a pre-copy round: the series holds a full copy"
+            );
+            Phase::Sync { round: 1 }
+        } else {
+            Phase::Sync { round: 0 }
         }
     }
 

@@ -200,7 +200,7 @@ pub struct SyncProgress {
 /// A completed sync: how long it took and how it went on the wire.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct SyncSummary {
-    /// Pre-copy rounds after the full copy.
+    /// Pre-copy rounds after the full copy (a catch-up: its rounds).
     pub rounds: u32,
     /// Pages sent in all rounds.
     pub pages: u64,
@@ -208,8 +208,12 @@ pub struct SyncSummary {
     pub pieces: u64,
     /// Pages of the largest piece.
     pub largest_piece_pages: u64,
-    /// From the start of the full copy to the first consistent checkpoint's harvest, ms.
+    /// From the start of the full copy (or of the catch-up) to the first consistent
+    /// checkpoint's harvest, ms.
     pub ms: u64,
+    /// A catch-up: after the link came back (or after running degraded) the sync went on from
+    /// a pre-copy round over the replica the backup held, without a full copy.
+    pub catch_up: bool,
 }
 
 impl Stats {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -119,6 +120,43 @@ fn a_sync_interrupted_between_pieces_starts_over_and_builds_an_exact_replica() {
     assert!(plain.contains("output_held=false"), "{plain}");
     let last = &Pair::status(&pair.p_sock)["protection"]["last_sync"];
     assert!(last["largest_piece_pages"].as_u64().unwrap() <= 256, "{last}");
+}
+
+/// A backup unreachable long enough for the primary to run degraded (here: its process stopped),
+/// then back: the session resumes where it was, the sync goes on from a pre-copy round over the
+/// replica the backup kept (only the pages written since go, no full copy), and the replica
+/// matches the primary exactly again.
+#[test]
+fn after_running_degraded_the_sync_catches_up_from_the_backups_replica() {
+    let _g = serial_guard();
+    if !kvm_available("after_running_degraded_the_sync_catches_up_from_the_backups_replica") {
+        return;
+    }
+    let mut pair = dirty_replica_matches_env("catch-up", &[], &[], Duration::ZERO);
+    let first = Pair::status(&pair.p_sock)["protection"]["last_sync"].clone();
+    assert_eq!(first["catch_up"], false, "{first}");
+    let pid = pair.backup.child.id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let degraded = pair.wait_protection("degraded", Duration::from_secs(20));
+    eprintln!("catch-up: degraded {degraded:?} after the backup stopped");
+    signal("-CONT");
+    let back = pair.wait_protection("protected", Duration::from_secs(30));
+    eprintln!("catch-up: protected again {back:?} after the backup went on");
+    let last = Pair::status(&pair.p_sock)["protection"]["last_sync"].clone();
+    eprintln!("catch-up: first sync {first}, after degraded {last}");
+    assert_eq!(last["catch_up"], true, "the sync after running degraded copied everything again: {last}");
+    let perr = pair.primary.stderr();
+    assert!(perr.contains("catching up from its replica"), "{perr}");
+    // Exact again: sampled epochs after the catch-up are equal on both sides.
+    std::thread::sleep(Duration::from_secs(2));
+    let p = Pair::ctl(&pair.p_sock, "verify-journal");
+    std::thread::sleep(Duration::from_millis(300));
+    let b = Pair::ctl(&pair.b_sock, "verify-journal");
+    let common = compare_journals(&p, &b);
+    let last_epoch = |j: &serde_json::Value| j.as_array().unwrap().last().unwrap()["epoch"].as_u64().unwrap();
+    eprintln!("catch-up: {common} sampled epochs equal, last {} / {}", last_epoch(&p), last_epoch(&b));
+    assert!(common >= 40, "{common}");
 }
 
 /// `protect --wait` follows the sync (a line per round and per quarter of the full copy on
