@@ -851,7 +851,6 @@ impl Engine {
                 o.begin(self.seq + 1);
                 o.set_passthrough(false);
             }
-            self.checkpoint()?;
             let run = self.sync_run;
             let summary = SyncSummary {
                 rounds: round,
@@ -870,11 +869,14 @@ impl Engine {
                 catch_up = summary.catch_up,
                 "sync complete"
             );
+            // Before the checkpoint, whose ack makes the state `protected`: status never says
+            // `protected` with a sync under way.
             {
                 let mut s = self.stats.lock();
                 s.sync = None;
                 s.last_sync = Some(summary);
             }
+            self.checkpoint()?;
             self.protected_once = true;
             return Ok(Phase::Protected);
         }

@@ -209,7 +209,7 @@ pub struct SyncSummary {
     /// Pages of the largest piece.
     pub largest_piece_pages: u64,
     /// From the start of the full copy (or of the catch-up) to the first consistent
-    /// checkpoint's harvest, ms.
+    /// checkpoint, ms.
     pub ms: u64,
     /// A catch-up: after the link came back (or after running degraded) the sync went on from
     /// a pre-copy round over the replica the backup held, without a full copy.

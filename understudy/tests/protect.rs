@@ -132,7 +132,13 @@ fn after_running_degraded_the_sync_catches_up_from_the_backups_replica() {
     if !kvm_available("after_running_degraded_the_sync_catches_up_from_the_backups_replica") {
         return;
     }
-    let mut pair = dirty_replica_matches_env("catch-up", &[], &[], Duration::ZERO);
+    // Long epochs of many pages (~2,500 each): the epochs the backup had not acknowledged when
+    // it stopped take a while to resend and commit once it goes on, so their acks arrive after
+    // the primary started its sync (and must not end it).
+    let mut pair = Pair::start(None, "workload=dirty wss=64 rate=50000", "256M", &["--verify"]);
+    pair.protect(&["--epoch-ms", "50", "--verify-every", "2"]);
+    pair.wait_protection("protected", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
     let first = Pair::status(&pair.p_sock)["protection"]["last_sync"].clone();
     assert_eq!(first["catch_up"], false, "{first}");
     let pid = pair.backup.child.id().to_string();
@@ -141,8 +147,25 @@ fn after_running_degraded_the_sync_catches_up_from_the_backups_replica() {
     let degraded = pair.wait_protection("degraded", Duration::from_secs(20));
     eprintln!("catch-up: degraded {degraded:?} after the backup stopped");
     signal("-CONT");
+    // Until this sync is done, status never says `protected`: a checkpoint from before the
+    // primary ran degraded, acknowledged late by the resumed session, must not end it.
+    let t0 = Instant::now();
+    let mut samples = 0;
+    loop {
+        let p = Pair::status(&pair.p_sock)["protection"].clone();
+        samples += 1;
+        if p["last_sync"]["catch_up"] == true {
+            break;
+        }
+        assert_ne!(p["state"], "protected", "protected again before the sync after running degraded ended: {p}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "no sync after running degraded: {p}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let back = pair.wait_protection("protected", Duration::from_secs(30));
-    eprintln!("catch-up: protected again {back:?} after the backup went on");
+    eprintln!(
+        "catch-up: protected again {:?} after the backup went on ({samples} samples before)",
+        t0.elapsed() + back
+    );
     let last = Pair::status(&pair.p_sock)["protection"]["last_sync"].clone();
     eprintln!("catch-up: first sync {first}, after degraded {last}");
     assert_eq!(last["catch_up"], true, "the sync after running degraded copied everything again: {last}");
@@ -156,7 +179,7 @@ fn after_running_degraded_the_sync_catches_up_from_the_backups_replica() {
     let common = compare_journals(&p, &b);
     let last_epoch = |j: &serde_json::Value| j.as_array().unwrap().last().unwrap()["epoch"].as_u64().unwrap();
     eprintln!("catch-up: {common} sampled epochs equal, last {} / {}", last_epoch(&p), last_epoch(&b));
-    assert!(common >= 40, "{common}");
+    assert!(common >= 20, "{common}");
 }
 
 /// `protect --wait` follows the sync (a line per round and per quarter of the full copy on
