@@ -21,5 +21,8 @@ kill -CONT $BPID
 t0=$(date +%s.%N); until_state protected; t1=$(date +%s.%N)
 sleep 1
 $B status --api /tmp/rig/run/p.sock 2>/dev/null | grep "last sync"
-echo "$BIN: backup continued, protected again after $(echo "$t1 - $t0" | bc) s"
+echo "$BIN: backup continued, the state said protected after $(echo "$t1 - $t0" | bc) s"
+# What the re-sync really took: the engine's own line when it took the first consistent checkpoint.
+for i in $(seq 240); do [ "$(grep -c "sync complete" /tmp/rig/run/primary.log)" -ge 2 ] && break; sleep 0.5; done
+echo "$BIN: the re-sync: $(grep "sync complete" /tmp/rig/run/primary.log | tail -1 | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'rounds=.*')"
 bash stop.sh >/dev/null 2>&1
