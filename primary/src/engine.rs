@@ -379,9 +379,19 @@ impl LinkShared {
         }
     }
 
+    /// Hands back the page buffer of a harvest of `kind` once it is encoded: a checkpoint's
+    /// serves a later checkpoint ([`Self::recycle`]); a sync piece's is dropped (allocated for a
+    /// whole piece and partly written, it would make a later pause fault on memory never
+    /// touched: the pause p99 at ~1,000 pages went from ~0.55 to 1.3-4.0 ms).
+    pub fn recycle_harvest(&self, kind: HarvestKind, buf: Vec<u8>) {
+        if kind == HarvestKind::Checkpoint {
+            self.recycle(buf);
+        }
+    }
+
     /// A buffer for `bytes` of pages: a recycled one if there is one; true if it already had
     /// room (warm: no page faults while copying into it).
-    fn buffer(&self, bytes: usize) -> (Vec<u8>, bool) {
+    pub(crate) fn buffer(&self, bytes: usize) -> (Vec<u8>, bool) {
         let mut buf = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         let warm = buf.capacity() >= bytes;
         buf.reserve(bytes);
@@ -912,8 +922,9 @@ impl Engine {
             }
             let seq = self.seq + 1;
             let t0 = Instant::now();
-            let mut taken = Vec::with_capacity(piece);
-            let mut data = Vec::with_capacity(piece * PAGE_SIZE);
+            let most = piece.min(rest.len());
+            let mut taken = Vec::with_capacity(most);
+            let mut data = Vec::with_capacity(most * PAGE_SIZE);
             let mut done = false;
             {
                 let vm = self.vm();
