@@ -908,12 +908,7 @@ impl Engine {
         let mut rest = pfns.iter().copied();
         let (mut pages, mut scanned, mut pieces) = (0u64, 0u64, 0u64);
         loop {
-            let gone = || {
-                self.stopping()
-                    || !self.link.up.load(Ordering::SeqCst)
-                    || self.link.need_baseline.load(Ordering::SeqCst)
-            };
-            if gone() || (pieces > 0 && !self.wait_for_room(SYNC_PIECES_IN_FLIGHT)?) {
+            if self.sync_cut_off() || (pieces > 0 && !self.wait_for_room(SYNC_PIECES_IN_FLIGHT)?) {
                 if !full {
                     // Out of the dirty log, never shipped: the next round must send them.
                     self.unshipped.extend(rest);
@@ -995,12 +990,17 @@ impl Engine {
             if self.tx.is_closed() {
                 return Err(EngineError::LinkClosed);
             }
-            if self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
-            {
+            if self.sync_cut_off() {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The sync under way must stop: protection is stopping, the link went down, or it wants a
+    /// new baseline.
+    fn sync_cut_off(&self) -> bool {
+        self.stopping() || !self.link.up.load(Ordering::SeqCst) || self.link.need_baseline.load(Ordering::SeqCst)
     }
 
     /// Waits until output is held or `until` (output-driven epochs only; None at once

@@ -3,6 +3,7 @@
 
 mod config;
 mod migrate;
+mod progress;
 mod protect;
 
 use std::path::PathBuf;

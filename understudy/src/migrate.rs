@@ -2,7 +2,6 @@
 //! (a bar on a terminal, a line per phase or round otherwise) and prints the report (their text
 //! is `node::migrate`'s).
 
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,6 +9,8 @@ use anyhow::Result;
 
 use node::api::{self, Request};
 use node::migrate::{progress_line, report_table};
+
+use crate::progress::Progress;
 
 /// Runs the migration through the API at `sock`; returns when it ended.
 pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Result<()> {
@@ -19,8 +20,7 @@ pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Re
     std::thread::spawn(move || {
         let _ = done_tx.send(api::call(&sock2, &Request::Migrate(req), timeout));
     });
-    let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
+    let mut progress = Progress::stderr();
     // Progress every 200 ms; the answer ends the wait at once (not at the next tick).
     let result = loop {
         match done.recv_timeout(Duration::from_millis(200)) {
@@ -30,21 +30,9 @@ pub fn run(sock: &Path, req: primary::migrate::MigrateRequest, json: bool) -> Re
         }
         let Ok(v) = api::call(sock, &Request::Status, Duration::from_secs(2)) else { continue };
         let Some(m) = v.get("migration").filter(|m| !m.is_null()) else { continue };
-        let line = progress_line(m);
-        if tty {
-            eprint!("\r\x1b[2K{line}");
-            let _ = std::io::stderr().flush();
-        } else {
-            let key = format!("{} {}", m["phase"], m["round"]);
-            if key != last {
-                eprintln!("{line}");
-                last = key;
-            }
-        }
+        progress.show(&format!("{} {}", m["phase"], m["round"]), &progress_line(m));
     };
-    if tty {
-        eprintln!();
-    }
+    progress.end();
     let report = result?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

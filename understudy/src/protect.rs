@@ -2,7 +2,6 @@
 //! progress (a line that updates on a terminal, a line per round otherwise; the text is
 //! `node::status_text`'s).
 
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,12 +10,13 @@ use anyhow::{Result, bail};
 use node::api::{self, Request};
 use node::status_text::{last_sync_line, sync_line};
 
+use crate::progress::Progress;
+
 /// Polls the protection status at `sock` until it is `protected` (Ok) or `degraded`, `failed`
 /// or gone (an error naming the state and its reason).
 pub fn follow(sock: &Path) -> Result<()> {
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::stderr();
     let t0 = Instant::now();
-    let mut last_key = String::new();
     let mut misses = 0;
     loop {
         let v = match api::call(sock, &Request::Status, Duration::from_secs(2)) {
@@ -40,37 +40,24 @@ pub fn follow(sock: &Path) -> Result<()> {
         let reason = p["reason"].as_str().unwrap_or("");
         match state {
             "protected" => {
-                if tty {
-                    eprint!("\r\x1b[2K");
-                }
+                progress.clear();
                 let last = last_sync_line(p).map(|l| format!("; {l}")).unwrap_or_default();
                 eprintln!("protected after {:.1} s ({reason}){last}", t0.elapsed().as_secs_f64());
                 return Ok(());
             }
             "syncing" => {
                 if let Some(line) = sync_line(p) {
-                    if tty {
-                        eprint!("\r\x1b[2K{line}");
-                        let _ = std::io::stderr().flush();
-                    } else {
-                        // A line per round, and per quarter of the full copy.
-                        let sync = &p["sync"];
-                        let quarter = sync["scanned"].as_u64().unwrap_or(0) * 4
-                            / sync["total_pages"].as_u64().unwrap_or(1).max(1);
-                        let key = format!("{} {quarter}", sync["round"]);
-                        if key != last_key {
-                            eprintln!("{line}");
-                            last_key = key;
-                        }
-                    }
+                    // A line per round, and per quarter of the full copy.
+                    let sync = &p["sync"];
+                    let quarter =
+                        sync["scanned"].as_u64().unwrap_or(0) * 4 / sync["total_pages"].as_u64().unwrap_or(1).max(1);
+                    progress.show(&format!("{} {quarter}", sync["round"]), &line);
                 }
             }
             // The engine thread has not started yet.
             "unprotected" if t0.elapsed() < Duration::from_secs(5) => {}
             other => {
-                if tty {
-                    eprintln!();
-                }
+                progress.end();
                 bail!(
                     "protection is {other}, not protected ({reason}); see `understudy status --api {}`",
                     sock.display()
